@@ -1,0 +1,42 @@
+# Two set-up commands for a newcomer: `make run` and `make test`. Both are idempotent.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/default.yaml
+# Where `segstream fetch` may copy files from instead of downloading (e.g. ../shared).
+export SEGSTREAM_FETCH_FROM ?=
+
+.PHONY: setup setup-test run test lint bench clean
+
+setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
+
+$(VENV)/.installed: pyproject.toml scripts/install_system_deps.sh
+	bash scripts/install_system_deps.sh runtime
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	bash scripts/install_system_deps.sh test
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+run: setup
+	$(BIN)/segstream fetch
+	$(BIN)/segstream serve --config $(CONFIG)
+
+test: setup-test
+	$(BIN)/ruff check .
+	$(BIN)/pytest -ra
+
+lint: setup-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup-test
+	$(BIN)/python scripts/benchmark.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

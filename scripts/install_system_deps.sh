@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the Debian/Ubuntu packages segstream needs; skips what is already there.
+#   runtime: python venv support (the wheels bring OpenCV/FFmpeg, TensorFlow, LiteRT).
+#   test:    the real peers the tests drive: gst-rtsp-server (via python3-gi), ffmpeg,
+#            headless chromium and a prometheus server.
+set -euo pipefail
+want=()
+case "${1:-runtime}" in
+  runtime) want=(python3-venv) ;;
+  test) want=(ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp
+              gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+              gstreamer1.0-plugins-ugly gstreamer1.0-libav chromium prometheus) ;;
+  *) echo "usage: $0 runtime|test" >&2; exit 2 ;;
+esac
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# A pyenv/other interpreter with its own venv module does not need Debian's python3-venv.
+if [[ " ${missing[*]} " == *" python3-venv "* ]] && python3 -c 'import ensurepip' 2>/dev/null; then
+  missing=("${missing[@]/python3-venv}")
+fi
+missing=($(printf '%s\n' "${missing[@]}" | grep -v '^$' || true))
+((${#missing[@]})) || exit 0
+sudo=""
+[[ $(id -u) -eq 0 ]] || sudo="sudo"
+echo "installing system packages: ${missing[*]}"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,200 @@
+"""Typed configuration: YAML file, then SEGSTREAM_<SECTION>__<KEY> env vars, then CLI flags.
+
+Every model forbids unknown keys, so a typo stops start-up with a message naming the key."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+ENV_PREFIX = "SEGSTREAM_"
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SCHEMES = {"rtsp", "rtsps", "rtmp", "http", "https", "file", "udp", "tcp", "srt", "sample"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # Upper bound on a client's ?fps= and the default for clients that give none (0 = no cap).
+    max_client_fps: float = Field(0.0, ge=0)
+    shutdown_timeout: float = Field(2.0, gt=0)
+
+
+class ModelConfig(_Strict):
+    name: str = "mnv2-voc"
+    backend: Literal["auto", "keras", "tflite"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    # Fixed batch sizes the model is compiled/allocated for; batches are padded up to one.
+    batch_sizes: list[int] = [1, 2, 4, 8]
+    max_batch: int = Field(4, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> ModelConfig:
+        if any(b < 1 for b in self.batch_sizes) or not self.batch_sizes:
+            raise ValueError("batch_sizes must be positive integers")
+        if self.max_batch > max(self.batch_sizes):
+            raise ValueError(f"max_batch {self.max_batch} exceeds largest batch size")
+        return self
+
+
+class SchedulerConfig(_Strict):
+    # Keep each stream's p95 end-to-end latency under this by adapting frame skipping; 0 = off.
+    latency_target_ms: float = Field(0.0, ge=0)
+    min_infer_fps: float = Field(1.0, gt=0)
+
+
+class RenderConfig(_Strict):
+    mode: Literal["overlay", "mask"] = "overlay"
+    alpha: float = Field(0.5, ge=0, le=1)
+    classes: list[str] | None = None  # only colour these classes (names); None = all
+    legend: bool = True
+    jpeg_quality: int = Field(80, ge=1, le=100)
+
+
+class StreamConfig(_Strict):
+    id: str
+    source: str
+    reader: Literal["opencv", "pyav"] = "opencv"
+    infer_fps: float = Field(0.0, ge=0)  # 0 = as fast as the model allows
+    output: Literal["segmented", "smooth"] = "segmented"
+    loop: bool = True  # files: start again at the end
+    realtime: bool = True  # files: pace at the file's own frame rate
+    rtsp_transport: Literal["tcp", "udp"] = "tcp"
+    open_timeout: float = Field(10.0, gt=0)
+    read_timeout: float = Field(5.0, gt=0)
+    stall_timeout: float = Field(5.0, gt=0)  # watchdog: no frame this long -> reconnect
+    reconnect_initial: float = Field(0.5, gt=0)
+    reconnect_max: float = Field(10.0, gt=0)
+    max_failures: int = Field(0, ge=0)  # give up (state=error) after this many; 0 = never
+    alpha: float | None = Field(None, ge=0, le=1)
+    classes: list[str] | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, v: str) -> str:
+        if not _ID_RE.match(v):
+            raise ValueError("stream id must be 1-64 characters of letters, digits, _ . -")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _valid_source(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("source must not be empty")
+        if "://" in v or v.startswith("sample:"):
+            scheme = v.split(":", 1)[0].lower()
+            if scheme not in _SCHEMES:
+                raise ValueError(f"unsupported URL scheme {scheme!r}; use one of {sorted(_SCHEMES)}")
+        return v
+
+
+class AppConfig(_Strict):
+    server: ServerConfig = ServerConfig()
+    model: ModelConfig = ModelConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    render: RenderConfig = RenderConfig()
+    streams: list[StreamConfig] = []
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AppConfig:
+        ids = [s.id for s in self.streams]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate stream ids: {dupes}")
+        return self
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    extra_sources: list[str] | None = None,
+) -> AppConfig:
+    """YAML file (default configs/default.yaml) < env vars < CLI overrides; --source adds streams."""
+    path = Path(path) if path else Path(os.environ.get(ENV_PREFIX + "CONFIG", DEFAULT_CONFIG))
+    data = _read_yaml(path)
+    _deep_merge(data, env_overrides(os.environ if env is None else env))
+    _deep_merge(data, overrides or {})
+    streams = data.setdefault("streams", []) or []
+    data["streams"] = streams
+    taken = {s.get("id") for s in streams if isinstance(s, dict)}
+    for spec in extra_sources or []:
+        sid, source = parse_source_arg(spec, taken)
+        taken.add(sid)
+        streams.append({"id": sid, "source": source})
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, path)) from None
+
+
+def parse_source_arg(spec: str, taken: set[str]) -> tuple[str, str]:
+    """`URL` or `ID=URL` (ID without ':' or '/'); unnamed sources become cam1, cam2, ..."""
+    head, sep, tail = spec.partition("=")
+    if sep and _ID_RE.match(head) and tail:
+        return head, tail
+    n = 1
+    while f"cam{n}" in taken:
+        n += 1
+    return f"cam{n}", spec
+
+
+def env_overrides(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
+    """SEGSTREAM_SERVER__PORT=9000 -> {"server": {"port": 9000}}; values parse as YAML scalars."""
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def _describe(err: ValidationError, path: Path) -> str:
+    lines = [f"invalid configuration ({path}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
