@@ -64,6 +64,7 @@ class RenderConfig(_Strict):
     classes: list[str] | None = None  # only colour these classes (names); None = all
     legend: bool = True
     jpeg_quality: int = Field(80, ge=1, le=100)
+    workers: int = Field(1, ge=1, le=32)  # render/encode threads (streams are spread over them)
 
 
 class StreamConfig(_Strict):
@@ -100,7 +101,7 @@ class StreamConfig(_Strict):
         if "://" in v or v.startswith("sample:"):
             scheme = v.split(":", 1)[0].lower()
             if scheme not in _SCHEMES:
-                raise ValueError(f"unsupported URL scheme {scheme!r}; use one of {sorted(_SCHEMES)}")
+                raise ValueError(f"unsupported URL scheme {scheme!r}; use {sorted(_SCHEMES)}")
         return v
 
 
@@ -128,7 +129,7 @@ def load_config(
     overrides: dict[str, Any] | None = None,
     extra_sources: list[str] | None = None,
 ) -> AppConfig:
-    """YAML file (default configs/default.yaml) < env vars < CLI overrides; --source adds streams."""
+    """YAML file (default configs/default.yaml) < env vars < CLI overrides; sources add streams."""
     path = Path(path) if path else Path(os.environ.get(ENV_PREFIX + "CONFIG", DEFAULT_CONFIG))
     data = _read_yaml(path)
     _deep_merge(data, env_overrides(os.environ if env is None else env))

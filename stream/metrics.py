@@ -3,6 +3,8 @@ from the config, stages and outcomes are fixed sets)."""
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -89,7 +91,33 @@ def remove_stream(stream_id: str) -> None:
 
 
 def _remove(metric, *labels: str) -> None:
-    try:
+    with contextlib.suppress(KeyError):
         metric.remove(*labels)
-    except KeyError:
-        pass
+
+
+class RateMeter:
+    """Events per second over a sliding window; cheap enough to call per frame."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        import collections
+        import time
+
+        self._clock = time.monotonic
+        self._window = window_s
+        self._events: collections.deque[float] = collections.deque()
+
+    def tick(self) -> None:
+        now = self._clock()
+        self._events.append(now)
+        self._trim(now)
+
+    def rate(self) -> float:
+        now = self._clock()
+        self._trim(now)
+        if len(self._events) < 2:
+            return 0.0
+        return (len(self._events) - 1) / max(now - self._events[0], 1e-6)
+
+    def _trim(self, now: float) -> None:
+        while self._events and now - self._events[0] > self._window:
+            self._events.popleft()

@@ -1,0 +1,215 @@
+"""Scheduler stage: frame skipping (per-stream inference rate caps) and cross-stream batching.
+
+The model worker calls `next_batch()`, which returns the newest due frame of up to `max_batch`
+streams, visiting streams round-robin so none starves. A partial batch waits at most `max_wait`
+for other streams' frames. With `latency_target` set, a controller adapts every stream's rate
+cap (AIMD) to keep the p95 end-to-end latency under the target, sharing the model fairly."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from stream import metrics
+from stream.sources import Frame, FrameSlot, SourceState
+
+
+class Schedulable(Protocol):
+    id: str
+    slot: FrameSlot
+    state: SourceState
+
+
+@dataclass(slots=True)
+class Job:
+    stream_id: str
+    frame: Frame
+    taken_ts: float
+
+
+@dataclass
+class _Lane:
+    """Scheduling state of one stream."""
+
+    source: Schedulable
+    base_fps: float  # configured cap; 0 = unlimited
+    cap_fps: float  # current cap (adaptive); 0 = unlimited
+    next_due: float = 0.0
+    last_seq: int = 0
+    skipped_seq: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+
+    def due(self, now: float) -> bool:
+        return self.cap_fps <= 0 or now >= self.next_due
+
+    def advance(self, now: float) -> None:
+        if self.cap_fps > 0:
+            period = 1.0 / self.cap_fps
+            # Keep the long-run rate exact despite arrival jitter, without bursting after a pause.
+            self.next_due = max(self.next_due + period, now - period)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        latency_target_s: float = 0.0,
+        min_fps: float = 1.0,
+        control_period_s: float = 1.0,
+    ) -> None:
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.latency_target_s = latency_target_s
+        self.min_fps = min_fps
+        self.control_period_s = control_period_s
+        self._lanes: dict[str, _Lane] = {}
+        self._order: list[str] = []
+        self._rr = 0
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._next_control = time.monotonic() + control_period_s
+        self._inferred: dict[str, int] = {}
+
+    # -- streams ---------------------------------------------------------------------------
+    def add(self, source: Schedulable, infer_fps: float) -> None:
+        with self._cond:
+            self._lanes[source.id] = _Lane(source, infer_fps, infer_fps)
+            self._order.append(source.id)
+            self._inferred[source.id] = 0
+            metrics.INFER_FPS_LIMIT.labels(stream=source.id).set(infer_fps)
+            self._cond.notify()
+
+    def remove(self, stream_id: str) -> None:
+        with self._cond:
+            self._lanes.pop(stream_id, None)
+            if stream_id in self._order:
+                self._order.remove(stream_id)
+            self._inferred.pop(stream_id, None)
+
+    def cap(self, stream_id: str) -> float:
+        lane = self._lanes.get(stream_id)
+        return lane.cap_fps if lane else 0.0
+
+    # -- wake-ups --------------------------------------------------------------------------
+    def notify(self, stream_id: str | None = None) -> None:
+        """Called by a reader thread after each new frame."""
+        with self._cond:
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    # -- batching --------------------------------------------------------------------------
+    def next_batch(self) -> list[Job]:
+        """Blocks until a batch is ready; returns [] once stopped."""
+        deadline: float | None = None
+        with self._cond:
+            while not self._stopped:
+                now = time.monotonic()
+                self._maybe_control(now)
+                due, waiting = self._scan(now)
+                if due:
+                    deadline = deadline or now + self.max_wait_s
+                    # Nothing more can arrive in time, or the batch is full: go.
+                    if len(due) >= self.max_batch or now >= deadline or not waiting:
+                        return self._take(due[: self.max_batch], now)
+                self._cond.wait(self._timeout(now, deadline))
+        return []
+
+    def _scan(self, now: float) -> tuple[list[_Lane], bool]:
+        """Lanes with a fresh due frame (round-robin order) and whether others may join soon."""
+        due: list[_Lane] = []
+        waiting = False
+        n = len(self._order)
+        horizon = now + self.max_wait_s
+        for k in range(n):
+            lane = self._lanes[self._order[(self._rr + k) % n]]
+            frame = lane.source.slot.peek()
+            fresh = frame is not None and frame.seq > lane.last_seq
+            if fresh and lane.due(now):
+                due.append(lane)
+            elif fresh:
+                if frame.seq > lane.skipped_seq:  # count each skipped frame once
+                    lane.skipped_seq = frame.seq
+                    lane.source.slot.mark_skipped(frame.seq)
+                    metrics.FRAMES.labels(stream=lane.source.id, outcome="skipped").inc()
+            elif lane.source.state == SourceState.LIVE and (
+                lane.cap_fps <= 0 or lane.next_due <= horizon
+            ):
+                waiting = True
+        return due, waiting
+
+    def _take(self, lanes: list[_Lane], now: float) -> list[Job]:
+        jobs = []
+        for lane in lanes:
+            frame = lane.source.slot.take(lane.last_seq)
+            if frame is None:
+                continue
+            lane.last_seq = frame.seq
+            lane.advance(now)
+            self._inferred[lane.source.id] += 1
+            jobs.append(Job(lane.source.id, frame, now))
+        if self._order:
+            self._rr = (self._rr + len(lanes)) % len(self._order)
+        return jobs
+
+    def _timeout(self, now: float, deadline: float | None) -> float:
+        t = 0.25  # re-check states and the controller periodically
+        if deadline is not None:
+            t = min(t, max(deadline - now, 0.0))
+        for lane in self._lanes.values():
+            if lane.cap_fps > 0 and lane.next_due > now:
+                t = min(t, lane.next_due - now)
+        return max(t, 0.0005)
+
+    # -- latency target --------------------------------------------------------------------
+    def observe_latency(self, stream_id: str, seconds: float) -> None:
+        lane = self._lanes.get(stream_id)
+        if lane is not None:
+            lane.latencies.append(seconds)
+
+    def _maybe_control(self, now: float) -> None:
+        if now < self._next_control:
+            return
+        elapsed = now - self._next_control + self.control_period_s
+        self._next_control = now + self.control_period_s
+        counts, self._inferred = self._inferred, dict.fromkeys(self._inferred, 0)
+        if self.latency_target_s <= 0 or not self._lanes:
+            return
+        self._control({k: c / elapsed for k, c in counts.items()})
+
+    def _control(self, rates: dict[str, float]) -> None:
+        """AIMD on one shared cap: cut by a fifth of the measured rate when the worst stream's
+        p95 exceeds the target, raise it slowly when every stream is well under it."""
+        p95s = [
+            float(np.percentile(ln.latencies, 95))
+            for ln in self._lanes.values()
+            if len(ln.latencies) >= 5
+        ]
+        if not p95s:
+            return
+        worst = max(p95s)
+        measured = max(rates.values(), default=0.0) or self.min_fps
+        for lane in self._lanes.values():
+            lane.latencies.clear()
+            cap = lane.cap_fps or measured
+            if worst > self.latency_target_s:
+                cap = 0.8 * min(cap, measured)
+            elif worst < 0.75 * self.latency_target_s:
+                # Never run far ahead of what is actually inferred, so a later cut bites fast.
+                cap = min(cap + max(0.25, 0.05 * cap), 1.5 * measured + 1.0)
+            else:
+                continue
+            if lane.base_fps > 0:
+                cap = min(cap, lane.base_fps)
+            lane.cap_fps = max(cap, self.min_fps)
+            metrics.INFER_FPS_LIMIT.labels(stream=lane.source.id).set(lane.cap_fps)
