@@ -1,0 +1,28 @@
+# segstream service image. CPU by default; for NVIDIA GPUs build with
+#   docker build --build-arg BASE=nvidia/cuda:12.5.1-cudnn-runtime-ubuntu22.04 --build-arg EXTRAS=gpu .
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
+
+ARG EXTRAS=""
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 SEGSTREAM_HOME=/var/cache/segstream
+
+# CUDA bases ship no Python; slim Python bases already have it.
+RUN if ! command -v python3 >/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv \
+      && rm -rf /var/lib/apt/lists/*; fi \
+ && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY models ./models
+COPY stream ./stream
+COPY configs ./configs
+RUN pip install --upgrade pip && pip install ".${EXTRAS:+[$EXTRAS]}"
+
+# Weights are not baked in: mount a cache or let the entrypoint fetch them on first start.
+VOLUME /var/cache/segstream
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s \
+  CMD python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)" || exit 1
+ENTRYPOINT ["/bin/sh", "-c", "segstream fetch && exec segstream serve --config /app/configs/default.yaml --host 0.0.0.0 \"$@\"", "--"]
