@@ -1,0 +1,140 @@
+"""Real peers for the end-to-end tests: headless Chromium (driven over the DevTools protocol) and
+a Prometheus server. Both are Debian packages started and stopped by PID."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import cv2
+import numpy as np
+
+CHROMIUM_FLAGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+    "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, ok=lambda r: r.status == 200) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if ok(r):
+                    return
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout}s: {last}")
+
+
+class Chromium:
+    """Headless Chromium; screenshots over the DevTools protocol (the page never finishes
+    loading while an MJPEG <img> streams, so --screenshot would not do)."""
+
+    def __init__(self, profile: Path) -> None:
+        exe = shutil.which("chromium") or shutil.which("chromium-browser")
+        if exe is None:
+            raise RuntimeError("chromium not installed (scripts/install_system_deps.sh test)")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [exe, *CHROMIUM_FLAGS, f"--remote-debugging-port={self.port}",
+             f"--user-data-dir={profile}", "--window-size=1280,900", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_http(f"http://127.0.0.1:{self.port}/json/version", 30)
+
+    async def screenshot(self, url: str, settle_s: float = 4.0) -> np.ndarray:
+        """Loads url, waits settle_s, returns the page as a BGR image."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?about:blank",
+                                     method="PUT")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            ws_url = json.load(r)["webSocketDebuggerUrl"]
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
+            await _cdp(ws, 1, "Page.enable")
+            await _cdp(ws, 2, "Page.navigate", {"url": url})
+            time_end = time.monotonic() + settle_s
+            while time.monotonic() < time_end:
+                await _drain(ws, 0.2)
+            shot = await _cdp(ws, 3, "Page.captureScreenshot", {"format": "png"})
+        png = base64.b64decode(shot["data"])
+        return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def _cdp(ws: aiohttp.ClientWebSocketResponse, msg_id: int, method: str,
+               params: dict[str, Any] | None = None) -> dict[str, Any]:
+    await ws.send_json({"id": msg_id, "method": method, "params": params or {}})
+    while True:
+        msg = await ws.receive_json(timeout=30)
+        if msg.get("id") == msg_id:
+            if "error" in msg:
+                raise RuntimeError(f"{method}: {msg['error']}")
+            return msg.get("result", {})
+
+
+async def _drain(ws: aiohttp.ClientWebSocketResponse, timeout: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await ws.receive(timeout=timeout)
+
+
+class Prometheus:
+    """A real Prometheus server scraping the given targets every second."""
+
+    def __init__(self, workdir: Path, targets: list[str]) -> None:
+        exe = shutil.which("prometheus")
+        if exe is None:
+            raise RuntimeError("prometheus not installed (scripts/install_system_deps.sh test)")
+        self.port = free_port()
+        cfg = workdir / "prometheus.yml"
+        cfg.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            "  - job_name: segstream\n"
+            f"    static_configs: [{{targets: {json.dumps(targets)}}}]\n"
+        )
+        self.proc = subprocess.Popen(
+            [exe, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_http(f"http://127.0.0.1:{self.port}/-/ready", 30)
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": promql})
+        with urllib.request.urlopen(url, timeout=5) as r:
+            body = json.load(r)
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
