@@ -157,13 +157,21 @@ class TFLiteSegmenter(Segmenter):
         self.path = fetch.model_path(spec.name)
         self.threads = int(threads or os.cpu_count() or 1)
         self._cls = _interpreter_class()
+        self._content: bytes | None = None
+        if size != spec.input_size:  # sizes baked into the graph need rewriting too
+            from models.tflite_graph import resize_input
+
+            self._content = resize_input(self.path.read_bytes(), size)
         self._interps: dict[int, Any] = {}
         probe = self._make(1)  # fail early (bad file, wrong kind) rather than on first frame
         self._float_input = probe.get_input_details()[0]["dtype"] == np.float32
         self._interps[1] = probe
 
     def _make(self, b: int) -> Any:
-        it = self._cls(model_path=str(self.path), num_threads=self.threads)
+        if self._content is not None:
+            it = self._cls(model_content=self._content, num_threads=self.threads)
+        else:
+            it = self._cls(model_path=str(self.path), num_threads=self.threads)
         inp = it.get_input_details()[0]
         h, w = self.input_size
         if tuple(inp["shape"]) != (b, h, w, 3):

@@ -1,0 +1,59 @@
+"""Keras-port segmenter: one compiled function per fixed batch size.
+
+TensorFlow backend: ``tf.function(jit_compile=False)`` (eager calls cost ~100+ ms of Python
+overhead, and XLA on CPU is much slower than TF's own kernels). JAX backend: ``jax.jit``
+over ``model.stateless_call``. TensorFlow is only imported when it is the Keras backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from models.registry import ModelSpec
+from models.runtime import DEFAULT_BATCH_SIZES, Segmenter
+from models.tflite_import import load_keras_model
+
+
+class KerasSegmenter(Segmenter):
+    backend = "keras"
+
+    def __init__(self, spec: ModelSpec, *, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+                 input_size: int | None = None) -> None:
+        import keras
+
+        size = int(input_size or spec.input_size)
+        super().__init__(spec, (size, size), batch_sizes)
+        self.keras_backend = keras.backend.backend()
+        if self.keras_backend not in ("tensorflow", "jax"):
+            raise ValueError(f"Keras backend {self.keras_backend!r} is not supported "
+                             f"(use KERAS_BACKEND=tensorflow or jax)")
+        self.model = load_keras_model(spec.name, size)
+        self._fns: dict[int, Callable[[np.ndarray], np.ndarray]] = {}
+
+    def _compile(self, b: int) -> Callable[[np.ndarray], np.ndarray]:
+        h, w = self.input_size
+        model = self.model
+        if self.keras_backend == "tensorflow":
+            import tensorflow as tf
+
+            fn = tf.function(lambda x: model(x, training=False), jit_compile=False,
+                             input_signature=[tf.TensorSpec((b, h, w, 3), tf.uint8)])
+            return lambda x: fn(x).numpy()
+        import jax
+
+        tv = [v.value for v in model.trainable_variables]
+        ntv = [v.value for v in model.non_trainable_variables]
+        jfn = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=False)[0])
+        return lambda x: np.asarray(jfn(tv, ntv, x))
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        b = batch.shape[0]
+        fn = self._fns.get(b)
+        if fn is None:
+            fn = self._fns[b] = self._compile(b)
+        return fn(batch)
+
+    def close(self) -> None:
+        self._fns.clear()

@@ -1,0 +1,273 @@
+"""Registry, palettes, the Segmenter contract on real models, and import mismatch detection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from models import registry
+from models.labels import (
+    CAMVID_LABELS,
+    CITYSCAPES_LABELS,
+    VOC_LABELS,
+    cityscapes_palette,
+    voc_palette,
+)
+from models.runtime import Segmenter, load_segmenter, prepare
+
+# --- registry and labels ----------------------------------------------------------------
+
+
+def test_registry_names_and_specs() -> None:
+    assert set(registry.MODELS) >= {"mnv2-voc", "mnv2-voc-fast", "edgetpu-cityscapes",
+                                    "mnv2-voc-dm05-float", "mnv2-voc-257"}
+    for name, spec in registry.MODELS.items():
+        assert spec.name == name
+        assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
+        assert spec.url.startswith("https://raw.githubusercontent.com/")
+        assert spec.url.endswith((spec.filename, "fp32.tflite"))
+        assert spec.input_size in (257, 513)
+        assert spec.tflite_kind in ("argmax_uint8", "logits_float")
+        pal = spec.palette_array()
+        assert pal.shape == (256, 3) and pal.dtype == np.uint8
+    default = registry.get_spec("mnv2-voc")
+    assert (default.depth_multiplier, default.output_stride, default.keras) == (1.0, 16, True)
+    edge = registry.get_spec("edgetpu-cityscapes")
+    assert edge.keras is False and edge.labels == CITYSCAPES_LABELS
+    vtest = registry.SAMPLES["vtest"]
+    assert vtest.filename == "vtest.avi" and vtest.url.endswith("samples/data/vtest.avi")
+
+
+def test_unknown_model_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match=r"mnv2-voc.*edgetpu-cityscapes"):
+        registry.get_spec("deeplab-xl")
+
+
+def test_labels() -> None:
+    assert len(VOC_LABELS) == 21 and VOC_LABELS[15] == "person" and VOC_LABELS[3] == "bird"
+    assert len(CITYSCAPES_LABELS) == 19 and CITYSCAPES_LABELS[13] == "car"
+    assert len(CAMVID_LABELS) == 12 and CAMVID_LABELS[11] == "Unlabelled"
+
+
+def test_labels_match_shipped_label_files(shared_dir: Path) -> None:
+    for name, spec in registry.MODELS.items():
+        folder = {
+            "mnv2-voc": "deeplabv3_mnv2_pascal_quant",
+            "mnv2-voc-fast": "deeplabv3_mnv2_dm05_pascal_quant",
+            "mnv2-voc-dm05-float": "deeplabv3_mnv2_dm05_pascal_trainval_fp32_513",
+            "mnv2-voc-257": "deeplabv3_mnv2_dm05_pascal_float_257",
+            "edgetpu-cityscapes": "deeplab_mobilenet_edgetpu_slim_cityscapes_quant",
+        }[name]
+        lines = (shared_dir / "models" / folder / "labels.txt").read_text().split("\n")
+        assert [x for x in lines if x] == spec.labels, name
+
+
+def test_palettes() -> None:
+    voc = voc_palette()
+    assert voc.shape == (256, 3) and voc.dtype == np.uint8
+    assert voc[0].tolist() == [0, 0, 0]
+    assert voc[1].tolist() == [128, 0, 0]
+    assert voc[15].tolist() == [192, 128, 128]  # person
+    assert voc[255].tolist() == [224, 224, 192]  # the VOC "void" border colour
+    assert len({tuple(c) for c in voc[:21]}) == 21
+    cs = cityscapes_palette()
+    assert cs.shape == (256, 3) and cs.dtype == np.uint8
+    assert cs[0].tolist() == [128, 64, 128]  # road
+    assert cs[13].tolist() == [0, 0, 142]  # car
+    assert cs[18].tolist() == [119, 11, 32]  # bicycle
+    assert not cs[19:].any()
+
+
+# --- prepare ---------------------------------------------------------------------------
+
+
+def test_prepare_resizes_converts_and_fills_out() -> None:
+    rng = np.random.default_rng(0)
+    bgr = rng.integers(0, 256, (576, 768, 3), dtype=np.uint8)
+    rgb = prepare(bgr, 513, bgr=True)
+    assert rgb.shape == (513, 513, 3) and rgb.dtype == np.uint8
+    expected = cv2.resize(bgr, (513, 513), interpolation=cv2.INTER_LINEAR)[..., ::-1]
+    assert np.array_equal(rgb, expected)
+    buf = np.zeros((3, 257, 300, 3), dtype=np.uint8)
+    got = prepare(bgr, (257, 300), out=buf[1])
+    assert np.shares_memory(got, buf) and np.array_equal(buf[1], got)
+    assert not buf[0].any() and not buf[2].any()
+    same = prepare(expected.copy(), 513)
+    assert np.array_equal(same, expected)
+    with pytest.raises(ValueError, match="out must be"):
+        prepare(bgr, 513, out=np.zeros((257, 257, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        prepare(bgr.astype(np.float32), 513)
+
+
+# --- the Segmenter contract --------------------------------------------------------------
+
+
+class RecordingSegmenter(Segmenter):
+    """A real (tiny) segmenter: class = brightest channel; records the batch sizes it ran."""
+
+    backend = "test"
+
+    def __init__(self, batch_sizes: tuple[int, ...]) -> None:
+        super().__init__(registry.get_spec("mnv2-voc"), (4, 5), batch_sizes)
+        self.calls: list[int] = []
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append(batch.shape[0])
+        return np.argmax(batch, axis=-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("n", "calls"), [(1, [1]), (3, [4]), (8, [8]), (11, [8, 4]),
+                                          (17, [8, 8, 1])])
+def test_segment_pads_to_fixed_batch_sizes(n: int, calls: list[int]) -> None:
+    seg = RecordingSegmenter((1, 2, 4, 8))
+    frames = np.random.default_rng(n).integers(0, 256, (n, 4, 5, 3), dtype=np.uint8)
+    out = seg.segment(frames)
+    assert seg.calls == calls
+    assert out.shape == (n, 4, 5) and out.dtype == np.uint8
+    assert np.array_equal(out, np.argmax(frames, axis=-1))
+    seg.calls.clear()
+    seg.warmup()
+    assert seg.calls == [1, 2, 4, 8]
+
+
+def test_segment_rejects_bad_frames() -> None:
+    seg = RecordingSegmenter((1, 2))
+    for bad in (np.zeros((4, 5, 3), np.uint8), np.zeros((1, 5, 4, 3), np.uint8),
+                np.zeros((1, 4, 5, 3), np.float32), np.zeros((0, 4, 5, 3), np.uint8)):
+        with pytest.raises(ValueError, match="frames"):
+            seg.segment(bad)
+    with pytest.raises(ValueError, match="batch_sizes"):
+        RecordingSegmenter(())
+
+
+def _frames(shared_dir: Path, size: int) -> np.ndarray:
+    d = shared_dir / "data"
+    cap = cv2.VideoCapture(str(d / "video" / "vtest.avi"))
+    ok, f0 = cap.read()
+    cap.release()
+    assert ok
+    bird = cv2.imread(str(d / "coral_segmentation_samples" / "bird_segmentation.bmp"))
+    city = cv2.imread(str(d / "coral_segmentation_samples" / "cityscapes_segmentation.bmp"))
+    return np.stack([prepare(f, size, bgr=True) for f in (f0, bird, city)])
+
+
+@pytest.mark.parametrize(("name", "backend"), [("mnv2-voc", "tflite"), ("mnv2-voc", "keras"),
+                                                ("mnv2-voc-fast", "tflite"),
+                                                ("mnv2-voc-257", "tflite")])
+def test_runtime_contract(segstream_home: Path, shared_dir: Path, name: str,
+                          backend: str) -> None:
+    with load_segmenter(name, backend, batch_sizes=(1, 2, 4)) as seg:
+        size = registry.get_spec(name).input_size
+        assert seg.name == name and seg.backend == backend
+        assert seg.input_size == (size, size)
+        assert seg.num_classes == 21 and seg.labels == VOC_LABELS
+        assert seg.palette.shape == (256, 3) and seg.palette.dtype == np.uint8
+        assert seg.batch_sizes == (1, 2, 4)
+        seg.warmup()
+        frames = _frames(shared_dir, size)
+        batch = seg.segment(frames)  # 3 frames -> padded to the fixed batch of 4
+        singles = np.stack([seg.segment(f[None])[0] for f in frames])
+    assert batch.shape == (3, size, size) and batch.dtype == np.uint8
+    assert np.array_equal(batch, singles)
+    assert batch.max() < 21
+    assert (batch[1] == 3).any()  # the bird is found
+
+
+def test_tflite_input_size_override(segstream_home: Path, shared_dir: Path) -> None:
+    with load_segmenter("mnv2-voc", "tflite", batch_sizes=(2,), input_size=257) as seg:
+        assert seg.input_size == (257, 257)
+        out = seg.segment(_frames(shared_dir, 257)[:2])
+    assert out.shape == (2, 257, 257) and (out[1] == 3).mean() > 0.1
+
+
+def test_load_segmenter_errors(segstream_home: Path) -> None:
+    with pytest.raises(ValueError, match="no Keras port"):
+        load_segmenter("edgetpu-cityscapes", "keras")
+    with pytest.raises(ValueError, match="backend"):
+        load_segmenter("mnv2-voc", "onnx")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="valid names"):
+        load_segmenter("nope")
+
+
+def test_auto_backend_is_tflite_without_gpu(segstream_home: Path) -> None:
+    from models.runtime import gpu_visible
+
+    with load_segmenter("mnv2-voc-fast", "auto", batch_sizes=(1,)) as seg:
+        assert seg.backend == ("keras" if gpu_visible() else "tflite")
+
+
+def test_edgetpu_cityscapes_matches_sample_mask(segstream_home: Path, shared_dir: Path) -> None:
+    d = shared_dir / "data" / "coral_segmentation_samples"
+    img = prepare(cv2.imread(str(d / "cityscapes_segmentation.bmp")), 513, bgr=True)
+    mask = cv2.imread(str(d / "cityscapes_segmentation_mask.bmp"), cv2.IMREAD_GRAYSCALE)
+    with load_segmenter("edgetpu-cityscapes", "auto", batch_sizes=(1,)) as seg:
+        assert seg.backend == "tflite" and seg.num_classes == 19
+        assert seg.palette[0].tolist() == [128, 64, 128]
+        pred = seg.segment(img[None])[0]
+    agree = float((pred == mask).mean())
+    print(f"edgetpu-cityscapes vs Coral mask: {agree:.4f}")
+    assert agree >= 0.90  # README: 92.1 %
+    assert pred.max() <= 18
+
+
+# --- weight import: mismatches fail loudly -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"output_stride": 8}, r"MobilenetV2/expanded_conv_6/depthwise: stride"),
+        ({"depth_multiplier": 0.5}, r"MobilenetV2/Conv: kernel shape"),
+        ({"num_classes": 19}, r"logits/semantic: kernel shape"),
+    ],
+)
+def test_import_mismatch_is_loud(segstream_home: Path, kwargs: dict, pattern: str) -> None:
+    from models.deeplab import build_deeplab
+    from models.fetch import model_path
+    from models.tflite_import import ImportMismatchError, import_weights
+
+    args = {"num_classes": 21, "depth_multiplier": 1.0, "output_stride": 16, **kwargs}
+    model = build_deeplab(**args, input_size=129)
+    with pytest.raises(ImportMismatchError, match=pattern):
+        import_weights(model, model_path("mnv2-voc"))
+
+
+def test_import_checks_dilation(segstream_home: Path) -> None:
+    """x0.5 float file is output stride 8; a stride-16 model differs first in dilation."""
+    from models.deeplab import build_deeplab
+    from models.fetch import model_path
+    from models.tflite_import import ImportMismatchError, import_weights
+
+    model = build_deeplab(21, 0.5, 16, 129)
+    with pytest.raises(ImportMismatchError, match=r"expanded_conv_6/depthwise: stride"):
+        import_weights(model, model_path("mnv2-voc-dm05-float"))
+    model = build_deeplab(21, 0.5, 32, 129)
+    with pytest.raises(ImportMismatchError, match=r"mnv2_dm05.*quant.*expanded_conv_13/depthwise"):
+        import_weights(model, model_path("mnv2-voc-fast"))
+
+
+def test_import_rejects_other_architecture(segstream_home: Path) -> None:
+    from models.deeplab import build_deeplab
+    from models.fetch import model_path
+    from models.tflite_import import ImportMismatchError, import_weights
+
+    with pytest.raises(ImportMismatchError, match="layers differ"):
+        import_weights(build_deeplab(19, 1.0, 16, 129), model_path("edgetpu-cityscapes"))
+
+
+def test_weights_cache_roundtrip(segstream_home: Path) -> None:
+    from models.tflite_import import load_keras_model, weights_path
+
+    fresh = load_keras_model("mnv2-voc-fast", input_size=129, reimport=True)
+    assert weights_path("mnv2-voc-fast").is_file()
+    cached = load_keras_model("mnv2-voc-fast", input_size=129)
+    for a, b in zip(fresh.weights, cached.weights, strict=True):
+        assert np.array_equal(np.asarray(a.numpy()), np.asarray(b.numpy()))
+    # a damaged cache is rebuilt from the .tflite rather than failing
+    weights_path("mnv2-voc-fast").write_bytes(b"not an h5 file")
+    again = load_keras_model("mnv2-voc-fast", input_size=129)
+    assert np.array_equal(again.weights[0].numpy(), fresh.weights[0].numpy())
