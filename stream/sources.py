@@ -1,0 +1,750 @@
+"""Source stage: one reader thread per stream puts decoded BGR frames into a latest-wins slot.
+
+A per-stream watchdog thread (the supervisor) owns the state machine:
+
+    starting -> live <-> reconnecting -> error (max_failures)      any -> stopped
+
+It starts a reader thread per connection attempt and gives up on an attempt when the reader
+reports a failure, when opening takes longer than open_timeout (+ grace) or when no frame
+arrives for stall_timeout. It never waits on a library timeout alone: a reader stuck in a
+blocking call is abandoned (daemon thread) and a fresh one is started. Every reader carries
+a generation number and may only publish while it is the current one, so an abandoned
+reader can never publish a frame after it has been replaced or the source has stopped.
+
+Readers: OpenCV's FFmpeg backend (default) or PyAV, behind one open/read/close interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from stream import metrics
+from stream.config import StreamConfig
+
+# OpenCV serialises every FFmpeg open behind one process-wide mutex unless told that FFmpeg
+# is thread-safe (it is, since FFmpeg 4). Without this, one stream stuck opening an
+# unreachable camera (up to open_timeout) would hold up every other stream's reconnect.
+os.environ.setdefault("OPENCV_FFMPEG_IS_THREAD_SAFE", "1")
+
+import cv2  # must come after the environment above
+
+if "OPENCV_LOG_LEVEL" not in os.environ:
+    # The thread-safe mode logs a warning on every open; our own reasons say more.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+log = logging.getLogger(__name__)
+
+OPEN_GRACE_S = 1.5  # the watchdog allows the library's open_timeout this much slack
+JOIN_S = 0.2  # how long to wait for a retiring reader before abandoning it
+FPS_WINDOW_S = 2.0
+_LOW_DELAY = 1 << 19  # AV_CODEC_FLAG_LOW_DELAY
+_DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443, "rtmp": 1935}
+
+
+class SourceState(str, Enum):  # noqa: UP042  (StrEnum needs 3.11; we support 3.10)
+    STARTING = "starting"
+    LIVE = "live"
+    RECONNECTING = "reconnecting"
+    ERROR = "error"
+    STOPPED = "stopped"
+
+
+class SourceError(Exception):
+    """A failure of one connection attempt, worded for the operator (becomes `reason`)."""
+
+
+@dataclass(slots=True)
+class Frame:
+    image: np.ndarray  # BGR uint8 [H,W,3], owned by the frame (never reused by the reader)
+    seq: int  # per-stream, strictly increasing from 1 (across reconnects too)
+    capture_ts: float  # time.monotonic() right after the frame was decoded
+    decode_s: float  # seconds spent reading+decoding it
+
+
+# ---------------------------------------------------------------------------------------------
+# Latest-wins slot
+
+
+class FrameSlot:
+    """Latest frame wins; thread-safe; never a queue.
+
+    Every frame put here ends up counted exactly once: *taken* by the consumer, *skipped*
+    (the consumer saw it and chose not to process it: mark_skipped), or *dropped*
+    (overwritten before anyone took or skipped it). The newest frame is *pending* until one
+    of those happens, so at any moment puts == taken + skipped + dropped + pending.
+    With a stream_id, dropped and skipped also go to metrics.FRAMES.
+    """
+
+    def __init__(self, stream_id: str | None = None) -> None:
+        self._stream_id = stream_id
+        self._lock = threading.Lock()
+        self._frame: Frame | None = None
+        self._pending = False  # the current frame is neither taken nor skipped
+        self.puts = self.taken = self.skipped = self.dropped = 0
+
+    def put(self, frame: Frame) -> Frame | None:
+        """Store `frame`; return the overwritten frame if nobody took or skipped it (a drop)."""
+        with self._lock:
+            old = self._frame if self._pending else None
+            self._frame, self._pending = frame, True
+            self.puts += 1
+            if old is not None:
+                self.dropped += 1
+        if old is not None and self._stream_id is not None:
+            metrics.FRAMES.labels(stream=self._stream_id, outcome="dropped").inc()
+        return old
+
+    def take(self, after_seq: int = 0) -> Frame | None:
+        """The newest frame if it is pending and newer than `after_seq`; marks it taken."""
+        with self._lock:
+            f = self._frame
+            if f is None or not self._pending or f.seq <= after_seq:
+                return None
+            self._pending = False
+            self.taken += 1
+            return f
+
+    def peek(self) -> Frame | None:
+        return self._frame
+
+    def mark_skipped(self, seq: int) -> bool:
+        """The consumer saw frame `seq` and skipped it: count it skipped, not dropped.
+
+        False if that frame is no longer the pending one (already taken, skipped or dropped)."""
+        with self._lock:
+            f = self._frame
+            if f is None or not self._pending or f.seq != seq:
+                return False
+            self._pending = False
+            self.skipped += 1
+        if self._stream_id is not None:
+            metrics.FRAMES.labels(stream=self._stream_id, outcome="skipped").inc()
+        return True
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {"puts": self.puts, "taken": self.taken, "skipped": self.skipped,
+                    "dropped": self.dropped, "pending": int(self._pending)}
+
+
+# ---------------------------------------------------------------------------------------------
+# What to open
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    kind: str  # "file" | "device" | "network"
+    url: str  # what the library opens: a path, a URL or a device path
+    scheme: str  # "file", "v4l2", "rtsp", "http", ...
+    device: int | None = None
+
+    @property
+    def live(self) -> bool:
+        """A live source has no natural end: EOF there is a failure, not the end."""
+        return self.kind != "file"
+
+
+def parse_target(source: str, resolve: Callable[[str], str] | None = None) -> Target:
+    """Map a configured source to what the readers open. Raises SourceError."""
+    if source.startswith("sample:"):
+        if resolve is None:
+            raise SourceError(f"{source}: no resolver for sample: sources")
+        try:
+            source = resolve(source)
+        except Exception as e:
+            raise SourceError(f"cannot resolve {source}: {e}") from None
+    if source.isdigit():
+        return Target("device", f"/dev/video{source}", "v4l2", int(source))
+    m = re.fullmatch(r"/dev/video(\d+)", source)
+    if m:
+        return Target("device", source, "v4l2", int(m.group(1)))
+    if source.startswith("/dev/"):
+        return Target("device", source, "v4l2")
+    if "://" in source:
+        scheme = source.split("://", 1)[0].lower()
+        if scheme == "file":
+            return Target("file", urlsplit(source).path, "file")
+        return Target("network", source, scheme)
+    return Target("file", str(Path(source).expanduser()), "file")
+
+
+def redact(url: str) -> str:
+    """Hide the password of a URL for logs and reasons."""
+    return re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", url)
+
+
+def _network_reason(url: str, timeout: float) -> str:
+    """OpenCV only says "not opened": find out what a plain TCP connect says about the peer."""
+    u = urlsplit(url)
+    try:
+        port = u.port or _DEFAULT_PORTS.get(u.scheme.lower())
+    except ValueError:
+        return "invalid port in URL"
+    if not u.hostname or not port:
+        return "could not open the stream"
+    try:
+        socket.create_connection((u.hostname, port), timeout=timeout).close()
+    except socket.gaierror:
+        return f"cannot resolve host {u.hostname!r}"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except TimeoutError:
+        return "connection timed out"
+    except OSError as e:
+        return e.strerror or str(e)
+    return "server reachable but no video could be opened (wrong path, auth or format?)"
+
+
+def _file_reason(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        return "no such file"
+    if not p.is_file():
+        return "not a file"
+    if not os.access(p, os.R_OK):
+        return "permission denied"
+    return "no decodable video stream (unsupported format or codec?)"
+
+
+def _sane_fps(fps: float | None) -> float | None:
+    return float(fps) if fps and 0.5 <= fps <= 300 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: one connection each, used from one thread only
+
+
+class Reader:
+    """open() / read() / close() over one capture library; raises SourceError on failure."""
+
+    fps: float | None = None  # the source's nominal frame rate, if it declares one
+
+    def __init__(self, target: Target, cfg: StreamConfig) -> None:
+        self.target, self.cfg = target, cfg
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def read(self) -> tuple[np.ndarray, float] | None:
+        """(BGR image, decode seconds), or None at the end of the stream."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _cannot_open(self, why: str) -> SourceError:
+        return SourceError(f"cannot open {redact(self.target.url)}: {why}")
+
+
+class _CaptureOptionsGate:
+    """OpenCV takes its FFmpeg options from one process-wide environment variable, read while
+    a capture opens. Opens wanting the same options may overlap; one wanting different
+    options waits until the others have finished opening."""
+
+    VAR = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._current: str | None = None
+        self._users = 0
+
+    @contextmanager
+    def use(self, options: str) -> Iterator[None]:
+        with self._cond:
+            while self._users and self._current != options:
+                self._cond.wait()
+            if self._current != options:
+                os.environ[self.VAR] = options
+                self._current = options
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users -= 1
+                self._cond.notify_all()
+
+
+_CV_OPTIONS = _CaptureOptionsGate()
+
+
+def _ffmpeg_options(target: Target, cfg: StreamConfig) -> dict[str, str]:
+    """Demuxer options: low delay for network sources, none for files and devices."""
+    if target.kind != "network":
+        return {}
+    # nobuffer: don't hand out the packets read while probing (seconds of stale video);
+    # a short analyzeduration keeps (re)connects fast, as RTSP's SDP already gives the codec.
+    opts = {"fflags": "nobuffer", "max_delay": "100000", "analyzeduration": "1000000"}
+    if target.scheme in ("rtsp", "rtsps"):
+        opts["rtsp_transport"] = cfg.rtsp_transport
+    return opts
+
+
+class OpenCVReader(Reader):
+    """cv2.VideoCapture with the FFmpeg backend (V4L2 for devices)."""
+
+    def __init__(self, target: Target, cfg: StreamConfig) -> None:
+        super().__init__(target, cfg)
+        self._cap: cv2.VideoCapture | None = None
+
+    def open(self) -> None:
+        t = self.target
+        if t.kind == "file" and not Path(t.url).is_file():
+            raise self._cannot_open(_file_reason(t.url))
+        t0 = time.monotonic()
+        if t.kind == "device":
+            cap = cv2.VideoCapture(t.device if t.device is not None else t.url, cv2.CAP_V4L2)
+        else:
+            opts = _ffmpeg_options(t, self.cfg)
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.cfg.open_timeout * 1000),
+                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.cfg.read_timeout * 1000)]
+            if t.live:
+                # FFmpeg's frame threading holds back (threads - 1) frames: latency a live
+                # stream should not pay. One thread decodes 720p H.264 in ~2.3 ms.
+                params += [cv2.CAP_PROP_N_THREADS, 1]
+            with _CV_OPTIONS.use("|".join(f"{k};{v}" for k, v in opts.items())):
+                cap = cv2.VideoCapture(t.url, cv2.CAP_FFMPEG, params)
+        self._cap = cap
+        if not cap.isOpened():
+            raise self._cannot_open(self._why_not(time.monotonic() - t0))
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # honoured by V4L2; FFmpeg has no such buffer
+        self.fps = _sane_fps(cap.get(cv2.CAP_PROP_FPS))
+
+    def _why_not(self, elapsed: float) -> str:
+        t = self.target
+        if t.kind == "file":
+            return _file_reason(t.url)
+        if t.kind == "device":
+            return "cannot open the video device (missing, busy or no permission?)"
+        if elapsed >= self.cfg.open_timeout * 0.9:
+            return f"timed out after {self.cfg.open_timeout:g} s"
+        return _network_reason(t.url, min(2.0, self.cfg.open_timeout))
+
+    def read(self) -> tuple[np.ndarray, float] | None:
+        assert self._cap is not None
+        t0 = time.monotonic()
+        ok, img = self._cap.read()
+        dt = time.monotonic() - t0
+        if ok and img is not None:
+            return img, dt
+        if not self.target.live:
+            return None  # end of file (OpenCV does not tell EOF from a broken file)
+        if dt >= self.cfg.read_timeout * 0.9:
+            raise SourceError(f"read timed out after {self.cfg.read_timeout:g} s")
+        raise SourceError("stream ended or connection lost")
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class PyAVReader(Reader):
+    """av.open + demux/decode. PyAV ends a dropped RTSP connection as a plain EOF, which is
+    why EOF on a live source counts as a failure (see VideoSource)."""
+
+    MAX_BAD_PACKETS = 100  # consecutive undecodable packets before giving up
+
+    def __init__(self, target: Target, cfg: StreamConfig) -> None:
+        super().__init__(target, cfg)
+        self._container = None
+        self._frames: Iterator | None = None
+
+    def open(self) -> None:
+        import av  # optional reader: import only when used
+
+        t = self.target
+        if t.kind == "file" and not Path(t.url).is_file():
+            raise self._cannot_open(_file_reason(t.url))
+        kwargs = {"options": _ffmpeg_options(t, self.cfg),
+                  "timeout": (self.cfg.open_timeout, self.cfg.read_timeout)}
+        if t.kind == "device":
+            kwargs["format"] = "v4l2"
+        t0 = time.monotonic()
+        try:
+            self._container = av.open(t.url, **kwargs)
+            stream = self._container.streams.video[0]
+        except IndexError:
+            raise self._cannot_open("no video stream") from None
+        except av.error.FFmpegError as e:
+            raise self._cannot_open(_av_reason(e, self.cfg.open_timeout, t0)) from None
+        stream.thread_type = "SLICE"  # frame threading would add a frame of latency per thread
+        if t.live:
+            stream.codec_context.flags |= _LOW_DELAY
+        self.fps = _sane_fps(stream.guessed_rate) or _sane_fps(stream.average_rate)
+        self._frames = self._decode(stream)
+
+    def _decode(self, stream) -> Iterator[tuple[np.ndarray, float]]:
+        import av
+
+        bad = 0
+        for packet in self._container.demux(stream):
+            t0 = time.monotonic()
+            try:
+                frames = stream.decode(packet)
+            except av.error.InvalidDataError:
+                bad += 1  # a damaged packet on a live stream is not the end of it
+                if bad > self.MAX_BAD_PACKETS:
+                    raise SourceError(f"{bad} undecodable packets in a row") from None
+                continue
+            bad = 0
+            for f in frames:
+                img = f.to_ndarray(format="bgr24")
+                yield img, time.monotonic() - t0
+                t0 = time.monotonic()
+
+    def read(self) -> tuple[np.ndarray, float] | None:
+        import av
+
+        assert self._frames is not None
+        t0 = time.monotonic()
+        try:
+            return next(self._frames)
+        except StopIteration:
+            return None
+        except av.error.FFmpegError as e:
+            raise SourceError(_av_reason(e, self.cfg.read_timeout, t0)) from None
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+            self._frames = None
+
+
+def _av_reason(e: Exception, timeout: float, since: float) -> str:
+    """FFmpeg's error, or a timeout: PyAV's timeout interrupts FFmpeg, which then reports
+    whatever the interrupted step makes of it (often "invalid data")."""
+    import av
+
+    timed_out = time.monotonic() - since >= timeout * 0.9
+    if timed_out or isinstance(e, (av.error.ExitError, av.error.TimeoutError)):
+        return f"timed out after {timeout:g} s"
+    return (getattr(e, "strerror", None) or str(e)).lower()
+
+
+READERS: dict[str, type[Reader]] = {"opencv": OpenCVReader, "pyav": PyAVReader}
+
+
+# ---------------------------------------------------------------------------------------------
+# One stream: supervisor (state machine + watchdog) and reader threads
+
+
+class _Attempt:
+    """One connection attempt: its reader thread reports here; the supervisor watches it."""
+
+    def __init__(self, gen: int) -> None:
+        self.gen = gen
+        self.started = time.monotonic()
+        self.opened: float | None = None
+        self.last_frame: float | None = None
+        self.frames = 0
+        self.cancel = threading.Event()  # the supervisor has given up on this attempt
+        self.outcome: tuple[str, str] | None = None  # ("failed" | "eof", reason)
+        self.thread: threading.Thread | None = None
+
+
+class _Pacer:
+    """Releases reads at a file's own frame rate; catches up by skipping ahead, not bursting."""
+
+    def __init__(self, fps: float) -> None:
+        self.period = 1.0 / fps
+        self.due = time.monotonic()
+
+    def wait(self, cancel: threading.Event) -> None:
+        now = time.monotonic()
+        if self.due - now > 0:
+            cancel.wait(self.due - now)
+        elif now - self.due > 1.0:  # fell far behind (slow decode, suspend): start afresh
+            self.due = now
+        self.due += self.period
+
+
+class VideoSource:
+    """One stream's capture: reader thread -> FrameSlot, watched by a supervisor thread."""
+
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        *,
+        on_frame: Callable[[str], None] | None = None,
+        resolve: Callable[[str], str] | None = None,
+    ) -> None:
+        self.id = cfg.id
+        self.cfg = cfg
+        self.slot = FrameSlot(cfg.id)
+        self._on_frame = on_frame
+        self._resolve = resolve
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()  # reader -> supervisor: an attempt has ended
+        self._supervisor: threading.Thread | None = None
+        self._gen = 0  # only the reader of the current generation may publish
+        self._seq = 0
+        self._state = SourceState.STOPPED
+        self._reason: str | None = None
+        self._captured = self._reconnects = self._abandoned = self._failures = 0
+        self._width = self._height = 0
+        self._source_fps: float | None = None
+        self._last_ts: float | None = None
+        self._recent: deque[float] = deque(maxlen=512)
+        self._on_frame_failed = False
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SourceState:
+        return self._state
+
+    @property
+    def reason(self) -> str | None:
+        return self._reason
+
+    def start(self) -> None:
+        """Start capturing (no-op while running; restarts a source that stopped or failed)."""
+        with self._lock:
+            if self._supervisor is not None and self._supervisor.is_alive():
+                return
+            self._stop.clear()
+            self._failures = 0
+            self._set_state(SourceState.STARTING, None)
+            self._supervisor = threading.Thread(
+                target=self._supervise, name=f"src-{self.id}-watchdog", daemon=True)
+            self._supervisor.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop; returns within `timeout` even if a reader is stuck in a blocking call."""
+        with self._lock:
+            self._stop.set()
+            self._gen += 1  # from now on no reader may publish
+            self._set_state(SourceState.STOPPED, None)
+        self._wake.set()
+        sup = self._supervisor
+        if sup is not None and sup is not threading.current_thread():
+            sup.join(timeout)
+            if sup.is_alive():
+                log.warning("%s: supervisor still busy after %.1f s; abandoned", self.id, timeout)
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        with self._lock:
+            age = None if self._last_ts is None else round(now - self._last_ts, 3)
+            recent = [t for t in self._recent if now - t <= FPS_WINDOW_S]
+            fps_in = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 2 else 0.0
+            return {
+                "id": self.id,
+                "source": redact(self.cfg.source),
+                "reader": self.cfg.reader,
+                "state": self._state.value,
+                "reason": self._reason,
+                "captured": self._captured,
+                "dropped": self.slot.dropped,
+                "skipped": self.slot.skipped,
+                "reconnects": self._reconnects,
+                "consecutive_failures": self._failures,
+                "abandoned_readers": self._abandoned,
+                "fps_in": round(fps_in, 2),
+                "width": self._width,
+                "height": self._height,
+                "source_fps": self._source_fps,
+                "last_frame_age_s": age,
+            }
+
+    # -- supervisor ------------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        try:
+            target = parse_target(self.cfg.source, self._resolve)
+        except SourceError as e:
+            self._finish(SourceState.ERROR, str(e))
+            return
+        first = True
+        while not self._stop.is_set():
+            if not first:
+                with self._lock:
+                    self._reconnects += 1
+                metrics.RECONNECTS.labels(stream=self.id).inc()
+            first = False
+            attempt = self._launch(target)
+            outcome, reason = self._watch(attempt)
+            self._retire(attempt)
+            if outcome == "stop":
+                return
+            if outcome == "eof":  # a file without loop
+                self._finish(SourceState.STOPPED, reason)
+                return
+            if not self._after_failure(attempt, reason):
+                return
+
+    def _launch(self, target: Target) -> _Attempt:
+        with self._lock:
+            self._gen += 1
+            attempt = _Attempt(self._gen)
+        attempt.thread = threading.Thread(
+            target=self._read_loop, args=(attempt, target),
+            name=f"src-{self.id}-reader-{attempt.gen}", daemon=True)
+        attempt.thread.start()
+        return attempt
+
+    def _watch(self, a: _Attempt) -> tuple[str, str]:
+        """Wait until the attempt ends, stalls or the source stops."""
+        cfg = self.cfg
+        while True:
+            if self._stop.is_set():
+                return "stop", ""
+            if a.outcome is not None:
+                return a.outcome
+            if a.last_frame is not None:
+                deadline = a.last_frame + cfg.stall_timeout
+                why = f"no frame for {cfg.stall_timeout:g} s (stalled)"
+            elif a.opened is not None:
+                deadline = a.opened + cfg.stall_timeout
+                why = f"opened but no frame within {cfg.stall_timeout:g} s"
+            else:
+                deadline = a.started + cfg.open_timeout + OPEN_GRACE_S
+                why = f"open did not return within {cfg.open_timeout:g} s"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "failed", why
+            self._wake.wait(min(left, 1.0))
+            self._wake.clear()
+
+    def _retire(self, a: _Attempt) -> None:
+        """Invalidate the attempt's generation, then let its reader go (or abandon it)."""
+        with self._lock:
+            if self._gen == a.gen:
+                self._gen += 1
+        a.cancel.set()
+        if a.thread is not None:
+            a.thread.join(JOIN_S)
+            if a.thread.is_alive():
+                with self._lock:
+                    self._abandoned += 1
+                log.warning("%s: reader %s is blocked; abandoned it", self.id, a.thread.name)
+
+    def _after_failure(self, a: _Attempt, reason: str) -> bool:
+        """Record the failure and wait out the backoff. False: stop trying."""
+        with self._lock:
+            self._failures = 0 if a.frames else self._failures + 1
+            failures = self._failures
+            give_up = 0 < self.cfg.max_failures <= failures
+            if not self._stop.is_set():
+                self._set_state(SourceState.ERROR if give_up else SourceState.RECONNECTING, reason)
+        if give_up:
+            log.error("%s: giving up after %d failed attempts: %s", self.id, failures, reason)
+            return False
+        delay = min(self.cfg.reconnect_initial * 2 ** max(failures - 1, 0), self.cfg.reconnect_max)
+        delay = min(delay * random.uniform(0.8, 1.2), self.cfg.reconnect_max)
+        log.warning("%s: %s; reconnecting in %.1f s", self.id, reason, delay)
+        return not self._stop.wait(delay)
+
+    def _finish(self, state: SourceState, reason: str | None) -> None:
+        with self._lock:
+            if not self._stop.is_set():
+                self._set_state(state, reason)
+        if state is SourceState.ERROR:
+            log.error("%s: %s", self.id, reason)
+
+    def _set_state(self, state: SourceState, reason: str | None) -> None:
+        """Caller holds self._lock."""
+        if state is not self._state:
+            log.info("%s: %s -> %s%s", self.id, self._state.value, state.value,
+                     f" ({reason})" if reason else "")
+        self._state, self._reason = state, reason
+        metrics.STREAM_UP.labels(stream=self.id).set(1 if state is SourceState.LIVE else 0)
+
+    # -- reader thread ---------------------------------------------------------------------
+
+    def _read_loop(self, a: _Attempt, target: Target) -> None:
+        reader = READERS[self.cfg.reader](target, self.cfg)
+        try:
+            reader.open()
+            a.opened = time.monotonic()
+            with self._lock:
+                if self._gen == a.gen:
+                    self._source_fps = reader.fps
+            pacer = None
+            if target.kind == "file" and self.cfg.realtime:
+                pacer = _Pacer(reader.fps or 25.0)
+            since_open = 0
+            while not a.cancel.is_set():
+                if pacer is not None:
+                    pacer.wait(a.cancel)
+                    if a.cancel.is_set():
+                        break
+                got = reader.read()
+                if got is None:
+                    if target.live:
+                        raise SourceError("stream ended (EOF): the server closed it")
+                    if not self.cfg.loop:
+                        self._report(a, "eof", "end of file")
+                        return
+                    if since_open == 0:
+                        raise SourceError("file has no decodable frames")
+                    reader.close()  # loop: reopen rather than seek, which some formats lack
+                    reader.open()
+                    since_open = 0
+                    continue
+                since_open += 1
+                if not self._publish(a, *got):
+                    return
+        except SourceError as e:
+            self._report(a, "failed", str(e))
+        except Exception as e:  # never let a library surprise escape the thread
+            log.exception("%s: reader crashed", self.id)
+            self._report(a, "failed", f"reader crashed: {type(e).__name__}: {e}")
+        finally:
+            try:
+                reader.close()
+            except Exception:
+                log.exception("%s: closing the reader failed", self.id)
+
+    def _report(self, a: _Attempt, outcome: str, reason: str) -> None:
+        a.outcome = (outcome, reason)
+        self._wake.set()
+
+    def _publish(self, a: _Attempt, image: np.ndarray, decode_s: float) -> bool:
+        """Put a frame in the slot if this reader is still current. False: stop reading."""
+        ts = time.monotonic()
+        with self._lock:
+            if self._gen != a.gen:
+                return False
+            self._seq += 1
+            frame = Frame(image=image, seq=self._seq, capture_ts=ts, decode_s=decode_s)
+            a.frames += 1
+            a.last_frame = ts
+            self._captured += 1
+            self._last_ts = ts
+            self._recent.append(ts)
+            self._height, self._width = image.shape[:2]
+            if self._state is not SourceState.LIVE:
+                self._failures = 0
+                self._set_state(SourceState.LIVE, None)
+            # Inside the lock: once stop() or the watchdog has moved the generation on,
+            # no frame of this reader can reach the slot.
+            self.slot.put(frame)
+        metrics.FRAMES.labels(stream=self.id, outcome="captured").inc()
+        metrics.STAGE_SECONDS.labels(stage="decode").observe(decode_s)
+        if self._on_frame is not None:
+            try:
+                self._on_frame(self.id)
+            except Exception:
+                if not self._on_frame_failed:
+                    log.exception("%s: on_frame callback failed", self.id)
+                    self._on_frame_failed = True
+        return True

@@ -1,0 +1,518 @@
+"""The source stage against real peers: files, a gst-rtsp-server RTSP server, and small TCP/HTTP
+servers written here that misbehave on purpose (accept and go silent; stall mid-stream)."""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from rtsp import RtspServer, encode_clip, gst_rtsp_available
+
+from stream import metrics
+from stream.config import StreamConfig
+from stream.sources import Frame, FrameSlot, SourceState, VideoSource
+
+READERS = ["opencv", "pyav"]
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def frame(seq: int) -> Frame:
+    return Frame(image=np.zeros((2, 2, 3), np.uint8), seq=seq, capture_ts=time.monotonic(),
+                 decode_s=0.0)
+
+
+def sample(stream_id: str, outcome: str) -> float:
+    v = metrics.REGISTRY.get_sample_value(
+        "segstream_frames_total", {"stream": stream_id, "outcome": outcome})
+    return v or 0.0
+
+
+_ids = iter(range(1, 10**6))
+
+
+@pytest.fixture
+def make_source() -> Iterator[Callable[..., VideoSource]]:
+    """Build and start sources with unique ids; stop them all at the end of the test."""
+    made: list[VideoSource] = []
+
+    def make(source: str, **kw) -> VideoSource:
+        kw.setdefault("id", f"t{next(_ids)}")
+        src = VideoSource(StreamConfig(source=source, **kw))
+        made.append(src)
+        src.start()
+        return src
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def vtest(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "video" / "vtest.avi"
+
+
+@pytest.fixture(scope="module")
+def short_clip(vtest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first second of vtest.avi (10 frames at 10 fps) in an MP4."""
+    out = tmp_path_factory.mktemp("clips") / "short.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(vtest),
+                    "-frames:v", "10", "-c:v", "libx264", "-preset", "veryfast", "-bf", "0",
+                    "-pix_fmt", "yuv420p", str(out)], check=True, timeout=60)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip(vtest: Path) -> Path:
+    return encode_clip(vtest, size=(640, 480), seconds=4, gop=10)
+
+
+@pytest.fixture(scope="module")
+def rtsp_ok() -> None:
+    why = gst_rtsp_available()
+    if why:
+        pytest.fail(why)
+
+
+@pytest.fixture(scope="module")
+def shared_rtsp(clip: Path, rtsp_ok: None) -> Iterator[RtspServer]:
+    with RtspServer({"/cam": clip}) as srv:
+        yield srv
+
+
+@pytest.fixture
+def rtsp(clip: Path, rtsp_ok: None) -> Iterator[RtspServer]:
+    """A server of the test's own, free to kill and restart."""
+    with RtspServer({"/cam": clip}) as srv:
+        yield srv
+
+
+# --------------------------------------------------------------------------- FrameSlot
+
+
+def test_slot_latest_wins_and_counts_drops() -> None:
+    slot = FrameSlot("slot-a")
+    assert slot.take() is None and slot.peek() is None
+    assert slot.put(frame(1)) is None
+    assert slot.put(frame(2)).seq == 1  # 1 was never taken: dropped
+    assert slot.put(frame(3)).seq == 2
+    got = slot.take()
+    assert got.seq == 3
+    assert slot.take() is None  # already taken
+    assert slot.peek().seq == 3
+    assert slot.put(frame(4)) is None  # 3 was taken: not a drop
+    assert slot.take(after_seq=4) is None
+    assert slot.take(after_seq=3).seq == 4
+    assert slot.counts() == {"puts": 4, "taken": 2, "skipped": 0, "dropped": 2, "pending": 0}
+    assert sample("slot-a", "dropped") == 2
+
+
+def test_slot_skipped_frames_are_not_drops() -> None:
+    slot = FrameSlot("slot-b")
+    slot.put(frame(1))
+    assert slot.mark_skipped(1)
+    assert not slot.mark_skipped(1)  # counted once
+    assert slot.put(frame(2)) is None  # a skipped frame is not dropped when overwritten
+    assert not slot.mark_skipped(1)  # no longer in the slot
+    assert slot.take() is not None
+    assert not slot.mark_skipped(2)  # taken frames cannot also be skipped
+    slot.put(frame(3))
+    slot.put(frame(4))
+    assert slot.counts() == {"puts": 4, "taken": 1, "skipped": 1, "dropped": 1, "pending": 1}
+    assert sample("slot-b", "skipped") == 1 and sample("slot-b", "dropped") == 1
+    unnamed = FrameSlot()  # no stream id: counts only, no metrics
+    unnamed.put(frame(1))
+    unnamed.put(frame(2))
+    assert unnamed.dropped == 1
+
+
+def test_slot_threads_every_frame_counted_once() -> None:
+    """A fast producer and a consumer that takes or skips: each seq ends in exactly one bin."""
+    slot, n = FrameSlot(), 20000
+    dropped: list[int] = []
+    taken: list[int] = []
+    skipped: list[int] = []
+    done = threading.Event()
+
+    def produce() -> None:
+        for seq in range(1, n + 1):
+            old = slot.put(frame(seq))
+            if old is not None:
+                dropped.append(old.seq)
+        done.set()
+
+    def consume() -> None:
+        rng, last = random.Random(1), 0
+        while not done.is_set() or slot.counts()["pending"]:
+            f = slot.peek()
+            if f is not None and f.seq > last and rng.random() < 0.3:
+                if slot.mark_skipped(f.seq):
+                    skipped.append(f.seq)
+                    last = f.seq
+                continue
+            got = slot.take(after_seq=last)
+            if got is not None:
+                assert got.seq > last
+                taken.append(got.seq)
+                last = got.seq
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert taken == sorted(taken) and len(set(taken)) == len(taken)
+    assert sorted(dropped + taken + skipped) == list(range(1, n + 1))
+    c = slot.counts()
+    assert (c["taken"], c["skipped"], c["dropped"]) == (len(taken), len(skipped), len(dropped))
+    assert c["pending"] == 0 and c["puts"] == n
+
+
+# --------------------------------------------------------------------------- files
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_file_paced_at_its_rate_and_loops(make_source, short_clip: Path, reader: str) -> None:
+    src = make_source(str(short_clip), reader=reader, realtime=True, loop=True)
+    assert wait_for(lambda: src.state is SourceState.LIVE, 5), src.stats()
+    seqs: list[int] = []
+    t0, last = time.monotonic(), 0
+    while time.monotonic() - t0 < 2.5:
+        f = src.slot.take(after_seq=last)
+        if f is not None:
+            assert f.image.shape == (576, 768, 3) and f.image.dtype == np.uint8
+            seqs.append(f.seq)
+            last = f.seq
+        time.sleep(0.01)
+    st = src.stats()
+    # 10 fps paced: ~25 frames in 2.5 s, more than the clip's 10, so it looped. Loose bounds.
+    assert 15 <= len(seqs) <= 35, (len(seqs), st)
+    assert seqs == sorted(set(seqs))
+    assert 6 <= st["fps_in"] <= 14, st
+    assert st["source_fps"] == pytest.approx(10, rel=0.05)
+    assert st["state"] == "live" and st["reconnects"] == 0
+    assert sample(src.id, "captured") == st["captured"] >= len(seqs)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_file_without_loop_stops_at_the_end(make_source, short_clip: Path, reader: str) -> None:
+    src = make_source(str(short_clip), reader=reader, realtime=False, loop=False)
+    assert wait_for(lambda: src.state is SourceState.STOPPED, 10), src.stats()
+    st = src.stats()
+    assert st["captured"] == 10 and st["reason"] == "end of file"
+    assert src.slot.peek().seq == 10
+    # not paced: the reader outran this (absent) consumer, so all but the last were dropped
+    assert st["dropped"] == 9 and sample(src.id, "dropped") == 9
+
+
+def test_file_not_realtime_runs_fast(make_source, short_clip: Path) -> None:
+    src = make_source(str(short_clip), realtime=False, loop=True)
+    assert wait_for(lambda: src.stats()["captured"] > 100, 10), src.stats()
+    assert src.stats()["reconnects"] == 0
+
+
+# --------------------------------------------------------------------------- RTSP
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_rtsp_reader_delivers_frames(make_source, shared_rtsp: RtspServer, reader: str) -> None:
+    woken: list[str] = []
+    src = VideoSource(StreamConfig(id=f"rtsp-{reader}", source=shared_rtsp.url(), reader=reader),
+                      on_frame=woken.append)
+    src.start()
+    try:
+        assert wait_for(lambda: src.stats()["captured"] >= 10, 15), (src.stats(), shared_rtsp.log())
+        st = src.stats()
+        assert st["state"] == "live" and st["reason"] is None
+        assert (st["width"], st["height"]) == (640, 480)
+        assert st["source_fps"] == pytest.approx(10, rel=0.05)
+        f = src.slot.take()
+        assert f.image.shape == (480, 640, 3) and f.decode_s >= 0
+        assert f.image.mean() > 20  # real picture, not a blank buffer
+        assert woken[:3] == [src.id] * 3 and len(woken) >= st["captured"] - 1
+        assert metrics.REGISTRY.get_sample_value("segstream_stream_up", {"stream": src.id}) == 1
+    finally:
+        src.stop()
+    assert src.state is SourceState.STOPPED
+    assert metrics.REGISTRY.get_sample_value("segstream_stream_up", {"stream": src.id}) == 0
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_rtsp_server_dies_and_returns(
+    make_source, rtsp: RtspServer, short_clip: Path, reader: str
+) -> None:
+    cam = make_source(rtsp.url(), reader=reader, reconnect_initial=0.2, reconnect_max=1.0)
+    other = make_source(str(short_clip), loop=True)
+    assert wait_for(lambda: cam.state is SourceState.LIVE, 15), (cam.stats(), rtsp.log())
+    seq_before = cam.slot.peek().seq
+
+    rtsp.kill()
+    assert wait_for(lambda: cam.state is SourceState.RECONNECTING, 8), cam.stats()
+    assert cam.reason, cam.stats()
+    got_before = other.stats()["captured"]
+    time.sleep(1.0)  # the file stream keeps going while the camera is down
+    assert other.state is SourceState.LIVE
+    assert other.stats()["captured"] >= got_before + 5
+
+    t0 = time.monotonic()
+    rtsp.start()
+    assert wait_for(lambda: cam.state is SourceState.LIVE, 5), cam.stats()
+    print(f"{reader}: live again {time.monotonic() - t0:.2f} s after the server restarted")
+    assert wait_for(lambda: cam.slot.peek().seq > seq_before + 3, 5)
+    st = cam.stats()
+    assert st["reconnects"] >= 1 and st["reason"] is None
+    assert metrics.REGISTRY.get_sample_value(
+        "segstream_source_reconnects_total", {"stream": cam.id}) == st["reconnects"]
+    assert other.stats()["reconnects"] == 0
+
+
+# --------------------------------------------------------------------------- failures
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_missing_file_reconnects_then_errors(make_source, tmp_path: Path, reader: str) -> None:
+    missing = tmp_path / "nope.mp4"
+    src = make_source(str(missing), reader=reader, reconnect_initial=0.1)
+    assert wait_for(lambda: src.state is SourceState.RECONNECTING, 5), src.stats()
+    assert src.reason == f"cannot open {missing}: no such file"
+    assert src.stats()["captured"] == 0
+
+    limited = make_source(str(missing), reader=reader, reconnect_initial=0.1, max_failures=3)
+    assert wait_for(lambda: limited.state is SourceState.ERROR, 5), limited.stats()
+    st = limited.stats()
+    assert st["reason"] == f"cannot open {missing}: no such file"
+    assert st["consecutive_failures"] == 3 and st["reconnects"] == 2
+    t0 = time.monotonic()
+    src.stop()
+    assert time.monotonic() - t0 < 1.0 and src.state is SourceState.STOPPED
+
+
+def test_not_a_video_file(make_source, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"this is not a video" * 100)
+    src = make_source(str(junk), max_failures=1)
+    assert wait_for(lambda: src.state is SourceState.ERROR, 5), src.stats()
+    assert "no decodable video" in src.reason
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_unreachable_rtsp_port(make_source, reader: str) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"rtsp://user:secret@127.0.0.1:{port}/cam"
+    src = make_source(url, reader=reader, reconnect_initial=0.1, max_failures=2)
+    assert wait_for(lambda: src.state is SourceState.ERROR, 8), src.stats()
+    assert src.reason == f"cannot open rtsp://user:***@127.0.0.1:{port}/cam: connection refused"
+    t0 = time.monotonic()
+    src.stop()
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_unresolved_sample_source(make_source) -> None:
+    src = make_source("sample:vtest")
+    assert wait_for(lambda: src.state is SourceState.ERROR, 2)
+    assert "no resolver" in src.reason
+
+
+def test_sample_source_the_resolver_refuses() -> None:
+    def resolve(name: str) -> str:
+        raise KeyError(name)
+
+    src = VideoSource(StreamConfig(id="refused-sample", source="sample:nope"), resolve=resolve)
+    src.start()
+    try:
+        assert wait_for(lambda: src.state is SourceState.ERROR, 2)
+        assert src.reason == "cannot resolve sample:nope: 'sample:nope'"
+    finally:
+        src.stop()
+
+
+def test_sample_source_resolves_to_a_file(vtest: Path) -> None:
+    src = VideoSource(StreamConfig(id="sampled", source="sample:vtest"),
+                      resolve=lambda name: str(vtest))
+    src.start()
+    try:
+        assert wait_for(lambda: src.state is SourceState.LIVE, 5), src.stats()
+    finally:
+        src.stop()
+
+
+# --------------------------------------------------------------------------- stalls
+
+
+class SilentServer:
+    """Accepts TCP connections and never sends a byte."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+class MjpegServer:
+    """HTTP multipart MJPEG. The first connection sends `first` frames at 20 fps, then goes
+    silent until `resume` is set, then sends `after` more; later connections are closed at
+    once. `old_closed` is set when the client hangs up the first connection."""
+
+    def __init__(self, frames: list[bytes], first: int, after: int) -> None:
+        self.frames, self.first, self.after = frames, first, after
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/video.mjpg"
+        self.resume = threading.Event()
+        self.old_closed = threading.Event()
+        self.connections = 0
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self.conns.append(c)
+            if self.connections == 1:
+                threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+            else:
+                c.close()
+
+    def _send(self, c: socket.socket, i: int) -> None:
+        jpg = self.frames[i % len(self.frames)]
+        c.sendall(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
+                  + jpg + b"\r\n")
+
+    def _serve(self, c: socket.socket) -> None:
+        try:
+            c.recv(65536)  # the request; its details do not matter here
+            c.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace; "
+                      b"boundary=frame\r\nCache-Control: no-cache\r\n\r\n")
+            for i in range(self.first):
+                self._send(c, i)
+                time.sleep(0.05)
+            self.resume.wait()
+            for i in range(self.after):
+                self._send(c, i)
+            c.settimeout(20)
+            while c.recv(65536):  # wait for the client to hang up
+                pass
+        except OSError:
+            pass
+        self.old_closed.set()
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.fixture(scope="module")
+def jpegs(vtest: Path) -> list[bytes]:
+    cap = cv2.VideoCapture(str(vtest))
+    out = []
+    for _ in range(20):
+        ok, img = cap.read()
+        assert ok
+        out.append(cv2.imencode(".jpg", cv2.resize(img, (320, 240)))[1].tobytes())
+    cap.release()
+    return out
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_open_that_never_answers(make_source, reader: str) -> None:
+    """The peer accepts the connection and says nothing: the open times out, stop is prompt."""
+    srv = SilentServer()
+    try:
+        src = make_source(f"rtsp://127.0.0.1:{srv.port}/cam", reader=reader, open_timeout=1.0,
+                          read_timeout=1.0, reconnect_initial=5.0)
+        assert wait_for(lambda: src.state is SourceState.RECONNECTING, 1.0 + 1.5 + 2), src.stats()
+        assert "timed out" in src.reason or "did not return" in src.reason, src.reason
+        assert src.reason.startswith(f"cannot open rtsp://127.0.0.1:{srv.port}/cam") or (
+            "did not return" in src.reason)
+        t0 = time.monotonic()
+        src.stop()
+        assert time.monotonic() - t0 < 2.5
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_watchdog_catches_a_stall_and_abandons_the_reader(
+    make_source, jpegs: list[bytes], reader: str
+) -> None:
+    """Mid-stream stall while the library would wait 60 s: the watchdog gives up after
+    stall_timeout, and the abandoned reader, once unblocked, publishes nothing."""
+    srv = MjpegServer(jpegs, first=40, after=10)
+    try:
+        src = make_source(srv.url, reader=reader, stall_timeout=1.0, read_timeout=60,
+                          open_timeout=10, reconnect_initial=0.2, reconnect_max=0.5)
+        assert wait_for(lambda: src.state is SourceState.LIVE, 10), src.stats()
+        assert (src.stats()["width"], src.stats()["height"]) == (320, 240)
+        assert wait_for(lambda: src.state is SourceState.RECONNECTING, 2.0 + 1.0 + 2), src.stats()
+        assert "stalled" in src.reason
+        assert wait_for(lambda: src.stats()["abandoned_readers"] >= 1, 2), src.stats()
+        captured, seq = src.stats()["captured"], src.slot.peek().seq
+
+        srv.resume.set()  # the abandoned reader now gets frames... and must drop them
+        assert srv.old_closed.wait(10), "the abandoned reader never let go of its connection"
+        time.sleep(0.3)
+        assert src.stats()["captured"] == captured and src.slot.peek().seq == seq
+        assert src.state is SourceState.RECONNECTING  # later connections are refused
+
+        t0 = time.monotonic()
+        src.stop()
+        assert time.monotonic() - t0 < 2.5 and src.state is SourceState.STOPPED
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_stop_returns_while_a_read_is_blocked(make_source, jpegs: list[bytes], reader: str) -> None:
+    srv = MjpegServer(jpegs, first=40, after=10)
+    try:
+        src = make_source(srv.url, reader=reader, stall_timeout=30, read_timeout=60)
+        assert wait_for(lambda: src.state is SourceState.LIVE, 10), src.stats()
+        time.sleep(2.5)  # the server has gone quiet; the reader sits in a blocking read
+        assert src.state is SourceState.LIVE
+        t0 = time.monotonic()
+        src.stop(timeout=2.0)
+        assert time.monotonic() - t0 < 2.5 and src.state is SourceState.STOPPED
+        seq = src.slot.peek().seq
+        srv.resume.set()  # unblocks the abandoned reader, which must not publish
+        assert srv.old_closed.wait(10), "the abandoned reader never let go of its connection"
+        time.sleep(0.3)
+        assert src.slot.peek().seq == seq and src.state is SourceState.STOPPED
+    finally:
+        srv.close()
