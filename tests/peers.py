@@ -62,8 +62,11 @@ class Chromium:
         )
         wait_http(f"http://127.0.0.1:{self.port}/json/version", 30)
 
-    async def screenshot(self, url: str, settle_s: float = 4.0) -> np.ndarray:
-        """Loads url, waits settle_s, returns the page as a BGR image."""
+    async def screenshot(
+        self, url: str, settle_s: float = 4.0, selector: str | None = None
+    ) -> tuple[np.ndarray, dict[str, float] | None]:
+        """Loads url, waits settle_s; returns the page as a BGR image and, if asked, the
+        bounding box (CSS pixels) of the first element matching selector."""
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?about:blank",
                                      method="PUT")
         with urllib.request.urlopen(req, timeout=5) as r:
@@ -74,9 +77,15 @@ class Chromium:
             time_end = time.monotonic() + settle_s
             while time.monotonic() < time_end:
                 await _drain(ws, 0.2)
+            rect = None
+            if selector:
+                js = (f"JSON.stringify(document.querySelector({json.dumps(selector)})"
+                      "?.getBoundingClientRect() ?? null)")
+                res = await _cdp(ws, 4, "Runtime.evaluate", {"expression": js})
+                rect = json.loads(res["result"]["value"])
             shot = await _cdp(ws, 3, "Page.captureScreenshot", {"format": "png"})
         png = base64.b64decode(shot["data"])
-        return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+        return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR), rect
 
     def close(self) -> None:
         self.proc.terminate()
