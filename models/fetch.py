@@ -191,7 +191,21 @@ def fetch(
     return paths
 
 
+def _list() -> int:
+    for spec in MODELS.values():
+        state = "fetched" if _dest(spec).is_file() else "not fetched"
+        backends = "tflite, keras" if spec.keras else "tflite"
+        print(f"{spec.name:22} {spec.input_size}px {spec.num_classes:2d} classes  "
+              f"[{backends}]  {state:11}  {spec.description}")
+    for sample in SAMPLES.values():
+        state = "fetched" if _dest(sample).is_file() else "not fetched"
+        print(f"{sample.name:22} sample  {state:11}  {sample.description}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list()
     try:
         paths = fetch(args.names or None, from_dir=args.from_dir, progress=not args.quiet,
                       samples=not args.no_samples)
@@ -216,4 +230,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"copy files found under DIR instead of downloading (env {FETCH_FROM_ENV})")
     p.add_argument("--no-samples", action="store_true", help="skip the sample video")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--list", action="store_true", help="list the known models and samples")
     p.set_defaults(func=_run)

@@ -173,3 +173,7 @@ def test_cli(home: Path, shared_dir: Path, tmp_path: Path, capsys) -> None:
     assert "unknown model" in capsys.readouterr().err
     assert _cli(["fetch", "mnv2-voc", "--from", str(tmp_path), "--no-samples"]) == 1
     assert "not found anywhere" in capsys.readouterr().err
+    assert _cli(["fetch", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in registry.MODELS)
+    assert f"{FAST}" in listing and "not fetched" in listing  # mnv2-voc is not in this home
