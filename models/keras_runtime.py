@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from models.registry import ModelSpec
-from models.runtime import DEFAULT_BATCH_SIZES, Segmenter
+from models.runtime import DEFAULT_BATCH_SIZES, Segmenter, keras_backend_name
 from models.tflite_import import load_keras_model
 
 
@@ -21,6 +21,7 @@ class KerasSegmenter(Segmenter):
 
     def __init__(self, spec: ModelSpec, *, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                  input_size: int | None = None) -> None:
+        keras_backend_name()  # picks JAX when TensorFlow is not installed
         import keras
 
         size = int(input_size or spec.input_size)

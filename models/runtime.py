@@ -205,9 +205,27 @@ class TFLiteSegmenter(Segmenter):
         self._interps.clear()
 
 
+def keras_backend_name() -> str:
+    """The Keras backend that will be used, defaulting to JAX where TensorFlow is absent.
+
+    Keras itself defaults to TensorFlow and fails to import without it (the GPU image ships
+    JAX only), so with no explicit choice and no TensorFlow, pick JAX before keras loads.
+    """
+    import sys
+
+    if "keras" in sys.modules:
+        import keras
+
+        return keras.backend.backend()
+    if "KERAS_BACKEND" not in os.environ and importlib.util.find_spec("tensorflow") is None \
+            and importlib.util.find_spec("jax") is not None:
+        os.environ["KERAS_BACKEND"] = "jax"
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
 def gpu_visible() -> bool:
     """Whether the configured Keras backend sees a GPU (imports that backend)."""
-    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    backend = keras_backend_name()
     try:
         if backend == "jax":
             if importlib.util.find_spec("jax") is None:
@@ -247,6 +265,7 @@ def load_segmenter(
     if backend == "keras":
         if not spec.keras:
             raise ValueError(f"model {name!r} has no Keras port (tflite runtime only)")
+        keras_backend_name()  # before keras is first imported: JAX where TF is absent
         from models.keras_runtime import KerasSegmenter
 
         return KerasSegmenter(spec, batch_sizes=batch_sizes, input_size=input_size)
