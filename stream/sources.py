@@ -385,7 +385,10 @@ class PyAVReader(Reader):
             raise self._cannot_open(_av_reason(e, self.cfg.open_timeout, t0)) from None
         stream.thread_type = "SLICE"  # frame threading would add a frame of latency per thread
         if t.live:
-            stream.codec_context.flags |= _LOW_DELAY
+            try:
+                stream.codec_context.flags |= _LOW_DELAY
+            except (TypeError, AttributeError):  # older PyAV: flags are an enum
+                log.debug("cannot set the low-delay decoder flag with this PyAV")
         self.fps = _sane_fps(stream.guessed_rate) or _sane_fps(stream.average_rate)
         self._frames = self._decode(stream)
 
@@ -491,7 +494,8 @@ class VideoSource:
         self._on_frame = on_frame
         self._resolve = resolve
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # this run's stop; set while not running
+        self._stop.set()
         self._wake = threading.Event()  # reader -> supervisor: an attempt has ended
         self._supervisor: threading.Thread | None = None
         self._gen = 0  # only the reader of the current generation may publish
@@ -509,22 +513,33 @@ class VideoSource:
 
     @property
     def state(self) -> SourceState:
-        return self._state
+        with self._lock:
+            return self._state
 
     @property
     def reason(self) -> str | None:
-        return self._reason
+        with self._lock:
+            return self._reason
+
+    def status(self) -> tuple[SourceState, str | None]:
+        """State and reason, read together."""
+        with self._lock:
+            return self._state, self._reason
 
     def start(self) -> None:
         """Start capturing (no-op while running; restarts a source that stopped or failed)."""
         with self._lock:
-            if self._supervisor is not None and self._supervisor.is_alive():
-                return
-            self._stop.clear()
+            sup = self._supervisor
+            if not self._stop.is_set() and sup is not None and sup.is_alive():
+                return  # running
+            # A fresh event per run: a supervisor that stop() left behind keeps seeing its
+            # own run as stopped, even after this start.
+            self._stop = threading.Event()
             self._failures = 0
             self._set_state(SourceState.STARTING, None)
             self._supervisor = threading.Thread(
-                target=self._supervise, name=f"src-{self.id}-watchdog", daemon=True)
+                target=self._supervise, args=(self._stop,), name=f"src-{self.id}-watchdog",
+                daemon=True)
             self._supervisor.start()
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -567,28 +582,28 @@ class VideoSource:
 
     # -- supervisor ------------------------------------------------------------------------
 
-    def _supervise(self) -> None:
+    def _supervise(self, stopped: threading.Event) -> None:
         try:
             target = parse_target(self.cfg.source, self._resolve)
         except SourceError as e:
-            self._finish(SourceState.ERROR, str(e))
+            self._finish(SourceState.ERROR, str(e), stopped)
             return
         first = True
-        while not self._stop.is_set():
+        while not stopped.is_set():
             if not first:
                 with self._lock:
                     self._reconnects += 1
                 metrics.RECONNECTS.labels(stream=self.id).inc()
             first = False
             attempt = self._launch(target)
-            outcome, reason = self._watch(attempt)
+            outcome, reason = self._watch(attempt, stopped)
             self._retire(attempt)
             if outcome == "stop":
                 return
             if outcome == "eof":  # a file without loop
-                self._finish(SourceState.STOPPED, reason)
+                self._finish(SourceState.STOPPED, reason, stopped)
                 return
-            if not self._after_failure(attempt, reason):
+            if not self._after_failure(attempt, reason, stopped):
                 return
 
     def _launch(self, target: Target) -> _Attempt:
@@ -601,11 +616,11 @@ class VideoSource:
         attempt.thread.start()
         return attempt
 
-    def _watch(self, a: _Attempt) -> tuple[str, str]:
+    def _watch(self, a: _Attempt, stopped: threading.Event) -> tuple[str, str]:
         """Wait until the attempt ends, stalls or the source stops."""
         cfg = self.cfg
         while True:
-            if self._stop.is_set():
+            if stopped.is_set():
                 return "stop", ""
             if a.outcome is not None:
                 return a.outcome
@@ -637,13 +652,13 @@ class VideoSource:
                     self._abandoned += 1
                 log.warning("%s: reader %s is blocked; abandoned it", self.id, a.thread.name)
 
-    def _after_failure(self, a: _Attempt, reason: str) -> bool:
+    def _after_failure(self, a: _Attempt, reason: str, stopped: threading.Event) -> bool:
         """Record the failure and wait out the backoff. False: stop trying."""
         with self._lock:
             self._failures = 0 if a.frames else self._failures + 1
             failures = self._failures
             give_up = 0 < self.cfg.max_failures <= failures
-            if not self._stop.is_set():
+            if not stopped.is_set():
                 self._set_state(SourceState.ERROR if give_up else SourceState.RECONNECTING, reason)
         if give_up:
             log.error("%s: giving up after %d failed attempts: %s", self.id, failures, reason)
@@ -651,11 +666,11 @@ class VideoSource:
         delay = min(self.cfg.reconnect_initial * 2 ** max(failures - 1, 0), self.cfg.reconnect_max)
         delay = min(delay * random.uniform(0.8, 1.2), self.cfg.reconnect_max)
         log.warning("%s: %s; reconnecting in %.1f s", self.id, reason, delay)
-        return not self._stop.wait(delay)
+        return not stopped.wait(delay)
 
-    def _finish(self, state: SourceState, reason: str | None) -> None:
+    def _finish(self, state: SourceState, reason: str | None, stopped: threading.Event) -> None:
         with self._lock:
-            if not self._stop.is_set():
+            if not stopped.is_set():
                 self._set_state(state, reason)
         if state is SourceState.ERROR:
             log.error("%s: %s", self.id, reason)

@@ -227,6 +227,19 @@ def test_file_not_realtime_runs_fast(make_source, short_clip: Path) -> None:
     assert src.stats()["reconnects"] == 0
 
 
+def test_stop_then_start_again(make_source, short_clip: Path) -> None:
+    src = make_source(str(short_clip), realtime=True)
+    assert wait_for(lambda: src.state is SourceState.LIVE, 5), src.stats()
+    threads = threading.active_count()
+    src.start()  # already running: no second supervisor
+    assert threading.active_count() == threads
+    src.stop()
+    seq = src.slot.peek().seq
+    src.start()
+    assert wait_for(lambda: src.slot.peek().seq > seq, 5), src.stats()
+    assert src.state is SourceState.LIVE and src.stats()["reconnects"] == 0
+
+
 # --------------------------------------------------------------------------- RTSP
 
 
