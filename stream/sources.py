@@ -241,7 +241,10 @@ class Reader:
         raise NotImplementedError
 
     def read(self) -> tuple[np.ndarray, float] | None:
-        """(BGR image, decode seconds), or None at the end of the stream."""
+        """(BGR image, decode seconds), or None at the end of the stream.
+
+        Decode seconds are the work of reading and decoding, not the wait for a live
+        source's next frame (which would make a 25 fps camera look like 40 ms decodes)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -337,11 +340,13 @@ class OpenCVReader(Reader):
 
     def read(self) -> tuple[np.ndarray, float] | None:
         assert self._cap is not None
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.thread_time()
         ok, img = self._cap.read()
         dt = time.monotonic() - t0
         if ok and img is not None:
-            return img, dt
+            # Live sources decode on this one thread (N_THREADS=1), so its CPU time is the
+            # decode work without the network wait; files never wait, so wall time is right.
+            return img, (time.thread_time() - cpu0) if self.target.live else dt
         if not self.target.live:
             return None  # end of file (OpenCV does not tell EOF from a broken file)
         if dt >= self.cfg.read_timeout * 0.9:
