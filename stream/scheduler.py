@@ -121,7 +121,10 @@ class Scheduler:
                     deadline = deadline or now + self.max_wait_s
                     # Nothing more can arrive in time, or the batch is full: go.
                     if len(due) >= self.max_batch or now >= deadline or not waiting:
-                        return self._take(due[: self.max_batch], now)
+                        jobs = self._take(due[: self.max_batch], now)
+                        if jobs:
+                            return jobs
+                        deadline = None
                 self._cond.wait(self._timeout(now, deadline))
         return []
 
@@ -134,14 +137,13 @@ class Scheduler:
         for k in range(n):
             lane = self._lanes[self._order[(self._rr + k) % n]]
             frame = lane.source.slot.peek()
-            fresh = frame is not None and frame.seq > lane.last_seq
+            # A frame passed over once stays skipped; the next one gets its chance.
+            fresh = frame is not None and frame.seq > max(lane.last_seq, lane.skipped_seq)
             if fresh and lane.due(now):
                 due.append(lane)
             elif fresh:
-                if frame.seq > lane.skipped_seq:  # count each skipped frame once
-                    lane.skipped_seq = frame.seq
-                    lane.source.slot.mark_skipped(frame.seq)
-                    metrics.FRAMES.labels(stream=lane.source.id, outcome="skipped").inc()
+                lane.skipped_seq = frame.seq
+                lane.source.slot.mark_skipped(frame.seq)  # counts it in metrics
             elif lane.source.state == SourceState.LIVE and (
                 lane.cap_fps <= 0 or lane.next_due <= horizon
             ):

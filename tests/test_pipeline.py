@@ -1,0 +1,186 @@
+"""Scheduler, render and publish stages with real slots, frames and images."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from models.labels import VOC_LABELS, voc_palette
+from stream.publish import Publisher, encode_jpeg
+from stream.render import Renderer, class_fractions
+from stream.scheduler import Scheduler
+from stream.sources import Frame, FrameSlot, SourceState
+
+
+@dataclass
+class Src:
+    id: str
+    slot: FrameSlot = field(default_factory=FrameSlot)
+    state: SourceState = SourceState.LIVE
+    seq: int = 0
+
+    def push(self) -> None:
+        self.seq += 1
+        img = np.zeros((4, 4, 3), np.uint8)
+        self.slot.put(Frame(img, self.seq, time.monotonic(), 0.0))
+
+
+def feeder(sched: Scheduler, srcs: list[Src], fps: float, seconds: float) -> threading.Thread:
+    """Like reader threads: push a frame, then wake the scheduler."""
+
+    def run() -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for s in srcs:
+                s.push()
+                sched.notify(s.id)
+            time.sleep(1 / fps)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_round_robin_is_fair_and_batches_across_streams() -> None:
+    sched = Scheduler(max_batch=2, max_wait_s=0.01)
+    srcs = [Src(f"s{i}") for i in range(3)]
+    for s in srcs:
+        sched.add(s, 0)
+    taken = dict.fromkeys((s.id for s in srcs), 0)
+    for _ in range(30):
+        for s in srcs:
+            s.push()
+        jobs = sched.next_batch()
+        assert len(jobs) == 2 and len({j.stream_id for j in jobs}) == 2
+        for j in jobs:
+            taken[j.stream_id] += 1
+    assert set(taken.values()) == {20}, taken
+
+
+def test_newest_frame_wins_and_overwrites_count_as_dropped() -> None:
+    sched = Scheduler(max_batch=4, max_wait_s=0.0)
+    src = Src("a")
+    sched.add(src, 0)
+    for _ in range(5):
+        src.push()
+    (job,) = sched.next_batch()
+    assert job.frame.seq == 5
+    assert src.slot.dropped == 4
+
+
+def test_frame_skipping_caps_inference_rate() -> None:
+    sched = Scheduler(max_batch=1, max_wait_s=0.0)
+    src = Src("a")
+    sched.add(src, 5.0)  # 5 inferences per second from a 50 fps source
+    feeder(sched, [src], fps=50, seconds=2.0)
+    threading.Timer(2.0, sched.stop).start()
+    got = 0
+    while jobs := sched.next_batch():
+        got += len(jobs)
+    assert 8 <= got <= 12, got
+    assert src.slot.skipped > 40
+    c = src.slot.counts()
+    assert c["puts"] == c["taken"] + c["skipped"] + c["dropped"] + c["pending"]
+
+
+def test_partial_batch_does_not_wait_for_a_dead_stream() -> None:
+    sched = Scheduler(max_batch=4, max_wait_s=5.0)
+    live, dead = Src("live"), Src("dead", state=SourceState.RECONNECTING)
+    sched.add(live, 0)
+    sched.add(dead, 0)
+    live.push()
+    t0 = time.monotonic()
+    assert [j.stream_id for j in sched.next_batch()] == ["live"]
+    assert time.monotonic() - t0 < 2.5  # well under max_wait: nothing else could come
+
+
+def test_stop_unblocks_the_worker() -> None:
+    sched = Scheduler(max_batch=2, max_wait_s=0.01)
+    sched.add(Src("a"), 0)
+    threading.Timer(0.2, sched.stop).start()
+    assert sched.next_batch() == []
+
+
+def test_latency_controller_cuts_and_restores_rate() -> None:
+    sched = Scheduler(max_batch=4, max_wait_s=0.0, latency_target_s=0.2, min_fps=1.0)
+    srcs = [Src("a"), Src("b")]
+    for s in srcs:
+        sched.add(s, 0)
+    for s in srcs:
+        for _ in range(20):
+            sched.observe_latency(s.id, 0.5)
+    sched._control({"a": 10.0, "b": 10.0})
+    assert sched.cap("a") == pytest.approx(8.0) and sched.cap("b") == pytest.approx(8.0)
+    for _ in range(3):
+        for s in srcs:
+            for _ in range(20):
+                sched.observe_latency(s.id, 0.5)
+        sched._control({"a": 8.0, "b": 8.0})
+    low = sched.cap("a")
+    assert low < 5
+    for s in srcs:
+        for _ in range(20):
+            sched.observe_latency(s.id, 0.05)
+    sched._control({"a": low, "b": low})
+    assert sched.cap("a") > low
+
+
+def _scene() -> tuple[np.ndarray, np.ndarray]:
+    frame = np.full((360, 640, 3), 90, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:40, 10:30] = 15  # person
+    mask[45:60, 40:60] = 7  # car
+    return frame, mask
+
+
+def test_overlay_colours_classes_and_keeps_background() -> None:
+    frame, mask = _scene()
+    r = Renderer(VOC_LABELS, voc_palette(), alpha=1.0, legend=False)
+    out = r.render(frame, mask)
+    assert out.shape == frame.shape
+    assert (out[0, -1] == frame[0, -1]).all()  # background untouched (not dimmed)
+    person_bgr = voc_palette()[15][::-1]
+    y, x = int(30 / 64 * 360), int(20 / 64 * 640)
+    assert (out[y, x] == person_bgr).all()
+
+
+def test_class_filter_and_mask_mode() -> None:
+    frame, mask = _scene()
+    r = Renderer(VOC_LABELS, voc_palette(), alpha=1.0, classes=["car"], legend=False)
+    out = r.render(frame, mask)
+    y, x = int(30 / 64 * 360), int(20 / 64 * 640)
+    assert (out[y, x] == frame[y, x]).all()  # person not shown
+    m = Renderer(VOC_LABELS, voc_palette(), mode="mask", legend=False).render(frame, mask)
+    assert (m[0, 0] == 0).all()  # background is the palette's black
+    with pytest.raises(ValueError, match="unknown class"):
+        Renderer(VOC_LABELS, voc_palette(), classes=["unicorn"])
+
+
+def test_legend_is_drawn_and_fractions_add_up() -> None:
+    frame, mask = _scene()
+    fr = class_fractions(mask, 21)
+    assert fr.sum() == pytest.approx(1.0) and fr[15] == pytest.approx(400 / 4096)
+    plain = Renderer(VOC_LABELS, voc_palette(), legend=False).render(frame, mask).copy()
+    legend = Renderer(VOC_LABELS, voc_palette(), legend=True).render(frame, mask)
+    assert (plain[:40, :200] != legend[:40, :200]).any()
+
+
+async def test_publisher_gives_newest_frame_and_closes() -> None:
+    loop = asyncio.get_running_loop()
+    pub = Publisher("a", loop)
+    jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8), 80)
+    assert await pub.next(0, timeout=0.05) is None
+    for i in range(1, 4):  # a slow client misses 1 and 2
+        pub.publish_threadsafe(jpeg, i, time.monotonic())
+    await asyncio.sleep(0.01)
+    item = await pub.next(0, timeout=1)
+    assert item is not None and item.frame_seq == 3
+    waiter = asyncio.create_task(pub.next(item.seq, timeout=5))
+    await asyncio.sleep(0.01)
+    pub.close()
+    assert await asyncio.wait_for(waiter, 1) is None
