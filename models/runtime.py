@@ -223,8 +223,17 @@ def keras_backend_name() -> str:
     return os.environ.get("KERAS_BACKEND", "tensorflow")
 
 
+def _gpu_device_nodes() -> bool:
+    """Cheap pre-check: NVIDIA or ROCm device nodes, or an explicit override."""
+    if os.environ.get("SEGSTREAM_ASSUME_GPU") == "1":
+        return True
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
+
+
 def gpu_visible() -> bool:
     """Whether the configured Keras backend sees a GPU (imports that backend)."""
+    if not _gpu_device_nodes():
+        return False  # skip a multi-second framework import on plain CPU machines
     backend = keras_backend_name()
     try:
         if backend == "jax":

@@ -103,7 +103,8 @@ class Renderer:
             y = 8 + k * row
             c = tuple(int(v) for v in self._palette_bgr[cls])
             cv2.rectangle(img, (8, y), (8 + row - 4, y + row - 4), c, -1)
-            text = f"{self.labels[cls]} {100 * fr[cls]:.0f}%"
+            pct = 100 * fr[cls]
+            text = f"{self.labels[cls]} {pct:.0f}%" if pct >= 1 else f"{self.labels[cls]} <1%"
             org = (8 + row + 2, y + row - 8)
             cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, (0, 0, 0), 3,
                         cv2.LINE_AA)
