@@ -111,7 +111,8 @@ def target_path(out: str | Path, fmt: str, stem: str) -> Path:
 
 def check_writable(path: Path, overwrite: bool) -> None:
     """Fail before any work if ``path`` exists (without overwrite) or its folder is unwritable."""
-    if path.exists() and not overwrite:
+    empty_dir = path.is_dir() and not any(path.iterdir())  # e.g. a SavedModel folder made ready
+    if path.exists() and not empty_dir and not overwrite:
         raise ExportError(f"{path} already exists; pass --overwrite to replace it")
     parent = path.parent
     try:

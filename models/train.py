@@ -484,7 +484,7 @@ class TrainConfig:
     class_names: list[str] | None = None
     epochs: int = 10
     batch_size: int = 4
-    lr: float = 1e-4
+    lr: float = 3e-4
     input_size: int = 257
     val_split: float = 0.1
     ignore_id: int = DEFAULT_IGNORE
@@ -646,7 +646,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="label names, one per line in FILE or comma-separated")
     p.add_argument("--epochs", type=int, default=10, metavar="E")
     p.add_argument("--batch-size", type=int, default=4, metavar="B")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
     p.add_argument("--input-size", type=int, default=257, metavar="S",
                    help="square training size (default 257; 513 is slow on a CPU)")
     p.add_argument("--val-split", type=float, default=0.1, metavar="F",
