@@ -46,6 +46,7 @@ def layer_name(scope: str) -> str:
     return scope.replace("/", "__")
 
 
+@keras.saving.register_keras_serializable(package="segstream")
 class Normalize(layers.Layer):
     """uint8 RGB -> float32 (x - mean) / std, as the file's input quantization defines."""
 
@@ -57,6 +58,7 @@ class Normalize(layers.Layer):
         return (ops.cast(x, "float32") - self.mean) * (1.0 / self.std)
 
 
+@keras.saving.register_keras_serializable(package="segstream")
 class GlobalPoolBroadcast(layers.Layer):
     """Image pooling branch's ends: global average, and 1x1 -> (h, w) upsampling.
 
@@ -98,6 +100,7 @@ def align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
+@keras.saving.register_keras_serializable(package="segstream")
 class ResizeAlignCorners(layers.Layer):
     """Bilinear resize with align_corners=True, half_pixel_centers=False (Keras has none).
 
@@ -119,6 +122,7 @@ class ResizeAlignCorners(layers.Layer):
         return ops.einsum("jq,niqc->nijc", mx, x)
 
 
+@keras.saving.register_keras_serializable(package="segstream")
 class ArgmaxUint8(layers.Layer):
     """Class ids over the last axis, as uint8 (first maximum wins, like TFLite ARG_MAX)."""
 

@@ -1,4 +1,4 @@
-"""`segstream` command line: serve, fetch, predict, evaluate, export."""
+"""`segstream` command line: serve, fetch, predict, evaluate, train, export."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models import fetch
+    from models import export, fetch, train
     from stream import evaluate, predict
 
     parser = argparse.ArgumentParser(
@@ -68,12 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.register(sub)
     predict.register(sub)
     evaluate.register(sub)
-    try:
-        from models import export
-    except ImportError:
-        pass
-    else:
-        export.register(sub)
+    train.register(sub)
+    export.register(sub)
     return parser
 
 
