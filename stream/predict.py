@@ -1,0 +1,227 @@
+"""``segstream predict``: segment still images; write a palette mask PNG and an overlay JPEG each.
+
+The mask PNG is 8-bit indexed (pixel = class id, PLTE = the model's colours) at the input
+image's size, so any viewer shows colours and any PNG reader gets the class ids back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import sys
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from models.fetch import NotFetchedError
+from models.registry import DEFAULT_MODEL, MODELS
+from models.runtime import Segmenter, load_segmenter, prepare
+from stream.render import Renderer, class_fractions
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+
+
+class ImageReadError(OSError):
+    """An input image is missing or cannot be decoded; the message names the file."""
+
+
+# --- palette PNG writer (cv2 can only write RGB/grey PNGs; Pillow is not a dependency) ---
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_palette_png(mask: np.ndarray, palette: np.ndarray, level: int = 6) -> bytes:
+    """uint8 [H, W] class ids + uint8 [n<=256, 3] RGB palette -> bytes of an indexed PNG.
+
+    Rows use filter 0 (none): label maps are long runs that zlib already packs well.
+    """
+    mask = np.asarray(mask)
+    pal = np.asarray(palette)
+    if mask.ndim != 2 or mask.dtype != np.uint8 or mask.size == 0:
+        raise ValueError(f"mask must be a non-empty uint8 [H, W] array, got {mask.dtype} "
+                         f"{mask.shape}")
+    if pal.ndim != 2 or pal.shape[1] != 3 or not 1 <= pal.shape[0] <= 256:
+        raise ValueError(f"palette must be [1..256, 3] RGB, got {pal.shape}")
+    need = int(mask.max()) + 1
+    if pal.shape[0] < need:  # PNG requires an entry for every index used; pad with black
+        pal = np.concatenate([pal, np.zeros((need - pal.shape[0], 3), pal.dtype)])
+    h, w = mask.shape
+    rows = np.zeros((h, w + 1), dtype=np.uint8)  # column 0: each row's filter-type byte
+    rows[:, 1:] = mask
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)  # 8-bit, colour type 3 (indexed)
+    return b"".join((
+        _PNG_SIG,
+        _png_chunk(b"IHDR", ihdr),
+        _png_chunk(b"PLTE", pal.astype(np.uint8).tobytes()),
+        _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), level)),
+        _png_chunk(b"IEND", b""),
+    ))
+
+
+# --- core ---
+
+
+@dataclass
+class PredictResult:
+    """One input's outcome: the written files and class fractions, or ``error``."""
+
+    path: Path
+    mask_path: Path | None = None
+    overlay_path: Path | None = None
+    size: tuple[int, int] | None = None  # (h, w) of the input
+    fractions: dict[str, float] = field(default_factory=dict)  # present classes, largest first
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def summary(self) -> str:
+        """E.g. ``bird.png: background 78.1%, bird 21.9%``."""
+        parts = ", ".join(f"{name} {100 * f:.1f}%" for name, f in self.fractions.items())
+        return f"{self.path}: {parts}"
+
+
+def read_image(path: Path) -> np.ndarray:
+    """BGR uint8 [H, W, 3]; ImageReadError naming the file if it is missing or not an image."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # unlike cv2.imread, says *why* it failed
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot read: {e.strerror or e}") from None
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise ImageReadError(f"{path}: not a readable image (empty, corrupt or unsupported)")
+    return img
+
+
+def expand_paths(paths: Iterable[Path]) -> list[Path]:
+    """Directories are replaced by the image files directly inside them (sorted)."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTS))
+        else:
+            out.append(p)
+    return out
+
+
+def _output_stems(paths: Sequence[Path]) -> list[str]:
+    """``<stem>``, made unique (``<stem>_2`` ...) so two inputs never overwrite each other."""
+    seen: set[str] = set()
+    stems = []
+    for p in paths:
+        stem, k = p.stem, 1
+        while stem in seen:
+            k += 1
+            stem = f"{p.stem}_{k}"
+        seen.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def _write_outputs(
+    res: PredictResult, image: np.ndarray, small: np.ndarray, stem: str, out_dir: Path,
+    segmenter: Segmenter, renderer: Renderer,
+) -> None:
+    h, w = image.shape[:2]
+    mask = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+    res.size = (h, w)
+    fr = class_fractions(mask, segmenter.num_classes)
+    res.fractions = {segmenter.labels[i]: float(fr[i]) for i in np.argsort(-fr, kind="stable")
+                     if fr[i] > 0}
+    mask_path = out_dir / f"{stem}_mask.png"
+    overlay_path = out_dir / f"{stem}_overlay.jpg"
+    try:
+        mask_path.write_bytes(encode_palette_png(mask, segmenter.palette))
+        if not cv2.imwrite(str(overlay_path), renderer.render(image, small),
+                           [cv2.IMWRITE_JPEG_QUALITY, 90]):
+            raise OSError("cv2.imwrite failed")
+    except OSError as e:
+        res.error = f"{res.path}: cannot write output in {out_dir}: {e}"
+        return
+    res.mask_path, res.overlay_path = mask_path, overlay_path
+
+
+def predict_images(
+    paths: Sequence[Path | str], segmenter: Segmenter, out_dir: Path | str, *,
+    alpha: float = 0.5, legend: bool = True,
+) -> list[PredictResult]:
+    """Segment ``paths`` in batches of the segmenter's largest batch size; one result per path,
+    in order. A bad file yields a result with ``error`` set and the rest are still processed."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [Path(p) for p in paths]
+    stems = _output_stems(paths)
+    results = [PredictResult(p) for p in paths]
+    renderer = Renderer(segmenter.labels, segmenter.palette, alpha=alpha, legend=legend)
+    step = segmenter.batch_sizes[-1]
+    for start in range(0, len(paths), step):
+        loaded: list[tuple[int, np.ndarray]] = []
+        for i in range(start, min(start + step, len(paths))):
+            try:
+                loaded.append((i, read_image(paths[i])))
+            except ImageReadError as e:
+                results[i].error = str(e)
+        if not loaded:
+            continue
+        batch = np.empty((len(loaded), *segmenter.input_size, 3), dtype=np.uint8)
+        for row, (_, img) in zip(batch, loaded, strict=True):
+            prepare(img, segmenter.input_size, out=row, bgr=True)
+        for (i, img), small in zip(loaded, segmenter.segment(batch), strict=True):
+            _write_outputs(results[i], img, small, stems[i], out, segmenter, renderer)
+    return results
+
+
+# --- CLI ---
+
+
+def _run(args: argparse.Namespace) -> int:
+    paths = expand_paths(args.paths)
+    if not paths:
+        print("segstream predict: no image files found in the given directories", file=sys.stderr)
+        return 2
+    if args.out.exists() and not args.out.is_dir():
+        print(f"segstream predict: --out {args.out} exists and is not a directory",
+              file=sys.stderr)
+        return 2
+    try:
+        segmenter = load_segmenter(args.model, args.backend, threads=args.threads)
+    except (NotFetchedError, ValueError) as e:
+        print(f"segstream predict: {e}", file=sys.stderr)
+        return 2
+    with segmenter:
+        results = predict_images(paths, segmenter, args.out, alpha=args.alpha)
+    for r in results:
+        if r.ok:
+            print(r.summary(), flush=True)
+        else:
+            print(f"segstream predict: {r.error}", file=sys.stderr)
+    failed = sum(not r.ok for r in results)
+    if failed:
+        print(f"segstream predict: {failed} of {len(results)} image(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``predict PATH... --out DIR [--model NAME] [--backend B]``."""
+    p = subparsers.add_parser(
+        "predict", help="segment images: <stem>_mask.png (palette PNG) + <stem>_overlay.jpg",
+        description="Segment still images. For each writes DIR/<stem>_mask.png (8-bit palette "
+        "PNG, pixel = class id, input size) and DIR/<stem>_overlay.jpg, and prints the class "
+        "pixel fractions. Exit code 1 if any image failed (the others are still written).",
+    )
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                   help="image files, or directories of images")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS))
+    p.add_argument("--backend", default="auto", choices=["auto", "keras", "tflite"])
+    p.add_argument("--threads", type=int, default=None, help="TFLite threads (default: all)")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
+    p.set_defaults(func=_run)
