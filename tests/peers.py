@@ -32,10 +32,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float, ok=lambda r: r.status == 200) -> None:
+def wait_http(url: str, timeout: float, ok=lambda r: r.status == 200, alive=lambda: True) -> None:
+    """Polls url until ok; gives up early once the server process has died (alive() False)."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and alive():
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if ok(r):

@@ -43,7 +43,7 @@ class ServiceProcess:
                 stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
             )
         try:
-            wait_http(self.base + "/readyz", ready_timeout)
+            wait_http(self.base + "/readyz", ready_timeout, alive=lambda: self.proc.poll() is None)
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"service not ready:\n{self.log()}") from None

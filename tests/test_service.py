@@ -76,7 +76,10 @@ def test_api_describes_streams(service: ServiceProcess) -> None:
         for key in ("source", "state", "reason", "fps_in", "fps_out", "inference_fps",
                     "latency_ms", "dropped"):
             assert key in s, key
-    assert by_id["clip"]["fps_in"] > 5  # vtest is 10 fps, paced at its own rate
+    deadline = time.monotonic() + 10  # the rate needs a couple of seconds of frames
+    while (fps := service.stream("clip")["fps_in"]) <= 5 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert 5 < fps < 15  # vtest is 10 fps, paced at its own rate
     assert by_id["cam"]["width"] == 640 and by_id["cam"]["height"] == 480
     model = service.json("/api/model")
     assert model["labels"][15] == "person" and len(model["colors"]) == 21
@@ -197,3 +200,22 @@ def test_sigterm_with_client_exits_quickly(tmp_path: Path, segstream_home: Path,
         reader.close()
     assert code == 0, svc.log()
     assert took < 3.0, f"exit took {took:.2f}s"
+
+
+def test_http_mjpeg_source(service: ServiceProcess, tmp_path: Path) -> None:
+    """Another segstream reads this one's MJPEG output over HTTP as its camera."""
+    cfg = {
+        "model": {"name": "mnv2-voc", "backend": "tflite", "batch_sizes": [1], "max_batch": 1},
+        "streams": [{"id": "relay", "source": service.base + "/streams/clip/mjpeg"}],
+    }
+    relay = ServiceProcess(tmp_path, cfg).start()
+    try:
+        st = relay.wait_state("relay", {"live"}, 20)
+        assert (st["width"], st["height"]) == (768, 576)
+        reader = MjpegReader(relay.base + "/streams/relay/mjpeg")
+        try:
+            reader.wait_frames(3, timeout=20)
+        finally:
+            reader.close()
+    finally:
+        relay.stop()
