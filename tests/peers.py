@@ -47,6 +47,15 @@ def wait_http(url: str, timeout: float, ok=lambda r: r.status == 200, alive=lamb
     raise TimeoutError(f"{url} not ready after {timeout}s: {last}")
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 class Chromium:
     """Headless Chromium; screenshots over the DevTools protocol (the page never finishes
     loading while an MJPEG <img> streams, so --screenshot would not do)."""
@@ -89,11 +98,7 @@ class Chromium:
         return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR), rect
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
 
 
 async def _cdp(ws: aiohttp.ClientWebSocketResponse, msg_id: int, method: str,
@@ -143,8 +148,4 @@ class Prometheus:
         return body["data"]["result"]
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
