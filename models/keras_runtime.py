@@ -8,6 +8,7 @@ over ``model.stateless_call``. TensorFlow is only imported when it is the Keras 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -20,18 +21,36 @@ class KerasSegmenter(Segmenter):
     backend = "keras"
 
     def __init__(self, spec: ModelSpec, *, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-                 input_size: int | None = None) -> None:
+                 input_size: int | None = None, weights: str | Path | None = None) -> None:
         keras_backend_name()  # picks JAX when TensorFlow is not installed
         import keras
 
+        if weights is not None and input_size is None:
+            from models.train import read_sidecar
+
+            input_size = int(read_sidecar(weights)["input_size"])  # the size it was tuned at
         size = int(input_size or spec.input_size)
         super().__init__(spec, (size, size), batch_sizes)
         self.keras_backend = keras.backend.backend()
         if self.keras_backend not in ("tensorflow", "jax"):
             raise ValueError(f"Keras backend {self.keras_backend!r} is not supported "
                              f"(use KERAS_BACKEND=tensorflow or jax)")
-        self.model = load_keras_model(spec.name, size)
+        if weights is None:
+            self.model = load_keras_model(spec.name, size)
+        else:
+            self._use_finetuned(weights, size)
         self._fns: dict[int, Callable[[np.ndarray], np.ndarray]] = {}
+
+    def _use_finetuned(self, weights: str | Path, size: int) -> None:
+        """Weights from `segstream train`: its sidecar gives the classes and their names."""
+        from models.labels import voc_palette
+        from models.train import load_finetuned
+
+        self.model, meta = load_finetuned(weights, input_size=size)
+        self.name = f"{self.spec.name}+{Path(weights).name.removesuffix('.weights.h5')}"
+        self.labels = list(meta["labels"])
+        self.num_classes = int(meta["num_classes"])
+        self.palette = voc_palette()  # the VOC colour map extends to any class count
 
     def _compile(self, b: int) -> Callable[[np.ndarray], np.ndarray]:
         h, w = self.input_size

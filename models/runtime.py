@@ -260,12 +260,22 @@ def load_segmenter(
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     threads: int | None = None,
     input_size: int | None = None,
+    weights: str | os.PathLike[str] | None = None,
 ) -> Segmenter:
     """Load model ``name`` on ``backend`` ("auto": keras when a GPU is visible, else tflite).
 
     ``input_size`` overrides the model's square input (e.g. 257 for a 513 file) for speed.
+    ``weights``: a `segstream train` output (``x.weights.h5`` + sidecar); needs the keras
+    backend, and ``name`` is taken from the sidecar's base model.
     Raises NotFetchedError when the model file is not in the cache.
     """
+    if weights is not None:
+        from models.train import read_sidecar
+
+        name = read_sidecar(weights)["base_model"]
+        if backend == "tflite":
+            raise ValueError("fine-tuned weights run on the keras backend, not tflite")
+        backend = "keras"
     spec = get_spec(name)
     if backend not in ("auto", "keras", "tflite"):
         raise ValueError(f"backend must be 'auto', 'keras' or 'tflite', got {backend!r}")
@@ -277,5 +287,6 @@ def load_segmenter(
         keras_backend_name()  # before keras is first imported: JAX where TF is absent
         from models.keras_runtime import KerasSegmenter
 
-        return KerasSegmenter(spec, batch_sizes=batch_sizes, input_size=input_size)
+        return KerasSegmenter(spec, batch_sizes=batch_sizes, input_size=input_size,
+                              weights=weights)
     return TFLiteSegmenter(spec, batch_sizes=batch_sizes, threads=threads, input_size=input_size)

@@ -37,6 +37,7 @@ class ServerConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = "mnv2-voc"
     backend: Literal["auto", "keras", "tflite"] = "auto"
+    weights: str | None = None  # fine-tuned weights from `segstream train` (keras backend)
     threads: int | None = Field(None, ge=1)
     # Fixed batch sizes the model is compiled/allocated for; batches are padded up to one.
     batch_sizes: list[int] = [1, 2, 4, 8]

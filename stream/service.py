@@ -84,7 +84,7 @@ class Service:
         m = self.cfg.model
         t0 = time.perf_counter()
         seg = load_segmenter(m.name, m.backend, batch_sizes=tuple(m.batch_sizes),
-                             threads=m.threads)
+                             threads=m.threads, weights=m.weights)
         seg.warmup()
         log.info("model %s (%s) ready in %.1f s", seg.name, seg.backend, time.perf_counter() - t0)
         return seg

@@ -83,6 +83,17 @@ def test_fine_tune_camvid_new_class_count(segstream_home: Path, shared_dir: Path
     assert pred.max() < CAMVID_CLASSES
     assert (pred == CAMVID_ROAD).mean() > 0.05  # after 20 tiny steps it already finds the road
 
+    # The service's runtime serves the fine-tuned model with the sidecar's class names.
+    from models.runtime import load_segmenter
+
+    seg = load_segmenter(weights=out, batch_sizes=(1,))
+    assert seg.backend == "keras" and seg.labels[0] == "Sky" and seg.num_classes == 11
+    assert seg.input_size == (129, 129)
+    served = seg.segment(cv2.resize(x[0], (129, 129))[None])
+    assert served.shape == (1, 129, 129) and served.max() < CAMVID_CLASSES
+    with pytest.raises(ValueError, match="keras backend"):
+        load_segmenter(weights=out, backend="tflite")
+
     from models.export import export_model, load_keras_file
 
     exp = export_model("keras", tmp_path / "exp", weights=out)
