@@ -289,6 +289,7 @@ def cmd_naive(args: argparse.Namespace) -> int:
     start = time.monotonic()
     window_at, end_at = start + args.warmup, start + args.warmup + args.seconds
     cpu0 = None
+    read_errors = 0
     stage = {"read": 0.0, "infer": 0.0, "render": 0.0, "encode": 0.0}
     while True:
         now = time.monotonic()
@@ -303,8 +304,11 @@ def cmd_naive(args: argparse.Namespace) -> int:
         for cap, ren, rec in zip(caps, renderers, recs, strict=True):
             t0 = time.perf_counter()
             ok, frame = cap.read()
-            if not ok:
-                raise SystemExit(f"naive: {rec.stream} stopped delivering frames")
+            if not ok:  # e.g. undecodable after the camera dropped frames: try the next one
+                read_errors += 1
+                if read_errors > 300:
+                    raise SystemExit(f"naive: {rec.stream} stopped delivering frames")
+                continue
             t1 = time.perf_counter()
             mask = seg.segment(prepare(frame, seg.input_size, bgr=True)[None])[0]
             t2 = time.perf_counter()
@@ -321,7 +325,7 @@ def cmd_naive(args: argparse.Namespace) -> int:
     res = combine(recs, seconds)
     n = max(res["frames"], 1)
     res.update({
-        "seconds": round(seconds, 1), "cpu_cores": round(cpu, 3),
+        "seconds": round(seconds, 1), "cpu_cores": round(cpu, 3), "read_errors": read_errors,
         "peak_rss_mb": peak_rss_mb(os.getpid()),
         "stage_ms": {k: round(v / n * 1e3, 2) for k, v in stage.items()},
         "timeline": {r.stream: r.timeline for r in recs},
@@ -450,13 +454,14 @@ async def mjpeg_client(url: str, rec: Recorder, stop: asyncio.Event) -> None:
 
 
 def service_config(path: Path, args: argparse.Namespace, sources: list[str], port: int, *,
-                   infer_fps: float = 0.0, latency_target_ms: float = 0.0) -> None:
+                   infer_fps: float = 0.0, latency_target_ms: float = 0.0,
+                   max_batch: int | None = None) -> None:
     import yaml
 
     cfg = {
         "server": {"host": "127.0.0.1", "port": port},
         "model": {"name": args.model, "backend": args.backend, "threads": args.threads,
-                  "batch_sizes": [1, 2, 4, 8], "max_batch": args.max_batch,
+                  "batch_sizes": [1, 2, 4, 8], "max_batch": max_batch or args.max_batch,
                   "max_wait_ms": args.max_wait_ms},
         "scheduler": {"latency_target_ms": latency_target_ms, "min_infer_fps": 1.0},
         "render": {"mode": "overlay", "alpha": 0.5, "legend": True, "jpeg_quality": 80,
@@ -501,13 +506,14 @@ async def wait_for(cond, timeout: float, what: str, proc: Any = None) -> None:
 
 async def run_service(args: argparse.Namespace, label: str, sources: list[str],
                       cam_proc: subprocess.Popen | None, *, stamped: bool, seconds: float,
-                      infer_fps: float = 0.0, latency_target_ms: float = 0.0) -> dict[str, Any]:
+                      infer_fps: float = 0.0, latency_target_ms: float = 0.0,
+                      max_batch: int | None = None) -> dict[str, Any]:
     """One `segstream serve` run: start, connect a client per stream, warm up, measure, stop."""
     busy_before = await wait_idle(args.idle_wait)
     port = free_port()
     cfg_path = args.out / f"config-{label}.yaml"
     service_config(cfg_path, args, sources, port, infer_fps=infer_fps,
-                   latency_target_ms=latency_target_ms)
+                   latency_target_ms=latency_target_ms, max_batch=max_batch)
     base = f"http://127.0.0.1:{port}"
     log_file = open(args.out / f"service-{label}.log", "w")  # noqa: SIM115
     launcher = [sys.executable, str(args.launcher)] if args.launcher else segstream_cmd()
@@ -581,7 +587,7 @@ async def run_service(args: argparse.Namespace, label: str, sources: list[str],
     else:
         res["latency_source"] = "pixels (camera capture to MJPEG client)"
     res.update({"label": label, "streams": len(sources), "seconds": round(dt, 1),
-                "busy_before": busy_before,
+                "busy_before": busy_before, "max_batch": max_batch or args.max_batch,
                 "cpu_cores": cpu, "peak_rss_mb": rss, "infer_fps": infer_fps,
                 "latency_target_ms": latency_target_ms,
                 "timeline": {r.stream: r.timeline for r in recs} if stamped else {},
@@ -766,6 +772,15 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             results["service"].append(r)
             log(f"service {n}: {r['fps_total']} fps, p50 {r['p50_ms']} p99 {r['p99_ms']} ms, "
                 f"batch {r['mean_batch']} x {r['batch_ms']} ms")
+        results["variant"] = []
+        for n in [n for n in args.streams if n > 1] if args.variant_max_batch else []:
+            b = args.variant_max_batch
+            log(f"service, {n} RTSP camera(s), max_batch {b}")
+            r = await run_service_clean(args, f"rtsp-{n}-mb{b}", urls[:n], cam, stamped=True,
+                                        seconds=args.seconds, max_batch=b)
+            results["variant"].append(r)
+            log(f"service {n} (max_batch {b}): {r['fps_total']} fps, p50 {r['p50_ms']} "
+                f"p99 {r['p99_ms']} ms, batch {r['mean_batch']} x {r['batch_ms']} ms")
         if args.target_streams:
             n = args.target_streams
             fixed = args.fixed_fps or round(raw["fps"] / 4.0, 1)
@@ -853,8 +868,12 @@ def check_targets(res: dict, n: int) -> dict[str, Any]:
         fixed, tgt = res["target"]
         t["latency_target_ms"] = tgt["latency_target_ms"]
         t["target_p95_ms"], t["fixed_p95_ms"] = tgt["p95_ms"], fixed["p95_ms"]
-        t["target_holds"] = tgt["p95_ms"] is not None and tgt["p95_ms"] <= tgt[
-            "latency_target_ms"]
+        t["target_service_p95_ms"] = tgt["service_p95_ms"]
+        t["fixed_service_p95_ms"] = fixed["service_p95_ms"]
+        t["target_fps"], t["fixed_fps"] = tgt["fps_total"], fixed["fps_total"]
+        # The scheduler sees capture-to-write latency (it cannot see the camera or network).
+        t["target_holds"] = (tgt["service_p95_ms"] is not None
+                             and tgt["service_p95_ms"] <= tgt["latency_target_ms"])
     if "drift" in res:
         t["drift_p50_slope_ms_per_min"] = res["drift"]["drift"].get("p50_slope_ms_per_min")
     return t
@@ -933,9 +952,12 @@ def table(res: dict) -> str:
             f"{fmt(r['not_shown'])} | {cpu.get('naive', 0):.2f} | {cpu.get('sources', 0):.2f} | "
             f"{cpu.get('other', 0):.2f} | {fmt(r['peak_rss_mb'])} |")
     for kind, items in (("segstream, RTSP", res["service"]), ("segstream, files", res["files"]),
+                        ("segstream, RTSP", res.get("variant", [])),
                         ("segstream, RTSP", res.get("target", []))):
         for r in items:
             name = kind
+            if r.get("max_batch") != res["settings"]["max_batch"]:
+                name += f", max_batch={r['max_batch']}"
             if r["latency_target_ms"]:
                 name += f", latency_target_ms={r['latency_target_ms']:g}"
             elif r["infer_fps"]:
@@ -992,8 +1014,10 @@ def chart(res: dict, path: Path) -> None:
     ax = axes[0]
     ax.axhline(res["raw"]["fps"], color="k", ls="--", label="raw model (ceiling)")
     ax.axhline(0.85 * res["raw"]["fps"], color="grey", ls=":", label="0.85 x raw")
+    vb = res["variant"][0]["max_batch"] if res.get("variant") else None
     for rows, name, st in ((res["service"], "segstream (RTSP)", "o-"),
                            (res["files"], "segstream (files)", "s-"),
+                           (res.get("variant", []), f"segstream max_batch={vb} (RTSP)", "d-"),
                            (res["naive"], "naive loop (RTSP)", "x-")):
         if rows:
             ax.plot([r["streams"] for r in rows], [r["fps_total"] for r in rows], st, label=name)
@@ -1002,7 +1026,8 @@ def chart(res: dict, path: Path) -> None:
     ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
     ax.legend(fontsize=8)
     ax = axes[1]
-    for rows, name, c in ((res["service"], "segstream", "C0"), (res["naive"], "naive", "C2")):
+    for rows, name, c in ((res["service"], "segstream", "C0"), (res["naive"], "naive", "C2"),
+                          (res.get("variant", []), f"segstream max_batch={vb}", "C3")):
         ok = [r for r in rows if r["p50_ms"] is not None]
         if ok:
             ns = [r["streams"] for r in ok]
@@ -1083,6 +1108,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target-n", type=int, default=4, help="streams the targets are judged at")
     ap.add_argument("--max-batch", type=int, default=4)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--variant-max-batch", type=int, default=0,
+                    help="also run the RTSP sweep (N > 1) with this max_batch, e.g. 1")
     ap.add_argument("--warmup", type=float, default=8.0)
     ap.add_argument("--seconds", type=float, default=30.0, help="measurement window per run")
     ap.add_argument("--target-streams", type=int, default=8, help="0 = skip the latency target")
@@ -1123,7 +1150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def apply_quick(args: argparse.Namespace) -> None:
     args.streams, args.naive_streams, args.file_streams = [4], [4], []
     args.warmup, args.seconds = 3.0, 8.0
-    args.target_streams, args.drift_minutes = 0, 0.0
+    args.target_streams, args.drift_minutes, args.variant_max_batch = 0, 0.0, 0
     args.idle_wait, args.retries = min(args.idle_wait, 5.0), 0
 
 

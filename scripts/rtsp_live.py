@@ -11,8 +11,10 @@ looped, each mount at a different offset) through appsrc -> x264enc (zerolatency
 no B-frames) -> rtph264pay. One pacing thread per mount pushes a frame every 1/fps seconds and
 stamps it (scripts/stamp.py) with the push time, so the benchmark's latency runs from "capture"
 to the viewer, including H.264 encode, RTSP transport and decode. A tick that comes more than a
-frame late is skipped, as a real camera would, and counted. Prints `listening rtsp://...` per
-mount, then `READY`; on SIGTERM/SIGINT prints one JSON line of per-mount counts and exits.
+frame late is skipped, as a real camera would, and counted. Like a camera, a mount encodes every
+frame whoever watches: a viewer too slow for TCP loses encoded frames, it never slows the source.
+Prints `listening rtsp://...` per mount, then `READY`; on SIGTERM/SIGINT prints one JSON line of
+per-mount counts and exits.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ class LiveCamera:
             "max-buffers=2 leaky-type=downstream "
             f"! x264enc tune=zerolatency speed-preset=ultrafast bitrate={self.bitrate} "
             f"key-int-max={self.gop} bframes=0 threads=1 "
+            # A camera never slows down for a slow viewer: when the client falls behind and
+            # TCP backs up, encoded frames are dropped here (oldest first), the encoder runs on.
+            "! queue leaky=downstream max-size-buffers=30 max-size-bytes=0 max-size-time=0 "
             "! rtph264pay name=pay0 pt=96 config-interval=-1 )"
         )
         f = GstRtspServer.RTSPMediaFactory()
