@@ -82,8 +82,9 @@ def _camvid(name: str, model_labels: Sequence[str], table: Mapping[str, str]) ->
     """Build a map to the 11 CamVid classes (void 11 ignored) from class names."""
     classes = tuple(CAMVID_LABELS[:11])
     mapping = {model_labels.index(src): classes.index(dst) for src, dst in table.items()}
-    return ClassMap(name=name, classes=classes, mapping=mapping, ignore=11,
-                    model_labels=tuple(model_labels))
+    return ClassMap(
+        name=name, classes=classes, mapping=mapping, ignore=11, model_labels=tuple(model_labels)
+    )
 
 
 # The tables of ../shared/data/camvid_segnet_test/README.md ("Mapping the models ...").
@@ -122,8 +123,12 @@ def parse_class_map(data: object, source: str) -> ClassMap:
     if unknown:
         raise bad(f"unknown key(s) {unknown}; valid: {sorted(_YAML_KEYS)}")
     classes = data.get("classes")
-    if (not isinstance(classes, list) or not classes or len(classes) > 255
-            or not all(isinstance(c, str) and c for c in classes)):
+    if (
+        not isinstance(classes, list)
+        or not classes
+        or len(classes) > 255
+        or not all(isinstance(c, str) and c for c in classes)
+    ):
         raise bad("'classes' must be a list of 1..255 non-empty names (position = id in masks)")
     if len(set(classes)) != len(classes):
         raise bad("'classes' has duplicate names")
@@ -135,8 +140,10 @@ def parse_class_map(data: object, source: str) -> ClassMap:
         if not _is_int(src) or not 0 <= src <= 255:
             raise bad(f"map key {src!r} is not a model class id (integer 0..255)")
         if not _is_int(dst) or not 0 <= dst < len(classes):
-            raise bad(f"map {src}: {dst!r} is not a dataset class id (integer "
-                      f"0..{len(classes) - 1}, an index into 'classes')")
+            raise bad(
+                f"map {src}: {dst!r} is not a dataset class id (integer "
+                f"0..{len(classes) - 1}, an index into 'classes')"
+            )
         mapping[src] = dst
     ignore = data.get("ignore")
     if ignore is not None and (not _is_int(ignore) or not 0 <= ignore <= 255):
@@ -148,20 +155,21 @@ def parse_class_map(data: object, source: str) -> ClassMap:
 def load_class_map(name_or_path: str | Path) -> ClassMap:
     """A built-in map by name, or a YAML file::
 
-        name: my-map            # optional (default: the file's stem)
-        classes: [Sky, Road]    # dataset class names; position = the id in the mask PNGs
-        ignore: 255             # optional: the mask value of void pixels
-        map:                    # model class id: dataset class id (unlisted ids are unmapped)
-          10: 0
-          0: 1
+    name: my-map            # optional (default: the file's stem)
+    classes: [Sky, Road]    # dataset class names; position = the id in the mask PNGs
+    ignore: 255             # optional: the mask value of void pixels
+    map:                    # model class id: dataset class id (unlisted ids are unmapped)
+      10: 0
+      0: 1
     """
     key = str(name_or_path)
     if key in BUILTIN:
         return BUILTIN[key]
     path = Path(name_or_path)
     if not path.is_file():
-        raise ClassMapError(f"class map {key!r} is neither a built-in map "
-                            f"({', '.join(BUILTIN)}) nor a file")
+        raise ClassMapError(
+            f"class map {key!r} is neither a built-in map ({', '.join(BUILTIN)}) nor a file"
+        )
     import yaml
 
     try:

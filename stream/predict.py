@@ -45,8 +45,9 @@ def encode_palette_png(mask: np.ndarray, palette: np.ndarray, level: int = 6) ->
     mask = np.asarray(mask)
     pal = np.asarray(palette)
     if mask.ndim != 2 or mask.dtype != np.uint8 or mask.size == 0:
-        raise ValueError(f"mask must be a non-empty uint8 [H, W] array, got {mask.dtype} "
-                         f"{mask.shape}")
+        raise ValueError(
+            f"mask must be a non-empty uint8 [H, W] array, got {mask.dtype} {mask.shape}"
+        )
     if pal.ndim != 2 or pal.shape[1] != 3 or not 1 <= pal.shape[0] <= 256:
         raise ValueError(f"palette must be [1..256, 3] RGB, got {pal.shape}")
     need = int(mask.max()) + 1
@@ -56,16 +57,27 @@ def encode_palette_png(mask: np.ndarray, palette: np.ndarray, level: int = 6) ->
     rows = np.zeros((h, w + 1), dtype=np.uint8)  # column 0: each row's filter-type byte
     rows[:, 1:] = mask
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)  # 8-bit, colour type 3 (indexed)
-    return b"".join((
-        _PNG_SIG,
-        _png_chunk(b"IHDR", ihdr),
-        _png_chunk(b"PLTE", pal.astype(np.uint8).tobytes()),
-        _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), level)),
-        _png_chunk(b"IEND", b""),
-    ))
+    return b"".join(
+        (
+            _PNG_SIG,
+            _png_chunk(b"IHDR", ihdr),
+            _png_chunk(b"PLTE", pal.astype(np.uint8).tobytes()),
+            _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), level)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
 
 
 # --- core ---
+
+
+def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a class map to (h, w). INTER_NEAREST_EXACT samples at pixel
+    centres (like PIL and TF); plain INTER_NEAREST shifts the map by up to half a source pixel."""
+    h, w = size
+    if labels.shape[:2] == (h, w):
+        return labels
+    return cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 @dataclass
@@ -127,21 +139,28 @@ def _output_stems(paths: Sequence[Path]) -> list[str]:
 
 
 def _write_outputs(
-    res: PredictResult, image: np.ndarray, small: np.ndarray, stem: str, out_dir: Path,
-    segmenter: Segmenter, renderer: Renderer,
+    res: PredictResult,
+    image: np.ndarray,
+    small: np.ndarray,
+    stem: str,
+    out_dir: Path,
+    segmenter: Segmenter,
+    renderer: Renderer,
 ) -> None:
     h, w = image.shape[:2]
-    mask = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+    mask = resize_labels(small, (h, w))
     res.size = (h, w)
     fr = class_fractions(mask, segmenter.num_classes)
-    res.fractions = {segmenter.labels[i]: float(fr[i]) for i in np.argsort(-fr, kind="stable")
-                     if fr[i] > 0}
+    res.fractions = {
+        segmenter.labels[i]: float(fr[i]) for i in np.argsort(-fr, kind="stable") if fr[i] > 0
+    }
     mask_path = out_dir / f"{stem}_mask.png"
     overlay_path = out_dir / f"{stem}_overlay.jpg"
     try:
         mask_path.write_bytes(encode_palette_png(mask, segmenter.palette))
-        if not cv2.imwrite(str(overlay_path), renderer.render(image, small),
-                           [cv2.IMWRITE_JPEG_QUALITY, 90]):
+        if not cv2.imwrite(
+            str(overlay_path), renderer.render(image, small), [cv2.IMWRITE_JPEG_QUALITY, 90]
+        ):
             raise OSError("cv2.imwrite failed")
     except OSError as e:
         res.error = f"{res.path}: cannot write output in {out_dir}: {e}"
@@ -150,8 +169,12 @@ def _write_outputs(
 
 
 def predict_images(
-    paths: Sequence[Path | str], segmenter: Segmenter, out_dir: Path | str, *,
-    alpha: float = 0.5, legend: bool = True,
+    paths: Sequence[Path | str],
+    segmenter: Segmenter,
+    out_dir: Path | str,
+    *,
+    alpha: float = 0.5,
+    legend: bool = True,
 ) -> list[PredictResult]:
     """Segment ``paths`` in batches of the segmenter's largest batch size; one result per path,
     in order. A bad file yields a result with ``error`` set and the rest are still processed."""
@@ -188,8 +211,7 @@ def _run(args: argparse.Namespace) -> int:
         print("segstream predict: no image files found in the given directories", file=sys.stderr)
         return 2
     if args.out.exists() and not args.out.is_dir():
-        print(f"segstream predict: --out {args.out} exists and is not a directory",
-              file=sys.stderr)
+        print(f"segstream predict: --out {args.out} exists and is not a directory", file=sys.stderr)
         return 2
     try:
         segmenter = load_segmenter(args.model, args.backend, threads=args.threads)
@@ -212,13 +234,15 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``predict PATH... --out DIR [--model NAME] [--backend B]``."""
     p = subparsers.add_parser(
-        "predict", help="segment images: <stem>_mask.png (palette PNG) + <stem>_overlay.jpg",
+        "predict",
+        help="segment images: <stem>_mask.png (palette PNG) + <stem>_overlay.jpg",
         description="Segment still images. For each writes DIR/<stem>_mask.png (8-bit palette "
         "PNG, pixel = class id, input size) and DIR/<stem>_overlay.jpg, and prints the class "
         "pixel fractions. Exit code 1 if any image failed (the others are still written).",
     )
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                   help="image files, or directories of images")
+    p.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH", help="image files, or directories of images"
+    )
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS))
     p.add_argument("--backend", default="auto", choices=["auto", "keras", "tflite"])
