@@ -27,14 +27,23 @@ def class_fractions(mask: np.ndarray, num_classes: int) -> np.ndarray:
     return counts / max(mask.size, 1)
 
 
+BACKGROUND_NAMES = ("background", "unlabeled", "unlabelled", "void")
+
+
+def none_id(labels: Sequence[str]) -> int:
+    """The id left uncoloured: the model's background class (VOC's 0), else 255, an id no
+    model here predicts (Cityscapes' 0 is road, which must be coloured)."""
+    return 0 if labels and labels[0].lower() in BACKGROUND_NAMES else 255
+
+
 def keep_lut(labels: Sequence[str], classes: Sequence[str] | None) -> np.ndarray | None:
-    """A 256-entry LUT mapping unselected classes to background (0); None when all are shown."""
+    """A 256-entry LUT mapping unselected classes to the uncoloured id; None when all show."""
     if not classes:
         return None
     unknown = sorted(set(classes) - set(labels))
     if unknown:
         raise ValueError(f"unknown class names {unknown}; valid: {list(labels)}")
-    lut = np.zeros(256, np.uint8)
+    lut = np.full(256, none_id(labels), np.uint8)
     for i, name in enumerate(labels):
         if name in classes:
             lut[i] = i
@@ -59,8 +68,10 @@ class Renderer:
         self.alpha = float(alpha)
         self.legend = legend
         self._keep = keep_lut(self.labels, classes)
-        # applyColorMap wants a 256x1 BGR table.
+        self._none = none_id(self.labels)
+        # applyColorMap wants a 256x1 BGR table; uncoloured pixels are black in mask mode.
         self._lut = np.ascontiguousarray(palette_rgb[:, ::-1].reshape(256, 1, 3).astype(np.uint8))
+        self._lut[self._none] = 0
         self._palette_bgr = palette_rgb[:, ::-1]
         self._bufs: dict[str, np.ndarray] = {}
 
@@ -83,11 +94,11 @@ class Renderer:
         else:
             out = self._buf("out", (h, w, 3))
             cv2.addWeighted(frame_bgr, 1.0 - self.alpha, colour, self.alpha, 0.0, dst=out)
-            # Background keeps the camera's own pixels instead of being dimmed.
+            # Uncoloured pixels keep the camera's own values instead of being dimmed.
             full_mask = self._buf("mask", (h, w))
             cv2.resize(mask, (w, h), dst=full_mask, interpolation=cv2.INTER_NEAREST)
             bg = self._buf("bg", (h, w))
-            cv2.compare(full_mask, 0, cv2.CMP_EQ, dst=bg)
+            cv2.compare(full_mask, self._none, cv2.CMP_EQ, dst=bg)
             cv2.copyTo(frame_bgr, bg, out)
         if self.legend:
             self._draw_legend(out, mask)
@@ -96,7 +107,7 @@ class Renderer:
     def _draw_legend(self, img: np.ndarray, mask: np.ndarray, top: int = 6) -> None:
         """Names and colours of the classes present (largest first), top-left."""
         fr = class_fractions(mask, len(self.labels))
-        present = [i for i in np.argsort(fr)[::-1][:top] if i != 0 and fr[i] > 0.001]
+        present = [i for i in np.argsort(fr)[::-1][:top] if i != self._none and fr[i] > 0.001]
         scale = max(img.shape[0] / 720.0, 0.5)
         row = int(22 * scale)
         for k, cls in enumerate(present):

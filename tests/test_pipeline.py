@@ -161,6 +161,20 @@ def test_class_filter_and_mask_mode() -> None:
         Renderer(VOC_LABELS, voc_palette(), classes=["unicorn"])
 
 
+def test_cityscapes_road_is_coloured() -> None:
+    """Class 0 is road in Cityscapes, not background: it must be drawn."""
+    from models.labels import CITYSCAPES_LABELS, cityscapes_palette
+
+    frame = np.full((64, 64, 3), 90, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)  # all road
+    out = Renderer(CITYSCAPES_LABELS, cityscapes_palette(), alpha=1.0, legend=False).render(
+        frame, mask)
+    assert (out[10, 10] == cityscapes_palette()[0][::-1]).all()
+    only_car = Renderer(CITYSCAPES_LABELS, cityscapes_palette(), alpha=1.0, classes=["car"],
+                        legend=False).render(frame, mask)
+    assert (only_car == frame).all()
+
+
 def test_legend_is_drawn_and_fractions_add_up() -> None:
     frame, mask = _scene()
     fr = class_fractions(mask, 21)
