@@ -814,10 +814,9 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def auto_target(sweep: list[dict], n: int) -> float:
-    """A target the uncapped service misses: 3/4 of its own p95 with n streams (10 ms steps)."""
-    row = _find(sweep, n)
-    p95 = row.get("service_p95_ms") if row else None
+def auto_target(fixed: dict) -> float:
+    """A target the fixed-rate run misses: 3/4 of its service-side p95 (10 ms steps)."""
+    p95 = fixed.get("service_p95_ms")
     return float(round(0.75 * p95 / 10.0) * 10) if p95 else 300.0
 
 
@@ -1115,7 +1114,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target-streams", type=int, default=8, help="0 = skip the latency target")
     ap.add_argument("--latency-target-ms", type=float, default=0.0,
                     help="target of the latency-target run (service-side p95); 0 = 3/4 of the "
-                         "uncapped service's p95 at --target-streams")
+                         "fixed-rate run's service-side p95")
     ap.add_argument("--fixed-fps", type=float, default=None,
                     help="per-stream infer_fps of the fixed-rate run (default raw fps / 4)")
     ap.add_argument("--target-seconds", type=float, default=60.0)
@@ -1125,9 +1124,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="split the service's CPU by thread (names via py-spy, bench extra)")
     ap.add_argument("--launcher", type=Path, default=None,
                     help="a Python file to run instead of `segstream` (to try a variant)")
-    ap.add_argument("--retries", type=int, default=2,
+    ap.add_argument("--retries", type=int, default=4,
                     help="repeat a run this many times when other jobs took CPU meanwhile")
-    ap.add_argument("--idle-wait", type=float, default=120.0,
+    ap.add_argument("--idle-wait", type=float, default=300.0,
                     help="before each run, wait up to this long for other jobs to finish")
 
     raw = sub.add_parser("raw", help="(internal) raw model throughput")
