@@ -36,8 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if not cfg.streams:
         logging.warning("no streams configured: add --source URL or a streams: list")
-    asyncio.run(serve(cfg))
-    return 0
+    return asyncio.run(serve(cfg))
 
 
 def _register_serve(sub: argparse._SubParsersAction) -> None:

@@ -24,6 +24,7 @@ from stream.service import Service, Stream
 
 log = logging.getLogger(__name__)
 SERVICE = web.AppKey("service", Service)
+STOP = web.AppKey("stop", asyncio.Event)  # set to shut the server down
 MAX_UPLOAD = 32 * 1024 * 1024
 
 
@@ -231,6 +232,7 @@ async def _upload(request: web.Request) -> bytes:
 def make_app(service: Service) -> web.Application:
     app = web.Application(client_max_size=MAX_UPLOAD)
     app[SERVICE] = service
+    app[STOP] = asyncio.Event()
     app.router.add_get("/", index)
     app.router.add_get("/api/streams", api_streams)
     app.router.add_get("/api/streams/{id}", api_stream)
@@ -257,8 +259,9 @@ async def _service_ctx(app: web.Application):
         try:
             await service.start()
         except Exception as e:
-            service.error = f"start-up failed: {type(e).__name__}: {e}"
+            service.error = f"start-up failed: {e}"
             log.error("%s", service.error)
+            app[STOP].set()  # a service that cannot start must not pretend to run
 
     task = asyncio.create_task(start())
     yield
@@ -266,9 +269,11 @@ async def _service_ctx(app: web.Application):
     await service.stop()
 
 
-async def serve(cfg: AppConfig) -> None:
+async def serve(cfg: AppConfig) -> int:
+    """Runs until SIGINT/SIGTERM; returns the exit code (1 when start-up failed)."""
     service = Service(cfg)
     app = make_app(service)
+    stop = app[STOP]
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.server.shutdown_timeout,
                            access_log=None)
     await runner.setup()
@@ -276,7 +281,6 @@ async def serve(cfg: AppConfig) -> None:
                        shutdown_timeout=cfg.server.shutdown_timeout)
     await site.start()
     log.info("listening on http://%s:%d/", cfg.server.host, cfg.server.port)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -285,3 +289,4 @@ async def serve(cfg: AppConfig) -> None:
     for s in service.streams.values():
         s.publisher.close()  # ends every MJPEG response so the server can close at once
     await runner.cleanup()
+    return 1 if service.error else 0

@@ -16,7 +16,7 @@ import numpy as np
 from models.fetch import sample_path
 from models.runtime import Segmenter, load_segmenter, prepare
 from stream import metrics
-from stream.config import AppConfig, StreamConfig
+from stream.config import AppConfig, ConfigError, StreamConfig
 from stream.publish import Publisher
 from stream.render import Renderer, RenderStage, StreamView
 from stream.runner import ModelWorker, Result
@@ -121,14 +121,18 @@ class Service:
 
         source = VideoSource(scfg, on_frame=on_frame, resolve=resolve_source)
         rc = self.cfg.render
-        renderer = Renderer(
-            self.segmenter.labels,
-            self.segmenter.palette,
-            mode=rc.mode,
-            alpha=rc.alpha if scfg.alpha is None else scfg.alpha,
-            classes=scfg.classes if scfg.classes is not None else rc.classes,
-            legend=rc.legend,
-        )
+        key = f"streams[{scfg.id}].classes" if scfg.classes is not None else "render.classes"
+        try:
+            renderer = Renderer(
+                self.segmenter.labels,
+                self.segmenter.palette,
+                mode=rc.mode,
+                alpha=rc.alpha if scfg.alpha is None else scfg.alpha,
+                classes=scfg.classes if scfg.classes is not None else rc.classes,
+                legend=rc.legend,
+            )
+        except ValueError as e:  # class names can only be checked once the model is known
+            raise ConfigError(f"{key}: {e}") from None
         publisher = Publisher(scfg.id, self._loop)
         view = StreamView(
             scfg.id, renderer, publisher, output=scfg.output, jpeg_quality=rc.jpeg_quality,

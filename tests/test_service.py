@@ -219,3 +219,17 @@ def test_http_mjpeg_source(service: ServiceProcess, tmp_path: Path) -> None:
             reader.close()
     finally:
         relay.stop()
+
+
+def test_start_up_failure_exits_with_a_reason(tmp_path: Path, segstream_home: Path,
+                                              shared_dir: Path) -> None:
+    """Class names are only checked once the model is known: a typo still stops start-up."""
+    cfg = {
+        "model": {"name": "mnv2-voc", "backend": "tflite", "batch_sizes": [1], "max_batch": 1},
+        "render": {"classes": ["person", "unicorn"]},
+        "streams": [{"id": "clip", "source": str(shared_dir / "data/video/vtest.avi")}],
+    }
+    svc = ServiceProcess(tmp_path, cfg)
+    with pytest.raises(RuntimeError, match="not ready"):
+        svc.start(ready_timeout=60)
+    assert "render.classes" in svc.log() and "unicorn" in svc.log()
