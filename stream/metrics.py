@@ -69,6 +69,11 @@ INFER_FPS_LIMIT = Gauge(
     ["stream"],
     registry=REGISTRY,
 )
+BATCH_LIMIT = Gauge(
+    "segstream_inference_batch_limit",
+    "Current largest batch the scheduler forms (lowered to meet a latency target).",
+    registry=REGISTRY,
+)
 MODEL_READY = Gauge(
     "segstream_model_ready", "1 once the model has warmed up.", registry=REGISTRY
 )

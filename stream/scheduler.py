@@ -2,14 +2,18 @@
 
 The model worker calls `next_batch()`, which returns the newest due frame of up to `max_batch`
 streams, visiting streams round-robin so none starves. A partial batch waits at most `max_wait`
-for other streams' frames. With `latency_target` set, a controller adapts every stream's rate
-cap (AIMD) to keep the p95 end-to-end latency under the target, sharing the model fairly."""
+for other streams' frames. With `latency_target` set, a controller keeps the p95 end-to-end
+latency under the target: a frame waits for the batch in flight and then for its own, so the
+batch size is the first lever (halved while over target); only at batch 1 are the streams'
+rate caps cut (AIMD, one shared cap: the model is shared fairly). When latency is well under
+the target, rates come back first, then the batch size."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -65,6 +69,7 @@ class Scheduler:
         control_period_s: float = 1.0,
     ) -> None:
         self.max_batch = max_batch
+        self.batch_cap = max_batch  # adaptive under a latency target
         self.max_wait_s = max_wait_s
         self.latency_target_s = latency_target_s
         self.min_fps = min_fps
@@ -120,8 +125,8 @@ class Scheduler:
                 if due:
                     deadline = deadline or now + self.max_wait_s
                     # Nothing more can arrive in time, or the batch is full: go.
-                    if len(due) >= self.max_batch or now >= deadline or not waiting:
-                        jobs = self._take(due[: self.max_batch], now)
+                    if len(due) >= self.batch_cap or now >= deadline or not waiting:
+                        jobs = self._take(due[: self.batch_cap], now)
                         if jobs:
                             return jobs
                         deadline = None
@@ -190,8 +195,6 @@ class Scheduler:
         self._control({k: c / elapsed for k, c in counts.items()})
 
     def _control(self, rates: dict[str, float]) -> None:
-        """AIMD on one shared cap: cut by a fifth of the measured rate when the worst stream's
-        p95 exceeds the target, raise it slowly when every stream is well under it."""
         p95s = [
             float(np.percentile(ln.latencies, 95))
             for ln in self._lanes.values()
@@ -200,17 +203,26 @@ class Scheduler:
         if not p95s:
             return
         worst = max(p95s)
-        measured = max(rates.values(), default=0.0) or self.min_fps
         for lane in self._lanes.values():
             lane.latencies.clear()
-            cap = lane.cap_fps or measured
-            if worst > self.latency_target_s:
-                cap = 0.8 * min(cap, measured)
-            elif worst < 0.75 * self.latency_target_s:
-                # Never run far ahead of what is actually inferred, so a later cut bites fast.
-                cap = min(cap + max(0.25, 0.05 * cap), 1.5 * measured + 1.0)
+        measured = max(rates.values(), default=0.0) or self.min_fps
+        if worst > self.latency_target_s:
+            if self.batch_cap > 1:
+                self.batch_cap = max(1, self.batch_cap // 2)
             else:
-                continue
+                self._set_caps(lambda cap: 0.8 * min(cap, measured))
+        elif worst < 0.75 * self.latency_target_s:
+            if any(ln.cap_fps > 0 and (ln.base_fps <= 0 or ln.cap_fps < ln.base_fps)
+                   for ln in self._lanes.values()):
+                # Never run far ahead of what is inferred, so a later cut bites at once.
+                self._set_caps(lambda cap: min(cap + max(0.25, 0.05 * cap), 1.5 * measured + 1))
+            elif self.batch_cap < self.max_batch:
+                self.batch_cap = min(self.max_batch, self.batch_cap * 2)
+        metrics.BATCH_LIMIT.set(self.batch_cap)
+
+    def _set_caps(self, update: Callable[[float], float]) -> None:
+        for lane in self._lanes.values():
+            cap = update(lane.cap_fps or self.min_fps * 1000)
             if lane.base_fps > 0:
                 cap = min(cap, lane.base_fps)
             lane.cap_fps = max(cap, self.min_fps)

@@ -106,28 +106,42 @@ def test_stop_unblocks_the_worker() -> None:
     assert sched.next_batch() == []
 
 
-def test_latency_controller_cuts_and_restores_rate() -> None:
+def test_latency_controller_shrinks_batches_then_rates_and_restores() -> None:
     sched = Scheduler(max_batch=4, max_wait_s=0.0, latency_target_s=0.2, min_fps=1.0)
     srcs = [Src("a"), Src("b")]
     for s in srcs:
         sched.add(s, 0)
-    for s in srcs:
-        for _ in range(20):
-            sched.observe_latency(s.id, 0.5)
-    sched._control({"a": 10.0, "b": 10.0})
-    assert sched.cap("a") == pytest.approx(8.0) and sched.cap("b") == pytest.approx(8.0)
-    for _ in range(3):
+
+    def round_(latency: float, rate: float) -> None:
         for s in srcs:
             for _ in range(20):
-                sched.observe_latency(s.id, 0.5)
-        sched._control({"a": 8.0, "b": 8.0})
+                sched.observe_latency(s.id, latency)
+        sched._control({"a": rate, "b": rate})
+
+    round_(0.5, 10.0)  # over target: smaller batches first, rates untouched
+    assert sched.batch_cap == 2 and sched.cap("a") == 0
+    round_(0.5, 10.0)
+    assert sched.batch_cap == 1 and sched.cap("a") == 0
+    round_(0.5, 10.0)  # at batch 1: now the shared rate cap falls
+    assert sched.cap("a") == pytest.approx(8.0) and sched.cap("b") == pytest.approx(8.0)
+    for _ in range(3):
+        round_(0.5, sched.cap("a"))
     low = sched.cap("a")
     assert low < 5
+    round_(0.05, low)  # well under target: rates come back first
+    assert sched.cap("a") > low and sched.batch_cap == 1
+    round_(0.15, sched.cap("a"))  # inside the band: hold
+    assert sched.batch_cap == 1
+
+
+def test_batch_cap_limits_batches() -> None:
+    sched = Scheduler(max_batch=4, max_wait_s=0.0)
+    srcs = [Src(f"s{i}") for i in range(4)]
     for s in srcs:
-        for _ in range(20):
-            sched.observe_latency(s.id, 0.05)
-    sched._control({"a": low, "b": low})
-    assert sched.cap("a") > low
+        sched.add(s, 0)
+        s.push()
+    sched.batch_cap = 2
+    assert len(sched.next_batch()) == 2
 
 
 def _scene() -> tuple[np.ndarray, np.ndarray]:
