@@ -887,8 +887,12 @@ def check_targets(res: dict, n: int) -> dict[str, Any]:
         fixed, tgt = res["target"]
         t["latency_target_ms"] = tgt["latency_target_ms"]
         t["target_p95_ms"], t["fixed_p95_ms"] = tgt["p95_ms"], fixed["p95_ms"]
-        t["target_service_p95_ms"] = api_p95(tgt)
-        t["fixed_service_p95_ms"] = api_p95(fixed)
+        # The window's own histogram (exact window, 100 ms-wide buckets around 300 ms), and the
+        # API's figure (exact values, but the last 300 frames: at 1 fps that reaches back
+        # before the window).
+        t["target_service_p95_ms"] = tgt["service_p95_ms"]
+        t["fixed_service_p95_ms"] = fixed["service_p95_ms"]
+        t["target_api_p95_ms"], t["fixed_api_p95_ms"] = api_p95(tgt), api_p95(fixed)
         t["target_fps"], t["fixed_fps"] = tgt["fps_total"], fixed["fps_total"]
         # The scheduler sees capture-to-write latency (it cannot see the camera or network).
         t["target_holds"] = (t["target_service_p95_ms"] is not None
@@ -1032,6 +1036,7 @@ def markdown(res: dict) -> str:
 
 def chart(res: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1073,24 +1078,34 @@ def chart(res: dict, path: Path) -> None:
         (line,) = axes[2].plot(t, p95, label=f"{name}: pixel p95 ({r['fps_total']:.1f} fps)")
         tr = r.get("trace", [])
         axes[2].plot([x["t"] for x in tr], [x["service_p95_ms"] for x in tr], ":",
-                     color=line.get_color(), label=f"{name}: service-side p95")
+                     color=line.get_color(),
+                     label=f"{name}: service-side p95 (/api/streams, last 300 frames)")
         if r["latency_target_ms"]:
             axes[2].axhline(r["latency_target_ms"], color="r", lw=0.8, label="target")
-        axes[3].plot([x["t"] for x in tr], [x["inference_fps"] for x in tr], color=line.get_color(),
-                     label=f"{name}: inferences/s (all streams)")
+        ft, fv = rolling_fps(r["timeline"])
+        axes[3].plot(ft, fv, color=line.get_color(), label=f"{name}: segmented fps delivered")
         axes[3].plot([x["t"] for x in tr], [x["cap_fps"] * len(r["fps_per_stream"])
                                             if x["cap_fps"] else float("nan") for x in tr], "--",
                      color=line.get_color(), label=f"{name}: sum of caps")
+    for ax in axes[:2]:
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[2].set(xlabel="seconds", ylabel="p95 latency (ms)", ylim=(0, None),
                 title=f"{n} streams: latency, fixed rate vs latency target")
-    axes[3].set(xlabel="seconds", ylabel="frames/s", ylim=(0, None),
-                title=f"{n} streams: inference rate and the caps the scheduler sets")
+    axes[3].set(xlabel="seconds", ylabel="frames/s (all streams)", ylim=(0, None),
+                title=f"{n} streams: delivered fps and the caps the scheduler sets")
     for ax in axes[2:]:
         if targets:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def rolling_fps(timeline: dict[str, list], window: float = 5.0, step: float = 1.0):
+    """Frames delivered per second over all streams, in a sliding window."""
+    t = np.sort(np.array([p[0] for tl in timeline.values() for p in tl]))
+    xs = list(np.arange(window, (t[-1] if t.size else 0) + 1e-9, step))
+    return xs, [float(np.sum((t > x - window) & (t <= x)) / window) for x in xs]
 
 
 def rolling_p95(timeline: dict[str, list], window: float = 5.0, step: float = 1.0):
