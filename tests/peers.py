@@ -73,8 +73,8 @@ class Chromium:
         wait_http(f"http://127.0.0.1:{self.port}/json/version", 30)
 
     async def screenshot(
-        self, url: str, settle_s: float = 4.0, selector: str | None = None
-    ) -> tuple[np.ndarray, dict[str, float] | None]:
+        self, url: str, settle_s: float = 4.0, selector: str | None = None, shots: int = 1
+    ) -> tuple[list[np.ndarray], dict[str, float] | None]:
         """Loads url, waits settle_s; returns the page as a BGR image and, if asked, the
         bounding box (CSS pixels) of the first element matching selector."""
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?about:blank",
@@ -93,9 +93,14 @@ class Chromium:
                       "?.getBoundingClientRect() ?? null)")
                 res = await _cdp(ws, 4, "Runtime.evaluate", {"expression": js})
                 rect = json.loads(res["result"]["value"])
-            shot = await _cdp(ws, 3, "Page.captureScreenshot", {"format": "png"})
-        png = base64.b64decode(shot["data"])
-        return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR), rect
+            images = []
+            for k in range(shots):  # a live page: several moments, 1 s apart
+                if k:
+                    await _drain(ws, 1.0)
+                shot = await _cdp(ws, 10 + k, "Page.captureScreenshot", {"format": "png"})
+                png = base64.b64decode(shot["data"])
+                images.append(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR))
+        return images, rect
 
     def close(self) -> None:
         stop_process(self.proc)
