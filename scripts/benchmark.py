@@ -601,7 +601,10 @@ async def poll_api(base: str, t0: float, trace: list[dict[str, Any]], stop: asyn
     while not stop.is_set():
         with contextlib.suppress(Exception):
             st = (await http_json(f"{base}/api/streams"))["streams"]
+            m = parse_metrics(await http_text(f"{base}/metrics"))
+            limit = metric_sum(m, "segstream_inference_batch_limit")
             trace.append({
+                "batch_limit": limit or None,
                 "t": round(time.monotonic() - t0, 1),
                 "cap_fps": _mean([s["infer_fps_cap"] for s in st]),
                 "inference_fps": round(sum(s["inference_fps"] for s in st), 2),
@@ -1084,6 +1087,9 @@ def chart(res: dict, path: Path) -> None:
             axes[2].axhline(r["latency_target_ms"], color="r", lw=0.8, label="target")
         ft, fv = rolling_fps(r["timeline"])
         axes[3].plot(ft, fv, color=line.get_color(), label=f"{name}: segmented fps delivered")
+        if any(x.get("batch_limit") for x in tr):
+            axes[3].plot([x["t"] for x in tr], [x.get("batch_limit") or float("nan") for x in tr],
+                         ":", color=line.get_color(), label=f"{name}: batch limit")
         axes[3].plot([x["t"] for x in tr], [x["cap_fps"] * len(r["fps_per_stream"])
                                             if x["cap_fps"] else float("nan") for x in tr], "--",
                      color=line.get_color(), label=f"{name}: sum of caps")
@@ -1092,7 +1098,7 @@ def chart(res: dict, path: Path) -> None:
     axes[2].set(xlabel="seconds", ylabel="p95 latency (ms)", ylim=(0, None),
                 title=f"{n} streams: latency, fixed rate vs latency target")
     axes[3].set(xlabel="seconds", ylabel="frames/s (all streams)", ylim=(0, None),
-                title=f"{n} streams: delivered fps and the caps the scheduler sets")
+                title=f"{n} streams: delivered fps, the rate caps and batch limit")
     for ax in axes[2:]:
         if targets:
             ax.legend(fontsize=7)
