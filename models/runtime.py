@@ -253,6 +253,15 @@ def gpu_visible() -> bool:
     return False
 
 
+def resolve_backend(name: str, backend: Backend = "auto") -> Literal["keras", "tflite"]:
+    """The runtime ``backend`` stands for: "auto" is keras when a GPU is visible, else tflite."""
+    if backend not in ("auto", "keras", "tflite"):
+        raise ValueError(f"backend must be 'auto', 'keras' or 'tflite', got {backend!r}")
+    if backend == "auto":
+        return "keras" if get_spec(name).keras and gpu_visible() else "tflite"
+    return backend
+
+
 def load_segmenter(
     name: str = "mnv2-voc",
     backend: Backend = "auto",
@@ -277,10 +286,7 @@ def load_segmenter(
             raise ValueError("fine-tuned weights run on the keras backend, not tflite")
         backend = "keras"
     spec = get_spec(name)
-    if backend not in ("auto", "keras", "tflite"):
-        raise ValueError(f"backend must be 'auto', 'keras' or 'tflite', got {backend!r}")
-    if backend == "auto":
-        backend = "keras" if spec.keras and gpu_visible() else "tflite"
+    backend = resolve_backend(name, backend)
     if backend == "keras":
         if not spec.keras:
             raise ValueError(f"model {name!r} has no Keras port (tflite runtime only)")

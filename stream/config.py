@@ -38,17 +38,25 @@ class ModelConfig(_Strict):
     name: str = "mnv2-voc"
     backend: Literal["auto", "keras", "tflite"] = "auto"
     weights: str | None = None  # fine-tuned weights from `segstream train` (keras backend)
-    threads: int | None = Field(None, ge=1)
+    # Inference workers, each with its own copy of the model, pulling batches in parallel;
+    # None = auto (runner.plan_workers: on CPU several single-threaded ones, 1 on a GPU).
+    workers: int | None = Field(None, ge=1, le=64)
+    threads: int | None = Field(None, ge=1)  # per worker; None = the cores split over workers
     # Fixed batch sizes the model is compiled/allocated for; batches are padded up to one.
-    batch_sizes: list[int] = [1, 2, 4, 8]
-    max_batch: int = Field(4, ge=1)
+    # None = auto: every size up to max_batch on CPU, powers of two on a GPU.
+    batch_sizes: list[int] | None = None
+    # Most frames (from different streams) in one inference call; None = auto: 1 on CPU (a batch
+    # buys no throughput there, and a frame waits for its whole batch), 8 on a GPU.
+    max_batch: int | None = Field(None, ge=1, le=256)
     max_wait_ms: float = Field(5.0, ge=0)
 
     @model_validator(mode="after")
     def _batch_fits(self) -> ModelConfig:
+        if self.batch_sizes is None:
+            return self
         if any(b < 1 for b in self.batch_sizes) or not self.batch_sizes:
             raise ValueError("batch_sizes must be positive integers")
-        if self.max_batch > max(self.batch_sizes):
+        if self.max_batch is not None and self.max_batch > max(self.batch_sizes):
             raise ValueError(f"max_batch {self.max_batch} exceeds largest batch size")
         return self
 

@@ -238,11 +238,14 @@ class RenderStage:
         return hash(stream_id) % len(self._conds)
 
     def submit(self, result: Result) -> None:
-        """From the model worker: newest result wins."""
+        """From a model worker: newest result wins (workers in parallel may finish out of order)."""
         view = self._views.get(result.stream_id)
         if view is None:
             return
-        view.result = result
+        with self._conds[self._index(result.stream_id)]:
+            if view.result is not None and view.result.frame.seq >= result.frame.seq:
+                return
+            view.result = result
         view.infer_rate.tick()
         self.wake(result.stream_id)
 

@@ -82,6 +82,12 @@ class Scheduler:
         self._next_control = time.monotonic() + control_period_s
         self._inferred: dict[str, int] = {}
 
+    def set_max_batch(self, max_batch: int) -> None:
+        """Known once the model's runtime is (see runner.plan_workers)."""
+        with self._cond:
+            self.max_batch = self.batch_cap = max(1, max_batch)
+            metrics.BATCH_LIMIT.set(self.batch_cap)
+
     # -- streams ---------------------------------------------------------------------------
     def add(self, source: Schedulable, infer_fps: float) -> None:
         with self._cond:

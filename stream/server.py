@@ -72,6 +72,9 @@ async def api_model(request: web.Request) -> web.Response:
         "backend": seg.backend,
         "input_size": list(seg.input_size),
         "batch_sizes": list(seg.batch_sizes),
+        "workers": len(service.workers),
+        "max_batch": service.scheduler.max_batch,
+        "threads_per_worker": getattr(seg, "threads", None),
         "labels": seg.labels,
         "colors": colours,
     })

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 
 from models.fetch import sample_path
-from models.runtime import Segmenter, load_segmenter, prepare
+from models.runtime import Segmenter, load_segmenter, prepare, resolve_backend
 from stream import metrics
 from stream.config import AppConfig, ConfigError, StreamConfig
 from stream.publish import Publisher
 from stream.render import Renderer, RenderStage, StreamView
-from stream.runner import ModelWorker, Result
+from stream.runner import ModelWorker, Result, WorkerPlan, plan_workers
 from stream.scheduler import Scheduler
 from stream.sources import VideoSource
 
@@ -48,13 +48,14 @@ class Service:
         self.streams: dict[str, Stream] = {}
         m = cfg.model
         self.scheduler = Scheduler(
-            max_batch=m.max_batch,
+            max_batch=m.max_batch or 1,  # set from the worker plan once the model is loaded
             max_wait_s=m.max_wait_ms / 1000.0,
             latency_target_s=cfg.scheduler.latency_target_ms / 1000.0,
             min_fps=cfg.scheduler.min_infer_fps,
         )
         self.render = RenderStage(workers=cfg.render.workers)
-        self.worker: ModelWorker | None = None
+        self.workers: list[ModelWorker] = []
+        self.plan: WorkerPlan | None = None
         self.ready = False
         self.error: str | None = None
         self.started_ts = time.monotonic()
@@ -65,29 +66,49 @@ class Service:
         """Loads and warms the model (off the event loop), then starts every stage."""
         self._loop = asyncio.get_running_loop()
         if self.segmenter is None:
-            self.segmenter = await asyncio.to_thread(self._load_model)
+            segmenters = await asyncio.to_thread(self._load_models)
+            self.segmenter = segmenters[0]
         else:
             await asyncio.to_thread(self.segmenter.warmup)
-        self.worker = ModelWorker(
-            self.segmenter, self.scheduler, self._on_result, self.cfg.model.max_batch
-        )
+            segmenters = [self.segmenter]
+        max_batch = self.plan.max_batch if self.plan else (self.cfg.model.max_batch or 1)
+        self.scheduler.set_max_batch(max_batch)
+        self.workers = [
+            ModelWorker(seg, self.scheduler, self._on_result, max_batch, i)
+            for i, seg in enumerate(segmenters)
+        ]
         for scfg in self.cfg.streams:
             self.add_stream(scfg)
         self.render.start()
-        self.worker.start()
+        for w in self.workers:
+            w.start()
         self.ready = True
         metrics.MODEL_READY.set(1)
         log.info("serving %d stream(s) with %s/%s", len(self.streams), self.segmenter.name,
                  self.segmenter.backend)
 
-    def _load_model(self) -> Segmenter:
+    def _load_models(self) -> list[Segmenter]:
+        """One warmed copy of the model per worker (see runner.plan_workers)."""
         m = self.cfg.model
         t0 = time.perf_counter()
-        seg = load_segmenter(m.name, m.backend, batch_sizes=tuple(m.batch_sizes),
-                             threads=m.threads, weights=m.weights)
-        seg.warmup()
-        log.info("model %s (%s) ready in %.1f s", seg.name, seg.backend, time.perf_counter() - t0)
-        return seg
+        backend = "keras" if m.weights else resolve_backend(m.name, m.backend)
+        plan = self.plan = plan_workers(backend, m.max_batch, workers=m.workers,
+                                        threads=m.threads, batch_sizes=m.batch_sizes)
+        segs: list[Segmenter] = []
+        try:
+            for _ in range(plan.workers):
+                seg = load_segmenter(m.name, backend, batch_sizes=plan.batch_sizes,
+                                     threads=plan.threads, weights=m.weights)
+                segs.append(seg)
+                seg.warmup()
+        except BaseException:
+            for seg in segs:
+                seg.close()
+            raise
+        log.info("model %s (%s) ready in %.1f s: %d worker(s) x %s thread(s), batch sizes %s",
+                 segs[0].name, backend, time.perf_counter() - t0, plan.workers,
+                 plan.threads or "-", list(plan.batch_sizes))
+        return segs
 
     async def stop(self) -> None:
         self.ready = False
@@ -97,14 +118,18 @@ class Service:
 
     def _stop_threads(self) -> None:
         timeout = self.cfg.server.shutdown_timeout
-        if self.worker is not None:
-            self.worker.stop(timeout / 2)
+        self.scheduler.stop()
+        for w in self.workers:
+            w.stop(timeout / 2)
         self.render.stop(timeout / 4)
         # Readers are daemon threads that stop together; a stuck read is abandoned.
         with ThreadPoolExecutor(max(1, len(self.streams))) as pool:
             list(pool.map(lambda s: s.source.stop(timeout / 4), self.streams.values()))
+        loaded = {id(w.segmenter): w.segmenter for w in self.workers}
         if self.segmenter is not None:
-            self.segmenter.close()
+            loaded[id(self.segmenter)] = self.segmenter
+        for seg in loaded.values():
+            seg.close()
 
     # -- streams ---------------------------------------------------------------------------
     def add_stream(self, scfg: StreamConfig) -> Stream:
@@ -146,10 +171,11 @@ class Service:
 
     def segment_image(self, image_bgr: np.ndarray) -> np.ndarray:
         """One image through the shared model (MAX-style REST API); mask at the model size."""
-        assert self.segmenter is not None and self.worker is not None
-        x = prepare(image_bgr, self.segmenter.input_size, bgr=True)[None]
-        with self.worker.lock:
-            return self.segmenter.segment(x)[0]
+        assert self.workers, "model not loaded"
+        worker = self.workers[0]
+        x = prepare(image_bgr, worker.segmenter.input_size, bgr=True)[None]
+        with worker.lock:
+            return worker.segmenter.segment(x)[0]
 
     def _on_result(self, result: Result) -> None:
         self.render.submit(result)

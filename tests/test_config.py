@@ -61,7 +61,7 @@ def test_sources_add_streams(tmp_path: Path) -> None:
         ("streams: [{id: a, source: x.mp4, infer_fps: -1}]\n", "streams.0.infer_fps"),
         ("render: {alpha: 2}\n", "render.alpha"),
         ("streams: [{id: a, source: x}, {id: a, source: y}]\n", "duplicate stream ids"),
-        ("model: {max_batch: 16}\n", "max_batch"),
+        ("model: {max_batch: 16, batch_sizes: [1, 2, 4, 8]}\n", "max_batch"),
         ("streams: [{id: 'bad id', source: x}]\n", "streams.0.id"),
     ],
 )

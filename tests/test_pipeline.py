@@ -12,7 +12,8 @@ import pytest
 
 from models.labels import VOC_LABELS, voc_palette
 from stream.publish import Publisher, encode_jpeg
-from stream.render import Renderer, class_fractions
+from stream.render import Renderer, RenderStage, StreamView, class_fractions
+from stream.runner import Result, plan_workers
 from stream.scheduler import Scheduler
 from stream.sources import Frame, FrameSlot, SourceState
 
@@ -212,3 +213,31 @@ async def test_publisher_gives_newest_frame_and_closes() -> None:
     await asyncio.sleep(0.01)
     pub.close()
     assert await asyncio.wait_for(waiter, 1) is None
+
+
+def test_worker_plan_cpu_splits_cores_gpu_runs_one() -> None:
+    auto = plan_workers("tflite", cores=2)
+    assert (auto.workers, auto.max_batch, auto.threads, auto.batch_sizes) == (2, 1, 1, (1,))
+    cpu = plan_workers("tflite", 4, cores=2)
+    assert (cpu.workers, cpu.threads, cpu.batch_sizes) == (2, 1, (1, 2, 3, 4))
+    big = plan_workers("tflite", 2, cores=16)
+    assert (big.workers, big.threads, big.batch_sizes) == (4, 4, (1, 2))
+    assert plan_workers("tflite", 4, threads=2, cores=8).workers == 4
+    one = plan_workers("tflite", 4, workers=1, cores=2)
+    assert (one.workers, one.threads) == (1, 2)
+    assert plan_workers("keras").max_batch == 8
+    gpu = plan_workers("keras", 6, cores=16)
+    assert (gpu.workers, gpu.threads, gpu.batch_sizes) == (1, None, (1, 2, 4, 8))
+    assert plan_workers("keras", 4, batch_sizes=[4, 1]).batch_sizes == (1, 4)
+
+
+async def test_late_result_from_a_parallel_worker_never_replaces_a_newer_one() -> None:
+    pub = Publisher("a", asyncio.get_running_loop())
+    view = StreamView("a", Renderer(VOC_LABELS, voc_palette()), pub, output="segmented",
+                      jpeg_quality=80, peek_frame=lambda: None)
+    stage = RenderStage()
+    stage.add(view)
+    img, mask = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)
+    for seq in (5, 3, 6, 4):  # two workers finishing out of order
+        stage.submit(Result("a", Frame(img, seq, time.monotonic(), 0.0), mask, 0.0, 1))
+    assert view.result is not None and view.result.frame.seq == 6

@@ -37,7 +37,8 @@ def cams(clip: Path):
 def service(tmp_path_factory, segstream_home: Path, shared_dir: Path, cams):
     a, b = cams
     cfg = {
-        "model": {"name": "mnv2-voc", "backend": "tflite", "max_batch": 4, "max_wait_ms": 20},
+        "model": {"name": "mnv2-voc", "backend": "tflite", "max_batch": 4, "max_wait_ms": 20,
+                  "workers": 2, "threads": 1},
         "render": {"legend": True},
         "streams": [
             # alpha 1: labelled pixels carry the exact palette colour, easy to find in a JPEG.
@@ -84,6 +85,8 @@ def test_api_describes_streams(service: ServiceProcess) -> None:
     assert by_id["cam"]["width"] == 640 and by_id["cam"]["height"] == 480
     model = service.json("/api/model")
     assert model["labels"][15] == "person" and len(model["colors"]) == 21
+    assert model["workers"] == 2 and model["threads_per_worker"] == 1
+    assert model["batch_sizes"] == [1, 2, 3, 4]  # CPU: no padding, every size has its own
 
 
 def test_snapshot_mask_and_errors(service: ServiceProcess) -> None:
