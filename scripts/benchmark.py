@@ -143,6 +143,7 @@ class Recorder:
     """Frames one client received: counts, pixel latencies and a timeline, inside the window."""
 
     stream: str
+    cycle_ms: int = 0  # pre-encoded cameras stamp times of cycle 0: ages are taken modulo this
     recording: bool = False
     t0: float = 0.0
     frames: int = 0
@@ -165,7 +166,7 @@ class Recorder:
             self.unstamped += 1
             return
         seq, t_ms = code
-        lat = float(stamp.age_ms(t_ms, now_ms))
+        lat = float(cycle_age_ms(stamp.age_ms(t_ms, now_ms), self.cycle_ms))
         if self.first_seq is None:
             self.first_seq = seq
         self.last_seq = seq
@@ -190,6 +191,15 @@ class Recorder:
             "camera_frames": sent,
             **pcts(self.lat_ms),
         }
+
+
+def cycle_age_ms(age: int, cycle_ms: int) -> int:
+    """A pre-encoded camera's stamp is exact to the millisecond modulo its cycle (rounding can
+    put it up to 1 ms in the future)."""
+    if not cycle_ms:
+        return age
+    age %= cycle_ms
+    return 0 if age > cycle_ms - 2 else age
 
 
 def pcts(values: list[float], prefix: str = "") -> dict[str, float | None]:
@@ -318,7 +328,7 @@ def cmd_naive(args: argparse.Namespace) -> int:
         raise SystemExit("naive: cannot open every source")
     renderers = [Renderer(seg.labels, seg.palette, mode="overlay", alpha=0.5, legend=True)
                  for _ in caps]
-    recs = [Recorder(f"cam{i}") for i in range(len(caps))]
+    recs = [Recorder(f"cam{i}", args.cycle_ms) for i in range(len(caps))]
     start = time.monotonic()
     window_at, end_at = start + args.warmup, start + args.warmup + args.seconds
     cpu0 = None
@@ -394,25 +404,29 @@ def stop_process(p: subprocess.Popen | asyncio.subprocess.Process, timeout: floa
 
 
 @contextlib.contextmanager
-def live_cameras(clip: Path, streams: int, fps: float, bitrate: int) -> Iterator[
-        tuple[list[str], subprocess.Popen]]:
-    """scripts/rtsp_live.py with `streams` mounts; yields (urls, process)."""
+def live_cameras(clip: Path, streams: int, fps: float, bitrate: int, encode: str = "pre"
+                 ) -> Iterator[tuple[list[str], subprocess.Popen, int]]:
+    """scripts/rtsp_live.py with `streams` mounts; yields (urls, process, cycle_ms)."""
     if not Path(SYSTEM_PYTHON).exists():
         raise SystemExit(f"{SYSTEM_PYTHON} (Debian python3-gi, gst-rtsp-server) is required")
     cmd = [SYSTEM_PYTHON, str(REPO / "scripts" / "rtsp_live.py"), "--clip", str(clip),
-           "--streams", str(streams), "--fps", str(fps), "--bitrate", str(bitrate), "--port", "0"]
+           "--streams", str(streams), "--fps", str(fps), "--bitrate", str(bitrate), "--port", "0",
+           "--encode", encode]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     urls: list[str] = []
+    cycle_ms = 0
     try:
         assert p.stdout is not None
         for line in p.stdout:
-            if line.startswith("listening "):
+            if line.startswith("cycle_ms "):
+                cycle_ms = int(line.split()[1])
+            elif line.startswith("listening "):
                 urls.append(line.split()[1])
             elif line.strip() == "READY":
                 break
         if len(urls) != streams:
             raise SystemExit(f"rtsp_live.py did not start (exit {p.poll()})")
-        yield urls, p
+        yield urls, p, cycle_ms
     finally:
         stop_process(p)
 
@@ -553,7 +567,7 @@ async def run_service(args: argparse.Namespace, label: str, sources: list[str],
     proc = subprocess.Popen([*launcher, "serve", "--config", str(cfg_path)],
                             stdout=log_file, stderr=subprocess.STDOUT)
     stop = asyncio.Event()
-    recs = [Recorder(f"cam{i}") for i in range(len(sources))]
+    recs = [Recorder(f"cam{i}", args.cycle_ms if stamped else 0) for i in range(len(sources))]
     tasks: list[asyncio.Task] = []
     try:
         async def ready() -> bool:
@@ -732,7 +746,7 @@ async def run_naive(args: argparse.Namespace, urls: list[str], cam_proc: subproc
                     seconds: float) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "naive", "--model", args.model, "--backend", args.backend,
            "--warmup", str(args.warmup), "--seconds", str(seconds), *common_flags(args),
-           "--urls", *urls]
+           "--cycle-ms", str(args.cycle_ms), "--urls", *urls]
     p = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
     assert p.stdout is not None
     meter = CpuMeter({"naive": p.pid, "sources": cam_proc.pid})
@@ -793,7 +807,9 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     log(f"raw: {raw['fps']} fps ({raw_label(raw)})")
     nmax = max(args.streams + ([args.target_streams] if args.target_streams else []))
     results["naive"], results["service"], results["files"], results["target"] = [], [], [], []
-    with live_cameras(args.clip, nmax, args.fps, args.bitrate) as (urls, cam):
+    log(f"{nmax} cameras ({args.camera_encode} encoding)")
+    with live_cameras(args.clip, nmax, args.fps, args.bitrate, args.camera_encode) as (
+            urls, cam, args.cycle_ms):
         for n in args.naive_streams:
             log(f"naive loop, {n} camera(s)")
             await wait_idle(args.idle_wait)
@@ -989,6 +1005,7 @@ def _cpu_model() -> str:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model, "backend": args.backend, "threads": args.threads,
             "camera_fps": args.fps, "camera_size": "1280x720", "camera_bitrate_kbps": args.bitrate,
+            "camera_encode": args.camera_encode,
             "clip": args.clip.name, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
             "warmup_s": args.warmup, "window_s": args.seconds, "jpeg_quality": 80,
             "render": "overlay alpha 0.5 + legend"}
@@ -1197,6 +1214,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--clip", type=Path, default=None, help="background video (sample vtest)")
     ap.add_argument("--fps", type=float, default=15.0, help="camera frame rate")
     ap.add_argument("--bitrate", type=int, default=2000, help="camera kbit/s")
+    ap.add_argument("--camera-encode", choices=["pre", "live"], default="pre",
+                    help="pre: cameras encoded up front, as by a camera's own chip (default); "
+                         "live: x264 on this machine, sharing the CPU with the service")
     ap.add_argument("--streams", type=parse_list, default=[1, 2, 4, 8])
     ap.add_argument("--naive-streams", type=parse_list, default=None, help="default: --streams")
     ap.add_argument("--file-streams", type=parse_list, default=None, help="default: --streams")
@@ -1241,6 +1261,7 @@ def build_parser() -> argparse.ArgumentParser:
     nv.add_argument("--threads", type=int, default=None)
     nv.add_argument("--warmup", type=float, default=8.0)
     nv.add_argument("--seconds", type=float, default=30.0)
+    nv.add_argument("--cycle-ms", type=int, default=0)
     nv.add_argument("--urls", nargs="+", required=True)
     return ap
 
@@ -1279,6 +1300,7 @@ def main(argv: list[str] | None = None) -> int:
     args.naive_streams = args.streams if args.naive_streams is None else args.naive_streams
     args.file_streams = args.streams if args.file_streams is None else args.file_streams
     args.command_line = "python scripts/benchmark.py " + shlex.join(argv)
+    args.cycle_ms = 0  # set by the cameras (pre-encoded ones loop a cycle)
     if args.clip is None:
         from models.fetch import NotFetchedError, sample_path
 

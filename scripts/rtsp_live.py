@@ -7,14 +7,24 @@ Runs with Debian's system Python (python3-gi + gir1.2-gst-rtsp-server-1.0), not 
     /usr/bin/python3 scripts/rtsp_live.py --clip vtest.avi --streams 4 --fps 15 --port 0
 
 Each mount /cam0, /cam1, ... plays a background clip (decoded once by ffmpeg to 1280x720 I420,
-looped, each mount at a different offset) through appsrc -> x264enc (zerolatency, ultrafast,
-no B-frames) -> rtph264pay. One pacing thread per mount pushes a frame every 1/fps seconds and
-stamps it (scripts/stamp.py) with the push time, so the benchmark's latency runs from "capture"
-to the viewer, including H.264 encode, RTSP transport and decode. A tick that comes more than a
-frame late is skipped, as a real camera would, and counted. Like a camera, a mount encodes every
-frame whoever watches: a viewer too slow for TCP loses encoded frames, it never slows the source.
-Prints `listening rtsp://...` per mount, then `READY`; on SIGTERM/SIGINT prints one JSON line of
-per-mount counts and exits.
+looped, each mount at a different offset) as H.264 (x264 zerolatency, ultrafast, no B-frames)
+over RTSP, each frame carrying its send time in the pixels (scripts/stamp.py), so the
+benchmark's latency runs from "capture" to the viewer, including transport and decode.
+
+--encode pre (default): a real camera encodes on its own chip, not on the server's CPU. So
+every mount's frames for one cycle (--cycle seconds) are encoded up front, each stamped with
+the time it will be sent: E + k/fps for frame k of the cycle, E being the start of cycle 0.
+A pacing thread per mount pushes frame k at E + k/fps (+ whole cycles) through appsrc ->
+h264parse -> rtph264pay, so a stamp read n cycles later is n cycles old: a receiver takes the
+age modulo the cycle (`cycle_ms`, printed at start). A late tick is pushed late, never skipped
+(the stamp then shows the lateness; skipping would break the P-frame chain), and counted.
+--encode live: x264enc encodes each frame when pushed and stamps the push time (the camera's
+encoder then shares the CPU with the service: ~0.06 cores per 720p camera at 15 fps).
+
+Like a camera, a mount sends every frame whoever watches: a viewer too slow for TCP loses
+encoded frames (a leaky queue before the payloader), it never slows the source. Prints
+`cycle_ms N` (0 when live), `listening rtsp://...` per mount, then `READY`; on SIGTERM/SIGINT
+prints one JSON line of per-mount counts and exits.
 """
 
 from __future__ import annotations
@@ -53,13 +63,54 @@ def load_clip(path: str, width: int, height: int, fps: float, frames: int) -> li
     return out
 
 
+def encode_cycle(clip: list[bytes], offset: int, frames: int, epoch_ms: int,
+                 args: argparse.Namespace) -> list[bytes]:
+    """`frames` stamped frames of the clip (from `offset`) as H.264 access units (x264 via
+    ffmpeg, the same settings as the live encoder; an AUD starts each unit)."""
+    cmd = [
+        "ffmpeg", "-v", "error", "-f", "rawvideo", "-pix_fmt", "yuv420p",
+        "-s", f"{args.width}x{args.height}", "-r", str(args.fps), "-i", "-",
+        "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-bf", "0",
+        "-g", str(args.gop), "-keyint_min", str(args.gop), "-sc_threshold", "0",
+        "-b:v", f"{args.bitrate}k", "-maxrate", f"{args.bitrate}k",
+        "-bufsize", f"{args.bitrate // 2}k", "-x264-params", "aud=1:repeat-headers=1",
+        "-f", "h264", "-",
+    ]
+    enc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def feed() -> None:
+        assert enc.stdin is not None
+        for k in range(frames):
+            frame = bytearray(clip[(offset + k) % len(clip)])
+            t_ms = (epoch_ms + round(k * 1000 / args.fps)) % (1 << stamp.TIME_BITS)
+            stamp.stamp_i420(frame, args.width, args.height, k + 1, t_ms)
+            enc.stdin.write(frame)
+        enc.stdin.close()
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    assert enc.stdout is not None
+    stream = enc.stdout.read()
+    feeder.join()
+    if enc.wait() != 0:
+        raise SystemExit("ffmpeg could not encode the camera cycle")
+    aud = b"\x00\x00\x00\x01\x09"
+    units = [aud + u for u in stream.split(aud)[1:]]
+    if len(units) != frames:
+        raise SystemExit(f"encoded {len(units)} access units for {frames} frames")
+    return units
+
+
 class LiveCamera:
     """One mount: a shared media whose appsrc is fed by a pacing thread while it exists."""
 
-    def __init__(self, path: str, clip: list[bytes], offset: int, args: argparse.Namespace):
+    def __init__(self, path: str, clip: list[bytes], offset: int, args: argparse.Namespace,
+                 units: list[bytes] | None = None, epoch: float = 0.0):
         self.path = path
         self.clip = clip
         self.offset = offset
+        self.units = units  # pre-encoded cycle (--encode pre), else None
+        self.epoch = epoch  # monotonic seconds at which frame 0 of cycle 0 is sent
         self.width, self.height, self.fps = args.width, args.height, args.fps
         self.bitrate, self.gop = args.bitrate, args.gop
         self.seq = 0
@@ -71,13 +122,18 @@ class LiveCamera:
         num, den = Gst.util_double_to_fraction(self.fps)
         caps = (f"video/x-raw,format=I420,width={self.width},height={self.height},"
                 f"framerate={num}/{den}")
+        if self.units is None:
+            encode = (f"! x264enc tune=zerolatency speed-preset=ultrafast bitrate={self.bitrate} "
+                      f"key-int-max={self.gop} bframes=0 threads=1 ")
+        else:
+            caps = (f"video/x-h264,stream-format=byte-stream,alignment=au,width={self.width},"
+                    f"height={self.height},framerate={num}/{den}")
+            encode = "! h264parse "
         launch = (
             f'( appsrc name=src is-live=true format=time do-timestamp=true caps="{caps}" '
-            "max-buffers=2 leaky-type=downstream "
-            f"! x264enc tune=zerolatency speed-preset=ultrafast bitrate={self.bitrate} "
-            f"key-int-max={self.gop} bframes=0 threads=1 "
+            f"max-buffers=2 leaky-type=downstream {encode}"
             # A camera never slows down for a slow viewer: when the client falls behind and
-            # TCP backs up, encoded frames are dropped here (oldest first), the encoder runs on.
+            # TCP backs up, encoded frames are dropped here (oldest first), the source runs on.
             "! queue leaky=downstream max-size-buffers=30 max-size-bytes=0 max-size-time=0 "
             "! rtph264pay name=pay0 pt=96 config-interval=-1 )"
         )
@@ -94,7 +150,8 @@ class LiveCamera:
             self._stop.set()
         stop = self._stop = threading.Event()
         media.connect("unprepared", lambda *_: stop.set())
-        threading.Thread(target=self._pump, args=(src, stop), daemon=True,
+        pump = self._pump if self.units is None else self._pump_encoded
+        threading.Thread(target=pump, args=(src, stop), daemon=True,
                          name=f"pump{self.path}").start()
 
     def _pump(self, src: Gst.Element, stop: threading.Event) -> None:
@@ -120,6 +177,26 @@ class LiveCamera:
                 return  # flushing / media torn down
             self.pushed += 1
 
+    def _pump_encoded(self, src: Gst.Element, stop: threading.Event) -> None:
+        """Frame k of the cycle at epoch + (c * K + k) / fps, from the next keyframe on."""
+        assert self.units is not None
+        period, k_all = 1.0 / self.fps, len(self.units)
+        n = int((time.monotonic() - self.epoch) / period) + 1
+        n += -n % self.gop  # a new viewer starts at a keyframe (IDR every gop frames)
+        while not stop.is_set():
+            due = self.epoch + n * period
+            now = time.monotonic()
+            if now < due:
+                stop.wait(due - now)
+                continue
+            if now - due > period:
+                self.late += 1  # pushed late, not skipped: its stamp shows the delay
+            ret = src.emit("push-buffer", Gst.Buffer.new_wrapped(self.units[n % k_all]))
+            if ret != Gst.FlowReturn.OK:
+                return
+            self.pushed += 1
+            n += 1
+
     def stats(self) -> dict[str, int]:
         return {"pushed": self.pushed, "late": self.late}
 
@@ -136,13 +213,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bitrate", type=int, default=2000, help="kbit/s per camera")
     ap.add_argument("--gop", type=int, default=30, help="frames between keyframes")
     ap.add_argument("--clip-frames", type=int, default=120, help="frames of the clip to loop")
+    ap.add_argument("--encode", choices=["pre", "live"], default="pre",
+                    help="pre: encoded up front, as by the camera's own chip; live: x264 here")
+    ap.add_argument("--cycle", type=float, default=64.0,
+                    help="seconds of pre-encoded video per mount, looped (> any latency)")
     args = ap.parse_args(argv)
     if args.streams < 1 or args.fps <= 0 or args.width % 16 or args.height % 16:
         ap.error("need --streams >= 1, --fps > 0 and a width/height that are multiples of 16")
 
     Gst.init(None)
     clip = load_clip(args.clip, args.width, args.height, args.fps, args.clip_frames)
-    cams = [LiveCamera(f"/cam{i}", clip, i * len(clip) // args.streams, args)
+    offsets = [i * len(clip) // args.streams for i in range(args.streams)]
+    cycle_ms, units, epoch = 0, [None] * args.streams, 0.0
+    if args.encode == "pre":
+        frames = args.gop * max(1, round(args.cycle * args.fps / args.gop))
+        cycle_ms = frames * 1000 / args.fps
+        if cycle_ms != int(cycle_ms):
+            ap.error("--encode pre needs a cycle of a whole number of milliseconds")
+        cycle_ms = int(cycle_ms)
+        epoch = int(time.monotonic() * 1000) / 1000  # on the stamp clock's millisecond grid
+        epoch_ms = round(epoch * 1000) % (1 << stamp.TIME_BITS)
+        units = [encode_cycle(clip, off, frames, epoch_ms, args) for off in offsets]
+    cams = [LiveCamera(f"/cam{i}", clip, offsets[i], args, units[i], epoch)
             for i in range(args.streams)]
     server = GstRtspServer.RTSPServer()
     server.set_address(args.host)
@@ -157,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, sig, loop.quit)
     port = server.get_bound_port()
+    print(f"cycle_ms {cycle_ms}", flush=True)
     for cam in cams:
         print(f"listening rtsp://{args.host}:{port}{cam.path}", flush=True)
     print("READY", flush=True)

@@ -124,5 +124,19 @@ def test_quick_benchmark_prints_documented_json(segstream_home: Path, tmp_path: 
     res = json.loads((tmp_path / "results.json").read_text())
     svc = res["service"][0]
     assert svc["unstamped"] <= 0.05 * svc["frames"]
+    # Pre-encoded cameras stamp the planned send time: ages modulo the cycle stay plausible
+    # (not a stale cycle, not in the future).
+    assert res["settings"]["camera_encode"] == "pre"
+    assert 0 < svc["p50_ms"] < 10_000
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
     assert "| segstream, RTSP | 4 |" in (tmp_path / "results.md").read_text()
+
+
+def test_cycle_age_wraps_whole_cycles_only() -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from benchmark import cycle_age_ms
+
+    assert cycle_age_ms(123, 0) == 123  # live cameras: the stamp is the send time itself
+    assert cycle_age_ms(3 * 64_000 + 250, 64_000) == 250  # read three cycles later
+    assert cycle_age_ms(64_000 - 1, 64_000) == 0  # rounding: at most 1 ms "in the future"
+    assert cycle_age_ms(64_000 - 500, 64_000) == 63_500
