@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import pytest
 
@@ -241,3 +242,79 @@ async def test_late_result_from_a_parallel_worker_never_replaces_a_newer_one() -
     for seq in (5, 3, 6, 4):  # two workers finishing out of order
         stage.submit(Result("a", Frame(img, seq, time.monotonic(), 0.0), mask, 0.0, 1))
     assert view.result is not None and view.result.frame.seq == 6
+
+
+def _reference_render(frame: np.ndarray, mask: np.ndarray, palette_rgb: np.ndarray, none: int,
+                      alpha: float, mode: str) -> np.ndarray:
+    """The render stage's definition in plain numpy: nearest-neighbour mask at the frame's size
+    (cv2.resize INTER_NEAREST fixes which mask pixel each output pixel shows), colour, blend."""
+    h, w = frame.shape[:2]
+    full = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+    colour = palette_rgb[:, ::-1][full].astype(np.float64)
+    bg = full == none
+    colour[bg] = 0
+    if mode == "mask":
+        return colour.astype(np.uint8)
+    blend = np.rint((1 - alpha) * frame.astype(np.float64) + alpha * colour)
+    return np.where(bg[..., None], frame, blend).astype(np.uint8)
+
+
+def _street_masks(size: int = 513) -> list[np.ndarray]:
+    """Model-sized masks like a street scene's: people and cars on background; then one
+    person only; then nothing (the renderer's reused buffers must not leak between them)."""
+    scene = np.zeros((size, size), np.uint8)
+    for x in (30, 140, 290, 460):
+        scene[180:420, x:x + 40] = 15  # person
+    scene[390:505, 200:340] = 7  # car
+    scene[0:60, 0:size] = 15  # touching the top and both sides
+    one = np.zeros_like(scene)
+    one[250:300, 100:130] = 15
+    return [scene, one, np.zeros_like(scene), scene]
+
+
+@pytest.mark.parametrize("mode", ["overlay", "mask"])
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_render_equals_reference_on_a_real_frame(shared_dir, mode: str, alpha: float) -> None:
+    cap = cv2.VideoCapture(str(shared_dir / "data" / "video" / "vtest.avi"))
+    for _ in range(20):
+        ok, camera = cap.read()
+    cap.release()
+    assert ok, "could not read vtest.avi"
+    pal = voc_palette()
+    for size in [(1280, 720), (768, 576), (320, 240)]:  # upscaled, native, smaller than mask
+        frame = cv2.resize(camera, size)
+        r = Renderer(VOC_LABELS, pal, mode=mode, alpha=alpha, legend=False)
+        for mask in _street_masks():
+            out = r.render(frame, mask)
+            ref = _reference_render(frame, mask, pal, 0, alpha, mode)
+            full = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+            bg = full == 0
+            if mode == "overlay":
+                assert (out[bg] == frame[bg]).all(), size  # camera pixels, exactly
+            else:
+                assert (out[bg] == 0).all(), size
+            diff = np.abs(out.astype(int) - ref.astype(int))
+            assert diff.max() <= 1, (size, diff.max())
+            assert (out[~bg] != frame[~bg]).any() or bg.all()
+
+
+def test_render_equals_reference_with_filter_and_no_background(shared_dir) -> None:
+    """Class filter (unselected classes keep the camera's pixels) and a Cityscapes-style mask
+    where every pixel is coloured."""
+    from models.labels import CITYSCAPES_LABELS, cityscapes_palette
+
+    cap = cv2.VideoCapture(str(shared_dir / "data" / "video" / "vtest.avi"))
+    ok, frame = cap.read()
+    cap.release()
+    assert ok
+    frame = cv2.resize(frame, (1280, 720))
+    scene = _street_masks()[0]
+    only_car = Renderer(VOC_LABELS, voc_palette(), classes=["car"], legend=False)
+    filtered = np.where(scene == 7, 7, 0).astype(np.uint8)
+    ref = _reference_render(frame, filtered, voc_palette(), 0, 0.5, "overlay")
+    assert np.abs(only_car.render(frame, scene).astype(int) - ref).max() <= 1
+    city = np.random.default_rng(0).integers(0, 19, (65, 129), dtype=np.uint8)
+    city = cv2.resize(city, (1025, 513), interpolation=cv2.INTER_NEAREST)  # regions, not noise
+    r = Renderer(CITYSCAPES_LABELS, cityscapes_palette(), alpha=0.5, legend=False)
+    ref = _reference_render(frame, city, cityscapes_palette(), 255, 0.5, "overlay")
+    assert np.abs(r.render(frame, city).astype(int) - ref).max() <= 1
