@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 
 from models.fetch import sample_path
@@ -65,6 +66,9 @@ class Service:
     async def start(self) -> None:
         """Loads and warms the model (off the event loop), then starts every stage."""
         self._loop = asyncio.get_running_loop()
+        # Every stage has threads of its own; OpenCV's pool on top only spins against the model
+        # (render: 1.84 ms CPU per 720p frame with it on 2 cores, 1.03 ms without).
+        cv2.setNumThreads(1)
         if self.segmenter is None:
             segmenters = await asyncio.to_thread(self._load_models)
             self.segmenter = segmenters[0]
