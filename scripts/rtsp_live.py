@@ -178,18 +178,21 @@ class LiveCamera:
             self.pushed += 1
 
     def _pump_encoded(self, src: Gst.Element, stop: threading.Event) -> None:
-        """Frame k of the cycle at epoch + (c * K + k) / fps, from the next keyframe on."""
+        """Frame k of the cycle at epoch + (c * K + k) / fps. A new media first gets the
+        current GOP at once, from its keyframe on (a media server's GOP cache): waiting for
+        the next keyframe instead would hold up the RTSP server, which prepares one media at
+        a time (8 cameras took 16 s to open)."""
         assert self.units is not None
         period, k_all = 1.0 / self.fps, len(self.units)
-        n = int((time.monotonic() - self.epoch) / period) + 1
-        n += -n % self.gop  # a new viewer starts at a keyframe (IDR every gop frames)
+        n = int((time.monotonic() - self.epoch) / period)
+        n -= n % self.gop
         while not stop.is_set():
             due = self.epoch + n * period
             now = time.monotonic()
             if now < due:
                 stop.wait(due - now)
                 continue
-            if now - due > period:
+            if now - due > period and self.pushed:
                 self.late += 1  # pushed late, not skipped: its stamp shows the delay
             ret = src.emit("push-buffer", Gst.Buffer.new_wrapped(self.units[n % k_all]))
             if ret != Gst.FlowReturn.OK:
