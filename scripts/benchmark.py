@@ -144,6 +144,7 @@ class Recorder:
 
     stream: str
     cycle_ms: int = 0  # pre-encoded cameras stamp times of cycle 0: ages are taken modulo this
+    seq_mod: int = SEQ_MOD  # frame numbers wrap here (a pre-encoded cycle's length)
     recording: bool = False
     t0: float = 0.0
     frames: int = 0
@@ -180,7 +181,7 @@ class Recorder:
     def summary(self, seconds: float) -> dict[str, Any]:
         sent = None
         if self.first_seq is not None and self.last_seq is not None:
-            sent = (self.last_seq - self.first_seq) % SEQ_MOD + 1
+            sent = (self.last_seq - self.first_seq) % self.seq_mod + 1
         return {
             "stream": self.stream,
             "frames": self.frames,
@@ -328,7 +329,8 @@ def cmd_naive(args: argparse.Namespace) -> int:
         raise SystemExit("naive: cannot open every source")
     renderers = [Renderer(seg.labels, seg.palette, mode="overlay", alpha=0.5, legend=True)
                  for _ in caps]
-    recs = [Recorder(f"cam{i}", args.cycle_ms) for i in range(len(caps))]
+    recs = [Recorder(f"cam{i}", args.cycle_ms, args.cycle_frames or SEQ_MOD)
+            for i in range(len(caps))]
     start = time.monotonic()
     window_at, end_at = start + args.warmup, start + args.warmup + args.seconds
     cpu0 = None
@@ -405,8 +407,9 @@ def stop_process(p: subprocess.Popen | asyncio.subprocess.Process, timeout: floa
 
 @contextlib.contextmanager
 def live_cameras(clip: Path, streams: int, fps: float, bitrate: int, encode: str = "pre"
-                 ) -> Iterator[tuple[list[str], subprocess.Popen, int]]:
-    """scripts/rtsp_live.py with `streams` mounts; yields (urls, process, cycle_ms)."""
+                 ) -> Iterator[tuple[list[str], subprocess.Popen, int, int]]:
+    """scripts/rtsp_live.py with `streams` mounts; yields (urls, process, cycle_ms, frames in
+    a cycle); both 0 for live-encoding cameras."""
     if not Path(SYSTEM_PYTHON).exists():
         raise SystemExit(f"{SYSTEM_PYTHON} (Debian python3-gi, gst-rtsp-server) is required")
     cmd = [SYSTEM_PYTHON, str(REPO / "scripts" / "rtsp_live.py"), "--clip", str(clip),
@@ -414,19 +417,19 @@ def live_cameras(clip: Path, streams: int, fps: float, bitrate: int, encode: str
            "--encode", encode]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     urls: list[str] = []
-    cycle_ms = 0
+    cycle_ms = cycle_frames = 0
     try:
         assert p.stdout is not None
         for line in p.stdout:
-            if line.startswith("cycle_ms "):
-                cycle_ms = int(line.split()[1])
+            if line.startswith("cycle_ms "):  # "cycle_ms 64000 frames 960"
+                cycle_ms, cycle_frames = int(line.split()[1]), int(line.split()[3])
             elif line.startswith("listening "):
                 urls.append(line.split()[1])
             elif line.strip() == "READY":
                 break
         if len(urls) != streams:
             raise SystemExit(f"rtsp_live.py did not start (exit {p.poll()})")
-        yield urls, p, cycle_ms
+        yield urls, p, cycle_ms, cycle_frames
     finally:
         stop_process(p)
 
@@ -567,7 +570,8 @@ async def run_service(args: argparse.Namespace, label: str, sources: list[str],
     proc = subprocess.Popen([*launcher, "serve", "--config", str(cfg_path)],
                             stdout=log_file, stderr=subprocess.STDOUT)
     stop = asyncio.Event()
-    recs = [Recorder(f"cam{i}", args.cycle_ms if stamped else 0) for i in range(len(sources))]
+    recs = [Recorder(f"cam{i}", args.cycle_ms, args.cycle_frames or SEQ_MOD) if stamped
+            else Recorder(f"cam{i}") for i in range(len(sources))]
     tasks: list[asyncio.Task] = []
     try:
         async def ready() -> bool:
@@ -746,7 +750,8 @@ async def run_naive(args: argparse.Namespace, urls: list[str], cam_proc: subproc
                     seconds: float) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "naive", "--model", args.model, "--backend", args.backend,
            "--warmup", str(args.warmup), "--seconds", str(seconds), *common_flags(args),
-           "--cycle-ms", str(args.cycle_ms), "--urls", *urls]
+           "--cycle-ms", str(args.cycle_ms), "--cycle-frames", str(args.cycle_frames),
+           "--urls", *urls]
     p = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
     assert p.stdout is not None
     meter = CpuMeter({"naive": p.pid, "sources": cam_proc.pid})
@@ -809,7 +814,7 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     results["naive"], results["service"], results["files"], results["target"] = [], [], [], []
     log(f"{nmax} cameras ({args.camera_encode} encoding)")
     with live_cameras(args.clip, nmax, args.fps, args.bitrate, args.camera_encode) as (
-            urls, cam, args.cycle_ms):
+            urls, cam, args.cycle_ms, args.cycle_frames):
         for n in args.naive_streams:
             log(f"naive loop, {n} camera(s)")
             await wait_idle(args.idle_wait)
@@ -1262,6 +1267,7 @@ def build_parser() -> argparse.ArgumentParser:
     nv.add_argument("--warmup", type=float, default=8.0)
     nv.add_argument("--seconds", type=float, default=30.0)
     nv.add_argument("--cycle-ms", type=int, default=0)
+    nv.add_argument("--cycle-frames", type=int, default=0)
     nv.add_argument("--urls", nargs="+", required=True)
     return ap
 
@@ -1300,7 +1306,7 @@ def main(argv: list[str] | None = None) -> int:
     args.naive_streams = args.streams if args.naive_streams is None else args.naive_streams
     args.file_streams = args.streams if args.file_streams is None else args.file_streams
     args.command_line = "python scripts/benchmark.py " + shlex.join(argv)
-    args.cycle_ms = 0  # set by the cameras (pre-encoded ones loop a cycle)
+    args.cycle_ms = args.cycle_frames = 0  # set by the cameras (pre-encoded ones loop a cycle)
     if args.clip is None:
         from models.fetch import NotFetchedError, sample_path
 

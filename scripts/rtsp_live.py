@@ -15,7 +15,7 @@ benchmark's latency runs from "capture" to the viewer, including transport and d
 every mount's frames for one cycle (--cycle seconds) are encoded up front, each stamped with
 the time it will be sent: E + k/fps for frame k of the cycle, E being the start of cycle 0.
 A pacing thread per mount pushes frame k at E + k/fps (+ whole cycles) through appsrc ->
-h264parse -> rtph264pay, so a stamp read n cycles later is n cycles old: a receiver takes the
+rtph264pay, so a stamp read n cycles later is n cycles old: a receiver takes the
 age modulo the cycle (`cycle_ms`, printed at start). A late tick is pushed late, never skipped
 (the stamp then shows the lateness; skipping would break the P-frame chain), and counted.
 --encode live: x264enc encodes each frame when pushed and stamps the push time (the camera's
@@ -23,8 +23,8 @@ encoder then shares the CPU with the service: ~0.06 cores per 720p camera at 15 
 
 Like a camera, a mount sends every frame whoever watches: a viewer too slow for TCP loses
 encoded frames (a leaky queue before the payloader), it never slows the source. Prints
-`cycle_ms N` (0 when live), `listening rtsp://...` per mount, then `READY`; on SIGTERM/SIGINT
-prints one JSON line of per-mount counts and exits.
+`cycle_ms N frames K` (0 0 when live), `listening rtsp://...` per mount, then `READY`; on
+SIGTERM/SIGINT prints one JSON line of per-mount counts and exits.
 """
 
 from __future__ import annotations
@@ -94,8 +94,12 @@ def encode_cycle(clip: list[bytes], offset: int, frames: int, epoch_ms: int,
     feeder.join()
     if enc.wait() != 0:
         raise SystemExit("ffmpeg could not encode the camera cycle")
+    # Split at the AUDs, then drop them: FFmpeg's RTSP client turned each keyframe's
+    # AUD + SPS + PPS into an extra, undecodable frame.
     aud = b"\x00\x00\x00\x01\x09"
-    units = [aud + u for u in stream.split(aud)[1:]]
+    units = [u[1:] for u in stream.split(aud)[1:]]  # u[0]: the AUD's one payload byte
+    if not all(u.startswith((b"\x00\x00\x01", b"\x00\x00\x00\x01")) for u in units):
+        raise SystemExit("unexpected H.264 from ffmpeg: no start code after an AUD")
     if len(units) != frames:
         raise SystemExit(f"encoded {len(units)} access units for {frames} frames")
     return units
@@ -128,14 +132,16 @@ class LiveCamera:
         else:
             caps = (f"video/x-h264,stream-format=byte-stream,alignment=au,width={self.width},"
                     f"height={self.height},framerate={num}/{den}")
-            encode = "! h264parse "
+            encode = ""
+        # Pre-encoded keyframes carry their own SPS/PPS (x264 repeat-headers).
+        config = -1 if self.units is None else 0
         launch = (
             f'( appsrc name=src is-live=true format=time do-timestamp=true caps="{caps}" '
             f"max-buffers=2 leaky-type=downstream {encode}"
             # A camera never slows down for a slow viewer: when the client falls behind and
             # TCP backs up, encoded frames are dropped here (oldest first), the source runs on.
             "! queue leaky=downstream max-size-buffers=30 max-size-bytes=0 max-size-time=0 "
-            "! rtph264pay name=pay0 pt=96 config-interval=-1 )"
+            f"! rtph264pay name=pay0 pt=96 config-interval={config} )"
         )
         f = GstRtspServer.RTSPMediaFactory()
         f.set_launch(launch)
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     Gst.init(None)
     clip = load_clip(args.clip, args.width, args.height, args.fps, args.clip_frames)
     offsets = [i * len(clip) // args.streams for i in range(args.streams)]
-    cycle_ms, units, epoch = 0, [None] * args.streams, 0.0
+    cycle_ms, frames, units, epoch = 0, 0, [None] * args.streams, 0.0
     if args.encode == "pre":
         frames = args.gop * max(1, round(args.cycle * args.fps / args.gop))
         cycle_ms = frames * 1000 / args.fps
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, sig, loop.quit)
     port = server.get_bound_port()
-    print(f"cycle_ms {cycle_ms}", flush=True)
+    print(f"cycle_ms {cycle_ms} frames {frames}", flush=True)
     for cam in cams:
         print(f"listening rtsp://{args.host}:{port}{cam.path}", flush=True)
     print("READY", flush=True)

@@ -136,6 +136,21 @@ def test_latency_controller_shrinks_batches_then_rates_and_restores() -> None:
     assert sched.batch_cap == 1
 
 
+def test_capped_streams_come_due_spread_over_a_period() -> None:
+    """Once the controller caps rates, the streams' due times are spread, not in phase."""
+    sched = Scheduler(max_batch=1, max_wait_s=0.0, latency_target_s=0.1, min_fps=1.0)
+    srcs = [Src(f"s{i}") for i in range(4)]
+    for s in srcs:
+        sched.add(s, 0)
+        for _ in range(20):
+            sched.observe_latency(s.id, 0.5)
+    sched._control(dict.fromkeys((s.id for s in srcs), 2.0))  # over target: caps of 1.6 fps
+    dues = sorted(lane.next_due for lane in sched._lanes.values())
+    period = 1 / sched.cap("s0")
+    gaps = np.diff(dues)
+    assert gaps == pytest.approx([period / 4] * 3, rel=0.05)
+
+
 def test_batch_cap_limits_batches() -> None:
     sched = Scheduler(max_batch=4, max_wait_s=0.0)
     srcs = [Src(f"s{i}") for i in range(4)]
