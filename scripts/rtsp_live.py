@@ -145,15 +145,18 @@ class LiveCamera:
         )
         f = GstRtspServer.RTSPMediaFactory()
         f.set_launch(launch)
-        f.set_shared(True)
+        # Live: one encoder, shared by every viewer. Pre-encoded: a media (and a pump) per
+        # viewer, so each starts at a keyframe with its SPS/PPS; joining a shared one mid-GOP
+        # left FFmpeg probing P-frames without a PPS until its open timed out.
+        f.set_shared(self.units is None)
         f.connect("media-configure", self._configure)
         return f
 
     def _configure(self, _factory: GstRtspServer.RTSPMediaFactory,
                    media: GstRtspServer.RTSPMedia) -> None:
         src = media.get_element().get_by_name("src")
-        if self._stop is not None:
-            self._stop.set()
+        if self._stop is not None and self.units is None:
+            self._stop.set()  # the shared media's previous pump
         stop = self._stop = threading.Event()
         media.connect("unprepared", lambda *_: stop.set())
         pump = self._pump if self.units is None else self._pump_encoded
