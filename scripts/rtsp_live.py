@@ -15,7 +15,7 @@ benchmark's latency runs from "capture" to the viewer, including transport and d
 every mount's frames for one cycle (--cycle seconds) are encoded up front, each stamped with
 the time it will be sent: E + k/fps for frame k of the cycle, E being the start of cycle 0.
 A pacing thread per mount pushes frame k at E + k/fps (+ whole cycles) through appsrc ->
-rtph264pay, so a stamp read n cycles later is n cycles old: a receiver takes the
+h264parse -> rtph264pay, so a stamp read n cycles later is n cycles old: a receiver takes the
 age modulo the cycle (`cycle_ms`, printed at start). A late tick is pushed late, never skipped
 (the stamp then shows the lateness; skipping would break the P-frame chain), and counted.
 --encode live: x264enc encodes each frame when pushed and stamps the push time (the camera's
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def encode_cycle(clip: list[bytes], offset: int, frames: int, epoch_ms: int,
         "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-bf", "0",
         "-g", str(args.gop), "-keyint_min", str(args.gop), "-sc_threshold", "0",
         "-b:v", f"{args.bitrate}k", "-maxrate", f"{args.bitrate}k",
-        "-bufsize", f"{args.bitrate // 2}k", "-x264-params", "aud=1:repeat-headers=1",
+        "-bufsize", f"{args.bitrate // 2}k", "-x264-params", "aud=1:sliced-threads=0",
         "-f", "h264", "-",
     ]
     enc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -94,8 +95,10 @@ def encode_cycle(clip: list[bytes], offset: int, frames: int, epoch_ms: int,
     feeder.join()
     if enc.wait() != 0:
         raise SystemExit("ffmpeg could not encode the camera cycle")
-    # Split at the AUDs, then drop them: FFmpeg's RTSP client turned each keyframe's
-    # AUD + SPS + PPS into an extra, undecodable frame.
+    # One slice per frame (no sliced threads), as the live encoder: the payloader repeats
+    # SPS/PPS before every IDR slice (config-interval=-1), and FFmpeg's RTSP client took SPS
+    # between two slices for the start of a new frame, outputting half keyframes. Split at the
+    # AUDs, then drop them; SPS/PPS come once, in unit 0.
     aud = b"\x00\x00\x00\x01\x09"
     units = [u[1:] for u in stream.split(aud)[1:]]  # u[0]: the AUD's one payload byte
     if not all(u.startswith((b"\x00\x00\x01", b"\x00\x00\x00\x01")) for u in units):
@@ -103,6 +106,13 @@ def encode_cycle(clip: list[bytes], offset: int, frames: int, epoch_ms: int,
     if len(units) != frames:
         raise SystemExit(f"encoded {len(units)} access units for {frames} frames")
     return units
+
+
+def parameter_sets(unit: bytes) -> bytes:
+    """The SPS and PPS NAL units (with start codes) of an access unit."""
+    nals = re.split(b"\x00\x00\x01", unit)[1:]
+    return b"".join(b"\x00\x00\x00\x01" + n.rstrip(b"\x00") for n in nals
+                    if n and n[0] & 0x1F in (7, 8))
 
 
 class LiveCamera:
@@ -114,6 +124,7 @@ class LiveCamera:
         self.clip = clip
         self.offset = offset
         self.units = units  # pre-encoded cycle (--encode pre), else None
+        self.headers = parameter_sets(units[0]) if units else b""
         self.epoch = epoch  # monotonic seconds at which frame 0 of cycle 0 is sent
         self.width, self.height, self.fps = args.width, args.height, args.fps
         self.bitrate, self.gop = args.bitrate, args.gop
@@ -132,31 +143,29 @@ class LiveCamera:
         else:
             caps = (f"video/x-h264,stream-format=byte-stream,alignment=au,width={self.width},"
                     f"height={self.height},framerate={num}/{den}")
-            encode = ""
-        # Pre-encoded keyframes carry their own SPS/PPS (x264 repeat-headers).
-        config = -1 if self.units is None else 0
+            encode = "! h264parse "
+        # The GOP a new media gets at once must fit in appsrc's queue while the media is
+        # starting, or its keyframe is dropped first.
+        queue = 2 if self.units is None else 2 * self.gop
         launch = (
             f'( appsrc name=src is-live=true format=time do-timestamp=true caps="{caps}" '
-            f"max-buffers=2 leaky-type=downstream {encode}"
+            f"max-buffers={queue} leaky-type=downstream {encode}"
             # A camera never slows down for a slow viewer: when the client falls behind and
             # TCP backs up, encoded frames are dropped here (oldest first), the source runs on.
             "! queue leaky=downstream max-size-buffers=30 max-size-bytes=0 max-size-time=0 "
-            f"! rtph264pay name=pay0 pt=96 config-interval={config} )"
+            "! rtph264pay name=pay0 pt=96 config-interval=-1 )"
         )
         f = GstRtspServer.RTSPMediaFactory()
         f.set_launch(launch)
-        # Live: one encoder, shared by every viewer. Pre-encoded: a media (and a pump) per
-        # viewer, so each starts at a keyframe with its SPS/PPS; joining a shared one mid-GOP
-        # left FFmpeg probing P-frames without a PPS until its open timed out.
-        f.set_shared(self.units is None)
+        f.set_shared(True)
         f.connect("media-configure", self._configure)
         return f
 
     def _configure(self, _factory: GstRtspServer.RTSPMediaFactory,
                    media: GstRtspServer.RTSPMedia) -> None:
         src = media.get_element().get_by_name("src")
-        if self._stop is not None and self.units is None:
-            self._stop.set()  # the shared media's previous pump
+        if self._stop is not None:
+            self._stop.set()
         stop = self._stop = threading.Event()
         media.connect("unprepared", lambda *_: stop.set())
         pump = self._pump if self.units is None else self._pump_encoded
@@ -188,13 +197,13 @@ class LiveCamera:
 
     def _pump_encoded(self, src: Gst.Element, stop: threading.Event) -> None:
         """Frame k of the cycle at epoch + (c * K + k) / fps. A new media first gets the
-        current GOP at once, from its keyframe on (a media server's GOP cache): waiting for
-        the next keyframe instead would hold up the RTSP server, which prepares one media at
-        a time (8 cameras took 16 s to open)."""
+        current GOP at once, from its keyframe on (a media server's GOP cache), so a viewer
+        starts at once instead of up to a GOP later; its first unit carries the SPS/PPS."""
         assert self.units is not None
         period, k_all = 1.0 / self.fps, len(self.units)
         n = int((time.monotonic() - self.epoch) / period)
         n -= n % self.gop
+        first = True
         while not stop.is_set():
             due = self.epoch + n * period
             now = time.monotonic()
@@ -203,7 +212,11 @@ class LiveCamera:
                 continue
             if now - due > period and self.pushed:
                 self.late += 1  # pushed late, not skipped: its stamp shows the delay
-            ret = src.emit("push-buffer", Gst.Buffer.new_wrapped(self.units[n % k_all]))
+            unit = self.units[n % k_all]
+            if first and n % k_all:
+                unit = self.headers + unit
+            first = False
+            ret = src.emit("push-buffer", Gst.Buffer.new_wrapped(unit))
             if ret != Gst.FlowReturn.OK:
                 return
             self.pushed += 1
