@@ -194,6 +194,11 @@ class Recorder:
         }
 
 
+def camera_recorder(args: argparse.Namespace, i: int) -> Recorder:
+    """The recorder for camera i, knowing the cameras' cycle (pre-encoded ones loop one)."""
+    return Recorder(f"cam{i}", args.cycle_ms, args.cycle_frames or SEQ_MOD)
+
+
 def cycle_age_ms(age: int, cycle_ms: int) -> int:
     """A pre-encoded camera's stamp is exact to the millisecond modulo its cycle (rounding can
     put it up to 1 ms in the future)."""
@@ -329,8 +334,7 @@ def cmd_naive(args: argparse.Namespace) -> int:
         raise SystemExit("naive: cannot open every source")
     renderers = [Renderer(seg.labels, seg.palette, mode="overlay", alpha=0.5, legend=True)
                  for _ in caps]
-    recs = [Recorder(f"cam{i}", args.cycle_ms, args.cycle_frames or SEQ_MOD)
-            for i in range(len(caps))]
+    recs = [camera_recorder(args, i) for i in range(len(caps))]
     start = time.monotonic()
     window_at, end_at = start + args.warmup, start + args.warmup + args.seconds
     cpu0 = None
@@ -570,8 +574,8 @@ async def run_service(args: argparse.Namespace, label: str, sources: list[str],
     proc = subprocess.Popen([*launcher, "serve", "--config", str(cfg_path)],
                             stdout=log_file, stderr=subprocess.STDOUT)
     stop = asyncio.Event()
-    recs = [Recorder(f"cam{i}", args.cycle_ms, args.cycle_frames or SEQ_MOD) if stamped
-            else Recorder(f"cam{i}") for i in range(len(sources))]
+    recs = [camera_recorder(args, i) if stamped else Recorder(f"cam{i}")
+            for i in range(len(sources))]
     tasks: list[asyncio.Task] = []
     try:
         async def ready() -> bool:

@@ -339,12 +339,14 @@ class RenderStage:
         view = self._views.get(result.stream_id)
         if view is None:
             return
-        with self._conds[self._index(result.stream_id)]:
+        i = self._index(result.stream_id)
+        with self._conds[i]:
             if view.result is not None and view.result.frame.seq >= result.frame.seq:
                 return
             view.result = result
+            self._dirty[i] = True
+            self._conds[i].notify()
         view.infer_rate.tick()
-        self.wake(result.stream_id)
 
     def wake(self, stream_id: str) -> None:
         i = self._index(stream_id)

@@ -60,6 +60,12 @@ def copy_pairs(camvid: Path, dest: Path, n: int) -> list[str]:
 # --- metrics ---
 
 
+def evaluate_cli(images: Path, masks: Path, *extra: str) -> int:
+    """`segstream evaluate` on two folders with the tflite backend, plus `extra` flags."""
+    return main(["evaluate", "--images", str(images), "--masks", str(masks),
+                 "--backend", "tflite", *extra])
+
+
 def test_metrics_on_a_known_confusion_matrix() -> None:
     assert pixel_accuracy(CM) == pytest.approx(8 / 12)
     np.testing.assert_allclose(class_accuracy(CM), [5 / 8, 3 / 4, np.nan, np.nan])
@@ -194,17 +200,7 @@ def test_unpaired_folders_give_a_clear_error(
     (tmp_path / "i").mkdir()
     (tmp_path / "m").mkdir()
     (tmp_path / "i" / "a.png").write_bytes(b"x")
-    code = main(
-        [
-            "evaluate",
-            "--images",
-            str(tmp_path / "i"),
-            "--masks",
-            str(tmp_path / "m"),
-            "--backend",
-            "tflite",
-        ]
-    )
+    code = evaluate_cli(tmp_path / "i", tmp_path / "m")
     err = capsys.readouterr().err
     assert code == 2 and "no image/mask pairs: 1 images" in err
 
@@ -216,25 +212,9 @@ def test_camvid_subset_cli_json(
     tmp_path: Path, segstream_home: Path, camvid: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "m.json"
-    code = main(
-        [
-            "evaluate",
-            "--images",
-            str(camvid / "images"),
-            "--masks",
-            str(camvid / "masks"),
-            "--model",
-            "edgetpu-cityscapes",
-            "--backend",
-            "tflite",
-            "--class-map",
-            "cityscapes-to-camvid",
-            "--limit",
-            "10",
-            "--json",
-            str(out),
-            "-q",
-        ]
+    code = evaluate_cli(
+        camvid / "images", camvid / "masks", "--model", "edgetpu-cityscapes",
+        "--class-map", "cityscapes-to-camvid", "--limit", "10", "--json", str(out), "-q",
     )
     assert code == 0
     m = json.loads(out.read_text())
@@ -290,23 +270,9 @@ def test_bad_pairs_are_named_and_the_rest_evaluated(
     cv2.imwrite(str(masks / f"{good[1]}.png"), small)  # size mismatch
     (masks / f"{good[2]}.png").write_bytes(b"garbage")  # unreadable
     out = tmp_path / "m.json"
-    code = main(
-        [
-            "evaluate",
-            "--images",
-            str(tmp_path / "images"),
-            "--masks",
-            str(masks),
-            "--model",
-            "edgetpu-cityscapes",
-            "--backend",
-            "tflite",
-            "--class-map",
-            "cityscapes-to-camvid",
-            "--json",
-            str(out),
-            "-q",
-        ]
+    code = evaluate_cli(
+        tmp_path / "images", masks, "--model", "edgetpu-cityscapes",
+        "--class-map", "cityscapes-to-camvid", "--json", str(out), "-q",
     )
     err = capsys.readouterr().err
     assert code == 1
@@ -324,27 +290,17 @@ def test_wrong_ignore_and_map_mismatch_are_explained(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     copy_pairs(camvid, tmp_path, 1)
-    args = [
-        "evaluate",
-        "--images",
-        str(tmp_path / "images"),
-        "--masks",
-        str(tmp_path / "masks"),
-        "--backend",
-        "tflite",
-        "-q",
-    ]
-    assert (
-        main([*args, "--model", "mnv2-voc-fast", "--class-map", "voc-to-camvid", "--ignore", "255"])
-        == 2
-    )
+    folders = (tmp_path / "images", tmp_path / "masks")
+    assert evaluate_cli(*folders, "-q", "--model", "mnv2-voc-fast", "--class-map",
+                        "voc-to-camvid", "--ignore", "255") == 2
     err = capsys.readouterr().err
     assert "label values [11]" in err and "not the ignore id 255" in err
-    assert main([*args, "--model", "edgetpu-cityscapes", "--class-map", "voc-to-camvid"]) == 2
+    assert evaluate_cli(*folders, "-q", "--model", "edgetpu-cityscapes",
+                        "--class-map", "voc-to-camvid") == 2
     assert "is for models with the classes background" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("classes: [a, b]\nmap: {0: 5}\n")
-    assert main([*args, "--class-map", str(bad)]) == 2
+    assert evaluate_cli(*folders, "-q", "--class-map", str(bad)) == 2
     assert "not a dataset class id" in capsys.readouterr().err
 
 
