@@ -6,7 +6,7 @@ CONFIG ?= configs/default.yaml
 # Where `segstream fetch` may copy files from instead of downloading (e.g. ../shared).
 export SEGSTREAM_FETCH_FROM ?=
 
-.PHONY: setup setup-test run test lint bench clean
+.PHONY: setup setup-test run test test-fast typecheck lint bench clean
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
@@ -27,9 +27,20 @@ run: setup
 	$(BIN)/segstream fetch
 	$(BIN)/segstream serve --config $(CONFIG)
 
+# Everything: lint, types, the fast unit tests and the end-to-end tests with the real peers.
 test: setup-test
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -ra
+
+# For development: lint, types and the unit tests only (under a minute).
+test-fast: setup-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest -ra -m "not e2e"
+
+typecheck: setup-test
+	$(BIN)/mypy
 
 lint: setup-test
 	$(BIN)/ruff check .
