@@ -324,7 +324,7 @@ def cmd_naive(args: argparse.Namespace) -> int:
     import cv2
 
     from models.runtime import load_segmenter, prepare
-    from stream.publish import encode_jpeg
+    from stream.encoders import encode_jpeg
     from stream.render import Renderer
 
     seg = load_segmenter(args.model, args.backend, batch_sizes=(1,), threads=args.threads)

@@ -12,6 +12,7 @@ from typing import Any
 
 def _serve(args: argparse.Namespace) -> int:
     from stream.config import ConfigError, load_config
+    from stream.sanitize import install_log_filter, sanitize_text
     from stream.server import serve
 
     overrides: dict[str, Any] = {}
@@ -29,11 +30,12 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, overrides=overrides, extra_sources=args.source)
     except ConfigError as e:
-        print(f"segstream: {e}", file=sys.stderr)
+        print(f"segstream: {sanitize_text(str(e))}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    install_log_filter()  # no camera credential in any log line
     if not cfg.streams:
         logging.warning("no streams configured: add --source URL or a streams: list")
     return asyncio.run(serve(cfg))

@@ -1,18 +1,24 @@
 """Typed configuration: YAML file, then SEGSTREAM_<SECTION>__<KEY> env vars, then CLI flags.
 
-Every model forbids unknown keys, so a typo stops start-up with a message naming the key."""
+Every model forbids unknown keys, so a typo stops start-up with a message naming the key.
+The env overrides are parsed here (values as YAML scalars, nested with `__`) rather than by
+pydantic-settings: the YAML < env < CLI merge needs one dict before validation anyway, and
+one validation names the key path whichever layer set it."""
 
 from __future__ import annotations
 
 import os
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+# configs/default.yaml, shipped inside the package (stream/default.yaml links to it), so an
+# installed wheel finds it too.
+DEFAULT_CONFIG = Path(str(resources.files("stream").joinpath("default.yaml")))
 ENV_PREFIX = "SEGSTREAM_"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SCHEMES = {"rtsp", "rtsps", "rtmp", "http", "https", "file", "udp", "tcp", "srt", "sample"}
@@ -138,14 +144,20 @@ def load_config(
     overrides: dict[str, Any] | None = None,
     extra_sources: list[str] | None = None,
 ) -> AppConfig:
-    """YAML file (default configs/default.yaml) < env vars < CLI overrides; sources add streams."""
-    path = Path(path) if path else Path(os.environ.get(ENV_PREFIX + "CONFIG", DEFAULT_CONFIG))
+    """YAML file (default configs/default.yaml) < env vars < CLI overrides; sources add streams.
+
+    With sources and no config file of the user's, the default config's demo stream is left
+    out: `serve --source URL` serves exactly the given sources."""
+    explicit = path or os.environ.get(ENV_PREFIX + "CONFIG")
+    path = Path(explicit) if explicit else DEFAULT_CONFIG
     data = _read_yaml(path)
+    if extra_sources and not explicit:
+        data["streams"] = []
     _deep_merge(data, env_overrides(os.environ if env is None else env))
     _deep_merge(data, overrides or {})
     streams = data.setdefault("streams", []) or []
     data["streams"] = streams
-    taken = {s.get("id") for s in streams if isinstance(s, dict)}
+    taken = {str(s.get("id")) for s in streams if isinstance(s, dict)}
     for spec in extra_sources or []:
         sid, source = parse_source_arg(spec, taken)
         taken.add(sid)

@@ -1,128 +1,189 @@
-"""Prometheus metrics. Base units (seconds), `_total` counters, bounded labels (stream ids come
-from the config, stages and outcomes are fixed sets)."""
+"""Prometheus metrics behind the observer seam. Base units (seconds), `_total` counters, bounded
+labels (stream ids come from the config or the API, stages and outcomes are fixed sets).
+
+Each `PrometheusObserver` owns its own `CollectorRegistry`, so two services in one process
+(tests, a cluster node) never share or collide on series. A stream's series exist from
+`stream_added` to `stream_removed`; late events for a removed stream are dropped rather than
+re-creating its series."""
 
 from __future__ import annotations
 
-import contextlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-REGISTRY = CollectorRegistry(auto_describe=True)
+from stream.datatypes import SourceState
+from stream.observer import OUTCOMES, Outcome, Stage
 
 # Most stages take milliseconds; inference batches and end-to-end latency reach seconds.
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
     1.0, 1.5, 2.5, 5.0, 10.0,
 )
-STAGES = ("decode", "queue_wait", "preprocess", "inference", "render", "encode")
-OUTCOMES = ("captured", "dropped", "skipped", "inferred", "published")
-
-STAGE_SECONDS = Histogram(
-    "segstream_stage_seconds",
-    "Time spent in each pipeline stage (per frame; inference per batch).",
-    ["stage"],
-    buckets=_LATENCY_BUCKETS,
-    registry=REGISTRY,
-)
-E2E_SECONDS = Histogram(
-    "segstream_end_to_end_latency_seconds",
-    "Age of a published frame when it is written to an MJPEG client, from capture.",
-    ["stream"],
-    buckets=_LATENCY_BUCKETS,
-    registry=REGISTRY,
-)
-BATCH_SIZE = Histogram(
-    "segstream_inference_batch_size",
-    "Frames per inference batch (before padding to a fixed size).",
-    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
-    registry=REGISTRY,
-)
-FRAMES = Counter(
-    "segstream_frames_total",
-    "Frames by stream and outcome: captured, dropped (overwritten unseen), skipped (frame "
-    "skipping), inferred, published.",
-    ["stream", "outcome"],
-    registry=REGISTRY,
-)
-RECONNECTS = Counter(
-    "segstream_source_reconnects_total",
-    "Reconnect attempts of a stream's source.",
-    ["stream"],
-    registry=REGISTRY,
-)
-STREAM_UP = Gauge(
-    "segstream_stream_up", "1 while the stream's source delivers frames.", ["stream"],
-    registry=REGISTRY,
-)
-MJPEG_CLIENTS = Gauge(
-    "segstream_mjpeg_clients", "Connected MJPEG clients.", ["stream"], registry=REGISTRY
-)
-CLASS_FRACTION = Gauge(
-    "segstream_class_pixel_fraction",
-    "Fraction of the newest mask's pixels in each class (e.g. how much of the view is person).",
-    ["stream", "class_name"],
-    registry=REGISTRY,
-)
-INFER_FPS_LIMIT = Gauge(
-    "segstream_stream_infer_fps_limit",
-    "Current per-stream inference rate cap (frame skipping); 0 = unlimited.",
-    ["stream"],
-    registry=REGISTRY,
-)
-BATCH_LIMIT = Gauge(
-    "segstream_inference_batch_limit",
-    "Current largest batch the scheduler forms (lowered to meet a latency target).",
-    registry=REGISTRY,
-)
-MODEL_READY = Gauge(
-    "segstream_model_ready", "1 once the model has warmed up.", registry=REGISTRY
-)
 
 
-def init_stream(stream_id: str) -> None:
-    """Create every labelled series of a stream at zero so dashboards see them from the start."""
-    for outcome in OUTCOMES:
-        FRAMES.labels(stream=stream_id, outcome=outcome)
-    RECONNECTS.labels(stream=stream_id)
-    STREAM_UP.labels(stream=stream_id).set(0)
-    MJPEG_CLIENTS.labels(stream=stream_id).set(0)
+@dataclass
+class _StreamSeries:
+    """The labelled children of one stream, created once (no label lookups per frame)."""
+
+    frames: dict[str, Any]
+    reconnects: Any
+    up: Any
+    clients: Any
+    latency: Any
+    fps_limit: Any
+    classes: dict[str, Any] = field(default_factory=dict)
 
 
-def remove_stream(stream_id: str) -> None:
-    for outcome in OUTCOMES:
-        _remove(FRAMES, stream_id, outcome)
-    for metric in (RECONNECTS, STREAM_UP, MJPEG_CLIENTS, E2E_SECONDS, INFER_FPS_LIMIT):
-        _remove(metric, stream_id)
+class PrometheusObserver:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self._lock = threading.Lock()
+        self._streams: dict[str, _StreamSeries] = {}
+        self.stage_seconds = Histogram(
+            "segstream_stage_seconds",
+            "Time spent in each pipeline stage (per frame; inference per batch).",
+            ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e_seconds = Histogram(
+            "segstream_end_to_end_latency_seconds",
+            "Age of a published frame when it is written to an MJPEG client, from capture.",
+            ["stream"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "segstream_inference_batch_size",
+            "Frames per inference batch (before padding to a fixed size).",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r)
+        self.frames = Counter(
+            "segstream_frames_total",
+            "Frames by stream and outcome: captured, dropped (overwritten unseen), skipped "
+            "(frame skipping), inferred, published.",
+            ["stream", "outcome"], registry=r)
+        self.reconnects = Counter(
+            "segstream_source_reconnects_total", "Reconnect attempts of a stream's source.",
+            ["stream"], registry=r)
+        self.stream_up = Gauge(
+            "segstream_stream_up", "1 while the stream's source delivers frames.", ["stream"],
+            registry=r)
+        self.mjpeg_clients = Gauge(
+            "segstream_mjpeg_clients", "Connected MJPEG clients.", ["stream"], registry=r)
+        self.class_fraction = Gauge(
+            "segstream_class_pixel_fraction",
+            "Fraction of the newest mask's pixels in each class (e.g. how much of the view is "
+            "person).", ["stream", "class_name"], registry=r)
+        self.infer_fps_limit_gauge = Gauge(
+            "segstream_stream_infer_fps_limit",
+            "Current per-stream inference rate cap (frame skipping); 0 = unlimited.",
+            ["stream"], registry=r)
+        self.batch_limit_gauge = Gauge(
+            "segstream_inference_batch_limit",
+            "Current largest batch the scheduler forms (lowered to meet a latency target).",
+            registry=r)
+        self.model_ready_gauge = Gauge(
+            "segstream_model_ready", "1 once the model has warmed up.", registry=r)
+        self.inference_failures = Counter(
+            "segstream_inference_failures_total", "Inference batches that raised an error.",
+            registry=r)
+        self.worker_up = Gauge(
+            "segstream_model_worker_up",
+            "1 while a model worker's batches succeed, 0 while they fail.", ["worker"],
+            registry=r)
 
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
 
-def _remove(metric, *labels: str) -> None:
-    with contextlib.suppress(KeyError):
-        metric.remove(*labels)
+    # -- a stream's series -----------------------------------------------------------------
+    def stream_added(self, stream_id: str) -> None:
+        """Every labelled series of a stream, at zero, so dashboards see them from the start."""
+        s = _StreamSeries(
+            frames={o: self.frames.labels(stream=stream_id, outcome=o) for o in OUTCOMES},
+            reconnects=self.reconnects.labels(stream=stream_id),
+            up=self.stream_up.labels(stream=stream_id),
+            clients=self.mjpeg_clients.labels(stream=stream_id),
+            latency=self.e2e_seconds.labels(stream=stream_id),
+            fps_limit=self.infer_fps_limit_gauge.labels(stream=stream_id),
+        )
+        with self._lock:
+            self._streams[stream_id] = s
 
+    def stream_removed(self, stream_id: str) -> None:
+        with self._lock:
+            s = self._streams.pop(stream_id, None)
+        if s is None:
+            return
+        for o in s.frames:
+            self.frames.remove(stream_id, o)
+        for name in s.classes:
+            self.class_fraction.remove(stream_id, name)
+        for metric in (self.reconnects, self.stream_up, self.mjpeg_clients, self.e2e_seconds,
+                       self.infer_fps_limit_gauge):
+            metric.remove(stream_id)
 
-class RateMeter:
-    """Events per second over a sliding window; cheap enough to call per frame."""
+    # -- events ----------------------------------------------------------------------------
+    def frame(self, stream_id: str, outcome: Outcome) -> None:
+        s = self._streams.get(stream_id)
+        if s is not None:
+            s.frames[outcome].inc()
 
-    def __init__(self, window_s: float = 2.0) -> None:
-        import collections
-        import time
+    def stage(self, stage: Stage, seconds: float) -> None:
+        self.stage_seconds.labels(stage=stage).observe(seconds)
 
-        self._clock = time.monotonic
-        self._window = window_s
-        self._events: collections.deque[float] = collections.deque()
+    def batch(self, size: int, seconds: float) -> None:
+        self.stage_seconds.labels(stage="inference").observe(seconds)
+        self.batch_size.observe(size)
 
-    def tick(self) -> None:
-        now = self._clock()
-        self._events.append(now)
-        self._trim(now)
+    def state_changed(self, stream_id: str, state: SourceState, reason: str | None) -> None:
+        s = self._streams.get(stream_id)
+        if s is not None:
+            s.up.set(1 if state is SourceState.LIVE else 0)
 
-    def rate(self) -> float:
-        now = self._clock()
-        self._trim(now)
-        if len(self._events) < 2:
-            return 0.0
-        return (len(self._events) - 1) / max(now - self._events[0], 1e-6)
+    def reconnect(self, stream_id: str) -> None:
+        s = self._streams.get(stream_id)
+        if s is not None:
+            s.reconnects.inc()
 
-    def _trim(self, now: float) -> None:
-        while self._events and now - self._events[0] > self._window:
-            self._events.popleft()
+    def latency(self, stream_id: str, seconds: float) -> None:
+        s = self._streams.get(stream_id)
+        if s is not None:
+            s.latency.observe(seconds)
+
+    def clients(self, stream_id: str, count: int) -> None:
+        s = self._streams.get(stream_id)
+        if s is not None:
+            s.clients.set(count)
+
+    def class_fractions(self, stream_id: str, labels: Sequence[str], fractions: np.ndarray) -> None:
+        s = self._streams.get(stream_id)
+        if s is None:
+            return
+        for name, f in zip(labels, fractions, strict=True):
+            child = s.classes.get(name)
+            if child is None:
+                with self._lock:
+                    if stream_id not in self._streams:
+                        return  # removed meanwhile: do not re-create its series
+                    child = s.classes[name] = self.class_fraction.labels(
+                        stream=stream_id, class_name=name)
+            child.set(float(f))
+
+    def infer_fps_limit(self, stream_id: str, fps: float) -> None:
+        s = self._streams.get(stream_id)
+        if s is not None:
+            s.fps_limit.set(fps)
+
+    def batch_limit(self, size: int) -> None:
+        self.batch_limit_gauge.set(size)
+
+    def model_ready(self, ready: bool) -> None:
+        self.model_ready_gauge.set(1 if ready else 0)
+
+    def worker_error(self, worker: int, error: str | None) -> None:
+        if error is not None:
+            self.inference_failures.inc()
+        self.worker_up.labels(worker=str(worker)).set(0 if error else 1)
+
+    def series_count(self) -> int:
+        """Samples in the registry (for leak checks)."""
+        return sum(len(m.samples) for m in self.registry.collect())

@@ -12,11 +12,8 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 
-from stream import metrics
-from stream.metrics import RateMeter
-from stream.publish import Publisher, encode_jpeg
-from stream.runner import Result
-from stream.sources import Frame
+from stream.datatypes import Frame, Rendered, Result, Sink
+from stream.observer import NULL_OBSERVER, Observer
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +25,7 @@ def class_fractions(mask: np.ndarray, num_classes: int) -> np.ndarray:
         hist = cv2.calcHist([np.ascontiguousarray(mask)], [0], None, [256], [0, 256])
         counts = hist.ravel()[:num_classes].astype(np.float64)
     else:
-        counts = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
+        counts = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes].astype(np.float64)
     return counts / max(mask.size, 1)
 
 
@@ -118,7 +115,8 @@ class Renderer:
     ) -> tuple[tuple[int, int, int, int], bool]:
         """Output rows [y0, y1) and columns [x0, x1) bounding every coloured pixel, and whether
         any pixel of the mask is uncoloured (Cityscapes models colour every one)."""
-        coloured = cv2.compare(mask, self._none, cv2.CMP_NE)
+        # cv2 takes a scalar operand; its stubs only list arrays.
+        coloured = cv2.compare(mask, self._none, cv2.CMP_NE)  # type: ignore[call-overload]
         x, y, bw, bh = cv2.boundingRect(coloured)
         y0, y1 = np.searchsorted(rows, (y, y + bh))
         x0, x1 = np.searchsorted(cols, (x, x + bw))
@@ -222,30 +220,59 @@ class Renderer:
 
 # --------------------------------------------------------------------------------------------
 # The render stage: threads that turn results (or, in smooth mode, every captured frame) into
-# published JPEGs. Work per stream is serialised on one thread, so buffers need no locks.
+# annotated frames for each stream's sinks. Work per stream is serialised on one thread, so
+# buffers need no locks.
+
+
+class RateMeter:
+    """Events per second over a sliding window; cheap enough to call per frame, from any
+    thread (the render thread ticks, the event loop reads)."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self._window = window_s
+        self._events: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._events.append(now)
+            self._trim(now)
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            self._trim(now)
+            if len(self._events) < 2:
+                return 0.0
+            return (len(self._events) - 1) / max(now - self._events[0], 1e-6)
+
+    def _trim(self, now: float) -> None:
+        while self._events and now - self._events[0] > self._window:
+            self._events.popleft()
 
 
 class StreamView:
-    """Render-side state of one stream: newest result, its renderer and its publisher."""
+    """Render-side state of one stream: newest result, its renderer and its sinks."""
 
     def __init__(
         self,
         stream_id: str,
         renderer: Renderer,
-        publisher: Publisher,
+        sinks: Sequence[Sink] = (),
         *,
         output: str,
         jpeg_quality: int,
         peek_frame: Callable[[], Frame | None],
-        on_published: Callable[[str, float], None] | None = None,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self.stream_id = stream_id
         self.renderer = renderer
-        self.publisher = publisher
+        self.sinks: tuple[Sink, ...] = tuple(sinks)  # replaced whole, never mutated
         self.output = output
         self.jpeg_quality = jpeg_quality
         self.peek_frame = peek_frame
-        self.on_published = on_published
+        self._observer = observer
         self.result: Result | None = None  # newest result from the model worker
         self.fractions: np.ndarray | None = None
         self.out_rate = RateMeter()
@@ -255,6 +282,29 @@ class StreamView:
         self._done_frame = 0  # frame seq of the last frame published
         self._lock = threading.Lock()  # render() from the stage thread vs. on-demand snapshots
 
+    # -- sinks and settings (any thread) ---------------------------------------------------
+    def add_sink(self, sink: Sink) -> None:
+        with self._lock:
+            self.sinks = (*self.sinks, sink)
+
+    def remove_sink(self, sink: Sink) -> None:
+        with self._lock:
+            self.sinks = tuple(s for s in self.sinks if s is not sink)
+
+    def set_renderer(self, renderer: Renderer) -> None:
+        """New overlay settings, from the next frame on (no restart)."""
+        with self._lock:
+            self.renderer = renderer
+            self._done_frame = 0  # show the change even on a still picture
+
+    def close(self) -> None:
+        """Closes every sink (ends their clients); the view is not used afterwards."""
+        with self._lock:
+            sinks, self.sinks = self.sinks, ()
+        for sink in sinks:
+            sink.close()
+
+    # -- render thread ---------------------------------------------------------------------
     def pending(self) -> bool:
         if self.output == "smooth":
             frame = self.peek_frame()
@@ -268,78 +318,92 @@ class StreamView:
         if result.frame.seq > self._done_result:
             self._done_result = result.frame.seq
             self._count_classes(result.mask)
-        frame = result.frame
-        if self.output == "smooth":
-            newest = self.peek_frame()
-            if newest is not None and newest.seq > frame.seq:
-                frame = newest
+        frame = self._frame_for(result)
         if frame.seq <= self._done_frame:
             return
         self._done_frame = frame.seq
-        if not self.publisher.watched:
-            return  # encode only while someone watches; snapshots render on demand
-        jpeg = self._render_jpeg(frame, result.mask)
-        self.publisher.publish_threadsafe(jpeg, frame.seq, frame.capture_ts)
+        sinks = [s for s in self.sinks if s.wants_frames()]
+        if not sinks:
+            return  # render only for a sink that wants frames; snapshots render on demand
+        with self._lock:
+            rendered = self._render(frame, result.mask)
+            for sink in sinks:
+                sink.put(rendered)
+        if rendered.encode_s:
+            self._observer.stage("encode", rendered.encode_s)
         self.out_rate.tick()
-        metrics.FRAMES.labels(stream=self.stream_id, outcome="published").inc()
+        self._observer.frame(self.stream_id, "published")
 
     def snapshot(self) -> tuple[bytes, Frame] | None:
         """JPEG of the newest annotated frame, rendered now (for /snapshot.jpg with no viewer)."""
         result = self.result
         if result is None:
             return None
-        frame = result.frame
+        frame = self._frame_for(result)
+        with self._lock:
+            jpeg = self._render(frame, result.mask).jpeg()
+        return jpeg, frame
+
+    def _frame_for(self, result: Result) -> Frame:
+        """The frame to draw the mask on: its own, or in smooth mode the newest one."""
         if self.output == "smooth":
             newest = self.peek_frame()
-            frame = newest if newest is not None and newest.seq > frame.seq else frame
-        return self._render_jpeg(frame, result.mask), frame
+            if newest is not None and newest.seq > result.frame.seq:
+                return newest
+        return result.frame
 
-    def _render_jpeg(self, frame: Frame, mask: np.ndarray) -> bytes:
-        with self._lock:
-            t0 = time.perf_counter()
-            img = self.renderer.render(frame.image, mask)
-            t1 = time.perf_counter()
-            jpeg = encode_jpeg(img, self.jpeg_quality)
-            t2 = time.perf_counter()
-        metrics.STAGE_SECONDS.labels(stage="render").observe(t1 - t0)
-        metrics.STAGE_SECONDS.labels(stage="encode").observe(t2 - t1)
-        return jpeg
+    def _render(self, frame: Frame, mask: np.ndarray) -> Rendered:
+        """Caller holds self._lock (the renderer's buffers are reused)."""
+        t0 = time.perf_counter()
+        img = self.renderer.render(frame.image, mask)
+        self._observer.stage("render", time.perf_counter() - t0)
+        return Rendered(self.stream_id, img, frame.seq, frame.capture_ts, self.jpeg_quality)
 
     def _count_classes(self, mask: np.ndarray) -> None:
         labels = self.renderer.labels
         self.fractions = class_fractions(mask, len(labels))
-        for name, f in zip(labels, self.fractions, strict=True):
-            metrics.CLASS_FRACTION.labels(stream=self.stream_id, class_name=name).set(f)
+        self._observer.class_fractions(self.stream_id, labels, self.fractions)
 
 
 class RenderStage:
-    """`workers` threads; stream i is always rendered by thread i % workers."""
+    """`workers` threads; each new stream goes to the thread with the fewest streams (ties:
+    the lowest index), so with no removals the i-th stream added is on thread i % workers."""
 
     def __init__(self, workers: int = 1) -> None:
         self._views: dict[str, StreamView] = {}
+        self._thread_of: dict[str, int] = {}
         self._conds = [threading.Condition() for _ in range(max(1, workers))]
         self._dirty = [False] * len(self._conds)
         self._threads: list[threading.Thread] = []
         self._stopped = False
+        self._lock = threading.Lock()
 
     def add(self, view: StreamView) -> None:
-        self._views[view.stream_id] = view
+        with self._lock:
+            load = [0] * len(self._conds)
+            for i in self._thread_of.values():
+                load[i] += 1
+            self._thread_of[view.stream_id] = load.index(min(load))
+            self._views[view.stream_id] = view
 
-    def remove(self, stream_id: str) -> None:
-        self._views.pop(stream_id, None)
+    def remove(self, stream_id: str) -> StreamView | None:
+        """Stops rendering the stream; a frame being rendered right now still finishes."""
+        with self._lock:
+            self._thread_of.pop(stream_id, None)
+            return self._views.pop(stream_id, None)
 
     def view(self, stream_id: str) -> StreamView | None:
         return self._views.get(stream_id)
 
-    def _index(self, stream_id: str) -> int:
-        return hash(stream_id) % len(self._conds)
+    def thread_of(self, stream_id: str) -> int | None:
+        return self._thread_of.get(stream_id)
 
     def submit(self, result: Result) -> None:
         """From a model worker: newest result wins (workers in parallel may finish out of order)."""
         view = self._views.get(result.stream_id)
-        if view is None:
-            return
-        i = self._index(result.stream_id)
+        i = self._thread_of.get(result.stream_id)
+        if view is None or i is None:
+            return  # removed meanwhile
         with self._conds[i]:
             if view.result is not None and view.result.frame.seq >= result.frame.seq:
                 return
@@ -349,7 +413,9 @@ class RenderStage:
         view.infer_rate.tick()
 
     def wake(self, stream_id: str) -> None:
-        i = self._index(stream_id)
+        i = self._thread_of.get(stream_id)
+        if i is None:
+            return
         with self._conds[i]:
             self._dirty[i] = True
             self._conds[i].notify()
@@ -375,8 +441,10 @@ class RenderStage:
                 while not self._dirty[i] and not self._stopped:
                     cond.wait(0.5)
                 self._dirty[i] = False
-            for view in list(self._views.values()):
-                if self._index(view.stream_id) != i or not view.pending():
+            with self._lock:
+                mine = [v for sid, v in self._views.items() if self._thread_of.get(sid) == i]
+            for view in mine:
+                if not view.pending():
                     continue
                 try:
                     view.work()

@@ -17,21 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.runtime import Segmenter, prepare
-from stream import metrics
-from stream.scheduler import Job, Scheduler
-from stream.sources import Frame
+from stream.datatypes import Job, Result
+from stream.observer import NULL_OBSERVER, Observer
+from stream.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class Result:
-    stream_id: str
-    frame: Frame
-    mask: np.ndarray  # uint8 [h, w] class ids at the model's input size
-    inferred_ts: float
-    batch_size: int
-
+# A worker whose batches fail this many times in a row is reported unhealthy (one bad frame
+# is not an outage; a model that fails every batch is).
+FAILING_AFTER = 3
 
 @dataclass(frozen=True, slots=True)
 class WorkerPlan:
@@ -84,7 +78,9 @@ class ModelWorker:
         sink: Callable[[Result], None],
         max_batch: int,
         index: int = 0,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
+        self._observer = observer
         self.segmenter = segmenter
         self.index = index
         self.scheduler = scheduler
@@ -93,7 +89,8 @@ class ModelWorker:
         self._inputs = np.empty((max_batch, h, w, 3), np.uint8)  # reused for every batch
         self._thread: threading.Thread | None = None
         self.lock = threading.Lock()  # the segmenter is not thread-safe; REST calls share it
-        self.error: str | None = None
+        self.error: str | None = None  # the newest failure, cleared by a successful batch
+        self.failures = 0  # consecutive failed batches
         self.batches = 0
         self.frames = 0
         self.busy_s = 0.0
@@ -117,18 +114,29 @@ class ModelWorker:
                 self._process(jobs)
             except Exception as e:  # a bad batch must not kill the service
                 self.error = f"{type(e).__name__}: {e}"
-                log.exception("inference failed for %d frames", len(jobs))
+                self.failures += 1
+                self._observer.worker_error(self.index, self.error)
+                if self.failures <= FAILING_AFTER or self.failures % 100 == 0:
+                    log.exception("worker %d: inference failed for %d frames (%d in a row)",
+                                  self.index, len(jobs), self.failures)
+            else:
+                if self.failures:
+                    log.info("worker %d: inference works again", self.index)
+                    self._observer.worker_error(self.index, None)
+                self.error, self.failures = None, 0
+
+    @property
+    def failing(self) -> bool:
+        return self.failures >= FAILING_AFTER
 
     def _process(self, jobs: list[Job]) -> None:
         n = len(jobs)
         size = self.segmenter.input_size
         for i, job in enumerate(jobs):
-            metrics.STAGE_SECONDS.labels(stage="queue_wait").observe(
-                job.taken_ts - job.frame.capture_ts
-            )
+            self._observer.stage("queue_wait", job.taken_ts - job.frame.capture_ts)
             t0 = time.perf_counter()
             prepare(job.frame.image, size, out=self._inputs[i], bgr=True)
-            metrics.STAGE_SECONDS.labels(stage="preprocess").observe(time.perf_counter() - t0)
+            self._observer.stage("preprocess", time.perf_counter() - t0)
         t0 = time.perf_counter()
         with self.lock:
             masks = self.segmenter.segment(self._inputs[:n])
@@ -136,9 +144,8 @@ class ModelWorker:
         self.busy_s += dt
         self.batches += 1
         self.frames += n
-        metrics.STAGE_SECONDS.labels(stage="inference").observe(dt)
-        metrics.BATCH_SIZE.observe(n)
+        self._observer.batch(n, dt)
         now = time.monotonic()
         for job, mask in zip(jobs, masks, strict=True):
-            metrics.FRAMES.labels(stream=job.stream_id, outcome="inferred").inc()
+            self._observer.frame(job.stream_id, "inferred")
             self.sink(Result(job.stream_id, job.frame, mask, now, n))

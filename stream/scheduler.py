@@ -19,21 +19,17 @@ from typing import Protocol
 
 import numpy as np
 
-from stream import metrics
-from stream.sources import Frame, FrameSlot, SourceState
+from stream.datatypes import Job, SourceState
+from stream.observer import NULL_OBSERVER, Observer
+from stream.sources import FrameSlot
 
 
 class Schedulable(Protocol):
     id: str
     slot: FrameSlot
-    state: SourceState
 
-
-@dataclass(slots=True)
-class Job:
-    stream_id: str
-    frame: Frame
-    taken_ts: float
+    @property
+    def state(self) -> SourceState: ...
 
 
 @dataclass
@@ -67,7 +63,9 @@ class Scheduler:
         latency_target_s: float = 0.0,
         min_fps: float = 1.0,
         control_period_s: float = 1.0,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
+        self._observer = observer
         self.max_batch = max_batch
         self.batch_cap = max_batch  # adaptive under a latency target
         self.max_wait_s = max_wait_s
@@ -86,7 +84,7 @@ class Scheduler:
         """Known once the model's runtime is (see runner.plan_workers)."""
         with self._cond:
             self.max_batch = self.batch_cap = max(1, max_batch)
-            metrics.BATCH_LIMIT.set(self.batch_cap)
+            self._observer.batch_limit(self.batch_cap)
 
     # -- streams ---------------------------------------------------------------------------
     def add(self, source: Schedulable, infer_fps: float) -> None:
@@ -94,22 +92,35 @@ class Scheduler:
             self._lanes[source.id] = _Lane(source, infer_fps, infer_fps)
             self._order.append(source.id)
             self._inferred[source.id] = 0
-            metrics.INFER_FPS_LIMIT.labels(stream=source.id).set(infer_fps)
+            self._observer.infer_fps_limit(source.id, infer_fps)
             self._cond.notify()
 
     def remove(self, stream_id: str) -> None:
+        """Drops the stream's lane; a batch already taken still completes."""
         with self._cond:
             self._lanes.pop(stream_id, None)
             if stream_id in self._order:
                 self._order.remove(stream_id)
             self._inferred.pop(stream_id, None)
+            self._rr = self._rr % len(self._order) if self._order else 0
+
+    def set_rate(self, stream_id: str, infer_fps: float) -> None:
+        """A new configured cap for one stream, applied at once."""
+        with self._cond:
+            lane = self._lanes.get(stream_id)
+            if lane is None:
+                return
+            lane.base_fps = lane.cap_fps = infer_fps
+            lane.next_due = 0.0
+            self._observer.infer_fps_limit(stream_id, infer_fps)
+            self._cond.notify()
 
     def cap(self, stream_id: str) -> float:
         lane = self._lanes.get(stream_id)
         return lane.cap_fps if lane else 0.0
 
     # -- wake-ups --------------------------------------------------------------------------
-    def notify(self, stream_id: str | None = None) -> None:
+    def notify(self) -> None:
         """Called by a reader thread after each new frame."""
         with self._cond:
             self._cond.notify()
@@ -150,9 +161,9 @@ class Scheduler:
             frame = lane.source.slot.peek()
             # A frame passed over once stays skipped; the next one gets its chance.
             fresh = frame is not None and frame.seq > max(lane.last_seq, lane.skipped_seq)
-            if fresh and lane.due(now):
+            if frame is not None and fresh and lane.due(now):
                 due.append(lane)
-            elif fresh:
+            elif frame is not None and fresh:
                 lane.skipped_seq = frame.seq
                 lane.source.slot.mark_skipped(frame.seq)  # counts it in metrics
             elif lane.source.state == SourceState.LIVE and (
@@ -224,7 +235,7 @@ class Scheduler:
                 self._set_caps(lambda cap: min(cap + max(0.25, 0.05 * cap), 1.5 * measured + 1))
             elif self.batch_cap < self.max_batch:
                 self.batch_cap = min(self.max_batch, self.batch_cap * 2)
-        metrics.BATCH_LIMIT.set(self.batch_cap)
+        self._observer.batch_limit(self.batch_cap)
 
     def _set_caps(self, update: Callable[[float], float]) -> None:
         now = time.monotonic()
@@ -238,4 +249,4 @@ class Scheduler:
             # once and the last waits for every other one's inference (8 cameras, caps at
             # 1 fps: service-side p95 132 ms against 75 ms for one camera).
             lane.next_due = now + (i / len(lanes)) / lane.cap_fps
-            metrics.INFER_FPS_LIMIT.labels(stream=lane.source.id).set(lane.cap_fps)
+            self._observer.infer_fps_limit(lane.source.id, lane.cap_fps)

@@ -4,6 +4,7 @@ Prometheus metrics, and a MAX-style single-image REST API."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -13,13 +14,12 @@ from typing import Any
 
 import cv2
 import numpy as np
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from aiohttp import BodyPartReader, web
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from stream import metrics
 from stream.config import AppConfig
+from stream.encoders import BOUNDARY, mjpeg_part
 from stream.predict import encode_palette_png
-from stream.publish import BOUNDARY, mjpeg_part
 from stream.service import Service, Stream
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,9 @@ async def mjpeg(request: web.Request) -> web.StreamResponse:
         "X-Accel-Buffering": "no",
     })
     await resp.prepare(request)
-    pub = s.publisher
+    pub = s.mjpeg
     pub.clients += 1
-    metrics.MJPEG_CLIENTS.labels(stream=s.cfg.id).inc()
+    service.observer.clients(s.cfg.id, pub.clients)
     seq = 0
     next_at = 0.0
     try:
@@ -112,7 +112,7 @@ async def mjpeg(request: web.Request) -> web.StreamResponse:
         pass  # the viewer went away
     finally:
         pub.clients -= 1
-        metrics.MJPEG_CLIENTS.labels(stream=s.cfg.id).dec()
+        service.observer.clients(s.cfg.id, pub.clients)
     return resp
 
 
@@ -133,7 +133,7 @@ def _client_fps(request: web.Request, server_cap: float) -> float:
 
 async def snapshot(request: web.Request) -> web.Response:
     s = _stream(request)
-    latest = s.publisher.latest
+    latest = s.mjpeg.latest
     if latest is not None and time.monotonic() - latest.published_ts < 1.0:
         jpeg = latest.jpeg  # someone is watching: reuse the frame already encoded
     else:
@@ -159,8 +159,9 @@ async def mask_png(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    if service.error:
-        return json_error(500, service.error)
+    problem = service.health()
+    if problem:
+        return json_error(503, problem)
     return web.json_response({"status": "ok", "uptime_s": round(time.monotonic() -
                                                                   service.started_ts, 1)})
 
@@ -173,8 +174,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(metrics.REGISTRY)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    registry = request.app[SERVICE].metrics
+    if registry is None:
+        return json_error(404, "this service reports metrics to another observer")
+    return web.Response(body=registry.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 # -- MAX-style model API ----------------------------------------------------------------------
@@ -226,7 +229,7 @@ async def _upload(request: web.Request) -> bytes:
                                  content_type="application/json")
     reader = await request.multipart()
     async for part in reader:
-        if part.name == "image":
+        if isinstance(part, BodyPartReader) and part.name == "image":
             return bytes(await part.read(decode=False))
     raise web.HTTPBadRequest(text=json.dumps({"error": "missing form field 'image'"}),
                              content_type="application/json")
@@ -269,6 +272,8 @@ async def _service_ctx(app: web.Application):
     task = asyncio.create_task(start())
     yield
     task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task  # a model load in progress finishes and is closed, not left running
     await service.stop()
 
 
@@ -280,8 +285,7 @@ async def serve(cfg: AppConfig) -> int:
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.server.shutdown_timeout,
                            access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.server.host, cfg.server.port,
-                       shutdown_timeout=cfg.server.shutdown_timeout)
+    site = web.TCPSite(runner, cfg.server.host, cfg.server.port)
     await site.start()
     log.info("listening on http://%s:%d/", cfg.server.host, cfg.server.port)
     loop = asyncio.get_running_loop()
@@ -290,6 +294,6 @@ async def serve(cfg: AppConfig) -> int:
     await stop.wait()
     log.info("shutting down")
     for s in service.streams.values():
-        s.publisher.close()  # ends every MJPEG response so the server can close at once
+        s.view.close()  # ends every MJPEG response so the server can close at once
     await runner.cleanup()
     return 1 if service.error else 0

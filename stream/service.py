@@ -1,11 +1,16 @@
-"""Wires the pipeline together: sources -> scheduler -> model worker -> render -> publish.
+"""Wires the pipeline together: sources -> scheduler -> model workers -> render -> sinks.
 
-The service owns the threads; the HTTP layer only reads its state and the publishers."""
+The service owns the threads and every stream's life: `add_stream`, `replace_stream` and
+`remove_stream` are symmetric, and removing a stream leaves nothing behind (reader, scheduler
+lane, render view, sinks and their clients, metric series). The HTTP layer only reads its
+state and the sinks."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,15 +21,21 @@ import numpy as np
 
 from models.fetch import sample_path
 from models.runtime import Segmenter, load_segmenter, prepare, resolve_backend
-from stream import metrics
 from stream.config import AppConfig, ConfigError, StreamConfig
-from stream.publish import Publisher
+from stream.datatypes import Result
+from stream.metrics import PrometheusObserver
+from stream.observer import Observer
 from stream.render import Renderer, RenderStage, StreamView
-from stream.runner import ModelWorker, Result, WorkerPlan, plan_workers
+from stream.runner import ModelWorker, WorkerPlan, plan_workers
+from stream.sanitize import sanitize_url
 from stream.scheduler import Scheduler
+from stream.sinks import MjpegSink
 from stream.sources import VideoSource
 
 log = logging.getLogger(__name__)
+
+# Settings a running stream takes without touching its reader; any other change restarts it.
+LIVE_FIELDS = frozenset({"id", "infer_fps", "output", "alpha", "classes"})
 
 
 def resolve_source(source: str) -> str:
@@ -39,13 +50,23 @@ class Stream:
     cfg: StreamConfig
     source: VideoSource
     view: StreamView
-    publisher: Publisher
+    mjpeg: MjpegSink
 
 
 class Service:
-    def __init__(self, cfg: AppConfig, segmenter: Segmenter | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AppConfig,
+        segmenter: Segmenter | None = None,
+        observer: Observer | None = None,
+    ) -> None:
         self.cfg = cfg
         self.segmenter = segmenter
+        # Metrics of this service alone: two services in one process never share series.
+        self.metrics: PrometheusObserver | None = None
+        if observer is None:
+            observer = self.metrics = PrometheusObserver()
+        self.observer: Observer = observer
         self.streams: dict[str, Stream] = {}
         m = cfg.model
         self.scheduler = Scheduler(
@@ -53,6 +74,7 @@ class Service:
             max_wait_s=m.max_wait_ms / 1000.0,
             latency_target_s=cfg.scheduler.latency_target_ms / 1000.0,
             min_fps=cfg.scheduler.min_infer_fps,
+            observer=self.observer,
         )
         self.render = RenderStage(workers=cfg.render.workers)
         self.workers: list[ModelWorker] = []
@@ -61,6 +83,8 @@ class Service:
         self.error: str | None = None
         self.started_ts = time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = threading.Event()  # tells a model load in progress to give up
+        self._streams_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -69,16 +93,12 @@ class Service:
         # Every stage has threads of its own; OpenCV's pool on top only spins against the model
         # (render: 1.84 ms CPU per 720p frame with it on 2 cores, 1.03 ms without).
         cv2.setNumThreads(1)
-        if self.segmenter is None:
-            segmenters = await asyncio.to_thread(self._load_models)
-            self.segmenter = segmenters[0]
-        else:
-            await asyncio.to_thread(self.segmenter.warmup)
-            segmenters = [self.segmenter]
+        segmenters = await self._load()
+        self.segmenter = segmenters[0]
         max_batch = self.plan.max_batch if self.plan else (self.cfg.model.max_batch or 1)
         self.scheduler.set_max_batch(max_batch)
         self.workers = [
-            ModelWorker(seg, self.scheduler, self._on_result, max_batch, i)
+            ModelWorker(seg, self.scheduler, self._on_result, max_batch, i, self.observer)
             for i, seg in enumerate(segmenters)
         ]
         for scfg in self.cfg.streams:
@@ -87,9 +107,30 @@ class Service:
         for w in self.workers:
             w.start()
         self.ready = True
-        metrics.MODEL_READY.set(1)
+        self.observer.model_ready(True)
         log.info("serving %d stream(s) with %s/%s", len(self.streams), self.segmenter.name,
                  self.segmenter.backend)
+
+    async def _load(self) -> list[Segmenter]:
+        """The model copies, loaded in a thread. Cancelled (shutdown during load), it waits for
+        that thread to notice, then closes whatever it loaded: nothing keeps running."""
+        given = self.segmenter
+
+        def load_or_warm() -> list[Segmenter]:
+            if given is None:
+                return self._load_models()
+            given.warmup()
+            return [given]
+
+        load = asyncio.ensure_future(asyncio.to_thread(load_or_warm))
+        try:
+            return await asyncio.shield(load)
+        except asyncio.CancelledError:
+            self._stopping.set()
+            with contextlib.suppress(Exception):
+                for seg in await load:
+                    seg.close()
+            raise
 
     def _load_models(self) -> list[Segmenter]:
         """One warmed copy of the model per worker (see runner.plan_workers)."""
@@ -101,6 +142,8 @@ class Service:
         segs: list[Segmenter] = []
         try:
             for _ in range(plan.workers):
+                if self._stopping.is_set():
+                    break  # shutting down: the caller closes what is loaded
                 seg = load_segmenter(m.name, backend, batch_sizes=plan.batch_sizes,
                                      threads=plan.threads, weights=m.weights)
                 segs.append(seg)
@@ -110,14 +153,15 @@ class Service:
                 seg.close()
             raise
         log.info("model %s (%s) ready in %.1f s: %d worker(s) x %s thread(s), batch sizes %s",
-                 segs[0].name, backend, time.perf_counter() - t0, plan.workers,
+                 m.name, backend, time.perf_counter() - t0, len(segs),
                  plan.threads or "-", list(plan.batch_sizes))
         return segs
 
     async def stop(self) -> None:
         self.ready = False
+        self._stopping.set()
         for s in self.streams.values():
-            s.publisher.close()
+            s.view.close()  # ends every MJPEG response
         await asyncio.to_thread(self._stop_threads)
 
     def _stop_threads(self) -> None:
@@ -137,22 +181,78 @@ class Service:
 
     # -- streams ---------------------------------------------------------------------------
     def add_stream(self, scfg: StreamConfig) -> Stream:
-        assert self._loop is not None and self.segmenter is not None
-        if scfg.id in self.streams:
-            raise ValueError(f"stream {scfg.id!r} exists")
-        metrics.init_stream(scfg.id)
+        """Starts a stream. Raises ValueError for a duplicate id, ConfigError for settings the
+        model cannot honour (unknown class names)."""
+        assert self._loop is not None and self.segmenter is not None, "service not started"
+        renderer = self._renderer(scfg)
+        with self._streams_lock:
+            if scfg.id in self.streams:
+                raise ValueError(f"stream {scfg.id!r} exists")
+            self.observer.stream_added(scfg.id)
+            source = self._source(scfg)
+            mjpeg = MjpegSink(scfg.id, self._loop)
+            view = StreamView(
+                scfg.id, renderer, [mjpeg], output=scfg.output,
+                jpeg_quality=self.cfg.render.jpeg_quality, peek_frame=source.slot.peek,
+                observer=self.observer,
+            )
+            stream = self.streams[scfg.id] = Stream(scfg, source, view, mjpeg)
+            self.render.add(view)
+            self.scheduler.add(source, scfg.infer_fps)
+        source.start()
+        return stream
+
+    def remove_stream(self, stream_id: str) -> None:
+        """Stops the stream and removes every trace of it. Raises KeyError if unknown.
+        Blocks for at most the reader's stop time (a stuck reader is abandoned)."""
+        with self._streams_lock:
+            stream = self.streams.pop(stream_id)
+        self.scheduler.remove(stream_id)
+        self.render.remove(stream_id)
+        stream.source.stop(self.cfg.server.shutdown_timeout / 4)
+        stream.view.close()  # its viewers' responses end cleanly
+        self.observer.stream_removed(stream_id)  # last: late events cannot re-create series
+
+    def replace_stream(self, scfg: StreamConfig) -> Stream:
+        """Applies a stream's new settings: overlay, rate and output live; anything that
+        concerns the reader restarts only the reader (viewers stay connected)."""
+        stream = self.streams[scfg.id]
+        renderer = self._renderer(scfg)  # validate before touching anything
+        old, stream.cfg = stream.cfg, scfg
+        changed = {k for k in StreamConfig.model_fields if getattr(old, k) != getattr(scfg, k)}
+        if changed - LIVE_FIELDS:
+            self._restart_reader(stream)
+        elif scfg.infer_fps != old.infer_fps:
+            self.scheduler.set_rate(scfg.id, scfg.infer_fps)
+        stream.view.output = scfg.output
+        stream.view.set_renderer(renderer)
+        return stream
+
+    def _restart_reader(self, stream: Stream) -> None:
+        stream.source.stop(self.cfg.server.shutdown_timeout / 4)
+        self.scheduler.remove(stream.cfg.id)
+        stream.source = self._source(stream.cfg)
+        stream.view.peek_frame = stream.source.slot.peek
+        self.scheduler.add(stream.source, stream.cfg.infer_fps)
+        stream.source.start()
+
+    def _source(self, scfg: StreamConfig) -> VideoSource:
         smooth = scfg.output == "smooth"
 
         def on_frame(stream_id: str) -> None:
-            self.scheduler.notify(stream_id)
+            self.scheduler.notify()
             if smooth:
                 self.render.wake(stream_id)
 
-        source = VideoSource(scfg, on_frame=on_frame, resolve=resolve_source)
+        return VideoSource(scfg, on_frame=on_frame, resolve=resolve_source,
+                           observer=self.observer)
+
+    def _renderer(self, scfg: StreamConfig) -> Renderer:
+        assert self.segmenter is not None
         rc = self.cfg.render
         key = f"streams[{scfg.id}].classes" if scfg.classes is not None else "render.classes"
         try:
-            renderer = Renderer(
+            return Renderer(
                 self.segmenter.labels,
                 self.segmenter.palette,
                 mode=rc.mode,
@@ -162,16 +262,6 @@ class Service:
             )
         except ValueError as e:  # class names can only be checked once the model is known
             raise ConfigError(f"{key}: {e}") from None
-        publisher = Publisher(scfg.id, self._loop)
-        view = StreamView(
-            scfg.id, renderer, publisher, output=scfg.output, jpeg_quality=rc.jpeg_quality,
-            peek_frame=source.slot.peek,
-        )
-        stream = self.streams[scfg.id] = Stream(scfg, source, view, publisher)
-        self.render.add(view)
-        self.scheduler.add(source, scfg.infer_fps)
-        source.start()
-        return stream
 
     def segment_image(self, image_bgr: np.ndarray) -> np.ndarray:
         """One image through the shared model (MAX-style REST API); mask at the model size."""
@@ -186,25 +276,42 @@ class Service:
 
     def record_latency(self, stream_id: str, seconds: float) -> None:
         """Called by the MJPEG writer after each frame write: capture -> client write."""
-        metrics.E2E_SECONDS.labels(stream=stream_id).observe(seconds)
+        self.observer.latency(stream_id, seconds)
         self.scheduler.observe_latency(stream_id, seconds)
         s = self.streams.get(stream_id)
         if s is not None:
             s.view.latencies.append(seconds)
 
     # -- state for the API -----------------------------------------------------------------
+    def health(self) -> str | None:
+        """Why the service is unhealthy, or None: a failed start, or model workers whose
+        batches keep failing (frames are read but never segmented)."""
+        if self.error:
+            return self.error
+        failing = [w for w in self.workers if w.failing]
+        if failing:
+            w = failing[0]
+            return (f"inference failing on {len(failing)} of {len(self.workers)} model "
+                    f"worker(s), {w.failures} batches in a row: {w.error}")
+        return None
+
     def stream_status(self, stream_id: str) -> dict[str, Any]:
         s = self.streams[stream_id]
         st = s.source.stats()
         lat = np.asarray(s.view.latencies, dtype=np.float64)
-        top = self._top_classes(s.view.fractions)
+        state, reason = s.source.status()
+        model_error = self.health() if self.workers else None
+        if model_error and state.value == "live":
+            state_value, reason = "error", model_error
+        else:
+            state_value = state.value
         return {
             "id": stream_id,
-            "source": s.cfg.source,
+            "source": sanitize_url(s.cfg.source),
             "reader": s.cfg.reader,
             "output": s.cfg.output,
-            "state": s.source.state.value,
-            "reason": s.source.reason,
+            "state": state_value,
+            "reason": reason,
             "width": st.get("width"),
             "height": st.get("height"),
             "fps_in": round(float(st.get("fps_in", 0.0)), 2),
@@ -218,8 +325,8 @@ class Service:
             "captured": st.get("captured", 0),
             "dropped": st.get("dropped", 0),
             "reconnects": st.get("reconnects", 0),
-            "clients": s.publisher.clients,
-            "classes": top,
+            "clients": s.mjpeg.clients,
+            "classes": self._top_classes(s.view.fractions),
         }
 
     def _top_classes(self, fractions: np.ndarray | None, n: int = 5) -> dict[str, float]:

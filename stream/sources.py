@@ -27,14 +27,16 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from stream import metrics
 from stream.config import StreamConfig
+from stream.datatypes import Frame, SourceState
+from stream.observer import NULL_OBSERVER, Observer
+from stream.sanitize import sanitize_text, sanitize_url
 
 # OpenCV serialises every FFmpeg open behind one process-wide mutex unless told that FFmpeg
 # is thread-safe (it is, since FFmpeg 4). Without this, one stream stuck opening an
@@ -56,24 +58,15 @@ _LOW_DELAY = 1 << 19  # AV_CODEC_FLAG_LOW_DELAY
 _DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443, "rtmp": 1935}
 
 
-class SourceState(str, Enum):  # noqa: UP042  (StrEnum needs 3.11; we support 3.10)
-    STARTING = "starting"
-    LIVE = "live"
-    RECONNECTING = "reconnecting"
-    ERROR = "error"
-    STOPPED = "stopped"
-
-
 class SourceError(Exception):
-    """A failure of one connection attempt, worded for the operator (becomes `reason`)."""
+    """A failure of one connection attempt, worded for the operator (becomes `reason`).
 
+    `permanent`: trying again cannot help (a local file that is missing or holds no video),
+    so the stream goes to `error` instead of reconnecting."""
 
-@dataclass(slots=True)
-class Frame:
-    image: np.ndarray  # BGR uint8 [H,W,3], owned by the frame (never reused by the reader)
-    seq: int  # per-stream, strictly increasing from 1 (across reconnects too)
-    capture_ts: float  # time.monotonic() right after the frame was decoded
-    decode_s: float  # seconds spent reading+decoding it
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,11 +80,12 @@ class FrameSlot:
     (the consumer saw it and chose not to process it: mark_skipped), or *dropped*
     (overwritten before anyone took or skipped it). The newest frame is *pending* until one
     of those happens, so at any moment puts == taken + skipped + dropped + pending.
-    With a stream_id, dropped and skipped also go to metrics.FRAMES.
+    Dropped and skipped frames are also reported to the observer.
     """
 
-    def __init__(self, stream_id: str | None = None) -> None:
+    def __init__(self, stream_id: str = "", observer: Observer = NULL_OBSERVER) -> None:
         self._stream_id = stream_id
+        self._observer = observer
         self._lock = threading.Lock()
         self._frame: Frame | None = None
         self._pending = False  # the current frame is neither taken nor skipped
@@ -105,8 +99,8 @@ class FrameSlot:
             self.puts += 1
             if old is not None:
                 self.dropped += 1
-        if old is not None and self._stream_id is not None:
-            metrics.FRAMES.labels(stream=self._stream_id, outcome="dropped").inc()
+        if old is not None:
+            self._observer.frame(self._stream_id, "dropped")
         return old
 
     def take(self, after_seq: int = 0) -> Frame | None:
@@ -132,8 +126,7 @@ class FrameSlot:
                 return False
             self._pending = False
             self.skipped += 1
-        if self._stream_id is not None:
-            metrics.FRAMES.labels(stream=self._stream_id, outcome="skipped").inc()
+        self._observer.frame(self._stream_id, "skipped")
         return True
 
     def counts(self) -> dict[str, int]:
@@ -181,11 +174,6 @@ def parse_target(source: str, resolve: Callable[[str], str] | None = None) -> Ta
             return Target("file", urlsplit(source).path, "file")
         return Target("network", source, scheme)
     return Target("file", str(Path(source).expanduser()), "file")
-
-
-def redact(url: str) -> str:
-    """Hide the password of a URL for logs and reasons."""
-    return re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", url)
 
 
 def _network_reason(url: str, timeout: float) -> str:
@@ -251,7 +239,9 @@ class Reader:
         raise NotImplementedError
 
     def _cannot_open(self, why: str) -> SourceError:
-        return SourceError(f"cannot open {redact(self.target.url)}: {why}")
+        # A local file that is missing or holds no video stays that way: no reconnecting.
+        return SourceError(f"cannot open {sanitize_url(self.target.url)}: {why}",
+                           permanent=self.target.kind == "file")
 
 
 class _CaptureOptionsGate:
@@ -367,8 +357,8 @@ class PyAVReader(Reader):
 
     def __init__(self, target: Target, cfg: StreamConfig) -> None:
         super().__init__(target, cfg)
-        self._container = None
-        self._frames: Iterator | None = None
+        self._container: Any = None
+        self._frames: Iterator[tuple[np.ndarray, float]] | None = None
 
     def open(self) -> None:
         import av  # optional reader: import only when used
@@ -376,7 +366,7 @@ class PyAVReader(Reader):
         t = self.target
         if t.kind == "file" and not Path(t.url).is_file():
             raise self._cannot_open(_file_reason(t.url))
-        kwargs = {"options": _ffmpeg_options(t, self.cfg),
+        kwargs: dict[str, Any] = {"options": _ffmpeg_options(t, self.cfg),
                   "timeout": (self.cfg.open_timeout, self.cfg.read_timeout)}
         if t.kind == "device":
             kwargs["format"] = "v4l2"
@@ -463,7 +453,7 @@ class _Attempt:
         self.last_frame: float | None = None
         self.frames = 0
         self.cancel = threading.Event()  # the supervisor has given up on this attempt
-        self.outcome: tuple[str, str] | None = None  # ("failed" | "eof", reason)
+        self.outcome: tuple[str, str] | None = None  # ("failed" | "error" | "eof", reason)
         self.thread: threading.Thread | None = None
 
 
@@ -492,10 +482,12 @@ class VideoSource:
         *,
         on_frame: Callable[[str], None] | None = None,
         resolve: Callable[[str], str] | None = None,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self.id = cfg.id
         self.cfg = cfg
-        self.slot = FrameSlot(cfg.id)
+        self._observer = observer
+        self.slot = FrameSlot(cfg.id, observer)
         self._on_frame = on_frame
         self._resolve = resolve
         self._lock = threading.Lock()
@@ -568,7 +560,7 @@ class VideoSource:
             fps_in = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 2 else 0.0
             return {
                 "id": self.id,
-                "source": redact(self.cfg.source),
+                "source": sanitize_url(self.cfg.source),
                 "reader": self.cfg.reader,
                 "state": self._state.value,
                 "reason": self._reason,
@@ -598,12 +590,15 @@ class VideoSource:
             if not first:
                 with self._lock:
                     self._reconnects += 1
-                metrics.RECONNECTS.labels(stream=self.id).inc()
+                self._observer.reconnect(self.id)
             first = False
             attempt = self._launch(target)
             outcome, reason = self._watch(attempt, stopped)
             self._retire(attempt)
             if outcome == "stop":
+                return
+            if outcome == "error":  # retrying cannot help (a missing local file)
+                self._finish(SourceState.ERROR, reason, stopped)
                 return
             if outcome == "eof":  # a file without loop
                 self._finish(SourceState.STOPPED, reason, stopped)
@@ -682,11 +677,12 @@ class VideoSource:
 
     def _set_state(self, state: SourceState, reason: str | None) -> None:
         """Caller holds self._lock."""
+        reason = None if reason is None else sanitize_text(reason)
         if state is not self._state:
             log.info("%s: %s -> %s%s", self.id, self._state.value, state.value,
                      f" ({reason})" if reason else "")
         self._state, self._reason = state, reason
-        metrics.STREAM_UP.labels(stream=self.id).set(1 if state is SourceState.LIVE else 0)
+        self._observer.state_changed(self.id, state, reason)
 
     # -- reader thread ---------------------------------------------------------------------
 
@@ -715,7 +711,7 @@ class VideoSource:
                         self._report(a, "eof", "end of file")
                         return
                     if since_open == 0:
-                        raise SourceError("file has no decodable frames")
+                        raise SourceError("file has no decodable frames", permanent=True)
                     reader.close()  # loop: reopen rather than seek, which some formats lack
                     reader.open()
                     since_open = 0
@@ -724,7 +720,7 @@ class VideoSource:
                 if not self._publish(a, *got):
                     return
         except SourceError as e:
-            self._report(a, "failed", str(e))
+            self._report(a, "error" if e.permanent else "failed", str(e))
         except Exception as e:  # never let a library surprise escape the thread
             log.exception("%s: reader crashed", self.id)
             self._report(a, "failed", f"reader crashed: {type(e).__name__}: {e}")
@@ -758,8 +754,8 @@ class VideoSource:
             # Inside the lock: once stop() or the watchdog has moved the generation on,
             # no frame of this reader can reach the slot.
             self.slot.put(frame)
-        metrics.FRAMES.labels(stream=self.id, outcome="captured").inc()
-        metrics.STAGE_SECONDS.labels(stage="decode").observe(decode_s)
+        self._observer.frame(self.id, "captured")
+        self._observer.stage("decode", decode_s)
         if self._on_frame is not None:
             try:
                 self._on_frame(self.id)

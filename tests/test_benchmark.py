@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import stamp  # noqa: E402
 
 from models.labels import VOC_LABELS, voc_palette  # noqa: E402
-from stream.publish import encode_jpeg  # noqa: E402
+from stream.encoders import encode_jpeg  # noqa: E402
 from stream.render import Renderer  # noqa: E402
 
 CODES = [(0, 0), (1, 4_294_967_295), (65_535, 123_456_789), (4242, 17)]

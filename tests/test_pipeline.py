@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from models.labels import VOC_LABELS, voc_palette
-from stream.publish import Publisher, encode_jpeg
+from stream.datatypes import Frame, Rendered, Result, SourceState
 from stream.render import Renderer, RenderStage, StreamView, class_fractions
-from stream.runner import Result, plan_workers
+from stream.runner import plan_workers
 from stream.scheduler import Scheduler
-from stream.sources import Frame, FrameSlot, SourceState
+from stream.sinks import MjpegSink
+from stream.sources import FrameSlot
 
 
 @dataclass
@@ -40,7 +41,7 @@ def feeder(sched: Scheduler, srcs: list[Src], fps: float, seconds: float) -> thr
         while time.monotonic() < end:
             for s in srcs:
                 s.push()
-                sched.notify(s.id)
+                sched.notify()
             time.sleep(1 / fps)
 
     t = threading.Thread(target=run, daemon=True)
@@ -215,13 +216,13 @@ def test_legend_is_drawn_and_fractions_add_up() -> None:
     assert (plain[:40, :200] != legend[:40, :200]).any()
 
 
-async def test_publisher_gives_newest_frame_and_closes() -> None:
+async def test_mjpeg_sink_gives_newest_frame_and_closes() -> None:
     loop = asyncio.get_running_loop()
-    pub = Publisher("a", loop)
-    jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8), 80)
+    pub = MjpegSink("a", loop)
+    img = np.zeros((8, 8, 3), np.uint8)
     assert await pub.next(0, timeout=0.05) is None
     for i in range(1, 4):  # a slow client misses 1 and 2
-        pub.publish_threadsafe(jpeg, i, time.monotonic())
+        pub.put(Rendered("a", img, i, time.monotonic(), 80))
     await asyncio.sleep(0.01)
     item = await pub.next(0, timeout=1)
     assert item is not None and item.frame_seq == 3
@@ -248,8 +249,8 @@ def test_worker_plan_cpu_splits_cores_gpu_runs_one() -> None:
 
 
 async def test_late_result_from_a_parallel_worker_never_replaces_a_newer_one() -> None:
-    pub = Publisher("a", asyncio.get_running_loop())
-    view = StreamView("a", Renderer(VOC_LABELS, voc_palette()), pub, output="segmented",
+    pub = MjpegSink("a", asyncio.get_running_loop())
+    view = StreamView("a", Renderer(VOC_LABELS, voc_palette()), [pub], output="segmented",
                       jpeg_quality=80, peek_frame=lambda: None)
     stage = RenderStage()
     stage.add(view)

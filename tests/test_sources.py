@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from rtsp import RtspServer, encode_clip, gst_rtsp_available
 
-from stream import metrics
 from stream.config import StreamConfig
-from stream.sources import Frame, FrameSlot, SourceState, VideoSource
+from stream.datatypes import Frame, SourceState
+from stream.metrics import PrometheusObserver
+from stream.sources import FrameSlot, VideoSource
 
 READERS = ["opencv", "pyav"]
 
@@ -37,10 +38,24 @@ def frame(seq: int) -> Frame:
                  decode_s=0.0)
 
 
+# One metrics registry for these tests, as a service would own one.
+OBS = PrometheusObserver()
+
+
 def sample(stream_id: str, outcome: str) -> float:
-    v = metrics.REGISTRY.get_sample_value(
+    v = OBS.registry.get_sample_value(
         "segstream_frames_total", {"stream": stream_id, "outcome": outcome})
     return v or 0.0
+
+
+def observed_slot(stream_id: str) -> FrameSlot:
+    OBS.stream_added(stream_id)
+    return FrameSlot(stream_id, OBS)
+
+
+def observed_source(cfg: StreamConfig, **kw) -> VideoSource:
+    OBS.stream_added(cfg.id)
+    return VideoSource(cfg, observer=OBS, **kw)
 
 
 _ids = iter(range(1, 10**6))
@@ -53,7 +68,7 @@ def make_source() -> Iterator[Callable[..., VideoSource]]:
 
     def make(source: str, **kw) -> VideoSource:
         kw.setdefault("id", f"t{next(_ids)}")
-        src = VideoSource(StreamConfig(source=source, **kw))
+        src = observed_source(StreamConfig(source=source, **kw))
         made.append(src)
         src.start()
         return src
@@ -107,7 +122,7 @@ def rtsp(clip: Path, rtsp_ok: None) -> Iterator[RtspServer]:
 
 
 def test_slot_latest_wins_and_counts_drops() -> None:
-    slot = FrameSlot("slot-a")
+    slot = observed_slot("slot-a")
     assert slot.take() is None and slot.peek() is None
     assert slot.put(frame(1)) is None
     assert slot.put(frame(2)).seq == 1  # 1 was never taken: dropped
@@ -124,7 +139,7 @@ def test_slot_latest_wins_and_counts_drops() -> None:
 
 
 def test_slot_skipped_frames_are_not_drops() -> None:
-    slot = FrameSlot("slot-b")
+    slot = observed_slot("slot-b")
     slot.put(frame(1))
     assert slot.mark_skipped(1)
     assert not slot.mark_skipped(1)  # counted once
@@ -136,7 +151,7 @@ def test_slot_skipped_frames_are_not_drops() -> None:
     slot.put(frame(4))
     assert slot.counts() == {"puts": 4, "taken": 1, "skipped": 1, "dropped": 1, "pending": 1}
     assert sample("slot-b", "skipped") == 1 and sample("slot-b", "dropped") == 1
-    unnamed = FrameSlot()  # no stream id: counts only, no metrics
+    unnamed = FrameSlot()  # no observer: counts only, no metrics
     unnamed.put(frame(1))
     unnamed.put(frame(2))
     assert unnamed.dropped == 1
@@ -246,7 +261,8 @@ def test_stop_then_start_again(make_source, short_clip: Path) -> None:
 @pytest.mark.parametrize("reader", READERS)
 def test_rtsp_reader_delivers_frames(make_source, shared_rtsp: RtspServer, reader: str) -> None:
     woken: list[str] = []
-    src = VideoSource(StreamConfig(id=f"rtsp-{reader}", source=shared_rtsp.url(), reader=reader),
+    src = observed_source(StreamConfig(id=f"rtsp-{reader}", source=shared_rtsp.url(),
+                                       reader=reader),
                       on_frame=woken.append)
     src.start()
     try:
@@ -259,11 +275,11 @@ def test_rtsp_reader_delivers_frames(make_source, shared_rtsp: RtspServer, reade
         assert f.image.shape == (480, 640, 3) and f.decode_s >= 0
         assert f.image.mean() > 20  # real picture, not a blank buffer
         assert woken[:3] == [src.id] * 3 and len(woken) >= st["captured"] - 1
-        assert metrics.REGISTRY.get_sample_value("segstream_stream_up", {"stream": src.id}) == 1
+        assert OBS.registry.get_sample_value("segstream_stream_up", {"stream": src.id}) == 1
     finally:
         src.stop()
     assert src.state is SourceState.STOPPED
-    assert metrics.REGISTRY.get_sample_value("segstream_stream_up", {"stream": src.id}) == 0
+    assert OBS.registry.get_sample_value("segstream_stream_up", {"stream": src.id}) == 0
 
 
 @pytest.mark.parametrize("reader", READERS)
@@ -290,7 +306,7 @@ def test_rtsp_server_dies_and_returns(
     assert wait_for(lambda: cam.slot.peek().seq > seq_before + 3, 5)
     st = cam.stats()
     assert st["reconnects"] >= 1 and st["reason"] is None
-    assert metrics.REGISTRY.get_sample_value(
+    assert OBS.registry.get_sample_value(
         "segstream_source_reconnects_total", {"stream": cam.id}) == st["reconnects"]
     assert other.stats()["reconnects"] == 0
 
@@ -299,29 +315,36 @@ def test_rtsp_server_dies_and_returns(
 
 
 @pytest.mark.parametrize("reader", READERS)
-def test_missing_file_reconnects_then_errors(make_source, tmp_path: Path, reader: str) -> None:
+def test_missing_file_is_an_error_not_a_reconnect(make_source, tmp_path: Path, reader: str) -> None:
     missing = tmp_path / "nope.mp4"
     src = make_source(str(missing), reader=reader, reconnect_initial=0.1)
-    assert wait_for(lambda: src.state is SourceState.RECONNECTING, 5), src.stats()
-    assert src.reason == f"cannot open {missing}: no such file"
-    assert src.stats()["captured"] == 0
-
-    limited = make_source(str(missing), reader=reader, reconnect_initial=0.1, max_failures=3)
-    assert wait_for(lambda: limited.state is SourceState.ERROR, 5), limited.stats()
-    st = limited.stats()
-    assert st["reason"] == f"cannot open {missing}: no such file"
-    assert st["consecutive_failures"] == 3 and st["reconnects"] == 2
+    assert wait_for(lambda: src.state is SourceState.ERROR, 5), src.stats()
+    time.sleep(0.5)  # would have retried several times by now
+    st = src.stats()
+    assert st["state"] == "error" and st["reason"] == f"cannot open {missing}: no such file"
+    assert st["reconnects"] == 0 and st["captured"] == 0
     t0 = time.monotonic()
     src.stop()
     assert time.monotonic() - t0 < 1.0 and src.state is SourceState.STOPPED
 
 
-def test_not_a_video_file(make_source, tmp_path: Path) -> None:
+@pytest.mark.parametrize("reader", READERS)
+def test_not_a_video_file_is_an_error(make_source, tmp_path: Path, reader: str) -> None:
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"this is not a video" * 100)
-    src = make_source(str(junk), max_failures=1)
+    src = make_source(str(junk), reader=reader, reconnect_initial=0.1)
     assert wait_for(lambda: src.state is SourceState.ERROR, 5), src.stats()
-    assert "no decodable video" in src.reason
+    assert src.stats()["reconnects"] == 0
+    assert src.reason.startswith(f"cannot open {junk}: "), src.reason
+
+
+def test_network_source_keeps_reconnecting(make_source) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = make_source(f"rtsp://127.0.0.1:{port}/cam", reconnect_initial=0.1, reconnect_max=0.2)
+    assert wait_for(lambda: src.stats()["reconnects"] >= 3, 8), src.stats()
+    assert src.state is SourceState.RECONNECTING and "connection refused" in src.reason
 
 
 @pytest.mark.parametrize("reader", READERS)
@@ -332,7 +355,8 @@ def test_unreachable_rtsp_port(make_source, reader: str) -> None:
     url = f"rtsp://user:secret@127.0.0.1:{port}/cam"
     src = make_source(url, reader=reader, reconnect_initial=0.1, max_failures=2)
     assert wait_for(lambda: src.state is SourceState.ERROR, 8), src.stats()
-    assert src.reason == f"cannot open rtsp://user:***@127.0.0.1:{port}/cam: connection refused"
+    assert src.reason == f"cannot open rtsp://***@127.0.0.1:{port}/cam: connection refused"
+    assert "user" not in str(src.stats()) and "secret" not in str(src.stats())
     t0 = time.monotonic()
     src.stop()
     assert time.monotonic() - t0 < 1.0

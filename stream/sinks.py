@@ -1,42 +1,19 @@
-"""Publish stage: each annotated frame is JPEG-encoded once and its bytes fanned out to every
-MJPEG client. A client always gets the newest frame: a slow one skips frames, nothing queues."""
+"""Sinks: the outputs of a stream's annotated frames (see `stream.datatypes.Sink`).
+
+`MjpegSink` keeps the newest encoded frame for the MJPEG, snapshot and future WebSocket
+clients on the event loop: a client always gets the newest frame, a slow one skips frames,
+nothing queues. The JPEG is encoded once per frame (`Rendered.jpeg`) for every client."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from dataclasses import dataclass
 
-import numpy as np
-import simplejpeg
-
-BOUNDARY = "segstreamframe"
+from stream.datatypes import Published, Rendered
 
 
-@dataclass(frozen=True, slots=True)
-class Published:
-    jpeg: bytes
-    seq: int  # per-stream publish sequence
-    frame_seq: int  # the source frame it shows
-    capture_ts: float  # time.monotonic() of the frame's capture
-    published_ts: float
-
-
-def encode_jpeg(image_bgr: np.ndarray, quality: int) -> bytes:
-    # 4:2:0 costs half of 4:4:4 and looks the same on camera footage.
-    return simplejpeg.encode_jpeg(
-        image_bgr, quality=quality, colorspace="BGR", colorsubsampling="420", fastdct=True
-    )
-
-
-def mjpeg_part(jpeg: bytes) -> bytes:
-    head = (
-        f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
-    ).encode()
-    return head + jpeg + b"\r\n"
-
-
-class Publisher:
+class MjpegSink:
     """Newest published frame of one stream; lives on the event loop, fed from render threads."""
 
     def __init__(self, stream_id: str, loop: asyncio.AbstractEventLoop) -> None:
@@ -48,12 +25,14 @@ class Publisher:
         self.closed = False
         self._seq = 0
 
-    @property
-    def watched(self) -> bool:
-        return self.clients > 0
+    def wants_frames(self) -> bool:
+        return self.clients > 0 and not self.closed
 
-    def publish_threadsafe(self, jpeg: bytes, frame_seq: int, capture_ts: float) -> None:
-        self._loop.call_soon_threadsafe(self._publish, jpeg, frame_seq, capture_ts)
+    def put(self, frame: Rendered) -> None:
+        jpeg = frame.jpeg()
+        with contextlib.suppress(RuntimeError):  # the loop has closed: shutting down
+            self._loop.call_soon_threadsafe(self._publish, jpeg, frame.frame_seq,
+                                            frame.capture_ts)
 
     def _publish(self, jpeg: bytes, frame_seq: int, capture_ts: float) -> None:
         self._seq += 1
@@ -80,6 +59,21 @@ class Publisher:
         return None
 
     def close(self) -> None:
-        """Wakes every client so long responses end promptly on shutdown."""
+        """Wakes every client so their responses end promptly (stream removed, shutdown).
+        Safe from any thread."""
+        if self._loop.is_closed():
+            self.closed = True
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._close()
+        else:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._close)
+
+    def _close(self) -> None:
         self.closed = True
         self._wake()

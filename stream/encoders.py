@@ -1,0 +1,22 @@
+"""Image encoders for what leaves the process: JPEG frames and the MJPEG multipart framing."""
+
+from __future__ import annotations
+
+import numpy as np
+import simplejpeg
+
+BOUNDARY = "segstreamframe"
+
+
+def encode_jpeg(image_bgr: np.ndarray, quality: int) -> bytes:
+    # 4:2:0 costs half of 4:4:4 and looks the same on camera footage.
+    return simplejpeg.encode_jpeg(
+        image_bgr, quality=quality, colorspace="BGR", colorsubsampling="420", fastdct=True
+    )
+
+
+def mjpeg_part(jpeg: bytes) -> bytes:
+    head = (
+        f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
+    ).encode()
+    return head + jpeg + b"\r\n"

@@ -1,0 +1,103 @@
+"""The metrics seam: stages report what happens to an injected observer, never to a global.
+
+`NullObserver` is the default (unit tests, tools); `stream.metrics.PrometheusObserver` keeps
+Prometheus series in a registry of its own per service. Calls come from any thread and must be
+cheap and non-blocking; events for a stream that was removed are ignored by implementations."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+import numpy as np
+
+from stream.datatypes import SourceState
+
+Outcome = Literal["captured", "dropped", "skipped", "inferred", "published"]
+Stage = Literal["decode", "queue_wait", "preprocess", "render", "encode"]
+OUTCOMES: tuple[Outcome, ...] = ("captured", "dropped", "skipped", "inferred", "published")
+
+
+class Observer(Protocol):
+    def stream_added(self, stream_id: str) -> None: ...
+
+    def stream_removed(self, stream_id: str) -> None: ...
+
+    def frame(self, stream_id: str, outcome: Outcome) -> None: ...
+
+    def stage(self, stage: Stage, seconds: float) -> None: ...
+
+    def batch(self, size: int, seconds: float) -> None:
+        """One inference call of `size` frames took `seconds`."""
+
+    def state_changed(self, stream_id: str, state: SourceState, reason: str | None) -> None: ...
+
+    def reconnect(self, stream_id: str) -> None: ...
+
+    def latency(self, stream_id: str, seconds: float) -> None:
+        """Capture to client write of one published frame."""
+
+    def clients(self, stream_id: str, count: int) -> None: ...
+
+    def class_fractions(
+        self, stream_id: str, labels: Sequence[str], fractions: np.ndarray
+    ) -> None: ...
+
+    def infer_fps_limit(self, stream_id: str, fps: float) -> None: ...
+
+    def batch_limit(self, size: int) -> None: ...
+
+    def model_ready(self, ready: bool) -> None: ...
+
+    def worker_error(self, worker: int, error: str | None) -> None:
+        """A model worker's batches fail (error) or succeed again (None)."""
+
+
+class NullObserver:
+    """Observes nothing."""
+
+    def stream_added(self, stream_id: str) -> None:
+        pass
+
+    def stream_removed(self, stream_id: str) -> None:
+        pass
+
+    def frame(self, stream_id: str, outcome: Outcome) -> None:
+        pass
+
+    def stage(self, stage: Stage, seconds: float) -> None:
+        pass
+
+    def batch(self, size: int, seconds: float) -> None:
+        pass
+
+    def state_changed(self, stream_id: str, state: SourceState, reason: str | None) -> None:
+        pass
+
+    def reconnect(self, stream_id: str) -> None:
+        pass
+
+    def latency(self, stream_id: str, seconds: float) -> None:
+        pass
+
+    def clients(self, stream_id: str, count: int) -> None:
+        pass
+
+    def class_fractions(self, stream_id: str, labels: Sequence[str], fractions: np.ndarray) -> None:
+        pass
+
+    def infer_fps_limit(self, stream_id: str, fps: float) -> None:
+        pass
+
+    def batch_limit(self, size: int) -> None:
+        pass
+
+    def model_ready(self, ready: bool) -> None:
+        pass
+
+    def worker_error(self, worker: int, error: str | None) -> None:
+        pass
+
+
+NULL_OBSERVER: Observer = NullObserver()
+
