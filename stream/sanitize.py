@@ -16,7 +16,8 @@ SECRET_KEYS = frozenset({
     "key", "apikey", "secret", "clientsecret", "sig", "signature", "credentials", "session",
 })
 # scheme://[userinfo@]host[/path][?query]; a password may hold an unescaped '@' or ':'.
-_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^\s\"'<>]*)")
+# Trailing punctuation belongs to the sentence around a URL, not to the URL.
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^\s\"'<>]*[^\s\"'<>.,;:)])")
 _QUERY_PAIR = re.compile(r"(?P<key>[^&=;#]+)=(?P<value>[^&;#]*)")
 
 
@@ -74,7 +75,9 @@ class SanitizingFilter(logging.Filter):
         if clean != msg:
             record.msg, record.args = clean, None
         if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
-            record.exc_text = sanitize_text(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = sanitize_text(record.exc_text)
         return True
 
 

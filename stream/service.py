@@ -60,6 +60,8 @@ class Service:
         segmenter: Segmenter | None = None,
         observer: Observer | None = None,
     ) -> None:
+        """`segmenter`: a loaded model to use (the caller closes it); None: load the
+        configured one. `observer`: where metrics go; None: Prometheus, in `self.metrics`."""
         self.cfg = cfg
         self.segmenter = segmenter
         # Metrics of this service alone: two services in one process never share series.
@@ -84,6 +86,7 @@ class Service:
         self.started_ts = time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()  # tells a model load in progress to give up
+        self._owned: list[Segmenter] = []  # loaded here, closed here (a given one is not)
         self._streams_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -94,6 +97,8 @@ class Service:
         # (render: 1.84 ms CPU per 720p frame with it on 2 cores, 1.03 ms without).
         cv2.setNumThreads(1)
         segmenters = await self._load()
+        if self.segmenter is None:
+            self._owned = segmenters
         self.segmenter = segmenters[0]
         max_batch = self.plan.max_batch if self.plan else (self.cfg.model.max_batch or 1)
         self.scheduler.set_max_batch(max_batch)
@@ -173,11 +178,9 @@ class Service:
         # Readers are daemon threads that stop together; a stuck read is abandoned.
         with ThreadPoolExecutor(max(1, len(self.streams))) as pool:
             list(pool.map(lambda s: s.source.stop(timeout / 4), self.streams.values()))
-        loaded = {id(w.segmenter): w.segmenter for w in self.workers}
-        if self.segmenter is not None:
-            loaded[id(self.segmenter)] = self.segmenter
-        for seg in loaded.values():
+        for seg in self._owned:
             seg.close()
+        self._owned = []
 
     # -- streams ---------------------------------------------------------------------------
     def add_stream(self, scfg: StreamConfig) -> Stream:

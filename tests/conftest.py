@@ -27,3 +27,18 @@ def segstream_home(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -
     os.environ["SEGSTREAM_HOME"] = str(home)
     fetch.fetch(from_dir=shared_dir, progress=False)
     return home
+
+
+# Modules whose tests drive the real peers, the model or long runs: `make test-fast` skips them
+# (-m "not e2e"); `make test` runs everything. A module can also set pytestmark itself.
+E2E_MODULES = {
+    "test_service", "test_sources", "test_lifecycle", "test_packaging", "test_benchmark",
+    "test_fidelity", "test_train", "test_export", "test_predict", "test_evaluate", "test_models",
+    "test_fetch",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__ in E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)

@@ -36,6 +36,24 @@ def test_default_yaml_documents_every_option() -> None:
         assert f"{key}:" in text, f"streams[].{key}"
 
 
+def test_sources_alone_serve_exactly_those(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`segstream serve --source URL` without --config: no demo stream beside the camera."""
+    monkeypatch.delenv("SEGSTREAM_CONFIG", raising=False)
+    cfg = load_config(env={}, extra_sources=["rtsp://cam.local/stream1"])
+    assert [(s.id, s.source) for s in cfg.streams] == [("cam1", "rtsp://cam.local/stream1")]
+    assert cfg.server.port == 8080  # the rest of the defaults still apply
+
+
+def test_default_config_is_package_data() -> None:
+    from importlib import resources
+
+    from stream.config import DEFAULT_CONFIG
+
+    shipped = resources.files("stream").joinpath("default.yaml").read_text()
+    repo = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    assert shipped == repo.read_text() == DEFAULT_CONFIG.read_text()
+
+
 def test_env_overrides_yaml_and_cli_overrides_env(tmp_path: Path) -> None:
     p = write(tmp_path, "server: {port: 9000}\nstreams: []\n")
     env = {"SEGSTREAM_SERVER__PORT": "9100", "SEGSTREAM_MODEL__BACKEND": "tflite"}

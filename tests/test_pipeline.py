@@ -334,3 +334,45 @@ def test_render_equals_reference_with_filter_and_no_background(shared_dir) -> No
     r = Renderer(CITYSCAPES_LABELS, cityscapes_palette(), alpha=0.5, legend=False)
     ref = _reference_render(frame, city, cityscapes_palette(), 255, 0.5, "overlay")
     assert np.abs(r.render(frame, city).astype(int) - ref).max() <= 1
+
+
+def test_render_threads_take_streams_in_turn() -> None:
+    stage = RenderStage(workers=3)
+    ids = ["cam-a", "cam-b", "cam-c", "door", "yard", "gate"]
+    for sid in ids:
+        stage.add(StreamView(sid, Renderer(VOC_LABELS, voc_palette()), output="segmented",
+                             jpeg_quality=80, peek_frame=lambda: None))
+    # Stream i on thread i % workers: a salted hash() would pile several on one thread.
+    assert [stage.thread_of(sid) for sid in ids] == [0, 1, 2, 0, 1, 2]
+    stage.remove("cam-b")
+    stage.add(StreamView("new", Renderer(VOC_LABELS, voc_palette()), output="segmented",
+                         jpeg_quality=80, peek_frame=lambda: None))
+    assert stage.thread_of("new") == 1  # the freed place is filled first
+
+
+def test_rate_meter_trims_under_its_lock() -> None:
+    """The render thread ticks while the event loop reads: both trim the same deque."""
+    from stream.render import RateMeter
+
+    meter = RateMeter()
+    meter.tick()
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (meter.rate(), done.set()))
+    with meter._lock:  # while the render thread holds it, the reader waits
+        t.start()
+        assert not done.wait(0.1), "rate() trimmed without the lock"
+    assert done.wait(2)
+    t.join()
+
+
+def test_scheduler_remove_and_set_rate() -> None:
+    sched = Scheduler(max_batch=2, max_wait_s=0.0)
+    a, b = Src("a"), Src("b")
+    sched.add(a, 0)
+    sched.add(b, 0)
+    sched.remove("a")
+    a.push()
+    b.push()
+    assert [j.stream_id for j in sched.next_batch()] == ["b"]
+    sched.set_rate("b", 5)
+    assert sched.cap("b") == 5 and sched.cap("a") == 0

@@ -239,3 +239,32 @@ def test_start_up_failure_exits_with_a_reason(tmp_path: Path, segstream_home: Pa
     with pytest.raises(RuntimeError, match="not ready"):
         svc.start(ready_timeout=60)
     assert "render.classes" in svc.log() and "unicorn" in svc.log()
+
+
+def test_no_credential_leaves_the_process(
+    tmp_path: Path, segstream_home: Path, cams, clip: Path
+) -> None:
+    """Camera URLs with credentials: the API, the page, /metrics and the log never show them."""
+    a, _ = cams
+    live = a.url("/cam").replace("rtsp://", "rtsp://admin:s3cret-pw@")
+    dead = "rtsp://operator:p%40ss-w0rd@127.0.0.1:9/cam?token=tok123&fps=5"
+    svc = ServiceProcess(tmp_path, {
+        "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
+        "streams": [{"id": "cam", "source": live},
+                    {"id": "dead", "source": dead, "reconnect_initial": 0.1,
+                     "reconnect_max": 0.3}],
+    }).start()
+    try:
+        svc.wait_state("cam", {"live"}, 20)
+        dead_st = svc.wait_state("dead", {"reconnecting"}, 20)
+        assert dead_st["source"] == "rtsp://***@127.0.0.1:9/cam?token=***&fps=5"
+        assert dead_st["reason"].startswith("cannot open rtsp://***@127.0.0.1:9/cam"), dead_st
+        seen = [svc.get(p)[1].decode(errors="replace")
+                for p in ("/api/streams", "/api/streams/cam", "/api/streams/dead", "/",
+                          "/metrics", "/api/streams/nope")]
+    finally:
+        svc.stop()
+    seen.append(svc.log())
+    for text in seen:
+        for secret in ("s3cret-pw", "admin", "operator", "p%40ss", "tok123"):
+            assert secret not in text, (secret, text[:2000])

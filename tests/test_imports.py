@@ -1,0 +1,111 @@
+"""The shape of the code: no import cycles, and the pipeline's imports point one way.
+
+    sources -> scheduler -> model runner -> render -> sinks
+
+A stage imports the shared base modules and the stages before it, never one after it, never
+the metrics implementation (stages report to an injected observer) and never the service,
+HTTP or CLI layers around the pipeline. models/ is a library the service uses: apart from the
+offline tools it imports nothing from stream/."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("stream", "models")
+BASE = {"stream.datatypes", "stream.observer", "stream.encoders", "stream.sanitize",
+        "stream.config"}
+STAGES = ["stream.sources", "stream.scheduler", "stream.runner", "stream.render", "stream.sinks"]
+AROUND = {"stream.metrics", "stream.service", "stream.server", "stream.cli"}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in (REPO / pkg).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            out[name] = path
+    return out
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """Project modules `path` imports anywhere in it (lazy imports are dependencies too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for n in names:
+            while n and n not in known:
+                n = n.rpartition(".")[0]
+            if n:
+                found.add(n)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imports_of(path, set(mods)) - {name} for name, path in mods.items()}
+
+
+def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for d in sorted(g.get(n, ())):
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in state and (c := visit(d)):
+                return c
+        state[n] = 2
+        stack.pop()
+        return None
+
+    for n in sorted(g):
+        if n not in state and (c := visit(n)):
+            return c
+    return None
+
+
+def test_no_import_cycles() -> None:
+    assert find_cycle(graph()) is None, " -> ".join(find_cycle(graph()) or [])
+
+
+def test_pipeline_imports_point_one_way() -> None:
+    g = graph()
+    bad = []
+    for i, stage in enumerate(STAGES):
+        allowed = BASE | set(STAGES[:i])
+        for dep in g[stage]:
+            if dep.startswith("stream.") and dep not in allowed:
+                bad.append(f"{stage} imports {dep}")
+    for base in BASE:
+        for dep in g[base]:
+            if dep in STAGES or dep in AROUND:
+                bad.append(f"{base} (shared) imports {dep}")
+    assert not bad, bad
+
+
+def test_models_library_does_not_import_the_service() -> None:
+    g = graph()
+    bad = [f"{m} imports {d}" for m, deps in g.items() if m.startswith("models")
+           and not m.startswith("models.tools") for d in deps if d.startswith("stream")]
+    assert not bad, bad
+
+
+def test_http_layer_imports_no_cli_module() -> None:
+    g = graph()
+    cli_modules = {m for m in g if m.startswith("models.tools.")} - {"models.tools.data"}
+    assert not (g["stream.server"] & cli_modules), g["stream.server"] & cli_modules
+
+
+def test_the_checks_can_fail() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert "stream.render" in imports_of(REPO / "stream/service.py", set(modules()))
