@@ -1,13 +1,18 @@
-"""`segstream` command line: serve, fetch, predict, evaluate, train, export."""
+"""`segstream` command line: serve, token, fetch, predict, evaluate, train, export."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+MAX_MODEL_TYPES = {"mobile": "mnv2-voc"}  # IBM MAX's MODEL_TYPE; "full" (Xception) is not here
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -16,6 +21,14 @@ def _serve(args: argparse.Namespace) -> int:
     from stream.server import serve
 
     overrides: dict[str, Any] = {}
+    model_type = os.environ.get("MODEL_TYPE")
+    if model_type is not None and args.model is None:
+        if model_type not in MAX_MODEL_TYPES:
+            print(f"segstream: MODEL_TYPE={model_type!r} is not available: segstream serves "
+                  f"MODEL_TYPE=mobile (DeepLabv3 MobileNetV2, {MAX_MODEL_TYPES['mobile']}); "
+                  "the Xception 'full' model is not shipped", file=sys.stderr)
+            return 2
+        args.model = MAX_MODEL_TYPES[model_type]
     for key, section, field in (
         ("host", "server", "host"),
         ("port", "server", "port"),
@@ -38,7 +51,24 @@ def _serve(args: argparse.Namespace) -> int:
     install_log_filter()  # no camera credential in any log line
     if not cfg.streams:
         logging.warning("no streams configured: add --source URL or a streams: list")
-    return asyncio.run(serve(cfg))
+    return asyncio.run(serve(cfg, state_path(args, cfg.server.state_file)))
+
+
+def state_path(args: argparse.Namespace, configured: str | None) -> Path | None:
+    """--state, else the config's server.state_file, else one file per config under
+    $SEGSTREAM_HOME/state ("" or "none": no state kept)."""
+    from models.fetch import home
+
+    chosen = args.state if args.state is not None else configured
+    if chosen is not None:
+        return None if chosen in ("", "none") else Path(chosen)
+    if args.config:
+        name = Path(args.config).stem
+    elif args.source:
+        name = "sources-" + hashlib.sha256("\n".join(args.source).encode()).hexdigest()[:10]
+    else:
+        name = "default"
+    return home() / "state" / f"{name}.json"
 
 
 def _register_serve(sub: argparse._SubParsersAction) -> None:
@@ -54,7 +84,52 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["auto", "keras", "tflite"])
     p.add_argument("--latency-target-ms", type=float, dest="latency_target_ms")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--state", metavar="PATH", help="state file keeping the stream set across "
+                   "restarts (default: $SEGSTREAM_HOME/state/<config>.json; 'none': not kept)")
     p.set_defaults(func=_serve)
+
+
+def _token(args: argparse.Namespace) -> int:
+    from stream.auth import AuthError, TokenStore
+    from stream.config import ConfigError, load_config
+    from stream.server import tokens_dir
+
+    try:
+        folder = Path(args.dir) if args.dir else tokens_dir(load_config(args.config))
+    except ConfigError as e:
+        print(f"segstream: {e}", file=sys.stderr)
+        return 2
+    store = TokenStore(folder / "tokens.json")
+    try:
+        if args.action == "add":
+            token = store.add(args.name, args.role)
+            print(token)
+            print(f"token {args.name!r} ({args.role}) added to {store.path}; it is shown only "
+                  "this once", file=sys.stderr)
+        elif args.action == "revoke":
+            store.revoke(args.name)
+            print(f"token {args.name!r} revoked", file=sys.stderr)
+        else:
+            for e in store.listing():
+                print(f"{e['name']}\t{e['role']}\t{e['created']}")
+    except AuthError as e:
+        print(f"segstream: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _register_token(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("token", help="manage API tokens (stored hashed)")
+    p.add_argument("--config", help="YAML config whose auth.tokens_dir to use")
+    p.add_argument("--dir", help="folder of tokens.json (default: $SEGSTREAM_HOME/auth)")
+    tsub = p.add_subparsers(dest="action", required=True)
+    add = tsub.add_parser("add", help="create a token; prints it once")
+    add.add_argument("name")
+    add.add_argument("--role", choices=["viewer", "admin"], required=True)
+    tsub.add_parser("list", help="names, roles, creation times (never the tokens)")
+    rev = tsub.add_parser("revoke", help="delete a token; its sessions end")
+    rev.add_argument("name")
+    p.set_defaults(func=_token)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _register_serve(sub)
+    _register_token(sub)
     fetch.register(sub)
     predict.register(sub)
     evaluate.register(sub)

@@ -33,11 +33,56 @@ class _Strict(BaseModel):
 
 
 class ServerConfig(_Strict):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="Listen address; anything but loopback needs "
+                      "authentication (a token).")
     port: int = Field(8080, ge=0, le=65535)
     # Upper bound on a client's ?fps= and the default for clients that give none (0 = no cap).
     max_client_fps: float = Field(0.0, ge=0)
     shutdown_timeout: float = Field(2.0, gt=0)
+    state_file: str | None = Field(
+        None, description="Where the stream set is kept across restarts; null = "
+        "$SEGSTREAM_HOME/state/<config name>.json; \"\" = not kept.")
+
+
+class AuthConfig(_Strict):
+    tokens_dir: str | None = Field(
+        None, description="Folder of tokens.json and secret.key; null = $SEGSTREAM_HOME/auth.")
+    session_ttl_s: int = Field(12 * 3600, ge=60, description="Browser session lifetime.")
+    cookie_secure: bool = Field(False, description="Mark the session cookie Secure (set it "
+                                "when a TLS proxy fronts the service).")
+
+
+class MetricsConfig(_Strict):
+    listen: str | None = Field(
+        None, description="host:port of a separate, unauthenticated /metrics listener for "
+        "Prometheus (e.g. 127.0.0.1:9464); null = /metrics on the main port, with auth.")
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, sep, port = v.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("listen must be host:port, e.g. 127.0.0.1:9464")
+        return v
+
+
+class SourcesConfig(_Strict):
+    """What streams added over the API may open (the YAML config is the operator's own)."""
+
+    allow_local: list[str] = Field(
+        default_factory=list, description="Folders whose files (and device paths, e.g. /dev) "
+        "the API may open; empty = no local files or devices.")
+    allow_networks: list[str] | None = Field(
+        None, description="CIDRs that network sources may reach; null = any address except "
+        "link-local (169.254.0.0/16, fe80::/10, cloud metadata).")
+
+
+class PredictConfig(_Strict):
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height) a "
+                            "prediction accepts, checked from the header before decoding.")
+    max_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest upload.")
+    max_concurrent: int = Field(2, ge=1, description="Predictions at once; more get 503.")
 
 
 class ModelConfig(_Strict):
@@ -122,6 +167,10 @@ class StreamConfig(_Strict):
 
 class AppConfig(_Strict):
     server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    sources: SourcesConfig = SourcesConfig()
+    predict: PredictConfig = PredictConfig()
     model: ModelConfig = ModelConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     render: RenderConfig = RenderConfig()

@@ -1,262 +1,144 @@
-"""HTTP layer (aiohttp): the live page, MJPEG streams, snapshots, masks, JSON API, health,
-Prometheus metrics, and a MAX-style single-image REST API."""
+"""HTTP layer (aiohttp): the application, its middlewares (JSON errors, authentication,
+security headers) and `serve`. The views live in stream/api/, one module per concern, each
+declaring its endpoints once (route, role, models) for routing, auth and /openapi.json."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import ipaddress
 import logging
 import signal
-import time
-from importlib import resources
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
-import cv2
-import numpy as np
-from aiohttp import BodyPartReader, web
-from prometheus_client import CONTENT_TYPE_LATEST
+from aiohttp import web
 
-from stream.config import AppConfig
-from stream.encoders import BOUNDARY, mjpeg_part
-from stream.predict import encode_palette_png
-from stream.service import Service, Stream
+from models.fetch import home
+from stream.api import media, predict, session, streams, system
+from stream.api.context import AUTH, CONTROL, PRINCIPAL, SERVICE, STOP, THROTTLE
+from stream.api.spec import SESSION_COOKIE, Endpoint, add_endpoints, endpoint_of, error, openapi
+from stream.auth import Authenticator, LoginThrottle, Principal
+from stream.config import AppConfig, ConfigError
+from stream.control import SourcePolicy, StreamControl
+from stream.sanitize import sanitize_text
+from stream.service import Service
+from stream.store import StreamStore
 
 log = logging.getLogger(__name__)
-SERVICE = web.AppKey("service", Service)
-STOP = web.AppKey("stop", asyncio.Event)  # set to shut the server down
-MAX_UPLOAD = 32 * 1024 * 1024
+VERSION = "0.2.0"
+ENDPOINTS: list[Endpoint] = [*system.ENDPOINTS, *session.ENDPOINTS, *streams.ENDPOINTS,
+                             *media.ENDPOINTS, *predict.ENDPOINTS]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def json_error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
-
-
-def _stream(request: web.Request) -> Stream:
-    service = request.app[SERVICE]
-    sid = request.match_info["id"]
-    s = service.streams.get(sid)
-    if s is None:
-        raise web.HTTPNotFound(
-            text=json.dumps({"error": f"unknown stream {sid!r}", "streams": list(service.streams)}),
-            content_type="application/json",
-        )
-    return s
-
-
-async def index(request: web.Request) -> web.Response:
-    html = resources.files("stream").joinpath("static/index.html").read_text()
-    return web.Response(text=html, content_type="text/html")
-
-
-async def api_streams(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    return web.json_response(
-        {"ready": service.ready, "streams": [service.stream_status(s) for s in service.streams]}
-    )
-
-
-async def api_stream(request: web.Request) -> web.Response:
-    s = _stream(request)
-    return web.json_response(request.app[SERVICE].stream_status(s.cfg.id))
-
-
-async def api_model(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    seg = service.segmenter
-    if seg is None:
-        return json_error(503, "model is loading")
-    colours = ["#" + bytes(seg.palette[i].astype("uint8")).hex() for i in range(len(seg.labels))]
-    return web.json_response({
-        "name": seg.name,
-        "backend": seg.backend,
-        "input_size": list(seg.input_size),
-        "batch_sizes": list(seg.batch_sizes),
-        "workers": len(service.workers),
-        "max_batch": service.scheduler.max_batch,
-        "threads_per_worker": getattr(seg, "threads", None),
-        "labels": seg.labels,
-        "colors": colours,
-    })
-
-
-async def mjpeg(request: web.Request) -> web.StreamResponse:
-    """multipart/x-mixed-replace: each write sends the newest frame; a slow client skips."""
-    service = request.app[SERVICE]
-    s = _stream(request)
-    fps = _client_fps(request, service.cfg.server.max_client_fps)
-    resp = web.StreamResponse(headers={
-        "Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}",
-        "Cache-Control": "no-cache, no-store, must-revalidate",
-        "Pragma": "no-cache",
-        "X-Accel-Buffering": "no",
-    })
-    await resp.prepare(request)
-    pub = s.mjpeg
-    pub.clients += 1
-    service.observer.clients(s.cfg.id, pub.clients)
-    seq = 0
-    next_at = 0.0
+# -- middlewares ------------------------------------------------------------------------------
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error is JSON ({"error": ...}); an unexpected one is logged and answered 500
+    without details (nothing internal leaks)."""
     try:
-        while not pub.closed:
-            item = await pub.next(seq, timeout=1.0)
-            if item is None:
-                continue
-            await resp.write(mjpeg_part(item.jpeg))
-            service.record_latency(s.cfg.id, time.monotonic() - item.capture_ts)
-            seq = item.seq
-            if fps > 0:
-                next_at = max(next_at + 1.0 / fps, time.monotonic())
-                await asyncio.sleep(next_at - time.monotonic())
-    except (ConnectionResetError, ConnectionError):
-        pass  # the viewer went away
-    finally:
-        pub.clients -= 1
-        service.observer.clients(s.cfg.id, pub.clients)
-    return resp
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400 or e.content_type == "application/json":
+            raise
+        text = e.text or ""
+        message = text if text and not text.startswith(f"{e.status}:") else e.reason
+        keep = {k: v for k, v in e.headers.items() if k in _KEEP_HEADERS}
+        return web.json_response({"error": message}, status=e.status, headers=keep)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as e:
+        log.exception("%s %s failed: %s", request.method, request.path,
+                      sanitize_text(f"{type(e).__name__}: {e}"))
+        return web.json_response({"error": "internal error"}, status=500)
 
 
-def _client_fps(request: web.Request, server_cap: float) -> float:
-    raw = request.query.get("fps")
-    try:
-        fps = float(raw) if raw is not None else 0.0
-    except ValueError:
-        raise web.HTTPBadRequest(text=json.dumps({"error": f"bad fps {raw!r}"}),
-                                 content_type="application/json") from None
-    if fps < 0:
-        raise web.HTTPBadRequest(text=json.dumps({"error": "fps must be >= 0"}),
-                                 content_type="application/json")
-    if server_cap > 0:
-        fps = min(fps, server_cap) if fps > 0 else server_cap
-    return fps
+_KEEP_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
 
 
-async def snapshot(request: web.Request) -> web.Response:
-    s = _stream(request)
-    latest = s.mjpeg.latest
-    if latest is not None and time.monotonic() - latest.published_ts < 1.0:
-        jpeg = latest.jpeg  # someone is watching: reuse the frame already encoded
-    else:
-        snap = await asyncio.to_thread(s.view.snapshot)
-        if snap is None:
-            return json_error(503, f"stream {s.cfg.id!r} has no segmented frame yet",
-                              state=s.source.state.value, reason=s.source.reason)
-        jpeg = snap[0]
-    return web.Response(body=jpeg, content_type="image/jpeg",
-                        headers={"Cache-Control": "no-store"})
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ep = endpoint_of(request)
+    who = await _principal(request, ep)
+    if who is not None:
+        request[PRINCIPAL] = who
+    if ep is None or ep.role == "public":
+        return await handler(request)
+    if who is None:
+        if ep.tag == "page" and request.method == "GET":
+            raise web.HTTPFound("/login")
+        raise web.HTTPUnauthorized(text='{"error": "authentication required: send '
+                                   'Authorization: Bearer <token> or log in"}',
+                                   content_type="application/json",
+                                   headers={"WWW-Authenticate": 'Bearer realm="segstream"'})
+    if not who.allows(ep.role) or (who.stream and who.stream != request.match_info.get("id")):
+        raise error(403, f"{who.role} may not {request.method} {request.path}")
+    return await handler(request)
 
 
-async def mask_png(request: web.Request) -> web.Response:
-    s = _stream(request)
-    result = s.view.result
-    seg = request.app[SERVICE].segmenter
-    if result is None or seg is None:
-        return json_error(503, f"stream {s.cfg.id!r} has no mask yet",
-                          state=s.source.state.value, reason=s.source.reason)
-    png = await asyncio.to_thread(encode_palette_png, result.mask, seg.palette)
-    return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "no-store"})
+async def _principal(request: web.Request, ep: Endpoint | None) -> Principal | None:
+    auth = request.app[AUTH]
+    if not auth.enabled:
+        return Principal("anonymous", "open", "open")
+    header = request.headers.get("Authorization", "")
+    if header:
+        scheme, _, token = header.partition(" ")
+        who = auth.check_token(token.strip()) if scheme.lower() == "bearer" else None
+        if who is None:
+            throttle, client = request.app[THROTTLE], request.remote or "unknown"
+            await asyncio.sleep(throttle.delay(client))
+            throttle.failed(client)
+            raise error(401, "invalid bearer token")
+        return who
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        who = auth.check_session(cookie)
+        if who is not None:
+            return who
+    q = request.query
+    if ep is not None and ep.signed and "sig" in q and "exp" in q:
+        return auth.check_signed(request.path, request.match_info.get("id", ""), q["exp"],
+                                 q["sig"])
+    return None
 
 
-async def healthz(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    problem = service.health()
-    if problem:
-        return json_error(503, problem)
-    return web.json_response({"status": "ok", "uptime_s": round(time.monotonic() -
-                                                                  service.started_ts, 1)})
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")  # signed URLs stay put
+    if response.content_type == "text/html":
+        response.headers.setdefault("X-Frame-Options", "DENY")
 
 
-async def readyz(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    if not service.ready:
-        return json_error(503, service.error or "model warming up")
-    return web.json_response({"status": "ready"})
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    registry = request.app[SERVICE].metrics
-    if registry is None:
-        return json_error(404, "this service reports metrics to another observer")
-    return web.Response(body=registry.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-# -- MAX-style model API ----------------------------------------------------------------------
-async def max_metadata(request: web.Request) -> web.Response:
-    seg = request.app[SERVICE].segmenter
-    if seg is None:
-        return json_error(503, "model is loading")
-    return web.json_response({
-        "id": seg.name,
-        "name": f"DeepLabv3 MobileNetV2 ({seg.name})",
-        "description": seg.spec.description,
-        "type": "Semantic Image Segmentation",
-        "license": "Apache-2.0",
-        "source": seg.spec.url,
-    })
-
-
-async def max_labels(request: web.Request) -> web.Response:
-    seg = request.app[SERVICE].segmenter
-    if seg is None:
-        return json_error(503, "model is loading")
-    return web.json_response({
-        "count": len(seg.labels),
-        "labels": [{"id": str(i), "name": n} for i, n in enumerate(seg.labels)],
-    })
-
-
-async def max_predict(request: web.Request) -> web.Response:
-    """POST multipart `image`: {"status":"ok","image_size":[w,h],"seg_map":[[class ids]]}."""
-    service = request.app[SERVICE]
-    if not service.ready:
-        return json_error(503, "model warming up")
-    data = await _upload(request)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        return json_error(400, "could not decode the uploaded image (JPEG, PNG, BMP, ...)")
-    mask = await asyncio.to_thread(service.segment_image, img)
-    return web.json_response({
-        "status": "ok",
-        "image_size": [int(img.shape[1]), int(img.shape[0])],
-        "seg_map": mask.tolist(),
-    })
-
-
-async def _upload(request: web.Request) -> bytes:
-    if not request.content_type.startswith("multipart/"):
-        raise web.HTTPBadRequest(text=json.dumps({"error": "send multipart/form-data with an "
-                                                  "'image' field"}),
-                                 content_type="application/json")
-    reader = await request.multipart()
-    async for part in reader:
-        if isinstance(part, BodyPartReader) and part.name == "image":
-            return bytes(await part.read(decode=False))
-    raise web.HTTPBadRequest(text=json.dumps({"error": "missing form field 'image'"}),
-                             content_type="application/json")
-
-
-def make_app(service: Service) -> web.Application:
-    app = web.Application(client_max_size=MAX_UPLOAD)
+# -- the application --------------------------------------------------------------------------
+def make_app(
+    service: Service,
+    *,
+    auth: Authenticator | None = None,
+    store: StreamStore | None = None,
+) -> web.Application:
+    cfg = service.cfg
+    app = web.Application(client_max_size=cfg.predict.max_bytes + 64 * 1024,
+                          middlewares=[json_errors, authenticate])
     app[SERVICE] = service
     app[STOP] = asyncio.Event()
-    app.router.add_get("/", index)
-    app.router.add_get("/api/streams", api_streams)
-    app.router.add_get("/api/streams/{id}", api_stream)
-    app.router.add_get("/api/model", api_model)
-    app.router.add_get("/streams/{id}/mjpeg", mjpeg)
-    app.router.add_get("/streams/{id}/snapshot.jpg", snapshot)
-    app.router.add_get("/streams/{id}/mask.png", mask_png)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/model/metadata", max_metadata)
-    app.router.add_get("/model/labels", max_labels)
-    app.router.add_post("/model/predict", max_predict)
+    app[AUTH] = auth or Authenticator.from_home(tokens_dir(cfg), env={})
+    app[THROTTLE] = LoginThrottle()
+    app[CONTROL] = StreamControl(service, store, SourcePolicy(cfg.sources))
+    app[predict.PREDICT_SLOTS] = asyncio.Semaphore(cfg.predict.max_concurrent)
+    app[predict.MAX_IMAGE_SIZE] = predict.image_size_from_env()
+    app[system.OPENAPI] = openapi(ENDPOINTS, title="segstream", version=VERSION)
+    add_endpoints(app, ENDPOINTS)
+    app.on_response_prepare.append(_security_headers)
     app.cleanup_ctx.append(_service_ctx)
     return app
 
 
-async def _service_ctx(app: web.Application):
+def tokens_dir(cfg: AppConfig) -> Path:
+    return Path(cfg.auth.tokens_dir) if cfg.auth.tokens_dir else home() / "auth"
+
+
+async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     """Start the pipeline in the background (so /healthz answers during warm-up); stop it on
     shutdown, closing the MJPEG responses first."""
     service = app[SERVICE]
@@ -265,7 +147,7 @@ async def _service_ctx(app: web.Application):
         try:
             await service.start()
         except Exception as e:
-            service.error = f"start-up failed: {e}"
+            service.error = f"start-up failed: {sanitize_text(str(e))}"
             log.error("%s", service.error)
             app[STOP].set()  # a service that cannot start must not pretend to run
 
@@ -277,17 +159,70 @@ async def _service_ctx(app: web.Application):
     await service.stop()
 
 
-async def serve(cfg: AppConfig) -> int:
+def metrics_app(service: Service) -> web.Application:
+    """Only /metrics, for a private listener Prometheus scrapes without credentials."""
+    app = web.Application(middlewares=[json_errors])
+    app[SERVICE] = service
+    app.router.add_get("/metrics", system.metrics)
+    return app
+
+
+# -- serve ------------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def initial_streams(cfg: AppConfig, store: StreamStore | None) -> AppConfig:
+    """The state file, once it exists, owns the stream set; the config seeds it the first
+    time (and is the set when no state is kept)."""
+    if store is None:
+        return cfg
+    if store.exists():
+        kept = store.load()
+        seeded = {s.id for s in cfg.streams}
+        if seeded - {s.id for s in kept}:
+            log.info("state file %s owns the stream set (%d streams); the config's streams: "
+                     "list only seeds a new one", store.path, len(kept))
+        return cfg.model_copy(update={"streams": kept})
+    store.save(list(cfg.streams))
+    return cfg
+
+
+async def serve(cfg: AppConfig, state_file: Path | None = None) -> int:
     """Runs until SIGINT/SIGTERM; returns the exit code (1 when start-up failed)."""
+    auth = Authenticator.from_home(tokens_dir(cfg))
+    if not auth.enabled and not is_loopback(cfg.server.host):
+        log.error("refusing to serve on %s without authentication: add a token with "
+                  "`segstream token add admin --role admin` (or set SEGSTREAM_ADMIN_TOKEN), "
+                  "or listen on 127.0.0.1", cfg.server.host)
+        return 1
+    store = StreamStore(state_file) if state_file else None
+    try:
+        cfg = initial_streams(cfg, store)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 1
     service = Service(cfg)
-    app = make_app(service)
+    app = make_app(service, auth=auth, store=store)
     stop = app[STOP]
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.server.shutdown_timeout,
-                           access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.server.host, cfg.server.port)
-    await site.start()
-    log.info("listening on http://%s:%d/", cfg.server.host, cfg.server.port)
+    runners = [web.AppRunner(app, handle_signals=False,
+                             shutdown_timeout=cfg.server.shutdown_timeout, access_log=None)]
+    sites = [(runners[0], cfg.server.host, cfg.server.port)]
+    if cfg.metrics.listen:
+        host, _, port = cfg.metrics.listen.rpartition(":")
+        runners.append(web.AppRunner(metrics_app(service), access_log=None))
+        sites.append((runners[-1], host.strip("[]"), int(port)))
+    for r in runners:
+        await r.setup()
+    for r, host, port in sites:
+        await web.TCPSite(r, host, port).start()
+        log.info("listening on http://%s:%d/", host, port)
+    log.info("authentication: %s", "tokens" if auth.enabled else "none (loopback only)")
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -295,5 +230,6 @@ async def serve(cfg: AppConfig) -> int:
     log.info("shutting down")
     for s in service.streams.values():
         s.view.close()  # ends every MJPEG response so the server can close at once
-    await runner.cleanup()
+    for r in reversed(runners):
+        await r.cleanup()
     return 1 if service.error else 0

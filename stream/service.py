@@ -250,6 +250,10 @@ class Service:
         return VideoSource(scfg, on_frame=on_frame, resolve=resolve_source,
                            observer=self.observer)
 
+    def check_stream(self, scfg: StreamConfig) -> None:
+        """Raises ConfigError for settings the model cannot honour (unknown class names)."""
+        self._renderer(scfg)
+
     def _renderer(self, scfg: StreamConfig) -> Renderer:
         assert self.segmenter is not None
         rc = self.cfg.render
@@ -266,13 +270,18 @@ class Service:
         except ValueError as e:  # class names can only be checked once the model is known
             raise ConfigError(f"{key}: {e}") from None
 
-    def segment_image(self, image_bgr: np.ndarray) -> np.ndarray:
-        """One image through the shared model (MAX-style REST API); mask at the model size."""
+    def segment_image(self, image: np.ndarray, bgr: bool = True) -> np.ndarray:
+        """One image, resized whole to the model's input; the mask at that size."""
+        assert self.segmenter is not None, "model not loaded"
+        return self.segment_batch(prepare(image, self.segmenter.input_size, bgr=bgr)[None])[0]
+
+    def segment_batch(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 RGB [N, h, w, 3] at the model's input size -> class ids, on the least busy
+        model worker (the stream workers and single-image requests share the model copies)."""
         assert self.workers, "model not loaded"
-        worker = self.workers[0]
-        x = prepare(image_bgr, worker.segmenter.input_size, bgr=True)[None]
+        worker = min(self.workers, key=lambda w: w.lock.locked())
         with worker.lock:
-            return worker.segmenter.segment(x)[0]
+            return worker.segmenter.segment(rgb)
 
     def _on_result(self, result: Result) -> None:
         self.render.submit(result)

@@ -3,6 +3,7 @@ a Prometheus server. Both are Debian packages started and stopped by PID."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -12,6 +13,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +104,57 @@ class Chromium:
                 images.append(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR))
         return images, rect
 
+    @contextlib.asynccontextmanager
+    async def page(self) -> AsyncIterator[CdpPage]:
+        """A new tab to drive: navigate, run JavaScript, wait for conditions, screenshot."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?about:blank",
+                                     method="PUT")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            ws_url = json.load(r)["webSocketDebuggerUrl"]
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                ws_url, max_msg_size=64 * 2**20) as ws:
+            page = CdpPage(ws)
+            await page.call("Page.enable")
+            yield page
+
     def close(self) -> None:
         stop_process(self.proc)
+
+
+class CdpPage:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self._ids = iter(range(1000, 10**9))
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        return await _cdp(self.ws, next(self._ids), method, params)
+
+    async def goto(self, url: str, settle_s: float = 1.0) -> None:
+        await self.call("Page.navigate", {"url": url})
+        await asyncio.sleep(settle_s)
+
+    async def eval(self, js: str) -> Any:
+        """The value of a JavaScript expression (promises awaited)."""
+        res = await self.call("Runtime.evaluate", {"expression": js, "awaitPromise": True,
+                                                   "returnByValue": True})
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"{js[:80]}: {res['exceptionDetails'].get('text')}")
+        return res["result"].get("value")
+
+    async def wait_for(self, js: str, timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(RuntimeError):
+                value = await self.eval(js)
+                if value:
+                    return value
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"not true after {timeout}s: {js}")
+
+    async def screenshot(self) -> np.ndarray:
+        shot = await self.call("Page.captureScreenshot", {"format": "png"})
+        png = base64.b64decode(shot["data"])
+        return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
 
 
 async def _cdp(ws: aiohttp.ClientWebSocketResponse, msg_id: int, method: str,

@@ -24,12 +24,16 @@ SEGSTREAM = Path(sys.executable).with_name("segstream")
 
 
 class ServiceProcess:
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, config: dict[str, Any], *, token: str | None = None,
+                 state: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         config = {**config, "server": {**config.get("server", {}), "port": self.port}}
         self.config_path = workdir / f"service-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"service-{self.port}.log"
+        self.state = state or workdir / f"state-{self.port}.json"
+        self.token = token  # sent as a bearer token with every request
+        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -39,8 +43,9 @@ class ServiceProcess:
     def start(self, ready_timeout: float = 90.0) -> ServiceProcess:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [str(SEGSTREAM), "serve", "--config", str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                [str(SEGSTREAM), "serve", "--config", str(self.config_path),
+                 "--state", str(self.state)],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env,
             )
         try:
             wait_http(self.base + "/readyz", ready_timeout, alive=lambda: self.proc.poll() is None)
@@ -53,8 +58,21 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")
 
     def get(self, path: str, timeout: float = 10) -> tuple[int, bytes, dict[str, str]]:
+        return self.request("GET", path, timeout=timeout)
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 10,
+                token: str | None = None) -> tuple[int, bytes, dict[str, str]]:
+        headers = {}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if token or self.token:
+            headers["Authorization"] = f"Bearer {token or self.token}"
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers=headers)
         try:
-            with urllib.request.urlopen(self.base + path, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, r.read(), dict(r.headers)
         except urllib.error.HTTPError as e:
             return e.code, e.read(), dict(e.headers)

@@ -98,16 +98,21 @@ async def test_add_remove_200_times_leaves_nothing_behind(
     await asyncio.sleep(0.5)
     threads0, fds0, rss0 = process_usage()
     series0 = metrics.series_count()
-    for i in range(5, 205):
+    for i in range(5, 105):
+        await cycle(i)
+    rss_half = process_usage()[2]
+    for i in range(105, 205):
         await cycle(i)
     assert not service.streams
     assert await until(lambda: process_usage()[0] <= threads0, 5), (
         threads0, [t.name for t in threading.enumerate()])
     threads, fds, rss = process_usage()
     print(f"after 200 add/remove: threads {threads0}->{threads}, fds {fds0}->{fds}, "
-          f"RSS {rss0:.0f}->{rss:.0f} MB, series {series0}->{metrics.series_count()}")
+          f"RSS {rss0:.0f}->{rss_half:.0f}->{rss:.0f} MB, series {series0}->{metrics.series_count()}")
     assert fds <= fds0
-    assert rss < rss0 + 40, "memory grows with every stream added and removed"
+    # malloc keeps some freed frame buffers in per-thread arenas, so RSS need not fall back
+    # byte for byte; it must stop growing (a leak of one 768x576 frame per cycle: +130 MB).
+    assert rss - rss_half < 15 and rss < rss0 + 60, (rss0, rss_half, rss)
     assert metrics.series_count() == series0
     assert 's0"' not in metrics.exposition().decode()
     assert 's204"' not in metrics.exposition().decode()

@@ -1,0 +1,33 @@
+"""What the views share: the application keys and small lookups."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from stream.auth import Authenticator, LoginThrottle, Principal
+from stream.control import StreamControl
+from stream.service import Service, Stream
+
+SERVICE = web.AppKey("service", Service)
+CONTROL = web.AppKey("control", StreamControl)
+AUTH = web.AppKey("auth", Authenticator)
+THROTTLE = web.AppKey("throttle", LoginThrottle)
+STOP = web.AppKey("stop", asyncio.Event)  # set to shut the server down
+PRINCIPAL = "principal"  # request key: who is asking (stream.auth.Principal)
+
+
+def stream_or_404(request: web.Request) -> Stream:
+    service = request.app[SERVICE]
+    sid = request.match_info["id"]
+    s = service.streams.get(sid)
+    if s is None:
+        raise web.HTTPNotFound(text=json.dumps({"error": f"unknown stream {sid!r}"}),
+                               content_type="application/json")
+    return s
+
+
+def principal(request: web.Request) -> Principal | None:
+    return request.get(PRINCIPAL)

@@ -1,0 +1,111 @@
+"""A stream's pictures: MJPEG, the newest annotated frame, the newest class mask."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.tools.data import encode_palette_png
+from stream.api.context import SERVICE, stream_or_404
+from stream.api.spec import Body, Endpoint, error, read_query
+from stream.encoders import BOUNDARY, mjpeg_part
+from stream.schemas import Error
+
+
+class MjpegQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # exp/sig of a signed URL ride along
+    fps: float | None = Field(None, ge=0, le=1000, description="Most frames per second this "
+                              "client wants (0 or absent: every frame, up to the server cap).")
+
+
+async def mjpeg(request: web.Request) -> web.StreamResponse:
+    """multipart/x-mixed-replace: each write sends the newest frame; a slow client skips."""
+    service = request.app[SERVICE]
+    s = stream_or_404(request)
+    q = read_query(request, MjpegQuery)
+    fps = _client_fps(q.fps or 0.0, service.cfg.server.max_client_fps)
+    resp = web.StreamResponse(headers={
+        "Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+        "Cache-Control": "no-cache, no-store, must-revalidate",
+        "Pragma": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    await resp.prepare(request)
+    pub = s.mjpeg
+    pub.clients += 1
+    service.observer.clients(s.cfg.id, pub.clients)
+    seq = 0
+    next_at = 0.0
+    try:
+        while not pub.closed:
+            item = await pub.next(seq, timeout=1.0)
+            if item is None:
+                continue
+            await resp.write(mjpeg_part(item.jpeg))
+            service.record_latency(s.cfg.id, time.monotonic() - item.capture_ts)
+            seq = item.seq
+            if fps > 0:
+                next_at = max(next_at + 1.0 / fps, time.monotonic())
+                await asyncio.sleep(next_at - time.monotonic())
+    except (ConnectionResetError, ConnectionError):
+        pass  # the viewer went away
+    finally:
+        pub.clients -= 1
+        service.observer.clients(s.cfg.id, pub.clients)
+    return resp
+
+
+def _client_fps(fps: float, server_cap: float) -> float:
+    if server_cap > 0:
+        return min(fps, server_cap) if fps > 0 else server_cap
+    return fps
+
+
+async def snapshot(request: web.Request) -> web.Response:
+    s = stream_or_404(request)
+    latest = s.mjpeg.latest
+    if latest is not None and time.monotonic() - latest.published_ts < 1.0:
+        jpeg = latest.jpeg  # someone is watching: reuse the frame already encoded
+    else:
+        snap = await asyncio.to_thread(s.view.snapshot)
+        if snap is None:
+            state, reason = s.source.status()
+            raise error(503, f"stream {s.cfg.id!r} has no segmented frame yet",
+                        state=state.value, reason=reason)
+        jpeg = snap[0]
+    return web.Response(body=jpeg, content_type="image/jpeg",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def mask_png(request: web.Request) -> web.Response:
+    s = stream_or_404(request)
+    result = s.view.result
+    seg = request.app[SERVICE].segmenter
+    if result is None or seg is None:
+        state, reason = s.source.status()
+        raise error(503, f"stream {s.cfg.id!r} has no mask yet", state=state.value,
+                    reason=reason)
+    png = await asyncio.to_thread(encode_palette_png, result.mask, seg.palette)
+    return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+_NOT_YET = {404: Body(Error, description="Unknown stream."),
+            503: Body(Error, description="No segmented frame yet (state and reason say why).")}
+
+ENDPOINTS = [
+    Endpoint("GET", "/streams/{id}/mjpeg", mjpeg,
+             "Annotated MJPEG (multipart/x-mixed-replace); a slow client skips frames",
+             tag="media", query=MjpegQuery, signed=True,
+             responses={200: Body(None, media="multipart/x-mixed-replace",
+                                  description="An endless stream of JPEG parts."),
+                        404: Body(Error, description="Unknown stream.")}),
+    Endpoint("GET", "/streams/{id}/snapshot.jpg", snapshot, "The newest annotated frame",
+             tag="media", signed=True,
+             responses={200: Body(None, media="image/jpeg"), **_NOT_YET}),
+    Endpoint("GET", "/streams/{id}/mask.png", mask_png,
+             "The newest class mask: 8-bit palette PNG, pixel value = class id",
+             tag="media", responses={200: Body(None, media="image/png"), **_NOT_YET}),
+]

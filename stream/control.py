@@ -1,0 +1,143 @@
+"""Stream changes at runtime: checked, written to the state file, then applied.
+
+Changes are serialised by one lock, so the state file and the running set never disagree;
+each one is validated in full (schema, source policy, class names) before anything is written,
+and written (atomically) before it is applied and acknowledged: a `kill -9` at any moment
+leaves the file valid and holding every acknowledged change."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+
+from stream.config import ConfigError, SourcesConfig, StreamConfig
+from stream.service import Service
+from stream.store import StreamStore
+
+API_SCHEMES = {"rtsp", "rtsps", "rtmp", "http", "https", "srt"}
+# Never reachable through the API unless allowed by name: link-local (cloud metadata
+# services live at 169.254.169.254) and "this network".
+DENIED_NETWORKS = [ipaddress.ip_network(n) for n in ("169.254.0.0/16", "fe80::/10",
+                                                     "0.0.0.0/8")]
+
+
+class Refused(ValueError):
+    """A change that cannot be made: `status` is the HTTP status, `loc` the key path."""
+
+    def __init__(self, status: int, message: str, loc: str = "") -> None:
+        super().__init__(message)
+        self.status, self.loc = status, loc
+
+
+class SourcePolicy:
+    def __init__(self, cfg: SourcesConfig) -> None:
+        self.local = [Path(p).resolve() for p in cfg.allow_local]
+        self.networks = (None if cfg.allow_networks is None else
+                         [ipaddress.ip_network(n, strict=False) for n in cfg.allow_networks])
+
+    def check(self, source: str) -> None:
+        """Raises Refused(422) with the reason. Resolves host names (blocking: call it off
+        the event loop), so no request goes to an address the operator did not allow."""
+        if source.startswith("sample:"):
+            return  # a named clip from the model cache
+        if "://" not in source:
+            return self._check_local(source)
+        scheme = source.split("://", 1)[0].lower()
+        if scheme == "file":
+            return self._check_local(urlsplit(source).path)
+        if scheme not in API_SCHEMES:
+            raise Refused(422, f"scheme {scheme!r} is not allowed over the API; use one of "
+                          f"{sorted(API_SCHEMES)}", "source")
+        self._check_host(source)
+
+    def _check_local(self, path: str) -> None:
+        p = Path(path if not path.isdigit() else f"/dev/video{path}").resolve()
+        if not any(p == d or d in p.parents for d in self.local):
+            raise Refused(422, "local files and devices are not allowed over the API here "
+                          "(the operator can allow folders in sources.allow_local)", "source")
+
+    def _check_host(self, source: str) -> None:
+        try:
+            host, port = urlsplit(source).hostname, urlsplit(source).port
+        except ValueError as e:
+            raise Refused(422, f"invalid URL: {e}", "source") from None
+        if not host:
+            raise Refused(422, "the URL has no host", "source")
+        try:
+            infos = socket.getaddrinfo(host, port or 0, proto=socket.IPPROTO_TCP)
+        except (socket.gaierror, UnicodeError):
+            raise Refused(422, f"cannot resolve host {host!r}", "source") from None
+        for info in infos:
+            addr = ipaddress.ip_address(info[4][0])
+            if not self._allowed(addr):
+                raise Refused(422, f"address {addr} of {host!r} is not allowed (see "
+                              "sources.allow_networks)", "source")
+
+    def _allowed(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        if self.networks is not None:
+            return any(addr in n for n in self.networks)
+        return not any(addr in n for n in DENIED_NETWORKS)
+
+
+class StreamControl:
+    def __init__(self, service: Service, store: StreamStore | None,
+                 policy: SourcePolicy) -> None:
+        self.service = service
+        self.store = store
+        self.policy = policy
+        self._lock = asyncio.Lock()
+
+    def configs(self) -> list[StreamConfig]:
+        return [s.cfg for s in self.service.streams.values()]
+
+    async def add(self, cfg: StreamConfig) -> None:
+        async with self._lock:
+            if cfg.id in self.service.streams:
+                raise Refused(409, f"stream {cfg.id!r} exists", "id")
+            await self._check(cfg)
+            await self._persist([*self.configs(), cfg])
+            await asyncio.to_thread(self.service.add_stream, cfg)
+
+    async def patch(self, stream_id: str, changes: dict[str, Any]) -> StreamConfig:
+        async with self._lock:
+            current = self._get(stream_id)
+            merged = current.model_dump(exclude_unset=True) | {"id": stream_id} | changes
+            try:
+                cfg = StreamConfig.model_validate(merged)
+            except ValidationError as e:
+                first = e.errors()[0]
+                raise Refused(422, first["msg"], ".".join(map(str, first["loc"]))) from None
+            await self._check(cfg, source_changed=cfg.source != current.source)
+            await self._persist([cfg if c.id == stream_id else c for c in self.configs()])
+            await asyncio.to_thread(self.service.replace_stream, cfg)
+            return cfg
+
+    async def delete(self, stream_id: str) -> None:
+        async with self._lock:
+            self._get(stream_id)
+            await self._persist([c for c in self.configs() if c.id != stream_id])
+            await asyncio.to_thread(self.service.remove_stream, stream_id)
+
+    def _get(self, stream_id: str) -> StreamConfig:
+        s = self.service.streams.get(stream_id)
+        if s is None:
+            raise Refused(404, f"unknown stream {stream_id!r}")
+        return s.cfg
+
+    async def _check(self, cfg: StreamConfig, source_changed: bool = True) -> None:
+        if source_changed:
+            await asyncio.to_thread(self.policy.check, cfg.source)
+        try:
+            self.service.check_stream(cfg)
+        except ConfigError as e:
+            raise Refused(422, str(e).split(": ", 1)[-1], "classes") from None
+
+    async def _persist(self, streams: list[StreamConfig]) -> None:
+        if self.store is not None:
+            await asyncio.to_thread(self.store.save, streams)

@@ -1,0 +1,153 @@
+"""Request and response models of the HTTP API. The handlers validate requests and build
+responses with these same models, and /openapi.json is generated from them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from stream.config import StreamConfig
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FieldError(_Out):
+    loc: str = Field(description="Key path of the offending value, e.g. `infer_fps`.")
+    msg: str
+
+
+class Error(_Out):
+    error: str = Field(description="What went wrong, for a person.")
+    details: list[FieldError] | None = None
+    state: str | None = None
+    reason: str | None = None
+
+
+class Latency(_Out):
+    p50: float | None = Field(description="Median end-to-end latency, ms.")
+    p95: float | None
+
+
+class StreamStatus(_Out):
+    id: str
+    source: str = Field(description="The source URL without credentials.")
+    reader: str
+    output: str
+    state: str = Field(description="starting | live | reconnecting | error | stopped")
+    reason: str | None = Field(description="Why the stream is not live, if it is not.")
+    width: int | None
+    height: int | None
+    fps_in: float
+    fps_out: float
+    inference_fps: float
+    infer_fps_cap: float
+    latency_ms: Latency
+    captured: int
+    dropped: int
+    reconnects: int
+    clients: int
+    classes: dict[str, float] = Field(description="Largest classes in view, share of pixels.")
+
+
+class StreamList(_Out):
+    ready: bool
+    streams: list[StreamStatus]
+
+
+def _optional(model: type[BaseModel], name: str, skip: set[str]) -> type[BaseModel]:
+    """Every field of `model` optional and defaulting to unset (a partial update)."""
+    fields: dict[str, Any] = {}
+    for key, f in model.model_fields.items():
+        if key in skip:
+            continue
+        fields[key] = (f.annotation | None, Field(None, description=f.description))
+    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
+
+
+# A PATCH body: any subset of a stream's settings (its id cannot change).
+StreamPatch = _optional(StreamConfig, "StreamPatch", {"id"})
+
+
+class ModelInfo(_Out):
+    name: str
+    backend: str
+    mode: str | None = Field(None, description="How the model computes (e.g. int8-faithful).")
+    input_size: list[int]
+    batch_sizes: list[int]
+    workers: int
+    max_batch: int
+    threads_per_worker: int | None
+    labels: list[str]
+    colors: list[str]
+
+
+class Health(_Out):
+    status: Literal["ok"]
+    uptime_s: float
+
+
+class Ready(_Out):
+    status: Literal["ready"]
+
+
+class LoginRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str = Field(min_length=1, max_length=512)
+
+
+class Whoami(_Out):
+    name: str
+    role: str
+    via: str
+
+
+class ShareRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600, description="Seconds the URL works.")
+    kind: Literal["mjpeg", "snapshot"] = "mjpeg"
+
+
+class ShareResponse(_Out):
+    url: str = Field(description="Path with an expiry and signature; no token in it.")
+    expires: int = Field(description="Unix time the URL stops working.")
+
+
+class MaxStatus(_Out):
+    status: str
+
+
+class MaxLabel(_Out):
+    id: int
+    name: str
+
+
+class MaxMetadata(_Out):
+    id: str
+    name: str
+    description: str
+    type: str
+    license: str
+    source: str
+
+
+class MaxPrediction(_Out):
+    status: Literal["ok"]
+    image_size: list[int] = Field(description="[width, height] of the resized image.")
+    seg_map: list[list[int]] = Field(description="Class id per pixel, one row per image row.")
+
+
+class ImageUpload(BaseModel):
+    """multipart/form-data with the image file in the field `image`."""
+
+    image: bytes = Field(description="A JPEG, PNG, BMP, GIF, TIFF or WebP file.")
+
+
+class Prediction(_Out):
+    width: int
+    height: int
+    labels: list[str]
+    mask: list[list[int]]
+    classes: dict[str, float]
