@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from models import fetch
+from models.norm import FLOAT_NORM, normalize
 from models.registry import ModelSpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -188,13 +189,9 @@ class TFLiteSegmenter(Segmenter):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         it = self._interp(batch.shape[0])
         inp = it.get_input_details()[0]
-        if self._float_input:  # float files were exported after the graph's (x-127.5)/127.5
-            x = batch.astype(np.float32)
-            x -= 127.5
-            x *= 1.0 / 127.5
-            it.set_tensor(inp["index"], x)
-        else:
-            it.set_tensor(inp["index"], batch)
+        # float files were exported after the graph's own normalisation, so it is done here
+        x = normalize(batch, FLOAT_NORM) if self._float_input else batch
+        it.set_tensor(inp["index"], x)
         it.invoke()
         res = it.get_tensor(it.get_output_details()[0]["index"])
         if res.ndim == 4:  # float logits [b, h, w, C]

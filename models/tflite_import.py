@@ -25,7 +25,8 @@ import keras
 import numpy as np
 
 from models import fetch
-from models.deeplab import FLOAT_NORM, build_deeplab, conv_layers
+from models.deeplab import Output, build_deeplab, conv_layers
+from models.norm import FLOAT_NORM, QUANT_NORM, Norm
 from models.registry import ModelSpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ def read_tflite(path: Path) -> FileGraph:
                      quant, names)
 
 
-def input_norm_of(graph: FileGraph) -> tuple[float, float]:
+def input_norm_of(graph: FileGraph) -> Norm:
     """(mean, std) the Keras model must apply to raw uint8 RGB to match the file's input."""
     if graph.input_quant is not None:
         scale, zero = graph.input_quant
@@ -226,16 +227,16 @@ def _stamp(spec: ModelSpec) -> dict[str, Any]:
 
 
 def build_for_spec(spec: ModelSpec, input_size: int | None = None,
-                   output: str = "classes") -> keras.Model:
+                   output: Output = "classes") -> keras.Model:
     """The Keras model matching ``spec`` (unweighted)."""
     if not spec.keras or spec.depth_multiplier is None or spec.output_stride is None:
         raise ValueError(f"model {spec.name!r} has no Keras port (tflite runtime only)")
-    norm = FLOAT_NORM if spec.tflite_kind == "logits_float" else (128.0, 128.0)
     return build_deeplab(spec.num_classes, spec.depth_multiplier, spec.output_stride,
-                         input_size or spec.input_size, input_norm=norm, output=output)
+                         input_size or spec.input_size, input_norm=spec.input_norm,
+                         output=output)
 
 
-def load_keras_model(name: str, input_size: int | None = None, output: str = "classes",
+def load_keras_model(name: str, input_size: int | None = None, output: Output = "classes",
                      *, reimport: bool = False) -> keras.Model:
     """The weighted Keras port of model ``name``, from the cached weights when valid.
 
@@ -257,9 +258,10 @@ def load_keras_model(name: str, input_size: int | None = None, output: str = "cl
     tflite = fetch.model_path(name)
     graph = import_weights(model, tflite)
     norm = input_norm_of(graph)
-    if spec.tflite_kind == "argmax_uint8" and norm != (128.0, 128.0):
+    if spec.tflite_kind == "argmax_uint8" and norm != QUANT_NORM:
         raise ImportMismatchError(f"{tflite.name}: input quantization gives (x-{norm[0]})/"
-                                  f"{norm[1]}, the Keras model uses (x-128)/128")
+                                  f"{norm[1]}, the Keras model uses (x-{QUANT_NORM[0]})/"
+                                  f"{QUANT_NORM[1]}")
     wpath.parent.mkdir(parents=True, exist_ok=True)
     tmp = wpath.with_name(f".{wpath.name}.tmp.weights.h5")
     with warnings.catch_warnings():  # TF variables' __array__ lacks numpy 2's copy= (harmless)

@@ -337,12 +337,6 @@ def evaluate(model: Any, data: Any, num_classes: int, ignore_id: int) -> dict[st
 # ---------------------------------------------------------------- model
 
 
-def _norm_of(spec: ModelSpec) -> tuple[float, float]:
-    from models.deeplab import FLOAT_NORM, QUANT_NORM
-
-    return FLOAT_NORM if spec.tflite_kind == "logits_float" else QUANT_NORM
-
-
 def build_finetune_model(spec: ModelSpec, num_classes: int, input_size: int,
                          seed: int = 0) -> Any:
     """Logits model of ``spec`` with its official weights; a fresh logits layer if the class
@@ -354,7 +348,7 @@ def build_finetune_model(spec: ModelSpec, num_classes: int, input_size: int,
     if num_classes == spec.num_classes:
         return base
     model = build_deeplab(num_classes, spec.depth_multiplier, spec.output_stride, input_size,
-                          input_norm=_norm_of(spec), output="logits")
+                          input_norm=spec.input_norm, output="logits")
     for layer in model.layers:
         if layer.weights and layer.name != LOGITS_LAYER:
             layer.set_weights(base.get_layer(layer.name).get_weights())
@@ -568,7 +562,7 @@ def fine_tune(cfg: TrainConfig, report: Callable[[str], None] = print) -> TrainR
         "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "base_model": spec.name,
         "num_classes": num_classes, "labels": labels, "input_size": cfg.input_size,
         "depth_multiplier": spec.depth_multiplier, "output_stride": spec.output_stride,
-        "input_norm": list(_norm_of(spec)), "ignore_id": cfg.ignore_id,
+        "input_norm": list(spec.input_norm), "ignore_id": cfg.ignore_id,
         "logits_reinitialised": num_classes != spec.num_classes,
         "keras_backend": keras.backend.backend(),
         "train": {k: (str(v) if isinstance(v, Path) else v)
