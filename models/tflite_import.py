@@ -1,7 +1,7 @@
 """Import the weights of an official DeepLab .tflite file into the Keras port.
 
-The flatbuffer is read with the generated schema module shipped in ai-edge-litert (or
-TensorFlow's copy); no interpreter and no TensorFlow are needed, so this also works on a
+The flatbuffer is read through ``models.tflite_schema`` (the generated schema module of
+ai-edge-litert); no interpreter and no TensorFlow are needed, so this also works on a
 JAX-only machine. uint8 weights are dequantized ((q - zero_point) * scale), int32 biases too.
 Every conv is matched by its TF scope and checked for kernel shape, stride, dilation, padding
 and fused activation; any disagreement raises ImportMismatchError naming the layer.
@@ -28,6 +28,7 @@ from models import fetch
 from models.deeplab import Output, build_deeplab, conv_layers
 from models.norm import FLOAT_NORM, QUANT_NORM, Norm
 from models.registry import ModelSpec, get_spec
+from models.tflite_schema import op_name, schema, unpack
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,6 @@ CACHE_VERSION = 1  # bump when the Keras model's layer layout changes
 
 class ImportMismatchError(ValueError):
     """The .tflite graph does not agree with the Keras model it is imported into."""
-
-
-def _schema() -> Any:
-    try:
-        from ai_edge_litert import schema_py_generated as schema
-    except ImportError:
-        from tensorflow.lite.python import schema_py_generated as schema
-    return schema
 
 
 _NP_TYPES = {0: np.float32, 2: np.int32, 3: np.uint8, 4: np.int64, 9: np.int8}
@@ -123,17 +116,14 @@ def _scope_of(name: str, depthwise: bool) -> str:
 
 def read_tflite(path: Path) -> FileGraph:
     """Parse the convs (weights + options) and the input of a .tflite file."""
-    schema = _schema()
-    model = schema.ModelT.InitFromPackedBuf(Path(path).read_bytes(), 0)
+    model = unpack(Path(path).read_bytes())
     if len(model.subgraphs) != 1:
         raise ImportMismatchError(f"{path}: expected one subgraph, found {len(model.subgraphs)}")
     g = model.subgraphs[0]
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     convs: dict[str, FileConv] = {}
     names: list[str] = []
     for op in g.operators:
-        code = model.operatorCodes[op.opcodeIndex]
-        opname = op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?")
+        opname = op_name(model, op)
         names.append(opname)
         if opname not in ("CONV_2D", "DEPTHWISE_CONV_2D"):
             continue
@@ -157,7 +147,8 @@ def read_tflite(path: Path) -> FileGraph:
     it = g.tensors[g.inputs[0]]
     q = it.quantization
     quant = None
-    if it.type == 3 and q is not None and q.scale is not None and len(q.scale):
+    uint8 = it.type == schema().TensorType.UINT8
+    if uint8 and q is not None and q.scale is not None and len(q.scale):
         quant = (float(q.scale[0]), int(q.zeroPoint[0]))
     return FileGraph(convs, _NP_TYPES.get(it.type, object), tuple(int(d) for d in it.shape),
                      quant, names)
