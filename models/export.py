@@ -20,9 +20,12 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from models.registry import DEFAULT_MODEL, MODELS, get_spec
+
+if TYPE_CHECKING:
+    from models.deeplab import Output
 
 Format = Literal["keras", "savedmodel", "tflite", "onnx"]
 FORMATS: tuple[str, ...] = ("keras", "savedmodel", "tflite", "onnx")
@@ -198,9 +201,9 @@ def _keras_spec(name: str | None) -> Any:
 def build_model(name: str | None = None, *, weights: str | Path | None = None,
                 input_size: int | None = None, logits: bool = False) -> tuple[Any, int]:
     """(weighted Keras port, input size): registry model ``name`` or a fine-tuned file."""
-    output = "logits" if logits else "classes"
+    output: Output = "logits" if logits else "classes"
     if weights is not None:
-        from models.train import load_finetuned
+        from models.finetuned import load_finetuned
 
         model, meta = load_finetuned(weights, input_size=input_size, output=output)
         return model, int(input_size or meta["input_size"])

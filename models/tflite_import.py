@@ -218,13 +218,13 @@ def _stamp(spec: ModelSpec) -> dict[str, Any]:
 
 
 def build_for_spec(spec: ModelSpec, input_size: int | None = None,
-                   output: Output = "classes") -> keras.Model:
-    """The Keras model matching ``spec`` (unweighted)."""
+                   output: Output = "classes", num_classes: int | None = None) -> keras.Model:
+    """The Keras model matching ``spec`` (unweighted); ``num_classes`` overrides its own."""
     if not spec.keras or spec.depth_multiplier is None or spec.output_stride is None:
         raise ValueError(f"model {spec.name!r} has no Keras port (tflite runtime only)")
-    return build_deeplab(spec.num_classes, spec.depth_multiplier, spec.output_stride,
-                         input_size or spec.input_size, input_norm=spec.input_norm,
-                         output=output)
+    return build_deeplab(num_classes or spec.num_classes, spec.depth_multiplier,
+                         spec.output_stride, input_size or spec.input_size,
+                         input_norm=spec.input_norm, output=output)
 
 
 def load_keras_model(name: str, input_size: int | None = None, output: Output = "classes",

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
-from models import train
+from models import finetuned, train
 from models.train import DatasetError, TrainConfig, fine_tune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_fine_tune_camvid_new_class_count(segstream_home: Path, shared_dir: Path
     assert meta["input_size"] == 129 and meta["labels"][0] == "Sky" and len(meta["labels"]) == 11
     assert meta["logits_reinitialised"] and len(meta["history"]) == 4
 
-    model, _ = train.load_finetuned(out, input_size=161)
+    model, _ = finetuned.load_finetuned(out, input_size=161)
     frame = cv2.imread(str(images / sorted(os.listdir(images))[0]))
     x = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), (161, 161))[None]
     pred = np.asarray(model(x))
@@ -153,9 +153,9 @@ def test_fine_tune_on_jax_backend(segstream_home: Path, shared_dir: Path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     loss = float(proc.stdout.split("LOSS")[-1])
     assert np.isfinite(loss) and loss > 0
-    meta = train.read_sidecar(out)
+    meta = finetuned.read_sidecar(out)
     assert meta["keras_backend"] == "jax" and meta["num_classes"] == 11
-    model, _ = train.load_finetuned(out)  # this process: TF backend
+    model, _ = finetuned.load_finetuned(out)  # this process: TF backend
     assert np.asarray(model(np.zeros((1, 65, 65, 3), np.uint8))).shape == (1, 65, 65)
 
 
