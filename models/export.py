@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 Format = Literal["keras", "savedmodel", "tflite", "onnx"]
 FORMATS: tuple[str, ...] = ("keras", "savedmodel", "tflite", "onnx")
 SUFFIX = {"keras": ".keras", "tflite": ".tflite", "onnx": ".onnx", "savedmodel": ""}
-SERIALIZABLE_PACKAGE = "segstream"
 INPUT_NAME = "image"
 
 
@@ -47,26 +46,16 @@ class ExportResult:
     seconds: float
 
 
-def register_serializables() -> None:
-    """Register the port's custom layers so .keras files reload by name ("segstream>...").
+def load_keras_file(path: str | Path) -> Any:
+    """Reload a .keras file written by :func:`export_model` (safe mode, no code loaded).
 
-    Idempotent. Their configs are complete (Keras records the constructor arguments); only
-    the registration is missing from models/deeplab.py, where it belongs.
+    The file names the port's custom layers "segstream>..."; importing models.deeplab
+    registers them under those names.
     """
     import keras
 
-    from models import deeplab
+    import models.deeplab  # noqa: F401 - registers the custom layers
 
-    for cls in (deeplab.Normalize, deeplab.GlobalPoolBroadcast, deeplab.ResizeAlignCorners,
-                deeplab.ArgmaxUint8):
-        keras.saving.register_keras_serializable(SERIALIZABLE_PACKAGE)(cls)
-
-
-def load_keras_file(path: str | Path) -> Any:
-    """Reload a .keras file written by :func:`export_model` (safe mode, no code loaded)."""
-    import keras
-
-    register_serializables()
     return keras.saving.load_model(str(path), compile=False)
 
 
@@ -151,7 +140,6 @@ def _tf_serving_model(model: Any) -> Any:
 
 
 def _write_keras(model: Any, tmp: Path, shape: tuple) -> None:
-    register_serializables()  # before saving, so the file names the layers "segstream>..."
     model.save(str(tmp))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import cv2
@@ -29,7 +30,7 @@ def test_registry_names_and_specs() -> None:
                                     "mnv2-voc-dm05-float", "mnv2-voc-257"}
     for name, spec in registry.MODELS.items():
         assert spec.name == name
-        assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
+        assert re.fullmatch(r"[0-9a-f]{64}", spec.sha256), spec.sha256
         assert spec.url.startswith("https://raw.githubusercontent.com/")
         assert spec.url.endswith((spec.filename, "fp32.tflite"))
         assert spec.input_size in (257, 513)
