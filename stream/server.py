@@ -16,9 +16,9 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from models.tools.data import encode_palette_png
 from stream import metrics
 from stream.config import AppConfig
-from stream.predict import encode_palette_png
 from stream.publish import BOUNDARY, mjpeg_part
 from stream.service import Service, Stream
 

@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from models.export import ExportError, export_model
 from models.runtime import prepare
+from models.tools.export import ExportError, export_model
 from stream.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ _KERAS_JAX = textwrap.dedent("""
     import sys
     import numpy as np
     import keras
-    from models.export import load_keras_file
+    from models.tools.export import load_keras_file
 
     assert keras.backend.backend() == "jax", keras.backend.backend()
     model = load_keras_file(sys.argv[1])
@@ -88,7 +88,7 @@ def test_keras_file_reloads_on_jax(segstream_home: Path, frames: np.ndarray,
 _KERAS_RELOAD = textwrap.dedent("""
     import sys
     import numpy as np
-    from models.export import load_keras_file
+    from models.tools.export import load_keras_file
 
     np.save(sys.argv[3], np.asarray(load_keras_file(sys.argv[1])(np.load(sys.argv[2]))))
 """)

@@ -20,8 +20,9 @@ import cv2
 import numpy as np
 import pytest
 
-from models import finetuned, train
-from models.train import DatasetError, TrainConfig, fine_tune
+from models import finetuned
+from models.tools import train
+from models.tools.train import DatasetError, TrainConfig, fine_tune
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID_CLASSES, CAMVID_VOID, CAMVID_ROAD = 11, 11, 3
@@ -94,7 +95,7 @@ def test_fine_tune_camvid_new_class_count(segstream_home: Path, shared_dir: Path
     with pytest.raises(ValueError, match="keras backend"):
         load_segmenter(weights=out, backend="tflite")
 
-    from models.export import export_model, load_keras_file
+    from models.tools.export import export_model, load_keras_file
 
     exp = export_model("keras", tmp_path / "exp", weights=out)
     assert exp.path.name == "camvid.keras"
@@ -128,7 +129,7 @@ _JAX_TRAIN = textwrap.dedent("""
     import sys
     from pathlib import Path
     import keras
-    from models.train import TrainConfig, fine_tune
+    from models.tools.train import TrainConfig, fine_tune
 
     assert keras.backend.backend() == "jax", keras.backend.backend()
     res = fine_tune(TrainConfig(images=Path(sys.argv[1]), masks=Path(sys.argv[2]),
