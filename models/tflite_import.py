@@ -1,7 +1,7 @@
 """Import the weights of an official DeepLab .tflite file into the Keras port.
 
-The flatbuffer is read with the generated schema module shipped in ai-edge-litert (or
-TensorFlow's copy); no interpreter and no TensorFlow are needed, so this also works on a
+The flatbuffer is read through ``models.tflite_schema`` (the generated schema module of
+ai-edge-litert); no interpreter and no TensorFlow are needed, so this also works on a
 JAX-only machine. uint8 weights are dequantized ((q - zero_point) * scale), int32 biases too.
 Every conv is matched by its TF scope and checked for kernel shape, stride, dilation, padding
 and fused activation; any disagreement raises ImportMismatchError naming the layer.
@@ -25,8 +25,10 @@ import keras
 import numpy as np
 
 from models import fetch
-from models.deeplab import FLOAT_NORM, build_deeplab, conv_layers
+from models.deeplab import Output, build_deeplab, conv_layers
+from models.norm import FLOAT_NORM, QUANT_NORM, Norm
 from models.registry import ModelSpec, get_spec
+from models.tflite_schema import op_name, schema, unpack
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +37,6 @@ CACHE_VERSION = 1  # bump when the Keras model's layer layout changes
 
 class ImportMismatchError(ValueError):
     """The .tflite graph does not agree with the Keras model it is imported into."""
-
-
-def _schema() -> Any:
-    try:
-        from ai_edge_litert import schema_py_generated as schema
-    except ImportError:
-        from tensorflow.lite.python import schema_py_generated as schema
-    return schema
 
 
 _NP_TYPES = {0: np.float32, 2: np.int32, 3: np.uint8, 4: np.int64, 9: np.int8}
@@ -122,17 +116,14 @@ def _scope_of(name: str, depthwise: bool) -> str:
 
 def read_tflite(path: Path) -> FileGraph:
     """Parse the convs (weights + options) and the input of a .tflite file."""
-    schema = _schema()
-    model = schema.ModelT.InitFromPackedBuf(Path(path).read_bytes(), 0)
+    model = unpack(Path(path).read_bytes())
     if len(model.subgraphs) != 1:
         raise ImportMismatchError(f"{path}: expected one subgraph, found {len(model.subgraphs)}")
     g = model.subgraphs[0]
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     convs: dict[str, FileConv] = {}
     names: list[str] = []
     for op in g.operators:
-        code = model.operatorCodes[op.opcodeIndex]
-        opname = op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?")
+        opname = op_name(model, op)
         names.append(opname)
         if opname not in ("CONV_2D", "DEPTHWISE_CONV_2D"):
             continue
@@ -156,13 +147,14 @@ def read_tflite(path: Path) -> FileGraph:
     it = g.tensors[g.inputs[0]]
     q = it.quantization
     quant = None
-    if it.type == 3 and q is not None and q.scale is not None and len(q.scale):
+    uint8 = it.type == schema().TensorType.UINT8
+    if uint8 and q is not None and q.scale is not None and len(q.scale):
         quant = (float(q.scale[0]), int(q.zeroPoint[0]))
     return FileGraph(convs, _NP_TYPES.get(it.type, object), tuple(int(d) for d in it.shape),
                      quant, names)
 
 
-def input_norm_of(graph: FileGraph) -> tuple[float, float]:
+def input_norm_of(graph: FileGraph) -> Norm:
     """(mean, std) the Keras model must apply to raw uint8 RGB to match the file's input."""
     if graph.input_quant is not None:
         scale, zero = graph.input_quant
@@ -226,16 +218,16 @@ def _stamp(spec: ModelSpec) -> dict[str, Any]:
 
 
 def build_for_spec(spec: ModelSpec, input_size: int | None = None,
-                   output: str = "classes") -> keras.Model:
-    """The Keras model matching ``spec`` (unweighted)."""
+                   output: Output = "classes", num_classes: int | None = None) -> keras.Model:
+    """The Keras model matching ``spec`` (unweighted); ``num_classes`` overrides its own."""
     if not spec.keras or spec.depth_multiplier is None or spec.output_stride is None:
         raise ValueError(f"model {spec.name!r} has no Keras port (tflite runtime only)")
-    norm = FLOAT_NORM if spec.tflite_kind == "logits_float" else (128.0, 128.0)
-    return build_deeplab(spec.num_classes, spec.depth_multiplier, spec.output_stride,
-                         input_size or spec.input_size, input_norm=norm, output=output)
+    return build_deeplab(num_classes or spec.num_classes, spec.depth_multiplier,
+                         spec.output_stride, input_size or spec.input_size,
+                         input_norm=spec.input_norm, output=output)
 
 
-def load_keras_model(name: str, input_size: int | None = None, output: str = "classes",
+def load_keras_model(name: str, input_size: int | None = None, output: Output = "classes",
                      *, reimport: bool = False) -> keras.Model:
     """The weighted Keras port of model ``name``, from the cached weights when valid.
 
@@ -257,9 +249,10 @@ def load_keras_model(name: str, input_size: int | None = None, output: str = "cl
     tflite = fetch.model_path(name)
     graph = import_weights(model, tflite)
     norm = input_norm_of(graph)
-    if spec.tflite_kind == "argmax_uint8" and norm != (128.0, 128.0):
+    if spec.tflite_kind == "argmax_uint8" and norm != QUANT_NORM:
         raise ImportMismatchError(f"{tflite.name}: input quantization gives (x-{norm[0]})/"
-                                  f"{norm[1]}, the Keras model uses (x-128)/128")
+                                  f"{norm[1]}, the Keras model uses (x-{QUANT_NORM[0]})/"
+                                  f"{QUANT_NORM[1]}")
     wpath.parent.mkdir(parents=True, exist_ok=True)
     tmp = wpath.with_name(f".{wpath.name}.tmp.weights.h5")
     with warnings.catch_warnings():  # TF variables' __array__ lacks numpy 2's copy= (harmless)

@@ -133,8 +133,8 @@ def _register_token(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models import export, fetch, train
-    from stream import evaluate, predict
+    from models import fetch
+    from models.tools import evaluate, export, predict, train
 
     parser = argparse.ArgumentParser(
         prog="segstream", description="Real-time video segmentation with mobile DeepLab."

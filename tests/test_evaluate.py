@@ -15,8 +15,8 @@ import pytest
 from models.class_maps import BUILTIN, ClassMapError, identity_map, load_class_map
 from models.labels import CAMVID_LABELS, CITYSCAPES_LABELS, VOC_LABELS, voc_palette
 from models.runtime import load_segmenter
-from stream.cli import main
-from stream.evaluate import (
+from models.tools.data import encode_palette_png
+from models.tools.evaluate import (
     LabelError,
     PairError,
     class_accuracy,
@@ -29,7 +29,7 @@ from stream.evaluate import (
     read_label_mask,
     summarize,
 )
-from stream.predict import encode_palette_png
+from stream.cli import main
 
 # rows: gt a, b, c, d; columns: pred a, b, c, d, unmapped.
 # c is never in gt but predicted once; d is absent from both (excluded from every mean).

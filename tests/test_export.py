@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from models.export import ExportError, export_model
 from models.runtime import prepare
+from models.tools.export import ExportError, export_model
 from stream.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +57,7 @@ _KERAS_JAX = textwrap.dedent("""
     import sys
     import numpy as np
     import keras
-    from models.export import load_keras_file
+    from models.tools.export import load_keras_file
 
     assert keras.backend.backend() == "jax", keras.backend.backend()
     model = load_keras_file(sys.argv[1])
@@ -81,6 +83,38 @@ def test_keras_file_reloads_on_jax(segstream_home: Path, frames: np.ndarray,
     agree = _agree(out, reference)
     print(f".keras on JAX vs Keras port: {agree:.6f}")
     assert agree >= 0.999
+
+
+_KERAS_RELOAD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from models.tools.export import load_keras_file
+
+    np.save(sys.argv[3], np.asarray(load_keras_file(sys.argv[1])(np.load(sys.argv[2]))))
+""")
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # TF + numpy 2
+def test_keras_file_names_the_layers_deeplab_registers(tmp_path: Path) -> None:
+    """models.deeplab registers the custom layers ("segstream>..."), so a saved file names
+    them and reloads in a fresh process through load_keras_file alone."""
+    from models.deeplab import build_deeplab
+
+    model = build_deeplab(3, 0.5, 16, 33)
+    path = tmp_path / "tiny.keras"
+    model.save(str(path))
+    config = json.loads(zipfile.ZipFile(path).read("config.json"))
+    names = {layer.get("registered_name") for layer in config["config"]["layers"]}
+    assert {"segstream>Normalize", "segstream>GlobalPoolBroadcast",
+            "segstream>ResizeAlignCorners", "segstream>ArgmaxUint8"} <= names
+    x = np.random.default_rng(0).integers(0, 256, (1, 33, 33, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _KERAS_RELOAD, str(path), str(tmp_path / "x.npy"),
+                           str(tmp_path / "out.npy")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.asarray(model(x)))
 
 
 def test_savedmodel_serving_signature(segstream_home: Path, frames: np.ndarray,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 
 import cv2
@@ -18,6 +20,8 @@ from models.labels import (
 )
 from models.runtime import Segmenter, load_segmenter, prepare
 
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+
 # --- registry and labels ----------------------------------------------------------------
 
 
@@ -26,7 +30,7 @@ def test_registry_names_and_specs() -> None:
                                     "mnv2-voc-dm05-float", "mnv2-voc-257"}
     for name, spec in registry.MODELS.items():
         assert spec.name == name
-        assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
+        assert re.fullmatch(r"[0-9a-f]{64}", spec.sha256), spec.sha256
         assert spec.url.startswith("https://raw.githubusercontent.com/")
         assert spec.url.endswith((spec.filename, "fp32.tflite"))
         assert spec.input_size in (257, 513)
@@ -212,6 +216,50 @@ def test_edgetpu_cityscapes_matches_sample_mask(segstream_home: Path, shared_dir
     print(f"edgetpu-cityscapes vs Coral mask: {agree:.4f}")
     assert agree >= 0.90  # README: 92.1 %
     assert pred.max() <= 18
+
+
+# --- module structure ----------------------------------------------------------------------
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(MODELS_DIR.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The models.* modules ``path`` imports anywhere (top level or inside functions)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)  # `from models import fetch` names a module too:
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found & modules
+
+
+def test_models_have_no_import_cycles() -> None:
+    """No module of models/ imports one that (directly or not) imports it back, not even
+    lazily inside a function."""
+    paths = {_module_name(p): p for p in MODELS_DIR.rglob("*.py")}
+    graph = {m: _imports_of(p, set(paths)) - {m} for m, p in paths.items()}
+    assert graph.get("models.runtime.loader")
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        seen: set[str] = set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return [*path, start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+        return None
+
+    cycles = [c for m in sorted(graph) if (c := cycle_from(m))]
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
 # --- weight import: mismatches fail loudly -------------------------------------------------

@@ -12,8 +12,9 @@ import pytest
 
 from models.labels import voc_palette
 from models.runtime import Segmenter, load_segmenter
+from models.tools.data import encode_palette_png
+from models.tools.predict import predict_images
 from stream.cli import main
-from stream.predict import encode_palette_png, predict_images
 
 BIRD = 3  # Pascal VOC "bird"
 

@@ -20,8 +20,9 @@ import cv2
 import numpy as np
 import pytest
 
-from models import train
-from models.train import DatasetError, TrainConfig, fine_tune
+from models import finetuned
+from models.tools import train
+from models.tools.train import DatasetError, TrainConfig, fine_tune
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID_CLASSES, CAMVID_VOID, CAMVID_ROAD = 11, 11, 3
@@ -75,7 +76,7 @@ def test_fine_tune_camvid_new_class_count(segstream_home: Path, shared_dir: Path
     assert meta["input_size"] == 129 and meta["labels"][0] == "Sky" and len(meta["labels"]) == 11
     assert meta["logits_reinitialised"] and len(meta["history"]) == 4
 
-    model, _ = train.load_finetuned(out, input_size=161)
+    model, _ = finetuned.load_finetuned(out, input_size=161)
     frame = cv2.imread(str(images / sorted(os.listdir(images))[0]))
     x = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), (161, 161))[None]
     pred = np.asarray(model(x))
@@ -94,7 +95,7 @@ def test_fine_tune_camvid_new_class_count(segstream_home: Path, shared_dir: Path
     with pytest.raises(ValueError, match="keras backend"):
         load_segmenter(weights=out, backend="tflite")
 
-    from models.export import export_model, load_keras_file
+    from models.tools.export import export_model, load_keras_file
 
     exp = export_model("keras", tmp_path / "exp", weights=out)
     assert exp.path.name == "camvid.keras"
@@ -128,7 +129,7 @@ _JAX_TRAIN = textwrap.dedent("""
     import sys
     from pathlib import Path
     import keras
-    from models.train import TrainConfig, fine_tune
+    from models.tools.train import TrainConfig, fine_tune
 
     assert keras.backend.backend() == "jax", keras.backend.backend()
     res = fine_tune(TrainConfig(images=Path(sys.argv[1]), masks=Path(sys.argv[2]),
@@ -153,9 +154,9 @@ def test_fine_tune_on_jax_backend(segstream_home: Path, shared_dir: Path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     loss = float(proc.stdout.split("LOSS")[-1])
     assert np.isfinite(loss) and loss > 0
-    meta = train.read_sidecar(out)
+    meta = finetuned.read_sidecar(out)
     assert meta["keras_backend"] == "jax" and meta["num_classes"] == 11
-    model, _ = train.load_finetuned(out)  # this process: TF backend
+    model, _ = finetuned.load_finetuned(out)  # this process: TF backend
     assert np.asarray(model(np.zeros((1, 65, 65, 3), np.uint8))).shape == (1, 65, 65)
 
 

@@ -7,9 +7,7 @@ image's size, so any viewer shows colours and any PNG reader gets the class ids 
 from __future__ import annotations
 
 import argparse
-import struct
 import sys
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,52 +18,14 @@ import numpy as np
 from models.fetch import NotFetchedError
 from models.registry import DEFAULT_MODEL, MODELS
 from models.runtime import Segmenter, load_segmenter, prepare
+from models.tools.data import encode_palette_png
 from stream.render import Renderer, class_fractions
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
 
 
 class ImageReadError(OSError):
     """An input image is missing or cannot be decoded; the message names the file."""
-
-
-# --- palette PNG writer (cv2 can only write RGB/grey PNGs; Pillow is not a dependency) ---
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def encode_palette_png(mask: np.ndarray, palette: np.ndarray, level: int = 6) -> bytes:
-    """uint8 [H, W] class ids + uint8 [n<=256, 3] RGB palette -> bytes of an indexed PNG.
-
-    Rows use filter 0 (none): label maps are long runs that zlib already packs well.
-    """
-    mask = np.asarray(mask)
-    pal = np.asarray(palette)
-    if mask.ndim != 2 or mask.dtype != np.uint8 or mask.size == 0:
-        raise ValueError(
-            f"mask must be a non-empty uint8 [H, W] array, got {mask.dtype} {mask.shape}"
-        )
-    if pal.ndim != 2 or pal.shape[1] != 3 or not 1 <= pal.shape[0] <= 256:
-        raise ValueError(f"palette must be [1..256, 3] RGB, got {pal.shape}")
-    need = int(mask.max()) + 1
-    if pal.shape[0] < need:  # PNG requires an entry for every index used; pad with black
-        pal = np.concatenate([pal, np.zeros((need - pal.shape[0], 3), pal.dtype)])
-    h, w = mask.shape
-    rows = np.zeros((h, w + 1), dtype=np.uint8)  # column 0: each row's filter-type byte
-    rows[:, 1:] = mask
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)  # 8-bit, colour type 3 (indexed)
-    return b"".join(
-        (
-            _PNG_SIG,
-            _png_chunk(b"IHDR", ihdr),
-            _png_chunk(b"PLTE", pal.astype(np.uint8).tobytes()),
-            _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), level)),
-            _png_chunk(b"IEND", b""),
-        )
-    )
 
 
 # --- core ---
@@ -180,16 +140,16 @@ def predict_images(
     in order. A bad file yields a result with ``error`` set and the rest are still processed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [Path(p) for p in paths]
-    stems = _output_stems(paths)
-    results = [PredictResult(p) for p in paths]
+    files = [Path(p) for p in paths]
+    stems = _output_stems(files)
+    results = [PredictResult(p) for p in files]
     renderer = Renderer(segmenter.labels, segmenter.palette, alpha=alpha, legend=legend)
     step = segmenter.batch_sizes[-1]
-    for start in range(0, len(paths), step):
+    for start in range(0, len(files), step):
         loaded: list[tuple[int, np.ndarray]] = []
-        for i in range(start, min(start + step, len(paths))):
+        for i in range(start, min(start + step, len(files))):
             try:
-                loaded.append((i, read_image(paths[i])))
+                loaded.append((i, read_image(files[i])))
             except ImageReadError as e:
                 results[i].error = str(e)
         if not loaded:

@@ -20,14 +20,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from models.registry import DEFAULT_MODEL, MODELS, get_spec
+
+if TYPE_CHECKING:
+    from models.deeplab import Output
 
 Format = Literal["keras", "savedmodel", "tflite", "onnx"]
 FORMATS: tuple[str, ...] = ("keras", "savedmodel", "tflite", "onnx")
 SUFFIX = {"keras": ".keras", "tflite": ".tflite", "onnx": ".onnx", "savedmodel": ""}
-SERIALIZABLE_PACKAGE = "segstream"
 INPUT_NAME = "image"
 
 
@@ -44,26 +46,16 @@ class ExportResult:
     seconds: float
 
 
-def register_serializables() -> None:
-    """Register the port's custom layers so .keras files reload by name ("segstream>...").
+def load_keras_file(path: str | Path) -> Any:
+    """Reload a .keras file written by :func:`export_model` (safe mode, no code loaded).
 
-    Idempotent. Their configs are complete (Keras records the constructor arguments); only
-    the registration is missing from models/deeplab.py, where it belongs.
+    The file names the port's custom layers "segstream>..."; importing models.deeplab
+    registers them under those names.
     """
     import keras
 
-    from models import deeplab
+    import models.deeplab  # noqa: F401 - registers the custom layers
 
-    for cls in (deeplab.Normalize, deeplab.GlobalPoolBroadcast, deeplab.ResizeAlignCorners,
-                deeplab.ArgmaxUint8):
-        keras.saving.register_keras_serializable(SERIALIZABLE_PACKAGE)(cls)
-
-
-def load_keras_file(path: str | Path) -> Any:
-    """Reload a .keras file written by :func:`export_model` (safe mode, no code loaded)."""
-    import keras
-
-    register_serializables()
     return keras.saving.load_model(str(path), compile=False)
 
 
@@ -148,7 +140,6 @@ def _tf_serving_model(model: Any) -> Any:
 
 
 def _write_keras(model: Any, tmp: Path, shape: tuple) -> None:
-    register_serializables()  # before saving, so the file names the layers "segstream>..."
     model.save(str(tmp))
 
 
@@ -198,9 +189,9 @@ def _keras_spec(name: str | None) -> Any:
 def build_model(name: str | None = None, *, weights: str | Path | None = None,
                 input_size: int | None = None, logits: bool = False) -> tuple[Any, int]:
     """(weighted Keras port, input size): registry model ``name`` or a fine-tuned file."""
-    output = "logits" if logits else "classes"
+    output: Output = "logits" if logits else "classes"
     if weights is not None:
-        from models.train import load_finetuned
+        from models.finetuned import load_finetuned
 
         model, meta = load_finetuned(weights, input_size=input_size, output=output)
         return model, int(input_size or meta["input_size"])

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from models.finetuned import PathLike, load_finetuned, read_sidecar
+from models.labels import voc_palette
 from models.registry import ModelSpec
-from models.runtime import DEFAULT_BATCH_SIZES, Segmenter, keras_backend_name
+from models.runtime.backends import keras_backend_name
+from models.runtime.base import DEFAULT_BATCH_SIZES, Segmenter
 from models.tflite_import import load_keras_model
 
 
@@ -21,13 +24,11 @@ class KerasSegmenter(Segmenter):
     backend = "keras"
 
     def __init__(self, spec: ModelSpec, *, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-                 input_size: int | None = None, weights: str | Path | None = None) -> None:
+                 input_size: int | None = None, weights: PathLike | None = None) -> None:
         keras_backend_name()  # picks JAX when TensorFlow is not installed
         import keras
 
         if weights is not None and input_size is None:
-            from models.train import read_sidecar
-
             input_size = int(read_sidecar(weights)["input_size"])  # the size it was tuned at
         size = int(input_size or spec.input_size)
         super().__init__(spec, (size, size), batch_sizes)
@@ -41,11 +42,8 @@ class KerasSegmenter(Segmenter):
             self._use_finetuned(weights, size)
         self._fns: dict[int, Callable[[np.ndarray], np.ndarray]] = {}
 
-    def _use_finetuned(self, weights: str | Path, size: int) -> None:
+    def _use_finetuned(self, weights: PathLike, size: int) -> None:
         """Weights from `segstream train`: its sidecar gives the classes and their names."""
-        from models.labels import voc_palette
-        from models.train import load_finetuned
-
         self.model, meta = load_finetuned(weights, input_size=size)
         self.name = f"{self.spec.name}+{Path(weights).name.removesuffix('.weights.h5')}"
         self.labels = list(meta["labels"])

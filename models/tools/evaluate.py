@@ -27,7 +27,7 @@ from models.class_maps import BUILTIN, ClassMap, ClassMapError, identity_map, lo
 from models.fetch import NotFetchedError
 from models.registry import DEFAULT_MODEL, MODELS
 from models.runtime import Segmenter, load_segmenter, prepare
-from stream.predict import IMAGE_EXTS, ImageReadError, read_image, resize_labels
+from models.tools.predict import IMAGE_EXTS, ImageReadError, read_image, resize_labels
 
 MASK_EXTS = {".png", ".bmp", ".tif", ".tiff"}  # lossless only: JPEG noise would change labels
 DEFAULT_IGNORE = 255
@@ -412,8 +412,8 @@ def _run(args: argparse.Namespace) -> int:
     except (LabelError, ClassMapError) as e:
         _err(str(e))
         return 2
-    for e in ev.errors:
-        _err(e)
+    for problem in ev.errors:
+        _err(problem)
     if not ev.images:
         _err("no pair could be evaluated")
         return 1

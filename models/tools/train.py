@@ -7,7 +7,7 @@ TF and JAX backends). Each epoch reports train loss and val mIoU and saves the w
 (atomic replace) plus a JSON sidecar, so an interrupted run keeps its last finished epoch.
 
 The sidecar (``<name>.json`` beside ``<name>.weights.h5``) holds what a runtime needs to
-rebuild the model: base model, class count and labels, input size and normalisation.
+rebuild the model; ``models.finetuned`` writes and reads both files.
 Keras is imported lazily: the CLI imports this module to build its parser.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from models.finetuned import SIDECAR_FORMAT, SIDECAR_VERSION, save_finetuned, sidecar_path
 from models.registry import DEFAULT_MODEL, MODELS, ModelSpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,6 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTS = (".png", ".bmp", ".tif", ".tiff")  # lossless only: JPEG would smear class ids
 DEFAULT_IGNORE = 255
 LOGITS_LAYER = "logits__semantic"
-SIDECAR_FORMAT = "segstream-finetuned"
-SIDECAR_VERSION = 1
 PAD_PIXEL = 128  # image padding after a down-scale: normalizes to ~0 (the mean)
 
 
@@ -337,24 +335,16 @@ def evaluate(model: Any, data: Any, num_classes: int, ignore_id: int) -> dict[st
 # ---------------------------------------------------------------- model
 
 
-def _norm_of(spec: ModelSpec) -> tuple[float, float]:
-    from models.deeplab import FLOAT_NORM, QUANT_NORM
-
-    return FLOAT_NORM if spec.tflite_kind == "logits_float" else QUANT_NORM
-
-
 def build_finetune_model(spec: ModelSpec, num_classes: int, input_size: int,
                          seed: int = 0) -> Any:
     """Logits model of ``spec`` with its official weights; a fresh logits layer if the class
     count differs (small random kernel, zero bias: starts near uniform, loss ~ ln C)."""
-    from models.deeplab import build_deeplab
-    from models.tflite_import import load_keras_model
+    from models.tflite_import import build_for_spec, load_keras_model
 
     base = load_keras_model(spec.name, input_size, output="logits")
     if num_classes == spec.num_classes:
         return base
-    model = build_deeplab(num_classes, spec.depth_multiplier, spec.output_stride, input_size,
-                          input_norm=_norm_of(spec), output="logits")
+    model = build_for_spec(spec, input_size, "logits", num_classes=num_classes)
     for layer in model.layers:
         if layer.weights and layer.name != LOGITS_LAYER:
             layer.set_weights(base.get_layer(layer.name).get_weights())
@@ -378,9 +368,6 @@ def freeze_backbone(model: Any) -> int:
 # ---------------------------------------------------------------- output files
 
 
-def sidecar_path(weights: Path) -> Path:
-    """``x.weights.h5`` -> ``x.json`` (same convention as the weights cache)."""
-    return weights.with_name(weights.name.removesuffix(".weights.h5") + ".json")
 
 
 def resolve_out(out: str | Path | None, base: str, overwrite: bool) -> Path:
@@ -409,51 +396,10 @@ def resolve_out(out: str | Path | None, base: str, overwrite: bool) -> Path:
     return path
 
 
-def save_finetuned(model: Any, path: Path, meta: dict[str, Any]) -> None:
-    """Weights + sidecar, each via a temp file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.weights.h5")
-    try:
-        with warnings.catch_warnings():  # TF variables' __array__ lacks numpy 2's copy=
-            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-            model.save_weights(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    side = sidecar_path(path)
-    tmp_side = side.with_name(f".{side.name}.tmp{os.getpid()}")
-    tmp_side.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp_side, side)
 
 
-def read_sidecar(weights: str | Path) -> dict[str, Any]:
-    """The sidecar of a fine-tuned weights file, checked for the fields a runtime needs."""
-    weights = Path(weights)
-    side = sidecar_path(weights)
-    if not weights.is_file():
-        raise FileNotFoundError(f"fine-tuned weights {weights} not found")
-    if not side.is_file():
-        raise FileNotFoundError(f"{side} not found: fine-tuned weights need the JSON sidecar "
-                                f"`segstream train` writes beside them")
-    meta = json.loads(side.read_text())
-    need = {"format", "num_classes", "labels", "input_size", "depth_multiplier",
-            "output_stride", "input_norm"}
-    if meta.get("format") != SIDECAR_FORMAT or not need <= set(meta):
-        raise ValueError(f"{side} is not a segstream fine-tune sidecar (missing "
-                         f"{sorted(need - set(meta))})")
-    return meta
 
 
-def load_finetuned(weights: str | Path, input_size: int | None = None,
-                   output: str = "classes") -> tuple[Any, dict[str, Any]]:
-    """Rebuild a fine-tuned model from ``x.weights.h5`` + ``x.json`` at any input size."""
-    from models.deeplab import build_deeplab
-
-    meta = read_sidecar(weights)
-    model = build_deeplab(int(meta["num_classes"]), float(meta["depth_multiplier"]),
-                          int(meta["output_stride"]), int(input_size or meta["input_size"]),
-                          input_norm=tuple(meta["input_norm"]), output=output)
-    model.load_weights(str(weights))
-    return model, meta
 
 
 # ---------------------------------------------------------------- training
@@ -568,7 +514,7 @@ def fine_tune(cfg: TrainConfig, report: Callable[[str], None] = print) -> TrainR
         "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "base_model": spec.name,
         "num_classes": num_classes, "labels": labels, "input_size": cfg.input_size,
         "depth_multiplier": spec.depth_multiplier, "output_stride": spec.output_stride,
-        "input_norm": list(_norm_of(spec)), "ignore_id": cfg.ignore_id,
+        "input_norm": list(spec.input_norm), "ignore_id": cfg.ignore_id,
         "logits_reinitialised": num_classes != spec.num_classes,
         "keras_backend": keras.backend.backend(),
         "train": {k: (str(v) if isinstance(v, Path) else v)

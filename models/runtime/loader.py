@@ -1,0 +1,56 @@
+"""Pick a runtime for a model and load it: ``load_segmenter``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+from models.finetuned import read_sidecar
+from models.registry import get_spec
+from models.runtime.backends import gpu_visible, keras_backend_name
+from models.runtime.base import BACKENDS, DEFAULT_BATCH_SIZES, Backend, Segmenter
+from models.runtime.tflite import TFLiteSegmenter
+
+
+def resolve_backend(name: str, backend: Backend = "auto") -> Literal["keras", "tflite"]:
+    """The runtime ``backend`` stands for: "auto" is keras when a GPU is visible, else tflite."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "keras" if get_spec(name).keras and gpu_visible() else "tflite"
+    return backend
+
+
+def load_segmenter(
+    name: str = "mnv2-voc",
+    backend: Backend = "auto",
+    *,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    threads: int | None = None,
+    input_size: int | None = None,
+    weights: str | os.PathLike[str] | None = None,
+) -> Segmenter:
+    """Load model ``name`` on ``backend`` ("auto": keras when a GPU is visible, else tflite).
+
+    ``input_size`` overrides the model's square input (e.g. 257 for a 513 file) for speed.
+    ``weights``: a `segstream train` output (``x.weights.h5`` + sidecar); needs the keras
+    backend, and ``name`` is taken from the sidecar's base model.
+    Raises NotFetchedError when the model file is not in the cache.
+    """
+    if weights is not None:
+        name = read_sidecar(weights)["base_model"]
+        if backend == "tflite":
+            raise ValueError("fine-tuned weights run on the keras backend, not tflite")
+        backend = "keras"
+    spec = get_spec(name)
+    backend = resolve_backend(name, backend)
+    if backend == "keras":
+        if not spec.keras:
+            raise ValueError(f"model {name!r} has no Keras port (tflite runtime only)")
+        keras_backend_name()  # before keras is first imported: JAX where TF is absent
+        from models.runtime.keras import KerasSegmenter  # lazily: imports keras
+
+        return KerasSegmenter(spec, batch_sizes=batch_sizes, input_size=input_size,
+                              weights=weights)
+    return TFLiteSegmenter(spec, batch_sizes=batch_sizes, threads=threads, input_size=input_size)
