@@ -80,20 +80,23 @@ class TokenStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._mtime: float | None = None
+        self._stamp: tuple[int, int, int] | None = None  # inode, size, mtime of what we read
         self._entries: list[dict[str, Any]] = []
 
     def entries(self) -> list[dict[str, Any]]:
         with self._lock:
             try:
-                mtime = self.path.stat().st_mtime_ns
+                st = self.path.stat()
             except FileNotFoundError:
-                self._mtime, self._entries = None, []
+                self._stamp, self._entries = None, []
                 return []
-            if mtime != self._mtime:
+            # Every save is a new file (rename), so its inode tells changes apart even
+            # within one mtime tick.
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if stamp != self._stamp:
                 data = json.loads(self.path.read_text())
                 self._entries = list(data.get("tokens", []))
-                self._mtime = mtime
+                self._stamp = stamp
             return list(self._entries)
 
     def _save(self, entries: list[dict[str, Any]]) -> None:
@@ -132,6 +135,7 @@ class Authenticator:
         self._secret = secret
         self._env = ({"name": "env-admin", "role": "admin", "sha256": hash_token(env_token)}
                      if env_token else None)
+        self._required = False
 
     @classmethod
     def from_home(cls, folder: Path, env: dict[str, str] | None = None) -> Authenticator:
@@ -142,11 +146,15 @@ class Authenticator:
 
     def _all(self) -> list[dict[str, Any]]:
         entries = self.tokens.entries()
-        return entries + [self._env] if self._env else entries
+        return [*entries, self._env] if self._env else entries
 
     @property
     def enabled(self) -> bool:
-        return bool(self._all())
+        """Whether credentials are required. Once a token has existed this stays true:
+        revoking the last token locks everyone out rather than opening the service."""
+        if not self._required and self._all():
+            self._required = True
+        return self._required
 
     def check_token(self, token: str) -> Principal | None:
         """The token's owner, comparing against every entry (no early exit)."""

@@ -110,8 +110,8 @@ def _token(args: argparse.Namespace) -> int:
             store.revoke(args.name)
             print(f"token {args.name!r} revoked", file=sys.stderr)
         else:
-            for e in store.listing():
-                print(f"{e['name']}\t{e['role']}\t{e['created']}")
+            for entry in store.listing():
+                print(f"{entry['name']}\t{entry['role']}\t{entry['created']}")
     except AuthError as e:
         print(f"segstream: {e}", file=sys.stderr)
         return 2

@@ -63,7 +63,7 @@ def _optional(model: type[BaseModel], name: str, skip: set[str]) -> type[BaseMod
     for key, f in model.model_fields.items():
         if key in skip:
             continue
-        fields[key] = (f.annotation | None, Field(None, description=f.description))
+        fields[key] = (f.annotation | None, Field(None, description=f.description))  # type: ignore[operator]
     return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
 
 

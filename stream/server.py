@@ -17,7 +17,15 @@ from aiohttp import web
 from models.fetch import home
 from stream.api import media, predict, session, streams, system
 from stream.api.context import AUTH, CONTROL, PRINCIPAL, SERVICE, STOP, THROTTLE
-from stream.api.spec import SESSION_COOKIE, Endpoint, add_endpoints, endpoint_of, error, openapi
+from stream.api.spec import (
+    SESSION_COOKIE,
+    ApiError,
+    Endpoint,
+    add_endpoints,
+    endpoint_of,
+    error,
+    openapi,
+)
 from stream.auth import Authenticator, LoginThrottle, Principal
 from stream.config import AppConfig, ConfigError
 from stream.control import SourcePolicy, StreamControl
@@ -39,6 +47,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     without details (nothing internal leaks)."""
     try:
         return await handler(request)
+    except ApiError as e:
+        return e.response()
     except web.HTTPException as e:
         if e.status < 400 or e.content_type == "application/json":
             raise
@@ -68,10 +78,8 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if who is None:
         if ep.tag == "page" and request.method == "GET":
             raise web.HTTPFound("/login")
-        raise web.HTTPUnauthorized(text='{"error": "authentication required: send '
-                                   'Authorization: Bearer <token> or log in"}',
-                                   content_type="application/json",
-                                   headers={"WWW-Authenticate": 'Bearer realm="segstream"'})
+        raise error(401, "authentication required: send Authorization: Bearer <token> or "
+                    "log in", headers={"WWW-Authenticate": 'Bearer realm="segstream"'})
     if not who.allows(ep.role) or (who.stream and who.stream != request.match_info.get("id")):
         raise error(403, f"{who.role} may not {request.method} {request.path}")
     return await handler(request)
@@ -214,9 +222,9 @@ async def serve(cfg: AppConfig, state_file: Path | None = None) -> int:
                              shutdown_timeout=cfg.server.shutdown_timeout, access_log=None)]
     sites = [(runners[0], cfg.server.host, cfg.server.port)]
     if cfg.metrics.listen:
-        host, _, port = cfg.metrics.listen.rpartition(":")
+        m_host, _, m_port = cfg.metrics.listen.rpartition(":")
         runners.append(web.AppRunner(metrics_app(service), access_log=None))
-        sites.append((runners[-1], host.strip("[]"), int(port)))
+        sites.append((runners[-1], m_host.strip("[]"), int(m_port)))
     for r in runners:
         await r.setup()
     for r, host, port in sites:

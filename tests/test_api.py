@@ -20,6 +20,7 @@ from PIL import Image
 from rtsp import RtspServer, encode_clip, gst_rtsp_available
 
 from models.runtime import Segmenter, load_segmenter
+from stream.api.context import THROTTLE
 from stream.auth import Authenticator, TokenStore, load_secret
 from stream.config import AppConfig
 from stream.server import ENDPOINTS, make_app
@@ -54,6 +55,7 @@ class Api:
     async def call(self, method: str, path: str, body: Any = None, token: str | None = None,
                    **kw: Any) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers.update(kw.pop("headers", {}))
         async with self.http.request(method, self.server.make_url(path), json=body,
                                      headers=headers, **kw) as r:
             data = await r.read()
@@ -219,10 +221,6 @@ async def test_stream_set_survives_a_restart(make_api, shared_dir: Path) -> None
 # -- auth ------------------------------------------------------------------------------------
 
 
-def _samples(vtest: str) -> dict[str, Any]:
-    return {"id": "s", "stream": {"id": "n", "source": vtest}}
-
-
 async def test_auth_matrix(api: Api, shared_dir: Path) -> None:
     """Every endpoint x no token, bad token, viewer, admin."""
     vtest = str(shared_dir / "data/video/vtest.avi")
@@ -246,6 +244,7 @@ async def test_auth_matrix(api: Api, shared_dir: Path) -> None:
                            ("admin", admin)):
             status, _ = await api.call(ep.method, path, bodies.get(key), token=token,
                                        allow_redirects=False)
+            api.server.app[THROTTLE].succeeded("127.0.0.1")  # the throttle is tested apart
             if path in public:
                 want = {200, 204, 401}  # login with a wrong token: 401, by design
                 assert status in want, (key, who, status)
@@ -263,6 +262,7 @@ async def test_auth_matrix(api: Api, shared_dir: Path) -> None:
 
 async def test_login_session_and_revocation(api: Api) -> None:
     admin = api.tokens.add("ops", "admin")
+    other = api.tokens.add("other", "viewer")
     t0 = time.monotonic()
     for _ in range(3):
         status, body = await api.call("POST", "/api/login", {"token": "sst_wrong"})
@@ -280,6 +280,9 @@ async def test_login_session_and_revocation(api: Api) -> None:
         api.tokens.revoke("ops")
         async with browser.get(url("/api/whoami")) as r:
             assert r.status == 401  # revoking the token ends its sessions
+    api.tokens.revoke("other")  # the last one: the service stays locked, it does not open
+    assert (await api.call("GET", "/api/streams"))[0] == 401
+    assert (await api.call("GET", "/api/streams", token=other))[0] == 401
 
 
 async def test_signed_url_opens_one_stream_only(api: Api, shared_dir: Path) -> None:
@@ -326,6 +329,15 @@ async def test_openapi_documents_every_route(api: Api) -> None:
 # -- uploads -----------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def bird(shared_dir: Path) -> bytes:
+    """The Coral bird sample as a JPEG, as a client would upload it."""
+    buf = io.BytesIO()
+    Image.open(shared_dir / "data/coral_segmentation_samples/bird_segmentation.bmp").convert(
+        "RGB").save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
 def _png(w: int, h: int) -> bytes:
     buf = io.BytesIO()
     Image.new("L", (w, h)).save(buf, "PNG", optimize=True)
@@ -334,7 +346,7 @@ def _png(w: int, h: int) -> bytes:
 
 async def _upload(api: Api, path: str, data: bytes | None, field: str = "image",
                   ctype: str = "image/jpeg") -> tuple[int, Any]:
-    form = aiohttp.FormData()
+    form = aiohttp.FormData(default_to_multipart=True)
     if data is not None:
         form.add_field(field, data, filename="x.jpg", content_type=ctype)
     else:
@@ -342,8 +354,8 @@ async def _upload(api: Api, path: str, data: bytes | None, field: str = "image",
     return await api.call("POST", path, data=form)
 
 
-async def test_bad_uploads_are_4xx_never_5xx(api: Api, shared_dir: Path) -> None:
-    jpeg = next((shared_dir / "data/coral_segmentation_samples").glob("*.jpg")).read_bytes()
+async def test_bad_uploads_are_4xx_never_5xx(api: Api, bird: bytes) -> None:
+    jpeg = bird
     big = _png(16000, 16000)
     assert len(big) < 1_000_000  # a tiny file with 256 megapixels behind it
     cases = [
@@ -365,8 +377,8 @@ async def test_bad_uploads_are_4xx_never_5xx(api: Api, shared_dir: Path) -> None
         assert status == 413 and "error" in body
 
 
-async def test_predictions_beyond_the_limit_wait_their_turn(api: Api, shared_dir: Path) -> None:
-    jpeg = next((shared_dir / "data/coral_segmentation_samples").glob("*.jpg")).read_bytes()
+async def test_predictions_beyond_the_limit_are_refused(api: Api, bird: bytes) -> None:
+    jpeg = bird
     results = await asyncio.gather(*(_upload(api, "/model/predict", jpeg) for _ in range(8)))
     statuses = sorted(s for s, _ in results)
     assert set(statuses) <= {200, 503} and statuses.count(200) >= 2, statuses
@@ -374,15 +386,14 @@ async def test_predictions_beyond_the_limit_wait_their_turn(api: Api, shared_dir
     assert all("busy" in b["error"] for b in busy)
 
 
-async def test_native_predict_png_and_json(api: Api, shared_dir: Path) -> None:
-    bird = next((shared_dir / "data/coral_segmentation_samples").glob("*.jpg"))
-    w, h = Image.open(bird).size
-    status, png = await _upload(api, "/api/predict", bird.read_bytes())
+async def test_native_predict_png_and_json(api: Api, bird: bytes) -> None:
+    w, h = Image.open(io.BytesIO(bird)).size
+    status, png = await _upload(api, "/api/predict", bird)
     assert status == 200 and png[:4] == b"\x89PNG"
     mask = np.asarray(Image.open(io.BytesIO(png)))
     assert mask.shape == (h, w) and 3 in np.unique(mask)  # the bird
     form = aiohttp.FormData()
-    form.add_field("image", bird.read_bytes(), filename="b.jpg")
+    form.add_field("image", bird, filename="b.jpg")
     status, body = await api.call("POST", "/api/predict?format=json", data=form)
     assert status == 200 and (body["width"], body["height"]) == (w, h)
     assert np.array_equal(np.asarray(body["mask"], np.uint8), mask)

@@ -61,7 +61,7 @@ def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for d in sorted(g.get(n, ())):
             if state.get(d) == 1:
-                return stack[stack.index(d):] + [d]
+                return [*stack[stack.index(d):], d]
             if d not in state and (c := visit(d)):
                 return c
         state[n] = 2

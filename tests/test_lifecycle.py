@@ -107,8 +107,8 @@ async def test_add_remove_200_times_leaves_nothing_behind(
     assert await until(lambda: process_usage()[0] <= threads0, 5), (
         threads0, [t.name for t in threading.enumerate()])
     threads, fds, rss = process_usage()
-    print(f"after 200 add/remove: threads {threads0}->{threads}, fds {fds0}->{fds}, "
-          f"RSS {rss0:.0f}->{rss_half:.0f}->{rss:.0f} MB, series {series0}->{metrics.series_count()}")
+    print(f"after 200 add/remove: threads {threads0}->{threads}, fds {fds0}->{fds}, RSS "
+          f"{rss0:.0f}->{rss_half:.0f}->{rss:.0f} MB, series {series0}->{metrics.series_count()}")
     assert fds <= fds0
     # malloc keeps some freed frame buffers in per-thread arenas, so RSS need not fall back
     # byte for byte; it must stop growing (a leak of one 768x576 frame per cycle: +130 MB).

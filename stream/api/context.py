@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 from aiohttp import web
 
+from stream.api.spec import error
 from stream.auth import Authenticator, LoginThrottle, Principal
 from stream.control import StreamControl
 from stream.service import Service, Stream
@@ -16,7 +16,7 @@ CONTROL = web.AppKey("control", StreamControl)
 AUTH = web.AppKey("auth", Authenticator)
 THROTTLE = web.AppKey("throttle", LoginThrottle)
 STOP = web.AppKey("stop", asyncio.Event)  # set to shut the server down
-PRINCIPAL = "principal"  # request key: who is asking (stream.auth.Principal)
+PRINCIPAL = web.RequestKey("principal", Principal)  # who is asking
 
 
 def stream_or_404(request: web.Request) -> Stream:
@@ -24,8 +24,7 @@ def stream_or_404(request: web.Request) -> Stream:
     sid = request.match_info["id"]
     s = service.streams.get(sid)
     if s is None:
-        raise web.HTTPNotFound(text=json.dumps({"error": f"unknown stream {sid!r}"}),
-                               content_type="application/json")
+        raise error(404, f"unknown stream {sid!r}")
     return s
 
 

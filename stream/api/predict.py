@@ -89,6 +89,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """The image, its size checked from the header alone (nothing decoded yet)."""
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # Pillow's own (higher) header check
+        raise error(413, f"image too large: {e}; the limit is {max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise error(400, "the upload is not an image this service reads (JPEG, PNG, BMP, "
                     "GIF, TIFF, WebP)") from None
@@ -100,11 +102,12 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def decode_rgb(img: Image.Image) -> np.ndarray:
+def decode_rgb(img: Image.Image) -> Image.Image:
+    """The decoded RGB image; 400 for a truncated or damaged file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return np.asarray(img.convert("RGB"))
+            return img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as e:
         raise error(400, f"the image could not be decoded (truncated or damaged?): {e}") from None
 
@@ -113,9 +116,8 @@ async def _limited(request: web.Request, work: Any, *args: Any) -> Any:
     """Runs `work` in a thread if a prediction slot is free; 503 + Retry-After otherwise."""
     slots = request.app[PREDICT_SLOTS]
     if slots.locked():
-        raise web.HTTPServiceUnavailable(
-            text='{"error": "busy: too many predictions at once; retry shortly"}',
-            content_type="application/json", headers={"Retry-After": "1"})
+        raise error(503, "busy: too many predictions at once; retry shortly",
+                    headers={"Retry-After": "1"})
     async with slots:
         return await asyncio.to_thread(work, *args)
 
@@ -132,8 +134,8 @@ def max_resize(img: Image.Image, longer: int) -> Image.Image:
     """As MAX does: the longer side becomes `longer`, each side rounded down, antialiased."""
     w, h = img.size
     ratio = longer / max(w, h)
-    return img.convert("RGB").resize((max(1, int(ratio * w)), max(1, int(ratio * h))),
-                                     Image.Resampling.LANCZOS)
+    return img.resize((max(1, int(ratio * w)), max(1, int(ratio * h))),
+                      Image.Resampling.LANCZOS)
 
 
 def segment_padded(service: Any, rgb: np.ndarray) -> np.ndarray:
@@ -163,8 +165,8 @@ async def max_predict(request: web.Request) -> web.Response:
     img = open_image(data, service.cfg.predict.max_pixels)
 
     def run() -> np.ndarray:
-        resized = max_resize(img, request.app[MAX_IMAGE_SIZE])
-        return segment_padded(service, decode_rgb(resized))
+        resized = max_resize(decode_rgb(img), request.app[MAX_IMAGE_SIZE])
+        return segment_padded(service, np.asarray(resized))
 
     mask = await _limited(request, run)
     return reply(MaxPrediction(status="ok", image_size=[int(mask.shape[1]), int(mask.shape[0])],
@@ -213,12 +215,13 @@ async def predict(request: web.Request) -> web.Response:
         raise error(413, f"a JSON mask is limited to {JSON_MASK_PIXELS} pixels; ask format=png")
 
     def run() -> np.ndarray:
-        rgb = decode_rgb(img)
+        rgb = np.asarray(decode_rgb(img))
         small = service.segment_image(rgb, bgr=False)
         return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
 
     mask = await _limited(request, run)
     seg = service.segmenter
+    assert seg is not None  # ready
     if q.format == "png":
         png = await asyncio.to_thread(encode_palette_png, mask, seg.palette)
         return web.Response(body=png, content_type="image/png")

@@ -49,7 +49,7 @@ class Endpoint:
 
 
 def add_endpoints(app: web.Application, endpoints: list[Endpoint]) -> None:
-    table = app.setdefault(ENDPOINTS, {})  # type: ignore[arg-type]
+    table = app.setdefault(ENDPOINTS, {})
     for ep in endpoints:
         route = app.router.add_route(ep.method, ep.path, ep.handler)
         table[route] = ep
@@ -63,18 +63,22 @@ def endpoint_of(request: web.Request) -> Endpoint | None:
 # -- request and response helpers -------------------------------------------------------------
 
 
-def error(status: int, message: str, **extra: Any) -> web.HTTPException:
-    """An HTTP error with a JSON body ({"error": ...}) to raise from a handler."""
-    return _ERRORS[status](text=json.dumps({"error": message, **extra}),
-                           content_type="application/json")
+class ApiError(Exception):
+    """An HTTP error answered as JSON ({"error": ...}) by the server's error middleware."""
+
+    def __init__(self, status: int, body: dict[str, Any],
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(body.get("error"))
+        self.status, self.body, self.headers = status, body, headers or {}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body, status=self.status, headers=self.headers)
 
 
-_ERRORS: dict[int, type[web.HTTPException]] = {
-    400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden,
-    404: web.HTTPNotFound, 409: web.HTTPConflict, 413: web.HTTPRequestEntityTooLarge,
-    415: web.HTTPUnsupportedMediaType, 422: web.HTTPUnprocessableEntity,
-    429: web.HTTPTooManyRequests, 503: web.HTTPServiceUnavailable,
-}
+def error(status: int, message: str, headers: dict[str, str] | None = None,
+          **extra: Any) -> ApiError:
+    """An error to raise from a handler."""
+    return ApiError(status, {"error": message, **extra}, headers)
 
 
 def field_errors(e: ValidationError, prefix: str = "") -> list[dict[str, str]]:
@@ -87,7 +91,7 @@ def field_errors(e: ValidationError, prefix: str = "") -> list[dict[str, str]]:
     return out
 
 
-def invalid(e: ValidationError, what: str = "body") -> web.HTTPException:
+def invalid(e: ValidationError, what: str = "body") -> ApiError:
     details = field_errors(e)
     first = details[0]
     return error(422, f"invalid {what}: {first['loc']}: {first['msg']}", details=details)
@@ -134,7 +138,7 @@ _COMMON_ERRORS = {401: "No or bad credentials.", 403: "The credentials' role may
 
 
 def _models(endpoints: list[Endpoint]) -> list[tuple[type[BaseModel], str]]:
-    seen: dict[tuple[type[BaseModel], str], None] = {}
+    seen: dict[tuple[type[BaseModel], str], None] = {}  # ordered, no duplicates
     for ep in endpoints:
         if ep.body and isinstance(ep.body.model, type) and issubclass(ep.body.model, BaseModel):
             seen[(ep.body.model, "validation")] = None
@@ -206,7 +210,8 @@ _REASONS = {200: "OK", 201: "Created", 204: "No content", 400: "Bad request",
 
 def openapi(endpoints: list[Endpoint], *, title: str, version: str) -> dict[str, Any]:
     models = list(dict.fromkeys([*_models(endpoints), (Error, "serialization")]))
-    refs, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    refs, defs = models_json_schema(models,  # type: ignore[arg-type]
+                                    ref_template="#/components/schemas/{model}")
     paths: dict[str, dict[str, Any]] = {}
     for ep in endpoints:
         paths.setdefault(ep.path, {})[ep.method.lower()] = _operation(ep, refs)

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from stream.api.context import AUTH, CONTROL, SERVICE, stream_or_404
-from stream.api.spec import Body, Endpoint, error, read_json, reply
+from stream.api.spec import ApiError, Body, Endpoint, error, read_json, reply
 from stream.config import StreamConfig
 from stream.control import Refused
 from stream.schemas import (
@@ -36,7 +36,7 @@ async def get_stream(request: web.Request) -> web.Response:
     return reply(_status(request, stream_or_404(request).cfg.id))
 
 
-def _refused(e: Refused) -> web.HTTPException:
+def _refused(e: Refused) -> ApiError:
     if e.status == 422:
         return error(422, f"{e.loc}: {e}" if e.loc else str(e),
                      details=[{"loc": e.loc or "body", "msg": str(e)}])
