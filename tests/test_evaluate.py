@@ -13,21 +13,17 @@ import numpy as np
 import pytest
 
 from models.class_maps import BUILTIN, ClassMapError, identity_map, load_class_map
-from models.labels import CAMVID_LABELS, CITYSCAPES_LABELS, VOC_LABELS, voc_palette
+from models.labels import CAMVID_LABELS, CITYSCAPES_LABELS, VOC_LABELS
 from models.runtime import load_segmenter
-from models.tools.data import encode_palette_png
-from models.tools.evaluate import (
+from models.tools.data import pair_files, read_mask
+from models.tools.evaluate import evaluate_pairs, summarize
+from models.tools.metrics import (
     LabelError,
-    PairError,
     class_accuracy,
     class_iou,
     confusion_matrix,
-    evaluate_pairs,
     fw_iou,
-    pair_files,
     pixel_accuracy,
-    read_label_mask,
-    summarize,
 )
 from stream.cli import main
 
@@ -159,39 +155,7 @@ def test_yaml_class_map(tmp_path: Path) -> None:
         load_class_map(tmp_path / "nope.yaml")
 
 
-# --- masks and pairing ---
-
-
-def test_label_mask_formats(tmp_path: Path, camvid: Path) -> None:
-    ids = np.arange(24, dtype=np.uint8).reshape(4, 6)
-    (tmp_path / "pal.png").write_bytes(encode_palette_png(ids, voc_palette()))
-    np.testing.assert_array_equal(read_label_mask(tmp_path / "pal.png"), ids)  # VOC style
-    cv2.imwrite(str(tmp_path / "grey16.png"), ids.astype(np.uint16))
-    np.testing.assert_array_equal(read_label_mask(tmp_path / "grey16.png"), ids)
-    cv2.imwrite(str(tmp_path / "colour.png"), np.dstack([ids, ids, ids + 1]))
-    with pytest.raises(PairError, match="single-channel"):
-        read_label_mask(tmp_path / "colour.png")
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n...")
-    with pytest.raises(PairError, match=r"broken\.png: not a readable image"):
-        read_label_mask(tmp_path / "broken.png")
-    m = read_label_mask(camvid / "masks" / "0001TP_008550.png")
-    assert m.shape == (360, 480) and m.max() == 11
-
-
-def test_pairing_by_stem(tmp_path: Path) -> None:
-    for sub, names in (
-        ("i", ["a.png", "b.jpg", "c.png", "notes.txt"]),
-        ("m", ["a.png", "b.png", "d.png", "c.jpg"]),
-    ):
-        (tmp_path / sub).mkdir()
-        for n in names:
-            (tmp_path / sub / n).write_bytes(b"x")
-    p = pair_files(tmp_path / "i", tmp_path / "m")
-    assert [x.stem for x in p.pairs] == ["a", "b"]
-    assert p.images_without_mask == ["c"]  # c.jpg is no mask: lossy formats are not accepted
-    assert p.masks_without_image == ["d"]
-    with pytest.raises(FileNotFoundError, match="--masks"):
-        pair_files(tmp_path / "i", tmp_path / "nope")
+# --- pairing (mask formats and pairing rules: tests/test_data.py) ---
 
 
 def test_unpaired_folders_give_a_clear_error(
@@ -254,7 +218,7 @@ def test_voc_model_unmapped_classes_count_as_errors(
     assert s["unmapped_fraction"] > 0.8  # road, sky, buildings... are VOC background
     assert s["per_class"]["Road"] == 0.0 and s["per_class"]["Car"] > 0.2
     assert s["mapped_classes"] == ["Car", "Pedestrian", "Bicyclist"]
-    gt = sum(int((read_label_mask(p.mask) != 11).sum()) for p in pairs)
+    gt = sum(int((read_mask(p.mask) != 11).sum()) for p in pairs)
     assert s["pixels"] == gt  # void skipped, every other pixel counted once
 
 

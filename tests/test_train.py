@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 
 from models import finetuned
+from models.labels import voc_palette
 from models.tools import train
+from models.tools.data import encode_palette_png
 from models.tools.train import DatasetError, TrainConfig, fine_tune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,13 +168,14 @@ def test_fine_tune_on_jax_backend(segstream_home: Path, shared_dir: Path,
 def test_confusion_and_miou() -> None:
     gt = np.array([[0, 0, 1, 1], [2, 2, 9, 9]])
     pred = np.array([[0, 1, 1, 1], [2, 0, 2, 0]])
-    conf = train.confusion_matrix(pred, gt, 3, ignore_id=9)
+    conf = train.confusion_matrix(gt, pred, 3, ignore=9)
     assert conf.sum() == 6  # the two void pixels are out
-    np.testing.assert_array_equal(conf, [[1, 1, 0], [0, 2, 0], [1, 0, 1]])
-    iou = train.iou_per_class(conf)
+    np.testing.assert_array_equal(conf[:, :3], [[1, 1, 0], [0, 2, 0], [1, 0, 1]])
+    assert not conf[:, 3].any()  # the "unmapped" column: a trained model never predicts it
+    iou = train.class_iou(conf)
     np.testing.assert_allclose(iou, [1 / 3, 2 / 3, 1 / 2])
     assert train.mean_iou(conf) == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
-    only0 = train.confusion_matrix(np.zeros(4), np.zeros(4), 3, ignore_id=255)
+    only0 = train.confusion_matrix(np.zeros(4), np.zeros(4), 3, ignore=255)
     assert train.mean_iou(only0) == 1.0  # absent classes do not count
 
 
@@ -193,6 +196,25 @@ def test_augment_keeps_pairs_aligned() -> None:
         assert (a[..., 0][~real] == train.PAD_PIXEL).all()
         flips += int((m[:, 0] == 1).any())
     assert 0 < flips < 20
+
+
+def test_palette_masks_train_like_their_grey_originals(shared_dir: Path, tmp_path: Path) -> None:
+    """Palette PNG masks (index = class id, VOC-style colours for viewers) made from real
+    CamVid masks give the same class counts and label batches as the grey originals."""
+    images, grey_masks = _camvid_subset(shared_dir, tmp_path / "grey", 3)
+    pal_masks = tmp_path / "palette"
+    pal_masks.mkdir()
+    for m in sorted(grey_masks.iterdir()):
+        ids = cv2.imread(str(m), cv2.IMREAD_UNCHANGED)
+        (pal_masks / m.name).write_bytes(encode_palette_png(ids, voc_palette()))
+    grey = train.pair_files(images, grey_masks)
+    pal = train.pair_files(images, pal_masks)
+    np.testing.assert_array_equal(train.check_pairs(pal, CAMVID_CLASSES, CAMVID_VOID),
+                                  train.check_pairs(grey, CAMVID_CLASSES, CAMVID_VOID))
+    _, y_pal = train.make_dataset(pal, 3, 65, augment=False, ignore_id=CAMVID_VOID)[0]
+    _, y_grey = train.make_dataset(grey, 3, 65, augment=False, ignore_id=CAMVID_VOID)[0]
+    assert len(np.unique(y_grey)) > 5
+    np.testing.assert_array_equal(y_pal, y_grey)
 
 
 # ------------------------------------------------------------------ bad input
@@ -221,7 +243,7 @@ def _ok_mask(v: int = 1) -> np.ndarray:
     ("unpaired", r"1 image\(s\) without a mask .*b; 1 mask\(s\) without an image .*c"),
     ("bad_ids", r"1 mask\(s\) hold class ids >= --num-classes 3 .*b\.png \(7\)"),
     ("colour", r"colour image .*single-channel"),
-    ("size", r"mask a\.png is 16x8 but image a\.jpg is 32x24"),
+    ("size", r"image a\.jpg is 32x24 but mask a\.png is 16x8"),
     ("void_only", r"every mask pixel is the ignore id 255"),
     ("missing_dir", r"images folder .*nowhere does not exist"),
 ])

@@ -4,7 +4,8 @@ Method (as the reference numbers in ../shared/data/camvid_segnet_test/README.md)
 each whole image to the model input, argmax, nearest-resize the class map back to the mask size,
 map model ids to dataset ids, and accumulate ONE confusion matrix over all images, skipping
 void ground truth. The matrix is [K, K+1]: rows = ground truth, columns = prediction, the last
-column = "unmapped" (model classes with no dataset class; always wrong).
+column = "unmapped" (model classes with no dataset class; always wrong). Images and masks
+are read and paired as models/tools/data.py documents; the scores are models/tools/metrics.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -20,92 +20,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from models.class_maps import BUILTIN, ClassMap, ClassMapError, identity_map, load_class_map
 from models.fetch import NotFetchedError
 from models.registry import DEFAULT_MODEL, MODELS
-from models.runtime import Segmenter, load_segmenter, prepare
-from models.tools.predict import IMAGE_EXTS, ImageReadError, read_image, resize_labels
+from models.runtime import BACKENDS, Segmenter, load_segmenter, prepare
+from models.tools.data import (
+    MASK_EXTS,
+    DataError,
+    Pair,
+    Pairing,
+    pair_files,
+    read_pair,
+    resize_labels,
+)
+from models.tools.metrics import (
+    LabelError,
+    class_accuracy,
+    class_iou,
+    confusion_matrix,
+    fw_iou,
+    nanmean,
+    pixel_accuracy,
+)
 
-MASK_EXTS = {".png", ".bmp", ".tif", ".tiff"}  # lossless only: JPEG noise would change labels
 DEFAULT_IGNORE = 255
-
-
-class PairError(ValueError):
-    """One image/mask pair cannot be evaluated (unreadable, wrong format, size mismatch)."""
-
-
-class LabelError(ValueError):
-    """Mask values that are neither a dataset class nor the ignore id: a setup error."""
-
-
-# --- metrics: pure functions of the confusion matrix ---
-
-
-def confusion_matrix(
-    gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore: int | None
-) -> np.ndarray:
-    """int64 [K, K+1] counts of (gt, pred) over pixels whose gt is not ``ignore``.
-
-    ``pred`` holds dataset ids 0..K-1 or K (unmapped). LabelError if gt has other values.
-    """
-    if gt.shape != pred.shape:
-        raise ValueError(f"gt {gt.shape} and pred {pred.shape} differ in shape")
-    k = num_classes
-    g = gt.ravel()
-    p = pred.ravel()
-    if ignore is not None:
-        keep = g != ignore
-        g, p = g[keep], p[keep]
-    if g.size and int(g.max()) >= k:
-        bad = sorted(int(v) for v in np.unique(g[g >= k]))
-        raise LabelError(f"label values {bad} are not dataset classes 0..{k - 1}")
-    if p.size and int(p.max()) > k:
-        raise ValueError(f"prediction values must be 0..{k}, got {int(p.max())}")
-    idx = g.astype(np.int64) * (k + 1) + p
-    return np.bincount(idx, minlength=k * (k + 1)).reshape(k, k + 1)
-
-
-def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a / b with NaN where b == 0 (a class absent from both gt and prediction)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(b > 0, a / np.maximum(b, 1), np.nan)
-
-
-def pixel_accuracy(cm: np.ndarray) -> float:
-    total = cm.sum()
-    return float(np.trace(cm[:, : cm.shape[0]]) / total) if total else math.nan
-
-
-def class_accuracy(cm: np.ndarray) -> np.ndarray:
-    """Recall per gt class; NaN for classes with no gt pixels."""
-    return _div(np.diag(cm).astype(np.float64), cm.sum(axis=1))
-
-
-def class_iou(cm: np.ndarray) -> np.ndarray:
-    """TP / (TP + FP + FN) per class; unmapped predictions are FNs of their gt class."""
-    k = cm.shape[0]
-    tp = np.diag(cm).astype(np.float64)
-    union = cm.sum(axis=1) + cm[:, :k].sum(axis=0) - tp
-    return _div(tp, union)
-
-
-def nanmean(values: np.ndarray) -> float:
-    v = values[~np.isnan(values)]
-    return float(v.mean()) if v.size else math.nan
-
-
-def fw_iou(cm: np.ndarray) -> float:
-    """IoU weighted by each class's share of gt pixels."""
-    total = cm.sum()
-    if not total:
-        return math.nan
-    freq = cm.sum(axis=1) / total
-    iou = class_iou(cm)
-    present = freq > 0  # a class with gt pixels always has a defined IoU
-    return float((freq[present] * iou[present]).sum())
 
 
 def _none_if_nan(x: float) -> float | None:
@@ -136,120 +76,6 @@ def summarize(
     return out
 
 
-# --- data ---
-
-
-@dataclass(frozen=True)
-class Pair:
-    stem: str
-    image: Path
-    mask: Path
-
-
-@dataclass
-class Pairing:
-    pairs: list[Pair]
-    images_without_mask: list[str] = field(default_factory=list)
-    masks_without_image: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-
-def _by_stem(folder: Path, exts: set[str], problems: list[str]) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() not in exts or not p.is_file():
-            continue
-        if p.stem in found:
-            problems.append(f"{p}: same stem as {found[p.stem].name}; using {found[p.stem].name}")
-            continue
-        found[p.stem] = p
-    return found
-
-
-def pair_files(images_dir: Path, masks_dir: Path) -> Pairing:
-    """Match ``images_dir/<stem>.<img ext>`` with ``masks_dir/<stem>.<png|bmp|tif>``."""
-    for d, what in ((images_dir, "--images"), (masks_dir, "--masks")):
-        if not d.is_dir():
-            raise FileNotFoundError(f"{what} {d}: not a directory")
-    problems: list[str] = []
-    images = _by_stem(images_dir, IMAGE_EXTS, problems)
-    masks = _by_stem(masks_dir, MASK_EXTS, problems)
-    pairs = [Pair(s, images[s], masks[s]) for s in sorted(images.keys() & masks.keys())]
-    return Pairing(
-        pairs, sorted(images.keys() - masks.keys()), sorted(masks.keys() - images.keys()), problems
-    )
-
-
-def _png_colour_type(data: bytes) -> int | None:
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) > 25:
-        return data[25]
-    return None
-
-
-def _png_palette(data: bytes) -> np.ndarray | None:
-    """The PLTE chunk of PNG bytes as uint8 [n, 3] RGB (None if absent)."""
-    pos = 8
-    while pos + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        if kind == b"PLTE":
-            return np.frombuffer(data[pos + 8 : pos + 8 + length], np.uint8).reshape(-1, 3)
-        if kind in (b"IDAT", b"IEND"):
-            return None
-        pos += 12 + length
-    return None
-
-
-def _palette_indices(colour_bgr: np.ndarray, palette: np.ndarray, path: Path) -> np.ndarray:
-    """Undo cv2's palette expansion: BGR colours -> palette indices (first index wins on
-    duplicated colours, e.g. black padding after the used entries)."""
-    keys = (
-        (palette[:, 0].astype(np.int32) << 16)
-        | (palette[:, 1].astype(np.int32) << 8)
-        | palette[:, 2]
-    )
-    uniq, first = np.unique(keys, return_index=True)
-    px = (
-        (colour_bgr[..., 2].astype(np.int32) << 16)
-        | (colour_bgr[..., 1].astype(np.int32) << 8)
-        | colour_bgr[..., 0]
-    )
-    pos = np.clip(np.searchsorted(uniq, px), 0, len(uniq) - 1)
-    if not np.array_equal(uniq[pos], px):
-        raise PairError(f"{path}: palette PNG with colours outside its palette")
-    return first[pos].astype(np.uint8)
-
-
-def read_label_mask(path: Path) -> np.ndarray:
-    """uint8 [H, W] class ids from a single-channel (grey) or palette label image."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise PairError(f"{path}: cannot read: {e.strerror or e}") from None
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
-    if arr is None:
-        raise PairError(f"{path}: not a readable image (empty, corrupt or unsupported)")
-    if _png_colour_type(data) == 3:  # indexed (e.g. VOC SegmentationClass): index = class id
-        pal = _png_palette(data)
-        if pal is None or arr.ndim != 3:
-            raise PairError(f"{path}: palette PNG without a readable palette")
-        return _palette_indices(arr[..., :3], pal, path)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[..., 0]
-    if arr.ndim != 2:
-        raise PairError(
-            f"{path}: a mask must be a single-channel label image (pixel = class "
-            f"id), this one has {arr.shape[2]} channels (a colour-coded mask?)"
-        )
-    if arr.dtype != np.uint8:
-        if arr.dtype != np.uint16 or int(arr.max()) > 255:
-            raise PairError(
-                f"{path}: mask values must be class ids 0..255, got {arr.dtype} up to {arr.max()}"
-            )
-        arr = arr.astype(np.uint8)  # 16-bit label PNG with small ids
-    return arr
-
-
 # --- evaluation ---
 
 
@@ -265,21 +91,6 @@ class Evaluation:
         return summarize(self.cm, self.class_map.classes, self.class_map.mapped_classes())
 
 
-def _load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        image = read_image(pair.image)
-    except ImageReadError as e:
-        raise PairError(str(e)) from None
-    mask = read_label_mask(pair.mask)
-    if image.shape[:2] != mask.shape:
-        raise PairError(
-            f"{pair.stem}: image {pair.image.name} is {image.shape[1]}x"
-            f"{image.shape[0]} but mask {pair.mask.name} is {mask.shape[1]}x"
-            f"{mask.shape[0]}; they must have the same size"
-        )
-    return image, mask
-
-
 def evaluate_pairs(
     pairs: Sequence[Pair],
     segmenter: Segmenter,
@@ -290,7 +101,8 @@ def evaluate_pairs(
 ) -> Evaluation:
     """Run ``segmenter`` over ``pairs`` in batches and accumulate the confusion matrix.
 
-    A bad pair is recorded in ``errors`` and skipped; LabelError (mask values outside the map)
+    A bad pair (DataError: unreadable, wrong kind, sizes differ) is recorded in ``errors`` and
+    skipped; LabelError (mask values outside the map)
     stops the run, since every other mask would fail the same way.
     """
     from tqdm import tqdm
@@ -308,13 +120,13 @@ def evaluate_pairs(
             loaded: list[tuple[Pair, np.ndarray, np.ndarray]] = []
             for pair in pairs[start : start + step]:
                 try:
-                    loaded.append((pair, *_load_pair(pair)))
-                except PairError as e:
+                    loaded.append((pair, *read_pair(pair.image, pair.mask)))
+                except DataError as e:
                     ev.errors.append(str(e))
             if loaded:
                 batch = np.empty((len(loaded), *segmenter.input_size, 3), np.uint8)
                 for row, (_, img, _) in zip(batch, loaded, strict=True):
-                    prepare(img, segmenter.input_size, out=row, bgr=True)
+                    prepare(img, segmenter.input_size, out=row)  # read_image gives RGB
                 for (pair, _, gt), small in zip(loaded, segmenter.segment(batch), strict=True):
                     pred = resize_labels(small, gt.shape)
                     try:
@@ -464,7 +276,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=Path, required=True, metavar="DIR")
     p.add_argument("--masks", type=Path, required=True, metavar="DIR")
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS))
-    p.add_argument("--backend", default="auto", choices=["auto", "keras", "tflite"])
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--threads", type=int, default=None, help="TFLite threads (default: all)")
     p.add_argument(
         "--class-map",

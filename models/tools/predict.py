@@ -17,27 +17,11 @@ import numpy as np
 
 from models.fetch import NotFetchedError
 from models.registry import DEFAULT_MODEL, MODELS
-from models.runtime import Segmenter, load_segmenter, prepare
-from models.tools.data import encode_palette_png
+from models.runtime import BACKENDS, Segmenter, load_segmenter, prepare
+from models.tools.data import IMAGE_EXTS, DataError, encode_palette_png, read_image, resize_labels
 from stream.render import Renderer, class_fractions
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-class ImageReadError(OSError):
-    """An input image is missing or cannot be decoded; the message names the file."""
-
-
 # --- core ---
-
-
-def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a class map to (h, w). INTER_NEAREST_EXACT samples at pixel
-    centres (like PIL and TF); plain INTER_NEAREST shifts the map by up to half a source pixel."""
-    h, w = size
-    if labels.shape[:2] == (h, w):
-        return labels
-    return cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 @dataclass
@@ -59,18 +43,6 @@ class PredictResult:
         """E.g. ``bird.png: background 78.1%, bird 21.9%``."""
         parts = ", ".join(f"{name} {100 * f:.1f}%" for name, f in self.fractions.items())
         return f"{self.path}: {parts}"
-
-
-def read_image(path: Path) -> np.ndarray:
-    """BGR uint8 [H, W, 3]; ImageReadError naming the file if it is missing or not an image."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)  # unlike cv2.imread, says *why* it failed
-    except OSError as e:
-        raise ImageReadError(f"{path}: cannot read: {e.strerror or e}") from None
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if img is None:
-        raise ImageReadError(f"{path}: not a readable image (empty, corrupt or unsupported)")
-    return img
 
 
 def expand_paths(paths: Iterable[Path]) -> list[Path]:
@@ -116,11 +88,10 @@ def _write_outputs(
     }
     mask_path = out_dir / f"{stem}_mask.png"
     overlay_path = out_dir / f"{stem}_overlay.jpg"
+    overlay = renderer.render(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), small)  # BGR in and out
     try:
         mask_path.write_bytes(encode_palette_png(mask, segmenter.palette))
-        if not cv2.imwrite(
-            str(overlay_path), renderer.render(image, small), [cv2.IMWRITE_JPEG_QUALITY, 90]
-        ):
+        if not cv2.imwrite(str(overlay_path), overlay, [cv2.IMWRITE_JPEG_QUALITY, 90]):
             raise OSError("cv2.imwrite failed")
     except OSError as e:
         res.error = f"{res.path}: cannot write output in {out_dir}: {e}"
@@ -150,13 +121,13 @@ def predict_images(
         for i in range(start, min(start + step, len(files))):
             try:
                 loaded.append((i, read_image(files[i])))
-            except ImageReadError as e:
+            except DataError as e:
                 results[i].error = str(e)
         if not loaded:
             continue
         batch = np.empty((len(loaded), *segmenter.input_size, 3), dtype=np.uint8)
         for row, (_, img) in zip(batch, loaded, strict=True):
-            prepare(img, segmenter.input_size, out=row, bgr=True)
+            prepare(img, segmenter.input_size, out=row)  # read_image gives RGB
         for (i, img), small in zip(loaded, segmenter.segment(batch), strict=True):
             _write_outputs(results[i], img, small, stems[i], out, segmenter, renderer)
     return results
@@ -205,7 +176,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS))
-    p.add_argument("--backend", default="auto", choices=["auto", "keras", "tflite"])
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--threads", type=int, default=None, help="TFLite threads (default: all)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     p.set_defaults(func=_run)

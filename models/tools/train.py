@@ -2,9 +2,11 @@
 
 Starts from the imported official weights; with another class count only the logits layer
 is new (the backbone and ASPP keep theirs). Loss: sparse categorical cross-entropy on the
-logits, ignoring one label id. Data: a keras.utils.PyDataset with cv2 loading (works on the
-TF and JAX backends). Each epoch reports train loss and val mIoU and saves the weights
-(atomic replace) plus a JSON sidecar, so an interrupted run keeps its last finished epoch.
+logits, ignoring one label id. Data: a keras.utils.PyDataset reading images and masks through
+models/tools/data.py (works on the TF and JAX backends); validation scores come from
+models/tools/metrics.py, as `segstream evaluate`'s do. Each epoch reports train loss and val
+mIoU and saves the weights (atomic replace) plus a JSON sidecar, so an interrupted run keeps
+its last finished epoch.
 
 The sidecar (``<name>.json`` beside ``<name>.weights.h5``) holds what a runtime needs to
 rebuild the model; ``models.finetuned`` writes and reads both files.
@@ -32,11 +34,19 @@ import numpy as np
 
 from models.finetuned import SIDECAR_FORMAT, SIDECAR_VERSION, save_finetuned, sidecar_path
 from models.registry import DEFAULT_MODEL, MODELS, ModelSpec, get_spec
+from models.tools.data import (
+    IMAGE_EXTS,
+    MASK_EXTS,
+    DataError,
+    read_image,
+    read_mask,
+    read_pair,
+)
+from models.tools.data import pair_files as pair_by_stem
+from models.tools.metrics import class_iou, confusion_matrix, mean_iou, pixel_accuracy
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-MASK_EXTS = (".png", ".bmp", ".tif", ".tiff")  # lossless only: JPEG would smear class ids
 DEFAULT_IGNORE = 255
 LOGITS_LAYER = "logits__semantic"
 PAD_PIXEL = 128  # image padding after a down-scale: normalizes to ~0 (the mean)
@@ -53,32 +63,27 @@ class OutputError(ValueError):
 # ---------------------------------------------------------------- data checks
 
 
-def _files(folder: Path, exts: Sequence[str], what: str) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise DatasetError(f"{what} folder {folder} does not exist or is not a folder")
-    found: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."):
-            if p.stem in found:
-                raise DatasetError(f"{what}: two files with stem {p.stem!r}: "
-                                   f"{found[p.stem].name}, {p.name}")
-            found[p.stem] = p
-    if not found:
-        raise DatasetError(f"no {what} in {folder} (looked for {' '.join(exts)})")
-    return found
-
-
 def _list_some(names: Sequence[str], n: int = 5) -> str:
     more = f" and {len(names) - n} more" if len(names) > n else ""
     return ", ".join(names[:n]) + more
 
 
 def pair_files(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path, Path]]:
-    """(image, mask) pairs matched by file stem; DatasetError on empty or unpaired files."""
-    images = _files(Path(images_dir), IMAGE_EXTS, "images")
-    masks = _files(Path(masks_dir), MASK_EXTS, "masks")
-    no_mask = sorted(set(images) - set(masks))
-    no_image = sorted(set(masks) - set(images))
+    """(image, mask) pairs matched by stem as models.tools.data does. Training wants every
+    file paired: DatasetError on a missing or empty folder, a stem used twice, a lone file."""
+    try:
+        pairing = pair_by_stem(Path(images_dir), Path(masks_dir))
+    except DataError as e:
+        raise DatasetError(str(e)) from None
+    no_mask, no_image = pairing.images_without_mask, pairing.masks_without_image
+    for what, folder, exts, n in (
+        ("images", images_dir, IMAGE_EXTS, len(pairing.pairs) + len(no_mask)),
+        ("masks", masks_dir, MASK_EXTS, len(pairing.pairs) + len(no_image)),
+    ):
+        if not n:
+            raise DatasetError(f"no {what} in {folder} (looked for {' '.join(exts)})")
+    if pairing.problems:
+        raise DatasetError("two files with one stem: " + "; ".join(pairing.problems))
     if no_mask or no_image:
         parts = []
         if no_mask:
@@ -89,46 +94,23 @@ def pair_files(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path
                          f"{_list_some(no_image)}")
         raise DatasetError("unpaired files (pairs match by file name without extension); "
                            + "; ".join(parts))
-    return [(images[s], masks[s]) for s in sorted(images)]
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """A label mask as uint8/uint16 [H, W]; grey-looking 3-channel files are accepted."""
-    m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if m is None:
-        raise DatasetError(f"cannot read mask {path}")
-    if m.ndim == 3:
-        if m.shape[2] >= 3 and np.array_equal(m[..., 0], m[..., 1]) \
-                and np.array_equal(m[..., 0], m[..., 2]):
-            return m[..., 0]
-        raise DatasetError(f"mask {path} is a colour image ({m.shape[2]} channels); masks must "
-                           f"be single-channel label images (pixel value = class id). A "
-                           f"palette PNG must be converted to its indices first")
-    return m
-
-
-def read_image(path: Path) -> np.ndarray:
-    """uint8 RGB [H, W, 3]."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DatasetError(f"cannot read image {path}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return [(p.image, p.mask) for p in pairing.pairs]
 
 
 def check_pairs(pairs: Sequence[tuple[Path, Path]], num_classes: int,
                 ignore_id: int) -> np.ndarray:
     """Check every pair before training; return per-class pixel counts (ignored excluded).
 
-    Masks must hold ids < num_classes or the ignore id, and match their image's size.
+    Both files must be readable (models.tools.data), of one size, and the mask must hold
+    ids < num_classes or the ignore id.
     """
     counts = np.zeros(num_classes, dtype=np.int64)
     bad: list[str] = []
     for img_path, mask_path in pairs:
-        mask = read_mask(mask_path)
-        size = _image_size(img_path)
-        if mask.shape[:2] != size:
-            raise DatasetError(f"mask {mask_path.name} is {mask.shape[1]}x{mask.shape[0]} but "
-                               f"image {img_path.name} is {size[1]}x{size[0]}")
+        try:
+            _, mask = read_pair(img_path, mask_path)
+        except DataError as e:
+            raise DatasetError(str(e)) from None
         ids, n = np.unique(mask, return_counts=True)
         wrong = [int(i) for i in ids if i >= num_classes and i != ignore_id]
         if wrong:
@@ -143,13 +125,6 @@ def check_pairs(pairs: Sequence[tuple[Path, Path]], num_classes: int,
     if counts.sum() == 0:
         raise DatasetError(f"every mask pixel is the ignore id {ignore_id}: nothing to learn")
     return counts
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise DatasetError(f"cannot read image {path}")
-    return img.shape[:2]
 
 
 def split_pairs(pairs: Sequence[tuple[Path, Path]], val_split: float,
@@ -211,7 +186,7 @@ def _dataset_class() -> type:
     import keras
 
     class SegmentationData(keras.utils.PyDataset):
-        """Batches of (uint8 RGB [B, S, S, 3], int32 labels [B, S, S]) loaded with cv2.
+        """Batches of (uint8 RGB [B, S, S, 3], int32 labels [B, S, S]) read by models.tools.data.
 
         ``augment`` (training): reshuffled every epoch, randomly scaled/cropped/flipped, the
         last partial batch dropped. Otherwise (evaluation): fixed order, inference framing,
@@ -294,42 +269,16 @@ def masked_sparse_ce(ignore_id: int) -> Callable[[Any, Any], Any]:
     return loss
 
 
-def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
-                     ignore_id: int) -> np.ndarray:
-    """[gt, pred] pixel counts over the pixels whose gt is a class (ignore id and others out)."""
-    gt = gt.astype(np.int64).ravel()
-    pred = pred.astype(np.int64).ravel()
-    keep = (gt != ignore_id) & (gt < num_classes) & (pred < num_classes)
-    idx = gt[keep] * num_classes + pred[keep]
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes,
-                                                                         num_classes)
-
-
-def iou_per_class(conf: np.ndarray) -> np.ndarray:
-    """IoU per class; NaN for classes absent from both gt and prediction."""
-    tp = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, tp / union, np.nan)
-
-
-def mean_iou(conf: np.ndarray) -> float:
-    """Mean IoU over the classes present in gt or prediction (NaN if none)."""
-    iou = iou_per_class(conf)
-    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
-
-
 def evaluate(model: Any, data: Any, num_classes: int, ignore_id: int) -> dict[str, Any]:
-    """Confusion-matrix metrics of a logits model over a (non-augmented) dataset."""
-    conf = np.zeros((num_classes, num_classes), np.int64)
+    """Validation scores of a logits model over a (non-augmented) dataset: one confusion
+    matrix, as `segstream evaluate` builds it."""
+    cm = np.zeros((num_classes, num_classes + 1), np.int64)
     for i in range(len(data)):
         x, y = data[i]
         pred = np.argmax(np.asarray(model.predict_on_batch(x)), axis=-1)
-        conf += confusion_matrix(pred, y, num_classes, ignore_id)
-    total = conf.sum()
-    return {"miou": mean_iou(conf), "pixel_acc": float(np.trace(conf) / total) if total else
-            float("nan"), "iou": [None if np.isnan(v) else round(float(v), 4)
-                                  for v in iou_per_class(conf)]}
+        cm += confusion_matrix(y, pred, num_classes, ignore=ignore_id)
+    return {"miou": mean_iou(cm), "pixel_acc": pixel_accuracy(cm),
+            "iou": [None if np.isnan(v) else round(float(v), 4) for v in class_iou(cm)]}
 
 
 # ---------------------------------------------------------------- model
@@ -578,7 +527,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="fine-tune the Keras DeepLab port on an images/ + masks/ folder pair",
         description="Pairs image and mask files by name (without extension). Masks are "
-        "single-channel label images: pixel value = class id, --ignore ID = void.",
+        "grey label images (pixel value = class id) or palette images (index = class id); "
+        "--ignore ID = void.",
     )
     p.add_argument("--images", required=True, type=Path, metavar="DIR")
     p.add_argument("--masks", required=True, type=Path, metavar="DIR")
