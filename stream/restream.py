@@ -382,12 +382,18 @@ def _encoder_options(name: str, preset: str, bitrate_kbps: int) -> dict[str, str
     return {**common, "preset": preset, "tune": "zerolatency"}
 
 
+def _nvidia_present() -> bool:
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
 def _candidates(choice: str) -> list[str]:
+    """Encoders to try in order. `auto` tries NVENC only where an NVIDIA driver is loaded:
+    PyAV opens a codec holding the GIL, and NVENC's open starts CUDA."""
     if choice != "auto":
         return [choice]
     with _hw_lock:
         hw = [e for e in HW_ENCODERS if e in av.codecs_available and e not in _hw_unusable]
-    return [*hw, "libx264"]
+    return [*hw, "libx264"] if hw and _nvidia_present() else ["libx264"]
 
 
 def open_encoder(

@@ -223,6 +223,22 @@ def test_a_stalled_server_never_blocks_the_pipeline(shared_dir: Path) -> None:
         c.close()
 
 
+def test_an_encoder_that_cannot_open_is_an_error_not_a_retry(shared_dir: Path) -> None:
+    if Path("/dev/nvidiactl").exists():
+        pytest.skip("an NVIDIA driver is loaded here: NVENC may open")
+    sink = RestreamSink("t", f"rtsp://127.0.0.1:{free_port()}/x", encoder="h264_nvenc")
+    sink.start()
+    try:
+        sink.put(Rendered("t", vtest_frames(shared_dir, 1)[0], 1, 0.0, 80))
+        assert wait_for(lambda: sink.state.value == "error", 5), sink.status()
+        st = sink.status()
+        assert "h264_nvenc" in st["reason"] and st["errors"] == 0, st
+        assert not sink.wants_frames()  # nothing is rendered for it any more
+        assert wait_for(lambda: not restream_threads(), 2)
+    finally:
+        sink.close()
+
+
 # -- in a running service ----------------------------------------------------------------------
 
 
