@@ -11,6 +11,10 @@ at the clip's own frame rate (from the SPS, or `--fps`). Clients of one mount sh
 pipeline. Prints one `listening rtsp://...` line per mount, then `READY`, on stdout; exits
 cleanly on SIGTERM/SIGINT.
 
+Each `--record /NAME=FILE` takes published H.264 instead (RTSP ANNOUNCE/RECORD, as MediaMTX
+does) and appends what it receives to FILE as an Annex-B stream. `--auth USER:PASS` asks every
+client for these credentials (`--auth-method digest` or `basic`).
+
 New mount kinds (e.g. a live appsrc -> x264enc source that stamps the send time into each
 frame) plug in as another `Mount` subclass and another command-line option; see MOUNT_KINDS.
 """
@@ -26,7 +30,8 @@ import gi
 
 gi.require_version("Gst", "1.0")
 gi.require_version("GstRtspServer", "1.0")
-from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+gi.require_version("GstRtsp", "1.0")
+from gi.repository import GLib, Gst, GstRtsp, GstRtspServer  # noqa: E402
 
 
 class Mount:
@@ -77,6 +82,24 @@ class FileMount(Mount):
         parse.get_static_pad("src").add_probe(Gst.PadProbeType.BUFFER, _pts_from_dts)
 
 
+class RecordMount(Mount):
+    """Takes a published H.264 stream (RECORD) and appends it to a file, SPS/PPS in-band."""
+
+    def __init__(self, path: str, file: Path) -> None:
+        super().__init__(path)
+        self.file = file.resolve()
+
+    def factory(self) -> GstRtspServer.RTSPMediaFactory:
+        location = str(self.file).replace("\\", "\\\\").replace('"', '\\"')
+        f = GstRtspServer.RTSPMediaFactory()
+        f.set_transport_mode(GstRtspServer.RTSPTransportMode.RECORD)
+        f.set_launch(
+            "( rtph264depay name=depay0 ! h264parse config-interval=-1 "
+            "! video/x-h264,stream-format=byte-stream,alignment=au "
+            f'! filesink location="{location}" append=true sync=false async=false )')
+        return f
+
+
 def _pts_from_dts(_pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
     """Annex-B carries no timestamps and h264parse only interpolates DTS; without B-frames
     PTS == DTS, and the payloader and the clock-synced sinks need a PTS."""
@@ -93,20 +116,49 @@ def _parse_file_mount(spec: str, fps: float | None) -> Mount:
     return FileMount(path, Path(file), fps)
 
 
+def _parse_record_mount(spec: str) -> Mount:
+    path, sep, file = spec.partition("=")
+    if not sep or not file:
+        raise ValueError(f"--record wants /NAME=FILE, got {spec!r}")
+    return RecordMount(path, Path(file))
+
+
 # option name -> (help, parser(spec, args) -> Mount). A new kind adds a line here.
 MOUNT_KINDS = {
     "mount": ("/NAME=FILE.h264: loop an H.264 Annex-B file (repeatable)",
               lambda spec, args: _parse_file_mount(spec, args.fps)),
+    "record": ("/NAME=FILE.h264: take a published H.264 stream, append it to FILE (repeatable)",
+               lambda spec, args: _parse_record_mount(spec)),
 }
+ROLE = "user"
 
 
-def build_server(host: str, port: int, mounts: list[Mount]) -> GstRtspServer.RTSPServer:
+def build_server(
+    host: str, port: int, mounts: list[Mount], auth: str | None = None, method: str = "digest"
+) -> GstRtspServer.RTSPServer:
     server = GstRtspServer.RTSPServer()
     server.set_address(host)
     server.set_service(str(port))
+    if auth is not None:
+        user, _, password = auth.partition(":")
+        token = GstRtspServer.RTSPToken()
+        token.set_string("media.factory.role", ROLE)
+        a = GstRtspServer.RTSPAuth()
+        if method == "digest":
+            a.add_digest(user, password, token)
+            a.set_supported_methods(GstRtsp.RTSPAuthMethod.DIGEST)
+        else:
+            a.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
+            a.set_supported_methods(GstRtsp.RTSPAuthMethod.BASIC)
+        server.set_auth(a)
     points = server.get_mount_points()
     for m in mounts:
-        points.add_factory(m.path, m.factory())
+        f = m.factory()
+        if auth is not None:
+            f.add_role_from_structure(Gst.Structure.new_from_string(
+                f"{ROLE}, media.factory.access=(boolean)true, "
+                "media.factory.construct=(boolean)true"))
+        points.add_factory(m.path, f)
     return server
 
 
@@ -118,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="frame rate of file mounts if their SPS carries none")
     for kind, (help_, _) in MOUNT_KINDS.items():
         ap.add_argument(f"--{kind}", action="append", default=[], metavar="SPEC", help=help_)
+    ap.add_argument("--auth", metavar="USER:PASS", help="require these credentials")
+    ap.add_argument("--auth-method", choices=("digest", "basic"), default="digest")
     args = ap.parse_args(argv)
 
     Gst.init(None)
@@ -128,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if not mounts:
         ap.error("give at least one mount")
 
-    server = build_server(args.host, args.port, mounts)
+    server = build_server(args.host, args.port, mounts, args.auth, args.auth_method)
     loop = GLib.MainLoop()
     if server.attach(None) == 0:
         print(f"cannot listen on {args.host}:{args.port}", file=sys.stderr)

@@ -12,6 +12,7 @@ import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -144,6 +145,11 @@ class StreamConfig(_Strict):
     max_failures: int = Field(0, ge=0)  # give up (state=error) after this many; 0 = never
     alpha: float | None = Field(None, ge=0, le=1)
     classes: list[str] | None = None
+    # Publish the annotated video as H.264 to this RTSP URL (ANNOUNCE/RECORD); None = off.
+    restream: str | None = None
+    restream_encoder: Literal["auto", "libx264", "h264_nvenc"] = "auto"
+    restream_bitrate: int = Field(2000, ge=100, le=100_000)  # kbit/s
+    restream_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast"] = "ultrafast"
 
     @field_validator("id")
     @classmethod
@@ -162,6 +168,25 @@ class StreamConfig(_Strict):
             scheme = v.split(":", 1)[0].lower()
             if scheme not in _SCHEMES:
                 raise ValueError(f"unsupported URL scheme {scheme!r}; use {sorted(_SCHEMES)}")
+        return v
+
+    @field_validator("restream")
+    @classmethod
+    def _valid_restream(cls, v: str | None) -> str | None:
+        # The message never quotes the URL: it may carry credentials.
+        if v is None:
+            return None
+        v = v.strip()
+        scheme, sep, _ = v.partition("://")
+        if not sep or scheme.lower() not in ("rtsp", "rtsps"):
+            raise ValueError("restream must be an rtsp:// or rtsps:// URL (null turns it off)")
+        try:
+            u = urlsplit(v)
+            u.port  # noqa: B018 (raises for a port that is not a number in range)
+        except ValueError:
+            raise ValueError("restream URL has an invalid port") from None
+        if not u.hostname:
+            raise ValueError("restream URL has no host")
         return v
 
 

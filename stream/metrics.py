@@ -39,11 +39,20 @@ class _StreamSeries:
     classes: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _RestreamSeries:
+    frames: Any
+    bytes: Any
+    errors: Any
+    up: Any
+
+
 class PrometheusObserver:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self._lock = threading.Lock()
         self._streams: dict[str, _StreamSeries] = {}
+        self._restreams: dict[str, _RestreamSeries] = {}
         self.stage_seconds = Histogram(
             "segstream_stage_seconds",
             "Time spent in each pipeline stage (per frame; inference per batch).",
@@ -90,6 +99,20 @@ class PrometheusObserver:
             "segstream_model_worker_up",
             "1 while a model worker's batches succeed, 0 while they fail.", ["worker"],
             registry=r)
+        self.restream_frames_total = Counter(
+            "segstream_restream_frames_total",
+            "Annotated frames encoded and sent to the stream's RTSP re-stream.", ["stream"],
+            registry=r)
+        self.restream_bytes_total = Counter(
+            "segstream_restream_bytes_total", "H.264 bytes sent to the RTSP re-stream.",
+            ["stream"], registry=r)
+        self.restream_errors_total = Counter(
+            "segstream_restream_errors_total",
+            "Failed connects or writes to the RTSP re-stream's server (each one reconnects).",
+            ["stream"], registry=r)
+        self.restream_up = Gauge(
+            "segstream_restream_up", "1 while the RTSP re-stream is publishing.", ["stream"],
+            registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -111,6 +134,7 @@ class PrometheusObserver:
     def stream_removed(self, stream_id: str) -> None:
         with self._lock:
             s = self._streams.pop(stream_id, None)
+        self.restream_removed(stream_id)
         if s is None:
             return
         for o in s.frames:
@@ -183,6 +207,42 @@ class PrometheusObserver:
         if error is not None:
             self.inference_failures.inc()
         self.worker_up.labels(worker=str(worker)).set(0 if error else 1)
+
+    # -- a stream's re-stream (its series live while it is on) -----------------------------
+    def restream_added(self, stream_id: str) -> None:
+        r = _RestreamSeries(
+            frames=self.restream_frames_total.labels(stream=stream_id),
+            bytes=self.restream_bytes_total.labels(stream=stream_id),
+            errors=self.restream_errors_total.labels(stream=stream_id),
+            up=self.restream_up.labels(stream=stream_id),
+        )
+        with self._lock:
+            self._restreams[stream_id] = r
+
+    def restream_removed(self, stream_id: str) -> None:
+        with self._lock:
+            r = self._restreams.pop(stream_id, None)
+        if r is None:
+            return
+        for metric in (self.restream_frames_total, self.restream_bytes_total,
+                       self.restream_errors_total, self.restream_up):
+            metric.remove(stream_id)
+
+    def restream_state(self, stream_id: str, state: SourceState, reason: str | None) -> None:
+        r = self._restreams.get(stream_id)
+        if r is not None:
+            r.up.set(1 if state is SourceState.LIVE else 0)
+
+    def restream_frames(self, stream_id: str, frames: int, nbytes: int) -> None:
+        r = self._restreams.get(stream_id)
+        if r is not None:
+            r.frames.inc(frames)
+            r.bytes.inc(nbytes)
+
+    def restream_error(self, stream_id: str) -> None:
+        r = self._restreams.get(stream_id)
+        if r is not None:
+            r.errors.inc()
 
     def series_count(self) -> int:
         """Samples in the registry (for leak checks)."""

@@ -52,6 +52,20 @@ class Observer(Protocol):
     def worker_error(self, worker: int, error: str | None) -> None:
         """A model worker's batches fail (error) or succeed again (None)."""
 
+    def restream_added(self, stream_id: str) -> None:
+        """A stream's RTSP re-stream starts: its series exist from here..."""
+
+    def restream_removed(self, stream_id: str) -> None:
+        """...to here (re-stream turned off, or the stream removed)."""
+
+    def restream_state(self, stream_id: str, state: SourceState, reason: str | None) -> None: ...
+
+    def restream_frames(self, stream_id: str, frames: int, nbytes: int) -> None:
+        """Encoded frames sent to the RTSP server, and their size."""
+
+    def restream_error(self, stream_id: str) -> None:
+        """A connect or write to the RTSP server failed."""
+
 
 class NullObserver:
     """Observes nothing."""
@@ -96,6 +110,21 @@ class NullObserver:
         pass
 
     def worker_error(self, worker: int, error: str | None) -> None:
+        pass
+
+    def restream_added(self, stream_id: str) -> None:
+        pass
+
+    def restream_removed(self, stream_id: str) -> None:
+        pass
+
+    def restream_state(self, stream_id: str, state: SourceState, reason: str | None) -> None:
+        pass
+
+    def restream_frames(self, stream_id: str, frames: int, nbytes: int) -> None:
+        pass
+
+    def restream_error(self, stream_id: str) -> None:
         pass
 
 

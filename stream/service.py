@@ -26,6 +26,7 @@ from stream.datatypes import Result
 from stream.metrics import PrometheusObserver
 from stream.observer import Observer
 from stream.render import Renderer, RenderStage, StreamView
+from stream.restream import RestreamSink
 from stream.runner import ModelWorker, WorkerPlan, plan_workers
 from stream.sanitize import sanitize_url
 from stream.scheduler import Scheduler
@@ -34,8 +35,11 @@ from stream.sources import VideoSource
 
 log = logging.getLogger(__name__)
 
+# The RTSP re-stream's settings: a change replaces the re-stream sink alone.
+RESTREAM_FIELDS = frozenset({"restream", "restream_encoder", "restream_bitrate",
+                             "restream_preset"})
 # Settings a running stream takes without touching its reader; any other change restarts it.
-LIVE_FIELDS = frozenset({"id", "infer_fps", "output", "alpha", "classes"})
+LIVE_FIELDS = frozenset({"id", "infer_fps", "output", "alpha", "classes"}) | RESTREAM_FIELDS
 
 
 def resolve_source(source: str) -> str:
@@ -51,6 +55,7 @@ class Stream:
     source: VideoSource
     view: StreamView
     mjpeg: MjpegSink
+    restream: RestreamSink | None = None
 
 
 class Service:
@@ -194,14 +199,17 @@ class Service:
             self.observer.stream_added(scfg.id)
             source = self._source(scfg)
             mjpeg = MjpegSink(scfg.id, self._loop)
+            restream = self._restream(scfg)
             view = StreamView(
-                scfg.id, renderer, [mjpeg], output=scfg.output,
-                jpeg_quality=self.cfg.render.jpeg_quality, peek_frame=source.slot.peek,
-                observer=self.observer,
+                scfg.id, renderer, [mjpeg] if restream is None else [mjpeg, restream],
+                output=scfg.output, jpeg_quality=self.cfg.render.jpeg_quality,
+                peek_frame=source.slot.peek, observer=self.observer,
             )
-            stream = self.streams[scfg.id] = Stream(scfg, source, view, mjpeg)
+            stream = self.streams[scfg.id] = Stream(scfg, source, view, mjpeg, restream)
             self.render.add(view)
             self.scheduler.add(source, scfg.infer_fps)
+        if restream is not None:
+            restream.start()
         source.start()
         return stream
 
@@ -213,7 +221,7 @@ class Service:
         self.scheduler.remove(stream_id)
         self.render.remove(stream_id)
         stream.source.stop(self.cfg.server.shutdown_timeout / 4)
-        stream.view.close()  # its viewers' responses end cleanly
+        stream.view.close()  # its viewers' responses end cleanly, its re-stream stops
         self.observer.stream_removed(stream_id)  # last: late events cannot re-create series
 
     def replace_stream(self, scfg: StreamConfig) -> Stream:
@@ -227,9 +235,25 @@ class Service:
             self._restart_reader(stream)
         elif scfg.infer_fps != old.infer_fps:
             self.scheduler.set_rate(scfg.id, scfg.infer_fps)
+        if changed & (RESTREAM_FIELDS | {"reconnect_initial", "reconnect_max"}):
+            self._replace_restream(stream)
         stream.view.output = scfg.output
         stream.view.set_renderer(renderer)
         return stream
+
+    def _restream(self, scfg: StreamConfig) -> RestreamSink | None:
+        return None if scfg.restream is None else RestreamSink.from_config(scfg, self.observer)
+
+    def _replace_restream(self, stream: Stream) -> None:
+        """Stops the old publisher before the new one starts (a media server takes one
+        publisher per path)."""
+        old, stream.restream = stream.restream, self._restream(stream.cfg)
+        if old is not None:
+            stream.view.remove_sink(old)
+            old.close()
+        if stream.restream is not None:
+            stream.view.add_sink(stream.restream)
+            stream.restream.start()
 
     def _restart_reader(self, stream: Stream) -> None:
         stream.source.stop(self.cfg.server.shutdown_timeout / 4)
@@ -338,6 +362,7 @@ class Service:
             "dropped": st.get("dropped", 0),
             "reconnects": st.get("reconnects", 0),
             "clients": s.mjpeg.clients,
+            "restream": s.restream.status() if s.restream is not None else None,
             "classes": self._top_classes(s.view.fractions),
         }
 

@@ -9,11 +9,19 @@ scripts/rtsp_server.py (gst-rtsp-server) under Debian's system Python.
         srv.kill()       # abrupt death (SIGKILL): clients see the connection drop
         srv.start()      # same port again
 
+    # A server that takes published streams (ANNOUNCE/RECORD) into files, with credentials:
+    with RtspServer({}, records={"/in": tmp / "in.h264"}, auth="user:pass") as srv: ...
+
+    # FFmpeg as a one-publisher RTSP server (`-rtsp_flags listen`), frames decoded back:
+    with RtspListener(record=tmp / "in.ts") as rx:
+        rx.url, rx.frames, rx.received(), rx.kill(), rx.start()
+
 Importable from any test module (pytest puts tests/ on sys.path: `from rtsp import ...`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import os
@@ -92,8 +100,14 @@ class RtspServer:
     """scripts/rtsp_server.py as a child process on a fixed loopback port."""
 
     def __init__(self, mounts: dict[str, Path | str], port: int | None = None,
-                 host: str = "127.0.0.1", fps: float | None = None) -> None:
+                 host: str = "127.0.0.1", fps: float | None = None,
+                 records: dict[str, Path | str] | None = None, auth: str | None = None,
+                 auth_method: str = "digest") -> None:
         self.mounts = {(m if m.startswith("/") else "/" + m): Path(f) for m, f in mounts.items()}
+        self.records = {(m if m.startswith("/") else "/" + m): Path(f)
+                        for m, f in (records or {}).items()}
+        self.auth = auth
+        self.auth_method = auth_method
         self.host = host
         self.port = port or free_port(host)
         self.fps = fps
@@ -111,7 +125,7 @@ class RtspServer:
         return self.proc is not None and self.proc.poll() is None
 
     def url(self, mount: str | None = None) -> str:
-        mount = mount or next(iter(self.mounts))
+        mount = mount or next(iter({**self.mounts, **self.records}))
         return f"rtsp://{self.host}:{self.port}{mount if mount.startswith('/') else '/' + mount}"
 
     def log(self) -> str:
@@ -124,6 +138,10 @@ class RtspServer:
         cmd = [GST_PYTHON, str(SERVER_SCRIPT), "--host", self.host, "--port", str(self.port)]
         for m, f in self.mounts.items():
             cmd += ["--mount", f"{m}={f}"]
+        for m, f in self.records.items():
+            cmd += ["--record", f"{m}={f}"]
+        if self.auth:
+            cmd += ["--auth", self.auth, "--auth-method", self.auth_method]
         if self.fps:
             cmd += ["--fps", str(self.fps)]
         # The port may still be held for a moment by the previous process (just killed).
@@ -192,3 +210,99 @@ class RtspServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def listening(port: int) -> bool:
+    """Whether something listens on TCP `port` (read from /proc: connecting to find out would
+    be taken for a client by a one-client server)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if int(cols[1].rpartition(":")[2], 16) == port and cols[3] == "0A":
+                    return True
+    return False
+
+
+class RtspListener:
+    """FFmpeg as an RTSP server for one publisher (`-rtsp_flags listen`, ANNOUNCE/RECORD):
+    decodes what it receives into frames this process reads (PPM over a pipe) and, with
+    `record`, copies the H.264 into an MPEG-TS file too. It serves one session: it exits when
+    the publisher ends it. `kill()` is an abrupt death; `start()` listens again, same port."""
+
+    def __init__(self, port: int | None = None, path: str = "/live",
+                 record: Path | None = None, keep: int = 30) -> None:
+        self.port = port or free_port()
+        self.path = path
+        self.record = record
+        self.frames = 0  # decoded frames received, across restarts
+        self.recent: collections.deque = collections.deque(maxlen=keep)  # newest RGB frames
+        self.proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"rtsp://127.0.0.1:{self.port}{self.path}"
+
+    def start(self, timeout: float = 10.0) -> RtspListener:
+        self.starts += 1
+        out: list[str] = []
+        if self.record is not None:
+            rec = self.record.with_name(f"{self.record.stem}-{self.starts}{self.record.suffix}")
+            out += ["-map", "0:v", "-c", "copy", "-f", "mpegts", "-y", str(rec)]
+        cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-rtsp_flags", "listen",
+               "-i", self.url, *out, "-map", "0:v", "-fps_mode", "passthrough",
+               "-f", "image2pipe", "-c:v", "ppm", "pipe:1"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     stdin=subprocess.DEVNULL)
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not listening(self.port):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.kill()
+                raise RuntimeError(f"ffmpeg is not listening on {self.port}")
+            time.sleep(0.05)
+        return self
+
+    def received(self) -> list:
+        """The newest decoded frames (RGB), a copy of the list."""
+        with self._lock:
+            return list(self.recent)
+
+    def recorded(self, start: int = 1) -> Path:
+        """The MPEG-TS file of the `start`-th run."""
+        assert self.record is not None
+        return self.record.with_name(f"{self.record.stem}-{start}{self.record.suffix}")
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        import numpy as np  # the helpers above stay importable without numpy
+
+        pipe = proc.stdout
+        while True:
+            magic = pipe.readline()
+            if magic.strip() != b"P6":
+                return
+            w, h = (int(x) for x in pipe.readline().split())
+            pipe.readline()  # maxval
+            data = pipe.read(w * h * 3)
+            if len(data) < w * h * 3:
+                return
+            with self._lock:
+                self.frames += 1
+                self.recent.append(np.frombuffer(data, np.uint8).reshape(h, w, 3))
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self.proc = None
+
+    def __enter__(self) -> RtspListener:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
