@@ -31,6 +31,20 @@ class Latency(_Out):
     p95: float | None
 
 
+class RestreamStatus(_Out):
+    url: str = Field(description="Where the annotated H.264 goes, without credentials.")
+    state: str
+    reason: str | None
+    encoder: str | None
+    frames: int
+    bytes: int
+    errors: int
+    dropped: int
+    sessions: int
+    fps_in: float
+    cpu_s: float
+
+
 class StreamStatus(_Out):
     id: str
     source: str = Field(description="The source URL without credentials.")
@@ -50,6 +64,7 @@ class StreamStatus(_Out):
     reconnects: int
     clients: int
     classes: dict[str, float] = Field(description="Largest classes in view, share of pixels.")
+    restream: RestreamStatus | None = Field(None, description="The RTSP re-stream, if any.")
 
 
 class StreamList(_Out):
