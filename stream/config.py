@@ -77,6 +77,9 @@ class SourcesConfig(_Strict):
     allow_networks: list[str] | None = Field(
         None, description="CIDRs that network sources may reach; null = any address except "
         "link-local (169.254.0.0/16, fe80::/10, cloud metadata).")
+    resolve_names: bool = Field(True, description="false: only IP-literal hosts; host names "
+                                "are refused without a DNS lookup.")
+    max_streams: int = Field(256, ge=1, description="Most streams the API lets exist.")
 
 
 class PredictConfig(_Strict):
@@ -129,26 +132,40 @@ class RenderConfig(_Strict):
 
 
 class StreamConfig(_Strict):
-    id: str
-    source: str
-    reader: Literal["opencv", "pyav"] = "opencv"
-    infer_fps: float = Field(0.0, ge=0)  # 0 = as fast as the model allows
-    output: Literal["segmented", "smooth"] = "segmented"
-    loop: bool = True  # files: start again at the end
-    realtime: bool = True  # files: pace at the file's own frame rate
+    """One camera or video stream (a `streams:` entry, or a POST /api/streams body)."""
+
+    id: str = Field(description="1-64 letters, digits, _ . - (used in URLs and metrics).",
+                    json_schema_extra={"pattern": _ID_RE.pattern}, max_length=64)
+    source: str = Field(description="rtsp://, rtsps://, rtmp://, http(s)://, srt:// URL, a "
+                        "file path, a device (0, /dev/video0) or sample:NAME.",
+                        max_length=2048)
+    reader: Literal["opencv", "pyav"] = Field("opencv", description="Capture library.")
+    infer_fps: float = Field(0.0, ge=0, le=1000, description="Frame skipping: most "
+                             "inferences per second for this stream; 0 = no cap.")
+    output: Literal["segmented", "smooth"] = Field(
+        "segmented", description="segmented: publish each segmented frame; smooth: every "
+        "frame with the newest mask.")
+    loop: bool = Field(True, description="Files: start again at the end.")
+    realtime: bool = Field(True, description="Files: pace at the file's own frame rate.")
     rtsp_transport: Literal["tcp", "udp"] = "tcp"
-    open_timeout: float = Field(10.0, gt=0)
-    read_timeout: float = Field(5.0, gt=0)
-    stall_timeout: float = Field(5.0, gt=0)  # watchdog: no frame this long -> reconnect
-    reconnect_initial: float = Field(0.5, gt=0)
-    reconnect_max: float = Field(10.0, gt=0)
-    max_failures: int = Field(0, ge=0)  # give up (state=error) after this many; 0 = never
-    alpha: float | None = Field(None, ge=0, le=1)
-    classes: list[str] | None = None
-    # Publish the annotated video as H.264 to this RTSP URL (ANNOUNCE/RECORD); None = off.
-    restream: str | None = None
+    open_timeout: float = Field(10.0, gt=0, le=600, description="Seconds to open the source.")
+    read_timeout: float = Field(5.0, gt=0, le=600, description="Seconds one read may block.")
+    stall_timeout: float = Field(5.0, gt=0, le=600, description="Watchdog: no frame for this "
+                                 "long -> reconnect.")
+    reconnect_initial: float = Field(0.5, gt=0, le=600, description="First reconnect delay; "
+                                     "doubles with jitter.")
+    reconnect_max: float = Field(10.0, gt=0, le=3600, description="Longest reconnect delay.")
+    max_failures: int = Field(0, ge=0, description="Give up (state error) after this many "
+                              "failed opens in a row; 0 = never.")
+    alpha: float | None = Field(None, ge=0, le=1, description="Overlay opacity; null = "
+                                "render.alpha.")
+    classes: list[str] | None = Field(None, max_length=256, description="Only colour these "
+                                      "class names; null = render.classes.")
+    restream: str | None = Field(None, max_length=2048, description="Publish the annotated "
+                                 "video as H.264 to this rtsp:// URL (ANNOUNCE/RECORD); "
+                                 "null = off.")
     restream_encoder: Literal["auto", "libx264", "h264_nvenc"] = "auto"
-    restream_bitrate: int = Field(2000, ge=100, le=100_000)  # kbit/s
+    restream_bitrate: int = Field(2000, ge=100, le=100_000, description="kbit/s")
     restream_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast"] = "ultrafast"
 
     @field_validator("id")

@@ -38,6 +38,8 @@ class Refused(ValueError):
 class SourcePolicy:
     def __init__(self, cfg: SourcesConfig) -> None:
         self.local = [Path(p).resolve() for p in cfg.allow_local]
+        self.resolve_names = cfg.resolve_names
+        self.max_streams = cfg.max_streams
         self.networks = (None if cfg.allow_networks is None else
                          [ipaddress.ip_network(n, strict=False) for n in cfg.allow_networks])
 
@@ -70,6 +72,18 @@ class SourcePolicy:
         if not host:
             raise Refused(422, "the URL has no host", "source")
         try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            addr = None
+        if addr is not None:
+            if not self._allowed(addr):
+                raise Refused(422, f"address {addr} is not allowed (see "
+                              "sources.allow_networks)", "source")
+            return
+        if not self.resolve_names:
+            raise Refused(422, "host names are not allowed here, only IP addresses "
+                          "(sources.resolve_names)", "source")
+        try:
             infos = socket.getaddrinfo(host, port or 0, proto=socket.IPPROTO_TCP)
         except (socket.gaierror, UnicodeError):
             raise Refused(422, f"cannot resolve host {host!r}", "source") from None
@@ -100,6 +114,9 @@ class StreamControl:
         async with self._lock:
             if cfg.id in self.service.streams:
                 raise Refused(409, f"stream {cfg.id!r} exists", "id")
+            if len(self.service.streams) >= self.policy.max_streams:
+                raise Refused(409, f"at most {self.policy.max_streams} streams "
+                              "(sources.max_streams)")
             await self._check(cfg)
             await self._persist([*self.configs(), cfg])
             await asyncio.to_thread(self.service.add_stream, cfg)

@@ -398,3 +398,66 @@ async def test_native_predict_png_and_json(api: Api, bird: bytes) -> None:
     assert status == 200 and (body["width"], body["height"]) == (w, h)
     assert np.array_equal(np.asarray(body["mask"], np.uint8), mask)
     assert body["classes"]["bird"] > 0.05
+
+
+# -- IBM MAX compatibility ---------------------------------------------------------------------
+
+
+def _max_reference(model: Segmenter, img: Image.Image, longer: int) -> np.ndarray:
+    """MAX's semantics written out: longer side to `longer` (each side rounded down,
+    antialiased), padded with the mean value to the model's input, padding cut off."""
+    w, h = img.size
+    r = longer / max(w, h)
+    small = np.asarray(img.convert("RGB").resize((int(r * w), int(r * h)),
+                                                 Image.Resampling.LANCZOS))
+    x = np.full((1, *model.input_size, 3), 128, np.uint8)
+    x[0, :small.shape[0], :small.shape[1]] = small
+    return model.segment(x)[0][:small.shape[0], :small.shape[1]]
+
+
+@pytest.mark.parametrize("size", [(480, 360), (300, 500), (1024, 180), (33, 17)])
+async def test_max_predict_semantics(api: Api, model: Segmenter, shared_dir: Path,
+                                     size: tuple[int, int]) -> None:
+    src = next(iter(sorted((shared_dir / "data/camvid_segnet_test/images").iterdir())))
+    img = Image.open(src).convert("RGB").resize(size, Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    status, body = await _upload(api, "/model/predict", buf.getvalue(), ctype="image/png")
+    assert status == 200 and body["status"] == "ok"
+    w, h = size
+    r = 513 / max(w, h)
+    assert body["image_size"] == [int(r * w), int(r * h)]
+    seg = np.asarray(body["seg_map"])
+    assert seg.shape == (int(r * h), int(r * w))
+    assert np.array_equal(seg, _max_reference(model, img, 513))
+
+
+async def test_max_labels_and_metadata(api: Api) -> None:
+    status, labels = await api.call("GET", "/model/labels")
+    assert status == 200 and labels[0] == {"id": 0, "name": "background"}
+    assert labels[15] == {"id": 15, "name": "person"} and len(labels) == 21
+    status, meta = await api.call("GET", "/model/metadata")
+    assert status == 200 and set(meta) == {"id", "name", "description", "type", "license",
+                                           "source"}
+    assert "segstream" in meta["id"] and "IBM" not in json.dumps(meta)
+
+
+async def test_max_image_size_from_the_environment(
+    make_api, monkeypatch: pytest.MonkeyPatch, bird: bytes
+) -> None:
+    from stream.api.predict import image_size_from_env
+
+    assert image_size_from_env({"IMAGE_SIZE": "16"}) == 16
+    assert image_size_from_env({"IMAGE_SIZE": "1024"}) == 1024
+    with pytest.warns(UserWarning, match="not in 16..1024"):
+        assert image_size_from_env({"IMAGE_SIZE": "2000"}) == 513
+    with pytest.warns(UserWarning):
+        assert image_size_from_env({"IMAGE_SIZE": "big"}) == 513
+    monkeypatch.setenv("IMAGE_SIZE", "1024")  # larger than the model's 513 input
+    api = await make_api()
+    w, h = Image.open(io.BytesIO(bird)).size
+    status, body = await _upload(api, "/model/predict", bird)
+    r = 1024 / max(w, h)
+    assert status == 200 and body["image_size"] == [int(r * w), int(r * h)]
+    seg = np.asarray(body["seg_map"])
+    assert seg.shape == (int(r * h), int(r * w)) and 3 in np.unique(seg)  # the bird

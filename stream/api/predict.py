@@ -17,6 +17,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -24,6 +25,7 @@ from models.tools.data import encode_palette_png
 from stream.api.context import SERVICE
 from stream.api.spec import Body, Endpoint, error, read_query, reply
 from stream.render import class_fractions
+from stream.sanitize import sanitize_text
 from stream.schemas import (
     Error,
     ImageUpload,
@@ -71,8 +73,8 @@ async def read_upload(request: web.Request) -> bytes:
                 if not data:
                     raise error(400, "the field 'image' is empty")
                 return data
-    except (ValueError, AssertionError) as e:  # a malformed multipart body
-        raise error(400, f"malformed multipart body: {e}") from None
+    except (ValueError, AssertionError, HttpProcessingError) as e:  # malformed multipart
+        raise error(400, f"malformed multipart body: {sanitize_text(str(e))[:200]}") from None
     raise error(400, "missing form field 'image'")
 
 

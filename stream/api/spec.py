@@ -153,8 +153,10 @@ def _schema_of(model: Any, refs: dict[Any, Any], mode: str) -> dict[str, Any]:
         return refs[(model, mode)]
     if model is None:
         return {"type": "string", "format": "binary"}
-    return TypeAdapter(model).json_schema(ref_template="#/components/schemas/{model}",
-                                          mode=mode)  # type: ignore[arg-type]
+    schema = TypeAdapter(model).json_schema(ref_template="#/components/schemas/{model}",
+                                            mode=mode)  # type: ignore[arg-type]
+    refs.setdefault("$defs", {}).update(schema.pop("$defs", {}))  # e.g. list[Model]
+    return schema
 
 
 def _content(body: Body, refs: dict[Any, Any], mode: str) -> dict[str, Any]:
@@ -195,6 +197,9 @@ def _operation(ep: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
         op["security"] = sec
     if ep.body is not None or ep.query is not None:
         errors.setdefault(422, Body(Error, description="Invalid request."))
+    if ep.body is not None:
+        for code in (400, 413, 415):  # unparsable, too large, wrong media type
+            errors.setdefault(code, Body(Error))
     for code, b in sorted(errors.items()):
         resp: dict[str, Any] = {"description": b.description or _REASONS.get(code, "")}
         if b.media and (b.model is not None or b.media != "application/json"):
@@ -215,12 +220,13 @@ def openapi(endpoints: list[Endpoint], *, title: str, version: str) -> dict[str,
     paths: dict[str, dict[str, Any]] = {}
     for ep in endpoints:
         paths.setdefault(ep.path, {})[ep.method.lower()] = _operation(ep, refs)
+    extra = refs.get("$defs", {})
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
         "paths": paths,
         "components": {
-            "schemas": defs.get("$defs", {}),
+            "schemas": {**defs.get("$defs", {}), **extra},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer",
                            "description": "A token from `segstream token add`."},

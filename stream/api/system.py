@@ -96,13 +96,16 @@ async def docs(request: web.Request) -> web.Response:
     return web.Response(text=DOCS_HTML, content_type="text/html")
 
 
-async def docs_static(request: web.Request) -> web.StreamResponse:
-    name = request.match_info["name"]
-    if name == "docs.js":
-        return web.Response(text=DOCS_JS, content_type="application/javascript")
-    if name not in ("swagger-ui.css", "swagger-ui-bundle.js"):
-        raise error(404, f"no such file {name!r}")
-    return web.FileResponse(swagger_dir() / name)
+async def docs_js(request: web.Request) -> web.Response:
+    return web.Response(text=DOCS_JS, content_type="application/javascript")
+
+
+async def swagger_css(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(swagger_dir() / "swagger-ui.css")
+
+
+async def swagger_js(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(swagger_dir() / "swagger-ui-bundle.js")
 
 
 def to_openapi30(doc: Any) -> Any:
@@ -153,7 +156,10 @@ ENDPOINTS = [
     Endpoint("GET", "/docs/openapi-3.0.json", openapi30_json,
              "This document in OpenAPI 3.0 terms (for Swagger UI)", tag="system",
              responses={200: Body(dict[str, Any])}),
-    Endpoint("GET", "/docs/static/{name}", docs_static, "Swagger UI's files", tag="page",
-             responses={200: Body(None, media="application/octet-stream"),
-                        404: Body(Error)}),
+    Endpoint("GET", "/docs/static/docs.js", docs_js, "Swagger UI's set-up", tag="page",
+             responses={200: Body(None, media="application/javascript")}),
+    Endpoint("GET", "/docs/static/swagger-ui.css", swagger_css, "Swagger UI's style",
+             tag="page", responses={200: Body(None, media="text/css")}),
+    Endpoint("GET", "/docs/static/swagger-ui-bundle.js", swagger_js, "Swagger UI", tag="page",
+             responses={200: Body(None, media="application/javascript")}),
 ]
