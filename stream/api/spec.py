@@ -148,19 +148,27 @@ def _models(endpoints: list[Endpoint]) -> list[tuple[type[BaseModel], str]]:
     return list(seen)
 
 
-def _schema_of(model: Any, refs: dict[Any, Any], mode: str) -> dict[str, Any]:
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return refs[(model, mode)]
-    if model is None:
-        return {"type": "string", "format": "binary"}
-    schema = TypeAdapter(model).json_schema(ref_template="#/components/schemas/{model}",
-                                            mode=mode)  # type: ignore[arg-type]
-    refs.setdefault("$defs", {}).update(schema.pop("$defs", {}))  # e.g. list[Model]
-    return schema
+@dataclass
+class _Schemas:
+    """Component schemas: pydantic's for the models, plus those that other types (e.g.
+    list[Model]) bring along."""
+
+    refs: dict[Any, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def of(self, model: Any, mode: str) -> dict[str, Any]:
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            return dict(self.refs[(model, mode)])
+        if model is None:
+            return {"type": "string", "format": "binary"}
+        schema = TypeAdapter(model).json_schema(ref_template="#/components/schemas/{model}",
+                                                mode=mode)  # type: ignore[arg-type]
+        self.extra.update(schema.pop("$defs", {}))
+        return schema
 
 
-def _content(body: Body, refs: dict[Any, Any], mode: str) -> dict[str, Any]:
-    content = {body.media: {"schema": _schema_of(body.model, refs, mode)}}
+def _content(body: Body, schemas: _Schemas, mode: str) -> dict[str, Any]:
+    content = {body.media: {"schema": schemas.of(body.model, mode)}}
     for media in body.alt_media:
         content[media] = {"schema": {"type": "string", "format": "binary"}}
     return content
@@ -179,14 +187,15 @@ def _parameters(ep: Endpoint) -> list[dict[str, Any]]:
     return params
 
 
-def _operation(ep: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
+def _operation(ep: Endpoint, schemas: _Schemas) -> dict[str, Any]:
     op: dict[str, Any] = {"operationId": ep.operation_id, "summary": ep.summary,
                           "tags": [ep.tag], "responses": {}}
     params = _parameters(ep)
     if params:
         op["parameters"] = params
     if ep.body is not None:
-        op["requestBody"] = {"required": True, "content": _content(ep.body, refs, "validation")}
+        op["requestBody"] = {"required": True,
+                             "content": _content(ep.body, schemas, "validation")}
     errors = dict(ep.responses)
     if ep.role != "public":
         for code, text in _COMMON_ERRORS.items():
@@ -203,7 +212,7 @@ def _operation(ep: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
     for code, b in sorted(errors.items()):
         resp: dict[str, Any] = {"description": b.description or _REASONS.get(code, "")}
         if b.media and (b.model is not None or b.media != "application/json"):
-            resp["content"] = _content(b, refs, "serialization")
+            resp["content"] = _content(b, schemas, "serialization")
         op["responses"][str(code)] = resp
     return op
 
@@ -217,16 +226,16 @@ def openapi(endpoints: list[Endpoint], *, title: str, version: str) -> dict[str,
     models = list(dict.fromkeys([*_models(endpoints), (Error, "serialization")]))
     refs, defs = models_json_schema(models,  # type: ignore[arg-type]
                                     ref_template="#/components/schemas/{model}")
+    schemas = _Schemas(refs)
     paths: dict[str, dict[str, Any]] = {}
     for ep in endpoints:
-        paths.setdefault(ep.path, {})[ep.method.lower()] = _operation(ep, refs)
-    extra = refs.get("$defs", {})
+        paths.setdefault(ep.path, {})[ep.method.lower()] = _operation(ep, schemas)
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
         "paths": paths,
         "components": {
-            "schemas": {**defs.get("$defs", {}), **extra},
+            "schemas": {**defs.get("$defs", {}), **schemas.extra},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer",
                            "description": "A token from `segstream token add`."},
