@@ -270,3 +270,19 @@ def test_login_and_add_a_camera_in_chromium(
     finally:
         chrome.close()
         svc.stop()
+
+
+def test_metrics_on_a_private_listener(tmp_path: Path, segstream_home: Path) -> None:
+    import urllib.request
+
+    port = free_port()
+    svc = service(tmp_path, metrics={"listen": f"127.0.0.1:{port}"}).start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert r.status == 200 and "segstream_model_ready 1.0" in text
+        assert svc.request("GET", "/metrics", token="sst_nope")[0] == 401
+        assert svc.request("GET", "/metrics")[0] == 200  # the admin token works there too
+        assert svc.request("GET", "/api/streams", token="sst_nope")[0] == 401
+    finally:
+        svc.stop()
