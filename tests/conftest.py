@@ -19,6 +19,27 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def model(segstream_home: Path):
+    """The default model on the CPU runtime, single-threaded, batch 1 (shared by the tests
+    that run a service in-process; a Service never closes a model it was given)."""
+    from models.runtime import load_segmenter
+
+    return load_segmenter("mnv2-voc", "tflite", batch_sizes=(1,), threads=1)
+
+
+@pytest.fixture(scope="session")
+def camera(shared_dir: Path):
+    """A live RTSP camera on loopback: gst-rtsp-server looping a 320x240 clip at /cam."""
+    from rtsp import RtspServer, encode_clip, gst_rtsp_available
+
+    if (why := gst_rtsp_available()) is not None:
+        pytest.fail(why)
+    clip = encode_clip(shared_dir / "data/video/vtest.avi", size=(320, 240), seconds=4.0, gop=10)
+    with RtspServer({"/cam": clip}) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
 def segstream_home(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
     """A SEGSTREAM_HOME filled by the real `fetch --from ../shared` path (checksums verified)."""
     from models import fetch

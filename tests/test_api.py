@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 from PIL import Image
-from rtsp import RtspServer, encode_clip, gst_rtsp_available
+from rtsp import RtspServer
+from waiting import until
 
-from models.runtime import Segmenter, load_segmenter
+from models.runtime import Segmenter
 from stream.api.context import THROTTLE
 from stream.auth import Authenticator, TokenStore, load_secret
 from stream.config import AppConfig
@@ -28,20 +29,6 @@ from stream.service import Service
 from stream.store import StreamStore
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def model(segstream_home: Path) -> Segmenter:
-    return load_segmenter("mnv2-voc", "tflite", batch_sizes=(1,), threads=1)
-
-
-@pytest.fixture(scope="module")
-def camera(shared_dir: Path):
-    if (why := gst_rtsp_available()) is not None:
-        pytest.fail(why)
-    clip = encode_clip(shared_dir / "data/video/vtest.avi", size=(320, 240), seconds=4.0, gop=10)
-    with RtspServer({"/cam": clip}) as srv:
-        yield srv
 
 
 class Api:
@@ -61,15 +48,6 @@ class Api:
             data = await r.read()
             ctype = r.headers.get("Content-Type", "")
             return r.status, (json.loads(data) if "json" in ctype and data else data)
-
-
-async def _until(pred: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(0.05)
-    return bool(pred())
 
 
 @pytest.fixture
@@ -92,7 +70,7 @@ async def make_api(model: Segmenter, tmp_path: Path, shared_dir: Path):
         await server.start_server()
         http = aiohttp.ClientSession()
         made.append((server, http))
-        assert await _until(lambda: service.ready, 30), service.error
+        assert await until(lambda: service.ready, 30), service.error
         return Api(service, server, http, store, tokens)
 
     yield make
@@ -123,7 +101,7 @@ async def test_stream_round_trip(api: Api, shared_dir: Path, camera: RtspServer)
                                   {"id": "cam", "source": camera.url("/cam"), "infer_fps": 2})
     assert status == 201
     assert stored_ids(api) == ["door", "cam"]
-    assert await _until(lambda: api.service.streams["cam"].source.state.value == "live", 15)
+    assert await until(lambda: api.service.streams["cam"].source.state.value == "live", 15)
 
     # Live settings: no reconnect, applied at once.
     reader = api.service.streams["door"].source
@@ -294,7 +272,7 @@ async def test_signed_url_opens_one_stream_only(api: Api, shared_dir: Path) -> N
     status, share = await api.call("POST", "/api/streams/a/share",
                                    {"ttl_s": 600, "kind": "snapshot"}, token=admin)
     assert status == 200 and admin not in share["url"]
-    assert await _until(lambda: api.service.streams["a"].view.result is not None, 15)
+    assert await until(lambda: api.service.streams["a"].view.result is not None, 15)
     status, jpeg = await api.call("GET", share["url"])
     assert status == 200 and jpeg[:2] == b"\xff\xd8"
     other = share["url"].replace("/streams/a/", "/streams/b/")

@@ -20,21 +20,12 @@ import pytest
 import yaml
 from peers import Chromium, free_port
 from PIL import Image
-from rtsp import RtspServer, encode_clip, gst_rtsp_available
+from rtsp import RtspServer
 from service_proc import SEGSTREAM, ServiceProcess
 
 pytestmark = pytest.mark.e2e
 ADMIN = "sst_test-admin-token-0123456789abcdef0123456789"
 MODEL = {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1}
-
-
-@pytest.fixture(scope="module")
-def camera(shared_dir: Path):
-    if (why := gst_rtsp_available()) is not None:
-        pytest.fail(why)
-    clip = encode_clip(shared_dir / "data/video/vtest.avi", size=(320, 240), seconds=4.0, gop=10)
-    with RtspServer({"/cam": clip}) as srv:
-        yield srv
 
 
 def service(tmp_path: Path, streams: list[dict[str, Any]] | None = None,
@@ -213,7 +204,7 @@ def test_schemathesis_finds_no_5xx_and_every_response_conforms(
              "--phases", "examples,coverage,fuzzing", "--max-examples", "25",
              "--request-timeout", "20", "--workers", "1", "--seed", "1",
              "--report", "junit", "--report-dir", str(report)],
-            capture_output=True, text=True, timeout=900)
+            capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache too
     finally:
         svc.stop()
     out = r.stdout + r.stderr

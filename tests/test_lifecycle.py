@@ -8,17 +8,17 @@ import asyncio
 import os
 import sys
 import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
-from rtsp import RtspServer, encode_clip, gst_rtsp_available
+from rtsp import RtspServer
+from waiting import until
 
-from models.runtime import Segmenter, load_segmenter
+from models.runtime import Segmenter
 from stream.config import AppConfig, StreamConfig
 from stream.metrics import PrometheusObserver
 from stream.server import make_app
@@ -35,35 +35,12 @@ def config(**model: object) -> AppConfig:
     })
 
 
-async def until(pred: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(step)
-    return pred()
-
-
 def process_usage() -> tuple[int, int, float]:
     """Threads, open file descriptors, resident MB of this process."""
     threads = len(os.listdir("/proc/self/task"))
     fds = len(os.listdir("/proc/self/fd"))
     rss_pages = int(Path("/proc/self/statm").read_text().split()[1])
     return threads, fds, rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-@pytest.fixture(scope="module")
-def model(segstream_home: Path) -> Segmenter:
-    return load_segmenter("mnv2-voc", "tflite", batch_sizes=(1,), threads=1)
-
-
-@pytest.fixture(scope="module")
-def camera(shared_dir: Path):
-    if (why := gst_rtsp_available()) is not None:
-        pytest.fail(why)
-    clip = encode_clip(shared_dir / "data/video/vtest.avi", size=(320, 240), seconds=4.0, gop=10)
-    with RtspServer({"/cam": clip}) as srv:
-        yield srv
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -23,8 +23,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from rtsp import RtspListener, RtspServer, free_port, gst_rtsp_available
 from service_proc import colour_pixels
+from waiting import until, wait_for
 
-from models.runtime import Segmenter, load_segmenter
+from models.runtime import Segmenter
 from stream.config import AppConfig, ConfigError, StreamConfig, load_config
 from stream.datatypes import Rendered
 from stream.metrics import PrometheusObserver
@@ -36,24 +37,6 @@ pytestmark = pytest.mark.e2e
 
 SECRET = "s3cr%t"  # in URLs percent-encoded: s3cr%25t
 PERSON_RGB = (192, 128, 128)  # VOC's person colour; alpha 1.0 leaves it exact before H.264
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
-
-
-async def until(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        await asyncio.sleep(step)
-    return pred()
 
 
 def restream_threads() -> list[str]:
@@ -249,11 +232,6 @@ def config() -> AppConfig:
         "render": {"legend": False},  # the legend's swatches carry the colours too
         "server": {"shutdown_timeout": 2.0},
     })
-
-
-@pytest.fixture(scope="module")
-def model(segstream_home: Path) -> Segmenter:
-    return load_segmenter("mnv2-voc", "tflite", batch_sizes=(1,), threads=1)
 
 
 @pytest.fixture

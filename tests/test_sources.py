@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 from rtsp import RtspServer, encode_clip, gst_rtsp_available
+from waiting import wait_for
 
 from stream.config import StreamConfig
 from stream.datatypes import Frame, SourceState
@@ -22,15 +23,6 @@ from stream.metrics import PrometheusObserver
 from stream.sources import FrameSlot, VideoSource
 
 READERS = ["opencv", "pyav"]
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def frame(seq: int) -> Frame:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -27,13 +28,19 @@ def _status(request: web.Request, stream_id: str) -> StreamStatus:
 
 async def list_streams(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    ids = list(service.streams)
-    return reply(StreamList(ready=service.ready,
-                            streams=[_status(request, i) for i in ids if i in service.streams]))
+    out = []
+    for sid in list(service.streams):
+        with contextlib.suppress(KeyError):  # removed meanwhile
+            out.append(_status(request, sid))
+    return reply(StreamList(ready=service.ready, streams=out))
 
 
 async def get_stream(request: web.Request) -> web.Response:
-    return reply(_status(request, stream_or_404(request).cfg.id))
+    sid = stream_or_404(request).cfg.id
+    try:
+        return reply(_status(request, sid))
+    except KeyError:  # removed meanwhile
+        raise error(404, f"unknown stream {sid!r}") from None
 
 
 def _refused(e: Refused) -> ApiError:
