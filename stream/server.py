@@ -70,11 +70,11 @@ _KEEP_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     ep = endpoint_of(request)
+    if ep is None or ep.role == "public":  # health probes, login: bad credentials are no error
+        return await handler(request)
     who = await _principal(request, ep)
     if who is not None:
         request[PRINCIPAL] = who
-    if ep is None or ep.role == "public":
-        return await handler(request)
     if who is None:
         if ep.tag == "page" and request.method == "GET":
             raise web.HTTPFound("/login")

@@ -233,6 +233,7 @@ async def test_auth_matrix(api: Api, shared_dir: Path) -> None:
                 assert status == 403, (key, who, status)
             else:
                 assert status not in (401, 403), (key, who, status)
+    assert (await api.call("GET", "/healthz", token="sst_bad"))[0] == 200  # probes never fail
     assert (await api.call("DELETE", "/api/streams/s", token=viewer))[0] == 403
     assert (await api.call("DELETE", "/api/streams/s"))[0] == 401
     assert (await api.call("DELETE", "/api/streams/s", token=admin))[0] == 204
