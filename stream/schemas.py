@@ -65,6 +65,8 @@ class StreamStatus(_Out):
     clients: int
     classes: dict[str, float] = Field(description="Largest classes in view, share of pixels.")
     restream: RestreamStatus | None = Field(None, description="The RTSP re-stream, if any.")
+    node: str | None = Field(None, description="Cluster mode: the node that runs the stream "
+                             "(null while it has none); absent on a single node.")
 
 
 class StreamList(_Out):
