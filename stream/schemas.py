@@ -50,7 +50,9 @@ class StreamStatus(_Out):
     source: str = Field(description="The source URL without credentials.")
     reader: str
     output: str
-    state: str = Field(description="starting | live | reconnecting | error | stopped")
+    state: str = Field(description="starting | live | reconnecting | error | stopped; in a "
+                       "cluster also moving (its node is lost or it is being moved), pending "
+                       "(no node has room) and unknown (its node does not answer)")
     reason: str | None = Field(description="Why the stream is not live, if it is not.")
     width: int | None
     height: int | None

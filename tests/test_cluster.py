@@ -85,6 +85,7 @@ def test_cluster_state_moves_a_lost_node_streams_and_adopts_running_ones(
     cfg = AppConfig.model_validate({"model": {"name": "mnv2-voc"}, "streams": []})
     store = StreamStore(tmp_path / "s.json")
     st = ClusterState(cfg, store)
+    assert not store.exists() and st.seed([]) and store.load() == []
     for i in range(4):
         st.add(StreamConfig(id=f"s{i}", source="rtsp://cam/x", infer_fps=1))
     st.node_up(NodeRecord("a" * 20, slots=1.0))
@@ -105,6 +106,7 @@ def test_cluster_state_moves_a_lost_node_streams_and_adopts_running_ones(
     # A restarted controller: the stream set from the file, the assignment from the nodes.
     again = ClusterState(cfg, store)
     assert list(again.desired) == ["s0", "s1", "s2", "s3"]
+    assert not again.seed([StreamConfig(id="demo", source="sample:vtest")])  # the file owns it
     again.node_up(NodeRecord("b" * 20, slots=1.0))
     again.report("b" * 20, {s: fingerprint(c) for s, c in again.desired.items()}, {}, True,
                  None)

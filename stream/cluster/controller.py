@@ -12,6 +12,7 @@ no stream moves because the controller restarted."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
@@ -82,14 +83,20 @@ class ClusterState:
         self.moving: set[str] = set()  # displaced streams not yet running on their new node
         self.unplaced: list[str] = []
         self.version = 0
-        if store is not None:
-            if store.exists():
-                self.desired = {s.id: s for s in store.load()}
-            else:
-                store.save(list(cfg.streams))
-                self.desired = {s.id: s for s in cfg.streams}
-        else:
-            self.desired = {s.id: s for s in cfg.streams}
+        if store is not None and store.exists():
+            self.desired = {s.id: s for s in store.load()}
+        elif cfg.streams:
+            self.seed(cfg.streams)
+
+    def seed(self, streams: list[StreamConfig]) -> bool:
+        """The config's streams seed a new state file; once the file exists it owns the set
+        (as on a single node). Returns whether they were taken."""
+        if self.store is not None and self.store.exists():
+            return False
+        self._persist(list(streams))
+        self.desired = {s.id: s for s in streams}
+        self.changed()
+        return True
 
     # -- the stream API (validated, persisted, then applied) -------------------------------
     def check(self, cfg: StreamConfig, source_changed: bool = True) -> None:
@@ -241,9 +248,10 @@ class ClusterState:
         streams = []
         for sid, cfg in self.desired.items():
             node, phase, reason = self.phase(sid)
-            streams.append({"id": sid, "config": cfg.model_dump(mode="json"),
-                            "source": sanitize_url(cfg.source), "node": node,
-                            "phase": phase, "reason": reason})
+            streams.append({"id": sid, "source": sanitize_url(cfg.source),
+                            "reader": cfg.reader, "output": cfg.output,
+                            "infer_fps": cfg.infer_fps, "node": node, "phase": phase,
+                            "reason": reason})
         nodes = [r.public(loads.get(n, 0.0) / r.slots if r.slots else 0.0, counts.get(n, 0))
                  for n, r in sorted(self.nodes.items())]
         return {"version": self.version, "streams": streams, "nodes": nodes}
@@ -258,19 +266,24 @@ class Controller:
     TICK_S = 0.5
 
     def __init__(self, cfg_json: str, state_file: str | None, cluster_secret: str,
-                 signing_secret: bytes) -> None:
+                 signing_secret: bytes, node_class: type | None = None) -> None:
+        """`node_class`: the node service (None: stream.cluster.node.NodeService; the
+        simulation gives a stand-in without a model)."""
         ray = runtime.ray_module()
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._ray = ray
         self.cfg = AppConfig.model_validate_json(cfg_json)
-        self.cfg_json = cfg_json
+        # What nodes get: the settings without the stream list (they are told their share).
+        self.cfg_json = self.cfg.model_copy(update={"streams": []}).model_dump_json()
         self.secret = cluster_secret
         self.signing_secret = signing_secret
         store = StreamStore(Path(state_file)) if state_file else None
         self.state = ClusterState(self.cfg, store)
         self.lock = threading.RLock()
         self.started = time.monotonic()
+        self.node_class = node_class
+        self.tick_s = 0.0  # how long the last tick took
         self.handles: dict[str, Any] = {}  # ray node id -> node actor
         self.starting: dict[str, Any] = {}  # ray node id -> ObjectRef of start()
         self.pings: dict[str, tuple[Any, float]] = {}  # ray node id -> (ref, sent at)
@@ -290,6 +303,25 @@ class Controller:
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             return self.state.snapshot()
+
+    def seed(self, configs: list[str]) -> bool:
+        """The starting gateway's configured streams, taken only when no state file exists."""
+        with self.lock:
+            taken = self.state.seed([StreamConfig.model_validate_json(c) for c in configs])
+        if taken:
+            log.info("state file seeded with %d stream(s) from the config", len(configs))
+        return taken
+
+    def stats(self) -> dict[str, Any]:
+        """The controller's own cost: resident memory and the last tick's duration."""
+        rss = 0
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+        with self.lock:
+            return {"rss_bytes": rss, "tick_s": self.tick_s, "streams": len(self.state.desired),
+                    "nodes": len(self.state.nodes)}
 
     def add(self, cfg_json: str) -> dict[str, Any]:
         return self._change(lambda: self._add(StreamConfig.model_validate_json(cfg_json)))
@@ -337,6 +369,7 @@ class Controller:
                 self._tick()
             except Exception:
                 log.exception("controller tick failed")
+            self.tick_s = time.monotonic() - t0
             self._stop.wait(max(0.0, self.TICK_S - (time.monotonic() - t0)))
 
     def _tick(self) -> None:
@@ -372,7 +405,7 @@ class Controller:
                 continue
             if now - self.lost.get(ray_id, -1e9) < 30.0:
                 continue  # declared lost a moment ago while Ray still lists it
-            handle = runtime.node_actor(self.cfg.cluster.namespace, ray_id)
+            handle = runtime.node_actor(self.cfg.cluster.namespace, ray_id, self.node_class)
             self.handles[ray_id] = handle
             host = runtime.node_ip(ray_id)
             self.starting[ray_id] = handle.start.remote(
@@ -464,15 +497,23 @@ class Controller:
                 self.syncs[ray_id] = handle.sync.remote(configs)
 
 
-def start_controller(cfg: AppConfig, state_file: str | None, signing_secret: bytes) -> Any:
+def start_controller(cfg: AppConfig, state_file: str | None, signing_secret: bytes,
+                     node_class: type | None = None) -> Any:
     """The controller actor: found by name if it runs, else created (detached, restarted by
     Ray whenever it dies, pinned to the head node where the state file lives). The arguments
-    are kept by Ray and given again to each restart."""
+    are kept by Ray and given again to each restart; the configured streams seed a new state
+    file."""
     ray = runtime.ray_module()
     ns = cfg.cluster.namespace
+    # Ray keeps a restartable actor's arguments for its restarts, but only those small enough
+    # to travel inline (under 100 KiB); larger ones live in the object store and go with the
+    # process that created them. So the stream list, which can be long, is sent apart (seed).
+    small = cfg.model_copy(update={"streams": []})
     actor = ray.remote(Controller).options(
         name=CONTROLLER_NAME, namespace=ns, lifetime="detached", get_if_exists=True,
         max_restarts=-1, max_task_retries=-1, max_concurrency=16, num_cpus=0,
         resources={"node:__internal_head__": 0.001})
-    return actor.remote(cfg.model_dump_json(), state_file, secrets.token_urlsafe(32),
-                        signing_secret)
+    handle = actor.remote(small.model_dump_json(), state_file, secrets.token_urlsafe(32),
+                          signing_secret, node_class)
+    ray.get(handle.seed.remote([c.model_dump_json() for c in cfg.streams]))
+    return handle

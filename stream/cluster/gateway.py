@@ -131,12 +131,11 @@ _STATE_OF_PHASE = {"starting": "starting", "moving": "moving", "pending": "pendi
 
 def _placeholder(entry: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
     """The status of a stream no node reports on (yet): its phase is its state."""
-    cfg = entry["config"]
-    return {"id": entry["id"], "source": entry["source"], "reader": cfg["reader"],
-            "output": cfg["output"], "state": _STATE_OF_PHASE[entry["phase"]],
+    return {"id": entry["id"], "source": entry["source"], "reader": entry["reader"],
+            "output": entry["output"], "state": _STATE_OF_PHASE[entry["phase"]],
             "reason": reason or entry["reason"], "width": None, "height": None,
             "fps_in": 0.0, "fps_out": 0.0, "inference_fps": 0.0,
-            "infer_fps_cap": float(cfg["infer_fps"]),
+            "infer_fps_cap": float(entry["infer_fps"]),
             "latency_ms": {"p50": None, "p95": None}, "captured": 0, "dropped": 0,
             "reconnects": 0, "clients": 0, "classes": {}, "restream": None,
             "node": entry["node"]}
@@ -466,7 +465,8 @@ async def serve_cluster(cfg: AppConfig, address: str, state_file: Path | None) -
         log.error("cannot join the Ray cluster at %s: %s", address, e)
         return 1
     signing = load_secret(tokens_dir(cfg) / "secret.key")
-    handle = start_controller(cfg, str(state_file) if state_file else None, signing)
+    handle = await asyncio.to_thread(start_controller, cfg,
+                                     str(state_file) if state_file else None, signing)
     info = await asyncio.wrap_future(handle.info.remote().future())
     app = make_gateway_app(cfg, ClusterClient(handle, info["secret"]), auth)
     runner = web.AppRunner(app, handle_signals=False, access_log=None,

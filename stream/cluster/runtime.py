@@ -29,14 +29,14 @@ def connect(address: str, namespace: str) -> None:
              log_to_driver=True, logging_level="warning", configure_logging=False)
 
 
-def node_actor(namespace: str, ray_id: str) -> Any:
+def node_actor(namespace: str, ray_id: str, cls: type | None = None) -> Any:
     """The node service on one Ray node (created, or found after a controller restart)."""
     ray = ray_module()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from stream.cluster.node import NodeService
 
-    return ray.remote(NodeService).options(
+    return ray.remote(cls or NodeService).options(
         name=NODE_PREFIX + ray_id, namespace=namespace, lifetime="detached",
         get_if_exists=True, num_cpus=0, max_restarts=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray_id, soft=False),
