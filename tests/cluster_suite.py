@@ -43,6 +43,7 @@ from stream.cluster.gateway import ClusterClient, make_gateway_app  # noqa: E402
 from stream.cluster.runtime import CONTROLLER_NAME  # noqa: E402
 from stream.config import AppConfig  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "segstream-test"
 PERSON_RGB = (192, 128, 128)  # Pascal VOC palette, class 15
 SLOTS = 1.0  # one core per worker node
@@ -226,7 +227,9 @@ def test_prometheus_discovers_and_scrapes_both_nodes(gateway: Gateway, cluster: 
         "  - job_name: segstream-nodes\n"
         "    http_sd_configs:\n"
         f"      - url: {gateway.url('/api/sd')}\n"
-        "        refresh_interval: 1s\n")
+        "        refresh_interval: 1s\n"
+        "  - job_name: segstream-gateway\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{gateway.port}']}}]\n")
     proc = subprocess.Popen(
         [exe, f"--config.file={tmp_path / 'prometheus.yml'}",
          f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
@@ -248,6 +251,16 @@ def test_prometheus_discovers_and_scrapes_both_nodes(gateway: Gateway, cluster: 
         assert got and all(v == 2 for v in got.values()), query("up")
         up = query('up{job="segstream-nodes"}')
         assert {r["metric"]["node"] for r in up if r["value"][1] == "1"} == worker_ids(cluster)
+
+        # The Grafana dashboard's queries are valid and see the cluster.
+        dash = json.loads((REPO / "deploy/grafana-cluster.json").read_text())
+        exprs = {p["title"]: p["targets"][0]["expr"].replace("$nodes_job", "segstream-nodes")
+                 for p in dash["panels"]}
+        assert wait_until(lambda: query(exprs["Placed load per node (share of its slots)"]),
+                          15), exprs
+        time.sleep(2)  # rates need two samples
+        empty = [t for t, e in exprs.items() if not query(e)]
+        assert not (set(empty) - {"Reconnects (top 10 streams, 15 min)"}), empty
     finally:
         stop_process(proc)
     status, text = gateway.call("GET", "/metrics")

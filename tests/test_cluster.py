@@ -143,6 +143,31 @@ def test_gateway_serves_every_single_node_endpoint_without_a_local_service() -> 
         assert module is gateway or "SERVICE]" not in inspect.getsource(ep.handler), ep.path
 
 
+def test_deployment_files() -> None:
+    """deploy/: KubeRay RayCluster with Ray token auth and no dashboard, the gateway's Service,
+    the single-node Deployment, the Prometheus config and the Grafana dashboard."""
+    import json
+
+    import yaml
+
+    docs = {p.name: list(yaml.safe_load_all(p.read_text()))
+            for p in (REPO / "deploy").glob("*.y*ml")}
+    rc = next(d for d in docs["kuberay-raycluster.yaml"] if d["kind"] == "RayCluster")
+    assert rc["spec"]["authOptions"] == {"mode": "token"}
+    head = rc["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["include-dashboard"] == "false"
+    assert "segstream serve --cluster auto" in head["template"]["spec"]["containers"][0]["args"][0]
+    assert all("segstream_slots" in g["rayStartParams"]["resources"]
+               for g in rc["spec"]["workerGroupSpecs"])
+    svc = docs["gateway-service.yaml"][0]
+    assert svc["spec"]["selector"] == {"ray.io/cluster": "segstream", "ray.io/node-type": "head"}
+    assert any(d["kind"] == "Deployment" for d in docs["single-node.yaml"])
+    sd = docs["prometheus-cluster.yml"][0]["scrape_configs"][0]["http_sd_configs"][0]
+    assert sd["url"].endswith("/api/sd")
+    dash = json.loads((REPO / "deploy/grafana-cluster.json").read_text())
+    assert all(p["targets"][0]["expr"] for p in dash["panels"])
+
+
 # -- the real cluster, in a network namespace of its own ----------------------------------------
 def _netns_available() -> str | None:
     if shutil.which("unshare") is None or shutil.which("ip") is None:
