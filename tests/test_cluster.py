@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -188,7 +189,9 @@ def test_on_a_ray_cluster_in_its_own_network_namespace(shared_dir: Path) -> None
                    SEGSTREAM_SHARED=str(shared_dir),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
                                                             os.environ.get("PYTHONPATH")])),
-                   RAY_USAGE_STATS_ENABLED="0")
+                   RAY_USAGE_STATS_ENABLED="0",
+                   # Ray's token authentication, as the README and deploy/ use it.
+                   RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
         inner = [sys.executable, "-m", "pytest", "-x", "-q", "-s", "-p", "no:cacheprovider",
                  "-o", "timeout=300", str(REPO / "tests/cluster_suite.py")]
         cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *inner]

@@ -460,7 +460,7 @@ async def serve_cluster(cfg: AppConfig, address: str, state_file: Path | None) -
                   cfg.server.host)
         return 1
     try:
-        await asyncio.to_thread(runtime.connect, address, cfg.cluster.namespace)
+        runtime.connect(address, cfg.cluster.namespace)  # main thread: Ray's signal handlers
     except (RuntimeError, ConnectionError, ValueError) as e:
         log.error("cannot join the Ray cluster at %s: %s", address, e)
         return 1
