@@ -38,6 +38,7 @@ ray = pytest.importorskip("ray")
 from aiohttp import web  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from stream.auth import Authenticator, TokenStore  # noqa: E402
 from stream.cluster.controller import start_controller  # noqa: E402
 from stream.cluster.gateway import ClusterClient, make_gateway_app  # noqa: E402
 from stream.cluster.runtime import CONTROLLER_NAME  # noqa: E402
@@ -48,6 +49,7 @@ NAMESPACE = "segstream-test"
 PERSON_RGB = (192, 128, 128)  # Pascal VOC palette, class 15
 SLOTS = 1.0  # one core per worker node
 MiB = 2**20
+SIGNING_KEY = b"k" * 32  # the gateway's key for sessions and signed URLs (nodes share it)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +83,9 @@ def cluster(segstream_home: Path) -> Iterator[Cluster]:
 class Gateway:
     """The gateway app on a loopback port, served from a thread of its own."""
 
-    def __init__(self, cfg: AppConfig, state_file: Path) -> None:
-        self.cfg, self.state_file = cfg, state_file
+    def __init__(self, cfg: AppConfig, state_file: Path,
+                 auth: Authenticator | None = None) -> None:
+        self.cfg, self.state_file, self.auth = cfg, state_file, auth
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         self.port = free_port()
@@ -92,9 +95,9 @@ class Gateway:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
     def start(self) -> None:
-        handle = start_controller(self.cfg, str(self.state_file), b"k" * 32)
+        handle = start_controller(self.cfg, str(self.state_file), SIGNING_KEY)
         info = ray.get(handle.info.remote(), timeout=60)
-        app = make_gateway_app(self.cfg, ClusterClient(handle, info["secret"]))
+        app = make_gateway_app(self.cfg, ClusterClient(handle, info["secret"]), self.auth)
 
         async def up() -> web.AppRunner:
             runner = web.AppRunner(app, access_log=None)
@@ -112,10 +115,14 @@ class Gateway:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def call(self, method: str, path: str, body: Any = None,
+             token: str | None = None) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         req = urllib.request.Request(self.url(path), data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 raw, status, ctype = r.read(), r.status, r.headers.get("Content-Type", "")
@@ -213,6 +220,51 @@ def test_mjpeg_of_a_stream_on_another_node_shows_the_overlay(gateway: Gateway) -
     assert status == 200 and model["labels"][15] == "person"
     status, _ = gateway.call("GET", "/streams/nope/mjpeg")
     assert status == 404
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kw: Any) -> None:
+        return None
+
+
+def test_auth_and_viewers_sent_straight_to_the_node(gateway: Gateway, tmp_path: Path) -> None:
+    """A second gateway with tokens and `direct_viewers`: the single node's auth at the
+    gateway; a viewer is redirected to the owning node with a signed URL that the node takes,
+    and the node refuses anything else."""
+    tokens = TokenStore(tmp_path / "tokens.json")
+    viewer = tokens.add("cam-viewer", "viewer")
+    cfg = gateway.cfg.model_copy(update={"cluster": gateway.cfg.cluster.model_copy(
+        update={"direct_viewers": True})})
+    gw = Gateway(cfg, gateway.state_file, Authenticator(tokens, SIGNING_KEY))
+    gw.start()
+    try:
+        status, body = gw.call("GET", "/api/streams")
+        assert status == 401, body
+        status, body = gw.call("POST", "/api/streams", {"id": "x", "source": "rtsp://a/b"},
+                               token=viewer)
+        assert status == 403, body
+        status, body = gw.call("GET", "/api/streams/s3", token=viewer)
+        assert status == 200 and body["state"] == "live"
+        req = urllib.request.Request(gw.url("/streams/s3/snapshot.jpg"),
+                                     headers={"Authorization": f"Bearer {viewer}"})
+        try:
+            urllib.request.build_opener(_NoRedirect).open(req, timeout=10)
+            raise AssertionError("no redirect")
+        except urllib.error.HTTPError as e:
+            assert e.code == 307, e.read()
+            location = e.headers["Location"]
+        node = urllib.parse.urlsplit(location)
+        assert node.port != gw.port and "sig=" in location
+        with urllib.request.urlopen(location, timeout=10) as r:  # no token: the signature
+            assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg"
+        for bad in (location.replace("sig=", "sig=x"), f"http://{node.netloc}/api/streams"):
+            try:
+                urllib.request.urlopen(bad, timeout=10)
+                raise AssertionError(f"{bad} answered")
+            except urllib.error.HTTPError as e:
+                assert e.code == 401, (bad, e.code)
+    finally:
+        gw.stop()
 
 
 def test_prometheus_discovers_and_scrapes_both_nodes(gateway: Gateway, cluster: Cluster,
