@@ -2,14 +2,16 @@
 # Installs the Debian/Ubuntu packages segstream needs; skips what is already there.
 #   runtime: python venv support (the wheels bring OpenCV/FFmpeg, TensorFlow, LiteRT).
 #   test:    the real peers the tests drive: gst-rtsp-server (via python3-gi), ffmpeg,
-#            headless chromium and a prometheus server.
+#            headless chromium and a prometheus server; iproute2 and util-linux (ip,
+#            unshare) for the cluster test's network namespace.
 set -euo pipefail
 want=()
 case "${1:-runtime}" in
   runtime) want=(python3-venv) ;;
   test) want=(ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp
               gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
-              gstreamer1.0-plugins-ugly gstreamer1.0-libav chromium prometheus) ;;
+              gstreamer1.0-plugins-ugly gstreamer1.0-libav chromium prometheus
+              iproute2 util-linux) ;;
   *) echo "usage: $0 runtime|test" >&2; exit 2 ;;
 esac
 missing=()

@@ -51,7 +51,12 @@ def _serve(args: argparse.Namespace) -> int:
     install_log_filter()  # no camera credential in any log line
     if not cfg.streams:
         logging.warning("no streams configured: add --source URL or a streams: list")
-    return asyncio.run(serve(cfg, state_path(args, cfg.server.state_file)))
+    state = state_path(args, cfg.server.state_file)
+    if args.cluster:
+        from stream.cluster.gateway import serve_cluster
+
+        return asyncio.run(serve_cluster(cfg, args.cluster, state))
+    return asyncio.run(serve(cfg, state))
 
 
 def state_path(args: argparse.Namespace, configured: str | None) -> Path | None:
@@ -86,6 +91,9 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--state", metavar="PATH", help="state file keeping the stream set across "
                    "restarts (default: $SEGSTREAM_HOME/state/<config>.json; 'none': not kept)")
+    p.add_argument("--cluster", metavar="ADDRESS", help="serve a Ray cluster's streams from "
+                   "this gateway: a Ray address, or 'auto' for the cluster `ray start` began "
+                   "here (pip install 'segstream[cluster]')")
     p.set_defaults(func=_serve)
 
 

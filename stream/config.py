@@ -207,6 +207,34 @@ class StreamConfig(_Strict):
         return v
 
 
+class ClusterConfig(_Strict):
+    """`segstream serve --cluster ADDRESS`: placement and the node services (stream/cluster/)."""
+
+    namespace: str = Field("segstream", description="Ray namespace of the controller and the "
+                           "node services.")
+    slots_resource: str = Field("segstream_slots", description="The Ray resource a node "
+                                "declares its capacity with (cores given to segstream); nodes "
+                                "without it run no streams.")
+    stream_cost: float = Field(0.075, ge=0, description="Cores a stream takes besides "
+                               "inference: decode, render, JPEG (measured at 720p15).")
+    inference_cost: float = Field(0.058, ge=0, description="Core-seconds per inference "
+                                  "(measured: mnv2-voc, tflite, 513x513).")
+    uncapped_fps: float = Field(15.0, gt=0, description="Inference rate counted for a stream "
+                                "with infer_fps 0.")
+    rebalance_threshold: float = Field(0.25, ge=0, description="Move running streams only when "
+                                       "the most and least loaded node differ by more than "
+                                       "this share of capacity.")
+    lost_after_s: float = Field(4.0, gt=0, description="A node service that does not answer "
+                                "for this long is lost; its streams move.")
+    node_port: int = Field(0, ge=0, le=65535, description="Node services' HTTP port; 0 = any "
+                           "free port.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Node services' unauthenticated "
+                              "/metrics port (private network); 0 = any free port.")
+    direct_viewers: bool = Field(False, description="Send MJPEG and snapshot viewers to the "
+                                 "owning node with a short-lived signed URL instead of relaying "
+                                 "(the nodes must be reachable from the viewers).")
+
+
 class AppConfig(_Strict):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
@@ -216,6 +244,7 @@ class AppConfig(_Strict):
     model: ModelConfig = ModelConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     render: RenderConfig = RenderConfig()
+    cluster: ClusterConfig = ClusterConfig()
     streams: list[StreamConfig] = []
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

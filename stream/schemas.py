@@ -50,7 +50,9 @@ class StreamStatus(_Out):
     source: str = Field(description="The source URL without credentials.")
     reader: str
     output: str
-    state: str = Field(description="starting | live | reconnecting | error | stopped")
+    state: str = Field(description="starting | live | reconnecting | error | stopped; in a "
+                       "cluster also moving (its node is lost or it is being moved), pending "
+                       "(no node has room) and unknown (its node does not answer)")
     reason: str | None = Field(description="Why the stream is not live, if it is not.")
     width: int | None
     height: int | None
@@ -65,6 +67,8 @@ class StreamStatus(_Out):
     clients: int
     classes: dict[str, float] = Field(description="Largest classes in view, share of pixels.")
     restream: RestreamStatus | None = Field(None, description="The RTSP re-stream, if any.")
+    node: str | None = Field(None, description="Cluster mode: the node that runs the stream "
+                             "(null while it has none); absent on a single node.")
 
 
 class StreamList(_Out):

@@ -11,12 +11,13 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from models.fetch import home
 from stream.api import media, predict, session, streams, system
-from stream.api.context import AUTH, CONTROL, PRINCIPAL, SERVICE, STOP, THROTTLE
+from stream.api.context import AUTH, CONFIG, CONTROL, PRINCIPAL, SERVICE, STOP, THROTTLE
 from stream.api.spec import (
     SESSION_COOKIE,
     ApiError,
@@ -119,6 +120,22 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 
 # -- the application --------------------------------------------------------------------------
+def base_app(cfg: AppConfig, endpoints: list[Endpoint], doc: dict[str, Any],
+             auth: Authenticator | None = None) -> web.Application:
+    """What a single node and a cluster gateway share: middlewares (JSON errors, auth),
+    credentials, the endpoint table and the OpenAPI document."""
+    app = web.Application(client_max_size=cfg.predict.max_bytes + 64 * 1024,
+                          middlewares=[json_errors, authenticate])
+    app[CONFIG] = cfg
+    app[STOP] = asyncio.Event()
+    app[AUTH] = auth or Authenticator.from_home(tokens_dir(cfg), env={})
+    app[THROTTLE] = LoginThrottle()
+    app[system.OPENAPI] = doc
+    add_endpoints(app, endpoints)
+    app.on_response_prepare.append(_security_headers)
+    return app
+
+
 def make_app(
     service: Service,
     *,
@@ -126,18 +143,11 @@ def make_app(
     store: StreamStore | None = None,
 ) -> web.Application:
     cfg = service.cfg
-    app = web.Application(client_max_size=cfg.predict.max_bytes + 64 * 1024,
-                          middlewares=[json_errors, authenticate])
+    app = base_app(cfg, ENDPOINTS, openapi(ENDPOINTS, title="segstream", version=VERSION), auth)
     app[SERVICE] = service
-    app[STOP] = asyncio.Event()
-    app[AUTH] = auth or Authenticator.from_home(tokens_dir(cfg), env={})
-    app[THROTTLE] = LoginThrottle()
     app[CONTROL] = StreamControl(service, store, SourcePolicy(cfg.sources))
     app[predict.PREDICT_SLOTS] = asyncio.Semaphore(cfg.predict.max_concurrent)
     app[predict.MAX_IMAGE_SIZE] = predict.image_size_from_env()
-    app[system.OPENAPI] = openapi(ENDPOINTS, title="segstream", version=VERSION)
-    add_endpoints(app, ENDPOINTS)
-    app.on_response_prepare.append(_security_headers)
     app.cleanup_ctx.append(_service_ctx)
     return app
 

@@ -20,6 +20,10 @@ STAGES = ["stream.sources", "stream.scheduler", "stream.runner", "stream.render"
 # Outputs beside stream.sinks: they see only the shared modules (a frame arrives through put()).
 OUTPUTS = {"stream.restream"}
 AROUND = {"stream.metrics", "stream.service", "stream.server", "stream.cli"}
+# Cluster mode (stream/cluster/) is around the pipeline too; Ray is imported in one module of it,
+# lazily, so the base install (no `cluster` extra) imports everything else without Ray.
+CLUSTER = "stream.cluster"
+RAY_MODULE = "stream.cluster.runtime"
 
 
 def modules() -> dict[str, Path]:
@@ -93,8 +97,21 @@ def test_pipeline_imports_point_one_way() -> None:
                 if dep.startswith("stream.") and dep not in BASE]
     for base in BASE:
         for dep in g[base]:
-            if dep in STAGES or dep in AROUND or dep in OUTPUTS:
+            if dep in STAGES or dep in AROUND or dep in OUTPUTS or dep.startswith(CLUSTER):
                 bad.append(f"{base} (shared) imports {dep}")
+    assert not bad, bad
+
+
+def test_only_the_cluster_imports_the_cluster_and_only_its_runtime_imports_ray() -> None:
+    g = graph()
+    bad = [f"{m} imports {d}" for m, deps in g.items() for d in deps
+           if d.startswith(CLUSTER) and not m.startswith(CLUSTER) and m != "stream.cli"]
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "ray" or n.startswith("ray.") for n in names) and name != RAY_MODULE:
+                bad.append(f"{name} imports Ray")
     assert not bad, bad
 
 

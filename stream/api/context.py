@@ -8,9 +8,11 @@ from aiohttp import web
 
 from stream.api.spec import error
 from stream.auth import Authenticator, LoginThrottle, Principal
+from stream.config import AppConfig
 from stream.control import StreamControl
 from stream.service import Service, Stream
 
+CONFIG = web.AppKey("config", AppConfig)  # the settings (a gateway has no Service)
 SERVICE = web.AppKey("service", Service)
 CONTROL = web.AppKey("control", StreamControl)
 AUTH = web.AppKey("auth", Authenticator)

@@ -7,7 +7,7 @@ import asyncio
 
 from aiohttp import web
 
-from stream.api.context import AUTH, SERVICE, THROTTLE, principal
+from stream.api.context import AUTH, CONFIG, THROTTLE, principal
 from stream.api.spec import SESSION_COOKIE, Body, Endpoint, error, read_json, reply
 from stream.schemas import Error, LoginRequest, Whoami
 
@@ -26,7 +26,7 @@ async def login(request: web.Request) -> web.Response:
         throttle.failed(client)
         raise error(401, "unknown token")
     throttle.succeeded(client)
-    cfg = request.app[SERVICE].cfg.auth
+    cfg = request.app[CONFIG].auth
     resp = reply(Whoami(name=who.name, role=who.role, via="session"))
     resp.set_cookie(SESSION_COOKIE, auth.make_session(who, cfg.session_ttl_s),
                     max_age=cfg.session_ttl_s, httponly=True, samesite="Strict",
