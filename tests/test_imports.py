@@ -18,7 +18,7 @@ BASE = {"stream.datatypes", "stream.observer", "stream.encoders", "stream.saniti
         "stream.config"}
 STAGES = ["stream.sources", "stream.scheduler", "stream.runner", "stream.render", "stream.sinks"]
 # Outputs beside stream.sinks: they see only the shared modules (a frame arrives through put()).
-OUTPUTS = {"stream.restream"}
+OUTPUTS = {"stream.restream", "stream.mosaic"}
 AROUND = {"stream.metrics", "stream.service", "stream.server", "stream.cli"}
 
 
