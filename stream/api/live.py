@@ -50,8 +50,8 @@ MAX_MESSAGE = 16 * 1024  # a watch list of 64 ids fits several times over
 MESSAGES_PER_S, MESSAGE_BURST = 10.0, 30.0
 # Unsent bytes the server lets pile up for one client: aiohttp's buffer, then the kernel's
 # (TCP_NOTSENT_LOWAT leaves in-flight data to the congestion window, so fast links stay fast).
-WRITE_BUFFER = 64 * 1024
-NOTSENT_LOWAT = 32 * 1024
+WRITE_BUFFER = 32 * 1024
+NOTSENT_LOWAT = 16 * 1024
 
 
 def frame_message(kind: int, stream_id: str, pub: Published) -> bytes:
@@ -78,8 +78,10 @@ class TokenBucket:
 class LiveClient:
     """One page's connection: its watch list, its large view, and its pending messages."""
 
-    def __init__(self, ws: web.WebSocketResponse, service: Service, cfg: PageConfig) -> None:
+    def __init__(self, ws: web.WebSocketResponse, service: Service, cfg: PageConfig,
+                 transport: asyncio.BaseTransport | None = None) -> None:
         self.ws = ws
+        self.transport = transport if isinstance(transport, asyncio.WriteTransport) else None
         self.service = service
         self.cfg = cfg
         self.tile_fps = cfg.max_tile_fps
@@ -265,6 +267,20 @@ class LiveClient:
             if self.focus_id is not None:
                 self.frames.pop((FOCUS, self.focus_id), None)
 
+    def buffered(self) -> int:
+        """Bytes this client holds unsent: pending frames and the socket's write buffer."""
+        n = sum(len(msg) for msg, _ in list(self.frames.values()))
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return n
+        return n + transport.get_write_buffer_size()
+
+    def counts(self) -> tuple[int, int, int]:
+        """Frames sent, frames skipped and bytes sent since the last call."""
+        out = (self.sent, self.skipped, self.bytes)
+        self.sent = self.skipped = self.bytes = 0
+        return out
+
     def close(self) -> None:
         self.closed = True
         for task in self.tiles.values():
@@ -295,6 +311,17 @@ class LiveHub:
 
     def remove(self, client: LiveClient) -> None:
         self.clients.discard(client)
+        self._report(client)
+
+    def _report(self, *gone: LiveClient) -> None:
+        """Figures for /metrics: connections, unsent bytes, frames sent and skipped."""
+        sent = skipped = nbytes = 0
+        for c in (*self.clients, *gone):
+            s, k, b = c.counts()
+            sent, skipped, nbytes = sent + s, skipped + k, nbytes + b
+        obs = self.service.observer
+        obs.page_frames(sent, skipped, nbytes)
+        obs.page_viewers(len(self.clients), sum(c.buffered() for c in self.clients))
 
     def status_text(self) -> str:
         service = self.service
@@ -314,6 +341,7 @@ class LiveHub:
             now_members = tuple((sid, id(s)) for sid, s in service.streams.items())
             sig = (now_members, service.ready,
                    tuple(service.state_of(sid) for sid, _ in now_members))
+            self._report()
             if sig != last or loop.time() - sent_at >= 1.0:
                 try:
                     self._text = self.status_text()
@@ -378,7 +406,7 @@ async def live(request: web.Request) -> web.StreamResponse:
                     headers={"Retry-After": "5"})
     await ws.prepare(request)
     _tune_socket(request)
-    client = LiveClient(ws, service, cfg)
+    client = LiveClient(ws, service, cfg, request.transport)
     hub.add(client)
     writer = asyncio.create_task(client.writer())
     try:
