@@ -150,9 +150,8 @@ def test_camera_loss_and_recovery(service: ServiceProcess, cams) -> None:
 def test_browser_shows_annotated_stream(service: ServiceProcess, tmp_path: Path) -> None:
     chrome = Chromium(tmp_path / "profile")
     try:
-        imgs, rect = asyncio.run(
-            chrome.screenshot(service.base + "/", settle_s=5, selector="#stream-cam img", shots=4)
-        )
+        imgs, rect = asyncio.run(chrome.screenshot(
+            service.base + "/", settle_s=5, selector="#stream-cam canvas", shots=4))
     finally:
         chrome.close()
     assert rect is not None and rect["width"] > 100, rect
