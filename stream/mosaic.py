@@ -192,6 +192,8 @@ class Mosaic:
         """The layout for these settings, shared with its other viewers; raises MosaicFull.
         Pair with release()."""
         key = (tuple(streams) if streams is not None else None, cols, width)
+        if self._stopped.is_set():
+            raise MosaicFull("the service is stopping")
         with self._lock:
             layout = self._layouts.get(key)
             if layout is None:

@@ -96,7 +96,7 @@ class Service:
             observer=self.observer,
         )
         self.render = RenderStage(workers=cfg.render.workers)
-        self.mosaic = Mosaic(cfg.mosaic, stream_ids=lambda: list(self.streams),
+        self.mosaic = Mosaic(cfg.mosaic, stream_ids=self.stream_ids,
                              state_of=self.state_of, attach=self._attach_sink,
                              detach=self._detach_sink, publisher=self._publisher)
         self.workers: list[ModelWorker] = []
@@ -282,6 +282,11 @@ class Service:
         assert isinstance(sink, MjpegSink)
         self.render.wake(stream_id)  # a still picture shows the new settings at once
         return Picture(sink, lambda: view.release_variant(overlay))
+
+    def stream_ids(self) -> list[str]:
+        """The stream ids now, in order (from any thread)."""
+        with self._streams_lock:
+            return list(self.streams)
 
     def state_of(self, stream_id: str) -> str | None:
         """The stream's state as the API reports it; None for an unknown stream."""

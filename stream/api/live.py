@@ -338,7 +338,8 @@ class LiveHub:
         sent_at = 0.0
         while self.clients:
             service = self.service
-            now_members = tuple((sid, id(s)) for sid, s in service.streams.items())
+            # list() copies in one step: a removal on another thread cannot break the loop
+            now_members = tuple((sid, id(s)) for sid, s in list(service.streams.items()))
             sig = (now_members, service.ready,
                    tuple(service.state_of(sid) for sid, _ in now_members))
             self._report()
