@@ -131,6 +131,33 @@ class RenderConfig(_Strict):
     workers: int = Field(1, ge=1, le=32)  # render/encode threads (streams are spread over them)
 
 
+class PageConfig(_Strict):
+    """The live page's WebSocket (/ws): one connection per page carries every tile."""
+
+    max_tile_fps: float = Field(10.0, gt=0, le=60, description="Most frames a second one "
+                                "viewer gets of one tile (a page may ask fewer).")
+    max_focus_fps: float = Field(25.0, gt=0, le=60, description="Most frames a second of the "
+                                 "large view.")
+    max_watch: int = Field(64, ge=1, le=1024, description="Most tiles one page may watch.")
+    max_overlays: int = Field(4, ge=0, le=64, description="Distinct per-viewer overlay "
+                              "settings one stream renders at once (each is rendered once per "
+                              "frame for all its viewers).")
+    max_clients: int = Field(200, ge=1, description="WebSocket connections at once.")
+
+
+class MosaicConfig(_Strict):
+    """GET /mosaic/mjpeg: several streams tiled into one MJPEG."""
+
+    max_fps: float = Field(5.0, gt=0, le=60, description="Most compositions a second of one "
+                           "layout (each composed and encoded once for all its viewers).")
+    max_layouts: int = Field(8, ge=1, le=256, description="Distinct layouts at once; more "
+                             "are answered 503.")
+    max_width: int = Field(3840, ge=160, le=7680, description="Widest mosaic, pixels.")
+    width: int = Field(1280, ge=160, le=7680, description="Width when a viewer gives none.")
+    max_streams: int = Field(64, ge=1, le=1024, description="Most tiles in one mosaic.")
+    jpeg_quality: int = Field(75, ge=1, le=100)
+
+
 class StreamConfig(_Strict):
     """One camera or video stream (a `streams:` entry, or a POST /api/streams body)."""
 
@@ -245,6 +272,8 @@ class AppConfig(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     render: RenderConfig = RenderConfig()
     cluster: ClusterConfig = ClusterConfig()
+    page: PageConfig = PageConfig()
+    mosaic: MosaicConfig = MosaicConfig()
     streams: list[StreamConfig] = []
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

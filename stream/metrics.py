@@ -114,6 +114,21 @@ class PrometheusObserver:
             "segstream_restream_up", "1 while the RTSP re-stream is publishing.", ["stream"],
             registry=r)
 
+        self.page_connections = Gauge(
+            "segstream_page_connections", "Live-page WebSocket connections.", registry=r)
+        self.page_buffered = Gauge(
+            "segstream_page_buffered_bytes",
+            "Bytes the live-page connections hold unsent: one pending frame per tile in view "
+            "and the socket buffers (bounded: a slow page skips frames).", registry=r)
+        self.page_frames_total = Counter(
+            "segstream_page_frames_total",
+            "Frames for live pages: sent, or skipped (replaced by a newer one before sending).",
+            ["outcome"], registry=r)
+        self.page_bytes_total = Counter(
+            "segstream_page_bytes_total", "Frame bytes sent to live pages.", registry=r)
+        for outcome in ("sent", "skipped"):
+            self.page_frames_total.labels(outcome=outcome)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -243,6 +258,15 @@ class PrometheusObserver:
         r = self._restreams.get(stream_id)
         if r is not None:
             r.errors.inc()
+
+    def page_viewers(self, connections: int, buffered_bytes: int) -> None:
+        self.page_connections.set(connections)
+        self.page_buffered.set(buffered_bytes)
+
+    def page_frames(self, sent: int, skipped: int, nbytes: int) -> None:
+        self.page_frames_total.labels(outcome="sent").inc(sent)
+        self.page_frames_total.labels(outcome="skipped").inc(skipped)
+        self.page_bytes_total.inc(nbytes)
 
     def series_count(self) -> int:
         """Samples in the registry (for leak checks)."""

@@ -66,6 +66,14 @@ class Observer(Protocol):
     def restream_error(self, stream_id: str) -> None:
         """A connect or write to the RTSP server failed."""
 
+    def page_viewers(self, connections: int, buffered_bytes: int) -> None:
+        """Live-page WebSocket connections, and the bytes they hold unsent (each tile's one
+        pending frame and the socket buffers)."""
+
+    def page_frames(self, sent: int, skipped: int, nbytes: int) -> None:
+        """Since the last call: frames sent to pages (and their bytes), and frames replaced in
+        a page's pending slot by a newer one before they were sent."""
+
 
 class NullObserver:
     """Observes nothing."""
@@ -125,6 +133,12 @@ class NullObserver:
         pass
 
     def restream_error(self, stream_id: str) -> None:
+        pass
+
+    def page_viewers(self, connections: int, buffered_bytes: int) -> None:
+        pass
+
+    def page_frames(self, sent: int, skipped: int, nbytes: int) -> None:
         pass
 
 

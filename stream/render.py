@@ -7,7 +7,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -252,6 +253,21 @@ class RateMeter:
             self._events.popleft()
 
 
+@dataclass
+class Variant:
+    """The stream drawn with other settings for some viewers (a page's large view): rendered
+    at most once per frame, only while its sink wants frames, and shared by every viewer with
+    the same settings. `renderer` None: the camera's frame as it is (overlay off)."""
+
+    renderer: Renderer | None
+    sink: Sink
+    users: int = 0
+
+
+class VariantLimit(Exception):
+    """The stream already renders as many distinct variants as it may."""
+
+
 class StreamView:
     """Render-side state of one stream: newest result, its renderer and its sinks."""
 
@@ -269,6 +285,8 @@ class StreamView:
         self.stream_id = stream_id
         self.renderer = renderer
         self.sinks: tuple[Sink, ...] = tuple(sinks)  # replaced whole, never mutated
+        self.variants: dict[Hashable, Variant] = {}  # replaced whole, never mutated
+        self._variants_lock = threading.Lock()  # acquire/release (event loop) only
         self.output = output
         self.jpeg_quality = jpeg_quality
         self.peek_frame = peek_frame
@@ -291,6 +309,39 @@ class StreamView:
         with self._lock:
             self.sinks = tuple(s for s in self.sinks if s is not sink)
 
+    def acquire_variant(
+        self,
+        key: Hashable,
+        make: Callable[[], tuple[Renderer | None, Sink]],
+        limit: int,
+    ) -> Sink:
+        """The sink of the variant drawn with settings `key`, made by `make` if no viewer has
+        it yet; raises VariantLimit past `limit` distinct variants. Pair with release_variant."""
+        with self._variants_lock:
+            v = self.variants.get(key)
+            if v is None:
+                if len(self.variants) >= limit:
+                    raise VariantLimit(f"stream {self.stream_id!r} already renders {limit} "
+                                       "other overlay settings")
+                renderer, sink = make()
+                v = Variant(renderer, sink)
+                self.variants = {**self.variants, key: v}
+                self._done_frame = 0  # the next pass renders the newest frame for it
+            v.users += 1
+            return v.sink
+
+    def release_variant(self, key: Hashable) -> None:
+        """One viewer fewer; the last one closes the variant's sink and forgets it."""
+        with self._variants_lock:
+            v = self.variants.get(key)
+            if v is None:
+                return
+            v.users -= 1
+            if v.users > 0:
+                return
+            self.variants = {k: x for k, x in self.variants.items() if k != key}
+        v.sink.close()
+
     def set_renderer(self, renderer: Renderer) -> None:
         """New overlay settings, from the next frame on (no restart)."""
         with self._lock:
@@ -299,9 +350,10 @@ class StreamView:
 
     def close(self) -> None:
         """Closes every sink (ends their clients); the view is not used afterwards."""
-        with self._lock:
+        with self._lock, self._variants_lock:
             sinks, self.sinks = self.sinks, ()
-        for sink in sinks:
+            variants, self.variants = self.variants, {}
+        for sink in (*sinks, *(v.sink for v in variants.values())):
             sink.close()
 
     # -- render thread ---------------------------------------------------------------------
@@ -323,14 +375,18 @@ class StreamView:
             return
         self._done_frame = frame.seq
         sinks = [s for s in self.sinks if s.wants_frames()]
-        if not sinks:
+        variants = [v for v in self.variants.values() if v.sink.wants_frames()]
+        if not sinks and not variants:
             return  # render only for a sink that wants frames; snapshots render on demand
         with self._lock:
-            rendered = self._render(frame, result.mask)
-            for sink in sinks:
-                sink.put(rendered)
-        if rendered.encode_s:
-            self._observer.stage("encode", rendered.encode_s)
+            if sinks:
+                rendered = self._render(frame, result.mask)
+                for sink in sinks:
+                    sink.put(rendered)
+                if rendered.encode_s:
+                    self._observer.stage("encode", rendered.encode_s)
+            for v in variants:
+                v.sink.put(self._render_variant(v.renderer, frame, result.mask))
         self.out_rate.tick()
         self._observer.frame(self.stream_id, "published")
 
@@ -357,6 +413,13 @@ class StreamView:
         t0 = time.perf_counter()
         img = self.renderer.render(frame.image, mask)
         self._observer.stage("render", time.perf_counter() - t0)
+        return Rendered(self.stream_id, img, frame.seq, frame.capture_ts, self.jpeg_quality)
+
+    def _render_variant(self, renderer: Renderer | None, frame: Frame,
+                        mask: np.ndarray) -> Rendered:
+        """Caller holds self._lock. The camera's own frame (never reused) when renderer is
+        None; each variant's renderer has buffers of its own."""
+        img = frame.image if renderer is None else renderer.render(frame.image, mask)
         return Rendered(self.stream_id, img, frame.seq, frame.capture_ts, self.jpeg_quality)
 
     def _count_classes(self, mask: np.ndarray) -> None:

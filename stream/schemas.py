@@ -3,7 +3,7 @@ responses with these same models, and /openapi.json is generated from them."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -88,6 +88,50 @@ def _optional(model: type[BaseModel], name: str, skip: set[str]) -> type[BaseMod
 
 # A PATCH body: any subset of a stream's settings (its id cannot change).
 StreamPatch = _optional(StreamConfig, "StreamPatch", {"id"})
+
+
+StreamId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class OverlayRequest(BaseModel):
+    """How one viewer wants the large view drawn (others are unaffected)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["overlay", "mask", "off"] = Field(
+        "overlay", description="overlay: colours over the camera picture; mask: the colours "
+        "alone; off: the camera picture as it is.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Opacity of the colours (overlay).")
+    classes: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        None, max_length=256, description="Colour only these class names; null = all.")
+
+
+class LiveRequest(BaseModel):
+    """A page's message on /ws; every key is optional and only the keys sent change."""
+
+    model_config = ConfigDict(extra="forbid")
+    watch: list[StreamId] | None = Field(None, description="Ids of the tiles in view: their "
+                                         "frames come as binary messages, nothing else does.")
+    fps: float | None = Field(None, gt=0, le=1000, description="Most frames a second per tile "
+                              "(capped by page.max_tile_fps).")
+    focus: StreamId | None = Field(None, description="The stream of the large view; null "
+                                   "closes it.")
+    focus_fps: float | None = Field(None, gt=0, le=1000, description="Most frames a second of "
+                                    "the large view (capped by page.max_focus_fps).")
+    overlay: OverlayRequest | None = Field(None, description="The large view's own overlay "
+                                           "settings; null = the stream's own picture.")
+
+
+class MosaicQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    streams: str | None = Field(None, max_length=70_000, description="Comma-separated stream "
+                                "ids, in order; absent: every stream (following additions and "
+                                "removals).")
+    cols: int | None = Field(None, ge=1, le=64, description="Columns; absent: a square-ish "
+                             "grid.")
+    width: int | None = Field(None, ge=160, description="Width in pixels (at most "
+                              "mosaic.max_width); absent: mosaic.width.")
+    fps: float | None = Field(None, ge=0, le=1000, description="Most frames a second this "
+                              "client wants (the layout is composed at most mosaic.max_fps).")
 
 
 class ModelInfo(_Out):

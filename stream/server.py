@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from models.fetch import home
-from stream.api import media, predict, session, streams, system
+from stream.api import live, media, mosaic, predict, session, streams, system
 from stream.api.context import AUTH, CONFIG, CONTROL, PRINCIPAL, SERVICE, STOP, THROTTLE
 from stream.api.spec import (
     SESSION_COOKIE,
@@ -37,7 +37,8 @@ from stream.store import StreamStore
 log = logging.getLogger(__name__)
 VERSION = "0.2.0"
 ENDPOINTS: list[Endpoint] = [*system.ENDPOINTS, *session.ENDPOINTS, *streams.ENDPOINTS,
-                             *media.ENDPOINTS, *predict.ENDPOINTS]
+                             *media.ENDPOINTS, *live.ENDPOINTS, *mosaic.ENDPOINTS,
+                             *predict.ENDPOINTS]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -148,8 +149,16 @@ def make_app(
     app[CONTROL] = StreamControl(service, store, SourcePolicy(cfg.sources))
     app[predict.PREDICT_SLOTS] = asyncio.Semaphore(cfg.predict.max_concurrent)
     app[predict.MAX_IMAGE_SIZE] = predict.image_size_from_env()
+    app[live.HUB] = live.LiveHub(service)
+    app.on_shutdown.append(_end_viewers)
     app.cleanup_ctx.append(_service_ctx)
     return app
+
+
+async def _end_viewers(app: web.Application) -> None:
+    """Before the server waits for its handlers: pages (WebSocket) and mosaic viewers end."""
+    await app[live.HUB].close_all()
+    await asyncio.to_thread(app[SERVICE].mosaic.stop)
 
 
 def tokens_dir(cfg: AppConfig) -> Path:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +23,9 @@ import numpy as np
 from models.fetch import sample_path
 from models.runtime import Segmenter, load_segmenter, prepare, resolve_backend
 from stream.config import AppConfig, ConfigError, StreamConfig
-from stream.datatypes import Result
+from stream.datatypes import Result, Sink
 from stream.metrics import PrometheusObserver
+from stream.mosaic import Mosaic
 from stream.observer import Observer
 from stream.render import Renderer, RenderStage, StreamView
 from stream.restream import RestreamSink
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 # The RTSP re-stream's settings: a change replaces the re-stream sink alone.
 RESTREAM_FIELDS = frozenset({"restream", "restream_encoder", "restream_bitrate",
                              "restream_preset"})
+# A viewer's own overlay settings for a stream: mode (overlay | mask | off), alpha, classes.
+OverlayKey = tuple[str, float, tuple[str, ...] | None]
 # Settings a running stream takes without touching its reader; any other change restarts it.
 LIVE_FIELDS = frozenset({"id", "infer_fps", "output", "alpha", "classes"}) | RESTREAM_FIELDS
 
@@ -56,6 +60,14 @@ class Stream:
     view: StreamView
     mjpeg: MjpegSink
     restream: RestreamSink | None = None
+
+
+@dataclass
+class Picture:
+    """Frames of one stream as one viewer wants them drawn; call release() when done."""
+
+    sink: MjpegSink
+    release: Callable[[], None]
 
 
 class Service:
@@ -84,6 +96,9 @@ class Service:
             observer=self.observer,
         )
         self.render = RenderStage(workers=cfg.render.workers)
+        self.mosaic = Mosaic(cfg.mosaic, stream_ids=self.stream_ids,
+                             state_of=self.state_of, attach=self._attach_sink,
+                             detach=self._detach_sink, publisher=self._publisher)
         self.workers: list[ModelWorker] = []
         self.plan: WorkerPlan | None = None
         self.ready = False
@@ -114,6 +129,7 @@ class Service:
         for scfg in self.cfg.streams:
             self.add_stream(scfg)
         self.render.start()
+        self.mosaic.start()
         for w in self.workers:
             w.start()
         self.ready = True
@@ -170,6 +186,7 @@ class Service:
     async def stop(self) -> None:
         self.ready = False
         self._stopping.set()
+        await asyncio.to_thread(self.mosaic.stop)  # ends the mosaic responses
         for s in self.streams.values():
             s.view.close()  # ends every MJPEG response
         await asyncio.to_thread(self._stop_threads)
@@ -240,6 +257,63 @@ class Service:
         stream.view.output = scfg.output
         stream.view.set_renderer(renderer)
         return stream
+
+    # -- pictures for viewers: per-viewer overlays and the mosaic ----------------------------
+    def acquire_picture(self, stream_id: str, overlay: OverlayKey | None) -> Picture:
+        """The stream's frames drawn with `overlay`: None is the stream's own picture (the
+        shared sink, encoded once for everyone); other settings are a variant rendered once per
+        frame for every viewer with the same ones. Raises KeyError (unknown stream),
+        ValueError (unknown class name) or render.VariantLimit."""
+        s = self.streams[stream_id]
+        if overlay is None:
+            return Picture(s.mjpeg, lambda: None)
+        assert self.segmenter is not None and self._loop is not None
+        mode, alpha, classes = overlay
+        seg, rc, loop = self.segmenter, self.cfg.render, self._loop
+
+        def make() -> tuple[Renderer | None, Sink]:
+            renderer = None if mode == "off" else Renderer(
+                seg.labels, seg.palette, mode=mode, alpha=alpha, classes=classes,
+                legend=rc.legend)
+            return renderer, MjpegSink(stream_id, loop)
+
+        view = s.view
+        sink = view.acquire_variant(overlay, make, self.cfg.page.max_overlays)
+        assert isinstance(sink, MjpegSink)
+        self.render.wake(stream_id)  # a still picture shows the new settings at once
+        return Picture(sink, lambda: view.release_variant(overlay))
+
+    def stream_ids(self) -> list[str]:
+        """The stream ids now, in order (from any thread)."""
+        with self._streams_lock:
+            return list(self.streams)
+
+    def state_of(self, stream_id: str) -> str | None:
+        """The stream's state as the API reports it; None for an unknown stream."""
+        s = self.streams.get(stream_id)
+        if s is None:
+            return None
+        state = s.source.state.value
+        if state == "live" and self.workers and any(w.failing for w in self.workers):
+            return "error"
+        return state
+
+    def _attach_sink(self, stream_id: str, sink: Sink) -> bool:
+        s = self.streams.get(stream_id)
+        if s is None:
+            return False
+        s.view.add_sink(sink)
+        self.render.wake(stream_id)
+        return True
+
+    def _detach_sink(self, stream_id: str, sink: Sink) -> None:
+        s = self.streams.get(stream_id)
+        if s is not None:
+            s.view.remove_sink(sink)
+
+    def _publisher(self) -> Sink:
+        assert self._loop is not None, "service not started"
+        return MjpegSink("mosaic", self._loop)
 
     def _restream(self, scfg: StreamConfig) -> RestreamSink | None:
         return None if scfg.restream is None else RestreamSink.from_config(scfg, self.observer)

@@ -55,16 +55,21 @@ def encode_clip(
     fps: float | None = None,
     gop: int = 10,
     cache_dir: Path = CLIP_CACHE,
+    container: str = "h264",
 ) -> Path:
-    """Re-encode `src` as an H.264 Annex-B stream without B-frames (what the server loops).
+    """Re-encode `src` as an H.264 Annex-B stream without B-frames (what the server loops);
+    container "mp4": the same video in an MP4 file, which keeps its frame rate (file sources
+    are paced at it).
 
     Cached by source file, size and parameters; written atomically so parallel test
     processes can share the cache."""
     src = Path(src)
     st = src.stat()
     key = f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{size}|{seconds}|{fps}|{gop}"
+    if container != "h264":
+        key += f"|{container}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    out = cache_dir / f"{src.stem}-{size[0]}x{size[1]}-{digest}.h264"
+    out = cache_dir / f"{src.stem}-{size[0]}x{size[1]}-{digest}.{container}"
     if out.is_file() and out.stat().st_size > 0:
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +77,7 @@ def encode_clip(
     vf = f"scale={size[0]}:{size[1]}" + (f",fps={fps}" if fps else "")
     cmd = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(src), "-t", str(seconds),
            "-vf", vf, "-an", "-c:v", "libx264", "-preset", "veryfast", "-tune", "zerolatency",
-           "-bf", "0", "-g", str(gop), "-pix_fmt", "yuv420p", "-f", "h264", str(tmp)]
+           "-bf", "0", "-g", str(gop), "-pix_fmt", "yuv420p", "-f", container, str(tmp)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if r.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)

@@ -282,6 +282,60 @@ async def test_signed_url_opens_one_stream_only(api: Api, shared_dir: Path) -> N
     assert (await api.call("GET", tampered))[0] == 401
 
 
+# -- the live page's WebSocket -------------------------------------------------------------
+
+
+async def _focus_frames(ws: aiohttp.ClientWebSocketResponse, n: int) -> tuple[list[str], int]:
+    """Errors seen until n frames of the large view (kind 2) arrived."""
+    errors, got = [], 0
+    while got < n:
+        msg = await ws.receive(timeout=20)
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            got += msg.data[0] == 2
+        elif msg.type == aiohttp.WSMsgType.TEXT and json.loads(msg.data)["type"] == "error":
+            errors.append(json.loads(msg.data)["loc"])
+        else:
+            assert msg.type == aiohttp.WSMsgType.TEXT, msg
+    return errors, got
+
+
+async def test_page_websocket_login_and_shared_overlays(make_api, shared_dir: Path) -> None:
+    """/ws takes the page's session cookie (or a token), not a page of another origin; viewers
+    with the same overlay settings share one rendering, a third setting past
+    page.max_overlays gets the stream's own picture, and the last viewer's leaving drops it."""
+    vtest = str(shared_dir / "data/video/vtest.avi")
+    api = await make_api(streams=[{"id": "cam", "source": vtest}], page={"max_overlays": 1})
+    viewer = api.tokens.add("eve", "viewer")
+    url = api.server.make_url("/ws")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+        await api.http.ws_connect(url)
+    assert e.value.status == 401
+    async with api.http.ws_connect(url, headers={"Authorization": f"Bearer {viewer}"}) as ws:
+        assert json.loads((await ws.receive(timeout=10)).data)["type"] == "hello"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+        async with browser.post(api.server.make_url("/api/login"), json={"token": viewer}) as r:
+            assert r.status == 200
+        with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+            await browser.ws_connect(url, headers={"Origin": "https://elsewhere.example"})
+        assert e.value.status == 403
+        view = api.service.streams["cam"].view
+        mask = {"focus": "cam", "overlay": {"mode": "mask", "alpha": 0.7}}
+        async with browser.ws_connect(url) as a, browser.ws_connect(url) as b, \
+                browser.ws_connect(url) as c:
+            await a.send_json(mask)
+            await b.send_json(mask)
+            assert await _focus_frames(a, 3) == ([], 3)
+            assert await _focus_frames(b, 3) == ([], 3)
+            assert list(view.variants) == [("mask", 0.7, None)]
+            assert view.variants[("mask", 0.7, None)].users == 2  # rendered once for both
+            await c.send_json({"focus": "cam", "overlay": {"mode": "off"}})
+            errors, _ = await _focus_frames(c, 2)
+            assert errors == ["overlay"]  # over page.max_overlays: the stream's own picture
+            assert len(view.variants) == 1
+        assert await until(lambda: not view.variants, 5), view.variants
+        assert api.service.streams["cam"].mjpeg.clients == 0
+
+
 # -- OpenAPI -----------------------------------------------------------------------------------
 
 

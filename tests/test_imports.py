@@ -18,7 +18,7 @@ BASE = {"stream.datatypes", "stream.observer", "stream.encoders", "stream.saniti
         "stream.config"}
 STAGES = ["stream.sources", "stream.scheduler", "stream.runner", "stream.render", "stream.sinks"]
 # Outputs beside stream.sinks: they see only the shared modules (a frame arrives through put()).
-OUTPUTS = {"stream.restream"}
+OUTPUTS = {"stream.restream", "stream.mosaic"}
 AROUND = {"stream.metrics", "stream.service", "stream.server", "stream.cli"}
 # Cluster mode (stream/cluster/) is around the pipeline too; Ray is imported in one module of it,
 # lazily, so the base install (no `cluster` extra) imports everything else without Ray.

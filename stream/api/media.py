@@ -26,7 +26,7 @@ async def mjpeg(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     s = stream_or_404(request)
     q = read_query(request, MjpegQuery)
-    fps = _client_fps(q.fps or 0.0, service.cfg.server.max_client_fps)
+    fps = client_fps(q.fps or 0.0, service.cfg.server.max_client_fps)
     resp = web.StreamResponse(headers={
         "Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}",
         "Cache-Control": "no-cache, no-store, must-revalidate",
@@ -58,7 +58,7 @@ async def mjpeg(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def _client_fps(fps: float, server_cap: float) -> float:
+def client_fps(fps: float, server_cap: float) -> float:
     if server_cap > 0:
         return min(fps, server_cap) if fps > 0 else server_cap
     return fps

@@ -1,0 +1,86 @@
+"""GET /mosaic/mjpeg: several streams tiled into one MJPEG, each tile labelled with its id and
+state (stream.mosaic composes and encodes each layout once for all of its viewers)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from stream.api.context import SERVICE
+from stream.api.media import client_fps
+from stream.api.spec import Body, Endpoint, error, read_query
+from stream.encoders import BOUNDARY, mjpeg_part
+from stream.mosaic import MosaicFull
+from stream.schemas import Error, MosaicQuery
+from stream.sinks import MjpegSink
+
+
+def _stream_ids(request: web.Request, q: MosaicQuery) -> list[str] | None:
+    service = request.app[SERVICE]
+    if q.streams is None or not q.streams.strip():
+        return None
+    ids = list(dict.fromkeys(x.strip() for x in q.streams.split(",") if x.strip()))
+    limit = service.cfg.mosaic.max_streams
+    if len(ids) > limit:
+        raise error(422, f"invalid query: streams: at most {limit} streams "
+                    "(mosaic.max_streams)", details=[{"loc": "streams", "msg": "too many"}])
+    unknown = [x for x in ids if x not in service.streams]
+    if unknown:
+        raise error(404, f"unknown streams {unknown}")
+    return ids
+
+
+async def mosaic_mjpeg(request: web.Request) -> web.StreamResponse:
+    """multipart/x-mixed-replace of the chosen streams in a grid; a slow client skips."""
+    service = request.app[SERVICE]
+    cfg = service.cfg.mosaic
+    q = read_query(request, MosaicQuery)
+    width = q.width or cfg.width
+    if width > cfg.max_width:
+        raise error(422, f"invalid query: width: at most {cfg.max_width} (mosaic.max_width)",
+                    details=[{"loc": "width", "msg": f"at most {cfg.max_width}"}])
+    ids = _stream_ids(request, q)
+    try:
+        layout = service.mosaic.acquire(ids, q.cols, width)
+    except MosaicFull as e:
+        raise error(503, str(e), headers={"Retry-After": "10"}) from None
+    try:
+        fps = client_fps(q.fps or 0.0, service.cfg.server.max_client_fps)
+        resp = web.StreamResponse(headers={
+            "Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+            "Cache-Control": "no-cache, no-store, must-revalidate",
+            "Pragma": "no-cache",
+            "X-Accel-Buffering": "no",
+        })
+        await resp.prepare(request)
+        pub = layout.publisher
+        assert isinstance(pub, MjpegSink), "the service makes MJPEG publishers"
+        seq, next_at = 0, 0.0
+        loop = asyncio.get_running_loop()
+        while not pub.closed:
+            item = await pub.next(seq, timeout=1.0)
+            if item is None:
+                continue
+            await resp.write(mjpeg_part(item.jpeg))
+            seq = item.seq
+            if fps > 0:
+                next_at = max(next_at + 1.0 / fps, loop.time())
+                await asyncio.sleep(next_at - loop.time())
+    except (ConnectionResetError, ConnectionError):
+        pass  # the viewer went away
+    finally:
+        service.mosaic.release(layout)
+    return resp
+
+
+ENDPOINTS = [
+    Endpoint("GET", "/mosaic/mjpeg", mosaic_mjpeg,
+             "Several streams tiled into one MJPEG, each tile labelled with its id and state; "
+             "composed and encoded once per layout for all of its viewers", tag="media",
+             query=MosaicQuery,
+             responses={200: Body(None, media="multipart/x-mixed-replace",
+                                  description="An endless stream of JPEG parts."),
+                        404: Body(Error, description="Unknown streams."),
+                        503: Body(Error, description="Too many distinct layouts watched.")}),
+]
