@@ -6,7 +6,9 @@ inside a network namespace of their own (unshare -n, loopback up), where every R
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import json
 import os
 import secrets
 import shutil
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -201,3 +204,192 @@ def test_on_a_ray_cluster_in_its_own_network_namespace(shared_dir: Path) -> None
     print("\n".join(ln for ln in lines if not ln.startswith("(")))  # figures, the summary
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-4000:]
     assert " passed" in lines[-1] and "skipped" not in lines[-1], lines[-1]
+
+
+# -- the gateway's /ws and /mosaic/mjpeg against fake node services (no Ray) ---------------------
+def test_gateway_live_pure_parts() -> None:
+    from stream.cluster.gateway_live import Wanted, changed_keys, frame_header, node_requests
+
+    msg = bytes((1, 3)) + b"cam" + (70000).to_bytes(4, "big") + b"\xff\xd8jpeg"
+    assert frame_header(msg) == (1, "cam", 70000)
+    assert frame_header(msg[:7]) is None and frame_header(b"\x07\x00" + bytes(8)) is None
+    want = Wanted(watch=["a1", "b1", "a2", "gone"], fps=5, focus="b2", focus_fps=20,
+                  overlay={"mode": "mask", "alpha": 0.5, "classes": None})
+    reqs = node_requests(want, {"a1": "A", "a2": "A", "b1": "B", "b2": "B", "c1": "C"})
+    assert set(reqs) == {"A", "B"}
+    assert reqs["A"] == {"watch": ["a1", "a2"], "fps": 5, "focus": None, "focus_fps": 20,
+                         "overlay": None}
+    assert reqs["B"]["watch"] == ["b1"] and reqs["B"]["focus"] == "b2"
+    assert reqs["B"]["overlay"] == want.overlay
+    # A fresh node is told only what differs from its defaults; then only what changed.
+    assert changed_keys({}, reqs["A"]) == {"watch": ["a1", "a2"], "fps": 5, "focus_fps": 20}
+    assert changed_keys(reqs["A"], reqs["A"] | {"watch": ["a1"]}) == {"watch": ["a1"]}
+
+
+def test_gateway_live_keeps_one_pending_frame_per_tile() -> None:
+    from stream.cluster.gateway_live import GatewayLiveClient
+    from stream.config import PageConfig
+
+    async def never(node: str) -> Any:
+        raise AssertionError(node)
+
+    c = GatewayLiveClient(None, PageConfig(), never)  # type: ignore[arg-type]
+    c.want.watch, c.want.focus = ["a", "b"], "a"
+
+    def frame(kind: int, sid: str, seq: int) -> bytes:
+        return bytes((kind, len(sid))) + sid.encode() + seq.to_bytes(4, "big") + b"j"
+
+    for seq in range(50):  # a page that does not read: nothing piles up
+        for kind, sid in ((1, "a"), (1, "b"), (2, "a"), (1, "x"), (2, "b")):
+            c.on_frame(frame(kind, sid, seq))
+    assert {k: v[-5:-1] for k, v in c.frames.items()} == {
+        (1, "a"): (49).to_bytes(4, "big"), (1, "b"): (49).to_bytes(4, "big"),
+        (2, "a"): (49).to_bytes(4, "big")}
+    assert c.counts() == (0, 3 * 49)
+    c.want.watch = ["b"]
+    c.sync()  # no view of the cluster yet: no upstream, but a's tile is gone
+    assert set(c.frames) == {(1, "b"), (2, "a")} and not c.upstreams
+
+
+class _FakeNode:
+    """A node service's /ws, /api/streams and /mosaic/mjpeg, as the gateway sees them."""
+
+    def __init__(self, name: str, secret: str) -> None:
+        self.name, self.secret = name, secret
+        self.received: list[dict[str, Any]] = []
+        self.open = 0
+
+    def app(self) -> Any:
+        from aiohttp import web
+
+        async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+            if request.headers.get("Authorization") != f"Bearer {self.secret}":
+                raise web.HTTPUnauthorized()
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            self.open += 1
+            watch: list[str] = []
+
+            async def frames() -> None:
+                seq = 0
+                while not ws.closed:
+                    seq += 1
+                    await ws.send_str('{"type": "status", "from": "node"}')
+                    for sid in watch:
+                        await ws.send_bytes(bytes((1, len(sid))) + sid.encode()
+                                            + seq.to_bytes(4, "big") + b"\xff\xd8" + b"x" * 64)
+                    await asyncio.sleep(0.05)
+
+            task = asyncio.create_task(frames())
+            try:
+                async for msg in ws:
+                    data = json.loads(msg.data)
+                    self.received.append(data)
+                    watch[:] = data.get("watch", watch)
+            finally:
+                task.cancel()
+                self.open -= 1
+            return ws
+
+        async def streams(request: web.Request) -> web.Response:
+            return web.json_response({"streams": []})
+
+        async def mosaic(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse(headers={
+                "Content-Type": "multipart/x-mixed-replace; boundary=frame"})
+            await resp.prepare(request)
+            await resp.write(f"--frame\r\nX-Node: {self.name}\r\n\r\n"
+                             f"{request.query_string}\r\n".encode())
+            return resp
+
+        app = web.Application()
+        app.router.add_get("/ws", ws_handler)
+        app.router.add_get("/api/streams", streams)
+        app.router.add_get("/mosaic/mjpeg", mosaic)
+        return app
+
+
+async def test_gateway_relays_the_live_page_and_the_mosaic_of_one_node() -> None:
+    from aiohttp import WSMsgType
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from stream.cluster.gateway import ClusterClient, make_gateway_app
+
+    secret = "s3cret"
+    fakes = {n: _FakeNode(n, secret) for n in ("nodeA", "nodeB")}
+    servers = {n: TestServer(f.app(), host="127.0.0.1") for n, f in fakes.items()}
+    for srv in servers.values():
+        await srv.start_server()
+    snap = {"version": 1, "nodes": [
+        {"id": n, "ray_id": n * 3, "host": "127.0.0.1", "port": srv.port, "metrics_port": 1,
+         "slots": 1.0, "load": 0.5, "streams": 2, "state": "up", "ready": True, "error": None}
+        for n, srv in servers.items()], "streams": [
+        {"id": sid, "source": "rtsp://cam/x", "reader": "auto", "output": "overlay",
+         "infer_fps": 1.0, "node": node, "phase": "placed", "reason": None}
+        for sid, node in (("a1", "nodeA"), ("a2", "nodeA"), ("b1", "nodeB"))]}
+
+    class Fixed(ClusterClient):
+        async def snapshot(self, fresh: bool = False) -> dict[str, Any]:
+            return snap
+
+    cfg = AppConfig.model_validate({"model": {"name": "mnv2-voc"}, "streams": []})
+    from stream.auth import Authenticator, TokenStore
+
+    auth = Authenticator(TokenStore(Path(tempfile.mkdtemp()) / "t.json"), b"k" * 32)
+    gw = TestClient(TestServer(make_gateway_app(cfg, Fixed(None, secret), auth)))
+    await gw.start_server()
+    try:
+        r = await gw.get("/ws", headers={"Origin": "http://evil.example"})
+        assert r.status == 403
+        ws = await gw.ws_connect("/ws")
+        hello = await ws.receive_json(timeout=5)
+        assert hello["type"] == "hello"
+        await ws.send_str(json.dumps({"watch": ["a1", "b1", "nope"], "fps": 5}))
+        seen: set[str] = set()
+        statuses = []
+        while seen != {"a1", "b1"} or not statuses:
+            msg = await ws.receive(timeout=5)
+            if msg.type == WSMsgType.BINARY:
+                kind, n = msg.data[0], msg.data[1]
+                assert kind == 1 and msg.data[6 + n:8 + n] == b"\xff\xd8"
+                seen.add(msg.data[2:2 + n].decode())
+            else:
+                data = json.loads(msg.data)
+                assert data.get("from") != "node", data  # the nodes' status stays there
+                if data["type"] == "status":
+                    statuses.append(data)
+        assert {s["id"]: s["node"] for s in statuses[0]["streams"]} == {
+            "a1": "nodeA", "a2": "nodeA", "b1": "nodeB"}
+        assert fakes["nodeA"].received[0] == {"watch": ["a1"], "fps": 5,
+                                              "focus_fps": cfg.page.max_focus_fps}
+        assert fakes["nodeB"].received[0]["watch"] == ["b1"]
+        # b1 out of view: node B's connection is closed; a focus on a2 goes to node A only.
+        await ws.send_str(json.dumps({"watch": ["a1"], "focus": "a2"}))
+        for _ in range(100):
+            if fakes["nodeB"].open == 0 and len(fakes["nodeA"].received) > 1:
+                break
+            await asyncio.sleep(0.05)
+        assert fakes["nodeB"].open == 0 and fakes["nodeA"].open == 1
+        assert fakes["nodeA"].received[1] == {"focus": "a2"}
+        await ws.send_str(json.dumps({"focus": "unknown"}))
+        while True:
+            msg = await ws.receive(timeout=5)
+            if msg.type == WSMsgType.TEXT and (data := json.loads(msg.data))["type"] == "error":
+                break
+        assert data["loc"] == "focus"
+        await ws.close()
+
+        # The mosaic: one node's streams are relayed; across nodes, 501 naming them.
+        r = await gw.get("/mosaic/mjpeg", params={"streams": "a2,a1", "fps": "2"})
+        assert r.status == 200 and r.headers["Content-Type"].startswith("multipart/")
+        body = await r.read()
+        assert b"X-Node: nodeA" in body and b"streams=a2" in body
+        r = await gw.get("/mosaic/mjpeg")
+        body = await r.json()
+        assert r.status == 501 and body["nodes"] == {"nodeA": ["a1", "a2"], "nodeB": ["b1"]}
+        r = await gw.get("/mosaic/mjpeg", params={"streams": "a1,zz"})
+        assert r.status == 404
+    finally:
+        await gw.close()
+        for srv in servers.values():
+            await srv.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import time
@@ -28,13 +29,21 @@ from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
 from stream.api.context import AUTH, CONFIG, STOP
-from stream.api.spec import ApiError, Body, Endpoint, error, openapi, read_json, reply
+from stream.api.live import MAX_MESSAGE, _same_origin, _tune_socket
+from stream.api.spec import ApiError, Body, Endpoint, error, openapi, read_json, read_query, reply
 from stream.auth import Authenticator, load_secret
+from stream.cluster.gateway_live import (
+    MAX_UPSTREAM_MESSAGE,
+    ClusterView,
+    GatewayHub,
+    GatewayLiveClient,
+)
 from stream.cluster.sd import target_groups
 from stream.config import AppConfig, StreamConfig
 from stream.schemas import (
     Error,
     Health,
+    MosaicQuery,
     Ready,
     ShareRequest,
     ShareResponse,
@@ -146,25 +155,25 @@ def _node_url(node: dict[str, Any], path: str) -> str:
     return f"http://{host}:{node['port']}{path}"
 
 
-def _auth_header(request: web.Request) -> dict[str, str]:
-    return {"Authorization": f"Bearer {request.app[CLUSTER].secret}"}
+def _auth_header(app: web.Application) -> dict[str, str]:
+    return {"Authorization": f"Bearer {app[CLUSTER].secret}"}
 
 
-async def _node_json(request: web.Request, node: dict[str, Any], path: str,
+async def _node_json(app: web.Application, node: dict[str, Any], path: str,
                      timeout: float = 3.0) -> tuple[int, Any]:
-    async with request.app[HTTP].get(_node_url(node, path), headers=_auth_header(request),
-                                     timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+    async with app[HTTP].get(_node_url(node, path), headers=_auth_header(app),
+                             timeout=aiohttp.ClientTimeout(total=timeout)) as r:
         return r.status, await r.json(content_type=None)
 
 
-async def _statuses(request: web.Request, snap: dict[str, Any]) -> dict[str, dict[str, Any]]:
+async def _statuses(app: web.Application, snap: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Live status of every stream from every ready node, in parallel; a node that does not
     answer in time is left out (its streams show as `unknown`)."""
     nodes = [n for n in snap["nodes"] if n["state"] == "up" and n["ready"]]
 
     async def one(node: dict[str, Any]) -> list[dict[str, Any]]:
         try:
-            status, body = await _node_json(request, node, "/api/streams", timeout=2.0)
+            status, body = await _node_json(app, node, "/api/streams", timeout=2.0)
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return []
         return body.get("streams", []) if status == 200 else []
@@ -185,11 +194,16 @@ def _status(entry: dict[str, Any], live: dict[str, dict[str, Any]]) -> StreamSta
 
 
 # -- streams ---------------------------------------------------------------------------------------
+async def cluster_streams(app: web.Application) -> tuple[dict[str, Any], StreamList]:
+    """The controller's snapshot, and every stream's status with its `node`."""
+    snap = await app[CLUSTER].snapshot()
+    live = await _statuses(app, snap)
+    return snap, StreamList(ready=any(n["ready"] for n in snap["nodes"]),
+                            streams=[_status(e, live) for e in snap["streams"]])
+
+
 async def list_streams(request: web.Request) -> web.Response:
-    snap = await request.app[CLUSTER].snapshot()
-    live = await _statuses(request, snap)
-    return reply(StreamList(ready=any(n["ready"] for n in snap["nodes"]),
-                            streams=[_status(e, live) for e in snap["streams"]]))
+    return reply((await cluster_streams(request.app))[1])
 
 
 async def get_stream(request: web.Request) -> web.Response:
@@ -199,7 +213,7 @@ async def get_stream(request: web.Request) -> web.Response:
     node = _node(snap, entry["node"])
     if entry["phase"] == "placed" and node is not None:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-            status, body = await _node_json(request, node, f"/api/streams/{sid}")
+            status, body = await _node_json(request.app, node, f"/api/streams/{sid}")
             if status == 200:
                 return reply(StreamStatus.model_validate(body | {"node": node["id"]}))
     return reply(_status(entry, {}))
@@ -262,7 +276,7 @@ async def relay(request: web.Request, node: dict[str, Any], path: str) -> web.St
     url = _node_url(node, path)
     if request.query_string:
         url += "?" + request.query_string
-    headers = _auth_header(request)
+    headers = _auth_header(request.app)
     body = None
     if request.method in ("POST", "PUT", "PATCH"):
         body = await request.read()
@@ -324,6 +338,106 @@ async def to_any_node(request: web.Request) -> web.StreamResponse:
             last = e
     assert last is not None
     raise last
+
+
+# -- the live page and the mosaic ----------------------------------------------------------------
+async def _cluster_view(app: web.Application) -> ClusterView:
+    snap, streams = await cluster_streams(app)
+    up = {n["id"] for n in snap["nodes"] if n["state"] == "up"}
+    owner = {e["id"]: e["node"] for e in snap["streams"]
+             if e["phase"] == "placed" and e["node"] in up}
+    text = json.dumps({"type": "status", "ready": streams.ready,
+                       "streams": [s.model_dump(mode="json") for s in streams.streams]})
+    return ClusterView(text, owner, frozenset(e["id"] for e in snap["streams"]))
+
+
+async def _node_ws(app: web.Application, node_id: str) -> aiohttp.ClientWebSocketResponse:
+    """The node's own /ws, as the gateway (the cluster secret)."""
+    snap = app[CLUSTER].last or await app[CLUSTER].snapshot()
+    node = _node(snap, node_id)
+    if node is None:
+        raise aiohttp.ClientError(f"node {node_id} is gone")
+    return await asyncio.wait_for(app[HTTP].ws_connect(
+        _node_url(node, "/ws"), headers=_auth_header(app), max_msg_size=MAX_UPSTREAM_MESSAGE,
+        heartbeat=30.0, autoping=True), 5.0)
+
+
+async def live_ws(request: web.Request) -> web.StreamResponse:
+    """The live page's WebSocket, relayed from the nodes that run what the page shows
+    (stream.cluster.gateway_live)."""
+    app = request.app
+    cfg = app[CONFIG].page
+    hub = app[LIVE_HUB]
+    if not _same_origin(request):
+        raise error(403, "WebSocket from another origin")
+    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE, heartbeat=30.0,
+                               writer_limit=16 * 1024)
+    if not ws.can_prepare(request).ok:
+        raise error(400, "this endpoint speaks WebSocket only (Upgrade: websocket)")
+    if len(hub.clients) >= cfg.max_clients:
+        raise error(503, f"{len(hub.clients)} pages connected (page.max_clients)",
+                    headers={"Retry-After": "5"})
+    await ws.prepare(request)
+    _tune_socket(request)
+
+    async def connect(node_id: str) -> aiohttp.ClientWebSocketResponse:
+        return await _node_ws(app, node_id)
+
+    client = GatewayLiveClient(ws, cfg, connect)
+    hub.add(client)
+    writer = asyncio.create_task(client.writer())
+    try:
+        await client.read()
+    finally:
+        hub.remove(client)
+        client.close()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+    return ws
+
+
+async def mosaic(request: web.Request) -> web.StreamResponse:
+    """The owning node's mosaic, relayed, when every stream asked for runs on one node; a
+    mosaic across nodes is not composed at the gateway (501, naming the nodes)."""
+    cfg = request.app[CONFIG].mosaic
+    q = read_query(request, MosaicQuery)
+    if (q.width or cfg.width) > cfg.max_width:
+        raise error(422, f"invalid query: width: at most {cfg.max_width} (mosaic.max_width)",
+                    details=[{"loc": "width", "msg": f"at most {cfg.max_width}"}])
+    snap = await request.app[CLUSTER].snapshot()
+    asked = q.streams is not None and bool(q.streams.strip())
+    if asked:
+        assert q.streams is not None
+        ids = list(dict.fromkeys(x.strip() for x in q.streams.split(",") if x.strip()))
+        if len(ids) > cfg.max_streams:
+            raise error(422, f"invalid query: streams: at most {cfg.max_streams} streams "
+                        "(mosaic.max_streams)", details=[{"loc": "streams", "msg": "too many"}])
+        known = {e["id"] for e in snap["streams"]}
+        unknown = [x for x in ids if x not in known]
+        if unknown:
+            raise error(404, f"unknown streams {unknown}")
+        entries = [_entry(snap, sid) for sid in ids]
+    else:
+        entries = list(snap["streams"])
+    placed = [e for e in entries if e["phase"] == "placed" and _node(snap, e["node"])]
+    if asked and len(placed) < len(entries):
+        waiting = [e["id"] for e in entries if e not in placed]
+        raise error(503, f"streams {waiting} are not running on a node yet",
+                    headers={"Retry-After": "2"})
+    by_node: dict[str, list[str]] = {}
+    for e in placed:
+        by_node.setdefault(e["node"], []).append(e["id"])
+    if len(by_node) > 1:
+        raise error(501, "a mosaic of streams on several nodes is not composed by the cluster "
+                    "gateway: ask for the streams of one node (?streams=...); nodes: "
+                    + "; ".join(f"{n}: {','.join(ids)}" for n, ids in sorted(by_node.items())),
+                    nodes=by_node)
+    if not by_node:
+        raise error(503, "no stream is running on a node yet", headers={"Retry-After": "2"})
+    node = _node(snap, next(iter(by_node)))
+    assert node is not None
+    return await relay(request, node, request.path)
 
 
 # -- system ------------------------------------------------------------------------------------
@@ -390,6 +504,7 @@ class _ClusterCollector:
 
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 STARTED = web.AppKey("started", float)
+LIVE_HUB = web.AppKey("gateway_live_hub", GatewayHub)
 
 _404 = {404: Body(Error, description="Unknown stream.")}
 EXTRA_ENDPOINTS = [
@@ -409,6 +524,8 @@ HANDLERS = {
     ("GET", "/streams/{id}/mjpeg"): media,
     ("GET", "/streams/{id}/snapshot.jpg"): media,
     ("GET", "/streams/{id}/mask.png"): media,
+    ("GET", "/ws"): live_ws,
+    ("GET", "/mosaic/mjpeg"): mosaic,
     ("GET", "/api/model"): to_any_node,
     ("POST", "/model/predict"): to_any_node,
     ("GET", "/model/labels"): to_any_node,
@@ -436,8 +553,14 @@ def make_gateway_app(cfg: AppConfig, client: ClusterClient,
     app[STARTED] = time.monotonic()
     registry = app[REGISTRY] = CollectorRegistry(auto_describe=False)
     registry.register(_ClusterCollector(client))
+    app[LIVE_HUB] = GatewayHub(cfg.page, lambda: _cluster_view(app))
+    app.on_shutdown.append(_end_pages)
     app.cleanup_ctx.append(_http_ctx)
     return app
+
+
+async def _end_pages(app: web.Application) -> None:
+    await app[LIVE_HUB].close_all()
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
