@@ -222,6 +222,52 @@ def test_mjpeg_of_a_stream_on_another_node_shows_the_overlay(gateway: Gateway) -
     assert status == 404
 
 
+def test_live_page_websocket_and_mosaic_through_the_gateway(gateway: Gateway) -> None:
+    """The page's /ws at the gateway: frames of a stream on a worker node (relayed from that
+    node's own /ws) decode as JPEG, and the status lists the streams of both nodes. The mosaic
+    of one node's streams is relayed; across nodes the gateway answers 501, naming them."""
+    import aiohttp
+
+    streams = gateway.streams()
+    node = streams["s3"]["node"]
+
+    async def watch() -> tuple[list[bytes], dict[str, Any]]:
+        frames: list[bytes] = []
+        status: dict[str, Any] = {}
+        async with aiohttp.ClientSession() as http, http.ws_connect(gateway.url("/ws")) as ws:
+            await ws.send_str(json.dumps({"watch": ["s3"], "fps": 5}))
+            deadline = time.monotonic() + 30
+            while (len(frames) < 3 or not status) and time.monotonic() < deadline:
+                msg = await ws.receive(timeout=10)
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    kind, n = msg.data[0], msg.data[1]
+                    assert (kind, msg.data[2:2 + n]) == (1, b"s3")
+                    frames.append(msg.data[6 + n:])
+                elif msg.type == aiohttp.WSMsgType.TEXT:
+                    data = json.loads(msg.data)
+                    if data["type"] == "status":
+                        status = data
+                else:
+                    raise AssertionError(msg)
+        return frames, status
+
+    t0 = time.monotonic()
+    frames, status = asyncio.run(watch())
+    print(f"/ws at the gateway: {len(frames)} frames of s3 (node {node}) in "
+          f"{time.monotonic() - t0:.1f} s")
+    assert len(frames) >= 3 and all(decode(f).shape == (240, 320, 3) for f in frames)
+    assert {s["id"]: s["node"] for s in status["streams"]} == {
+        sid: s["node"] for sid, s in streams.items()}
+    assert len({s["node"] for s in status["streams"]}) == 2
+
+    same = ",".join(sid for sid, s in streams.items() if s["node"] == node)
+    with urllib.request.urlopen(gateway.url(f"/mosaic/mjpeg?streams={same}"), timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("multipart/x-mixed-replace")
+        assert decode(read_part(r)).ndim == 3
+    status, body = gateway.call("GET", "/mosaic/mjpeg")
+    assert status == 501 and set(body["nodes"]) == {s["node"] for s in streams.values()}
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: Any, **kw: Any) -> None:
         return None
