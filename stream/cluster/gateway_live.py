@@ -123,7 +123,7 @@ class Upstream:
     async def _run(self) -> None:
         try:
             self.ws = await self.client.connect(self.node)
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        except Exception as e:  # retried at the next status tick (RETRY_S)
             log.info("no WebSocket to node %s: %s", self.node, e)
             return
         sender = asyncio.create_task(self._send())
