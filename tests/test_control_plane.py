@@ -185,6 +185,7 @@ def test_oversized_upload_burst_keeps_memory_flat(tmp_path: Path, segstream_home
     assert peak - before < 100, (before, peak)
 
 
+@pytest.mark.timeout(900)
 def test_schemathesis_finds_no_5xx_and_every_response_conforms(
     tmp_path: Path, segstream_home: Path, camera: RtspServer
 ) -> None:
@@ -201,6 +202,7 @@ def test_schemathesis_finds_no_5xx_and_every_response_conforms(
              "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
              "response_schema_conformance",
              "--exclude-path", "/streams/{id}/mjpeg",  # endless by design
+             "--exclude-path", "/mosaic/mjpeg",
              "--phases", "examples,coverage,fuzzing", "--max-examples", "25",
              "--request-timeout", "20", "--workers", "1", "--seed", "1",
              "--report", "junit", "--report-dir", str(report)],
