@@ -211,10 +211,10 @@ def initial_streams(cfg: AppConfig, store: StreamStore | None) -> AppConfig:
         return cfg
     if store.exists():
         kept = store.load()
-        seeded = {s.id for s in cfg.streams}
-        if seeded - {s.id for s in kept}:
-            log.info("state file %s owns the stream set (%d streams); the config's streams: "
-                     "list only seeds a new one", store.path, len(kept))
+        if cfg.streams and cfg.streams != kept:
+            log.warning("the config's streams: list differs from the state file %s, which owns "
+                        "the stream set (%d streams, API changes included); delete that file "
+                        "to start again from the config", store.path, len(kept))
         return cfg.model_copy(update={"streams": kept})
     store.save(list(cfg.streams))
     return cfg
