@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         except NotFetchedError as e:
             print(f"bench_cameras: {e}", file=sys.stderr)
             return 2
+    args.out = args.out.resolve()  # the service may run from another tree
     args.out.mkdir(parents=True, exist_ok=True)
     res = asyncio.run(orchestrate(args))
     (args.out / "results.json").write_text(json.dumps(res, indent=1))

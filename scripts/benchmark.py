@@ -513,7 +513,9 @@ def service_config(path: Path, args: argparse.Namespace, sources: list[str], por
     import yaml
 
     cfg = {
-        "server": {"host": "127.0.0.1", "port": port},
+        # No state file: a stream set kept from an earlier run (same config name, same
+        # SEGSTREAM_HOME) would replace these streams, cameras of another port included.
+        "server": {"host": "127.0.0.1", "port": port, "state_file": "none"},
         "model": {"name": args.model, "backend": args.backend, "workers": args.workers,
                   "threads": args.threads, "max_batch": max_batch or args.max_batch,
                   "max_wait_ms": args.max_wait_ms},
@@ -592,7 +594,12 @@ async def run_service(args: argparse.Namespace, label: str, sources: list[str],
             st = await http_json(f"{base}/api/streams")
             return all(s["state"] == "live" for s in st["streams"])
 
-        await wait_for(live, 30, "every stream live", proc)
+        try:
+            await wait_for(live, 30, "every stream live", proc)
+        except RuntimeError:
+            if cam_proc is not None and cam_proc.poll() is not None:
+                raise RuntimeError(f"the camera process exited ({cam_proc.returncode})") from None
+            raise
         await asyncio.sleep(args.warmup)
         for t in tasks:
             if t.done():
@@ -787,11 +794,26 @@ def common_flags(args: argparse.Namespace) -> list[str]:
 
 
 def run_raw(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
+    """The raw ceiling, repeated (up to --retries) when other jobs took CPU meanwhile: it is
+    the yardstick of every ratio."""
     cmd = [sys.executable, __file__, "raw", "--model", args.model, "--backend", args.backend,
            "--clip", str(args.clip), "--seconds", str(seconds), "--batches", "1,2,4,8",
            *common_flags(args)]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    for attempt in range(args.retries + 1):
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        meter = CpuMeter({"raw": p.pid})
+        meter.start()
+        out, _ = p.communicate()
+        cpu = meter.stop()
+        if p.returncode != 0:
+            raise subprocess.CalledProcessError(p.returncode, cmd)
+        res = json.loads(out.strip().splitlines()[-1])
+        res["cpu_cores"], res["attempts"] = cpu, attempt + 1
+        if cpu.get("other", 0.0) <= OTHER_MAX or attempt == args.retries:
+            return res
+        log(f"other jobs used {cpu['other']:.2f} cores during the raw run: measuring again")
+        machine_busy(5.0)
+    raise AssertionError("unreachable")
 
 
 def checkpoint(args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -819,7 +841,12 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     await wait_idle(args.idle_wait)
     results["raw"] = raw = run_raw(args, 1.5 if quick else 6.0)
     log(f"raw: {raw['fps']} fps ({raw_label(raw)})")
-    nmax = max(args.streams + ([args.target_streams] if args.target_streams else []))
+    nmax = max(args.streams + ([args.target_streams] if args.target_streams else []),
+               default=0)
+    if not nmax:  # the raw ceiling only
+        results["naive"], results["service"], results["files"] = [], [], []
+        results["summary"] = {"raw_fps": raw["fps"], "raw_batch": raw["best_batch"]}
+        return results
     results["naive"], results["service"], results["files"], results["target"] = [], [], [], []
     log(f"{nmax} cameras ({args.camera_encode} encoding)")
     with live_cameras(args.clip, nmax, args.fps, args.bitrate, args.camera_encode) as (
