@@ -134,10 +134,22 @@ class Scheduler:
     def due_soon(self, stream_id: str, horizon_s: float = 0.0) -> bool:
         """Whether a frame of this stream arriving within `horizon_s` would be taken rather
         than skipped: a reader converts a decoded frame only then. True for a stream without
-        a cap and for one the scheduler does not know (yet). Lock-free: it reads two floats,
-        and a stale read costs at most one extra or one later conversion."""
+        a cap and for one the scheduler does not know (yet). Lock-free on the scheduler: it
+        reads two floats, and a stale read costs at most one extra or one later conversion."""
         lane = self._lanes.get(stream_id)
-        return lane is None or lane.due(time.monotonic() + horizon_s)
+        if lane is None:
+            return True
+        now = time.monotonic()
+        if not lane.due(now + horizon_s):
+            return False
+        if lane.cap_fps <= 0:
+            return True  # uncapped: the newest frame always (latency first)
+        # A capped lane that is due while an earlier converted frame still waits: the model
+        # is behind. Converting each new frame would only replace the waiting one (one
+        # conversion per camera frame, all but one dropped, which starves the model
+        # further); a new one is converted once the waiting one is half a period old.
+        age = lane.source.slot.pending_age(now)
+        return age is None or age >= 0.5 / lane.cap_fps
 
     # -- wake-ups --------------------------------------------------------------------------
     def notify(self) -> None:

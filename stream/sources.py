@@ -137,6 +137,12 @@ class FrameSlot:
         self._observer.frame(self._stream_id, "skipped")
         return True
 
+    def pending_age(self, now: float) -> float | None:
+        """Seconds since the capture of the frame waiting to be taken; None if none waits."""
+        with self._lock:
+            f = self._frame
+            return None if f is None or not self._pending else now - f.capture_ts
+
     def pass_over(self) -> None:
         """A frame was decoded and not converted (the consumer would not have taken it): it
         is counted here as unconverted and never stored; the pending frame stays as it is."""

@@ -161,6 +161,44 @@ def test_converting_only_due_frames_keeps_the_rate_and_skips_none() -> None:
     assert max(taken) < 0.25  # each taken at once, not held back
 
 
+def test_a_model_far_behind_does_not_convert_every_frame() -> None:
+    """Capped lanes stay due while the model is behind: the reader converts a new frame only
+    once the waiting one is half a period old, not every camera frame (which the next one
+    would drop, starving the model further)."""
+    sched = Scheduler(max_batch=1, max_wait_s=0.0)
+    srcs = [Src(f"s{i}") for i in range(4)]
+    for s in srcs:
+        sched.add(s, 5.0)  # 4 x 5 fps wanted, from 50 fps sources
+    stop = threading.Event()
+
+    def reader(src: Src) -> None:
+        while not stop.is_set():
+            if sched.due_soon(src.id):
+                src.push()
+                sched.notify()
+            else:
+                src.seq += 1
+                src.slot.pass_over()
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=reader, args=(s,), daemon=True) for s in srcs]
+    for t in threads:
+        t.start()
+    end, taken = time.monotonic() + 2.0, 0
+    while time.monotonic() < end:  # a model that manages 5 fps in all, not 20
+        taken += len(sched.next_batch())
+        time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join(2)
+    c = [s.slot.counts() for s in srcs]
+    puts, decoded = sum(x["puts"] for x in c), sum(x["puts"] + x["unconverted"] for x in c)
+    assert 6 <= taken <= 14, (taken, c)
+    # Every 0.1 s per lane at most (half a period of 5 fps), not every 20 ms.
+    assert puts <= 4 * 2.0 / 0.1 + 8, (puts, decoded, c)
+    assert decoded >= 4 * 60, (decoded, c)
+
+
 def test_partial_batch_does_not_wait_for_a_dead_stream() -> None:
     sched = Scheduler(max_batch=4, max_wait_s=5.0)
     live, dead = Src("live"), Src("dead", state=SourceState.RECONNECTING)
