@@ -12,6 +12,9 @@ cost   N cameras (--cost-streams) inferred at a low rate (--cost-fps per camera)
        /proc name): reader threads and GStreamer's streaming threads ("sources"), the model
        workers, render, the rest. Per camera: (service - model workers - render) / N, i.e.
        everything a camera costs except the inference and rendering of its inferred frames.
+transport  one camera read by a bare VideoSource per reader (--transport-readers), nothing
+       else running in this process: the age of each frame (its pixel stamp) the moment the
+       reader has decoded and converted it. The latency floor that no scheduling can remove.
 count  N cameras (--counts) at --count-fps inferences per camera, an MJPEG viewer per camera
        reading the stamps: the run holds when every stream gets >= --min-fps segmented fps and
        the p99 glass-to-glass latency is <= --p99-ms. With --search, N grows by --step while it
@@ -154,6 +157,42 @@ async def run(args: argparse.Namespace, label: str, tree: Path, urls: list[str],
     return res
 
 
+def transport(args: argparse.Namespace, url: str, reader: str) -> dict[str, Any]:
+    """Ages of the frames a bare reader hands over (every frame converted)."""
+    import stamp
+
+    from stream.config import StreamConfig
+    from stream.sources import VideoSource
+
+    ages: list[float] = []
+    src: VideoSource
+
+    def on_frame(_id: str) -> None:
+        now = stamp.now_ms()
+        f = src.slot.take()
+        code = stamp.read_image(f.image) if f is not None else None
+        if code is not None and recording:
+            ages.append(float(bm.cycle_age_ms(stamp.age_ms(code[1], now), args.cycle_ms)))
+
+    recording = False
+    src = VideoSource(StreamConfig(id=f"transport-{reader}", source=url, reader=reader),
+                      on_frame=on_frame)
+    src.start()
+    try:
+        deadline = time.monotonic() + 30
+        while src.state.value != "live" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(args.warmup)
+        recording = True
+        time.sleep(args.transport_seconds)
+        recording = False
+        st = src.stats()
+    finally:
+        src.stop()
+    return {"reader": st["reader"], "frames": len(ages), **bm.pcts(ages),
+            "min_ms": round(min(ages), 1) if ages else None}
+
+
 async def run_clean(args: argparse.Namespace, *a: Any, **kw: Any) -> dict[str, Any]:
     """run(), repeated (up to --retries) while other jobs took CPU during the window."""
     for attempt in range(args.retries + 1):
@@ -175,7 +214,7 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"command": args.command_line, "started": time.strftime("%F %T"),
                            "machine": bm.machine_info(), "settings": settings(args),
                            "cost": [], "count": []}
-    need = max([args.cost_streams if args.readers else 0, *args.counts,
+    need = max([args.cost_streams if args.readers else 1, *args.counts,
                 args.max_count if args.search else 0])
     log(f"{need} cameras (pre-encoded, {args.cycle:g} s cycle)")
     with bm.live_cameras(args.clip, need, args.fps, args.bitrate, "pre", args.cycle) as (
@@ -196,6 +235,17 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 log(f"{label}: service {r['cpu_cores']['service']:.3f} cores, per camera "
                     f"{r['per_camera_cores']:.4f} (sources {r['sources_per_camera_cores']:.4f})"
                     f", converted {r['converted_share']:.0%}; threads {r['threads']}")
+        res["transport"] = []
+        for reader in args.transport_readers:
+            await bm.wait_idle(args.idle_wait)
+            meter = bm.CpuMeter({"sources": cam.pid, "harness": os.getpid()})
+            meter.start()
+            r = await asyncio.to_thread(transport, args, urls[0], reader)
+            r["cpu_cores"] = meter.stop()
+            res["transport"].append(r)
+            checkpoint(args, res)
+            log(f"transport {reader}: p50 {r['p50_ms']} p95 {r['p95_ms']} ms over "
+                f"{r['frames']} frames (others' CPU {r['cpu_cores']['other']:.2f})")
         queue = list(args.counts)
         while queue:
             n = queue.pop(0)
@@ -269,6 +319,18 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{fmt(st.get('convert'), 2)} | {r['converted_share']:.0%} | "
                 f"{r['cpu_cores'].get('other', 0):.2f} |")
         out.append("")
+    if res.get("transport"):
+        out += ["Transport: one camera, a bare reader in the harness process, every frame "
+                "converted; age of each frame (pixel stamp) when the reader hands it over.", "",
+                "| reader | frames | p50 ms | p95 ms | p99 ms | min ms | harness CPU "
+                "| others' CPU |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in res["transport"]:
+            out.append(f"| {r['reader']} | {r['frames']} | {fmt(r['p50_ms'])} | "
+                       f"{fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['min_ms'])} | "
+                       f"{r['cpu_cores'].get('harness', 0):.2f} | "
+                       f"{r['cpu_cores'].get('other', 0):.2f} |")
+        out.append("")
     if res["count"]:
         out += [f"Count: cameras at {s['count_fps']:g} inferences/s each, reader "
                 f"{s['count_reader']}, an MJPEG viewer per camera; holds when every stream "
@@ -309,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--before-readers", type=_names, default=["opencv", "pyav"])
     ap.add_argument("--cost-streams", type=int, default=8)
     ap.add_argument("--cost-fps", type=float, default=0.5)
+    ap.add_argument("--transport-readers", type=_names, default=["opencv", "pyav", "gst"])
+    ap.add_argument("--transport-seconds", type=float, default=15.0)
     ap.add_argument("--counts", type=bm.parse_list, default=[16])
     ap.add_argument("--count-fps", type=float, default=1.1)
     ap.add_argument("--count-reader", default="gst")
@@ -334,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.cost_streams, args.readers, args.counts, args.search = 2, ["opencv"], [2], False
+        args.transport_readers, args.transport_seconds = ["opencv"], 3.0
         args.warmup, args.seconds, args.count_seconds, args.cycle = 2.0, 5.0, 6.0, 10.0
         args.idle_wait, args.retries = min(args.idle_wait, 5.0), 0
     args.command_line = "python scripts/bench_cameras.py " + shlex.join(argv)
