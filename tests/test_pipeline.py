@@ -152,7 +152,7 @@ def test_converting_only_due_frames_keeps_the_rate_and_skips_none() -> None:
         taken += [time.monotonic() - j.frame.capture_ts for j in jobs]
     assert done.wait(5)
     c = src.slot.counts()
-    assert 8 <= len(taken) <= 12, c
+    assert 8 <= len(taken) <= 13, c  # 10 at the cap, + a new lane's catch-up (see above)
     assert c["skipped"] == 0, c  # the reader and the scan agree
     assert c["puts"] <= len(taken) + 2, c  # converted ~ inferred, not 50 a second
     assert c["unconverted"] >= 70, c
