@@ -6,7 +6,7 @@ CONFIG ?= configs/default.yaml
 # Where `segstream fetch` may copy files from instead of downloading (e.g. ../shared).
 export SEGSTREAM_FETCH_FROM ?=
 
-.PHONY: setup setup-test run test test-fast typecheck lint bench clean
+.PHONY: setup setup-test setup-gst run test test-fast typecheck lint bench clean
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
@@ -20,8 +20,14 @@ $(VENV)/.installed: pyproject.toml scripts/install_system_deps.sh
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	bash scripts/install_system_deps.sh test
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,gst]'
 	touch $@
+
+# The low-delay RTSP reader (reader: gst, or auto): GStreamer + PyGObject in the venv.
+setup-gst: $(VENV)/.installed
+	bash scripts/install_system_deps.sh gst
+	$(BIN)/pip install -q -e '.[gst]'
+
 
 run: setup
 	$(BIN)/segstream fetch

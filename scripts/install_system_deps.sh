@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # Installs the Debian/Ubuntu packages segstream needs; skips what is already there.
 #   runtime: python venv support (the wheels bring OpenCV/FFmpeg, TensorFlow, LiteRT).
+#   gst:     the `gst` reader (low-delay RTSP): GStreamer with its RTSP, H.264 (libav) and
+#            MJPEG plugins and their introspection data, and what `pip install '.[gst]'`
+#            needs to build PyGObject and pycairo (there are no Linux wheels).
 #   test:    the real peers the tests drive: gst-rtsp-server (via python3-gi), ffmpeg,
 #            headless chromium and a prometheus server; iproute2 and util-linux (ip,
-#            unshare) for the cluster test's network namespace.
+#            unshare) for the cluster test's network namespace; and everything of `gst`.
 set -euo pipefail
 want=()
+gst=(gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-libav
+     gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0
+     libgirepository1.0-dev libcairo2-dev pkg-config gcc python3-dev)
 case "${1:-runtime}" in
   runtime) want=(python3-venv) ;;
+  gst) want=("${gst[@]}") ;;
   test) want=(ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp
-              gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
-              gstreamer1.0-plugins-ugly gstreamer1.0-libav chromium prometheus
-              iproute2 util-linux) ;;
-  *) echo "usage: $0 runtime|test" >&2; exit 2 ;;
+              gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly chromium prometheus
+              iproute2 util-linux "${gst[@]}") ;;
+  *) echo "usage: $0 runtime|gst|test" >&2; exit 2 ;;
 esac
 missing=()
 for p in "${want[@]}"; do

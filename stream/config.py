@@ -166,7 +166,9 @@ class StreamConfig(_Strict):
     source: str = Field(description="rtsp://, rtsps://, rtmp://, http(s)://, srt:// URL, a "
                         "file path, a device (0, /dev/video0) or sample:NAME.",
                         max_length=2048)
-    reader: Literal["opencv", "pyav"] = Field("opencv", description="Capture library.")
+    reader: Literal["opencv", "pyav", "gst", "auto"] = Field(
+        "opencv", description="Capture library: opencv, pyav, gst (GStreamer: the low-delay "
+        "RTSP path, needs the gst extra) or auto (gst for RTSP where installed, else opencv).")
     infer_fps: float = Field(0.0, ge=0, le=1000, description="Frame skipping: most "
                              "inferences per second for this stream; 0 = no cap.")
     output: Literal["segmented", "smooth"] = Field(

@@ -67,8 +67,9 @@ class PrometheusObserver:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r)
         self.frames = Counter(
             "segstream_frames_total",
-            "Frames by stream and outcome: captured, dropped (overwritten unseen), skipped "
-            "(frame skipping), inferred, published.",
+            "Frames by stream and outcome: captured (decoded), unconverted (decoded only: "
+            "not due for inference), dropped (overwritten unseen), skipped (frame skipping), "
+            "inferred, published.",
             ["stream", "outcome"], registry=r)
         self.reconnects = Counter(
             "segstream_source_reconnects_total", "Reconnect attempts of a stream's source.",

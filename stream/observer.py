@@ -13,9 +13,13 @@ import numpy as np
 
 from stream.datatypes import SourceState
 
-Outcome = Literal["captured", "dropped", "skipped", "inferred", "published"]
-Stage = Literal["decode", "queue_wait", "preprocess", "render", "encode"]
-OUTCOMES: tuple[Outcome, ...] = ("captured", "dropped", "skipped", "inferred", "published")
+# captured: decoded from the source (every frame); then exactly one of unconverted (decoded,
+# never converted: the scheduler would not have taken it), skipped (converted, passed over by
+# frame skipping), dropped (overwritten before the scheduler looked) or taken (-> inferred).
+Outcome = Literal["captured", "unconverted", "dropped", "skipped", "inferred", "published"]
+Stage = Literal["decode", "convert", "queue_wait", "preprocess", "render", "encode"]
+OUTCOMES: tuple[Outcome, ...] = ("captured", "unconverted", "dropped", "skipped", "inferred",
+                                 "published")
 
 
 class Observer(Protocol):

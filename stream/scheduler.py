@@ -6,7 +6,14 @@ for other streams' frames. With `latency_target` set, a controller keeps the p95
 latency under the target: a frame waits for the batch in flight and then for its own, so the
 batch size is the first lever (halved while over target); only at batch 1 are the streams'
 rate caps cut (AIMD, one shared cap: the model is shared fairly). When latency is well under
-the target, rates come back first, then the batch size."""
+the target, rates come back first, then the batch size.
+
+A capped stream takes the first frame that arrives once it is due (a frame seen before then is
+skipped), so a reader can ask `due_soon(stream)` right after decoding a frame and convert it
+only if the answer is yes: the scheduler would skip it otherwise. A lane counts as due
+DUE_EARLY_S before its due time, both for that question and for the scan that follows it
+(after the conversion), so the two always agree: a frame converted because it was due is
+taken, and the frame the scheduler would have taken is never left unconverted."""
 
 from __future__ import annotations
 
@@ -22,6 +29,11 @@ import numpy as np
 from stream.datatypes import Job, SourceState
 from stream.observer import NULL_OBSERVER, Observer
 from stream.sources import FrameSlot
+
+# A lane is due this long before its due time. Covers the few milliseconds between a reader's
+# due_soon() and the scan that sees the converted frame; the long-run rate stays exact, since
+# the next due time follows from the last one, not from when the frame was taken.
+DUE_EARLY_S = 0.01
 
 
 class Schedulable(Protocol):
@@ -45,7 +57,7 @@ class _Lane:
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
 
     def due(self, now: float) -> bool:
-        return self.cap_fps <= 0 or now >= self.next_due
+        return self.cap_fps <= 0 or now + DUE_EARLY_S >= self.next_due
 
     def advance(self, now: float) -> None:
         if self.cap_fps > 0:
@@ -119,6 +131,26 @@ class Scheduler:
         lane = self._lanes.get(stream_id)
         return lane.cap_fps if lane else 0.0
 
+    def due_soon(self, stream_id: str, horizon_s: float = 0.0) -> bool:
+        """Whether a frame of this stream arriving within `horizon_s` would be taken rather
+        than skipped: a reader converts a decoded frame only then. True for a stream without
+        a cap and for one the scheduler does not know (yet). Lock-free on the scheduler: it
+        reads two floats, and a stale read costs at most one extra or one later conversion."""
+        lane = self._lanes.get(stream_id)
+        if lane is None:
+            return True
+        now = time.monotonic()
+        if not lane.due(now + horizon_s):
+            return False
+        if lane.cap_fps <= 0:
+            return True  # uncapped: the newest frame always (latency first)
+        # A capped lane that is due while an earlier converted frame still waits: the model
+        # is behind. Converting each new frame would only replace the waiting one (one
+        # conversion per camera frame, all but one dropped, which starves the model
+        # further); a new one is converted once the waiting one is half a period old.
+        age = lane.source.slot.pending_age(now)
+        return age is None or age >= 0.5 / lane.cap_fps
+
     # -- wake-ups --------------------------------------------------------------------------
     def notify(self) -> None:
         """Called by a reader thread after each new frame."""
@@ -191,8 +223,8 @@ class Scheduler:
         if deadline is not None:
             t = min(t, max(deadline - now, 0.0))
         for lane in self._lanes.values():
-            if lane.cap_fps > 0 and lane.next_due > now:
-                t = min(t, lane.next_due - now)
+            if lane.cap_fps > 0 and not lane.due(now):
+                t = min(t, lane.next_due - DUE_EARLY_S - now)
         return max(t, 0.0005)
 
     # -- latency target --------------------------------------------------------------------

@@ -338,14 +338,24 @@ class Service:
         stream.source.start()
 
     def _source(self, scfg: StreamConfig) -> VideoSource:
-        smooth = scfg.output == "smooth"
+        sid = scfg.id
+
+        def smooth() -> bool:  # the current setting: `output` changes live
+            s = self.streams.get(sid)
+            return (scfg if s is None else s.cfg).output == "smooth"
 
         def on_frame(stream_id: str) -> None:
             self.scheduler.notify()
-            if smooth:
+            if smooth():
                 self.render.wake(stream_id)
 
-        return VideoSource(scfg, on_frame=on_frame, resolve=resolve_source,
+        def wanted() -> bool:
+            # Convert a decoded frame only if it will be used: smooth output renders every
+            # frame; otherwise only the frames the scheduler takes (frame skipping at the
+            # reader: a camera inferred at 1 fps of 15 converts 1 frame a second, not 15).
+            return smooth() or self.scheduler.due_soon(sid)
+
+        return VideoSource(scfg, on_frame=on_frame, wanted=wanted, resolve=resolve_source,
                            observer=self.observer)
 
     def check_stream(self, scfg: StreamConfig) -> None:

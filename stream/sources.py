@@ -11,7 +11,12 @@ blocking call is abandoned (daemon thread) and a fresh one is started. Every rea
 a generation number and may only publish while it is the current one, so an abandoned
 reader can never publish a frame after it has been replaced or the source has stopped.
 
-Readers: OpenCV's FFmpeg backend (default) or PyAV, behind one open/read/close interface.
+Readers: OpenCV's FFmpeg backend (default), PyAV, or GStreamer (`gst`, through PyGObject, the
+low-delay RTSP path), behind one open/grab/retrieve/close interface. Every frame of the source
+is decoded (`grab`), but only a frame somebody will use is converted to BGR (`retrieve`): the
+source asks its `wanted` callable (the service passes the scheduler's `due_soon`), so a camera
+whose frames are mostly skipped costs its decode and little else. A frame decoded and not
+converted is counted as `unconverted`; it never reaches the slot.
 """
 
 from __future__ import annotations
@@ -80,7 +85,10 @@ class FrameSlot:
     (the consumer saw it and chose not to process it: mark_skipped), or *dropped*
     (overwritten before anyone took or skipped it). The newest frame is *pending* until one
     of those happens, so at any moment puts == taken + skipped + dropped + pending.
-    Dropped and skipped frames are also reported to the observer.
+    Dropped and skipped frames are also reported to the observer. Frames the reader decoded
+    but did not convert, because nobody would have taken them, never come here: they are
+    counted as *unconverted* (pass_over), so every decoded frame is in exactly one bin:
+    puts + unconverted == taken + skipped + dropped + unconverted + pending.
     """
 
     def __init__(self, stream_id: str = "", observer: Observer = NULL_OBSERVER) -> None:
@@ -89,7 +97,7 @@ class FrameSlot:
         self._lock = threading.Lock()
         self._frame: Frame | None = None
         self._pending = False  # the current frame is neither taken nor skipped
-        self.puts = self.taken = self.skipped = self.dropped = 0
+        self.puts = self.taken = self.skipped = self.dropped = self.unconverted = 0
 
     def put(self, frame: Frame) -> Frame | None:
         """Store `frame`; return the overwritten frame if nobody took or skipped it (a drop)."""
@@ -129,10 +137,24 @@ class FrameSlot:
         self._observer.frame(self._stream_id, "skipped")
         return True
 
+    def pending_age(self, now: float) -> float | None:
+        """Seconds since the capture of the frame waiting to be taken; None if none waits."""
+        with self._lock:
+            f = self._frame
+            return None if f is None or not self._pending else now - f.capture_ts
+
+    def pass_over(self) -> None:
+        """A frame was decoded and not converted (the consumer would not have taken it): it
+        is counted here as unconverted and never stored; the pending frame stays as it is."""
+        with self._lock:
+            self.unconverted += 1
+        self._observer.frame(self._stream_id, "unconverted")
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             return {"puts": self.puts, "taken": self.taken, "skipped": self.skipped,
-                    "dropped": self.dropped, "pending": int(self._pending)}
+                    "dropped": self.dropped, "pending": int(self._pending),
+                    "unconverted": self.unconverted}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,9 +240,14 @@ def _sane_fps(fps: float | None) -> float | None:
 
 
 class Reader:
-    """open() / read() / close() over one capture library; raises SourceError on failure."""
+    """open() / grab() / retrieve() / close() over one capture library; raises SourceError.
+
+    grab() reads and decodes the next frame (every frame of a stream has to be decoded, each
+    one depends on the last); retrieve() converts the frame grabbed last to a BGR image of
+    its own, and is called only for frames somebody will use."""
 
     fps: float | None = None  # the source's nominal frame rate, if it declares one
+    name = ""
 
     def __init__(self, target: Target, cfg: StreamConfig) -> None:
         self.target, self.cfg = target, cfg
@@ -228,12 +255,23 @@ class Reader:
     def open(self) -> None:
         raise NotImplementedError
 
-    def read(self) -> tuple[np.ndarray, float] | None:
-        """(BGR image, decode seconds), or None at the end of the stream.
-
-        Decode seconds are the work of reading and decoding, not the wait for a live
+    def grab(self) -> float | None:
+        """Decode the next frame: the seconds of work that took, or None at the end of the
+        stream. Decode seconds are the work of reading and decoding, not the wait for a live
         source's next frame (which would make a 25 fps camera look like 40 ms decodes)."""
         raise NotImplementedError
+
+    def retrieve(self) -> np.ndarray:
+        """The frame grabbed last as a BGR uint8 image the caller owns."""
+        raise NotImplementedError
+
+    def read(self) -> tuple[np.ndarray, float] | None:
+        """grab() + retrieve(): (BGR image, seconds of decode + conversion), or None at the end."""
+        decode_s = self.grab()
+        if decode_s is None:
+            return None
+        t0 = time.thread_time()
+        return self.retrieve(), decode_s + time.thread_time() - t0
 
     def close(self) -> None:
         raise NotImplementedError
@@ -289,7 +327,10 @@ def _ffmpeg_options(target: Target, cfg: StreamConfig) -> dict[str, str]:
 
 
 class OpenCVReader(Reader):
-    """cv2.VideoCapture with the FFmpeg backend (V4L2 for devices)."""
+    """cv2.VideoCapture with the FFmpeg backend (V4L2 for devices). grab() decodes, retrieve()
+    converts (swscale to BGR) and copies."""
+
+    name = "opencv"
 
     def __init__(self, target: Target, cfg: StreamConfig) -> None:
         super().__init__(target, cfg)
@@ -308,7 +349,8 @@ class OpenCVReader(Reader):
                       cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.cfg.read_timeout * 1000)]
             if t.live:
                 # FFmpeg's frame threading holds back (threads - 1) frames: latency a live
-                # stream should not pay. One thread decodes 720p H.264 in ~2.3 ms.
+                # stream should not pay; and with many cameras, parallelism comes from the
+                # streams themselves. One thread decodes 720p H.264 in ~2 ms.
                 params += [cv2.CAP_PROP_N_THREADS, 1]
             with _CV_OPTIONS.use("|".join(f"{k};{v}" for k, v in opts.items())):
                 cap = cv2.VideoCapture(t.url, cv2.CAP_FFMPEG, params)
@@ -328,20 +370,27 @@ class OpenCVReader(Reader):
             return f"timed out after {self.cfg.open_timeout:g} s"
         return _network_reason(t.url, min(2.0, self.cfg.open_timeout))
 
-    def read(self) -> tuple[np.ndarray, float] | None:
+    def grab(self) -> float | None:
         assert self._cap is not None
         t0, cpu0 = time.monotonic(), time.thread_time()
-        ok, img = self._cap.read()
+        ok = self._cap.grab()
         dt = time.monotonic() - t0
-        if ok and img is not None:
+        if ok:
             # Live sources decode on this one thread (N_THREADS=1), so its CPU time is the
             # decode work without the network wait; files never wait, so wall time is right.
-            return img, (time.thread_time() - cpu0) if self.target.live else dt
+            return (time.thread_time() - cpu0) if self.target.live else dt
         if not self.target.live:
             return None  # end of file (OpenCV does not tell EOF from a broken file)
         if dt >= self.cfg.read_timeout * 0.9:
             raise SourceError(f"read timed out after {self.cfg.read_timeout:g} s")
         raise SourceError("stream ended or connection lost")
+
+    def retrieve(self) -> np.ndarray:
+        assert self._cap is not None
+        ok, img = self._cap.retrieve()
+        if not ok or img is None:
+            raise SourceError("could not convert the decoded frame")
+        return img
 
     def close(self) -> None:
         if self._cap is not None:
@@ -350,15 +399,18 @@ class OpenCVReader(Reader):
 
 
 class PyAVReader(Reader):
-    """av.open + demux/decode. PyAV ends a dropped RTSP connection as a plain EOF, which is
-    why EOF on a live source counts as a failure (see VideoSource)."""
+    """av.open + demux/decode; retrieve() converts the av.VideoFrame (swscale to BGR). PyAV
+    ends a dropped RTSP connection as a plain EOF, which is why EOF on a live source counts
+    as a failure (see VideoSource)."""
 
+    name = "pyav"
     MAX_BAD_PACKETS = 100  # consecutive undecodable packets before giving up
 
     def __init__(self, target: Target, cfg: StreamConfig) -> None:
         super().__init__(target, cfg)
         self._container: Any = None
-        self._frames: Iterator[tuple[np.ndarray, float]] | None = None
+        self._frames: Iterator[tuple[Any, float]] | None = None
+        self._frame: Any = None  # the av.VideoFrame grabbed last
 
     def open(self) -> None:
         import av  # optional reader: import only when used
@@ -380,6 +432,10 @@ class PyAVReader(Reader):
             raise self._cannot_open(_av_reason(e, self.cfg.open_timeout, t0)) from None
         stream.thread_type = "SLICE"  # frame threading would add a frame of latency per thread
         if t.live:
+            # One decoder thread per camera: with many cameras the streams themselves keep
+            # the cores busy, and slice threads only help encoders that write many slices
+            # (cameras mostly write one), while each costs a wake-up per frame.
+            stream.codec_context.thread_count = 1
             try:
                 stream.codec_context.flags |= _LOW_DELAY
             except (TypeError, AttributeError):  # older PyAV: flags are an enum
@@ -387,7 +443,7 @@ class PyAVReader(Reader):
         self.fps = _sane_fps(stream.guessed_rate) or _sane_fps(stream.average_rate)
         self._frames = self._decode(stream)
 
-    def _decode(self, stream) -> Iterator[tuple[np.ndarray, float]]:
+    def _decode(self, stream) -> Iterator[tuple[Any, float]]:
         import av
 
         bad = 0
@@ -402,23 +458,28 @@ class PyAVReader(Reader):
                 continue
             bad = 0
             for f in frames:
-                img = f.to_ndarray(format="bgr24")
-                yield img, time.monotonic() - t0
+                yield f, time.monotonic() - t0
                 t0 = time.monotonic()
 
-    def read(self) -> tuple[np.ndarray, float] | None:
+    def grab(self) -> float | None:
         import av
 
         assert self._frames is not None
         t0 = time.monotonic()
         try:
-            return next(self._frames)
+            self._frame, decode_s = next(self._frames)
         except StopIteration:
             return None
         except av.error.FFmpegError as e:
             raise SourceError(_av_reason(e, self.cfg.read_timeout, t0)) from None
+        return decode_s
+
+    def retrieve(self) -> np.ndarray:
+        assert self._frame is not None
+        return self._frame.to_ndarray(format="bgr24")
 
     def close(self) -> None:
+        self._frame = None
         if self._container is not None:
             self._container.close()
             self._container = None
@@ -436,7 +497,289 @@ def _av_reason(e: Exception, timeout: float, since: float) -> str:
     return (getattr(e, "strerror", None) or str(e)).lower()
 
 
-READERS: dict[str, type[Reader]] = {"opencv": OpenCVReader, "pyav": PyAVReader}
+# ---------------------------------------------------------------------------------------------
+# GStreamer (PyGObject): the low-delay RTSP reader
+
+GST_HOWTO = ("install GStreamer and PyGObject: scripts/install_system_deps.sh gst, then "
+             "pip install 'segstream[gst]'")
+_GST_ELEMENTS = ("rtspsrc", "decodebin", "uridecodebin", "videoconvert", "appsink", "avdec_h264")
+_gst_lock = threading.Lock()
+_gst: dict[str, Any] = {}  # "Gst": the initialised module, or "why": why it is unavailable
+
+
+def _load_gst() -> Any:
+    """The Gst module, initialised once; None when GStreamer or PyGObject is missing."""
+    with _gst_lock:
+        if not _gst:
+            try:
+                import gi
+
+                gi.require_version("Gst", "1.0")
+                gi.require_version("GstApp", "1.0")  # appsink's pull API
+                gi.require_version("GstVideo", "1.0")  # frame layouts
+                from gi.repository import Gst, GstApp, GstVideo  # noqa: F401
+
+                Gst.init(None)
+            except (ImportError, ValueError) as e:
+                _gst["why"] = f"{type(e).__name__}: {e}; {GST_HOWTO}"
+                return None
+            missing = [e for e in _GST_ELEMENTS if Gst.ElementFactory.find(e) is None]
+            if missing:
+                _gst["why"] = f"GStreamer elements missing: {', '.join(missing)}; {GST_HOWTO}"
+            else:
+                _gst["Gst"] = Gst
+        return _gst.get("Gst")
+
+
+def gst_unavailable() -> str | None:
+    """None when the gst reader can run here, else why not."""
+    _load_gst()
+    return _gst.get("why")
+
+
+def _thread_cpu_s(tid: int | None) -> float | None:
+    """CPU seconds of one thread of this process (Linux), or None."""
+    if tid is None:
+        return None
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def i420_to_bgr(data: bytes, width: int, height: int, strides: tuple[int, int, int],
+                offsets: tuple[int, int, int]) -> np.ndarray:
+    """A planar I420 buffer (GStreamer's layout: row strides and plane offsets) as BGR."""
+    w, h = width, height
+    cw, ch = (w + 1) // 2, (h + 1) // 2
+    buf = np.frombuffer(data, np.uint8)
+    if (w, h) == (2 * cw, 2 * ch) and strides == (w, cw, cw) and offsets == (
+            0, w * h, w * h + cw * ch):
+        return cv2.cvtColor(buf[: w * h * 3 // 2].reshape(h * 3 // 2, w),
+                            cv2.COLOR_YUV2BGR_I420)
+    # Padded rows or odd sizes: repack into the tight even-sized layout OpenCV takes.
+    ew, eh = 2 * cw, 2 * ch
+    tight = np.empty(ew * eh * 3 // 2, np.uint8)
+    y = tight[: ew * eh].reshape(eh, ew)
+    y[:h, :w] = buf[offsets[0]: offsets[0] + strides[0] * h].reshape(h, strides[0])[:, :w]
+    y[:h, w:] = y[:h, w - 1: w]
+    y[h:] = y[h - 1: h]
+    for i, start in ((1, ew * eh), (2, ew * eh + cw * ch)):
+        plane = buf[offsets[i]: offsets[i] + strides[i] * ch].reshape(ch, strides[i])[:, :cw]
+        tight[start: start + cw * ch].reshape(ch, cw)[:] = plane
+    bgr = cv2.cvtColor(tight.reshape(eh * 3 // 2, ew), cv2.COLOR_YUV2BGR_I420)
+    return bgr if (ew, eh) == (w, h) else np.ascontiguousarray(bgr[:h, :w])
+
+
+class GstReader(Reader):
+    """GStreamer through PyGObject, decoding on GStreamer's own streaming thread.
+
+    RTSP: rtspsrc (latency=0, drop-on-latency) -> decodebin (RTP depayloader, parser,
+    avdec with one thread) -> appsink. The depayloader ends a frame at the RTP marker bit of
+    its last packet, so the frame is decoded as soon as it has arrived; FFmpeg's RTSP path
+    (the opencv and pyav readers) hands it over only when the next frame starts, one frame
+    period later. Only the video stream is set up. Files, HTTP (MJPEG) and other URLs go
+    through decodebin/uridecodebin, devices through v4l2src.
+
+    Frames arrive as I420; retrieve() converts with OpenCV. The appsink holds at most two
+    frames and never drops one: newest-wins happens in the FrameSlot, where every frame is
+    counted. When this thread falls behind, the pipeline waits (TCP backs up), as with the
+    other readers. Timeouts: open_timeout for the first frame, read_timeout between frames
+    (polled, 0.1 s steps), rtspsrc's TCP timeout set to read_timeout."""
+
+    name = "gst"
+    POLL_S = 0.1
+
+    def __init__(self, target: Target, cfg: StreamConfig) -> None:
+        super().__init__(target, cfg)
+        self._pipe: Any = None
+        self._sink: Any = None
+        self._bus: Any = None
+        self._sample: Any = None  # the sample grabbed last
+        self._first: Any = None  # pulled by open(), handed out by the first grab()
+        self._tid: int | None = None  # the streaming thread that decodes into the appsink
+        self._cpu = 0.0
+        self._layout: tuple[str, tuple[int, int, tuple[int, int, int], tuple[int, int, int]]] | None
+        self._layout = None
+
+    # -- pipeline --------------------------------------------------------------------------
+    def _build(self, Gst: Any) -> Any:
+        t, cfg = self.target, self.cfg
+        tail = ("videoconvert ! video/x-raw,format=I420 ! appsink name=sink max-buffers=2 "
+                "drop=false sync=false enable-last-sample=false")
+        if t.scheme in ("rtsp", "rtsps"):
+            us = int(cfg.read_timeout * 1e6)
+            head = (f"rtspsrc name=src latency=0 drop-on-latency=true "
+                    f"protocols={cfg.rtsp_transport} tcp-timeout={us} timeout={us} ! decodebin")
+        elif t.kind == "device":
+            head = "v4l2src name=src ! decodebin"
+        elif t.kind == "file":
+            head = "filesrc name=src ! decodebin"
+        elif t.scheme in ("http", "https"):
+            head = "souphttpsrc name=src is-live=true ! decodebin"
+        else:
+            head = "uridecodebin name=src"
+        pipe = Gst.parse_launch(f"{head} ! {tail}")
+        src = pipe.get_by_name("src")
+        # Locations are set as properties, never spliced into the description.
+        if t.scheme in ("rtsp", "rtsps"):
+            src.set_property("location", t.url)
+            src.connect("select-stream", _video_only)
+        elif t.kind in ("device", "file"):
+            src.set_property("device" if t.kind == "device" else "location", t.url)
+        elif t.scheme in ("http", "https"):
+            src.set_property("location", t.url)
+            src.set_property("timeout", max(1, round(cfg.read_timeout)))
+        else:
+            src.set_property("uri", t.url)
+        pipe.connect("deep-element-added", _element_added)
+        sink = pipe.get_by_name("sink")
+        sink.get_static_pad("sink").add_probe(Gst.PadProbeType.BUFFER, self._note_thread)
+        return pipe
+
+    def _note_thread(self, _pad: Any, _info: Any) -> Any:
+        from gi.repository import Gst
+
+        self._tid = threading.get_native_id()
+        return Gst.PadProbeReturn.REMOVE
+
+    def open(self) -> None:
+        Gst = _load_gst()
+        if Gst is None:
+            raise SourceError(f"reader gst unavailable: {_gst.get('why')}", permanent=True)
+        t = self.target
+        if t.kind == "file" and not Path(t.url).is_file():
+            raise self._cannot_open(_file_reason(t.url))
+        t0 = time.monotonic()
+        try:
+            self._pipe = self._build(Gst)
+        except Exception as e:  # GLib.Error from parse_launch, TypeError from a property
+            raise SourceError(f"cannot build the GStreamer pipeline: {e}",
+                              permanent=True) from None
+        self._sink = self._pipe.get_by_name("sink")
+        self._bus = self._pipe.get_bus()
+        if self._pipe.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
+            raise self._cannot_open(self._why_not(t0, self._bus_error() or "could not start"))
+        deadline = t0 + self.cfg.open_timeout
+        while True:
+            left = deadline - time.monotonic()
+            sample = self._sink.try_pull_sample(int(max(min(self.POLL_S, left), 0.001) * 1e9))
+            if sample is not None:
+                break
+            err = self._bus_error()
+            if err is not None:
+                raise self._cannot_open(self._why_not(t0, err))
+            if self._sink.is_eos():
+                raise self._cannot_open("no decodable video stream (ended before a frame)")
+            if time.monotonic() >= deadline:
+                raise self._cannot_open(f"timed out after {self.cfg.open_timeout:g} s")
+        self._first = sample
+        s = sample.get_caps().get_structure(0)
+        ok, num, den = s.get_fraction("framerate")
+        self.fps = _sane_fps(num / den) if ok and den else None
+
+    def _why_not(self, t0: float, err: str) -> str:
+        t = self.target
+        if t.kind == "file":
+            why = _file_reason(t.url)
+            return err.lower().rstrip(".") if why.startswith("no decodable") else why
+        if t.kind != "network":
+            return err.lower().rstrip(".")
+        if time.monotonic() - t0 >= self.cfg.open_timeout * 0.9:
+            return f"timed out after {self.cfg.open_timeout:g} s"
+        probe = _network_reason(t.url, min(2.0, self.cfg.open_timeout))
+        # The TCP probe names refused/unresolvable peers; otherwise GStreamer says more.
+        return err.lower().rstrip(".") if probe.startswith("server reachable") else probe
+
+    def _bus_error(self) -> str | None:
+        """The first error on the bus, if any; every other message is discarded (nobody
+        else drains this bus, and it would grow)."""
+        from gi.repository import Gst
+
+        while True:
+            msg = self._bus.pop()
+            if msg is None:
+                return None
+            if msg.type == Gst.MessageType.ERROR:
+                err, _debug = msg.parse_error()
+                return sanitize_text(str(err.message))
+
+    # -- frames ----------------------------------------------------------------------------
+    def grab(self) -> float | None:
+        sample, self._first = self._first, None
+        t0 = time.monotonic()
+        while sample is None:
+            sample = self._sink.try_pull_sample(int(self.POLL_S * 1e9))
+            if sample is not None:
+                break
+            err = self._bus_error()
+            if err is not None:
+                raise SourceError(err)
+            if self._sink.is_eos():
+                return None
+            if time.monotonic() - t0 >= self.cfg.read_timeout:
+                raise SourceError(f"read timed out after {self.cfg.read_timeout:g} s")
+        self._sample = sample
+        # The decode ran on the streaming thread: its CPU time since the last frame.
+        cpu = _thread_cpu_s(self._tid)
+        if cpu is None:
+            return 0.0
+        spent, self._cpu = (cpu - self._cpu if self._cpu else 0.0), cpu
+        return max(spent, 0.0)
+
+    def retrieve(self) -> np.ndarray:
+        from gi.repository import GstVideo
+
+        assert self._sample is not None
+        caps = self._sample.get_caps()
+        key = caps.to_string()
+        if self._layout is None or self._layout[0] != key:
+            info = GstVideo.VideoInfo.new_from_caps(caps)
+            self._layout = (key, (info.width, info.height, tuple(info.stride[:3]),
+                                  tuple(info.offset[:3])))
+        w, h, strides, offsets = self._layout[1]
+        buf = self._sample.get_buffer()
+        return i420_to_bgr(buf.extract_dup(0, buf.get_size()), w, h, strides, offsets)
+
+    def close(self) -> None:
+        self._sample = self._first = None
+        if self._pipe is not None:
+            from gi.repository import Gst
+
+            self._pipe.set_state(Gst.State.NULL)
+            self._pipe = self._sink = self._bus = None
+
+
+def _video_only(_src: Any, _num: int, caps: Any) -> bool:
+    """rtspsrc: set up the video stream only (a camera's audio would go unread)."""
+    return caps.get_structure(0).get_string("media") == "video"
+
+
+def _element_added(_bin: Any, _sub: Any, element: Any) -> None:
+    """Settings of elements decodebin picks. One decoder thread per stream: with many cameras
+    the streams keep the cores busy, and frame threads would hold back a frame each. An MJPEG
+    stream's multipart demuxer announces its one stream at once (else decodebin holds the
+    frames back until its queue overflows)."""
+    factory = element.get_factory()
+    name = factory.get_name() if factory is not None else ""
+    if name.startswith("avdec_"):
+        element.set_property("max-threads", 1)
+    elif name == "multipartdemux":
+        element.set_property("single-stream", True)
+
+
+READERS: dict[str, type[Reader]] = {"opencv": OpenCVReader, "pyav": PyAVReader,
+                                    "gst": GstReader}
+
+
+def reader_class(name: str, target: Target) -> type[Reader]:
+    """The reader a stream's `reader` setting means for this target. `auto`: gst for RTSP
+    when GStreamer and PyGObject are installed (the low-delay path), else opencv."""
+    if name == "auto":
+        rtsp = target.scheme in ("rtsp", "rtsps")
+        return GstReader if rtsp and gst_unavailable() is None else OpenCVReader
+    return READERS[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +817,12 @@ class _Pacer:
 
 
 class VideoSource:
-    """One stream's capture: reader thread -> FrameSlot, watched by a supervisor thread."""
+    """One stream's capture: reader thread -> FrameSlot, watched by a supervisor thread.
+
+    `wanted()`, asked after each decoded frame: will somebody use this frame? False: the
+    frame is not converted to BGR, not stored and counted as unconverted (the service asks
+    the scheduler whether the stream is due; a stream that renders every frame always wants
+    them). None: every frame is converted. `on_frame(id)` runs after each frame stored."""
 
     def __init__(
         self,
@@ -483,12 +831,16 @@ class VideoSource:
         on_frame: Callable[[str], None] | None = None,
         resolve: Callable[[str], str] | None = None,
         observer: Observer = NULL_OBSERVER,
+        wanted: Callable[[], bool] | None = None,
     ) -> None:
         self.id = cfg.id
         self.cfg = cfg
         self._observer = observer
         self.slot = FrameSlot(cfg.id, observer)
         self._on_frame = on_frame
+        self._wanted = wanted
+        self._wanted_failed = False
+        self._reader_name: str = cfg.reader  # `auto` until a reader is chosen
         self._resolve = resolve
         self._lock = threading.Lock()
         self._stop = threading.Event()  # this run's stop; set while not running
@@ -561,12 +913,13 @@ class VideoSource:
             return {
                 "id": self.id,
                 "source": sanitize_url(self.cfg.source),
-                "reader": self.cfg.reader,
+                "reader": self._reader_name,
                 "state": self._state.value,
                 "reason": self._reason,
                 "captured": self._captured,
                 "dropped": self.slot.dropped,
                 "skipped": self.slot.skipped,
+                "unconverted": self.slot.unconverted,
                 "reconnects": self._reconnects,
                 "consecutive_failures": self._failures,
                 "abandoned_readers": self._abandoned,
@@ -687,7 +1040,10 @@ class VideoSource:
     # -- reader thread ---------------------------------------------------------------------
 
     def _read_loop(self, a: _Attempt, target: Target) -> None:
-        reader = READERS[self.cfg.reader](target, self.cfg)
+        reader = reader_class(self.cfg.reader, target)(target, self.cfg)
+        with self._lock:
+            if self._gen == a.gen:
+                self._reader_name = reader.name
         try:
             reader.open()
             a.opened = time.monotonic()
@@ -703,8 +1059,8 @@ class VideoSource:
                     pacer.wait(a.cancel)
                     if a.cancel.is_set():
                         break
-                got = reader.read()
-                if got is None:
+                decode_s = reader.grab()
+                if decode_s is None:
                     if target.live:
                         raise SourceError("stream ended (EOF): the server closed it")
                     if not self.cfg.loop:
@@ -717,7 +1073,7 @@ class VideoSource:
                     since_open = 0
                     continue
                 since_open += 1
-                if not self._publish(a, *got):
+                if not self._publish(a, reader, decode_s):
                     return
         except SourceError as e:
             self._report(a, "error" if e.permanent else "failed", str(e))
@@ -734,28 +1090,51 @@ class VideoSource:
         a.outcome = (outcome, reason)
         self._wake.set()
 
-    def _publish(self, a: _Attempt, image: np.ndarray, decode_s: float) -> bool:
-        """Put a frame in the slot if this reader is still current. False: stop reading."""
-        ts = time.monotonic()
+    def _wants(self) -> bool:
+        if self._wanted is None:
+            return True
+        try:
+            return bool(self._wanted())
+        except Exception:  # a broken hook must not cost frames: convert them all
+            if not self._wanted_failed:
+                log.exception("%s: wanted() failed; converting every frame", self.id)
+                self._wanted_failed = True
+            return True
+
+    def _publish(self, a: _Attempt, reader: Reader, decode_s: float) -> bool:
+        """Count a decoded frame and, if somebody wants it, convert it and put it in the slot,
+        provided this reader is still current. False: stop reading."""
+        ts = time.monotonic()  # capture time: the frame is decoded (conversion comes after)
+        image = None
+        convert_s = 0.0
+        if self._wants():
+            t0 = time.thread_time()
+            image = reader.retrieve()
+            convert_s = time.thread_time() - t0
         with self._lock:
             if self._gen != a.gen:
                 return False
-            self._seq += 1
-            frame = Frame(image=image, seq=self._seq, capture_ts=ts, decode_s=decode_s)
+            self._seq += 1  # every decoded frame has its number, converted or not
             a.frames += 1
             a.last_frame = ts
             self._captured += 1
             self._last_ts = ts
             self._recent.append(ts)
-            self._height, self._width = image.shape[:2]
             if self._state is not SourceState.LIVE:
                 self._failures = 0
                 self._set_state(SourceState.LIVE, None)
             # Inside the lock: once stop() or the watchdog has moved the generation on,
             # no frame of this reader can reach the slot.
-            self.slot.put(frame)
+            if image is not None:
+                self._height, self._width = image.shape[:2]
+                self.slot.put(Frame(image=image, seq=self._seq, capture_ts=ts,
+                                    decode_s=decode_s + convert_s))
         self._observer.frame(self.id, "captured")
         self._observer.stage("decode", decode_s)
+        if image is None:
+            self.slot.pass_over()
+            return True
+        self._observer.stage("convert", convert_s)
         if self._on_frame is not None:
             try:
                 self._on_frame(self.id)

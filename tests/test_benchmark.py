@@ -140,3 +140,23 @@ def test_cycle_age_wraps_whole_cycles_only() -> None:
     assert cycle_age_ms(3 * 64_000 + 250, 64_000) == 250  # read three cycles later
     assert cycle_age_ms(64_000 - 1, 64_000) == 0  # rounding: at most 1 ms "in the future"
     assert cycle_age_ms(64_000 - 500, 64_000) == 63_500
+
+
+def test_quick_camera_benchmark_prints_cost_and_count(segstream_home: Path, tmp_path: Path) -> None:
+    """scripts/bench_cameras.py --quick: the per-camera cost (2 cameras, opencv) and a count run
+    with viewers, end to end, as documented."""
+    env = {**os.environ, "SEGSTREAM_HOME": str(segstream_home)}
+    p = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_cameras.py"), "--quick", "--out",
+         str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["per_camera_cores"]["after-opencv"] > 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    (cost,) = res["cost"]
+    # Few frames inferred: most decoded frames are never converted, and all are counted.
+    assert cost["captured"] > 0 and cost["converted_share"] < 0.5, cost
+    assert cost["captured"] >= cost["unconverted"] + cost["inferred"] - 2
+    (count,) = res["count"]
+    assert count["streams"] == 2 and count["p50_ms"] is not None and count["frames"] > 0
+    assert "| after | opencv | 2 |" in (tmp_path / "results.md").read_text()

@@ -20,9 +20,19 @@ from waiting import wait_for
 from stream.config import StreamConfig
 from stream.datatypes import Frame, SourceState
 from stream.metrics import PrometheusObserver
-from stream.sources import FrameSlot, VideoSource
+from stream.scheduler import Scheduler
+from stream.sources import (
+    FrameSlot,
+    GstReader,
+    OpenCVReader,
+    VideoSource,
+    gst_unavailable,
+    i420_to_bgr,
+    parse_target,
+    reader_class,
+)
 
-READERS = ["opencv", "pyav"]
+READERS = ["opencv", "pyav", "gst"]
 
 
 def frame(seq: int) -> Frame:
@@ -126,7 +136,8 @@ def test_slot_latest_wins_and_counts_drops() -> None:
     assert slot.put(frame(4)) is None  # 3 was taken: not a drop
     assert slot.take(after_seq=4) is None
     assert slot.take(after_seq=3).seq == 4
-    assert slot.counts() == {"puts": 4, "taken": 2, "skipped": 0, "dropped": 2, "pending": 0}
+    assert slot.counts() == {"puts": 4, "taken": 2, "skipped": 0, "dropped": 2, "pending": 0,
+                             "unconverted": 0}
     assert sample("slot-a", "dropped") == 2
 
 
@@ -141,12 +152,24 @@ def test_slot_skipped_frames_are_not_drops() -> None:
     assert not slot.mark_skipped(2)  # taken frames cannot also be skipped
     slot.put(frame(3))
     slot.put(frame(4))
-    assert slot.counts() == {"puts": 4, "taken": 1, "skipped": 1, "dropped": 1, "pending": 1}
+    assert slot.counts() == {"puts": 4, "taken": 1, "skipped": 1, "dropped": 1, "pending": 1,
+                             "unconverted": 0}
     assert sample("slot-b", "skipped") == 1 and sample("slot-b", "dropped") == 1
     unnamed = FrameSlot()  # no observer: counts only, no metrics
     unnamed.put(frame(1))
     unnamed.put(frame(2))
     assert unnamed.dropped == 1
+
+
+def test_slot_pass_over_counts_unconverted_frames_only() -> None:
+    slot = observed_slot("slot-c")
+    slot.put(frame(1))
+    slot.pass_over()  # frames 2 and 3: decoded, never converted
+    slot.pass_over()
+    assert slot.peek().seq == 1 and slot.take().seq == 1  # the pending frame is untouched
+    assert slot.counts() == {"puts": 1, "taken": 1, "skipped": 0, "dropped": 0, "pending": 0,
+                             "unconverted": 2}
+    assert sample("slot-c", "unconverted") == 2 and sample("slot-c", "dropped") == 0
 
 
 def test_slot_threads_every_frame_counted_once() -> None:
@@ -247,6 +270,82 @@ def test_stop_then_start_again(make_source, short_clip: Path) -> None:
     assert src.state is SourceState.LIVE and src.stats()["reconnects"] == 0
 
 
+# --------------------------------------------------------------------------- converting
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_source_converts_only_wanted_frames(short_clip: Path, reader: str) -> None:
+    """Every frame is decoded and counted; only wanted ones are converted and stored."""
+    asked = 0
+
+    def every_third() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked % 3 == 1
+
+    woken: list[str] = []
+    src = observed_source(StreamConfig(id=f"wanted-{reader}", source=str(short_clip),
+                                       reader=reader, realtime=False, loop=False),
+                          wanted=every_third, on_frame=woken.append)
+    src.start()
+    try:
+        assert wait_for(lambda: src.state is SourceState.STOPPED, 10), src.stats()
+        st, c = src.stats(), src.slot.counts()
+    finally:
+        src.stop()
+    assert st["captured"] == asked == 10 and st["reason"] == "end of file"
+    assert c["puts"] == 4 and c["unconverted"] == st["unconverted"] == 6, c  # frames 1,4,7,10
+    assert c["puts"] + c["unconverted"] == st["captured"]
+    assert c["puts"] == c["taken"] + c["skipped"] + c["dropped"] + c["pending"]
+    assert src.slot.peek().seq == 10  # seq numbers count every decoded frame
+    assert src.slot.peek().image.shape == (576, 768, 3)
+    assert len(woken) == 4  # the scheduler is woken for stored frames only
+    assert sample(src.id, "unconverted") == 6 and sample(src.id, "captured") == 10
+
+
+def test_a_failing_wanted_hook_converts_every_frame(short_clip: Path) -> None:
+    def broken() -> bool:
+        raise RuntimeError("boom")
+
+    src = VideoSource(StreamConfig(id="wanted-broken", source=str(short_clip),
+                                   realtime=False, loop=False), wanted=broken)
+    src.start()
+    try:
+        assert wait_for(lambda: src.state is SourceState.STOPPED, 10), src.stats()
+    finally:
+        src.stop()
+    assert src.slot.counts()["puts"] == 10 and src.slot.unconverted == 0
+
+
+def test_auto_reader_picks_gst_for_rtsp_only() -> None:
+    rtsp, file = parse_target("rtsp://cam.local/s1"), parse_target("/tmp/x.mp4")
+    assert reader_class("auto", file) is OpenCVReader
+    assert reader_class("auto", rtsp) is (GstReader if gst_unavailable() is None
+                                          else OpenCVReader)
+    assert reader_class("opencv", rtsp) is OpenCVReader
+
+
+@pytest.mark.parametrize("size", [(640, 480), (322, 240), (321, 239)])
+def test_i420_with_padded_rows_and_odd_sizes(size: tuple[int, int]) -> None:
+    """GStreamer pads I420 rows to 4 bytes and rounds chroma up: same picture as OpenCV's
+    conversion of the tight layout."""
+    w, h = size
+    cw, ch = (w + 1) // 2, (h + 1) // 2
+    rng = np.random.default_rng(0)
+    y, u, v = (rng.integers(16, 236, s, dtype=np.uint8) for s in ((h, w), (ch, cw), (ch, cw)))
+    strides = ((w + 3) // 4 * 4, (cw + 3) // 4 * 4, (cw + 3) // 4 * 4)
+    offsets = (0, strides[0] * h, strides[0] * h + strides[1] * ch)
+    buf = np.zeros(offsets[2] + strides[2] * ch, np.uint8)
+    for plane, off, stride in zip((y, u, v), offsets, strides, strict=True):
+        buf[off: off + stride * plane.shape[0]].reshape(-1, stride)[:, : plane.shape[1]] = plane
+    got = i420_to_bgr(buf.tobytes(), w, h, strides, offsets)  # type: ignore[arg-type]
+    ew, eh = 2 * cw, 2 * ch
+    ye = np.pad(y, ((0, eh - h), (0, ew - w)), mode="edge")
+    ref = cv2.cvtColor(np.concatenate([ye.ravel(), u.ravel(), v.ravel()]).reshape(-1, ew),
+                       cv2.COLOR_YUV2BGR_I420)[:h, :w]
+    assert got.shape == (h, w, 3) and np.array_equal(got, ref)
+
+
 # --------------------------------------------------------------------------- RTSP
 
 
@@ -272,6 +371,38 @@ def test_rtsp_reader_delivers_frames(make_source, shared_rtsp: RtspServer, reade
         src.stop()
     assert src.state is SourceState.STOPPED
     assert OBS.registry.get_sample_value("segstream_stream_up", {"stream": src.id}) == 0
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_rtsp_converts_only_the_frames_the_scheduler_takes(
+    shared_rtsp: RtspServer, reader: str
+) -> None:
+    """The service's wiring: a 10 fps camera inferred at 2 fps. Frames are still taken at
+    the scheduled rate, each as soon as it is decoded, while only those are converted."""
+    sched = Scheduler(max_batch=1, max_wait_s=0.0)
+    cfg = StreamConfig(id=f"due-{reader}", source=shared_rtsp.url(), reader=reader)
+    src = observed_source(cfg, on_frame=lambda _id: sched.notify(),
+                          wanted=lambda: sched.due_soon(cfg.id))
+    sched.add(src, 2.0)
+    src.start()
+    ages: list[float] = []
+    try:
+        assert wait_for(lambda: src.state is SourceState.LIVE, 15), (src.stats(),
+                                                                     shared_rtsp.log())
+        c0, n0 = src.slot.counts(), src.stats()["captured"]
+        threading.Timer(3.0, sched.stop).start()
+        while jobs := sched.next_batch():
+            ages += [j.taken_ts - j.frame.capture_ts for j in jobs]
+        c1, n1 = src.slot.counts(), src.stats()["captured"]
+    finally:
+        src.stop()
+    decoded, puts = n1 - n0, c1["puts"] - c0["puts"]
+    assert 20 <= decoded <= 40, (decoded, c1)  # the camera's 10 fps, all decoded
+    assert 4 <= len(ages) <= 8, (ages, c1)  # 2 fps inferred
+    assert puts <= len(ages) + 2, (puts, len(ages), c1)  # converted: the taken ones only
+    assert c1["unconverted"] - c0["unconverted"] >= decoded - puts - 1
+    assert c1["skipped"] == c0["skipped"], c1
+    assert sorted(ages)[len(ages) // 2] < 0.1, ages  # taken right after decoding
 
 
 @pytest.mark.parametrize("reader", READERS)
