@@ -277,7 +277,6 @@ def test_cli_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixtu
     cases = [
         (["--num-classes", "3", "--ignore", "2"], r"--ignore 2 is a real class id"),
         (["--class-names", "x,y", "--num-classes", "3"], r"--num-classes 3 but 2"),
-        (["--model", "edgetpu-cityscapes"], r"'edgetpu-cityscapes' has no Keras port"),
         (["--model", "nope"], r"unknown model 'nope'"),
         (["--num-classes", "3", "--val-split", "1.5"], r"--val-split must be in \[0, 1\)"),
         (["--num-classes", "3", "--out", str(existing)], r"already exists; pass --overwrite"),
