@@ -29,10 +29,11 @@ Layers are named after their TF scopes ("MobilenetV2/expanded_conv_3/depthwise" 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import keras
 import numpy as np
@@ -130,6 +131,44 @@ class Normalize(layers.Layer):
         return (ops.cast(x, "float32") - self.mean) * (1.0 / self.std)
 
 
+def _f32(*values: float) -> list[Any]:
+    return [ops.convert_to_tensor(v, "float32") for v in values]
+
+
+def _requant_clip(x, multiplier, lo, hi):
+    return ops.clip(ops.round(x * multiplier), lo, hi)
+
+
+def _requant_min(x, multiplier, lo, hi):
+    return ops.minimum(ops.round(x * multiplier), hi)
+
+
+def _add(a, b, a_multiplier, b_multiplier, rounding, shift, lo, hi):
+    acc = ops.cast(a, "int32") * a_multiplier + ops.cast(b, "int32") * b_multiplier + rounding
+    return ops.clip(ops.cast(ops.right_shift(acc, shift), "float32"), lo, hi)
+
+
+def fused(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, its element-wise ops fused into one pass on TensorFlow as on JAX.
+
+    JAX jit-compiles the whole model: XLA fuses each requantization's multiply, round and
+    clamps into one loop. The keras runtime runs TensorFlow's own kernels (on CPU its convs
+    beat XLA's), one memory pass per op, so there the small function alone is compiled by
+    XLA. The numbers it uses are passed as tensors, so one compilation serves every layer of
+    the same tensor shape.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return fn(*args)
+    return _xla(fn)(*args)
+
+
+@functools.cache
+def _xla(fn: Callable[..., Any]) -> Callable[..., Any]:
+    import tensorflow as tf
+
+    return tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=False)
+
+
 @keras.saving.register_keras_serializable(package="segstream")
 class QuantizeInput(layers.Layer):
     """uint8 RGB -> q - zero_point of the file's input grid (faithful mode), as float32."""
@@ -157,9 +196,9 @@ class Requant(layers.Layer):
         self.multiplier, self.lo, self.hi = float(np.float32(multiplier)), int(lo), int(hi)
 
     def call(self, x):
-        if self.lo == 0:  # a fused ReLU (in the conv) already did the lower clamp
-            return ops.minimum(ops.round(x * self.multiplier), float(self.hi))
-        return ops.clip(ops.round(x * self.multiplier), float(self.lo), float(self.hi))
+        # lo == 0: a fused ReLU (in the conv) already did the lower clamp
+        return fused(_requant_clip if self.lo else _requant_min, x,
+                     *_f32(self.multiplier, self.lo, self.hi))
 
 
 @keras.saving.register_keras_serializable(package="segstream")
@@ -178,10 +217,9 @@ class QuantAdd(layers.Layer):
         self.shift, self.lo, self.hi = int(shift), int(lo), int(hi)
 
     def call(self, inputs):
-        a, b = (ops.cast(t, "int32") for t in inputs)
-        acc = a * self.a_multiplier + b * self.b_multiplier + (1 << (self.shift - 1))
-        out = ops.cast(ops.right_shift(acc, self.shift), "float32")
-        return ops.clip(out, float(self.lo), float(self.hi))
+        ints = (ops.convert_to_tensor(v, "int32") for v in (
+            self.a_multiplier, self.b_multiplier, 1 << (self.shift - 1), self.shift))
+        return fused(_add, *inputs, *ints, *_f32(self.lo, self.hi))
 
 
 def add_multipliers(a: QuantParams, b: QuantParams, out: QuantParams) -> tuple[int, int, int]:
@@ -285,8 +323,8 @@ class ResizeAlignCorners(layers.Layer):
     With ``quant`` = (scale, zero_point) the input is q - zero_point of that uint8 grid
     (faithful mode) and the resize is TFLite's uint8 one: it interpolates the integers q and
     rounds half up (floor(v + 0.5), checked against the file's own outputs). ``emit``
-    "uint8" returns those integers as float (what the argmax reads, ties intact), "real"
-    their dequantized values.
+    "uint8" returns those as uint8 (what the argmax reads, ties intact; an integer argmax
+    also skips the float one's -0.0 handling), "real" their dequantized values.
     """
 
     def __init__(self, in_size: tuple[int, int], out_size: tuple[int, int],
@@ -310,10 +348,10 @@ class ResizeAlignCorners(layers.Layer):
         # offset passes through the interpolation and only a floor is left on the big output
         q = x + (zp + 0.5)
         q = ops.einsum("ip,npqc->niqc", my, q)
-        q = ops.floor(ops.einsum("jq,niqc->nijc", mx, q))
-        if self.emit == "uint8":
-            return q
-        return (q - zp) * scale
+        q = ops.einsum("jq,niqc->nijc", mx, q)
+        if self.emit == "uint8":  # v >= 0.5: the truncating cast is the floor
+            return ops.cast(q, "uint8")
+        return (ops.floor(q) - zp) * scale
 
 
 @keras.saving.register_keras_serializable(package="segstream")
