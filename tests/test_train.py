@@ -109,7 +109,7 @@ def test_new_head_keeps_backbone_and_aspp(segstream_home: Path) -> None:
     from models.registry import get_spec
     from models.tflite_import import load_keras_model
 
-    base = load_keras_model("mnv2-voc-fast", 65, output="logits")
+    base = load_keras_model("mnv2-voc-fast", 65, output="logits", mode="float")
     model = train.build_finetune_model(get_spec("mnv2-voc-fast"), 5, 65)
     head = model.get_layer(train.LOGITS_LAYER)
     assert tuple(head.kernel.shape) == (1, 1, 256, 5)
