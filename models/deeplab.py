@@ -95,10 +95,6 @@ class QuantParams:
     scale: float
     zero_point: int
 
-    @property
-    def real_range(self) -> tuple[float, float]:
-        return (-self.zero_point * self.scale, (255 - self.zero_point) * self.scale)
-
     def as_list(self) -> list[float]:
         return [float(self.scale), int(self.zero_point)]
 
