@@ -69,6 +69,8 @@ def load_finetuned(weights: PathLike, input_size: int | None = None,
     mean, std = meta["input_norm"]
     model = build_deeplab(int(meta["num_classes"]), float(meta["depth_multiplier"]),
                           int(meta["output_stride"]), int(input_size or meta["input_size"]),
-                          input_norm=(float(mean), float(std)), output=output)
+                          input_norm=(float(mean), float(std)), output=output,
+                          backbone=meta.get("backbone", "mobilenet_v2"),  # older sidecars
+                          head_depth=int(meta.get("head_depth", 256)))
     model.load_weights(str(weights))
     return model, meta

@@ -12,6 +12,7 @@ from models.labels import CITYSCAPES_LABELS, VOC_LABELS, cityscapes_palette, voc
 from models.norm import FLOAT_NORM, QUANT_NORM, Norm
 
 TfliteKind = Literal["argmax_uint8", "logits_float"]
+Backbone = Literal["mobilenet_v2", "mobilenet_edgetpu"]
 
 _CORAL = "https://raw.githubusercontent.com/google-coral/test_data/104342d2d3480b3e66203073dac24f4e2dbb4c41"
 _FLUTTER = "https://raw.githubusercontent.com/shaqian/flutter_tflite/ce8075a391e02e0cc0bc6c2db950aa961a17d745"
@@ -24,8 +25,8 @@ class ModelSpec:
 
     ``tflite_kind``: "argmax_uint8" files take uint8 RGB and output int64 class ids;
     "logits_float" files take float input normalised by FLOAT_NORM and output float logits.
-    ``depth_multiplier``/``output_stride`` describe the MobileNetV2 the Keras port builds
-    (None: not portable, tflite runtime only).
+    ``backbone``/``depth_multiplier``/``output_stride``/``head_depth`` describe the network
+    the Keras port builds (None: not portable, tflite runtime only).
     """
 
     name: str
@@ -40,10 +41,17 @@ class ModelSpec:
     tflite_kind: TfliteKind
     keras: bool
     description: str = ""
+    backbone: Backbone = "mobilenet_v2"
+    head_depth: int = 256  # ASPP depth
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def quantized(self) -> bool:
+        """A uint8 file: its Keras port defaults to the int8-faithful mode."""
+        return self.tflite_kind == "argmax_uint8"
 
     @property
     def input_norm(self) -> Norm:
@@ -107,8 +115,9 @@ _SPECS = [
         sha256="322fe29945cb1693f426952f2a330ab67ea5678545ddee6f2548e0cfd0ca03e5",
         url=f"{_CORAL}/deeplab_mobilenet_edgetpu_slim_cityscapes_quant.tflite",
         labels=CITYSCAPES_LABELS, palette=cityscapes_palette, input_size=513,
-        depth_multiplier=None, output_stride=None, tflite_kind="argmax_uint8", keras=False,
-        description="DeepLab MobileNet-EdgeTPU slim, Cityscapes 19 trainIds, uint8 (tflite only)",
+        depth_multiplier=0.75, output_stride=16, tflite_kind="argmax_uint8", keras=True,
+        backbone="mobilenet_edgetpu", head_depth=128,
+        description="DeepLab MobileNet-EdgeTPU x0.75 slim, Cityscapes 19 trainIds, uint8",
     ),
 ]
 

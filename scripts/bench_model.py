@@ -7,6 +7,8 @@ and with --gil, one line per runtime saying how much a pure-Python thread still 
 segment() loops in another thread (1.0: the runtime releases the GIL while it computes).
 
   python scripts/bench_model.py --models mnv2-voc --runtimes tflite keras --seconds 5
+  python scripts/bench_model.py --runtimes keras --keras-modes float faithful --inputs 513 \
+      --batches 1 8 --interleave   # the int8-faithful mode's cost over the float one
 """
 
 from __future__ import annotations
@@ -88,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--seconds", type=float, default=3.0, help="timing per measurement")
     p.add_argument("--threads", type=int, default=None, help="TFLite threads (default: all)")
+    p.add_argument("--keras-modes", nargs="+", default=["default"],
+                   choices=["default", "faithful", "float"],
+                   help="Keras port modes (default: the model's own, faithful for uint8 files)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the modes call by call in alternation and report each one's "
+                        "median call (steadier on a shared machine than one run after another)")
     p.add_argument("--gil", action="store_true", help="also measure GIL release (batch 1)")
     p.add_argument("--out", type=Path, default=None, help="append the JSON lines here too")
     args = p.parse_args(argv)
@@ -97,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models:
             for runtime in args.runtimes:
                 for size in args.inputs:
-                    _bench_one(args, model, runtime, size, sink)
+                    modes = args.keras_modes if runtime == "keras" else ["default"]
+                    _bench_modes(args, model, runtime, size, modes, sink)
     finally:
         if sink:
             sink.close()
@@ -111,27 +120,53 @@ def _emit(rec: dict, sink) -> None:
         sink.write(line + "\n")
 
 
-def _bench_one(args: argparse.Namespace, model: str, runtime: str, size: int, sink) -> None:
-    t0 = time.perf_counter()
-    seg = load_segmenter(model, runtime, batch_sizes=tuple(args.batches), threads=args.threads,
-                         input_size=size)
-    load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    seg.warmup()
-    warm_s = time.perf_counter() - t0
+def _bench_modes(args: argparse.Namespace, model: str, runtime: str, size: int,
+                 modes: list[str], sink) -> None:
+    """One segmenter per mode; timed one after another, or call by call (--interleave)."""
+    segs = {}
+    for mode in modes:
+        t0 = time.perf_counter()
+        seg = load_segmenter(model, runtime, batch_sizes=tuple(args.batches),
+                             threads=args.threads, input_size=size,
+                             keras_mode=None if mode == "default" else mode)
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        seg.warmup()
+        segs[mode] = (seg, load_s, time.perf_counter() - t0)
     frames = _frames(max(args.batches), size)
-    common = {"runtime": runtime, "model": model, "input": size}
-    if runtime == "keras":
-        common["keras_backend"] = getattr(seg, "keras_backend", "?")
     for b in args.batches:
-        per_batch, n = _time(seg, frames[:b], args.seconds)
-        _emit({**common, "batch": b, "fps": round(b / per_batch, 2),
-               "ms_per_batch": round(per_batch * 1e3, 2), "iters": n,
-               "load_s": round(load_s, 2), "warmup_s": round(warm_s, 2),
-               "cpus": os.cpu_count()}, sink)
-    if args.gil:
-        _emit({**common, "batch": 1, "gil": gil_ratio(seg, frames[:1], args.seconds)}, sink)
-    seg.close()
+        timed = _interleaved(segs, frames[:b], args.seconds) if args.interleave else {
+            mode: _time(seg, frames[:b], args.seconds) for mode, (seg, _, _) in segs.items()}
+        for mode, (seg, load_s, warm_s) in segs.items():
+            per_batch, n = timed[mode]
+            rec = {"runtime": runtime, "model": model, "input": size}
+            if runtime == "keras":
+                rec["keras_backend"] = getattr(seg, "keras_backend", "?")
+            rec["mode"] = seg.mode
+            _emit({**rec, "batch": b, "fps": round(b / per_batch, 2),
+                   "ms_per_batch": round(per_batch * 1e3, 2), "iters": n,
+                   "interleaved": args.interleave, "load_s": round(load_s, 2),
+                   "warmup_s": round(warm_s, 2), "cpus": os.cpu_count()}, sink)
+    for seg, _, _ in segs.values():
+        if args.gil:
+            _emit({"runtime": runtime, "model": model, "input": size, "mode": seg.mode,
+                   "batch": 1, "gil": gil_ratio(seg, frames[:1], args.seconds)}, sink)
+        seg.close()
+
+
+def _interleaved(segs: dict, frames: np.ndarray, seconds: float) -> dict[str, tuple[float, int]]:
+    """Median seconds per call of each segmenter, calling them in turn for ~seconds each."""
+    calls: dict[str, list[float]] = {mode: [] for mode in segs}
+    for seg, _, _ in segs.values():
+        seg.segment(frames)  # compile/allocate outside the timing
+    start = time.perf_counter()
+    while True:
+        for mode, (seg, _, _) in segs.items():
+            t0 = time.perf_counter()
+            seg.segment(frames)
+            calls[mode].append(time.perf_counter() - t0)
+        if time.perf_counter() - start >= seconds * len(segs) and len(calls[mode]) >= 5:
+            return {m: (float(np.median(c)), len(c)) for m, c in calls.items()}
 
 
 if __name__ == "__main__":

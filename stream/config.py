@@ -93,6 +93,9 @@ class ModelConfig(_Strict):
     name: str = "mnv2-voc"
     backend: Literal["auto", "keras", "tflite"] = "auto"
     weights: str | None = None  # fine-tuned weights from `segstream train` (keras backend)
+    # Keras backend only: int8-faithful emulation of the uint8 file (same answers as tflite)
+    # or the float rebuild; None = faithful for uint8 models, float for float files/fine-tunes.
+    keras_mode: Literal["faithful", "float"] | None = None
     # Inference workers, each with its own copy of the model, pulling batches in parallel;
     # None = auto (runner.plan_workers: on CPU several single-threaded ones, 1 on a GPU).
     workers: int | None = Field(None, ge=1, le=64)

@@ -171,7 +171,8 @@ class Service:
                 if self._stopping.is_set():
                     break  # shutting down: the caller closes what is loaded
                 seg = load_segmenter(m.name, backend, batch_sizes=plan.batch_sizes,
-                                     threads=plan.threads, weights=m.weights)
+                                     threads=plan.threads, weights=m.weights,
+                                     keras_mode=m.keras_mode)
                 segs.append(seg)
                 seg.warmup()
         except BaseException:

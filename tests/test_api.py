@@ -91,6 +91,12 @@ def stored_ids(api: Api) -> list[str]:
 # -- the stream API --------------------------------------------------------------------------
 
 
+async def test_model_info_names_the_mode(api: Api) -> None:
+    status, body = await api.call("GET", "/api/model")
+    assert status == 200
+    assert (body["name"], body["backend"], body["mode"]) == ("mnv2-voc", "tflite", "int8")
+
+
 async def test_stream_round_trip(api: Api, shared_dir: Path, camera: RtspServer) -> None:
     vtest = str(shared_dir / "data/video/vtest.avi")
     status, body = await api.call("POST", "/api/streams", {"id": "door", "source": vtest})

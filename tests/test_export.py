@@ -39,10 +39,10 @@ def frames(shared_dir: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference(segstream_home: Path, frames: np.ndarray) -> np.ndarray:
-    """Class ids of the in-memory Keras port (TF backend)."""
+    """Class ids of the in-memory float Keras port (TF backend): what export writes."""
     from models.tflite_import import load_keras_model
 
-    ref = np.asarray(load_keras_model("mnv2-voc", SIZE)(frames))
+    ref = np.asarray(load_keras_model("mnv2-voc", SIZE, mode="float")(frames))
     assert ref.dtype == np.uint8 and ref.shape == (2, SIZE, SIZE)
     assert {3, 15} <= set(np.unique(ref).tolist())  # bird and person: a real, non-trivial check
     return ref
@@ -82,6 +82,21 @@ def test_keras_file_reloads_on_jax(segstream_home: Path, frames: np.ndarray,
     assert out.dtype == np.uint8
     agree = _agree(out, reference)
     print(f".keras on JAX vs Keras port: {agree:.6f}")
+    assert agree >= 0.999
+
+
+def test_faithful_keras_file_answers_like_tflite(segstream_home: Path, frames: np.ndarray,
+                                                tmp_path: Path) -> None:
+    """--faithful writes the int8-faithful port; reloaded, it gives the tflite runtime's ids."""
+    from models.runtime import load_segmenter
+    from models.tools.export import load_keras_file
+
+    res = export_model("keras", tmp_path, name="mnv2-voc", input_size=SIZE, faithful=True)
+    assert res.path.name == "mnv2-voc-faithful.keras" and res.mode == "int8-faithful"
+    out = np.asarray(load_keras_file(res.path)(frames))
+    with load_segmenter("mnv2-voc", "tflite", input_size=SIZE, batch_sizes=(2,)) as ref:
+        agree = _agree(out, ref.segment(frames))
+    print(f"faithful .keras vs tflite: {agree:.6f}")
     assert agree >= 0.999
 
 
@@ -204,7 +219,8 @@ def test_overwrite_needs_flag_and_keeps_old_file(segstream_home: Path, tmp_path:
 @pytest.mark.parametrize(("argv", "pattern"), [
     (["--format", "pb"], "invalid choice: 'pb'"),
     (["--format", "tflite", "--batch", "-1"], "--batch must be >= 1"),
-    (["--model", "edgetpu-cityscapes"], "'edgetpu-cityscapes' has no Keras port"),
+    (["--model", "mnv2-voc-257", "--faithful"], "'mnv2-voc-257' is a float file"),
+    (["--faithful", "--format", "onnx"], "--faithful is written as keras or savedmodel"),
     (["--model", "nope"], "unknown model 'nope'"),
     (["--format", "tflite", "--out", "{tmp}/x.onnx"], r"writes a \.tflite file"),
     (["--out", "{tmp}/afile/m.keras"], "cannot write to"),

@@ -40,7 +40,11 @@ def test_registry_names_and_specs() -> None:
     default = registry.get_spec("mnv2-voc")
     assert (default.depth_multiplier, default.output_stride, default.keras) == (1.0, 16, True)
     edge = registry.get_spec("edgetpu-cityscapes")
-    assert edge.keras is False and edge.labels == CITYSCAPES_LABELS
+    assert edge.keras is True and edge.labels == CITYSCAPES_LABELS
+    assert (edge.backbone, edge.depth_multiplier, edge.output_stride, edge.head_depth) == \
+        ("mobilenet_edgetpu", 0.75, 16, 128)
+    assert [n for n, s in registry.MODELS.items() if s.quantized] == \
+        ["mnv2-voc", "mnv2-voc-fast", "edgetpu-cityscapes"]
     vtest = registry.SAMPLES["vtest"]
     assert vtest.filename == "vtest.avi" and vtest.url.endswith("samples/data/vtest.avi")
 
@@ -167,6 +171,8 @@ def test_runtime_contract(segstream_home: Path, shared_dir: Path, name: str,
     with load_segmenter(name, backend, batch_sizes=(1, 2, 4)) as seg:
         size = registry.get_spec(name).input_size
         assert seg.name == name and seg.backend == backend
+        assert seg.mode == {("mnv2-voc", "keras"): "int8-faithful",
+                            ("mnv2-voc-257", "tflite"): "float"}.get((name, backend), "int8")
         assert seg.input_size == (size, size)
         assert seg.num_classes == 21 and seg.labels == VOC_LABELS
         assert seg.palette.shape == (256, 3) and seg.palette.dtype == np.uint8
@@ -189,8 +195,8 @@ def test_tflite_input_size_override(segstream_home: Path, shared_dir: Path) -> N
 
 
 def test_load_segmenter_errors(segstream_home: Path) -> None:
-    with pytest.raises(ValueError, match="no Keras port"):
-        load_segmenter("edgetpu-cityscapes", "keras")
+    with pytest.raises(ValueError, match="'mnv2-voc-257' is a float file"):
+        load_segmenter("mnv2-voc-257", "keras", keras_mode="faithful")
     with pytest.raises(ValueError, match="backend"):
         load_segmenter("mnv2-voc", "onnx")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="valid names"):
@@ -204,16 +210,18 @@ def test_auto_backend_is_tflite_without_gpu(segstream_home: Path) -> None:
         assert seg.backend == ("keras" if gpu_visible() else "tflite")
 
 
-def test_edgetpu_cityscapes_matches_sample_mask(segstream_home: Path, shared_dir: Path) -> None:
+@pytest.mark.parametrize("backend", ["tflite", "keras"])
+def test_edgetpu_cityscapes_matches_sample_mask(segstream_home: Path, shared_dir: Path,
+                                                backend: str) -> None:
     d = shared_dir / "data" / "coral_segmentation_samples"
     img = prepare(cv2.imread(str(d / "cityscapes_segmentation.bmp")), 513, bgr=True)
     mask = cv2.imread(str(d / "cityscapes_segmentation_mask.bmp"), cv2.IMREAD_GRAYSCALE)
-    with load_segmenter("edgetpu-cityscapes", "auto", batch_sizes=(1,)) as seg:
-        assert seg.backend == "tflite" and seg.num_classes == 19
+    with load_segmenter("edgetpu-cityscapes", backend, batch_sizes=(1,)) as seg:
+        assert seg.num_classes == 19 and seg.mode in ("int8", "int8-faithful")
         assert seg.palette[0].tolist() == [128, 64, 128]
         pred = seg.segment(img[None])[0]
     agree = float((pred == mask).mean())
-    print(f"edgetpu-cityscapes vs Coral mask: {agree:.4f}")
+    print(f"edgetpu-cityscapes ({backend}) vs Coral mask: {agree:.4f}")
     assert agree >= 0.90  # README: 92.1 %
     assert pred.max() <= 18
 
@@ -307,6 +315,108 @@ def test_import_rejects_other_architecture(segstream_home: Path) -> None:
         import_weights(build_deeplab(19, 1.0, 16, 129), model_path("edgetpu-cityscapes"))
 
 
+def test_import_rejects_other_backbone(segstream_home: Path) -> None:
+    from models.deeplab import build_deeplab
+    from models.fetch import model_path
+    from models.tflite_import import ImportMismatchError, import_weights
+
+    model = build_deeplab(21, 0.75, 16, 129, backbone="mobilenet_edgetpu", head_depth=128)
+    with pytest.raises(ImportMismatchError, match="layers differ"):
+        import_weights(model, model_path("mnv2-voc"))
+
+
+def _edited_file(src: Path, dst: Path, edit) -> Path:
+    """A copy of the .tflite ``src`` with ``edit(model, subgraph)`` applied."""
+    from models.tflite_schema import pack, unpack
+
+    model = unpack(src.read_bytes())
+    edit(model, model.subgraphs[0])
+    dst.write_bytes(pack(model))
+    return dst
+
+
+def _tensor(g, name: str):
+    return next(t for t in g.tensors if t.name.decode() == name)
+
+
+def _drop_quant(model, g) -> None:
+    _tensor(g, "MobilenetV2/expanded_conv_2/add").quantization = None
+
+
+def _shift_pool(model, g) -> None:
+    q = _tensor(g, "AvgPool2D/AvgPool").quantization
+    q.zeroPoint = [int(q.zeroPoint[0]) + 3]
+
+
+def _unbound_concat(model, g) -> None:
+    q = _tensor(g, "ResizeBilinear1").quantization
+    q.scale = [float(q.scale[0]) * 1.5]
+
+
+def _huge_bias(model, g) -> None:
+    import numpy as np
+
+    t = next(t for t in g.tensors if t.name.decode().startswith("aspp0/") and t.type == 2)
+    buf = model.buffers[t.buffer]
+    vals = np.frombuffer(np.asarray(buf.data, np.uint8).tobytes(), np.int32).copy()
+    vals[0] = 1 << 25
+    buf.data = np.frombuffer(vals.tobytes(), np.uint8)
+
+
+@pytest.mark.parametrize(("edit", "pattern"), [
+    (_drop_quant, r"uint8 tensor 'MobilenetV2/expanded_conv_2/add' has no \(single\) scale"),
+    (_shift_pool, r"image_pooling/pool: output 'AvgPool2D/AvgPool' .* on another grid"),
+    (_unbound_concat, r"concat: output 'concat' .* another grid than its input 'ResizeBilinear1'"),
+    (_huge_bias, r"bias 'aspp0/.*' reaches 33554432, past the 2\*\*24"),
+])
+def test_quant_import_is_loud(segstream_home: Path, tmp_path: Path, edit, pattern: str) -> None:
+    """A missing or unexpected quantization parameter fails, naming the tensor."""
+    from models.deeplab import build_deeplab, quant_sites
+    from models.fetch import model_path
+    from models.tflite_import import ImportMismatchError, check_quant, read_tflite
+
+    path = _edited_file(model_path("mnv2-voc-fast"), tmp_path / "edited.tflite", edit)
+    graph = read_tflite(path)
+    sites = quant_sites(build_deeplab(21, 0.5, 16, 65))
+    with pytest.raises(ImportMismatchError, match=pattern):
+        check_quant(graph, sites, path.name)
+
+
+def test_quant_sites_match_the_files(segstream_home: Path) -> None:
+    """Every uint8 tensor of each file maps to a site of its port and back."""
+    from models.deeplab import SITE_INPUT, SITE_REQUANT, build_deeplab, quant_sites
+    from models.fetch import model_path
+    from models.tflite_import import build_for_spec, check_quant, read_tflite
+
+    for name in ("mnv2-voc", "mnv2-voc-fast", "edgetpu-cityscapes"):
+        graph = read_tflite(model_path(name))
+        sites = quant_sites(build_for_spec(registry.get_spec(name), 65))
+        grids = check_quant(graph, sites, name)
+        assert grids[SITE_INPUT].as_list() == [0.0078125, 128]
+        assert grids[SITE_REQUANT] != grids["image_pooling"]  # the file requantizes there
+        assert len(grids) == len(sites) > 100
+    with pytest.raises(ValueError, match="not a uint8 file"):
+        check_quant(read_tflite(model_path("mnv2-voc-257")),
+                    quant_sites(build_deeplab(21, 0.5, 8, 65)), "257")
+
+
+def test_faithful_mode_needs_a_uint8_file(segstream_home: Path) -> None:
+    from models.tflite_import import load_keras_model
+
+    with pytest.raises(ValueError, match="'mnv2-voc-dm05-float' is a float file"):
+        load_keras_model("mnv2-voc-dm05-float", 65, mode="faithful")
+    assert load_keras_model("mnv2-voc-dm05-float", 65).mode == "float"
+    assert load_keras_model("mnv2-voc-fast", 65).mode == "faithful"
+
+
+def test_argmax_ties_go_to_the_lowest_class() -> None:
+    """uint8 logits tie often; TFLite's ARG_MAX takes the first maximum."""
+    from models.deeplab import ArgmaxUint8
+
+    x = np.array([[[[3, 7, 7, 1], [9, 9, 9, 9], [0, 0, 0, 5], [2, 5, 4, 5]]]], np.float32)
+    assert np.asarray(ArgmaxUint8()(x)).tolist() == [[[1, 0, 3, 1]]]
+
+
 def test_weights_cache_roundtrip(segstream_home: Path) -> None:
     from models.tflite_import import load_keras_model, weights_path
 
@@ -319,3 +429,7 @@ def test_weights_cache_roundtrip(segstream_home: Path) -> None:
     weights_path("mnv2-voc-fast").write_bytes(b"not an h5 file")
     again = load_keras_model("mnv2-voc-fast", input_size=129)
     assert np.array_equal(again.weights[0].numpy(), fresh.weights[0].numpy())
+    # the faithful model holds the file's integers, from the cache as from the file
+    assert fresh.mode == again.mode == "faithful"
+    kernel = again.get_layer("MobilenetV2__Conv").kernel.numpy()
+    assert np.array_equal(kernel, np.round(kernel)) and np.abs(kernel).max() <= 255

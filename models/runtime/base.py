@@ -55,6 +55,7 @@ class Segmenter(abc.ABC):
     """A loaded model. ``segment()`` may be called from one worker thread at a time."""
 
     backend: str
+    mode: str | None = None  # how it computes: "int8", "int8-faithful", "float"
 
     def __init__(self, spec: ModelSpec, input_size: tuple[int, int],
                  batch_sizes: Sequence[int]) -> None:
@@ -123,5 +124,5 @@ class Segmenter(abc.ABC):
 
     def __repr__(self) -> str:
         h, w = self.input_size
-        return (f"<{type(self).__name__} {self.name} backend={self.backend} input={h}x{w} "
-                f"batches={self.batch_sizes}>")
+        return (f"<{type(self).__name__} {self.name} backend={self.backend} mode={self.mode} "
+                f"input={h}x{w} batches={self.batch_sizes}>")

@@ -30,12 +30,16 @@ def load_segmenter(
     threads: int | None = None,
     input_size: int | None = None,
     weights: str | os.PathLike[str] | None = None,
+    keras_mode: Literal["faithful", "float"] | None = None,
 ) -> Segmenter:
     """Load model ``name`` on ``backend`` ("auto": keras when a GPU is visible, else tflite).
 
     ``input_size`` overrides the model's square input (e.g. 257 for a 513 file) for speed.
     ``weights``: a `segstream train` output (``x.weights.h5`` + sidecar); needs the keras
     backend, and ``name`` is taken from the sidecar's base model.
+    ``keras_mode`` (keras backend): "faithful" (int8-faithful, the default for the uint8 files:
+    the same answers as the tflite runtime) or "float" (the default for float files and
+    fine-tuned weights). Ignored on tflite. The segmenter's ``mode`` says what runs.
     Raises NotFetchedError when the model file is not in the cache.
     """
     if weights is not None:
@@ -52,5 +56,5 @@ def load_segmenter(
         from models.runtime.keras import KerasSegmenter  # lazily: imports keras
 
         return KerasSegmenter(spec, batch_sizes=batch_sizes, input_size=input_size,
-                              weights=weights)
+                              weights=weights, mode=keras_mode)
     return TFLiteSegmenter(spec, batch_sizes=batch_sizes, threads=threads, input_size=input_size)

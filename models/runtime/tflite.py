@@ -47,6 +47,7 @@ class TFLiteSegmenter(Segmenter):
         self._interps: dict[int, Any] = {}
         probe = self._make(1)  # fail early (bad file, wrong kind) rather than on first frame
         self._float_input = probe.get_input_details()[0]["dtype"] == np.float32
+        self.mode = "float" if self._float_input else "int8"
         self._interps[1] = probe
 
     def _make(self, b: int) -> Any:

@@ -197,7 +197,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         pairing = pair_files(args.images, args.masks)
         class_map = load_class_map(args.class_map) if args.class_map else None
-        segmenter = load_segmenter(args.model, args.backend, threads=args.threads)
+        segmenter = load_segmenter(args.model, args.backend, threads=args.threads,
+                                   keras_mode=args.keras_mode)
     except (FileNotFoundError, ClassMapError, NotFetchedError, ValueError) as e:
         _err(str(e))
         return 2
@@ -232,7 +233,8 @@ def _run(args: argparse.Namespace) -> int:
     s = ev.summary()
     mapped = s["mapped_classes"]
     print(
-        f"{segmenter.name} ({segmenter.backend}) on {ev.images} images, class map "
+        f"{segmenter.name} ({segmenter.backend}, {segmenter.mode}) on {ev.images} images, "
+        f"class map "
         f"{class_map.name}, ignore {ignore}, {ev.seconds:.1f} s "
         f"({ev.images / max(ev.seconds, 1e-9):.2f} img/s)"
     )
@@ -241,6 +243,7 @@ def _run(args: argparse.Namespace) -> int:
         doc = {
             "model": segmenter.name,
             "backend": segmenter.backend,
+            "mode": segmenter.mode,
             "class_map": class_map.name,
             "ignore": ignore,
             "images": ev.images,
@@ -277,6 +280,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--masks", type=Path, required=True, metavar="DIR")
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS))
     p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--keras-mode", default=None, choices=["faithful", "float"],
+                   help="keras backend: int8-faithful (default for uint8 models) or float")
     p.add_argument("--threads", type=int, default=None, help="TFLite threads (default: all)")
     p.add_argument(
         "--class-map",

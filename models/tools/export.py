@@ -2,6 +2,8 @@
 
 Every artifact takes uint8 RGB [B, S, S, 3] (the model normalizes inside) and returns uint8
 class ids [B, S, S] (the fused argmax) or, with ``logits=True``, float32 [B, S, S, C].
+The float port is written unless ``faithful=True`` asks for the int8-faithful one (uint8
+models only; .keras and SavedModel).
 Files are written beside the target and renamed into place, so a failed export leaves no
 half-written artifact and an existing one is only replaced with ``overwrite=True``.
 
@@ -44,6 +46,7 @@ class ExportResult:
     input_shape: tuple[int | None, int, int, int]
     logits: bool
     seconds: float
+    mode: str = "float"
 
 
 def load_keras_file(path: str | Path) -> Any:
@@ -187,10 +190,17 @@ def _keras_spec(name: str | None) -> Any:
 
 
 def build_model(name: str | None = None, *, weights: str | Path | None = None,
-                input_size: int | None = None, logits: bool = False) -> tuple[Any, int]:
-    """(weighted Keras port, input size): registry model ``name`` or a fine-tuned file."""
+                input_size: int | None = None, logits: bool = False,
+                faithful: bool = False) -> tuple[Any, int]:
+    """(weighted Keras port, input size): registry model ``name`` or a fine-tuned file.
+
+    The float port unless ``faithful`` (the int8-faithful one of a uint8 registry model).
+    """
     output: Output = "logits" if logits else "classes"
     if weights is not None:
+        if faithful:
+            raise ExportError("--faithful needs a uint8 registry model; fine-tuned weights "
+                              "are float")
         from models.finetuned import load_finetuned
 
         model, meta = load_finetuned(weights, input_size=input_size, output=output)
@@ -198,8 +208,11 @@ def build_model(name: str | None = None, *, weights: str | Path | None = None,
     from models.tflite_import import load_keras_model
 
     spec = _keras_spec(name)
+    if faithful and not spec.quantized:
+        raise ExportError(f"--faithful needs a uint8 model; {spec.name!r} is a float file")
     size = int(input_size or spec.input_size)
-    return load_keras_model(spec.name, size, output), size
+    return load_keras_model(spec.name, size, output,
+                            mode="faithful" if faithful else "float"), size
 
 
 def export_model(
@@ -212,13 +225,17 @@ def export_model(
     batch: int | None = None,
     logits: bool = False,
     overwrite: bool = False,
+    faithful: bool = False,
 ) -> ExportResult:
     """Export model ``name`` (or fine-tuned ``weights``) as ``fmt`` to ``out`` (file or folder).
 
     ``batch`` None: dynamic batch where the format allows it (keras, savedmodel, onnx); TFLite
     then uses 1. All checks (format, model, path) run before the model is loaded.
+    ``faithful``: the int8-faithful port instead of the float one (.keras, SavedModel).
     """
     check_format(fmt)
+    if faithful and fmt not in ("keras", "savedmodel"):
+        raise ExportError(f"--faithful is written as keras or savedmodel, not {fmt}")
     if batch is not None and batch < 1:
         raise ExportError(f"--batch must be >= 1, got {batch}")
     if input_size is not None and input_size < 33:
@@ -227,12 +244,14 @@ def export_model(
         stem = Path(weights).name.removesuffix(".weights.h5")
     else:
         stem = _keras_spec(name).name
-    path = target_path(out, fmt, stem + ("-logits" if logits else ""))
+    stem += ("-faithful" if faithful else "") + ("-logits" if logits else "")
+    path = target_path(out, fmt, stem)
     check_writable(path, overwrite)
     if fmt == "tflite" and batch is None:
         batch = 1
     t0 = time.perf_counter()
-    model, size = build_model(name, weights=weights, input_size=input_size, logits=logits)
+    model, size = build_model(name, weights=weights, input_size=input_size, logits=logits,
+                              faithful=faithful)
     shape = _signature_shape(batch, size)
     tmp = path.with_name(f".{path.name}.partial{os.getpid()}{SUFFIX[fmt]}")
     try:
@@ -247,20 +266,21 @@ def export_model(
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
-    return ExportResult(path, fmt, shape, logits, time.perf_counter() - t0)
+    return ExportResult(path, fmt, shape, logits, time.perf_counter() - t0,
+                        "int8-faithful" if faithful else "float")
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
         res = export_model(args.format, args.out, name=args.model, weights=args.weights,
                            input_size=args.input_size, batch=args.batch, logits=args.logits,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, faithful=args.faithful)
     except (ExportError, ValueError, FileNotFoundError) as e:
         print(f"segstream export: {e}", file=sys.stderr)
         return 1
     b = "dynamic" if res.input_shape[0] is None else res.input_shape[0]
     out = "float32 logits" if res.logits else "uint8 class ids"
-    print(f"wrote {res.format} {res.path} (input uint8 [{b}, {res.input_shape[1]}, "
+    print(f"wrote {res.format} {res.path} ({res.mode}, input uint8 [{b}, {res.input_shape[1]}, "
           f"{res.input_shape[2]}, 3] -> {out}) in {res.seconds:.1f} s")
     return 0
 
@@ -284,6 +304,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=None, metavar="B",
                    help="fixed batch size (default: dynamic; 1 for tflite)")
     p.add_argument("--logits", action="store_true", help="output float logits, not class ids")
+    p.add_argument("--faithful", action="store_true",
+                   help="the int8-faithful port of a uint8 model (the tflite runtime's answers) "
+                        "instead of the float one; keras and savedmodel formats")
     p.add_argument("--out", required=True, type=Path, metavar="PATH",
                    help="file (or SavedModel folder); a folder gets <model><suffix> inside")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact")

@@ -290,7 +290,7 @@ def build_finetune_model(spec: ModelSpec, num_classes: int, input_size: int,
     count differs (small random kernel, zero bias: starts near uniform, loss ~ ln C)."""
     from models.tflite_import import build_for_spec, load_keras_model
 
-    base = load_keras_model(spec.name, input_size, output="logits")
+    base = load_keras_model(spec.name, input_size, output="logits", mode="float")
     if num_classes == spec.num_classes:
         return base
     model = build_for_spec(spec, input_size, "logits", num_classes=num_classes)
@@ -305,10 +305,10 @@ def build_finetune_model(spec: ModelSpec, num_classes: int, input_size: int,
 
 
 def freeze_backbone(model: Any) -> int:
-    """Make the MobileNetV2 layers untrainable (train ASPP + logits only); returns the count."""
+    """Make the backbone's layers untrainable (train ASPP + logits only); returns the count."""
     n = 0
     for layer in model.layers:
-        if layer.name.startswith("MobilenetV2__") and layer.weights:
+        if layer.name.startswith(("MobilenetV2__", "MobilenetEdgeTPU__")) and layer.weights:
             layer.trainable = False
             n += 1
     return n
@@ -462,6 +462,7 @@ def fine_tune(cfg: TrainConfig, report: Callable[[str], None] = print) -> TrainR
     meta: dict[str, Any] = {
         "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "base_model": spec.name,
         "num_classes": num_classes, "labels": labels, "input_size": cfg.input_size,
+        "backbone": spec.backbone, "head_depth": spec.head_depth,
         "depth_multiplier": spec.depth_multiplier, "output_stride": spec.output_stride,
         "input_norm": list(spec.input_norm), "ignore_id": cfg.ignore_id,
         "logits_reinitialised": num_classes != spec.num_classes,
