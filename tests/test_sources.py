@@ -398,7 +398,9 @@ def test_rtsp_converts_only_the_frames_the_scheduler_takes(
         src.stop()
     decoded, puts = n1 - n0, c1["puts"] - c0["puts"]
     assert 20 <= decoded <= 40, (decoded, c1)  # the camera's 10 fps, all decoded
-    assert 4 <= len(ages) <= 8, (ages, c1)  # 2 fps inferred
+    # 2 fps inferred over 3 s; the cap's catch-up (no burst after a pause, but one period of
+    # slack) and a busy machine's late wake-ups allow a few more, never the camera's 30.
+    assert 4 <= len(ages) <= 10, (ages, c1)
     assert puts <= len(ages) + 2, (puts, len(ages), c1)  # converted: the taken ones only
     assert c1["unconverted"] - c0["unconverted"] >= decoded - puts - 1
     assert c1["skipped"] == c0["skipped"], c1
