@@ -6,6 +6,13 @@ import numpy as np
 import simplejpeg
 
 BOUNDARY = "segstreamframe"
+# An MJPEG response: no caching anywhere, and no proxy buffering (each part is the newest frame).
+MJPEG_HEADERS = {
+    "Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+    "Cache-Control": "no-cache, no-store, must-revalidate",
+    "Pragma": "no-cache",
+    "X-Accel-Buffering": "no",
+}
 
 
 def encode_jpeg(image_bgr: np.ndarray, quality: int) -> bytes:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.tools.data import encode_palette_png
 from stream.api.context import SERVICE, stream_or_404
 from stream.api.spec import Body, Endpoint, error, read_query
-from stream.encoders import BOUNDARY, mjpeg_part
+from stream.encoders import MJPEG_HEADERS, mjpeg_part
 from stream.schemas import Error
 
 
@@ -27,12 +27,7 @@ async def mjpeg(request: web.Request) -> web.StreamResponse:
     s = stream_or_404(request)
     q = read_query(request, MjpegQuery)
     fps = client_fps(q.fps or 0.0, service.cfg.server.max_client_fps)
-    resp = web.StreamResponse(headers={
-        "Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}",
-        "Cache-Control": "no-cache, no-store, must-revalidate",
-        "Pragma": "no-cache",
-        "X-Accel-Buffering": "no",
-    })
+    resp = web.StreamResponse(headers=MJPEG_HEADERS)
     await resp.prepare(request)
     pub = s.mjpeg
     pub.clients += 1

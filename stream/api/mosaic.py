@@ -10,7 +10,7 @@ from aiohttp import web
 from stream.api.context import SERVICE
 from stream.api.media import client_fps
 from stream.api.spec import Body, Endpoint, error, read_query
-from stream.encoders import BOUNDARY, mjpeg_part
+from stream.encoders import MJPEG_HEADERS, mjpeg_part
 from stream.mosaic import MosaicFull
 from stream.schemas import Error, MosaicQuery
 from stream.sinks import MjpegSink
@@ -47,12 +47,7 @@ async def mosaic_mjpeg(request: web.Request) -> web.StreamResponse:
         raise error(503, str(e), headers={"Retry-After": "10"}) from None
     try:
         fps = client_fps(q.fps or 0.0, service.cfg.server.max_client_fps)
-        resp = web.StreamResponse(headers={
-            "Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}",
-            "Cache-Control": "no-cache, no-store, must-revalidate",
-            "Pragma": "no-cache",
-            "X-Accel-Buffering": "no",
-        })
+        resp = web.StreamResponse(headers=MJPEG_HEADERS)
         await resp.prepare(request)
         pub = layout.publisher
         assert isinstance(pub, MjpegSink), "the service makes MJPEG publishers"
