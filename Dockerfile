@@ -1,16 +1,24 @@
 # segstream service image. CPU by default; for NVIDIA GPUs build with
-#   docker build --build-arg BASE=nvidia/cuda:12.5.1-cudnn-runtime-ubuntu22.04 --build-arg EXTRAS=gpu .
+#   docker build --build-arg BASE=nvidia/cuda:12.5.1-cudnn-runtime-ubuntu22.04 --build-arg EXTRAS=gpu,gst .
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 
-ARG EXTRAS=""
+# gst: the low-delay RTSP reader (reader: auto, the default, picks it for RTSP cameras).
+ARG EXTRAS="gst"
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 SEGSTREAM_HOME=/var/cache/segstream
 
 # CUDA bases ship no Python; slim Python bases already have it.
 RUN if ! command -v python3 >/dev/null; then \
-      apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv \
+      apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv python3-dev \
       && rm -rf /var/lib/apt/lists/*; fi \
  && python3 -m venv /opt/venv
+# GStreamer (RTSP, H.264 via libav) for the gst reader, and what PyGObject builds against
+# (it has no Linux wheels): the same list as scripts/install_system_deps.sh gst.
+RUN apt-get update && apt-get install -y --no-install-recommends \
+      gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-libav \
+      gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 \
+      libgirepository1.0-dev libcairo2-dev pkg-config gcc \
+ && rm -rf /var/lib/apt/lists/*
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app

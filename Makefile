@@ -11,11 +11,13 @@ export SEGSTREAM_FETCH_FROM ?=
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
+# The service with the low-delay RTSP reader (GStreamer + PyGObject, built against the
+# system's GStreamer): `reader: auto`, the default, uses it for RTSP cameras.
 $(VENV)/.installed: pyproject.toml scripts/install_system_deps.sh
 	bash scripts/install_system_deps.sh runtime
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[gst]'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -23,10 +25,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,gst]'
 	touch $@
 
-# The low-delay RTSP reader (reader: gst, or auto): GStreamer + PyGObject in the venv.
-setup-gst: $(VENV)/.installed
-	bash scripts/install_system_deps.sh gst
-	$(BIN)/pip install -q -e '.[gst]'
+# Kept for older instructions: `make setup` installs the gst reader now.
+setup-gst: setup
 
 
 run: setup

@@ -211,6 +211,7 @@ def _read_quant(model: Any, conv_outputs: dict[int, str],
     quant: dict[str, QuantParams] = {}
     tensors: dict[str, str] = {}
     problems: list[str] = []
+    resized: list[str] = []  # the logits resizes that change the size
 
     def tname(i: int) -> str:
         return g.tensors[i].name.decode()
@@ -278,6 +279,11 @@ def _read_quant(model: Any, conv_outputs: dict[int, str],
                                                         [SITE_LOGITS_RESIZE]):
             same_grid(SITE_LOGITS_RESIZE, ins[0], out)
             _check_resize(op, tname(out), problems)
+            if list(g.tensors[ins[0]].shape[1:3]) != list(g.tensors[out].shape[1:3]):
+                resized.append(tname(out))  # same-size resizes (align_corners) are copies
+            if len(resized) > 1:
+                problems.append(f"RESIZE_BILINEAR {tname(out)!r} resizes the logits a second "
+                                f"time (after {resized[0]!r}); the port resizes them once")
             quant.pop(SITE_LOGITS_RESIZE, None)  # a chain of resizes: the last one counts
             record(SITE_LOGITS_RESIZE, out)
         elif name == "QUANTIZE" and src[:1] == [SITE_BROADCAST]:

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shlex
 import shutil
 import socket
@@ -101,9 +102,15 @@ class CpuMeter:
         self._c0 = {k: self._cpu(p) for k, p in self.procs.items()}
         self._sys0 = psutil.cpu_times()
 
-    def stop(self) -> dict[str, float]:
+    def stop(self, children: dict[str, Any] | None = None) -> dict[str, float]:
+        """`children`: name -> getrusage(RUSAGE_CHILDREN) taken at start(), for a process
+        that has exited and been reaped by now (psutil can no longer see its times)."""
         dt = max(time.monotonic() - self._t0, 1e-6)
         out = {k: round((self._cpu(p) - self._c0[k]) / dt, 3) for k, p in self.procs.items()}
+        for k, r0 in (children or {}).items():
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            used = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+            out[k] = round(used / dt, 3)
         busy = (self._busy(psutil.cpu_times()) - self._busy(self._sys0)) / dt
         # Whatever else ran on the machine (other users' jobs) skews every figure: show it.
         out["other"] = round(busy - sum(v for v in out.values() if v == v), 3)
@@ -801,10 +808,11 @@ def run_raw(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
            *common_flags(args)]
     for attempt in range(args.retries + 1):
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        meter = CpuMeter({"raw": p.pid})
+        meter = CpuMeter({})  # the machine; the raw run's own CPU once it has been reaped
         meter.start()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         out, _ = p.communicate()
-        cpu = meter.stop()
+        cpu = meter.stop(children={"raw": before})
         if p.returncode != 0:
             raise subprocess.CalledProcessError(p.returncode, cmd)
         res = json.loads(out.strip().splitlines()[-1])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian/Ubuntu packages segstream needs; skips what is already there.
-#   runtime: python venv support (the wheels bring OpenCV/FFmpeg, TensorFlow, LiteRT).
+#   runtime: python venv support (the wheels bring OpenCV/FFmpeg, TensorFlow, LiteRT), and
+#            everything of `gst`: `make run` installs the low-delay reader.
 #   gst:     the `gst` reader (low-delay RTSP): GStreamer with its RTSP, H.264 (libav) and
 #            MJPEG plugins and their introspection data, and what `pip install '.[gst]'`
 #            needs to build PyGObject and pycairo (there are no Linux wheels).
@@ -13,7 +14,7 @@ gst=(gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-libav
      gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0
      libgirepository1.0-dev libcairo2-dev pkg-config gcc python3-dev)
 case "${1:-runtime}" in
-  runtime) want=(python3-venv) ;;
+  runtime) want=(python3-venv "${gst[@]}") ;;
   gst) want=("${gst[@]}") ;;
   test) want=(ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp
               gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly chromium prometheus

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -25,14 +27,56 @@ class SourceState(StrEnum):
     STOPPED = "stopped"
 
 
-@dataclass(slots=True)
 class Frame:
-    """One decoded camera frame."""
+    """One decoded camera frame.
 
-    image: np.ndarray  # BGR uint8 [H,W,3], owned by the frame (never reused by the reader)
-    seq: int  # per-stream, strictly increasing from 1 (across reconnects too)
-    capture_ts: float  # time.monotonic() right after the frame was decoded
-    decode_s: float  # seconds spent reading+decoding it
+    Its BGR image is either given or converted on first use: a reader that can convert in
+    another thread later (PyAV, GStreamer) hands over the decoded picture with a converter,
+    so a frame overwritten in the slot before anyone takes it is never converted. The first
+    user (the model worker, a smooth render) pays the conversion, once, under a lock."""
+
+    __slots__ = ("seq", "capture_ts", "decode_s", "convert_s", "_image", "_convert", "_lock")
+
+    def __init__(self, image: np.ndarray | None = None, seq: int = 0, capture_ts: float = 0.0,
+                 decode_s: float = 0.0, *,
+                 convert: Callable[[], np.ndarray] | None = None) -> None:
+        if (image is None) == (convert is None):
+            raise ValueError("a Frame takes an image or a converter, not both")
+        self.seq = seq  # per-stream, strictly increasing from 1 (across reconnects too)
+        self.capture_ts = capture_ts  # time.monotonic() right after the frame was decoded
+        self.decode_s = decode_s  # seconds spent reading+decoding it
+        self.convert_s = 0.0  # seconds the deferred conversion took (0 until it ran)
+        self._image = image  # BGR uint8 [H,W,3], owned by the frame (never reused)
+        self._convert = convert
+        self._lock = threading.Lock() if convert is not None else None
+
+    @property
+    def image(self) -> np.ndarray:
+        if self._image is None:
+            self.materialize()
+        assert self._image is not None
+        return self._image
+
+    @property
+    def converted(self) -> bool:
+        return self._image is not None
+
+    def materialize(self) -> float:
+        """Converts a deferred frame now; returns the seconds spent here (0: already done)."""
+        if self._image is not None or self._lock is None:
+            return 0.0
+        with self._lock:
+            if self._image is not None:
+                return 0.0
+            assert self._convert is not None
+            t0 = time.thread_time()
+            self._image, self._convert = self._convert(), None
+            self.convert_s = time.thread_time() - t0
+            return self.convert_s
+
+    def __repr__(self) -> str:
+        return (f"Frame(seq={self.seq}, capture_ts={self.capture_ts:.3f}, "
+                f"converted={self.converted})")
 
 
 @dataclass(slots=True)

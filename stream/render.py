@@ -410,6 +410,9 @@ class StreamView:
 
     def _render(self, frame: Frame, mask: np.ndarray) -> Rendered:
         """Caller holds self._lock (the renderer's buffers are reused)."""
+        spent = frame.materialize()  # smooth output: a newer frame nobody took yet
+        if spent:
+            self._observer.stage("convert", spent)
         t0 = time.perf_counter()
         img = self.renderer.render(frame.image, mask)
         self._observer.stage("render", time.perf_counter() - t0)

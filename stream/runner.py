@@ -134,6 +134,9 @@ class ModelWorker:
         size = self.segmenter.input_size
         for i, job in enumerate(jobs):
             self._observer.stage("queue_wait", job.taken_ts - job.frame.capture_ts)
+            spent = job.frame.materialize()  # a deferred conversion (pyav, gst) runs here
+            if spent:
+                self._observer.stage("convert", spent)
             t0 = time.perf_counter()
             prepare(job.frame.image, size, out=self._inputs[i], bgr=True)
             self._observer.stage("preprocess", time.perf_counter() - t0)

@@ -16,11 +16,15 @@ low-delay RTSP path), behind one open/grab/retrieve/close interface. Every frame
 is decoded (`grab`), but only a frame somebody will use is converted to BGR (`retrieve`): the
 source asks its `wanted` callable (the service passes the scheduler's `due_soon`), so a camera
 whose frames are mostly skipped costs its decode and little else. A frame decoded and not
-converted is counted as `unconverted`; it never reaches the slot.
+converted is counted as `unconverted`; it never reaches the slot. Readers that can convert on
+another thread later (PyAV, GStreamer: `deferred`) store the decoded picture instead, and the
+conversion runs when the frame is first used: a stored frame that a newer one overwrites
+before the scheduler takes it (an uncapped camera faster than the model) is never converted.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -162,6 +166,15 @@ class FrameSlot:
 
 
 @dataclass(frozen=True, slots=True)
+class Deferred:
+    """A decoded frame's conversion to BGR, to run later on any thread (Reader.deferred)."""
+
+    convert: Callable[[], np.ndarray]
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
 class Target:
     kind: str  # "file" | "device" | "network"
     url: str  # what the library opens: a path, a URL or a device path
@@ -264,6 +277,12 @@ class Reader:
     def retrieve(self) -> np.ndarray:
         """The frame grabbed last as a BGR uint8 image the caller owns."""
         raise NotImplementedError
+
+    def deferred(self) -> Deferred | None:
+        """The frame grabbed last as a converter any thread may call later (and its width and
+        height), or None where the conversion has to happen now, on this thread (OpenCV: the
+        next grab() overwrites the decoded picture that retrieve() converts)."""
+        return None
 
     def read(self) -> tuple[np.ndarray, float] | None:
         """grab() + retrieve(): (BGR image, seconds of decode + conversion), or None at the end."""
@@ -477,6 +496,14 @@ class PyAVReader(Reader):
     def retrieve(self) -> np.ndarray:
         assert self._frame is not None
         return self._frame.to_ndarray(format="bgr24")
+
+    def deferred(self) -> Deferred | None:
+        # A decoded av.VideoFrame is reference-counted and independent of the decoder's later
+        # frames: it converts on any thread.
+        frame = self._frame
+        assert frame is not None
+        return Deferred(functools.partial(frame.to_ndarray, format="bgr24"),
+                        frame.width, frame.height)
 
     def close(self) -> None:
         self._frame = None
@@ -728,7 +755,8 @@ class GstReader(Reader):
         spent, self._cpu = (cpu - self._cpu if self._cpu else 0.0), cpu
         return max(spent, 0.0)
 
-    def retrieve(self) -> np.ndarray:
+    def _frame_layout(self) -> tuple[int, int, tuple[int, int, int], tuple[int, int, int]]:
+        """Width, height, plane strides and offsets of the sample grabbed last."""
         from gi.repository import GstVideo
 
         assert self._sample is not None
@@ -738,9 +766,22 @@ class GstReader(Reader):
             info = GstVideo.VideoInfo.new_from_caps(caps)
             self._layout = (key, (info.width, info.height, tuple(info.stride[:3]),
                                   tuple(info.offset[:3])))
-        w, h, strides, offsets = self._layout[1]
+        return self._layout[1]
+
+    def retrieve(self) -> np.ndarray:
+        assert self._sample is not None
+        w, h, strides, offsets = self._frame_layout()
         buf = self._sample.get_buffer()
         return i420_to_bgr(buf.extract_dup(0, buf.get_size()), w, h, strides, offsets)
+
+    def deferred(self) -> Deferred | None:
+        # The I420 bytes are copied now (0.1 ms for 720p: the pipeline's buffer goes back to
+        # its pool), the colour conversion (~1 ms) waits until somebody takes the frame.
+        assert self._sample is not None
+        w, h, strides, offsets = self._frame_layout()
+        buf = self._sample.get_buffer()
+        data = buf.extract_dup(0, buf.get_size())
+        return Deferred(functools.partial(i420_to_bgr, data, w, h, strides, offsets), w, h)
 
     def close(self) -> None:
         self._sample = self._first = None
@@ -1105,12 +1146,20 @@ class VideoSource:
         """Count a decoded frame and, if somebody wants it, convert it and put it in the slot,
         provided this reader is still current. False: stop reading."""
         ts = time.monotonic()  # capture time: the frame is decoded (conversion comes after)
-        image = None
+        frame: Frame | None = None
+        size: tuple[int, int] = (0, 0)
         convert_s = 0.0
         if self._wants():
             t0 = time.thread_time()
-            image = reader.retrieve()
-            convert_s = time.thread_time() - t0
+            later = reader.deferred()
+            if later is not None:
+                frame = Frame(None, 0, ts, decode_s, convert=later.convert)
+                size = (later.height, later.width)
+            else:
+                image = reader.retrieve()
+                frame, size = Frame(image, 0, ts, decode_s), (image.shape[0], image.shape[1])
+            convert_s = time.thread_time() - t0  # deferred: the copy of the decoded bytes
+            frame.decode_s += convert_s
         with self._lock:
             if self._gen != a.gen:
                 return False
@@ -1125,16 +1174,17 @@ class VideoSource:
                 self._set_state(SourceState.LIVE, None)
             # Inside the lock: once stop() or the watchdog has moved the generation on,
             # no frame of this reader can reach the slot.
-            if image is not None:
-                self._height, self._width = image.shape[:2]
-                self.slot.put(Frame(image=image, seq=self._seq, capture_ts=ts,
-                                    decode_s=decode_s + convert_s))
+            if frame is not None:
+                self._height, self._width = size
+                frame.seq = self._seq
+                self.slot.put(frame)
         self._observer.frame(self.id, "captured")
         self._observer.stage("decode", decode_s)
-        if image is None:
+        if frame is None:
             self.slot.pass_over()
             return True
-        self._observer.stage("convert", convert_s)
+        if frame.converted:  # a deferred conversion is reported by whoever runs it
+            self._observer.stage("convert", convert_s)
         if self._on_frame is not None:
             try:
                 self._on_frame(self.id)

@@ -317,6 +317,72 @@ def test_a_failing_wanted_hook_converts_every_frame(short_clip: Path) -> None:
     assert src.slot.counts()["puts"] == 10 and src.slot.unconverted == 0
 
 
+@pytest.mark.parametrize("reader", ["pyav", "gst"])
+def test_deferred_conversion_is_the_frame_even_after_later_decodes(short_clip: Path,
+                                                                    reader: str) -> None:
+    """PyAV and GStreamer frames convert later on any thread: the converter holds that frame,
+    not whatever the reader decodes next, and gives what retrieve() gives."""
+    if reader == "gst" and gst_unavailable():
+        pytest.fail(f"the gst reader is part of the test set-up: {gst_unavailable()}")
+    cfg = StreamConfig(id=f"defer-{reader}", source=str(short_clip), reader=reader)
+    r = reader_class(reader, parse_target(cfg.source))(parse_target(cfg.source), cfg)
+    r.open()
+    try:
+        assert r.grab() is not None
+        later = r.deferred()
+        assert later is not None and (later.width, later.height) == (768, 576)
+        now = r.retrieve()
+        for _ in range(5):  # the decoder moves on (vtest: people walk, pixels change)
+            assert r.grab() is not None
+        moved = r.retrieve()
+        out: list[np.ndarray] = []
+        t = threading.Thread(target=lambda: out.append(later.convert()))
+        t.start()
+        t.join()
+    finally:
+        r.close()
+    assert np.array_equal(out[0], now) and not np.array_equal(now, moved)
+
+
+def test_a_deferred_frame_converts_once_for_all_its_users() -> None:
+    calls: list[int] = []
+
+    def convert() -> np.ndarray:
+        calls.append(1)
+        time.sleep(0.05)  # long enough for the other threads to ask meanwhile
+        return np.full((2, 2, 3), 7, np.uint8)
+
+    f = Frame(None, 1, time.monotonic(), 0.0, convert=convert)
+    assert not f.converted
+    got: list[np.ndarray] = []
+    threads = [threading.Thread(target=lambda: got.append(f.image)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and f.converted and all(g is got[0] for g in got)
+    assert f.materialize() == 0.0  # already done: nothing spent
+    with pytest.raises(ValueError):
+        Frame(np.zeros((2, 2, 3), np.uint8), 1, 0.0, 0.0, convert=convert)
+
+
+def test_frames_a_newer_one_overwrites_are_never_converted(short_clip: Path) -> None:
+    """Every frame stored (nothing takes them): with pyav only the last one read is ever
+    converted, and only when used."""
+    src = observed_source(StreamConfig(id="defer-drop", source=str(short_clip), reader="pyav",
+                                       realtime=False, loop=False))
+    src.start()
+    try:
+        assert wait_for(lambda: src.state is SourceState.STOPPED, 10), src.stats()
+        c = src.slot.counts()
+    finally:
+        src.stop()
+    assert c["puts"] == 10 and c["dropped"] == 9 and c["unconverted"] == 0, c
+    last = src.slot.peek()
+    assert last is not None and not last.converted
+    assert last.image.shape == (576, 768, 3) and last.converted
+
+
 def test_auto_reader_picks_gst_for_rtsp_only() -> None:
     rtsp, file = parse_target("rtsp://cam.local/s1"), parse_target("/tmp/x.mp4")
     assert reader_class("auto", file) is OpenCVReader
