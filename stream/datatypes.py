@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -35,7 +34,7 @@ class Frame:
     so a frame overwritten in the slot before anyone takes it is never converted. The first
     user (the model worker, a smooth render) pays the conversion, once, under a lock."""
 
-    __slots__ = ("seq", "capture_ts", "decode_s", "convert_s", "_image", "_convert", "_lock")
+    __slots__ = ("_convert", "_image", "_lock", "capture_ts", "convert_s", "decode_s", "seq")
 
     def __init__(self, image: np.ndarray | None = None, seq: int = 0, capture_ts: float = 0.0,
                  decode_s: float = 0.0, *,
