@@ -1132,7 +1132,7 @@ def markdown(res: dict) -> str:
         f"({s['backend']}, {res['raw']['input'][0]}x{res['raw']['input'][1]}); cameras "
         f"{s['camera_size']} H.264 at {s['camera_fps']:g} fps, {s['camera_bitrate_kbps']} kbit/s;"
         f" {s['window_s']:g} s windows after {s['warmup_s']:g} s warm-up; reader "
-        f"{s.get('reader', 'opencv')}; load average at start "
+        f"{s.get('reader', 'auto')}; load average at start "
         f"{', '.join(str(x) for x in m.get('load_at_start', []))}.",
         "",
         "```",
@@ -1292,7 +1292,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pre: cameras encoded up front, as by a camera's own chip (default); "
                          "live: x264 on this machine, sharing the CPU with the service")
     ap.add_argument("--streams", type=parse_list, default=[1, 2, 4, 8])
-    ap.add_argument("--reader", default="opencv", choices=["opencv", "pyav", "gst", "auto"],
+    ap.add_argument("--reader", default="auto", choices=["opencv", "pyav", "gst", "auto"],
                     help="the service's reader for every run")
     ap.add_argument("--compare-readers", type=lambda s: [x for x in s.split(",") if x],
                     default=[], help="also run the RTSP sweep with these readers, e.g. opencv")

@@ -170,8 +170,9 @@ class StreamConfig(_Strict):
                         "file path, a device (0, /dev/video0) or sample:NAME.",
                         max_length=2048)
     reader: Literal["opencv", "pyav", "gst", "auto"] = Field(
-        "opencv", description="Capture library: opencv, pyav, gst (GStreamer: the low-delay "
-        "RTSP path, needs the gst extra) or auto (gst for RTSP where installed, else opencv).")
+        "auto", description="Capture library: auto (gst for RTSP where installed, else "
+        "opencv), opencv, pyav or gst (GStreamer: the low-delay RTSP path, a frame period "
+        "sooner than FFmpeg's; needs the gst extra, which `make run` installs).")
     infer_fps: float = Field(0.0, ge=0, le=1000, description="Frame skipping: most "
                              "inferences per second for this stream; 0 = no cap.")
     output: Literal["segmented", "smooth"] = Field(
