@@ -144,16 +144,26 @@ def _add(a, b, a_multiplier, b_multiplier, rounding, shift, lo, hi):
     return ops.clip(ops.cast(ops.right_shift(acc, shift), "float32"), lo, hi)
 
 
+# Tensors below this many elements are requantized by TensorFlow's own kernels on TF.
+XLA_MIN_ELEMENTS = 4_000_000
+
+
 def fused(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)``, its element-wise ops fused into one pass on TensorFlow as on JAX.
+    """``fn(*args)``, its element-wise ops fused into one pass where that pays.
 
     JAX jit-compiles the whole model: XLA fuses each requantization's multiply, round and
     clamps into one loop. The keras runtime runs TensorFlow's own kernels (on CPU its convs
-    beat XLA's), one memory pass per op, so there the small function alone is compiled by
-    XLA. The numbers it uses are passed as tensors, so one compilation serves every layer of
-    the same tensor shape.
+    beat XLA's), one memory pass per op, so there a large tensor's function alone is compiled
+    by XLA (the numbers it uses are passed as tensors, so one compilation serves every layer
+    of the same shape). A small tensor's three passes cost less than launching the compiled
+    cluster: mnv2-voc at batch 1 costs +20-25 % over the float model with every tensor
+    through XLA, +13-16 % with those under XLA_MIN_ELEMENTS as plain ops; with every tensor
+    as plain ops batch 8 costs +24-26 % (scripts/bench_model.py --interleave, 2 cores).
     """
     if keras.backend.backend() != "tensorflow":
+        return fn(*args)
+    shape = tuple(args[0].shape)
+    if None not in shape and int(np.prod(shape)) < XLA_MIN_ELEMENTS:
         return fn(*args)
     return _xla(fn)(*args)
 
