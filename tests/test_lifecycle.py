@@ -87,9 +87,12 @@ async def test_add_remove_200_times_leaves_nothing_behind(
     print(f"after 200 add/remove: threads {threads0}->{threads}, fds {fds0}->{fds}, RSS "
           f"{rss0:.0f}->{rss_half:.0f}->{rss:.0f} MB, series {series0}->{metrics.series_count()}")
     assert fds <= fds0
-    # malloc keeps some freed frame buffers in per-thread arenas, so RSS need not fall back
-    # byte for byte; it must stop growing (a leak of one 768x576 frame per cycle: +130 MB).
-    assert rss - rss_half < 15 and rss < rss0 + 60, (rss0, rss_half, rss)
+    # malloc keeps some freed frame buffers in per-thread arenas (up to 8 per core; the gst
+    # reader's streaming threads touch more of them), so RSS grows until every arena holds
+    # a few frames (CI, in the full suite: +93 MB over the first 100 cycles, +2.5 over the
+    # next 100); it must then stop growing: a leak of one 768x576 frame per cycle is +130 MB
+    # per 100 cycles.
+    assert rss - rss_half < 15 and rss < rss0 + 150, (rss0, rss_half, rss)
     assert metrics.series_count() == series0
     assert 's0"' not in metrics.exposition().decode()
     assert 's204"' not in metrics.exposition().decode()
