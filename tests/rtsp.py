@@ -217,14 +217,17 @@ class RtspServer:
         self.close()
 
 
-def listening(port: int) -> bool:
+def listening(port: int, or_serving: bool = False) -> bool:
     """Whether something listens on TCP `port` (read from /proc: connecting to find out would
-    be taken for a client by a one-client server)."""
+    be taken for a client by a one-client server). `or_serving`: a connection accepted on it
+    counts too (FFmpeg's listen mode closes its listening socket once it has its client, which
+    a client retrying every 0.2 s can be before the first look)."""
+    states = ("0A", "01") if or_serving else ("0A",)  # LISTEN, ESTABLISHED
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as f:
             for line in f.readlines()[1:]:
                 cols = line.split()
-                if int(cols[1].rpartition(":")[2], 16) == port and cols[3] == "0A":
+                if int(cols[1].rpartition(":")[2], 16) == port and cols[3] in states:
                     return True
     return False
 
@@ -263,7 +266,7 @@ class RtspListener:
                                      stdin=subprocess.DEVNULL)
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
         deadline = time.monotonic() + timeout
-        while not listening(self.port):
+        while not listening(self.port, or_serving=True):
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 self.kill()
                 raise RuntimeError(f"ffmpeg is not listening on {self.port}")
