@@ -32,6 +32,16 @@ class Src:
         img = np.zeros((4, 4, 3), np.uint8)
         self.slot.put(Frame(img, self.seq, time.monotonic(), 0.0))
 
+    def decode(self, sched: Scheduler) -> None:
+        """One decoded frame, as a VideoSource wired to the scheduler handles it: stored (and
+        the scheduler woken) only if the stream is due, else counted unconverted."""
+        if sched.due_soon(self.id):
+            self.push()
+            sched.notify()
+        else:
+            self.seq += 1
+            self.slot.pass_over()
+
 
 def feeder(sched: Scheduler, srcs: list[Src], fps: float, seconds: float) -> threading.Thread:
     """Like reader threads: push a frame, then wake the scheduler."""
@@ -136,12 +146,7 @@ def test_converting_only_due_frames_keeps_the_rate_and_skips_none() -> None:
         end = time.monotonic() + 2.0
         while time.monotonic() < end:
             decoded += 1
-            if sched.due_soon("a"):
-                src.push()
-                sched.notify()
-            else:
-                src.seq += 1
-                src.slot.pass_over()
+            src.decode(sched)
             time.sleep(0.02)
         done.set()
         sched.stop()
@@ -173,12 +178,7 @@ def test_a_model_far_behind_does_not_convert_every_frame() -> None:
 
     def reader(src: Src) -> None:
         while not stop.is_set():
-            if sched.due_soon(src.id):
-                src.push()
-                sched.notify()
-            else:
-                src.seq += 1
-                src.slot.pass_over()
+            src.decode(sched)
             time.sleep(0.02)
 
     threads = [threading.Thread(target=reader, args=(s,), daemon=True) for s in srcs]

@@ -28,7 +28,7 @@ import json
 import logging
 import socket
 import time
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
@@ -75,12 +75,110 @@ class TokenBucket:
         return True
 
 
-class LiveClient:
+class PageSocket:
+    """What every live-page connection has, on a node and at a cluster's gateway: pending
+    texts (the newest per slot, sent before frames), error replies, and reading the page's
+    JSON messages under a rate limit. Subclasses handle a valid LiveRequest and write."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.texts: dict[str, str] = {}
+        self._errors = 0
+        self.wake = asyncio.Event()
+        self.closed = False
+
+    def push_text(self, slot: str, text: str) -> None:
+        self.texts.pop(slot, None)  # re-inserted last: status and errors keep their order
+        self.texts[slot] = text
+        self.wake.set()
+
+    def send_error(self, message: str, loc: str = "body") -> None:
+        self._errors += 1
+        self.push_text(f"error{self._errors % 8}",
+                       json.dumps({"type": "error", "error": message, "loc": loc}))
+
+    async def read(self) -> None:
+        bucket = TokenBucket(MESSAGES_PER_S, MESSAGE_BURST)
+        async for msg in self.ws:
+            if msg.type == WSMsgType.TEXT:
+                if not bucket.take():
+                    await self.ws.close(code=1008, message=b"too many messages")
+                    break
+                req = self.parse(msg.data)
+                if req is not None:
+                    self.handle(req)
+            elif msg.type == WSMsgType.BINARY:
+                self.send_error("send JSON text messages")
+            elif msg.type == WSMsgType.ERROR:
+                break
+
+    def parse(self, text: str) -> LiveRequest | None:
+        """The page's message, or None after replying with what is wrong in it."""
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            self.send_error(f"not JSON: {e}")
+            return None
+        try:
+            return LiveRequest.model_validate(data)
+        except ValidationError as e:
+            first = field_errors(e)[0]
+            self.send_error(f"{first['loc']}: {first['msg']}", first["loc"])
+            return None
+
+    def handle(self, req: LiveRequest) -> None:
+        raise NotImplementedError
+
+    async def writer(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class PageHub(Protocol):
+    def add(self, client: Any) -> None: ...
+    def remove(self, client: Any) -> None: ...
+
+
+async def open_page_socket(request: web.Request, cfg: PageConfig,
+                           connected: int) -> web.WebSocketResponse:
+    """The checks and the handshake of a live-page WebSocket (same origin, an Upgrade, room
+    for another page), its limits, and the socket's small send buffers."""
+    if not _same_origin(request):
+        raise error(403, "WebSocket from another origin")
+    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE, heartbeat=30.0,
+                               writer_limit=16 * 1024)
+    if not ws.can_prepare(request).ok:
+        raise error(400, "this endpoint speaks WebSocket only (Upgrade: websocket)")
+    if connected >= cfg.max_clients:
+        raise error(503, f"{connected} pages connected (page.max_clients)",
+                    headers={"Retry-After": "5"})
+    await ws.prepare(request)
+    _tune_socket(request)
+    return ws
+
+
+async def run_page_client(hub: PageHub, client: PageSocket) -> None:
+    """Serves one page until it goes: reads its messages, writes beside, leaves nothing."""
+    hub.add(client)
+    writer = asyncio.create_task(client.writer())
+    try:
+        await client.read()
+    finally:
+        hub.remove(client)
+        client.close()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+
+
+class LiveClient(PageSocket):
     """One page's connection: its watch list, its large view, and its pending messages."""
 
     def __init__(self, ws: web.WebSocketResponse, service: Service, cfg: PageConfig,
                  transport: asyncio.BaseTransport | None = None) -> None:
-        self.ws = ws
+        super().__init__(ws)
         self.transport = transport if isinstance(transport, asyncio.WriteTransport) else None
         self.service = service
         self.cfg = cfg
@@ -93,23 +191,9 @@ class LiveClient:
         self._focus: tuple[Picture, asyncio.Task[None]] | None = None
         # Newest pending frame per (kind, stream), and newest text per slot: nothing queues.
         self.frames: dict[tuple[int, str], tuple[bytes, float]] = {}
-        self.texts: dict[str, str] = {}
-        self._errors = 0
-        self.wake = asyncio.Event()
         self.sent = self.skipped = self.bytes = 0
-        self.closed = False
 
     # -- what goes out ---------------------------------------------------------------------
-    def push_text(self, slot: str, text: str) -> None:
-        self.texts.pop(slot, None)  # re-inserted last: status and errors keep their order
-        self.texts[slot] = text
-        self.wake.set()
-
-    def send_error(self, message: str, loc: str = "body") -> None:
-        self._errors += 1
-        self.push_text(f"error{self._errors % 8}",
-                       json.dumps({"type": "error", "error": message, "loc": loc}))
-
     async def writer(self) -> None:
         """Sends texts first, then the pending frames round-robin, each as soon as the socket
         takes it (send_bytes waits while the client does not read)."""
@@ -168,31 +252,7 @@ class LiveClient:
         return s is not None and s.mjpeg is sink
 
     # -- what comes in ---------------------------------------------------------------------
-    async def read(self) -> None:
-        bucket = TokenBucket(MESSAGES_PER_S, MESSAGE_BURST)
-        async for msg in self.ws:
-            if msg.type == WSMsgType.TEXT:
-                if not bucket.take():
-                    await self.ws.close(code=1008, message=b"too many messages")
-                    break
-                self.handle(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                self.send_error("send JSON text messages")
-            elif msg.type == WSMsgType.ERROR:
-                break
-
-    def handle(self, text: str) -> None:
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            self.send_error(f"not JSON: {e}")
-            return
-        try:
-            req = LiveRequest.model_validate(data)
-        except ValidationError as e:
-            first = field_errors(e)[0]
-            self.send_error(f"{first['loc']}: {first['msg']}", first["loc"])
-            return
+    def handle(self, req: LiveRequest) -> None:
         given = req.model_fields_set
         if req.fps is not None:
             self.tile_fps = min(req.fps, self.cfg.max_tile_fps)
@@ -395,29 +455,8 @@ async def live(request: web.Request) -> web.StreamResponse:
     """WebSocket of the live page (see the module's doc for the protocol)."""
     service = request.app[SERVICE]
     hub = request.app[HUB]
-    cfg = service.cfg.page
-    if not _same_origin(request):
-        raise error(403, "WebSocket from another origin")
-    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE, heartbeat=30.0,
-                               writer_limit=16 * 1024)
-    if not ws.can_prepare(request).ok:
-        raise error(400, "this endpoint speaks WebSocket only (Upgrade: websocket)")
-    if len(hub.clients) >= cfg.max_clients:
-        raise error(503, f"{len(hub.clients)} pages connected (page.max_clients)",
-                    headers={"Retry-After": "5"})
-    await ws.prepare(request)
-    _tune_socket(request)
-    client = LiveClient(ws, service, cfg, request.transport)
-    hub.add(client)
-    writer = asyncio.create_task(client.writer())
-    try:
-        await client.read()
-    finally:
-        hub.remove(client)
-        client.close()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
+    ws = await open_page_socket(request, service.cfg.page, len(hub.clients))
+    await run_page_client(hub, LiveClient(ws, service, service.cfg.page, request.transport))
     return ws
 
 

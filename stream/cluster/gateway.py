@@ -29,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
 from stream.api.context import AUTH, CONFIG, STOP
-from stream.api.live import MAX_MESSAGE, _same_origin, _tune_socket
+from stream.api.live import open_page_socket, run_page_client
 from stream.api.spec import ApiError, Body, Endpoint, error, openapi, read_json, read_query, reply
 from stream.auth import Authenticator, load_secret
 from stream.cluster.gateway_live import (
@@ -368,32 +368,12 @@ async def live_ws(request: web.Request) -> web.StreamResponse:
     app = request.app
     cfg = app[CONFIG].page
     hub = app[LIVE_HUB]
-    if not _same_origin(request):
-        raise error(403, "WebSocket from another origin")
-    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE, heartbeat=30.0,
-                               writer_limit=16 * 1024)
-    if not ws.can_prepare(request).ok:
-        raise error(400, "this endpoint speaks WebSocket only (Upgrade: websocket)")
-    if len(hub.clients) >= cfg.max_clients:
-        raise error(503, f"{len(hub.clients)} pages connected (page.max_clients)",
-                    headers={"Retry-After": "5"})
-    await ws.prepare(request)
-    _tune_socket(request)
+    ws = await open_page_socket(request, cfg, len(hub.clients))
 
     async def connect(node_id: str) -> aiohttp.ClientWebSocketResponse:
         return await _node_ws(app, node_id)
 
-    client = GatewayLiveClient(ws, cfg, connect)
-    hub.add(client)
-    writer = asyncio.create_task(client.writer())
-    try:
-        await client.read()
-    finally:
-        hub.remove(client)
-        client.close()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
+    await run_page_client(hub, GatewayLiveClient(ws, cfg, connect))
     return ws
 
 

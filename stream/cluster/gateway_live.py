@@ -27,10 +27,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
-from pydantic import ValidationError
 
-from stream.api.live import FOCUS, MESSAGE_BURST, MESSAGES_PER_S, TILE, TokenBucket
-from stream.api.spec import field_errors
+from stream.api.live import FOCUS, TILE, PageSocket
 from stream.config import PageConfig
 from stream.schemas import LiveRequest
 
@@ -157,34 +155,21 @@ class Upstream:
         self.task.cancel()
 
 
-class GatewayLiveClient:
+class GatewayLiveClient(PageSocket):
     """One page's connection at the gateway."""
 
     def __init__(self, ws: web.WebSocketResponse, cfg: PageConfig, connect: Connect) -> None:
-        self.ws, self.cfg, self.connect = ws, cfg, connect
+        super().__init__(ws)
+        self.cfg, self.connect = cfg, connect
         self.want = Wanted(fps=cfg.max_tile_fps, focus_fps=cfg.max_focus_fps)
         self.owner: dict[str, str] = {}
         self.known: frozenset[str] | None = None  # None: no view of the cluster yet
         self.upstreams: dict[str, Upstream] = {}
         self._failed_at: dict[str, float] = {}
         self.frames: dict[tuple[int, str], bytes] = {}  # newest pending frame per tile
-        self.texts: dict[str, str] = {}
-        self._errors = 0
-        self.wake = asyncio.Event()
         self.sent = self.skipped = 0
-        self.closed = False
 
     # -- towards the page --------------------------------------------------------------------
-    def push_text(self, slot: str, text: str) -> None:
-        self.texts.pop(slot, None)
-        self.texts[slot] = text
-        self.wake.set()
-
-    def send_error(self, message: str, loc: str = "body") -> None:
-        self._errors += 1
-        self.push_text(f"error{self._errors % 8}",
-                       json.dumps({"type": "error", "error": message, "loc": loc}))
-
     def on_frame(self, msg: bytes) -> None:
         """A node's frame: kept if the page still wants that tile, replacing a pending one."""
         head = frame_header(msg)
@@ -231,29 +216,7 @@ class GatewayLiveClient:
             pass
 
     # -- from the page -------------------------------------------------------------------------
-    async def read(self) -> None:
-        bucket = TokenBucket(MESSAGES_PER_S, MESSAGE_BURST)
-        async for msg in self.ws:
-            if msg.type == WSMsgType.TEXT:
-                if not bucket.take():
-                    await self.ws.close(code=1008, message=b"too many messages")
-                    break
-                self.handle(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                self.send_error("send JSON text messages")
-            elif msg.type == WSMsgType.ERROR:
-                break
-
-    def handle(self, text: str) -> None:
-        try:
-            req = LiveRequest.model_validate(json.loads(text))
-        except ValueError as e:
-            if isinstance(e, ValidationError):
-                first = field_errors(e)[0]
-                self.send_error(f"{first['loc']}: {first['msg']}", first["loc"])
-            else:
-                self.send_error(f"not JSON: {e}")
-            return
+    def handle(self, req: LiveRequest) -> None:
         given, want = req.model_fields_set, self.want
         if req.fps is not None:
             want.fps = min(req.fps, self.cfg.max_tile_fps)
