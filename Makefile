@@ -36,12 +36,14 @@ run: setup
 # Everything: lint, types, the fast unit tests and the end-to-end tests with the real peers.
 test: setup-test
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest -ra
 
 # For development: lint, types and the unit tests only (under a minute).
 test-fast: setup-test
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest -ra -m "not e2e"
 

@@ -43,16 +43,23 @@ from models.norm import QUANT_NORM, Norm
 from models.registry import Backbone
 
 # TF-slim MobileNetV2 (t expansion, c channels, n repeats, s stride) after the first conv.
-_MNV2_BLOCKS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                (6, 160, 3, 2), (6, 320, 1, 1)]
+_MNV2_BLOCKS = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
 HEAD_DEPTH = 256  # DeepLab's ASPP depth, not scaled by the depth multiplier
 
 
 @dataclass(frozen=True)
 class _EdgeTPUBlock:
-    fused: bool      # fused inverted bottleneck: a full k x k expand conv, no depthwise
-    expansion: int   # expansion factor of the input channels
-    channels: int    # output channels before the depth multiplier
+    fused: bool  # fused inverted bottleneck: a full k x k expand conv, no depthwise
+    expansion: int  # expansion factor of the input channels
+    channels: int  # output channels before the depth multiplier
     stride: int
     kernel: int
     residual: bool = True
@@ -62,13 +69,27 @@ _E = _EdgeTPUBlock
 # TF-slim mobilenet_v3.V3_EDGETPU after its first 3x3/2 conv (32 channels), then Conv_1 1x1.
 _EDGETPU_BLOCKS = [
     _E(True, 1, 16, 1, 3, residual=False),
-    _E(True, 8, 32, 2, 3), _E(True, 4, 32, 1, 3), _E(True, 4, 32, 1, 3), _E(True, 4, 32, 1, 3),
-    _E(True, 8, 48, 2, 3), _E(True, 4, 48, 1, 3), _E(True, 4, 48, 1, 3), _E(True, 4, 48, 1, 3),
-    _E(False, 8, 96, 2, 3), _E(False, 4, 96, 1, 3), _E(False, 4, 96, 1, 3),
-    _E(False, 4, 96, 1, 3), _E(False, 8, 96, 1, 3, residual=False), _E(False, 4, 96, 1, 3),
-    _E(False, 4, 96, 1, 3), _E(False, 4, 96, 1, 3),
-    _E(False, 8, 160, 2, 5), _E(False, 4, 160, 1, 5), _E(False, 4, 160, 1, 5),
-    _E(False, 4, 160, 1, 5), _E(False, 8, 192, 1, 3),
+    _E(True, 8, 32, 2, 3),
+    _E(True, 4, 32, 1, 3),
+    _E(True, 4, 32, 1, 3),
+    _E(True, 4, 32, 1, 3),
+    _E(True, 8, 48, 2, 3),
+    _E(True, 4, 48, 1, 3),
+    _E(True, 4, 48, 1, 3),
+    _E(True, 4, 48, 1, 3),
+    _E(False, 8, 96, 2, 3),
+    _E(False, 4, 96, 1, 3),
+    _E(False, 4, 96, 1, 3),
+    _E(False, 4, 96, 1, 3),
+    _E(False, 8, 96, 1, 3, residual=False),
+    _E(False, 4, 96, 1, 3),
+    _E(False, 4, 96, 1, 3),
+    _E(False, 4, 96, 1, 3),
+    _E(False, 8, 160, 2, 5),
+    _E(False, 4, 160, 1, 5),
+    _E(False, 4, 160, 1, 5),
+    _E(False, 4, 160, 1, 5),
+    _E(False, 8, 192, 1, 3),
 ]
 EDGETPU_LAST_CONV = 1280  # Conv_1, not scaled by the depth multiplier
 
@@ -80,12 +101,12 @@ Mode = Literal["float", "faithful"]
 MODES: tuple[Mode, ...] = ("float", "faithful")
 
 # The uint8 tensors outside the convs and adds, named as quant_sites() names them.
-SITE_INPUT = "input"                          # the uint8 image
-SITE_POOL = "image_pooling/pool"              # AVERAGE_POOL_2D output
-SITE_BROADCAST = "image_pooling/broadcast"    # RESIZE_BILINEAR / TILE 1x1 -> feature size
-SITE_REQUANT = "image_pooling/requantize"     # QUANTIZE to the concat's scale
+SITE_INPUT = "input"  # the uint8 image
+SITE_POOL = "image_pooling/pool"  # AVERAGE_POOL_2D output
+SITE_BROADCAST = "image_pooling/broadcast"  # RESIZE_BILINEAR / TILE 1x1 -> feature size
+SITE_REQUANT = "image_pooling/requantize"  # QUANTIZE to the concat's scale
 SITE_CONCAT = "concat"
-SITE_LOGITS_RESIZE = "logits/resize"          # RESIZE_BILINEAR to the input size
+SITE_LOGITS_RESIZE = "logits/resize"  # RESIZE_BILINEAR to the input size
 
 
 @dataclass(frozen=True)
@@ -103,8 +124,8 @@ class QuantParams:
 class ConvInfo:
     """What the imported file must agree with for one conv layer."""
 
-    scope: str            # TF scope, e.g. "MobilenetV2/expanded_conv_3/depthwise"
-    layer: str            # Keras layer name
+    scope: str  # TF scope, e.g. "MobilenetV2/expanded_conv_3/depthwise"
+    layer: str  # Keras layer name
     depthwise: bool
     stride: int
     dilation: int
@@ -203,8 +224,9 @@ class Requant(layers.Layer):
 
     def call(self, x):
         # lo == 0: a fused ReLU (in the conv) already did the lower clamp
-        return fused(_requant_clip if self.lo else _requant_min, x,
-                     *_f32(self.multiplier, self.lo, self.hi))
+        return fused(
+            _requant_clip if self.lo else _requant_min, x, *_f32(self.multiplier, self.lo, self.hi)
+        )
 
 
 @keras.saving.register_keras_serializable(package="segstream")
@@ -216,15 +238,18 @@ class QuantAdd(layers.Layer):
     multipliers, which a float rounding would disagree with near one half.
     """
 
-    def __init__(self, a_multiplier: int, b_multiplier: int, shift: int, lo: int, hi: int,
-                 **kw: object) -> None:
+    def __init__(
+        self, a_multiplier: int, b_multiplier: int, shift: int, lo: int, hi: int, **kw: object
+    ) -> None:
         super().__init__(**kw)
         self.a_multiplier, self.b_multiplier = int(a_multiplier), int(b_multiplier)
         self.shift, self.lo, self.hi = int(shift), int(lo), int(hi)
 
     def call(self, inputs):
-        ints = (ops.convert_to_tensor(v, "int32") for v in (
-            self.a_multiplier, self.b_multiplier, 1 << (self.shift - 1), self.shift))
+        ints = (
+            ops.convert_to_tensor(v, "int32")
+            for v in (self.a_multiplier, self.b_multiplier, 1 << (self.shift - 1), self.shift)
+        )
         return fused(_add, *inputs, *ints, *_f32(self.lo, self.hi))
 
 
@@ -236,7 +261,7 @@ def add_multipliers(a: QuantParams, b: QuantParams, out: QuantParams) -> tuple[i
     shift = 20 - exponent
     if not 12 <= shift <= 30:
         raise ValueError(f"ADD scale ratio {max(ra, rb)} is outside XNNPACK's range")
-    two = np.float32(2.0 ** shift)
+    two = np.float32(2.0**shift)
     return int(np.rint(ra * two)), int(np.rint(rb * two)), shift
 
 
@@ -284,8 +309,9 @@ class GlobalPoolBroadcast(layers.Layer):
     An align_corners bilinear resize from 1x1 (or a TILE) copies the single value everywhere.
     """
 
-    def __init__(self, mode: Literal["pool", "broadcast"], size: tuple[int, int] = (1, 1),
-                 **kw: object) -> None:
+    def __init__(
+        self, mode: Literal["pool", "broadcast"], size: tuple[int, int] = (1, 1), **kw: object
+    ) -> None:
         super().__init__(**kw)
         self.mode, self.size = mode, size
 
@@ -333,9 +359,14 @@ class ResizeAlignCorners(layers.Layer):
     also skips the float one's -0.0 handling), "real" their dequantized values.
     """
 
-    def __init__(self, in_size: tuple[int, int], out_size: tuple[int, int],
-                 quant: tuple[float, int] | list[float] | None = None,
-                 emit: Literal["real", "uint8"] = "real", **kw: object) -> None:
+    def __init__(
+        self,
+        in_size: tuple[int, int],
+        out_size: tuple[int, int],
+        quant: tuple[float, int] | list[float] | None = None,
+        emit: Literal["real", "uint8"] = "real",
+        **kw: object,
+    ) -> None:
         super().__init__(**kw)
         self.in_size, self.out_size = tuple(in_size), tuple(out_size)
         self.quant = None if quant is None else (float(quant[0]), int(quant[1]))
@@ -422,8 +453,17 @@ class _Builder:
             self._grids[id(x)] = q
         return x
 
-    def conv(self, x, scope: str, filters: int, kernel: int, stride: int, act: Activation,
-             dilation: int = 1, depthwise: bool = False):
+    def conv(
+        self,
+        x,
+        scope: str,
+        filters: int,
+        kernel: int,
+        stride: int,
+        act: Activation,
+        dilation: int = 1,
+        depthwise: bool = False,
+    ):
         name = layer_name(scope)
         q_out, q_w = self.need(scope), self.need(f"{scope}/weights")
         self.need(f"{scope}/bias")
@@ -431,11 +471,24 @@ class _Builder:
         # faithful: a ReLU on the accumulator is the lower clamp where it is at the zero point
         relu = "relu" if q_out is not None and lo == 0 else None
         if depthwise:
-            y = layers.DepthwiseConv2D(kernel, strides=stride, dilation_rate=dilation,
-                                       padding="same", activation=relu, name=name)(x)
+            y = layers.DepthwiseConv2D(
+                kernel,
+                strides=stride,
+                dilation_rate=dilation,
+                padding="same",
+                activation=relu,
+                name=name,
+            )(x)
         else:
-            y = layers.Conv2D(filters, kernel, strides=stride, dilation_rate=dilation,
-                              padding="same", activation=relu, name=name)(x)
+            y = layers.Conv2D(
+                filters,
+                kernel,
+                strides=stride,
+                dilation_rate=dilation,
+                padding="same",
+                activation=relu,
+                name=name,
+            )(x)
         self.infos.append(ConvInfo(scope, name, depthwise, stride, dilation, act))
         if q_out is None or q_w is None:
             return _act(y, act, name)
@@ -492,8 +545,9 @@ def _mobilenet_v2(b: _Builder, x, multiplier: float, st: _Strides):
             y = x
             if t != 1:
                 y = b.conv(y, f"{scope}/expand", in_ch * t, 1, 1, "relu6")
-            y = b.conv(y, f"{scope}/depthwise", 0, 3, layer_stride, "relu6", layer_rate,
-                       depthwise=True)
+            y = b.conv(
+                y, f"{scope}/depthwise", 0, 3, layer_stride, "relu6", layer_rate, depthwise=True
+            )
             y = b.conv(y, f"{scope}/project", out_ch, 1, 1, "none")
             if layer_stride == 1 and in_ch == out_ch:
                 y = b.add(y, x, scope)
@@ -514,12 +568,27 @@ def _mobilenet_edgetpu(b: _Builder, x, multiplier: float, st: _Strides):
         y = x
         if spec.fused:
             if inner > in_ch:  # expansion 1 keeps the input: no expand conv
-                y = b.conv(y, f"{scope}/expand", inner, spec.kernel, layer_stride, "relu",
-                           dilation=layer_rate)
+                y = b.conv(
+                    y,
+                    f"{scope}/expand",
+                    inner,
+                    spec.kernel,
+                    layer_stride,
+                    "relu",
+                    dilation=layer_rate,
+                )
         else:
             y = b.conv(y, f"{scope}/expand", inner, 1, 1, "relu")
-            y = b.conv(y, f"{scope}/depthwise", 0, spec.kernel, layer_stride, "relu",
-                       layer_rate, depthwise=True)
+            y = b.conv(
+                y,
+                f"{scope}/depthwise",
+                0,
+                spec.kernel,
+                layer_stride,
+                "relu",
+                layer_rate,
+                depthwise=True,
+            )
         y = b.conv(y, f"{scope}/project", out_ch, 1, 1, "none")
         if spec.residual and layer_stride == 1 and in_ch == out_ch:
             y = b.add(y, x, scope)
@@ -572,15 +641,15 @@ def build_deeplab(
         pool = GlobalPoolBroadcast("pool", name="image_pooling__avgpool")(x)
     else:
         _same_grid(SITE_POOL, b.grid(x), q_pool)
-        pool = b.on_grid(QuantAvgPool(q_pool.zero_point, name="image_pooling__avgpool")(x),
-                         q_pool)
+        pool = b.on_grid(QuantAvgPool(q_pool.zero_point, name="image_pooling__avgpool")(x), q_pool)
     pool = b.conv(pool, "image_pooling", head_depth, 1, 1, "relu")
     q_bc, q_rq = b.need(SITE_BROADCAST), b.need(SITE_REQUANT)
     if q_bc is not None and q_rq is not None:
         _same_grid(SITE_BROADCAST, b.grid(pool), q_bc)
         if q_rq != q_bc:  # element-wise: done on the 1x1 vector before it is copied
-            pool = Requantize(requantize_multiplier(q_bc, q_rq), q_rq.zero_point,
-                              name="image_pooling__requantize")(pool)
+            pool = Requantize(
+                requantize_multiplier(q_bc, q_rq), q_rq.zero_point, name="image_pooling__requantize"
+            )(pool)
     pool = GlobalPoolBroadcast("broadcast", (fh, fw), name="image_pooling__resize")(pool)
     aspp0 = b.conv(x, "aspp0", head_depth, 1, 1, "relu")
     q_cat = b.need(SITE_CONCAT)
@@ -595,14 +664,22 @@ def build_deeplab(
         y = ResizeAlignCorners((fh, fw), (h, w), name="resize_logits")(y)
     else:
         _same_grid(SITE_LOGITS_RESIZE, b.grid(y), q_resize)
-        y = ResizeAlignCorners((fh, fw), (h, w), q_resize.as_list(),
-                               emit="uint8" if output == "classes" else "real",
-                               name="resize_logits")(y)
+        y = ResizeAlignCorners(
+            (fh, fw),
+            (h, w),
+            q_resize.as_list(),
+            emit="uint8" if output == "classes" else "real",
+            name="resize_logits",
+        )(y)
     if output == "classes":
         y = ArgmaxUint8(name="argmax")(y)
     tag = "mnv2" if backbone == "mobilenet_v2" else "edgetpu"
-    model = keras.Model(inp, y, name=f"deeplabv3_{tag}_dm{depth_multiplier:g}_os{output_stride}"
-                        + ("_faithful" if quant is not None else ""))
+    model = keras.Model(
+        inp,
+        y,
+        name=f"deeplabv3_{tag}_dm{depth_multiplier:g}_os{output_stride}"
+        + ("_faithful" if quant is not None else ""),
+    )
     model.conv_infos = b.infos  # read by the weight import
     model.quant_site_names = b.sites
     model.feature_size = (fh, fw)
@@ -612,12 +689,15 @@ def build_deeplab(
 
 def _same_grid(site: str, got: QuantParams, want: QuantParams) -> None:
     if got != want:
-        raise ValueError(f"{site}: input on grid {got}, the file keeps {want} (a requantization "
-                         f"the port does not emulate)")
+        raise ValueError(
+            f"{site}: input on grid {got}, the file keeps {want} (a requantization "
+            f"the port does not emulate)"
+        )
 
 
-def integer_weights(kernel: np.ndarray, bias: np.ndarray, w: QuantParams,
-                    b: QuantParams) -> tuple[np.ndarray, np.ndarray]:
+def integer_weights(
+    kernel: np.ndarray, bias: np.ndarray, w: QuantParams, b: QuantParams
+) -> tuple[np.ndarray, np.ndarray]:
     """Float (dequantized) conv weights -> the file's integers q_w - zp_w and int32 bias."""
     k = np.rint(kernel.astype(np.float64) / w.scale)
     c = np.rint(bias.astype(np.float64) / b.scale)

@@ -131,8 +131,14 @@ def _download(spec: ModelSpec | SampleSpec, dest: Path, progress: bool) -> None:
     req = urllib.request.Request(spec.url, headers={"User-Agent": "segstream-fetch"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         total = int(resp.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=spec.filename,
-                  disable=not progress, file=sys.stderr) as bar:
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=spec.filename,
+            disable=not progress,
+            file=sys.stderr,
+        ) as bar:
             _stream_to(dest, _read_chunks(resp, bar), spec.sha256, spec.url)
 
 
@@ -195,8 +201,10 @@ def _list() -> int:
     for spec in MODELS.values():
         state = "fetched" if _dest(spec).is_file() else "not fetched"
         backends = "tflite, keras" if spec.keras else "tflite"
-        print(f"{spec.name:22} {spec.input_size}px {spec.num_classes:2d} classes  "
-              f"[{backends}]  {state:11}  {spec.description}")
+        print(
+            f"{spec.name:22} {spec.input_size}px {spec.num_classes:2d} classes  "
+            f"[{backends}]  {state:11}  {spec.description}"
+        )
     for sample in SAMPLES.values():
         state = "fetched" if _dest(sample).is_file() else "not fetched"
         print(f"{sample.name:22} sample  {state:11}  {sample.description}")
@@ -207,8 +215,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.list:
         return _list()
     try:
-        paths = fetch(args.names or None, from_dir=args.from_dir, progress=not args.quiet,
-                      samples=not args.no_samples)
+        paths = fetch(
+            args.names or None,
+            from_dir=args.from_dir,
+            progress=not args.quiet,
+            samples=not args.no_samples,
+        )
     except (FetchError, ValueError) as e:
         print(f"segstream fetch: {e}", file=sys.stderr)
         return 1
@@ -220,14 +232,22 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``fetch [NAMES...] [--from DIR]`` subcommand."""
     p = subparsers.add_parser(
-        "fetch", help="download (or copy with --from) the model and sample files, sha256-checked",
+        "fetch",
+        help="download (or copy with --from) the model and sample files, sha256-checked",
         description=f"Models: {', '.join(MODELS)}. Samples: {', '.join(SAMPLES)}. "
         f"Files go to {home()}.",
     )
-    p.add_argument("names", nargs="*", metavar="NAME",
-                   help="models/samples to fetch (default: all)")
-    p.add_argument("--from", dest="from_dir", type=Path, default=None, metavar="DIR",
-                   help=f"copy files found under DIR instead of downloading (env {FETCH_FROM_ENV})")
+    p.add_argument(
+        "names", nargs="*", metavar="NAME", help="models/samples to fetch (default: all)"
+    )
+    p.add_argument(
+        "--from",
+        dest="from_dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"copy files found under DIR instead of downloading (env {FETCH_FROM_ENV})",
+    )
     p.add_argument("--no-samples", action="store_true", help="skip the sample video")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the known models and samples")

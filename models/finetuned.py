@@ -15,8 +15,15 @@ from typing import Any, Literal
 
 SIDECAR_FORMAT = "segstream-finetuned"
 SIDECAR_VERSION = 1
-_NEEDED = {"format", "num_classes", "labels", "input_size", "depth_multiplier",
-           "output_stride", "input_norm"}
+_NEEDED = {
+    "format",
+    "num_classes",
+    "labels",
+    "input_size",
+    "depth_multiplier",
+    "output_stride",
+    "input_norm",
+}
 
 PathLike = str | os.PathLike[str]
 
@@ -50,27 +57,37 @@ def read_sidecar(weights: PathLike) -> dict[str, Any]:
     if not weights.is_file():
         raise FileNotFoundError(f"fine-tuned weights {weights} not found")
     if not side.is_file():
-        raise FileNotFoundError(f"{side} not found: fine-tuned weights need the JSON sidecar "
-                                f"`segstream train` writes beside them")
+        raise FileNotFoundError(
+            f"{side} not found: fine-tuned weights need the JSON sidecar "
+            f"`segstream train` writes beside them"
+        )
     meta: dict[str, Any] = json.loads(side.read_text())
     if meta.get("format") != SIDECAR_FORMAT or not _NEEDED.issubset(meta):
-        raise ValueError(f"{side} is not a segstream fine-tune sidecar (missing "
-                         f"{sorted(_NEEDED - set(meta))})")
+        raise ValueError(
+            f"{side} is not a segstream fine-tune sidecar (missing {sorted(_NEEDED - set(meta))})"
+        )
     return meta
 
 
-def load_finetuned(weights: PathLike, input_size: int | None = None,
-                   output: Literal["classes", "logits"] = "classes",
-                   ) -> tuple[Any, dict[str, Any]]:
+def load_finetuned(
+    weights: PathLike,
+    input_size: int | None = None,
+    output: Literal["classes", "logits"] = "classes",
+) -> tuple[Any, dict[str, Any]]:
     """Rebuild a fine-tuned model from ``x.weights.h5`` + ``x.json`` at any input size."""
     from models.deeplab import build_deeplab
 
     meta = read_sidecar(weights)
     mean, std = meta["input_norm"]
-    model = build_deeplab(int(meta["num_classes"]), float(meta["depth_multiplier"]),
-                          int(meta["output_stride"]), int(input_size or meta["input_size"]),
-                          input_norm=(float(mean), float(std)), output=output,
-                          backbone=meta.get("backbone", "mobilenet_v2"),  # older sidecars
-                          head_depth=int(meta.get("head_depth", 256)))
+    model = build_deeplab(
+        int(meta["num_classes"]),
+        float(meta["depth_multiplier"]),
+        int(meta["output_stride"]),
+        int(input_size or meta["input_size"]),
+        input_norm=(float(mean), float(std)),
+        output=output,
+        backbone=meta.get("backbone", "mobilenet_v2"),  # older sidecars
+        head_depth=int(meta.get("head_depth", 256)),
+    )
     model.load_weights(str(weights))
     return model, meta

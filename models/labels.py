@@ -47,4 +47,3 @@ def cityscapes_palette() -> np.ndarray:
     pal = np.zeros((256, 3), dtype=np.uint8)
     pal[: len(_CITYSCAPES_COLOURS)] = np.asarray(_CITYSCAPES_COLOURS, dtype=np.uint8)
     return pal
-

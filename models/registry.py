@@ -76,37 +76,61 @@ class SampleSpec:
 
 
 def _voc(name: str, filename: str, sha: str, url: str, **kw: object) -> ModelSpec:
-    return ModelSpec(name=name, filename=filename, sha256=sha, url=url, labels=VOC_LABELS,
-                     palette=voc_palette, keras=True, **kw)  # type: ignore[arg-type]
+    return ModelSpec(
+        name=name,
+        filename=filename,
+        sha256=sha,
+        url=url,
+        labels=VOC_LABELS,
+        palette=voc_palette,
+        keras=True,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 _SPECS = [
     _voc(
-        "mnv2-voc", "deeplabv3_mnv2_pascal_quant.tflite",
+        "mnv2-voc",
+        "deeplabv3_mnv2_pascal_quant.tflite",
         "350af47fd346ea6d74b58833a351f583ba860e9806ec5bd292ff8d8f1f249398",
         f"{_CORAL}/deeplabv3_mnv2_pascal_quant.tflite",
-        input_size=513, depth_multiplier=1.0, output_stride=16, tflite_kind="argmax_uint8",
+        input_size=513,
+        depth_multiplier=1.0,
+        output_stride=16,
+        tflite_kind="argmax_uint8",
         description="DeepLabv3 MobileNetV2 x1.0, Pascal VOC, uint8 QAT (default)",
     ),
     _voc(
-        "mnv2-voc-fast", "deeplabv3_mnv2_dm05_pascal_quant.tflite",
+        "mnv2-voc-fast",
+        "deeplabv3_mnv2_dm05_pascal_quant.tflite",
         "0470d2a782aa54eeeb99d32e7b6b3fb7722905c7c4f5d26bd957ec861366d48b",
         f"{_CORAL}/deeplabv3_mnv2_dm05_pascal_quant.tflite",
-        input_size=513, depth_multiplier=0.5, output_stride=16, tflite_kind="argmax_uint8",
+        input_size=513,
+        depth_multiplier=0.5,
+        output_stride=16,
+        tflite_kind="argmax_uint8",
         description="DeepLabv3 MobileNetV2 x0.5, Pascal VOC, uint8 (fast)",
     ),
     _voc(
-        "mnv2-voc-dm05-float", "deeplabv3_mnv2_dm05_pascal_trainval_fp32.tflite",
+        "mnv2-voc-dm05-float",
+        "deeplabv3_mnv2_dm05_pascal_trainval_fp32.tflite",
         "504e35c9848e5f2f904cacbb7bd92e333071762f761211fa561c1855292bd0c3",
         f"{_PSEUDO}/python/fp32.tflite",
-        input_size=513, depth_multiplier=0.5, output_stride=8, tflite_kind="logits_float",
+        input_size=513,
+        depth_multiplier=0.5,
+        output_stride=8,
+        tflite_kind="logits_float",
         description="DeepLabv3 MobileNetV2 x0.5, Pascal VOC trainval, float32 513",
     ),
     _voc(
-        "mnv2-voc-257", "deeplabv3_257_mv_gpu.tflite",
+        "mnv2-voc-257",
+        "deeplabv3_257_mv_gpu.tflite",
         "68a539782c2c6a72f8aac3724600124a85ed977162b44e84cbae5db717c933c6",
         f"{_FLUTTER}/example/assets/deeplabv3_257_mv_gpu.tflite",
-        input_size=257, depth_multiplier=0.5, output_stride=8, tflite_kind="logits_float",
+        input_size=257,
+        depth_multiplier=0.5,
+        output_stride=8,
+        tflite_kind="logits_float",
         description="DeepLabv3 MobileNetV2 x0.5, Pascal VOC, float32 257 (TFLite GPU demo)",
     ),
     ModelSpec(
@@ -114,9 +138,15 @@ _SPECS = [
         filename="deeplab_mobilenet_edgetpu_slim_cityscapes_quant.tflite",
         sha256="322fe29945cb1693f426952f2a330ab67ea5678545ddee6f2548e0cfd0ca03e5",
         url=f"{_CORAL}/deeplab_mobilenet_edgetpu_slim_cityscapes_quant.tflite",
-        labels=CITYSCAPES_LABELS, palette=cityscapes_palette, input_size=513,
-        depth_multiplier=0.75, output_stride=16, tflite_kind="argmax_uint8", keras=True,
-        backbone="mobilenet_edgetpu", head_depth=128,
+        labels=CITYSCAPES_LABELS,
+        palette=cityscapes_palette,
+        input_size=513,
+        depth_multiplier=0.75,
+        output_stride=16,
+        tflite_kind="argmax_uint8",
+        keras=True,
+        backbone="mobilenet_edgetpu",
+        head_depth=128,
         description="DeepLab MobileNet-EdgeTPU x0.75 slim, Cityscapes 19 trainIds, uint8",
     ),
 ]
@@ -126,7 +156,8 @@ DEFAULT_MODEL = "mnv2-voc"
 
 SAMPLES: dict[str, SampleSpec] = {
     "vtest": SampleSpec(
-        name="vtest", filename="vtest.avi",
+        name="vtest",
+        filename="vtest.avi",
         sha256="45cddc9490be69345cbdab64ca583be65987e864ca408038e648db99e10516cf",
         url="https://raw.githubusercontent.com/opencv/opencv/4.6.0/samples/data/vtest.avi",
         description="OpenCV sample: campus pedestrians, 768x576, 10 fps, 795 frames",
@@ -139,9 +170,7 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}; valid names: {', '.join(MODELS)}"
-        ) from None
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}") from None
 
 
 def get_sample(name: str) -> SampleSpec:
@@ -149,6 +178,4 @@ def get_sample(name: str) -> SampleSpec:
     try:
         return SAMPLES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown sample {name!r}; valid names: {', '.join(SAMPLES)}"
-        ) from None
+        raise ValueError(f"unknown sample {name!r}; valid names: {', '.join(SAMPLES)}") from None

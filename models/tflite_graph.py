@@ -28,8 +28,12 @@ def resize_input(content: bytes, size: int) -> bytes:
     if int(inp.shape[2]) != old:
         raise ValueError("resize_input handles square inputs only")
     ops = [(op_name(model, op), op) for op in g.operators]
-    pools = [op for name, op in ops if name == "AVERAGE_POOL_2D"
-             and op.builtinOptions.filterHeight == int(g.tensors[op.inputs[0]].shape[1])]
+    pools = [
+        op
+        for name, op in ops
+        if name == "AVERAGE_POOL_2D"
+        and op.builtinOptions.filterHeight == int(g.tensors[op.inputs[0]].shape[1])
+    ]
     if len(pools) != 1:
         raise ValueError(f"expected one global average pool, found {len(pools)}")
     feat_old = int(g.tensors[pools[0].inputs[0]].shape[1])

@@ -77,7 +77,7 @@ class FileConv:
 
     scope: str
     depthwise: bool
-    weights: np.ndarray   # TFLite layout: conv [O, H, W, I], depthwise [1, H, W, C*mult]
+    weights: np.ndarray  # TFLite layout: conv [O, H, W, I], depthwise [1, H, W, C*mult]
     bias: np.ndarray
     stride: tuple[int, int]
     dilation: tuple[int, int]
@@ -92,7 +92,7 @@ class FileGraph:
     convs: dict[str, FileConv]
     input_dtype: type
     input_shape: tuple[int, ...]
-    input_quant: tuple[float, int] | None   # (scale, zero_point) of a uint8 input
+    input_quant: tuple[float, int] | None  # (scale, zero_point) of a uint8 input
     op_names: list[str]
     # uint8 activation grids by quant site (empty for float files), and what did not map
     quant: dict[str, QuantParams] = field(default_factory=dict)
@@ -116,8 +116,9 @@ def _dequantize(tensor: Any, arr: np.ndarray) -> np.ndarray:
         return arr
     q = tensor.quantization
     if q is None or q.scale is None or len(q.scale) == 0:
-        raise ImportMismatchError(f"tensor {tensor.name.decode()} is {arr.dtype} but has no "
-                                  f"quantization parameters")
+        raise ImportMismatchError(
+            f"tensor {tensor.name.decode()} is {arr.dtype} but has no quantization parameters"
+        )
     scale = np.asarray(q.scale, dtype=np.float64)
     zero = np.asarray(q.zeroPoint if q.zeroPoint is not None else [0], dtype=np.float64)
     if scale.size > 1:  # per-channel: broadcast along the quantized dimension
@@ -179,8 +180,9 @@ def read_tflite(path: Path) -> FileGraph:
     uint8 = it.type == schema().TensorType.UINT8
     if uint8 and q is not None and q.scale is not None and len(q.scale):
         quant = (float(q.scale[0]), int(q.zeroPoint[0]))
-    graph = FileGraph(convs, _NP_TYPES.get(it.type, object), tuple(int(d) for d in it.shape),
-                      quant, names)
+    graph = FileGraph(
+        convs, _NP_TYPES.get(it.type, object), tuple(int(d) for d in it.shape), quant, names
+    )
     if uint8:
         graph.quant, graph.quant_problems, graph.quant_tensors = _read_quant(model, conv_outputs)
     return graph
@@ -189,14 +191,21 @@ def read_tflite(path: Path) -> FileGraph:
 def _grid(tensor: Any) -> QuantParams | None:
     """A uint8 tensor's (scale, zero point); None when the file gives none."""
     q = tensor.quantization
-    if q is None or q.scale is None or len(q.scale) != 1 or q.zeroPoint is None \
-            or len(q.zeroPoint) != 1:
+    if (
+        q is None
+        or q.scale is None
+        or len(q.scale) != 1
+        or q.zeroPoint is None
+        or len(q.zeroPoint) != 1
+    ):
         return None
     return QuantParams(float(q.scale[0]), int(q.zeroPoint[0]))
 
 
-def _read_quant(model: Any, conv_outputs: dict[int, str],
-                ) -> tuple[dict[str, QuantParams], list[str], dict[str, str]]:
+def _read_quant(
+    model: Any,
+    conv_outputs: dict[int, str],
+) -> tuple[dict[str, QuantParams], list[str], dict[str, str]]:
     """The grid of every uint8 activation by quant site, following the graph's data flow.
 
     Sites: SITE_INPUT; conv scopes, with "<scope>/weights" and "<scope>/bias" for their
@@ -234,8 +243,10 @@ def _read_quant(model: Any, conv_outputs: dict[int, str],
     def same_grid(site: str, i_in: int, i_out: int) -> None:
         a, b = _grid(g.tensors[i_in]), _grid(g.tensors[i_out])
         if a is not None and b is not None and a != b:
-            problems.append(f"{site}: output {tname(i_out)!r} {b} is on another grid than its "
-                            f"input {tname(i_in)!r} {a}; the port expects the same")
+            problems.append(
+                f"{site}: output {tname(i_out)!r} {b} is on another grid than its "
+                f"input {tname(i_in)!r} {a}; the port expects the same"
+            )
 
     record(SITE_INPUT, g.inputs[0])
     for op in g.operators:
@@ -261,8 +272,7 @@ def _read_quant(model: Any, conv_outputs: dict[int, str],
         elif name == "ADD" and len(ins) == 2:
             if op.builtinOptions is not None and op.builtinOptions.fusedActivationFunction:
                 problems.append(f"ADD {tname(out)!r} has a fused activation; the port has none")
-            block = next((s.removesuffix("/project") for s in src if s.endswith("/project")),
-                         None)
+            block = next((s.removesuffix("/project") for s in src if s.endswith("/project")), None)
             if block is None:
                 problems.append(f"ADD {tname(out)!r} is not fed by a block's project conv")
                 continue
@@ -275,15 +285,16 @@ def _read_quant(model: Any, conv_outputs: dict[int, str],
             same_grid(SITE_BROADCAST, ins[0], out)
             if name == "RESIZE_BILINEAR":
                 _check_resize(op, tname(out), problems)
-        elif name == "RESIZE_BILINEAR" and src[:1] in (["logits/semantic"],
-                                                        [SITE_LOGITS_RESIZE]):
+        elif name == "RESIZE_BILINEAR" and src[:1] in (["logits/semantic"], [SITE_LOGITS_RESIZE]):
             same_grid(SITE_LOGITS_RESIZE, ins[0], out)
             _check_resize(op, tname(out), problems)
             if list(g.tensors[ins[0]].shape[1:3]) != list(g.tensors[out].shape[1:3]):
                 resized.append(tname(out))  # same-size resizes (align_corners) are copies
             if len(resized) > 1:
-                problems.append(f"RESIZE_BILINEAR {tname(out)!r} resizes the logits a second "
-                                f"time (after {resized[0]!r}); the port resizes them once")
+                problems.append(
+                    f"RESIZE_BILINEAR {tname(out)!r} resizes the logits a second "
+                    f"time (after {resized[0]!r}); the port resizes them once"
+                )
             quant.pop(SITE_LOGITS_RESIZE, None)  # a chain of resizes: the last one counts
             record(SITE_LOGITS_RESIZE, out)
         elif name == "QUANTIZE" and src[:1] == [SITE_BROADCAST]:
@@ -293,9 +304,11 @@ def _read_quant(model: Any, conv_outputs: dict[int, str],
             for i in ins:
                 same_grid(SITE_CONCAT, i, out)
         else:
-            problems.append(f"{name} op writing uint8 tensor {tname(out)!r} (from "
-                            f"{', '.join(map(repr, src)) or 'no known site'}) is not one the "
-                            f"Keras port emulates")
+            problems.append(
+                f"{name} op writing uint8 tensor {tname(out)!r} (from "
+                f"{', '.join(map(repr, src)) or 'no known site'}) is not one the "
+                f"Keras port emulates"
+            )
     if SITE_BROADCAST in quant and SITE_REQUANT not in quant:
         quant[SITE_REQUANT] = quant[SITE_BROADCAST]  # no QUANTIZE: the grid stays
         tensors[SITE_REQUANT] = tensors[SITE_BROADCAST]
@@ -309,36 +322,43 @@ def _check_bias(model: Any, tensor: Any, problems: list[str]) -> None:
         return
     b = _tensor_array(model, tensor)
     if b.size and int(np.abs(b.astype(np.int64)).max()) >= 1 << 24:
-        problems.append(f"bias {tensor.name.decode()!r} reaches {int(np.abs(b).max())}, past "
-                        f"the 2**24 that float32 holds exactly")
+        problems.append(
+            f"bias {tensor.name.decode()!r} reaches {int(np.abs(b).max())}, past "
+            f"the 2**24 that float32 holds exactly"
+        )
 
 
 def _check_resize(op: Any, tensor: str, problems: list[str]) -> None:
     o = op.builtinOptions
     if not o.alignCorners or o.halfPixelCenters:
-        problems.append(f"RESIZE_BILINEAR {tensor!r}: align_corners={o.alignCorners} "
-                        f"half_pixel_centers={o.halfPixelCenters}; the port has "
-                        f"align_corners=True only")
+        problems.append(
+            f"RESIZE_BILINEAR {tensor!r}: align_corners={o.alignCorners} "
+            f"half_pixel_centers={o.halfPixelCenters}; the port has "
+            f"align_corners=True only"
+        )
 
 
 def check_quant(graph: FileGraph, sites: list[str], source: str) -> dict[str, QuantParams]:
     """The grids for ``sites`` (a faithful model's), or ImportMismatchError naming tensors."""
     if graph.input_quant is None:
-        raise ImportMismatchError(f"{source}: not a uint8 file, it has no activation grids "
-                                  f"for the int8-faithful mode")
+        raise ImportMismatchError(
+            f"{source}: not a uint8 file, it has no activation grids for the int8-faithful mode"
+        )
     if graph.quant_problems:
         raise ImportMismatchError(f"{source}: " + "; ".join(graph.quant_problems))
     return check_sites(graph.quant, sites, source)
 
 
-def check_sites(quant: dict[str, QuantParams], sites: list[str],
-                source: str) -> dict[str, QuantParams]:
+def check_sites(
+    quant: dict[str, QuantParams], sites: list[str], source: str
+) -> dict[str, QuantParams]:
     missing = [s for s in sites if s not in quant]
     extra = sorted(set(quant) - set(sites))
     if missing or extra:
         raise ImportMismatchError(
             f"{source}: uint8 tensors differ; no quantization parameters in the file for: "
-            f"{missing or '-'}; in the file but not in the Keras model: {extra or '-'}")
+            f"{missing or '-'}; in the file but not in the Keras model: {extra or '-'}"
+        )
     return {s: quant[s] for s in sites}
 
 
@@ -388,8 +408,9 @@ def import_weights(model: keras.Model, tflite_path: Path) -> FileGraph:
         if fc.activation != info.activation:
             problems.append(f"activation file={fc.activation} keras={info.activation}")
         if problems:
-            raise ImportMismatchError(f"{tflite_path.name}: layer {info.scope}: "
-                                      + "; ".join(problems))
+            raise ImportMismatchError(
+                f"{tflite_path.name}: layer {info.scope}: " + "; ".join(problems)
+            )
         layer.kernel.assign(kernel)
         layer.bias.assign(fc.bias)
     return graph
@@ -400,9 +421,14 @@ def weights_path(name: str) -> Path:
 
 
 def _stamp(spec: ModelSpec) -> dict[str, Any]:
-    return {"source_sha256": spec.sha256, "cache_version": CACHE_VERSION,
-            "backbone": spec.backbone, "depth_multiplier": spec.depth_multiplier,
-            "output_stride": spec.output_stride, "num_classes": spec.num_classes}
+    return {
+        "source_sha256": spec.sha256,
+        "cache_version": CACHE_VERSION,
+        "backbone": spec.backbone,
+        "depth_multiplier": spec.depth_multiplier,
+        "output_stride": spec.output_stride,
+        "num_classes": spec.num_classes,
+    }
 
 
 def default_mode(spec: ModelSpec) -> Mode:
@@ -410,36 +436,60 @@ def default_mode(spec: ModelSpec) -> Mode:
     return "faithful" if spec.quantized else "float"
 
 
-def build_for_spec(spec: ModelSpec, input_size: int | None = None,
-                   output: Output = "classes", num_classes: int | None = None,
-                   quant: dict[str, QuantParams] | None = None) -> keras.Model:
+def build_for_spec(
+    spec: ModelSpec,
+    input_size: int | None = None,
+    output: Output = "classes",
+    num_classes: int | None = None,
+    quant: dict[str, QuantParams] | None = None,
+) -> keras.Model:
     """The Keras model matching ``spec`` (unweighted); ``num_classes`` overrides its own.
 
     ``quant`` (the file's grids, see ``load_quant``) builds the int8-faithful mode.
     """
     if not spec.keras or spec.depth_multiplier is None or spec.output_stride is None:
         raise ValueError(f"model {spec.name!r} has no Keras port (tflite runtime only)")
-    return build_deeplab(num_classes or spec.num_classes, spec.depth_multiplier,
-                         spec.output_stride, input_size or spec.input_size,
-                         input_norm=spec.input_norm, output=output, backbone=spec.backbone,
-                         head_depth=spec.head_depth, quant=quant)
+    return build_deeplab(
+        num_classes or spec.num_classes,
+        spec.depth_multiplier,
+        spec.output_stride,
+        input_size or spec.input_size,
+        input_norm=spec.input_norm,
+        output=output,
+        backbone=spec.backbone,
+        head_depth=spec.head_depth,
+        quant=quant,
+    )
 
 
-def set_faithful_weights(src: keras.Model, dst: keras.Model,
-                         quant: dict[str, QuantParams]) -> None:
+def set_faithful_weights(src: keras.Model, dst: keras.Model, quant: dict[str, QuantParams]) -> None:
     """The faithful model's convs get the file's integers, from the float model's weights."""
     for info in conv_layers(dst):
         kernel, bias = src.get_layer(info.layer).get_weights()
-        dst.get_layer(info.layer).set_weights(list(integer_weights(
-            kernel, bias, quant[f"{info.scope}/weights"], quant[f"{info.scope}/bias"])))
-    left = [layer.name for layer in dst.layers
-            if layer.weights and layer.name not in {layer_name(i.scope) for i in conv_layers(dst)}]
+        dst.get_layer(info.layer).set_weights(
+            list(
+                integer_weights(
+                    kernel, bias, quant[f"{info.scope}/weights"], quant[f"{info.scope}/bias"]
+                )
+            )
+        )
+    left = [
+        layer.name
+        for layer in dst.layers
+        if layer.weights and layer.name not in {layer_name(i.scope) for i in conv_layers(dst)}
+    ]
     if left:
         raise ValueError(f"faithful model has weights outside its convs: {left}")
 
 
-def load_keras_model(name: str, input_size: int | None = None, output: Output = "classes",
-                     *, mode: Mode | None = None, reimport: bool = False) -> keras.Model:
+def load_keras_model(
+    name: str,
+    input_size: int | None = None,
+    output: Output = "classes",
+    *,
+    mode: Mode | None = None,
+    reimport: bool = False,
+) -> keras.Model:
     """The weighted Keras port of model ``name``, from the cached weights when valid.
 
     ``mode``: "faithful" (int8-faithful, the default for uint8 files) or "float" (the
@@ -453,8 +503,10 @@ def load_keras_model(name: str, input_size: int | None = None, output: Output = 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "faithful" and not spec.quantized:
-        raise ValueError(f"model {name!r} is a float file: it has no uint8 grids to be "
-                         f"faithful to (use mode 'float')")
+        raise ValueError(
+            f"model {name!r} is a float file: it has no uint8 grids to be "
+            f"faithful to (use mode 'float')"
+        )
     model = build_for_spec(spec, input_size, output)
     quant = _load_or_import(spec, model, reimport)
     if mode == "float":
@@ -465,8 +517,7 @@ def load_keras_model(name: str, input_size: int | None = None, output: Output = 
     return faithful
 
 
-def _load_or_import(spec: ModelSpec, model: keras.Model,
-                    reimport: bool) -> dict[str, QuantParams]:
+def _load_or_import(spec: ModelSpec, model: keras.Model, reimport: bool) -> dict[str, QuantParams]:
     """Fill ``model`` (float) with the cached or imported weights; the file's grids."""
     wpath = weights_path(spec.name)
     stamp_path = wpath.with_suffix("").with_suffix(".json")
@@ -475,8 +526,10 @@ def _load_or_import(spec: ModelSpec, model: keras.Model,
             stamp = json.loads(stamp_path.read_text())
             if {k: stamp.get(k) for k in _stamp(spec)} == _stamp(spec):
                 model.load_weights(wpath)
-                return {k: QuantParams(float(v[0]), int(v[1]))
-                        for k, v in stamp.get("quant", {}).items()}
+                return {
+                    k: QuantParams(float(v[0]), int(v[1]))
+                    for k, v in stamp.get("quant", {}).items()
+                }
             log.info("cached Keras weights %s are stale; re-importing", wpath)
         except Exception as e:  # a damaged cache is rebuilt, not fatal
             log.warning("cannot load cached Keras weights %s (%s); re-importing", wpath, e)
@@ -484,9 +537,11 @@ def _load_or_import(spec: ModelSpec, model: keras.Model,
     graph = import_weights(model, tflite)
     norm = input_norm_of(graph)
     if spec.tflite_kind == "argmax_uint8" and norm != QUANT_NORM:
-        raise ImportMismatchError(f"{tflite.name}: input quantization gives (x-{norm[0]})/"
-                                  f"{norm[1]}, the Keras model uses (x-{QUANT_NORM[0]})/"
-                                  f"{QUANT_NORM[1]}")
+        raise ImportMismatchError(
+            f"{tflite.name}: input quantization gives (x-{norm[0]})/"
+            f"{norm[1]}, the Keras model uses (x-{QUANT_NORM[0]})/"
+            f"{QUANT_NORM[1]}"
+        )
     quant = check_quant(graph, quant_sites(model), tflite.name) if spec.quantized else {}
     wpath.parent.mkdir(parents=True, exist_ok=True)
     tmp = wpath.with_name(f".{wpath.name}.tmp.weights.h5")
@@ -494,7 +549,8 @@ def _load_or_import(spec: ModelSpec, model: keras.Model,
         warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
         model.save_weights(tmp)
     tmp.replace(wpath)
-    stamp_path.write_text(json.dumps({**_stamp(spec),
-                                      "quant": {k: v.as_list() for k, v in quant.items()}}))
+    stamp_path.write_text(
+        json.dumps({**_stamp(spec), "quant": {k: v.as_list() for k, v in quant.items()}})
+    )
     log.info("imported %s into Keras weights %s", tflite.name, wpath)
     return quant

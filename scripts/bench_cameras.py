@@ -71,8 +71,11 @@ def thread_groups(pid: int, before: dict[int, float], seconds: float) -> dict[st
             group = "model workers"
         elif name.startswith("render"):
             group = "render"
-        elif name.startswith(("native:python", "native:segstream")) or name in (
-                "MainThread", "asyncio_0") or name.startswith("asyncio"):
+        elif (
+            name.startswith(("native:python", "native:segstream"))
+            or name in ("MainThread", "asyncio_0")
+            or name.startswith("asyncio")
+        ):
             group = "event loop + other Python"
         elif name.startswith("native:"):
             # GStreamer's streaming threads (the gst reader decodes there) and library pools.
@@ -83,9 +86,18 @@ def thread_groups(pid: int, before: dict[int, float], seconds: float) -> dict[st
     return {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
 
 
-async def run(args: argparse.Namespace, label: str, tree: Path, urls: list[str],
-              cam: subprocess.Popen, *, reader: str, infer_fps: float, viewers: bool,
-              seconds: float) -> dict[str, Any]:
+async def run(
+    args: argparse.Namespace,
+    label: str,
+    tree: Path,
+    urls: list[str],
+    cam: subprocess.Popen,
+    *,
+    reader: str,
+    infer_fps: float,
+    viewers: bool,
+    seconds: float,
+) -> dict[str, Any]:
     """One `python -m stream.cli serve` run from `tree`."""
     busy_before = await bm.wait_idle(args.idle_wait)
     port = bm.free_port()
@@ -94,19 +106,26 @@ async def run(args: argparse.Namespace, label: str, tree: Path, urls: list[str],
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(tree)}
     log_file = open(args.out / f"service-{label}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "serve", "--config",
-                             str(cfg_path)], cwd=tree, env=env, stdout=log_file,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream.cli", "serve", "--config", str(cfg_path)],
+        cwd=tree,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
     stop = asyncio.Event()
     recs = [bm.camera_recorder(args, i) for i in range(len(urls))] if viewers else []
     tasks: list[asyncio.Task] = []
     try:
+
         async def ready() -> bool:
             return (await bm.http_json(f"{base}/readyz")) is not None
 
         await bm.wait_for(ready, 180, "/readyz", proc)
-        tasks = [asyncio.create_task(bm.mjpeg_client(f"{base}/streams/{r.stream}/mjpeg", r,
-                                                     stop)) for r in recs]
+        tasks = [
+            asyncio.create_task(bm.mjpeg_client(f"{base}/streams/{r.stream}/mjpeg", r, stop))
+            for r in recs
+        ]
 
         async def live() -> bool:
             st = await bm.http_json(f"{base}/api/streams")
@@ -145,15 +164,24 @@ async def run(args: argparse.Namespace, label: str, tree: Path, urls: list[str],
     res.update(bm.service_figures(m0, m1, api, n, dt))
     excl = groups.get("model workers", 0.0) + groups.get("render", 0.0)
     sources = groups.get("reader threads", 0.0) + groups.get("native threads", 0.0)
-    res.update({
-        "label": label, "tree": str(tree), "reader": reader, "streams": n,
-        "infer_fps": infer_fps, "seconds": round(dt, 1), "busy_before": busy_before,
-        "cpu_cores": cpu, "threads": groups, "peak_rss_mb": rss,
-        "per_camera_cores": round((cpu["service"] - excl) / n, 4),
-        "sources_per_camera_cores": round(sources / n, 4),
-        "captured_fps_per_camera": round(res["captured"] / dt / n, 2),
-        "converted_share": round(1 - res["unconverted"] / max(res["captured"], 1), 3),
-    })
+    res.update(
+        {
+            "label": label,
+            "tree": str(tree),
+            "reader": reader,
+            "streams": n,
+            "infer_fps": infer_fps,
+            "seconds": round(dt, 1),
+            "busy_before": busy_before,
+            "cpu_cores": cpu,
+            "threads": groups,
+            "peak_rss_mb": rss,
+            "per_camera_cores": round((cpu["service"] - excl) / n, 4),
+            "sources_per_camera_cores": round(sources / n, 4),
+            "captured_fps_per_camera": round(res["captured"] / dt / n, 2),
+            "converted_share": round(1 - res["unconverted"] / max(res["captured"], 1), 3),
+        }
+    )
     return res
 
 
@@ -175,8 +203,9 @@ def transport(args: argparse.Namespace, url: str, reader: str) -> dict[str, Any]
             ages.append(float(bm.cycle_age_ms(stamp.age_ms(code[1], now), args.cycle_ms)))
 
     recording = False
-    src = VideoSource(StreamConfig(id=f"transport-{reader}", source=url, reader=reader),
-                      on_frame=on_frame)
+    src = VideoSource(
+        StreamConfig(id=f"transport-{reader}", source=url, reader=reader), on_frame=on_frame
+    )
     src.start()
     try:
         deadline = time.monotonic() + 30
@@ -189,8 +218,12 @@ def transport(args: argparse.Namespace, url: str, reader: str) -> dict[str, Any]
         st = src.stats()
     finally:
         src.stop()
-    return {"reader": st["reader"], "frames": len(ages), **bm.pcts(ages),
-            "min_ms": round(min(ages), 1) if ages else None}
+    return {
+        "reader": st["reader"],
+        "frames": len(ages),
+        **bm.pcts(ages),
+        "min_ms": round(min(ages), 1) if ages else None,
+    }
 
 
 async def run_clean(args: argparse.Namespace, *a: Any, **kw: Any) -> dict[str, Any]:
@@ -206,19 +239,37 @@ async def run_clean(args: argparse.Namespace, *a: Any, **kw: Any) -> dict[str, A
 
 
 def holds(args: argparse.Namespace, r: dict[str, Any]) -> bool:
-    return (r["fps_min_stream"] >= args.min_fps and r["p99_ms"] is not None
-            and r["p99_ms"] <= args.p99_ms and not r["unstamped"] > 0.05 * max(r["frames"], 1))
+    return (
+        r["fps_min_stream"] >= args.min_fps
+        and r["p99_ms"] is not None
+        and r["p99_ms"] <= args.p99_ms
+        and not r["unstamped"] > 0.05 * max(r["frames"], 1)
+    )
 
 
 async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
-    res: dict[str, Any] = {"command": args.command_line, "started": time.strftime("%F %T"),
-                           "machine": bm.machine_info(), "settings": settings(args),
-                           "cost": [], "count": []}
-    need = max([args.cost_streams if args.readers else 1, *args.counts,
-                args.max_count if args.search else 0])
+    res: dict[str, Any] = {
+        "command": args.command_line,
+        "started": time.strftime("%F %T"),
+        "machine": bm.machine_info(),
+        "settings": settings(args),
+        "cost": [],
+        "count": [],
+    }
+    need = max(
+        [
+            args.cost_streams if args.readers else 1,
+            *args.counts,
+            args.max_count if args.search else 0,
+        ]
+    )
     log(f"{need} cameras (pre-encoded, {args.cycle:g} s cycle)")
     with bm.live_cameras(args.clip, need, args.fps, args.bitrate, "pre", args.cycle) as (
-            urls, cam, args.cycle_ms, args.cycle_frames):
+        urls,
+        cam,
+        args.cycle_ms,
+        args.cycle_frames,
+    ):
         trees = [("after", REPO)] + ([("before", args.before)] if args.before else [])
         for reader in args.readers:
             for code, tree in trees:
@@ -226,15 +277,25 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 label = f"cost-{code}-{reader}-{args.cost_streams}"
                 log(f"cost: {args.cost_streams} cameras, {reader}, {code} ({tree})")
-                r = await run_clean(args, label, tree, urls[:args.cost_streams], cam,
-                                    reader=reader, infer_fps=args.cost_fps, viewers=False,
-                                    seconds=args.seconds)
+                r = await run_clean(
+                    args,
+                    label,
+                    tree,
+                    urls[: args.cost_streams],
+                    cam,
+                    reader=reader,
+                    infer_fps=args.cost_fps,
+                    viewers=False,
+                    seconds=args.seconds,
+                )
                 r["code"] = code
                 res["cost"].append(r)
                 checkpoint(args, res)
-                log(f"{label}: service {r['cpu_cores']['service']:.3f} cores, per camera "
+                log(
+                    f"{label}: service {r['cpu_cores']['service']:.3f} cores, per camera "
                     f"{r['per_camera_cores']:.4f} (sources {r['sources_per_camera_cores']:.4f})"
-                    f", converted {r['converted_share']:.0%}; threads {r['threads']}")
+                    f", converted {r['converted_share']:.0%}; threads {r['threads']}"
+                )
         res["transport"] = []
         for reader in args.transport_readers:
             await bm.wait_idle(args.idle_wait)
@@ -244,23 +305,35 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             r["cpu_cores"] = meter.stop()
             res["transport"].append(r)
             checkpoint(args, res)
-            log(f"transport {reader}: p50 {r['p50_ms']} p95 {r['p95_ms']} ms over "
-                f"{r['frames']} frames (others' CPU {r['cpu_cores']['other']:.2f})")
+            log(
+                f"transport {reader}: p50 {r['p50_ms']} p95 {r['p95_ms']} ms over "
+                f"{r['frames']} frames (others' CPU {r['cpu_cores']['other']:.2f})"
+            )
         queue = list(args.counts)
         while queue:
             n = queue.pop(0)
             label = f"count-{args.count_reader}-{n}"
             log(f"count: {n} cameras at {args.count_fps:g} fps each, {args.count_reader}")
-            r = await run_clean(args, label, REPO, urls[:n], cam, reader=args.count_reader,
-                                infer_fps=args.count_fps, viewers=True,
-                                seconds=args.count_seconds)
+            r = await run_clean(
+                args,
+                label,
+                REPO,
+                urls[:n],
+                cam,
+                reader=args.count_reader,
+                infer_fps=args.count_fps,
+                viewers=True,
+                seconds=args.count_seconds,
+            )
             r["holds"] = holds(args, r)
             res["count"].append(r)
             checkpoint(args, res)
-            log(f"{label}: min {r['fps_min_stream']} fps/stream, p50 {r['p50_ms']} p99 "
+            log(
+                f"{label}: min {r['fps_min_stream']} fps/stream, p50 {r['p50_ms']} p99 "
                 f"{r['p99_ms']} ms, service {r['cpu_cores']['service']:.2f} cores, "
                 f"machine {r['cpu_cores']['machine']:.2f}: "
-                f"{'holds' if r['holds'] else 'does not hold'}")
+                f"{'holds' if r['holds'] else 'does not hold'}"
+            )
             if args.search and not queue and r["holds"] and n + args.step <= args.max_count:
                 queue.append(n + args.step)
     ok = [r["streams"] for r in res["count"] if r["holds"]]
@@ -275,20 +348,38 @@ def checkpoint(args: argparse.Namespace, res: dict[str, Any]) -> None:
 
 def summary(res: dict[str, Any]) -> dict[str, Any]:
     cost = {f"{r['code']}-{r['reader']}": r["per_camera_cores"] for r in res["cost"]}
-    return {"per_camera_cores": cost, "largest_count": res.get("largest_count"),
-            "counts": {str(r["streams"]): {"holds": r["holds"], "p99_ms": r["p99_ms"],
-                                           "fps_min_stream": r["fps_min_stream"]}
-                       for r in res["count"]}}
+    return {
+        "per_camera_cores": cost,
+        "largest_count": res.get("largest_count"),
+        "counts": {
+            str(r["streams"]): {
+                "holds": r["holds"],
+                "p99_ms": r["p99_ms"],
+                "fps_min_stream": r["fps_min_stream"],
+            }
+            for r in res["count"]
+        },
+    }
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {"model": args.model, "backend": args.backend, "camera_fps": args.fps,
-            "camera_size": "1280x720", "camera_bitrate_kbps": args.bitrate,
-            "cost_streams": args.cost_streams, "cost_fps": args.cost_fps,
-            "count_fps": args.count_fps, "count_reader": args.count_reader,
-            "min_fps": args.min_fps, "p99_ms": args.p99_ms, "warmup_s": args.warmup,
-            "window_s": args.seconds, "count_window_s": args.count_seconds,
-            "before": str(args.before) if args.before else None}
+    return {
+        "model": args.model,
+        "backend": args.backend,
+        "camera_fps": args.fps,
+        "camera_size": "1280x720",
+        "camera_bitrate_kbps": args.bitrate,
+        "cost_streams": args.cost_streams,
+        "cost_fps": args.cost_fps,
+        "count_fps": args.count_fps,
+        "count_reader": args.count_reader,
+        "min_fps": args.min_fps,
+        "p99_ms": args.p99_ms,
+        "warmup_s": args.warmup,
+        "window_s": args.seconds,
+        "count_window_s": args.count_seconds,
+        "before": str(args.before) if args.before else None,
+    }
 
 
 def fmt(x: Any, nd: int = 0) -> str:
@@ -297,18 +388,28 @@ def fmt(x: Any, nd: int = 0) -> str:
 
 def markdown(res: dict[str, Any]) -> str:
     s, m = res["settings"], res["machine"]
-    out = [f"Measured {res['started']} on {m['cpus']} cores ({m['cpu']}), load average at "
-           f"start {', '.join(str(x) for x in m['load_at_start'])}; {s['model']} "
-           f"({s['backend']}); cameras {s['camera_size']} H.264 at {s['camera_fps']:g} fps, "
-           f"{s['camera_bitrate_kbps']} kbit/s, pre-encoded.", "", "```", res["command"],
-           "```", ""]
+    out = [
+        f"Measured {res['started']} on {m['cpus']} cores ({m['cpu']}), load average at "
+        f"start {', '.join(str(x) for x in m['load_at_start'])}; {s['model']} "
+        f"({s['backend']}); cameras {s['camera_size']} H.264 at {s['camera_fps']:g} fps, "
+        f"{s['camera_bitrate_kbps']} kbit/s, pre-encoded.",
+        "",
+        "```",
+        res["command"],
+        "```",
+        "",
+    ]
     if res["cost"]:
-        out += [f"Cost: {s['cost_streams']} cameras, each inferred at {s['cost_fps']:g} fps, no "
-                f"viewers; {s['window_s']:g} s windows. Cores of the service process; per "
-                "camera = (service - model workers - render) / cameras.", "",
-                "| code | reader | cameras | service cores | model workers | reader threads "
-                "| native threads | per camera | decode ms | convert ms | converted | "
-                "others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            f"Cost: {s['cost_streams']} cameras, each inferred at {s['cost_fps']:g} fps, no "
+            f"viewers; {s['window_s']:g} s windows. Cores of the service process; per "
+            "camera = (service - model workers - render) / cameras.",
+            "",
+            "| code | reader | cameras | service cores | model workers | reader threads "
+            "| native threads | per camera | decode ms | convert ms | converted | "
+            "others' CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in res["cost"]:
             th, st = r["threads"], r["stage_ms"]
             out.append(
@@ -317,35 +418,44 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{th.get('reader threads', 0):.3f} | {th.get('native threads', 0):.3f} | "
                 f"**{r['per_camera_cores']:.4f}** | {fmt(st.get('decode'), 2)} | "
                 f"{fmt(st.get('convert'), 2)} | {r['converted_share']:.0%} | "
-                f"{r['cpu_cores'].get('other', 0):.2f} |")
+                f"{r['cpu_cores'].get('other', 0):.2f} |"
+            )
         out.append("")
     if res.get("transport"):
-        out += ["Transport: one camera, a bare reader in the harness process, every frame "
-                "converted; age of each frame (pixel stamp) when the reader hands it over.", "",
-                "| reader | frames | p50 ms | p95 ms | p99 ms | min ms | harness CPU "
-                "| others' CPU |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += [
+            "Transport: one camera, a bare reader in the harness process, every frame "
+            "converted; age of each frame (pixel stamp) when the reader hands it over.",
+            "",
+            "| reader | frames | p50 ms | p95 ms | p99 ms | min ms | harness CPU | others' CPU |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in res["transport"]:
-            out.append(f"| {r['reader']} | {r['frames']} | {fmt(r['p50_ms'])} | "
-                       f"{fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['min_ms'])} | "
-                       f"{r['cpu_cores'].get('harness', 0):.2f} | "
-                       f"{r['cpu_cores'].get('other', 0):.2f} |")
+            out.append(
+                f"| {r['reader']} | {r['frames']} | {fmt(r['p50_ms'])} | "
+                f"{fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['min_ms'])} | "
+                f"{r['cpu_cores'].get('harness', 0):.2f} | "
+                f"{r['cpu_cores'].get('other', 0):.2f} |"
+            )
         out.append("")
     if res["count"]:
-        out += [f"Count: cameras at {s['count_fps']:g} inferences/s each, reader "
-                f"{s['count_reader']}, an MJPEG viewer per camera; holds when every stream "
-                f">= {s['min_fps']:g} segmented fps and p99 <= {s['p99_ms']:g} ms (glass to "
-                f"glass); {s['count_window_s']:g} s windows.", "",
-                "| cameras | fps total | min fps / stream | p50 ms | p95 ms | p99 ms | service "
-                "cores | machine cores | others' CPU | peak RSS MB | holds |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            f"Count: cameras at {s['count_fps']:g} inferences/s each, reader "
+            f"{s['count_reader']}, an MJPEG viewer per camera; holds when every stream "
+            f">= {s['min_fps']:g} segmented fps and p99 <= {s['p99_ms']:g} ms (glass to "
+            f"glass); {s['count_window_s']:g} s windows.",
+            "",
+            "| cameras | fps total | min fps / stream | p50 ms | p95 ms | p99 ms | service "
+            "cores | machine cores | others' CPU | peak RSS MB | holds |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in res["count"]:
             c = r["cpu_cores"]
             out.append(
                 f"| {r['streams']} | {r['fps_total']:.1f} | {r['fps_min_stream']:.2f} | "
                 f"{fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | "
                 f"{c['service']:.2f} | {c['machine']:.2f} | {c.get('other', 0):.2f} | "
-                f"{fmt(r['peak_rss_mb'])} | {'yes' if r['holds'] else 'no'} |")
+                f"{fmt(r['peak_rss_mb'])} | {'yes' if r['holds'] else 'no'} |"
+            )
         out += ["", f"Largest count that holds: {fmt(res.get('largest_count'))}."]
     return "\n".join(out) + "\n"
 
@@ -363,11 +473,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--clip", type=Path, default=None)
     ap.add_argument("--fps", type=float, default=15.0)
     ap.add_argument("--bitrate", type=int, default=2000)
-    ap.add_argument("--cycle", type=float, default=20.0,
-                    help="seconds of pre-encoded video per camera (> any latency)")
+    ap.add_argument(
+        "--cycle",
+        type=float,
+        default=20.0,
+        help="seconds of pre-encoded video per camera (> any latency)",
+    )
     ap.add_argument("--readers", type=_names, default=["opencv", "pyav", "gst"])
-    ap.add_argument("--before", type=Path, default=None,
-                    help="another source tree to measure the cost on (e.g. the commit before)")
+    ap.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="another source tree to measure the cost on (e.g. the commit before)",
+    )
     ap.add_argument("--before-readers", type=_names, default=["opencv", "pyav"])
     ap.add_argument("--cost-streams", type=int, default=8)
     ap.add_argument("--cost-fps", type=float, default=0.5)

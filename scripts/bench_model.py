@@ -84,18 +84,26 @@ def gil_ratio(seg: Segmenter, frames: np.ndarray, seconds: float) -> dict[str, f
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=["mnv2-voc"])
-    p.add_argument("--runtimes", nargs="+", default=["tflite", "keras"],
-                   choices=["tflite", "keras"])
+    p.add_argument(
+        "--runtimes", nargs="+", default=["tflite", "keras"], choices=["tflite", "keras"]
+    )
     p.add_argument("--inputs", nargs="+", type=int, default=[513, 257])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--seconds", type=float, default=3.0, help="timing per measurement")
     p.add_argument("--threads", type=int, default=None, help="TFLite threads (default: all)")
-    p.add_argument("--keras-modes", nargs="+", default=["default"],
-                   choices=["default", "faithful", "float"],
-                   help="Keras port modes (default: the model's own, faithful for uint8 files)")
-    p.add_argument("--interleave", action="store_true",
-                   help="time the modes call by call in alternation and report each one's "
-                        "median call (steadier on a shared machine than one run after another)")
+    p.add_argument(
+        "--keras-modes",
+        nargs="+",
+        default=["default"],
+        choices=["default", "faithful", "float"],
+        help="Keras port modes (default: the model's own, faithful for uint8 files)",
+    )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the modes call by call in alternation and report each one's "
+        "median call (steadier on a shared machine than one run after another)",
+    )
     p.add_argument("--gil", action="store_true", help="also measure GIL release (batch 1)")
     p.add_argument("--out", type=Path, default=None, help="append the JSON lines here too")
     args = p.parse_args(argv)
@@ -120,37 +128,65 @@ def _emit(rec: dict, sink) -> None:
         sink.write(line + "\n")
 
 
-def _bench_modes(args: argparse.Namespace, model: str, runtime: str, size: int,
-                 modes: list[str], sink) -> None:
+def _bench_modes(
+    args: argparse.Namespace, model: str, runtime: str, size: int, modes: list[str], sink
+) -> None:
     """One segmenter per mode; timed one after another, or call by call (--interleave)."""
     segs = {}
     for mode in modes:
         t0 = time.perf_counter()
-        seg = load_segmenter(model, runtime, batch_sizes=tuple(args.batches),
-                             threads=args.threads, input_size=size,
-                             keras_mode=None if mode == "default" else mode)
+        seg = load_segmenter(
+            model,
+            runtime,
+            batch_sizes=tuple(args.batches),
+            threads=args.threads,
+            input_size=size,
+            keras_mode=None if mode == "default" else mode,
+        )
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         seg.warmup()
         segs[mode] = (seg, load_s, time.perf_counter() - t0)
     frames = _frames(max(args.batches), size)
     for b in args.batches:
-        timed = _interleaved(segs, frames[:b], args.seconds) if args.interleave else {
-            mode: _time(seg, frames[:b], args.seconds) for mode, (seg, _, _) in segs.items()}
+        timed = (
+            _interleaved(segs, frames[:b], args.seconds)
+            if args.interleave
+            else {mode: _time(seg, frames[:b], args.seconds) for mode, (seg, _, _) in segs.items()}
+        )
         for mode, (seg, load_s, warm_s) in segs.items():
             per_batch, n = timed[mode]
             rec = {"runtime": runtime, "model": model, "input": size}
             if runtime == "keras":
                 rec["keras_backend"] = getattr(seg, "keras_backend", "?")
             rec["mode"] = seg.mode
-            _emit({**rec, "batch": b, "fps": round(b / per_batch, 2),
-                   "ms_per_batch": round(per_batch * 1e3, 2), "iters": n,
-                   "interleaved": args.interleave, "load_s": round(load_s, 2),
-                   "warmup_s": round(warm_s, 2), "cpus": os.cpu_count()}, sink)
+            _emit(
+                {
+                    **rec,
+                    "batch": b,
+                    "fps": round(b / per_batch, 2),
+                    "ms_per_batch": round(per_batch * 1e3, 2),
+                    "iters": n,
+                    "interleaved": args.interleave,
+                    "load_s": round(load_s, 2),
+                    "warmup_s": round(warm_s, 2),
+                    "cpus": os.cpu_count(),
+                },
+                sink,
+            )
     for seg, _, _ in segs.values():
         if args.gil:
-            _emit({"runtime": runtime, "model": model, "input": size, "mode": seg.mode,
-                   "batch": 1, "gil": gil_ratio(seg, frames[:1], args.seconds)}, sink)
+            _emit(
+                {
+                    "runtime": runtime,
+                    "model": model,
+                    "input": size,
+                    "mode": seg.mode,
+                    "batch": 1,
+                    "gil": gil_ratio(seg, frames[:1], args.seconds),
+                },
+                sink,
+            )
         seg.close()
 
 

@@ -64,8 +64,9 @@ def main_thread_seconds(pid: int) -> float:
     """CPU seconds of the process's main thread: segstream's event loop, which writes every
     MJPEG response and WebSocket message."""
     try:
-        return next(t.user_time + t.system_time for t in psutil.Process(pid).threads()
-                    if t.id == pid)
+        return next(
+            t.user_time + t.system_time for t in psutil.Process(pid).threads() if t.id == pid
+        )
     except (psutil.Error, StopIteration):
         return 0.0
 
@@ -84,7 +85,8 @@ class Meter:
 
     def __exit__(self, *exc: object) -> None:
         self.procs = [p for p in self.procs if p.is_running()] + [
-            p for p in tree(self.pid) if p not in self.procs]
+            p for p in tree(self.pid) if p not in self.procs
+        ]
         self.wall = time.monotonic() - self.t0
         user, system = cpu_seconds(self.procs)
         self.cores = (user + system - sum(self.c0)) / self.wall
@@ -92,24 +94,30 @@ class Meter:
         self.loop_cores = (main_thread_seconds(self.pid) - self.loop0) / self.wall
 
 
-STATS_JS = ("JSON.stringify({bytes: window.segstream.bytes, vis: document.visibilityState, "
-            "tiles: [...document.querySelectorAll('[data-stream]')].map(e => "
-            "+(e.dataset.frames || 0)), inview: [...document.querySelectorAll('[data-stream]')]"
-            ".filter(e => e.getBoundingClientRect().bottom <= innerHeight + 80).length})")
+STATS_JS = (
+    "JSON.stringify({bytes: window.segstream.bytes, vis: document.visibilityState, "
+    "tiles: [...document.querySelectorAll('[data-stream]')].map(e => "
+    "+(e.dataset.frames || 0)), inview: [...document.querySelectorAll('[data-stream]')]"
+    ".filter(e => e.getBoundingClientRect().bottom <= innerHeight + 80).length})"
+)
 
 
-async def page_run(svc: ServiceProcess, viewers: int, n: int, warm: float, seconds: float,
-                   workdir: Path) -> dict[str, Any]:
+async def page_run(
+    svc: ServiceProcess, viewers: int, n: int, warm: float, seconds: float, workdir: Path
+) -> dict[str, Any]:
     browsers = [Chromium(workdir / f"profile-{viewers}-{i}") for i in range(viewers)]
     try:
         async with _pages(browsers) as pages:
             for page in pages:
-                await page.call("Emulation.setDeviceMetricsOverride", {
-                    "width": 1600, "height": 2300, "deviceScaleFactor": 1, "mobile": False})
+                await page.call(
+                    "Emulation.setDeviceMetricsOverride",
+                    {"width": 1600, "height": 2300, "deviceScaleFactor": 1, "mobile": False},
+                )
                 await page.goto(svc.base + "/", 0.2)
             for page in pages:
-                await page.wait_for("document.querySelectorAll('[data-stream][data-frames]')"
-                                    f".length === {n}", 60)
+                await page.wait_for(
+                    f"document.querySelectorAll('[data-stream][data-frames]').length === {n}", 60
+                )
             await asyncio.sleep(warm)
             before = [json.loads(await p.eval(STATS_JS)) for p in pages]
             sent0 = svc.metric("segstream_page_bytes_total")
@@ -121,16 +129,24 @@ async def page_run(svc: ServiceProcess, viewers: int, n: int, warm: float, secon
     finally:
         for b in browsers:
             b.close()
-    fps = [(a - b) / server.wall for x, y in zip(before, after, strict=True)
-           for b, a in zip(x["tiles"], y["tiles"], strict=True)]
-    per_viewer = [(y["bytes"] - x["bytes"]) / server.wall
-                  for x, y in zip(before, after, strict=True)]
+    fps = [
+        (a - b) / server.wall
+        for x, y in zip(before, after, strict=True)
+        for b, a in zip(x["tiles"], y["tiles"], strict=True)
+    ]
+    per_viewer = [
+        (y["bytes"] - x["bytes"]) / server.wall for x, y in zip(before, after, strict=True)
+    ]
     return {
-        "run": "page", "streams": n, "viewers": viewers,
+        "run": "page",
+        "streams": n,
+        "viewers": viewers,
         "tiles_in_view": min(x["inview"] for x in after),
         "visibility": sorted({x["vis"] for x in after}),
-        "tile_fps_mean": round(sum(fps) / len(fps), 2), "tile_fps_min": round(min(fps), 2),
-        "server_cores": round(server.cores, 3), "server_sys_cores": round(server.sys_cores, 3),
+        "tile_fps_mean": round(sum(fps) / len(fps), 2),
+        "tile_fps_min": round(min(fps), 2),
+        "server_cores": round(server.cores, 3),
+        "server_sys_cores": round(server.sys_cores, 3),
         "loop_cores": round(server.loop_cores, 3),
         "browser_cores": round(brw.cores, 3),
         "browser_cores_per_viewer": round(brw.cores / viewers, 3),
@@ -178,13 +194,19 @@ def idle_run(svc: ServiceProcess, seconds: float, n: int) -> dict[str, Any]:
     assert svc.proc is not None
     with Meter(svc.proc.pid) as server:
         time.sleep(seconds)
-    return {"run": "idle", "streams": n, "viewers": 0, "server_cores": round(server.cores, 3),
-            "server_sys_cores": round(server.sys_cores, 3),
-            "loop_cores": round(server.loop_cores, 3)}
+    return {
+        "run": "idle",
+        "streams": n,
+        "viewers": 0,
+        "server_cores": round(server.cores, 3),
+        "server_sys_cores": round(server.sys_cores, 3),
+        "loop_cores": round(server.loop_cores, 3),
+    }
 
 
-def ws_run(svc: ServiceProcess, viewers: int, ids: list[str], warm: float,
-           seconds: float) -> dict[str, Any]:
+def ws_run(
+    svc: ServiceProcess, viewers: int, ids: list[str], warm: float, seconds: float
+) -> dict[str, Any]:
     """Viewers that are plain WebSocket clients (aiohttp, here): the server's side of the page
     without browsers competing for the CPU."""
     import aiohttp
@@ -214,16 +236,21 @@ def ws_run(svc: ServiceProcess, viewers: int, ids: list[str], warm: float,
             return server, *got
 
     server, n_frames, n_bytes = asyncio.run(run())
-    return {"run": "page-ws", "streams": len(ids), "viewers": viewers,
-            "tile_fps_mean": round(n_frames / server.wall / viewers / len(ids), 2),
-            "server_cores": round(server.cores, 3),
-            "server_sys_cores": round(server.sys_cores, 3),
-            "loop_cores": round(server.loop_cores, 3),
-            "bytes_per_s_per_viewer": round(n_bytes / server.wall / viewers)}
+    return {
+        "run": "page-ws",
+        "streams": len(ids),
+        "viewers": viewers,
+        "tile_fps_mean": round(n_frames / server.wall / viewers / len(ids), 2),
+        "server_cores": round(server.cores, 3),
+        "server_sys_cores": round(server.sys_cores, 3),
+        "loop_cores": round(server.loop_cores, 3),
+        "bytes_per_s_per_viewer": round(n_bytes / server.wall / viewers),
+    }
 
 
-def mosaic_run(svc: ServiceProcess, viewers: int, ids: list[str], warm: float,
-               seconds: float, width: int) -> dict[str, Any]:
+def mosaic_run(
+    svc: ServiceProcess, viewers: int, ids: list[str], warm: float, seconds: float, width: int
+) -> dict[str, Any]:
     import urllib.request
 
     url = f"{svc.base}/mosaic/mjpeg?streams={','.join(ids)}&width={width}"
@@ -248,21 +275,36 @@ def mosaic_run(svc: ServiceProcess, viewers: int, ids: list[str], warm: float,
         time.sleep(seconds)
     f1, b1 = sum(frames), sum(nbytes)
     stop.set()
-    return {"run": "mosaic", "streams": len(ids), "viewers": viewers, "width": width,
-            "fps_per_viewer": round((f1 - f0) / server.wall / viewers, 2),
-            "bytes_per_s_per_viewer": round((b1 - b0) / server.wall / viewers),
-            "server_cores": round(server.cores, 3),
-            "server_sys_cores": round(server.sys_cores, 3),
-            "loop_cores": round(server.loop_cores, 3)}
+    return {
+        "run": "mosaic",
+        "streams": len(ids),
+        "viewers": viewers,
+        "width": width,
+        "fps_per_viewer": round((f1 - f0) / server.wall / viewers, 2),
+        "bytes_per_s_per_viewer": round((b1 - b0) / server.wall / viewers),
+        "server_cores": round(server.cores, 3),
+        "server_sys_cores": round(server.sys_cores, 3),
+        "loop_cores": round(server.loop_cores, 3),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, default=32)
-    ap.add_argument("--viewers", type=int, nargs="*", default=[1, 10],
-                    help="Chromium viewers of the page (each its own browser)")
-    ap.add_argument("--ws-viewers", type=int, nargs="*", default=[10],
-                    help="plain WebSocket viewers (no browser)")
+    ap.add_argument(
+        "--viewers",
+        type=int,
+        nargs="*",
+        default=[1, 10],
+        help="Chromium viewers of the page (each its own browser)",
+    )
+    ap.add_argument(
+        "--ws-viewers",
+        type=int,
+        nargs="*",
+        default=[10],
+        help="plain WebSocket viewers (no browser)",
+    )
     ap.add_argument("--mosaic-streams", type=int, default=16)
     ap.add_argument("--mosaic-viewers", type=int, nargs="*", default=[1, 10, 50])
     ap.add_argument("--mosaic-width", type=int, default=1280)
@@ -277,10 +319,17 @@ def main() -> None:
     clip = encode_clip(VIDEO, size=(w, h), seconds=6.0, fps=args.fps, container="mp4")
     ids = [f"cam{i:02d}" for i in range(args.streams)]
     cfg = {
-        "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 2, "threads": 1,
-                  "max_batch": 1},
-        "streams": [{"id": sid, "source": str(clip), "infer_fps": args.infer_fps,
-                     "output": "smooth"} for sid in ids],
+        "model": {
+            "name": "mnv2-voc",
+            "backend": "tflite",
+            "workers": 2,
+            "threads": 1,
+            "max_batch": 1,
+        },
+        "streams": [
+            {"id": sid, "source": str(clip), "infer_fps": args.infer_fps, "output": "smooth"}
+            for sid in ids
+        ],
     }
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-page-") as tmp:
@@ -289,18 +338,40 @@ def main() -> None:
             for sid in ids:
                 svc.wait_state(sid, {"live"}, 60)
             time.sleep(args.warm)
+
             def idle() -> dict[str, Any]:
                 return idle_run(svc, args.seconds, args.streams)
 
-            for run in [idle] + [
-                    (lambda v=v: asyncio.run(page_run(svc, v, args.streams, args.warm,
-                                                      args.seconds, Path(tmp))))
-                    for v in args.viewers] + [
+            for run in (
+                [idle]
+                + [
+                    (
+                        lambda v=v: asyncio.run(
+                            page_run(svc, v, args.streams, args.warm, args.seconds, Path(tmp))
+                        )
+                    )
+                    for v in args.viewers
+                ]
+                + [
                     (lambda v=v: ws_run(svc, v, ids, args.warm, args.seconds))
-                    for v in args.ws_viewers] + [idle] + [
-                    (lambda v=v: mosaic_run(svc, v, ids[:args.mosaic_streams], args.warm,
-                                            args.seconds, args.mosaic_width))
-                    for v in args.mosaic_viewers] + [idle]:
+                    for v in args.ws_viewers
+                ]
+                + [idle]
+                + [
+                    (
+                        lambda v=v: mosaic_run(
+                            svc,
+                            v,
+                            ids[: args.mosaic_streams],
+                            args.warm,
+                            args.seconds,
+                            args.mosaic_width,
+                        )
+                    )
+                    for v in args.mosaic_viewers
+                ]
+                + [idle]
+            ):
                 row = run()
                 row["load_avg_1m"] = round(os.getloadavg()[0], 2)
                 print(json.dumps(row), flush=True)
@@ -309,16 +380,26 @@ def main() -> None:
         finally:
             svc.stop()
     print()
-    print("| run | viewers | frames/s per tile or viewer (mean / min) | server cores (of which "
-          "event loop) | browser cores | bytes/s per viewer | load 1m |")
+    print(
+        "| run | viewers | frames/s per tile or viewer (mean / min) | server cores (of which "
+        "event loop) | browser cores | bytes/s per viewer | load 1m |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        fps = (f"{r['tile_fps_mean']} / {r['tile_fps_min']}" if r["run"] == "page"
-               else f"{r['tile_fps_mean']}" if r["run"] == "page-ws"
-               else f"{r['fps_per_viewer']}" if r["run"] == "mosaic" else "")
-        print(f"| {r['run']} ({r['streams']} streams) | {r['viewers']} | {fps} | "
-              f"{r['server_cores']} ({r['loop_cores']}) | {r.get('browser_cores', '')} | "
-              f"{r.get('bytes_per_s_per_viewer', '')} | {r['load_avg_1m']} |")
+        fps = (
+            f"{r['tile_fps_mean']} / {r['tile_fps_min']}"
+            if r["run"] == "page"
+            else f"{r['tile_fps_mean']}"
+            if r["run"] == "page-ws"
+            else f"{r['fps_per_viewer']}"
+            if r["run"] == "mosaic"
+            else ""
+        )
+        print(
+            f"| {r['run']} ({r['streams']} streams) | {r['viewers']} | {fps} | "
+            f"{r['server_cores']} ({r['loop_cores']}) | {r.get('browser_cores', '')} | "
+            f"{r.get('bytes_per_s_per_viewer', '')} | {r['load_avg_1m']} |"
+        )
 
 
 if __name__ == "__main__":

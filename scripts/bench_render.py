@@ -45,7 +45,7 @@ def scene_mask(kind: str, size: int = 513) -> np.ndarray:
     mask = np.zeros((size, size), np.uint8)
     if kind == "people":
         for x in (60, 150, 300, 410):
-            mask[200:420, x:x + 45] = 15
+            mask[200:420, x : x + 45] = 15
         mask[380:500, 200:330] = 7
     elif kind == "full":
         mask[:] = 15
@@ -81,8 +81,12 @@ def main() -> int:
     r = Renderer(VOC_LABELS, voc_palette(), mode=args.mode, alpha=0.5, legend=True)
     share = args.seconds / (1 if args.no_encode else 2)
     render_ms, render_cpu = time_it(lambda: r.render(frame, mask), share)
-    row = {"case": f"{args.mode}/{args.mask}", "cv_threads": cv2.getNumThreads(),
-           "render_ms": round(render_ms, 3), "render_cpu_ms": round(render_cpu, 3)}
+    row = {
+        "case": f"{args.mode}/{args.mask}",
+        "cv_threads": cv2.getNumThreads(),
+        "render_ms": round(render_ms, 3),
+        "render_cpu_ms": round(render_cpu, 3),
+    }
     if not args.no_encode:
         img = r.render(frame, mask).copy()
         enc_ms, enc_cpu = time_it(lambda: encode_jpeg(img, 80), share)

@@ -69,16 +69,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(preset: str, clip: list[np.ndarray], seconds: float, fps: float,
-        bitrate: int) -> dict[str, object]:
+def run(
+    preset: str, clip: list[np.ndarray], seconds: float, fps: float, bitrate: int
+) -> dict[str, object]:
     port = free_port()
     url = f"rtsp://127.0.0.1:{port}/bench"
     rx = subprocess.Popen(
-        ["ffmpeg", "-nostdin", "-loglevel", "error", "-rtsp_flags", "listen", "-i", url,
-         "-c", "copy", "-f", "null", "-"], stdin=subprocess.DEVNULL)
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-rtsp_flags",
+            "listen",
+            "-i",
+            url,
+            "-c",
+            "copy",
+            "-f",
+            "null",
+            "-",
+        ],
+        stdin=subprocess.DEVNULL,
+    )
     time.sleep(0.5)  # the sink retries anyway if FFmpeg listens late
-    sink = RestreamSink("bench", url, encoder="libx264", preset=preset, bitrate_kbps=bitrate,
-                        reconnect_initial=0.2, reconnect_max=0.5)
+    sink = RestreamSink(
+        "bench",
+        url,
+        encoder="libx264",
+        preset=preset,
+        bitrate_kbps=bitrate,
+        reconnect_initial=0.2,
+        reconnect_max=0.5,
+    )
     sink.start()
     puts = []
     try:
@@ -124,12 +147,38 @@ def listener(url: str, width: int, height: int) -> subprocess.Popen:
     (Its "non monotonically increasing dts" messages: passthrough timestamps rounded to the
     muxer's time base; the frame is still written.)"""
     return subprocess.Popen(
-        ["ffmpeg", "-nostdin", "-loglevel", "error", "-fflags", "nobuffer", "-flags", "low_delay",
-         "-max_delay", "0",
-         "-rtsp_flags", "listen", "-i", url, "-an", "-fps_mode", "passthrough",
-         "-s", f"{width}x{height}", "-pix_fmt", "gray", "-f", "rawvideo", "-flush_packets", "1",
-         "-"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, bufsize=0)
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-fflags",
+            "nobuffer",
+            "-flags",
+            "low_delay",
+            "-max_delay",
+            "0",
+            "-rtsp_flags",
+            "listen",
+            "-i",
+            url,
+            "-an",
+            "-fps_mode",
+            "passthrough",
+            "-s",
+            f"{width}x{height}",
+            "-pix_fmt",
+            "gray",
+            "-f",
+            "rawvideo",
+            "-flush_packets",
+            "1",
+            "-",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        bufsize=0,
+    )
 
 
 def read_raw(rx: subprocess.Popen, rec: benchmark.Recorder, width: int, height: int) -> None:
@@ -148,8 +197,9 @@ def read_raw(rx: subprocess.Popen, rec: benchmark.Recorder, width: int, height: 
         if not rec.recording:
             continue
         rec.frames += 1
-        code = stamp.read_gray(np.frombuffer(bytes(buf), np.uint8).reshape(height, width),
-                               width, height)
+        code = stamp.read_gray(
+            np.frombuffer(bytes(buf), np.uint8).reshape(height, width), width, height
+        )
         if code is None:
             rec.unstamped += 1
             continue
@@ -170,20 +220,33 @@ async def latency(args: argparse.Namespace) -> dict[str, object]:
     base = f"http://127.0.0.1:{port}"
     tmp = Path(tempfile.mkdtemp(prefix="bench-restream-"))
     with benchmark.live_cameras(VIDEO, 1, args.fps, args.cam_bitrate) as (urls, _, cyc, frames):
-        ns = argparse.Namespace(model=args.model, backend=args.backend, workers=None,
-                                threads=None, max_batch=None, max_wait_ms=5.0)
+        ns = argparse.Namespace(
+            model=args.model,
+            backend=args.backend,
+            workers=None,
+            threads=None,
+            max_batch=None,
+            max_wait_ms=5.0,
+        )
         cfg = tmp / "config.yaml"
         benchmark.service_config(cfg, ns, urls, port)
         import yaml
 
         conf = yaml.safe_load(cfg.read_text())
-        conf["streams"][0].update(restream=rx_url, restream_encoder="libx264",
-                                  restream_bitrate=args.bitrate, restream_preset=args.preset)
+        conf["streams"][0].update(
+            restream=rx_url,
+            restream_encoder="libx264",
+            restream_bitrate=args.bitrate,
+            restream_preset=args.preset,
+        )
         cfg.write_text(yaml.safe_dump(conf, sort_keys=False))
         rx = listener(rx_url, width, height)
         log = open(tmp / "service.log", "w")  # noqa: SIM115
-        svc = subprocess.Popen([*benchmark.segstream_cmd(), "serve", "--config", str(cfg),
-                                "--state", "none"], stdout=log, stderr=subprocess.STDOUT)
+        svc = subprocess.Popen(
+            [*benchmark.segstream_cmd(), "serve", "--config", str(cfg), "--state", "none"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         h264 = benchmark.Recorder("restream", cyc, frames or benchmark.SEQ_MOD)
         mjpeg = benchmark.Recorder("mjpeg", cyc, frames or benchmark.SEQ_MOD)
         reader = threading.Thread(target=read_raw, args=(rx, h264, width, height), daemon=True)
@@ -191,12 +254,14 @@ async def latency(args: argparse.Namespace) -> dict[str, object]:
         stop = asyncio.Event()
         client: asyncio.Task | None = None
         try:
+
             async def ready() -> bool:
                 return (await benchmark.http_json(f"{base}/readyz")) is not None
 
             await benchmark.wait_for(ready, 180, "/readyz", svc)
             client = asyncio.create_task(
-                benchmark.mjpeg_client(f"{base}/streams/cam0/mjpeg", mjpeg, stop))
+                benchmark.mjpeg_client(f"{base}/streams/cam0/mjpeg", mjpeg, stop)
+            )
 
             async def live() -> bool:
                 st = await benchmark.http_json(f"{base}/api/streams/cam0")
@@ -224,16 +289,31 @@ async def latency(args: argparse.Namespace) -> dict[str, object]:
             rx.kill()
             rx.wait()
             reader.join(2)
-    out: dict[str, object] = {"seconds": round(dt, 1), "preset": args.preset,
-                              "bitrate_kbps": args.bitrate,
-                              "camera": f"{width}x{height}@{args.fps:g}"}
+    out: dict[str, object] = {
+        "seconds": round(dt, 1),
+        "preset": args.preset,
+        "bitrate_kbps": args.bitrate,
+        "camera": f"{width}x{height}@{args.fps:g}",
+    }
     for name, rec in (("restream", h264), ("mjpeg", mjpeg)):
         summ = rec.summary(dt)
-        out[name] = {k: summ[k] for k in ("fps", "frames", "unstamped", "not_shown",
-                                          "camera_frames", "p50_ms", "p95_ms", "p99_ms")}
+        out[name] = {
+            k: summ[k]
+            for k in (
+                "fps",
+                "frames",
+                "unstamped",
+                "not_shown",
+                "camera_frames",
+                "p50_ms",
+                "p95_ms",
+                "p99_ms",
+            )
+        }
     rs = st["restream"] if st else {}
-    out["sink"] = {k: rs.get(k) for k in ("encoder", "frames", "dropped", "errors", "sessions",
-                                          "fps_in")}
+    out["sink"] = {
+        k: rs.get(k) for k in ("encoder", "frames", "dropped", "errors", "sessions", "fps_in")
+    }
     out["loadavg_start"] = [round(x, 2) for x in load0]
     out["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     return out
@@ -245,8 +325,11 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=15.0)
     ap.add_argument("--bitrate", type=int, default=2000, help="kbit/s")
     ap.add_argument("--presets", nargs="+", default=["ultrafast", "veryfast"])
-    ap.add_argument("--latency", action="store_true",
-                    help="glass-to-glass through camera -> service -> re-stream (one camera)")
+    ap.add_argument(
+        "--latency",
+        action="store_true",
+        help="glass-to-glass through camera -> service -> re-stream (one camera)",
+    )
     ap.add_argument("--preset", default="ultrafast", help="--latency: the re-stream's preset")
     ap.add_argument("--cam-bitrate", type=int, default=2000, help="--latency: camera kbit/s")
     ap.add_argument("--warmup", type=float, default=8.0, help="--latency: seconds before")

@@ -220,8 +220,11 @@ def pcts(values: list[float], prefix: str = "") -> dict[str, float | None]:
         return {f"{prefix}p50_ms": None, f"{prefix}p95_ms": None, f"{prefix}p99_ms": None}
     a = np.asarray(values, dtype=np.float64)
     p = np.percentile(a, [50, 95, 99])
-    return {f"{prefix}p50_ms": round(float(p[0]), 1), f"{prefix}p95_ms": round(float(p[1]), 1),
-            f"{prefix}p99_ms": round(float(p[2]), 1)}
+    return {
+        f"{prefix}p50_ms": round(float(p[0]), 1),
+        f"{prefix}p95_ms": round(float(p[1]), 1),
+        f"{prefix}p99_ms": round(float(p[2]), 1),
+    }
 
 
 def combine(recs: list[Recorder], seconds: float) -> dict[str, Any]:
@@ -278,8 +281,10 @@ def cmd_raw(args: argparse.Namespace) -> int:
     frames = clip_frames(Path(args.clip), max(sizes))
     out: dict[str, Any] = {"model": args.model, "backend": args.backend, "batches": {}}
     for workers, threads in layouts:
-        segs = [load_segmenter(args.model, args.backend, batch_sizes=sizes, threads=threads)
-                for _ in range(workers)]
+        segs = [
+            load_segmenter(args.model, args.backend, batch_sizes=sizes, threads=threads)
+            for _ in range(workers)
+        ]
         for seg in segs:
             seg.warmup()
         x = np.stack([prepare(f, segs[0].input_size, bgr=True) for f in frames])
@@ -287,8 +292,13 @@ def cmd_raw(args: argparse.Namespace) -> int:
         for b in sizes:
             fps, ms = raw_rate(segs, x[:b], args.seconds)
             key = str(b) if workers == 1 else f"{workers}x{b}"
-            out["batches"][key] = {"fps": round(fps, 2), "ms_per_batch": round(ms, 1),
-                                   "workers": workers, "threads": threads, "batch": b}
+            out["batches"][key] = {
+                "fps": round(fps, 2),
+                "ms_per_batch": round(ms, 1),
+                "workers": workers,
+                "threads": threads,
+                "batch": b,
+            }
         for seg in segs:
             seg.close()
     best = max(out["batches"], key=lambda k: out["batches"][k]["fps"])
@@ -339,8 +349,9 @@ def cmd_naive(args: argparse.Namespace) -> int:
     caps = [cv2.VideoCapture(u, cv2.CAP_FFMPEG) for u in args.urls]
     if not all(c.isOpened() for c in caps):
         raise SystemExit("naive: cannot open every source")
-    renderers = [Renderer(seg.labels, seg.palette, mode="overlay", alpha=0.5, legend=True)
-                 for _ in caps]
+    renderers = [
+        Renderer(seg.labels, seg.palette, mode="overlay", alpha=0.5, legend=True) for _ in caps
+    ]
     recs = [camera_recorder(args, i) for i in range(len(caps))]
     start = time.monotonic()
     window_at, end_at = start + args.warmup, start + args.warmup + args.seconds
@@ -380,12 +391,16 @@ def cmd_naive(args: argparse.Namespace) -> int:
     print("WINDOW_END", flush=True)
     res = combine(recs, seconds)
     n = max(res["frames"], 1)
-    res.update({
-        "seconds": round(seconds, 1), "cpu_cores": round(cpu, 3), "read_errors": read_errors,
-        "peak_rss_mb": peak_rss_mb(os.getpid()),
-        "stage_ms": {k: round(v / n * 1e3, 2) for k, v in stage.items()},
-        "timeline": {r.stream: r.timeline for r in recs},
-    })
+    res.update(
+        {
+            "seconds": round(seconds, 1),
+            "cpu_cores": round(cpu, 3),
+            "read_errors": read_errors,
+            "peak_rss_mb": peak_rss_mb(os.getpid()),
+            "stage_ms": {k: round(v / n * 1e3, 2) for k, v in stage.items()},
+            "timeline": {r.stream: r.timeline for r in recs},
+        }
+    )
     print(json.dumps(res), flush=True)
     return 0
 
@@ -417,15 +432,31 @@ def stop_process(p: subprocess.Popen | asyncio.subprocess.Process, timeout: floa
 
 
 @contextlib.contextmanager
-def live_cameras(clip: Path, streams: int, fps: float, bitrate: int, encode: str = "pre",
-                 cycle_s: float = 64.0) -> Iterator[tuple[list[str], subprocess.Popen, int, int]]:
+def live_cameras(
+    clip: Path, streams: int, fps: float, bitrate: int, encode: str = "pre", cycle_s: float = 64.0
+) -> Iterator[tuple[list[str], subprocess.Popen, int, int]]:
     """scripts/rtsp_live.py with `streams` mounts; yields (urls, process, cycle_ms, frames in
     a cycle); both 0 for live-encoding cameras."""
     if not Path(SYSTEM_PYTHON).exists():
         raise SystemExit(f"{SYSTEM_PYTHON} (Debian python3-gi, gst-rtsp-server) is required")
-    cmd = [SYSTEM_PYTHON, str(REPO / "scripts" / "rtsp_live.py"), "--clip", str(clip),
-           "--streams", str(streams), "--fps", str(fps), "--bitrate", str(bitrate), "--port", "0",
-           "--encode", encode, "--cycle", f"{cycle_s:g}"]
+    cmd = [
+        SYSTEM_PYTHON,
+        str(REPO / "scripts" / "rtsp_live.py"),
+        "--clip",
+        str(clip),
+        "--streams",
+        str(streams),
+        "--fps",
+        str(fps),
+        "--bitrate",
+        str(bitrate),
+        "--port",
+        "0",
+        "--encode",
+        encode,
+        "--cycle",
+        f"{cycle_s:g}",
+    ]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     urls: list[str] = []
     cycle_ms = cycle_frames = 0
@@ -456,8 +487,11 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 
 
 def metric_sum(m: dict, name: str, **labels: str) -> float:
-    return sum(v for (n, lab), v in m.items()
-               if n == name and all(dict(lab).get(k) == val for k, val in labels.items()))
+    return sum(
+        v
+        for (n, lab), v in m.items()
+        if n == name and all(dict(lab).get(k) == val for k, val in labels.items())
+    )
 
 
 def hist_quantile(before: dict, after: dict, name: str, q: float) -> float | None:
@@ -514,25 +548,52 @@ async def mjpeg_client(url: str, rec: Recorder, stop: asyncio.Event) -> None:
             rec.add_jpeg(jpeg)
 
 
-def service_config(path: Path, args: argparse.Namespace, sources: list[str], port: int, *,
-                   infer_fps: float = 0.0, latency_target_ms: float = 0.0,
-                   max_batch: int | None = None, reader: str | None = None) -> None:
+def service_config(
+    path: Path,
+    args: argparse.Namespace,
+    sources: list[str],
+    port: int,
+    *,
+    infer_fps: float = 0.0,
+    latency_target_ms: float = 0.0,
+    max_batch: int | None = None,
+    reader: str | None = None,
+) -> None:
     import yaml
 
     cfg = {
         # No state file: a stream set kept from an earlier run (same config name, same
         # SEGSTREAM_HOME) would replace these streams, cameras of another port included.
         "server": {"host": "127.0.0.1", "port": port, "state_file": "none"},
-        "model": {"name": args.model, "backend": args.backend, "workers": args.workers,
-                  "threads": args.threads, "max_batch": max_batch or args.max_batch,
-                  "max_wait_ms": args.max_wait_ms},
+        "model": {
+            "name": args.model,
+            "backend": args.backend,
+            "workers": args.workers,
+            "threads": args.threads,
+            "max_batch": max_batch or args.max_batch,
+            "max_wait_ms": args.max_wait_ms,
+        },
         "scheduler": {"latency_target_ms": latency_target_ms, "min_infer_fps": 1.0},
-        "render": {"mode": "overlay", "alpha": 0.5, "legend": True, "jpeg_quality": 80,
-                   "workers": 1},
+        "render": {
+            "mode": "overlay",
+            "alpha": 0.5,
+            "legend": True,
+            "jpeg_quality": 80,
+            "workers": 1,
+        },
         "log_level": "warning",
-        "streams": [{"id": f"cam{i}", "source": s, "infer_fps": infer_fps, "loop": True,
-                     "realtime": True, "output": "segmented",
-                     "reader": reader or args.reader} for i, s in enumerate(sources)],
+        "streams": [
+            {
+                "id": f"cam{i}",
+                "source": s,
+                "infer_fps": infer_fps,
+                "loop": True,
+                "realtime": True,
+                "output": "segmented",
+                "reader": reader or args.reader,
+            }
+            for i, s in enumerate(sources)
+        ],
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
@@ -568,34 +629,55 @@ async def wait_for(cond, timeout: float, what: str, proc: Any = None) -> None:
     raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-async def run_service(args: argparse.Namespace, label: str, sources: list[str],
-                      cam_proc: subprocess.Popen | None, *, stamped: bool, seconds: float,
-                      infer_fps: float = 0.0, latency_target_ms: float = 0.0,
-                      max_batch: int | None = None, reader: str | None = None
-                      ) -> dict[str, Any]:
+async def run_service(
+    args: argparse.Namespace,
+    label: str,
+    sources: list[str],
+    cam_proc: subprocess.Popen | None,
+    *,
+    stamped: bool,
+    seconds: float,
+    infer_fps: float = 0.0,
+    latency_target_ms: float = 0.0,
+    max_batch: int | None = None,
+    reader: str | None = None,
+) -> dict[str, Any]:
     """One `segstream serve` run: start, connect a client per stream, warm up, measure, stop."""
     busy_before = await wait_idle(args.idle_wait)
     port = free_port()
     cfg_path = args.out / f"config-{label}.yaml"
     reader = reader or args.reader
-    service_config(cfg_path, args, sources, port, infer_fps=infer_fps,
-                   latency_target_ms=latency_target_ms, max_batch=max_batch, reader=reader)
+    service_config(
+        cfg_path,
+        args,
+        sources,
+        port,
+        infer_fps=infer_fps,
+        latency_target_ms=latency_target_ms,
+        max_batch=max_batch,
+        reader=reader,
+    )
     base = f"http://127.0.0.1:{port}"
     log_file = open(args.out / f"service-{label}.log", "w")  # noqa: SIM115
     launcher = [sys.executable, str(args.launcher)] if args.launcher else segstream_cmd()
-    proc = subprocess.Popen([*launcher, "serve", "--config", str(cfg_path)],
-                            stdout=log_file, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*launcher, "serve", "--config", str(cfg_path)], stdout=log_file, stderr=subprocess.STDOUT
+    )
     stop = asyncio.Event()
-    recs = [camera_recorder(args, i) if stamped else Recorder(f"cam{i}")
-            for i in range(len(sources))]
+    recs = [
+        camera_recorder(args, i) if stamped else Recorder(f"cam{i}") for i in range(len(sources))
+    ]
     tasks: list[asyncio.Task] = []
     try:
+
         async def ready() -> bool:
             return (await http_json(f"{base}/readyz")) is not None
 
         await wait_for(ready, 180, "/readyz", proc)
-        tasks = [asyncio.create_task(mjpeg_client(f"{base}/streams/{r.stream}/mjpeg", r, stop))
-                 for r in recs]
+        tasks = [
+            asyncio.create_task(mjpeg_client(f"{base}/streams/{r.stream}/mjpeg", r, stop))
+            for r in recs
+        ]
 
         async def live() -> bool:
             st = await http_json(f"{base}/api/streams")
@@ -611,8 +693,9 @@ async def run_service(args: argparse.Namespace, label: str, sources: list[str],
         for t in tasks:
             if t.done():
                 t.result()  # a client that died: raise its error now
-        meter = CpuMeter({"service": proc.pid, "sources": cam_proc.pid if cam_proc else 0,
-                          "client": os.getpid()})
+        meter = CpuMeter(
+            {"service": proc.pid, "sources": cam_proc.pid if cam_proc else 0, "client": os.getpid()}
+        )
         m0 = parse_metrics(await http_text(f"{base}/metrics"))
         meter.start()
         t0 = time.monotonic()
@@ -628,8 +711,7 @@ async def run_service(args: argparse.Namespace, label: str, sources: list[str],
         dt = time.monotonic() - t0
         cpu = meter.stop()
         if args.profile:
-            cpu["service_threads"] = await asyncio.to_thread(cpu_by_thread, proc.pid, threads0,
-                                                             dt)
+            cpu["service_threads"] = await asyncio.to_thread(cpu_by_thread, proc.pid, threads0, dt)
         m1 = parse_metrics(await http_text(f"{base}/metrics"))
         api = await http_json(f"{base}/api/streams")
         rss = peak_rss_mb(proc.pid)
@@ -640,11 +722,15 @@ async def run_service(args: argparse.Namespace, label: str, sources: list[str],
         await asyncio.gather(*tasks, return_exceptions=True)
         stop_process(proc)
         log_file.close()
-    res = combine(recs, dt) if stamped else {
-        "fps_total": round(sum(r.frames for r in recs) / dt, 2),
-        "fps_per_stream": [round(r.frames / dt, 2) for r in recs],
-        "frames": sum(r.frames for r in recs),
-    }
+    res = (
+        combine(recs, dt)
+        if stamped
+        else {
+            "fps_total": round(sum(r.frames for r in recs) / dt, 2),
+            "fps_per_stream": [round(r.frames / dt, 2) for r in recs],
+            "frames": sum(r.frames for r in recs),
+        }
+    )
     res.update(service_figures(m0, m1, api, len(sources), dt))
     for q in (0.5, 0.95, 0.99):
         v = hist_quantile(m0, m1, "segstream_end_to_end_latency_seconds", q)
@@ -658,31 +744,43 @@ async def run_service(args: argparse.Namespace, label: str, sources: list[str],
         res["latency_source"] = "service (capture to MJPEG write)"
     else:
         res["latency_source"] = "pixels (camera capture to MJPEG client)"
-    res.update({"label": label, "streams": len(sources), "seconds": round(dt, 1),
-                "reader": reader,
-                "busy_before": busy_before, "max_batch": max_batch or args.max_batch,
-                "cpu_cores": cpu, "peak_rss_mb": rss, "infer_fps": infer_fps,
-                "latency_target_ms": latency_target_ms,
-                "timeline": {r.stream: r.timeline for r in recs} if stamped else {},
-                "trace": trace})
+    res.update(
+        {
+            "label": label,
+            "streams": len(sources),
+            "seconds": round(dt, 1),
+            "reader": reader,
+            "busy_before": busy_before,
+            "max_batch": max_batch or args.max_batch,
+            "cpu_cores": cpu,
+            "peak_rss_mb": rss,
+            "infer_fps": infer_fps,
+            "latency_target_ms": latency_target_ms,
+            "timeline": {r.stream: r.timeline for r in recs} if stamped else {},
+            "trace": trace,
+        }
+    )
     return res
 
 
-async def poll_api(base: str, t0: float, trace: list[dict[str, Any]], stop: asyncio.Event,
-                   every: float = 2.0) -> None:
+async def poll_api(
+    base: str, t0: float, trace: list[dict[str, Any]], stop: asyncio.Event, every: float = 2.0
+) -> None:
     """Every few seconds: each stream's inference-rate cap and the service's own p95."""
     while not stop.is_set():
         with contextlib.suppress(Exception):
             st = (await http_json(f"{base}/api/streams"))["streams"]
             m = parse_metrics(await http_text(f"{base}/metrics"))
             limit = metric_sum(m, "segstream_inference_batch_limit")
-            trace.append({
-                "batch_limit": limit or None,
-                "t": round(time.monotonic() - t0, 1),
-                "cap_fps": _mean([s["infer_fps_cap"] for s in st]),
-                "inference_fps": round(sum(s["inference_fps"] for s in st), 2),
-                "service_p95_ms": max((s["latency_ms"]["p95"] or 0) for s in st),
-            })
+            trace.append(
+                {
+                    "batch_limit": limit or None,
+                    "t": round(time.monotonic() - t0, 1),
+                    "cap_fps": _mean([s["infer_fps_cap"] for s in st]),
+                    "inference_fps": round(sum(s["inference_fps"] for s in st), 2),
+                    "service_p95_ms": max((s["latency_ms"]["p95"] or 0) for s in st),
+                }
+            )
         await asyncio.sleep(every)
 
 
@@ -705,6 +803,7 @@ def _mean(xs: list[float | None]) -> float | None:
 
 def service_figures(m0: dict, m1: dict, api: dict, n: int, dt: float) -> dict[str, Any]:
     """Counters and stage times from the service's /metrics over the window."""
+
     def d(name: str, **lab: str) -> float:
         return metric_sum(m1, name, **lab) - metric_sum(m0, name, **lab)
 
@@ -713,8 +812,7 @@ def service_figures(m0: dict, m1: dict, api: dict, n: int, dt: float) -> dict[st
         out[outcome] = int(d("segstream_frames_total", outcome=outcome))
     out["inferred_fps"] = round(out["inferred"] / dt, 2)
     stages = {}
-    for st in ("decode", "convert", "queue_wait", "preprocess", "inference", "render",
-               "encode"):
+    for st in ("decode", "convert", "queue_wait", "preprocess", "inference", "render", "encode"):
         c = d("segstream_stage_seconds_count", stage=st)
         if c > 0:
             stages[st] = round(d("segstream_stage_seconds_sum", stage=st) / c * 1e3, 2)
@@ -740,12 +838,20 @@ def thread_names(pid: int) -> dict[int, str]:
     """Python thread names by native id (py-spy dump); native-only threads are absent."""
     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     try:
-        out = subprocess.run([exe, "dump", "--pid", str(pid), "--json", "--nonblocking"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
+        out = subprocess.run(
+            [exe, "dump", "--pid", str(pid), "--json", "--nonblocking"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
-    return {t["os_thread_id"]: t.get("thread_name") or "?" for t in json.loads(out)
-            if t.get("os_thread_id")}
+    return {
+        t["os_thread_id"]: t.get("thread_name") or "?"
+        for t in json.loads(out)
+        if t.get("os_thread_id")
+    }
 
 
 def cpu_by_thread(pid: int, before: dict[int, float], seconds: float) -> dict[str, float]:
@@ -755,9 +861,13 @@ def cpu_by_thread(pid: int, before: dict[int, float], seconds: float) -> dict[st
     groups: dict[str, float] = {}
     for tid, c in after.items():
         name = names.get(tid, "native (XNNPACK/FFmpeg workers)")
-        for prefix, group in (("src-", "readers (decode)"), ("render", "render+encode"),
-                              ("model-worker", "model worker"), ("MainThread", "event loop"),
-                              ("asyncio", "event loop")):
+        for prefix, group in (
+            ("src-", "readers (decode)"),
+            ("render", "render+encode"),
+            ("model-worker", "model worker"),
+            ("MainThread", "event loop"),
+            ("asyncio", "event loop"),
+        ):
             if name.startswith(prefix) or prefix in name:
                 name = group
                 break
@@ -769,12 +879,29 @@ def cpu_by_thread(pid: int, before: dict[int, float], seconds: float) -> dict[st
 # Orchestration
 
 
-async def run_naive(args: argparse.Namespace, urls: list[str], cam_proc: subprocess.Popen,
-                    seconds: float) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "naive", "--model", args.model, "--backend", args.backend,
-           "--warmup", str(args.warmup), "--seconds", str(seconds), *common_flags(args),
-           "--cycle-ms", str(args.cycle_ms), "--cycle-frames", str(args.cycle_frames),
-           "--urls", *urls]
+async def run_naive(
+    args: argparse.Namespace, urls: list[str], cam_proc: subprocess.Popen, seconds: float
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "naive",
+        "--model",
+        args.model,
+        "--backend",
+        args.backend,
+        "--warmup",
+        str(args.warmup),
+        "--seconds",
+        str(seconds),
+        *common_flags(args),
+        "--cycle-ms",
+        str(args.cycle_ms),
+        "--cycle-frames",
+        str(args.cycle_frames),
+        "--urls",
+        *urls,
+    ]
     p = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
     assert p.stdout is not None
     meter = CpuMeter({"naive": p.pid, "sources": cam_proc.pid})
@@ -803,9 +930,22 @@ def common_flags(args: argparse.Namespace) -> list[str]:
 def run_raw(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
     """The raw ceiling, repeated (up to --retries) when other jobs took CPU meanwhile: it is
     the yardstick of every ratio."""
-    cmd = [sys.executable, __file__, "raw", "--model", args.model, "--backend", args.backend,
-           "--clip", str(args.clip), "--seconds", str(seconds), "--batches", "1,2,4,8",
-           *common_flags(args)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "raw",
+        "--model",
+        args.model,
+        "--backend",
+        args.backend,
+        "--clip",
+        str(args.clip),
+        "--seconds",
+        str(seconds),
+        "--batches",
+        "1,2,4,8",
+        *common_flags(args),
+    ]
     for attempt in range(args.retries + 1):
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         meter = CpuMeter({})  # the machine; the raw run's own CPU once it has been reaped
@@ -833,24 +973,46 @@ def make_file_clip(args: argparse.Namespace) -> Path:
     """The clip as a 720p H.264 file (no B-frames) at the cameras' rate, for file sources."""
     dst = args.out / f"clip-720p-{args.fps:g}fps.mp4"
     if not dst.exists():
-        cmd = ["ffmpeg", "-v", "error", "-y", "-i", str(args.clip), "-vf",
-               f"scale=1280:720,fps={args.fps}", "-c:v", "libx264", "-preset", "veryfast",
-               "-bf", "0", "-g", str(int(2 * args.fps)), "-b:v", f"{args.bitrate}k",
-               "-pix_fmt", "yuv420p", str(dst)]
+        cmd = [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-y",
+            "-i",
+            str(args.clip),
+            "-vf",
+            f"scale=1280:720,fps={args.fps}",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-bf",
+            "0",
+            "-g",
+            str(int(2 * args.fps)),
+            "-b:v",
+            f"{args.bitrate}k",
+            "-pix_fmt",
+            "yuv420p",
+            str(dst),
+        ]
         subprocess.run(cmd, check=True)
     return dst
 
 
 async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"command": args.command_line, "started": time.strftime("%F %T"),
-                               "machine": machine_info(), "settings": settings(args)}
+    results: dict[str, Any] = {
+        "command": args.command_line,
+        "started": time.strftime("%F %T"),
+        "machine": machine_info(),
+        "settings": settings(args),
+    }
     quick = args.quick
     log("raw model ceiling")
     await wait_idle(args.idle_wait)
     results["raw"] = raw = run_raw(args, 1.5 if quick else 6.0)
     log(f"raw: {raw['fps']} fps ({raw_label(raw)})")
-    nmax = max(args.streams + ([args.target_streams] if args.target_streams else []),
-               default=0)
+    nmax = max(args.streams + ([args.target_streams] if args.target_streams else []), default=0)
     if not nmax:  # the raw ceiling only
         results["naive"], results["service"], results["files"] = [], [], []
         results["summary"] = {"raw_fps": raw["fps"], "raw_batch": raw["best_batch"]}
@@ -858,7 +1020,11 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     results["naive"], results["service"], results["files"], results["target"] = [], [], [], []
     log(f"{nmax} cameras ({args.camera_encode} encoding)")
     with live_cameras(args.clip, nmax, args.fps, args.bitrate, args.camera_encode) as (
-            urls, cam, args.cycle_ms, args.cycle_frames):
+        urls,
+        cam,
+        args.cycle_ms,
+        args.cycle_frames,
+    ):
         for n in args.naive_streams:
             log(f"naive loop, {n} camera(s)")
             await wait_idle(args.idle_wait)
@@ -874,52 +1040,83 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             log(f"naive {n}: {r['fps_total']} fps, p50 {r['p50_ms']} p99 {r['p99_ms']} ms")
         for n in args.streams:
             log(f"service, {n} RTSP camera(s)")
-            r = await run_service_clean(args, f"rtsp-{n}", urls[:n], cam, stamped=True,
-                                  seconds=args.seconds)
+            r = await run_service_clean(
+                args, f"rtsp-{n}", urls[:n], cam, stamped=True, seconds=args.seconds
+            )
             results["service"].append(r)
             checkpoint(args, results)
-            log(f"service {n}: {r['fps_total']} fps, p50 {r['p50_ms']} p99 {r['p99_ms']} ms, "
-                f"batch {r['mean_batch']} x {r['batch_ms']} ms")
+            log(
+                f"service {n}: {r['fps_total']} fps, p50 {r['p50_ms']} p99 {r['p99_ms']} ms, "
+                f"batch {r['mean_batch']} x {r['batch_ms']} ms"
+            )
         results["variant"] = []
         for n in [n for n in args.streams if n > 1] if args.variant_max_batch else []:
             b = args.variant_max_batch
             log(f"service, {n} RTSP camera(s), max_batch {b}")
-            r = await run_service_clean(args, f"rtsp-{n}-mb{b}", urls[:n], cam, stamped=True,
-                                        seconds=args.seconds, max_batch=b)
+            r = await run_service_clean(
+                args,
+                f"rtsp-{n}-mb{b}",
+                urls[:n],
+                cam,
+                stamped=True,
+                seconds=args.seconds,
+                max_batch=b,
+            )
             results["variant"].append(r)
             checkpoint(args, results)
-            log(f"service {n} (max_batch {b}): {r['fps_total']} fps, p50 {r['p50_ms']} "
-                f"p99 {r['p99_ms']} ms, batch {r['mean_batch']} x {r['batch_ms']} ms")
+            log(
+                f"service {n} (max_batch {b}): {r['fps_total']} fps, p50 {r['p50_ms']} "
+                f"p99 {r['p99_ms']} ms, batch {r['mean_batch']} x {r['batch_ms']} ms"
+            )
         results["readers"] = []
         for reader in args.compare_readers:
             for n in args.streams:
                 log(f"service, {n} RTSP camera(s), reader {reader}")
-                r = await run_service_clean(args, f"rtsp-{n}-{reader}", urls[:n], cam,
-                                            stamped=True, seconds=args.seconds, reader=reader)
+                r = await run_service_clean(
+                    args,
+                    f"rtsp-{n}-{reader}",
+                    urls[:n],
+                    cam,
+                    stamped=True,
+                    seconds=args.seconds,
+                    reader=reader,
+                )
                 results["readers"].append(r)
                 checkpoint(args, results)
-                log(f"service {n} ({reader}): {r['fps_total']} fps, p50 {r['p50_ms']} "
-                    f"p99 {r['p99_ms']} ms")
+                log(
+                    f"service {n} ({reader}): {r['fps_total']} fps, p50 {r['p50_ms']} "
+                    f"p99 {r['p99_ms']} ms"
+                )
         if args.target_streams:
             n = args.target_streams
             fixed = args.fixed_fps or round(raw["fps"] / 4.0, 1)
             for label in (f"fixed-{n}", f"target-{n}"):
                 kw: dict[str, float] = {"infer_fps": fixed}
                 if label.startswith("target"):
-                    kw = {"latency_target_ms": args.latency_target_ms
-                          or auto_target(results["target"][0])}
+                    kw = {
+                        "latency_target_ms": args.latency_target_ms
+                        or auto_target(results["target"][0])
+                    }
                 log(f"latency target experiment: {label} {kw}")
-                r = await run_service_clean(args, label, urls[:n], cam, stamped=True,
-                                      seconds=args.target_seconds, **kw)
+                r = await run_service_clean(
+                    args, label, urls[:n], cam, stamped=True, seconds=args.target_seconds, **kw
+                )
                 results["target"].append(r)
                 checkpoint(args, results)
-                log(f"{label}: {r['fps_total']} fps, p50 {r['p50_ms']} p95 {r['p95_ms']} "
-                    f"p99 {r['p99_ms']} ms")
+                log(
+                    f"{label}: {r['fps_total']} fps, p50 {r['p50_ms']} p95 {r['p95_ms']} "
+                    f"p99 {r['p99_ms']} ms"
+                )
         if args.drift_minutes:
             log(f"drift: {args.drift_minutes} min with {args.drift_streams} cameras")
-            r = await run_service(args, f"drift-{args.drift_streams}",
-                                  urls[:args.drift_streams], cam, stamped=True,
-                                  seconds=args.drift_minutes * 60.0)
+            r = await run_service(
+                args,
+                f"drift-{args.drift_streams}",
+                urls[: args.drift_streams],
+                cam,
+                stamped=True,
+                seconds=args.drift_minutes * 60.0,
+            )
             r["drift"] = drift(r["timeline"])
             results["drift"] = r
             log(f"drift: {r['drift']}")
@@ -927,8 +1124,9 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         clip = make_file_clip(args)
         for n in args.file_streams:
             log(f"service, {n} file(s) paced at {args.fps:g} fps")
-            r = await run_service_clean(args, f"file-{n}", [str(clip)] * n, None, stamped=False,
-                                  seconds=args.seconds)
+            r = await run_service_clean(
+                args, f"file-{n}", [str(clip)] * n, None, stamped=False, seconds=args.seconds
+            )
             results["files"].append(r)
             checkpoint(args, results)
             log(f"files {n}: {r['fps_total']} fps, p50 {r['p50_ms']} ms (service-measured)")
@@ -963,8 +1161,13 @@ def drift(timeline: dict[str, list[tuple[float, float]]], bucket_s: float = 60.0
     for b in range(k.max() + 1):
         sel = lat[k == b]
         if sel.size:
-            rows.append({"minute": b, "p50_ms": round(float(np.percentile(sel, 50)), 1),
-                         "p99_ms": round(float(np.percentile(sel, 99)), 1)})
+            rows.append(
+                {
+                    "minute": b,
+                    "p50_ms": round(float(np.percentile(sel, 50)), 1),
+                    "p99_ms": round(float(np.percentile(sel, 99)), 1),
+                }
+            )
     slope = 0.0
     if len(rows) >= 2:
         slope = float(np.polyfit([r["minute"] for r in rows], [r["p50_ms"] for r in rows], 1)[0])
@@ -1017,8 +1220,10 @@ def check_targets(res: dict, n: int) -> dict[str, Any]:
         t["target_api_p95_ms"], t["fixed_api_p95_ms"] = api_p95(tgt), api_p95(fixed)
         t["target_fps"], t["fixed_fps"] = tgt["fps_total"], fixed["fps_total"]
         # The scheduler sees capture-to-write latency (it cannot see the camera or network).
-        t["target_holds"] = (t["target_service_p95_ms"] is not None
-                             and t["target_service_p95_ms"] <= tgt["latency_target_ms"])
+        t["target_holds"] = (
+            t["target_service_p95_ms"] is not None
+            and t["target_service_p95_ms"] <= tgt["latency_target_ms"]
+        )
     if "drift" in res:
         t["drift_p50_slope_ms_per_min"] = res["drift"]["drift"].get("p50_slope_ms_per_min")
     return t
@@ -1048,9 +1253,13 @@ def summary(res: dict, n: int) -> dict[str, Any]:
 def machine_info() -> dict[str, Any]:
     import platform
 
-    return {"cpus": os.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version(),
-            "mem_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "load_at_start": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "python": platform.python_version(),
+        "mem_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def _cpu_model() -> str:
@@ -1062,12 +1271,23 @@ def _cpu_model() -> str:
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {"model": args.model, "backend": args.backend, "threads": args.threads,
-            "camera_fps": args.fps, "camera_size": "1280x720", "camera_bitrate_kbps": args.bitrate,
-            "camera_encode": args.camera_encode, "reader": args.reader,
-            "clip": args.clip.name, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
-            "warmup_s": args.warmup, "window_s": args.seconds, "jpeg_quality": 80,
-            "render": "overlay alpha 0.5 + legend"}
+    return {
+        "model": args.model,
+        "backend": args.backend,
+        "threads": args.threads,
+        "camera_fps": args.fps,
+        "camera_size": "1280x720",
+        "camera_bitrate_kbps": args.bitrate,
+        "camera_encode": args.camera_encode,
+        "reader": args.reader,
+        "clip": args.clip.name,
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "warmup_s": args.warmup,
+        "window_s": args.seconds,
+        "jpeg_quality": 80,
+        "render": "overlay alpha 0.5 + legend",
+    }
 
 
 # =============================================================================================
@@ -1083,25 +1303,33 @@ def fmt(x: Any, nd: int = 0) -> str:
 
 
 def table(res: dict) -> str:
-    head = ("| run | streams | fps total | fps / stream | p50 ms | p95 ms | p99 ms | dropped "
-            "| skipped | not shown | CPU (cores) | sources CPU | others' CPU | peak RSS MB |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| run | streams | fps total | fps / stream | p50 ms | p95 ms | p99 ms | dropped "
+        "| skipped | not shown | CPU (cores) | sources CPU | others' CPU | peak RSS MB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     raw = res["raw"]
-    rows = [f"| raw model, {raw_label(raw)} | - | {raw['fps']:.1f} | - | "
-            f"{raw['batches'][raw_best(raw)]['ms_per_batch']:.0f} (batch) | - | - | - "
-            f"| - | - | {os.cpu_count()} (all) | - | - | - |"]
+    rows = [
+        f"| raw model, {raw_label(raw)} | - | {raw['fps']:.1f} | - | "
+        f"{raw['batches'][raw_best(raw)]['ms_per_batch']:.0f} (batch) | - | - | - "
+        f"| - | - | {os.cpu_count()} (all) | - | - | - |"
+    ]
     for r in res["naive"]:
         cpu = r["cpu_cores"]
         rows.append(
             f"| naive loop | {r['streams']} | {r['fps_total']:.1f} | {r['fps_min_stream']:.1f}"
             f" | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | - | 0 | "
             f"{fmt(r['not_shown'])} | {cpu.get('naive', 0):.2f} | {cpu.get('sources', 0):.2f} | "
-            f"{cpu.get('other', 0):.2f} | {fmt(r['peak_rss_mb'])} |")
+            f"{cpu.get('other', 0):.2f} | {fmt(r['peak_rss_mb'])} |"
+        )
     main_reader = res["settings"].get("reader", "opencv")
-    for kind, items in (("segstream, RTSP", res["service"]), ("segstream, files", res["files"]),
-                        ("segstream, RTSP", res.get("variant", [])),
-                        ("segstream, RTSP", res.get("readers", [])),
-                        ("segstream, RTSP", res.get("target", []))):
+    for kind, items in (
+        ("segstream, RTSP", res["service"]),
+        ("segstream, files", res["files"]),
+        ("segstream, RTSP", res.get("variant", [])),
+        ("segstream, RTSP", res.get("readers", [])),
+        ("segstream, RTSP", res.get("target", [])),
+    ):
         for r in items:
             name = kind
             if r.get("reader", "opencv") != main_reader:
@@ -1121,7 +1349,8 @@ def table(res: dict) -> str:
                 f"{fmt(r['p99_ms'])} | {r['dropped']} | {r['skipped']} | "
                 f"{fmt(r.get('not_shown'))} | {cpu.get('service', 0):.2f} | "
                 f"{cpu.get('sources', 0):.2f} | {cpu.get('other', 0):.2f} | "
-                f"{fmt(r['peak_rss_mb'])} |")
+                f"{fmt(r['peak_rss_mb'])} |"
+            )
     return head + "\n".join(rows) + "\n"
 
 
@@ -1151,10 +1380,12 @@ def markdown(res: dict) -> str:
     d = res.get("drift")
     if d:
         rows = ", ".join(f"{r['p50_ms']:.0f}/{r['p99_ms']:.0f}" for r in d["drift"]["per_minute"])
-        lines.append(f"Drift, {d['streams']} cameras for {d['seconds'] / 60:.0f} min: p50/p99 ms "
-                     f"per minute {rows}; p50 slope {d['drift']['p50_slope_ms_per_min']} ms/min; "
-                     f"{d['fps_total']:.1f} fps; peak RSS {d['peak_rss_mb']} MB; others' CPU "
-                     f"{d['cpu_cores'].get('other', 0):.2f}.")
+        lines.append(
+            f"Drift, {d['streams']} cameras for {d['seconds'] / 60:.0f} min: p50/p99 ms "
+            f"per minute {rows}; p50 slope {d['drift']['p50_slope_ms_per_min']} ms/min; "
+            f"{d['fps_total']:.1f} fps; peak RSS {d['peak_rss_mb']} MB; others' CPU "
+            f"{d['cpu_cores'].get('other', 0):.2f}."
+        )
         lines.append("")
     t = res.get("targets") or {}
     if t:
@@ -1181,59 +1412,99 @@ def chart(res: dict, path: Path) -> None:
     for r in res.get("readers", []):
         by_reader.setdefault(r["reader"], []).append(r)
     others = [(rows, f"segstream, reader {name} (RTSP)", "^-") for name, rows in by_reader.items()]
-    for rows, name, st in ((res["service"], f"segstream, reader {main_reader} (RTSP)", "o-"),
-                           *others,
-                           (res["files"], "segstream (files)", "s-"),
-                           (res.get("variant", []), f"segstream max_batch={vb} (RTSP)", "d-"),
-                           (res["naive"], "naive loop (RTSP)", "x-")):
+    for rows, name, st in (
+        (res["service"], f"segstream, reader {main_reader} (RTSP)", "o-"),
+        *others,
+        (res["files"], "segstream (files)", "s-"),
+        (res.get("variant", []), f"segstream max_batch={vb} (RTSP)", "d-"),
+        (res["naive"], "naive loop (RTSP)", "x-"),
+    ):
         if rows:
             ax.plot([r["streams"] for r in rows], [r["fps_total"] for r in rows], st, label=name)
-    ax.set(xlabel="streams", ylabel="segmented fps (total)", title="Throughput", xscale="log",
-           ylim=(0, None))
+    ax.set(
+        xlabel="streams",
+        ylabel="segmented fps (total)",
+        title="Throughput",
+        xscale="log",
+        ylim=(0, None),
+    )
     ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
     ax.legend(fontsize=8)
     ax = axes[1]
-    for rows, name, c in ((res["service"], f"segstream ({main_reader})", "C0"),
-                          (res["naive"], "naive", "C2"),
-                          (res.get("variant", []), f"segstream max_batch={vb}", "C3"),
-                          *((rows, f"segstream ({nm})", f"C{4 + k}")
-                            for k, (nm, rows) in enumerate(by_reader.items()))):
+    for rows, name, c in (
+        (res["service"], f"segstream ({main_reader})", "C0"),
+        (res["naive"], "naive", "C2"),
+        (res.get("variant", []), f"segstream max_batch={vb}", "C3"),
+        *(
+            (rows, f"segstream ({nm})", f"C{4 + k}")
+            for k, (nm, rows) in enumerate(by_reader.items())
+        ),
+    ):
         ok = [r for r in rows if r["p50_ms"] is not None]
         if ok:
             ns = [r["streams"] for r in ok]
             ax.plot(ns, [r["p50_ms"] for r in ok], "o-", color=c, label=f"{name} p50")
             ax.plot(ns, [r["p99_ms"] for r in ok], "o--", color=c, label=f"{name} p99")
-    ax.set(xlabel="streams", ylabel="glass-to-glass latency (ms)", title="Latency (pixel stamp)",
-           xscale="log", yscale="log")
+    ax.set(
+        xlabel="streams",
+        ylabel="glass-to-glass latency (ms)",
+        title="Latency (pixel stamp)",
+        xscale="log",
+        yscale="log",
+    )
     ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
     ax.legend(fontsize=8)
     targets = res.get("target", [])
     n = targets[0]["streams"] if targets else ""
     for r in targets:
-        name = (f"latency_target_ms={r['latency_target_ms']:g}" if r["latency_target_ms"]
-                else f"fixed infer_fps={r['infer_fps']:g}")
+        name = (
+            f"latency_target_ms={r['latency_target_ms']:g}"
+            if r["latency_target_ms"]
+            else f"fixed infer_fps={r['infer_fps']:g}"
+        )
         t, p95 = rolling_p95(r["timeline"])
         (line,) = axes[2].plot(t, p95, label=f"{name}: pixel p95 ({r['fps_total']:.1f} fps)")
         tr = r.get("trace", [])
-        axes[2].plot([x["t"] for x in tr], [x["service_p95_ms"] for x in tr], ":",
-                     color=line.get_color(),
-                     label=f"{name}: service-side p95 (/api/streams, last 300 frames)")
+        axes[2].plot(
+            [x["t"] for x in tr],
+            [x["service_p95_ms"] for x in tr],
+            ":",
+            color=line.get_color(),
+            label=f"{name}: service-side p95 (/api/streams, last 300 frames)",
+        )
         if r["latency_target_ms"]:
             axes[2].axhline(r["latency_target_ms"], color="r", lw=0.8, label="target")
         ft, fv = rolling_fps(r["timeline"])
         axes[3].plot(ft, fv, color=line.get_color(), label=f"{name}: segmented fps delivered")
         if any(x.get("batch_limit") for x in tr):
-            axes[3].plot([x["t"] for x in tr], [x.get("batch_limit") or float("nan") for x in tr],
-                         ":", color=line.get_color(), label=f"{name}: batch limit")
-        axes[3].plot([x["t"] for x in tr], [x["cap_fps"] * len(r["fps_per_stream"])
-                                            if x["cap_fps"] else float("nan") for x in tr], "--",
-                     color=line.get_color(), label=f"{name}: sum of caps")
+            axes[3].plot(
+                [x["t"] for x in tr],
+                [x.get("batch_limit") or float("nan") for x in tr],
+                ":",
+                color=line.get_color(),
+                label=f"{name}: batch limit",
+            )
+        axes[3].plot(
+            [x["t"] for x in tr],
+            [x["cap_fps"] * len(r["fps_per_stream"]) if x["cap_fps"] else float("nan") for x in tr],
+            "--",
+            color=line.get_color(),
+            label=f"{name}: sum of caps",
+        )
     for ax in axes[:2]:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes[2].set(xlabel="seconds", ylabel="p95 latency (ms)", ylim=(0, None),
-                title=f"{n} streams: latency, fixed rate vs latency target")
-    axes[3].set(xlabel="seconds", ylabel="frames/s (all streams)", ylim=(0, None),
-                title=f"{n} streams: delivered fps, the rate caps and batch limit")
+    axes[2].set(
+        xlabel="seconds",
+        ylabel="p95 latency (ms)",
+        ylim=(0, None),
+        title=f"{n} streams: latency, fixed rate vs latency target",
+    )
+    axes[3].set(
+        xlabel="seconds",
+        ylabel="frames/s (all streams)",
+        ylim=(0, None),
+        title=f"{n} streams: delivered fps, the rate caps and batch limit",
+    )
     for ax in axes[2:]:
         if targets:
             ax.legend(fontsize=7)
@@ -1281,50 +1552,106 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=REPO / "bench-results")
     ap.add_argument("--model", default="mnv2-voc")
     ap.add_argument("--backend", default="tflite", choices=["auto", "tflite", "keras"])
-    ap.add_argument("--threads", type=int, default=None,
-                    help="inference threads per model worker (default: the service's plan)")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="the service's model workers (default: its plan, runner.plan_workers)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="inference threads per model worker (default: the service's plan)",
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="the service's model workers (default: its plan, runner.plan_workers)",
+    )
     ap.add_argument("--clip", type=Path, default=None, help="background video (sample vtest)")
     ap.add_argument("--fps", type=float, default=15.0, help="camera frame rate")
     ap.add_argument("--bitrate", type=int, default=2000, help="camera kbit/s")
-    ap.add_argument("--camera-encode", choices=["pre", "live"], default="pre",
-                    help="pre: cameras encoded up front, as by a camera's own chip (default); "
-                         "live: x264 on this machine, sharing the CPU with the service")
+    ap.add_argument(
+        "--camera-encode",
+        choices=["pre", "live"],
+        default="pre",
+        help="pre: cameras encoded up front, as by a camera's own chip (default); "
+        "live: x264 on this machine, sharing the CPU with the service",
+    )
     ap.add_argument("--streams", type=parse_list, default=[1, 2, 4, 8])
-    ap.add_argument("--reader", default="auto", choices=["opencv", "pyav", "gst", "auto"],
-                    help="the service's reader for every run")
-    ap.add_argument("--compare-readers", type=lambda s: [x for x in s.split(",") if x],
-                    default=[], help="also run the RTSP sweep with these readers, e.g. opencv")
+    ap.add_argument(
+        "--reader",
+        default="auto",
+        choices=["opencv", "pyav", "gst", "auto"],
+        help="the service's reader for every run",
+    )
+    ap.add_argument(
+        "--compare-readers",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=[],
+        help="also run the RTSP sweep with these readers, e.g. opencv",
+    )
     ap.add_argument("--naive-streams", type=parse_list, default=None, help="default: --streams")
     ap.add_argument("--file-streams", type=parse_list, default=None, help="default: --streams")
     ap.add_argument("--target-n", type=int, default=4, help="streams the targets are judged at")
-    ap.add_argument("--max-batch", type=int, default=None,
-                    help="the service's max_batch (default: its plan, runner.plan_workers)")
+    ap.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="the service's max_batch (default: its plan, runner.plan_workers)",
+    )
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
-    ap.add_argument("--variant-max-batch", type=int, default=0,
-                    help="also run the RTSP sweep (N > 1) with this max_batch, e.g. 1")
+    ap.add_argument(
+        "--variant-max-batch",
+        type=int,
+        default=0,
+        help="also run the RTSP sweep (N > 1) with this max_batch, e.g. 1",
+    )
     ap.add_argument("--warmup", type=float, default=8.0)
     ap.add_argument("--seconds", type=float, default=30.0, help="measurement window per run")
     ap.add_argument("--target-streams", type=int, default=8, help="0 = skip the latency target")
-    ap.add_argument("--latency-target-ms", type=float, default=0.0,
-                    help="target of the latency-target run (service-side p95); 0 = 3/4 of the "
-                         "fixed-rate run's service-side p95")
-    ap.add_argument("--fixed-fps", type=float, default=None,
-                    help="per-stream infer_fps of the fixed-rate run (default raw fps / 4)")
+    ap.add_argument(
+        "--latency-target-ms",
+        type=float,
+        default=0.0,
+        help="target of the latency-target run (service-side p95); 0 = 3/4 of the "
+        "fixed-rate run's service-side p95",
+    )
+    ap.add_argument(
+        "--fixed-fps",
+        type=float,
+        default=None,
+        help="per-stream infer_fps of the fixed-rate run (default raw fps / 4)",
+    )
     ap.add_argument("--target-seconds", type=float, default=60.0)
     ap.add_argument("--drift-minutes", type=float, default=0.0)
     ap.add_argument("--drift-streams", type=int, default=4)
-    ap.add_argument("--profile", action="store_true",
-                    help="split the service's CPU by thread (names via py-spy, bench extra)")
-    ap.add_argument("--report", type=Path, default=None, metavar="RESULTS_JSON",
-                    help="only rebuild results.md and the chart from a saved results.json")
-    ap.add_argument("--launcher", type=Path, default=None,
-                    help="a Python file to run instead of `segstream` (to try a variant)")
-    ap.add_argument("--retries", type=int, default=4,
-                    help="repeat a run this many times when other jobs took CPU meanwhile")
-    ap.add_argument("--idle-wait", type=float, default=300.0,
-                    help="before each run, wait up to this long for other jobs to finish")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="split the service's CPU by thread (names via py-spy, bench extra)",
+    )
+    ap.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="only rebuild results.md and the chart from a saved results.json",
+    )
+    ap.add_argument(
+        "--launcher",
+        type=Path,
+        default=None,
+        help="a Python file to run instead of `segstream` (to try a variant)",
+    )
+    ap.add_argument(
+        "--retries",
+        type=int,
+        default=4,
+        help="repeat a run this many times when other jobs took CPU meanwhile",
+    )
+    ap.add_argument(
+        "--idle-wait",
+        type=float,
+        default=300.0,
+        help="before each run, wait up to this long for other jobs to finish",
+    )
 
     raw = sub.add_parser("raw", help="(internal) raw model throughput")
     raw.add_argument("--model", default="mnv2-voc")

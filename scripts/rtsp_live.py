@@ -53,29 +53,74 @@ def load_clip(path: str, width: int, height: int, fps: float, frames: int) -> li
     """The clip's first `frames` frames as I420 at width x height, resampled to fps."""
     size = width * height * 3 // 2
     cmd = [
-        "ffmpeg", "-v", "error", "-stream_loop", "-1", "-i", path,
-        "-vf", f"scale={width}:{height},fps={fps}", "-frames:v", str(frames),
-        "-pix_fmt", "yuv420p", "-f", "rawvideo", "-",
+        "ffmpeg",
+        "-v",
+        "error",
+        "-stream_loop",
+        "-1",
+        "-i",
+        path,
+        "-vf",
+        f"scale={width}:{height},fps={fps}",
+        "-frames:v",
+        str(frames),
+        "-pix_fmt",
+        "yuv420p",
+        "-f",
+        "rawvideo",
+        "-",
     ]
     raw = subprocess.run(cmd, check=True, capture_output=True).stdout
-    out = [raw[i:i + size] for i in range(0, len(raw) - size + 1, size)]
+    out = [raw[i : i + size] for i in range(0, len(raw) - size + 1, size)]
     if not out:
         raise SystemExit(f"ffmpeg decoded no frames from {path}")
     return out
 
 
-def encode_cycle(clip: list[bytes], offset: int, frames: int, epoch_ms: int,
-                 args: argparse.Namespace) -> list[bytes]:
+def encode_cycle(
+    clip: list[bytes], offset: int, frames: int, epoch_ms: int, args: argparse.Namespace
+) -> list[bytes]:
     """`frames` stamped frames of the clip (from `offset`) as H.264 access units (x264 via
     ffmpeg, the same settings as the live encoder; an AUD starts each unit)."""
     cmd = [
-        "ffmpeg", "-v", "error", "-f", "rawvideo", "-pix_fmt", "yuv420p",
-        "-s", f"{args.width}x{args.height}", "-r", str(args.fps), "-i", "-",
-        "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-bf", "0",
-        "-g", str(args.gop), "-keyint_min", str(args.gop), "-sc_threshold", "0",
-        "-b:v", f"{args.bitrate}k", "-maxrate", f"{args.bitrate}k",
-        "-bufsize", f"{args.bitrate // 2}k", "-x264-params", "aud=1:sliced-threads=0",
-        "-f", "h264", "-",
+        "ffmpeg",
+        "-v",
+        "error",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "yuv420p",
+        "-s",
+        f"{args.width}x{args.height}",
+        "-r",
+        str(args.fps),
+        "-i",
+        "-",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-tune",
+        "zerolatency",
+        "-bf",
+        "0",
+        "-g",
+        str(args.gop),
+        "-keyint_min",
+        str(args.gop),
+        "-sc_threshold",
+        "0",
+        "-b:v",
+        f"{args.bitrate}k",
+        "-maxrate",
+        f"{args.bitrate}k",
+        "-bufsize",
+        f"{args.bitrate // 2}k",
+        "-x264-params",
+        "aud=1:sliced-threads=0",
+        "-f",
+        "h264",
+        "-",
     ]
     enc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
@@ -111,15 +156,23 @@ def encode_cycle(clip: list[bytes], offset: int, frames: int, epoch_ms: int,
 def parameter_sets(unit: bytes) -> bytes:
     """The SPS and PPS NAL units (with start codes) of an access unit."""
     nals = re.split(b"\x00\x00\x01", unit)[1:]
-    return b"".join(b"\x00\x00\x00\x01" + n.rstrip(b"\x00") for n in nals
-                    if n and n[0] & 0x1F in (7, 8))
+    return b"".join(
+        b"\x00\x00\x00\x01" + n.rstrip(b"\x00") for n in nals if n and n[0] & 0x1F in (7, 8)
+    )
 
 
 class LiveCamera:
     """One mount: a shared media whose appsrc is fed by a pacing thread while it exists."""
 
-    def __init__(self, path: str, clip: list[bytes], offset: int, args: argparse.Namespace,
-                 units: list[bytes] | None = None, epoch: float = 0.0):
+    def __init__(
+        self,
+        path: str,
+        clip: list[bytes],
+        offset: int,
+        args: argparse.Namespace,
+        units: list[bytes] | None = None,
+        epoch: float = 0.0,
+    ):
         self.path = path
         self.clip = clip
         self.offset = offset
@@ -135,14 +188,19 @@ class LiveCamera:
 
     def factory(self) -> GstRtspServer.RTSPMediaFactory:
         num, den = Gst.util_double_to_fraction(self.fps)
-        caps = (f"video/x-raw,format=I420,width={self.width},height={self.height},"
-                f"framerate={num}/{den}")
+        caps = (
+            f"video/x-raw,format=I420,width={self.width},height={self.height},framerate={num}/{den}"
+        )
         if self.units is None:
-            encode = (f"! x264enc tune=zerolatency speed-preset=ultrafast bitrate={self.bitrate} "
-                      f"key-int-max={self.gop} bframes=0 threads=1 ")
+            encode = (
+                f"! x264enc tune=zerolatency speed-preset=ultrafast bitrate={self.bitrate} "
+                f"key-int-max={self.gop} bframes=0 threads=1 "
+            )
         else:
-            caps = (f"video/x-h264,stream-format=byte-stream,alignment=au,width={self.width},"
-                    f"height={self.height},framerate={num}/{den}")
+            caps = (
+                f"video/x-h264,stream-format=byte-stream,alignment=au,width={self.width},"
+                f"height={self.height},framerate={num}/{den}"
+            )
             encode = "! h264parse "
         # The GOP a new media gets at once must fit in appsrc's queue while the media is
         # starting, or its keyframe is dropped first.
@@ -161,16 +219,18 @@ class LiveCamera:
         f.connect("media-configure", self._configure)
         return f
 
-    def _configure(self, _factory: GstRtspServer.RTSPMediaFactory,
-                   media: GstRtspServer.RTSPMedia) -> None:
+    def _configure(
+        self, _factory: GstRtspServer.RTSPMediaFactory, media: GstRtspServer.RTSPMedia
+    ) -> None:
         src = media.get_element().get_by_name("src")
         if self._stop is not None:
             self._stop.set()
         stop = self._stop = threading.Event()
         media.connect("unprepared", lambda *_: stop.set())
         pump = self._pump if self.units is None else self._pump_encoded
-        threading.Thread(target=pump, args=(src, stop), daemon=True,
-                         name=f"pump{self.path}").start()
+        threading.Thread(
+            target=pump, args=(src, stop), daemon=True, name=f"pump{self.path}"
+        ).start()
 
     def _pump(self, src: Gst.Element, stop: threading.Event) -> None:
         period = 1.0 / self.fps
@@ -238,10 +298,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bitrate", type=int, default=2000, help="kbit/s per camera")
     ap.add_argument("--gop", type=int, default=30, help="frames between keyframes")
     ap.add_argument("--clip-frames", type=int, default=120, help="frames of the clip to loop")
-    ap.add_argument("--encode", choices=["pre", "live"], default="pre",
-                    help="pre: encoded up front, as by the camera's own chip; live: x264 here")
-    ap.add_argument("--cycle", type=float, default=64.0,
-                    help="seconds of pre-encoded video per mount, looped (> any latency)")
+    ap.add_argument(
+        "--encode",
+        choices=["pre", "live"],
+        default="pre",
+        help="pre: encoded up front, as by the camera's own chip; live: x264 here",
+    )
+    ap.add_argument(
+        "--cycle",
+        type=float,
+        default=64.0,
+        help="seconds of pre-encoded video per mount, looped (> any latency)",
+    )
     args = ap.parse_args(argv)
     if args.streams < 1 or args.fps <= 0 or args.width % 16 or args.height % 16:
         ap.error("need --streams >= 1, --fps > 0 and a width/height that are multiples of 16")
@@ -259,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         epoch = int(time.monotonic() * 1000) / 1000  # on the stamp clock's millisecond grid
         epoch_ms = round(epoch * 1000) % (1 << stamp.TIME_BITS)
         units = [encode_cycle(clip, off, frames, epoch_ms, args) for off in offsets]
-    cams = [LiveCamera(f"/cam{i}", clip, offsets[i], args, units[i], epoch)
-            for i in range(args.streams)]
+    cams = [
+        LiveCamera(f"/cam{i}", clip, offsets[i], args, units[i], epoch) for i in range(args.streams)
+    ]
     server = GstRtspServer.RTSPServer()
     server.set_address(args.host)
     server.set_service(str(args.port))

@@ -96,7 +96,8 @@ class RecordMount(Mount):
         f.set_launch(
             "( rtph264depay name=depay0 ! h264parse config-interval=-1 "
             "! video/x-h264,stream-format=byte-stream,alignment=au "
-            f'! filesink location="{location}" append=true sync=false async=false )')
+            f'! filesink location="{location}" append=true sync=false async=false )'
+        )
         return f
 
 
@@ -125,10 +126,14 @@ def _parse_record_mount(spec: str) -> Mount:
 
 # option name -> (help, parser(spec, args) -> Mount). A new kind adds a line here.
 MOUNT_KINDS = {
-    "mount": ("/NAME=FILE.h264: loop an H.264 Annex-B file (repeatable)",
-              lambda spec, args: _parse_file_mount(spec, args.fps)),
-    "record": ("/NAME=FILE.h264: take a published H.264 stream, append it to FILE (repeatable)",
-               lambda spec, args: _parse_record_mount(spec)),
+    "mount": (
+        "/NAME=FILE.h264: loop an H.264 Annex-B file (repeatable)",
+        lambda spec, args: _parse_file_mount(spec, args.fps),
+    ),
+    "record": (
+        "/NAME=FILE.h264: take a published H.264 stream, append it to FILE (repeatable)",
+        lambda spec, args: _parse_record_mount(spec),
+    ),
 }
 ROLE = "user"
 
@@ -155,9 +160,12 @@ def build_server(
     for m in mounts:
         f = m.factory()
         if auth is not None:
-            f.add_role_from_structure(Gst.Structure.new_from_string(
-                f"{ROLE}, media.factory.access=(boolean)true, "
-                "media.factory.construct=(boolean)true"))
+            f.add_role_from_structure(
+                Gst.Structure.new_from_string(
+                    f"{ROLE}, media.factory.access=(boolean)true, "
+                    "media.factory.construct=(boolean)true"
+                )
+            )
         points.add_factory(m.path, f)
     return server
 
@@ -166,8 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8554, help="0 = any free port")
-    ap.add_argument("--fps", type=float, default=None,
-                    help="frame rate of file mounts if their SPS carries none")
+    ap.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="frame rate of file mounts if their SPS carries none",
+    )
     for kind, (help_, _) in MOUNT_KINDS.items():
         ap.add_argument(f"--{kind}", action="append", default=[], metavar="SPEC", help=help_)
     ap.add_argument("--auth", metavar="USER:PASS", help="require these credentials")

@@ -46,8 +46,14 @@ def machines(n: int) -> dict[str, float]:
 
 
 def cameras(n: int) -> list[StreamConfig]:
-    return [StreamConfig(id=f"cam{i:04d}", source=f"rtsp://cam{i:04d}.invalid/live",
-                         infer_fps=RATES[i % len(RATES)]) for i in range(n)]
+    return [
+        StreamConfig(
+            id=f"cam{i:04d}",
+            source=f"rtsp://cam{i:04d}.invalid/live",
+            infer_fps=RATES[i % len(RATES)],
+        )
+        for i in range(n)
+    ]
 
 
 def shares(st: ClusterState) -> tuple[float, float]:
@@ -72,8 +78,9 @@ def dry_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
             st.add(cam)
         st.place()
         for nid in st.nodes:  # every node reports running its share
-            st.report(nid, {s: fingerprint(c) for s, c in st.desired_for(nid).items()}, {},
-                      True, None)
+            st.report(
+                nid, {s: fingerprint(c) for s, c in st.desired_for(nid).items()}, {}, True, None
+            )
         current, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         out["controller_state_mib"] = round(current / 2**20, 2)
@@ -97,8 +104,9 @@ def dry_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
         out["place_after_add_ms_p50"] = round(statistics.median(per_place) * 1000, 3)
         out["add_all_one_by_one_s"] = round(sum(per_add), 2)
         for nid in st.nodes:
-            st.report(nid, {s: fingerprint(c) for s, c in st.desired_for(nid).items()}, {},
-                      True, None)
+            st.report(
+                nid, {s: fingerprint(c) for s, c in st.desired_for(nid).items()}, {}, True, None
+            )
 
         # The whole set at once (a controller that restarts with nothing running).
         fresh = ClusterState(cfg, StreamStore(Path(tmp) / "streams.json"))
@@ -120,8 +128,12 @@ def dry_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
         out["state_file_kib"] = round((Path(tmp) / "streams.json").stat().st_size / 1024, 1)
 
         # A machine is lost: the most loaded one.
-        victim = max(st.nodes, key=lambda n: sum(
-            st.cost(st.desired[s]) for s in st.desired_for(n)) / st.nodes[n].slots)
+        victim = max(
+            st.nodes,
+            key=lambda n: (
+                sum(st.cost(st.desired[s]) for s in st.desired_for(n)) / st.nodes[n].slots
+            ),
+        )
         t0 = time.perf_counter()
         displaced = st.node_lost(victim)
         st.place()
@@ -158,8 +170,9 @@ class StandInNode:
 
         self.running: dict[str, str] = {}
 
-    async def start(self, cfg_json: str, node_id: str, host: str, secret: str,
-                    signing: bytes) -> dict[str, Any]:
+    async def start(
+        self, cfg_json: str, node_id: str, host: str, secret: str, signing: bytes
+    ) -> dict[str, Any]:
         return {"node_id": node_id, "host": host, "port": 1, "metrics_port": 2}
 
     async def ping(self) -> dict[str, Any]:
@@ -181,38 +194,51 @@ def ray_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {"ray_nodes": n_nodes, "streams": n_streams}
     t0 = time.monotonic()
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "object_store_memory": 80 * 2**20})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "object_store_memory": 80 * 2**20,
+        },
+    )
     # Enough room for every stream with a third to spare.
     cams = cameras(n_streams)
     slots = round(1.5 * sum(CostModel().cost(c.infer_fps) for c in cams) / n_nodes)
     out["slots_per_node"] = slots
-    nodes = [c.add_node(num_cpus=0, object_store_memory=80 * 2**20,
-                        resources={"segstream_slots": float(slots)}) for _ in range(n_nodes)]
+    nodes = [
+        c.add_node(
+            num_cpus=0, object_store_memory=80 * 2**20, resources={"segstream_slots": float(slots)}
+        )
+        for _ in range(n_nodes)
+    ]
     ray.init(address=c.address, namespace="segstream-sim", log_to_driver=False)
     out["cluster_start_s"] = round(time.monotonic() - t0, 1)
     try:
-        cfg = AppConfig.model_validate({"cluster": {"namespace": "segstream-sim"},
-                                        "streams": [c.model_dump() for c in cams]})
+        cfg = AppConfig.model_validate(
+            {"cluster": {"namespace": "segstream-sim"}, "streams": [c.model_dump() for c in cams]}
+        )
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.monotonic()
-            ctl = start_controller(cfg, str(Path(tmp) / "streams.json"), b"k" * 32,
-                                   StandInNode)
+            ctl = start_controller(cfg, str(Path(tmp) / "streams.json"), b"k" * 32, StandInNode)
 
             def placed() -> dict[str, Any]:
                 return ray.get(ctl.snapshot.remote(), timeout=30)
 
             def all_placed(avoid: str = "") -> dict[str, Any] | None:
                 snap = placed()
-                ok = snap["nodes"] and all(s["phase"] == "placed" and s["node"] != avoid
-                                           for s in snap["streams"])
+                ok = snap["nodes"] and all(
+                    s["phase"] == "placed" and s["node"] != avoid for s in snap["streams"]
+                )
                 return snap if ok else None
 
             snap = wait(all_placed, 600)
             out["all_placed_and_acknowledged_s"] = round(time.monotonic() - t0, 2)
             loads = [n["load"] for n in snap["nodes"]]
-            out["load_share_most"], out["load_share_least"] = round(max(loads), 3), round(
-                min(loads), 3)
+            out["load_share_most"], out["load_share_least"] = (
+                round(max(loads), 3),
+                round(min(loads), 3),
+            )
             stats = ray.get(ctl.stats.remote())
             out["controller_rss_mib"] = round(stats["rss_bytes"] / 2**20, 1)
             out["controller_tick_ms"] = round(stats["tick_s"] * 1000, 1)
@@ -249,8 +275,12 @@ def capacity_table() -> list[dict[str, Any]]:
     m = CostModel()
     rows = []
     for cores in (2, 8, 16, 32):
-        rows.append({"slots": cores, **{f"{fps:g}fps": m.streams_per_node(cores, fps)
-                                        for fps in (1, 2, 5, 0)}})
+        rows.append(
+            {
+                "slots": cores,
+                **{f"{fps:g}fps": m.streams_per_node(cores, fps) for fps in (1, 2, 5, 0)},
+            }
+        )
     return rows
 
 
@@ -258,22 +288,40 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, default=50)
     ap.add_argument("--streams", type=int, default=1000)
-    ap.add_argument("--ray-nodes", type=int, default=0, help="also run the real controller on "
-                    "a Ray cluster of this many stand-in nodes (network namespace; root)")
+    ap.add_argument(
+        "--ray-nodes",
+        type=int,
+        default=0,
+        help="also run the real controller on "
+        "a Ray cluster of this many stand-in nodes (network namespace; root)",
+    )
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     if args.ray_nodes and os.environ.get("SEGSTREAM_NETNS") != "1":
         # Ray binds the machine's own address: run in a namespace where it is 127.0.0.1.
         with tempfile.TemporaryDirectory(prefix="rays", dir="/tmp") as ray_tmp:
-            env = dict(os.environ, SEGSTREAM_NETNS="1", RAY_TMPDIR=ray_tmp,
-                       RAY_USAGE_STATS_ENABLED="0",
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
-                                                                os.environ.get("PYTHONPATH")])))
-            cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-                   sys.executable, *sys.argv]
+            env = dict(
+                os.environ,
+                SEGSTREAM_NETNS="1",
+                RAY_TMPDIR=ray_tmp,
+                RAY_USAGE_STATS_ENABLED="0",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            )
+            cmd = [
+                "unshare",
+                "-n",
+                "sh",
+                "-c",
+                'ip link set lo up && exec "$@"',
+                "sh",
+                sys.executable,
+                *sys.argv,
+            ]
             return subprocess.run(cmd, env=env).returncode
-    figures: dict[str, Any] = {"capacity": capacity_table(),
-                               "dry_run": dry_run(args.nodes, args.streams)}
+    figures: dict[str, Any] = {
+        "capacity": capacity_table(),
+        "dry_run": dry_run(args.nodes, args.streams),
+    }
     print(json.dumps(figures["capacity"]), flush=True)
     print(json.dumps(figures["dry_run"]), flush=True)
     if args.ray_nodes:

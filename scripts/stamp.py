@@ -89,7 +89,7 @@ def cell_values(seq: int, t_ms: int) -> list[list[int]]:
     grid = []
     for r in range(ROWS):
         row = []
-        for b in bits[r * PAIRS_PER_ROW:(r + 1) * PAIRS_PER_ROW]:
+        for b in bits[r * PAIRS_PER_ROW : (r + 1) * PAIRS_PER_ROW]:
             row += [1, 0] if b else [0, 1]
         grid.append(row)
     return grid
@@ -103,13 +103,13 @@ def stamp_i420(buf: bytearray, width: int, height: int, seq: int, t_ms: int) -> 
     for r, run in enumerate(runs):
         for y in range(y0 + r * CELL, y0 + (r + 1) * CELL):
             start = y * width + x0
-            buf[start:start + WIDTH] = run
+            buf[start : start + WIDTH] = run
     cw, ch = width // 2, height // 2
     grey = b"\x80" * (WIDTH // 2)
     for plane in (width * height, width * height + cw * ch):
         for y in range(y0 // 2, (y0 + HEIGHT) // 2):
             start = plane + y * cw + x0 // 2
-            buf[start:start + WIDTH // 2] = grey
+            buf[start : start + WIDTH // 2] = grey
 
 
 def stamp_bgr(image: Any, seq: int, t_ms: int) -> None:
@@ -120,7 +120,7 @@ def stamp_bgr(image: Any, seq: int, t_ms: int) -> None:
     x0, y0 = origin(w, h)
     grid = np.asarray(cell_values(seq, t_ms), np.uint8) * 255
     big = np.repeat(np.repeat(grid, CELL, axis=0), CELL, axis=1)
-    region = image[y0:y0 + HEIGHT, x0:x0 + WIDTH]
+    region = image[y0 : y0 + HEIGHT, x0 : x0 + WIDTH]
     region[...] = big[..., None] if image.ndim == 3 else big
 
 
@@ -132,11 +132,11 @@ def read_gray(gray: Any, width: int, height: int, scale: int = 1) -> tuple[int, 
     cell = CELL // scale
     inner = max(cell // 4, 0) if cell >= 4 else 0
     ys, xs = y0 // scale, x0 // scale
-    region = np.asarray(gray[ys:ys + ROWS * cell, xs:xs + COLS * cell], np.float32)
+    region = np.asarray(gray[ys : ys + ROWS * cell, xs : xs + COLS * cell], np.float32)
     if region.shape != (ROWS * cell, COLS * cell):
         return None
     cells = region.reshape(ROWS, cell, COLS, cell)
-    cells = cells[:, inner:cell - inner, :, inner:cell - inner].mean(axis=(1, 3))
+    cells = cells[:, inner : cell - inner, :, inner : cell - inner].mean(axis=(1, 3))
     left, right = cells[:, 0::2], cells[:, 1::2]
     if np.min(np.abs(left - right)) < 8.0:  # no stamp here (or too damaged to trust)
         return None

@@ -112,8 +112,9 @@ class TokenStore:
         if any(e["name"] == name for e in entries):
             raise AuthError(f"a token named {name!r} exists (revoke it first)")
         token = new_token()
-        entries.append({"name": name, "role": role, "sha256": hash_token(token),
-                        "created": int(time.time())})
+        entries.append(
+            {"name": name, "role": role, "sha256": hash_token(token), "created": int(time.time())}
+        )
         self._save(entries)
         return token
 
@@ -125,24 +126,31 @@ class TokenStore:
         self._save(kept)
 
     def listing(self) -> list[dict[str, Any]]:
-        return [{"name": e["name"], "role": e["role"], "created": e["created"]}
-                for e in self.entries()]
+        return [
+            {"name": e["name"], "role": e["role"], "created": e["created"]} for e in self.entries()
+        ]
 
 
 class Authenticator:
     def __init__(self, tokens: TokenStore, secret: bytes, env_token: str | None = None) -> None:
         self.tokens = tokens
         self._secret = secret
-        self._env = ({"name": "env-admin", "role": "admin", "sha256": hash_token(env_token)}
-                     if env_token else None)
+        self._env = (
+            {"name": "env-admin", "role": "admin", "sha256": hash_token(env_token)}
+            if env_token
+            else None
+        )
         self._required = False
 
     @classmethod
     def from_home(cls, folder: Path, env: dict[str, str] | None = None) -> Authenticator:
         """tokens.json and secret.key in `folder`; the env admin token if set."""
         env = dict(os.environ) if env is None else env
-        return cls(TokenStore(folder / "tokens.json"), load_secret(folder / "secret.key"),
-                   env.get(ENV_ADMIN_TOKEN) or None)
+        return cls(
+            TokenStore(folder / "tokens.json"),
+            load_secret(folder / "secret.key"),
+            env.get(ENV_ADMIN_TOKEN) or None,
+        )
 
     def _all(self) -> list[dict[str, Any]]:
         entries = self.tokens.entries()
@@ -167,13 +175,18 @@ class Authenticator:
 
     # -- sessions --------------------------------------------------------------------------
     def _sign(self, payload: bytes) -> str:
-        return base64.urlsafe_b64encode(
-            hmac.new(self._secret, payload, hashlib.sha256).digest()).decode().rstrip("=")
+        return (
+            base64.urlsafe_b64encode(hmac.new(self._secret, payload, hashlib.sha256).digest())
+            .decode()
+            .rstrip("=")
+        )
 
     def make_session(self, p: Principal, ttl_s: float) -> str:
         token_hash = next((e["sha256"] for e in self._all() if e["name"] == p.name), "")
-        body = json.dumps({"n": p.name, "r": p.role, "h": token_hash[:16],
-                           "e": int(time.time() + ttl_s)}, separators=(",", ":")).encode()
+        body = json.dumps(
+            {"n": p.name, "r": p.role, "h": token_hash[:16], "e": int(time.time() + ttl_s)},
+            separators=(",", ":"),
+        ).encode()
         return base64.urlsafe_b64encode(body).decode().rstrip("=") + "." + self._sign(body)
 
     def check_session(self, cookie: str) -> Principal | None:
@@ -190,8 +203,12 @@ class Authenticator:
             return None
         if data.get("e", 0) < time.time():
             return None
-        live = [e for e in self._all() if e["name"] == data.get("n")
-                and hmac.compare_digest(e["sha256"][:16], str(data.get("h")))]
+        live = [
+            e
+            for e in self._all()
+            if e["name"] == data.get("n")
+            and hmac.compare_digest(e["sha256"][:16], str(data.get("h")))
+        ]
         return Principal(live[0]["name"], live[0]["role"], "session") if live else None
 
     # -- signed per-stream URLs ------------------------------------------------------------

@@ -24,9 +24,12 @@ def _serve(args: argparse.Namespace) -> int:
     model_type = os.environ.get("MODEL_TYPE")
     if model_type is not None and args.model is None:
         if model_type not in MAX_MODEL_TYPES:
-            print(f"segstream: MODEL_TYPE={model_type!r} is not available: segstream serves "
-                  f"MODEL_TYPE=mobile (DeepLabv3 MobileNetV2, {MAX_MODEL_TYPES['mobile']}); "
-                  "the Xception 'full' model is not shipped", file=sys.stderr)
+            print(
+                f"segstream: MODEL_TYPE={model_type!r} is not available: segstream serves "
+                f"MODEL_TYPE=mobile (DeepLabv3 MobileNetV2, {MAX_MODEL_TYPES['mobile']}); "
+                "the Xception 'full' model is not shipped",
+                file=sys.stderr,
+            )
             return 2
         args.model = MAX_MODEL_TYPES[model_type]
     for key, section, field in (
@@ -80,7 +83,10 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the streaming service")
     p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     p.add_argument(
-        "--source", action="append", default=[], metavar="[ID=]URL",
+        "--source",
+        action="append",
+        default=[],
+        metavar="[ID=]URL",
         help="add a stream: rtsp://..., http://..., a file, or a device (0, /dev/video0)",
     )
     p.add_argument("--host")
@@ -89,11 +95,19 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["auto", "keras", "tflite"])
     p.add_argument("--latency-target-ms", type=float, dest="latency_target_ms")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--state", metavar="PATH", help="state file keeping the stream set across "
-                   "restarts (default: $SEGSTREAM_HOME/state/<config>.json; 'none': not kept)")
-    p.add_argument("--cluster", metavar="ADDRESS", help="serve a Ray cluster's streams from "
-                   "this gateway: a Ray address, or 'auto' for the cluster `ray start` began "
-                   "here (pip install 'segstream[cluster]')")
+    p.add_argument(
+        "--state",
+        metavar="PATH",
+        help="state file keeping the stream set across "
+        "restarts (default: $SEGSTREAM_HOME/state/<config>.json; 'none': not kept)",
+    )
+    p.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="serve a Ray cluster's streams from "
+        "this gateway: a Ray address, or 'auto' for the cluster `ray start` began "
+        "here (pip install 'segstream[cluster]')",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -112,8 +126,11 @@ def _token(args: argparse.Namespace) -> int:
         if args.action == "add":
             token = store.add(args.name, args.role)
             print(token)
-            print(f"token {args.name!r} ({args.role}) added to {store.path}; it is shown only "
-                  "this once", file=sys.stderr)
+            print(
+                f"token {args.name!r} ({args.role}) added to {store.path}; it is shown only "
+                "this once",
+                file=sys.stderr,
+            )
         elif args.action == "revoke":
             store.revoke(args.name)
             print(f"token {args.name!r} revoked", file=sys.stderr)

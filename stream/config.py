@@ -34,29 +34,38 @@ class _Strict(BaseModel):
 
 
 class ServerConfig(_Strict):
-    host: str = Field("127.0.0.1", description="Listen address; anything but loopback needs "
-                      "authentication (a token).")
+    host: str = Field(
+        "127.0.0.1",
+        description="Listen address; anything but loopback needs authentication (a token).",
+    )
     port: int = Field(8080, ge=0, le=65535)
     # Upper bound on a client's ?fps= and the default for clients that give none (0 = no cap).
     max_client_fps: float = Field(0.0, ge=0)
     shutdown_timeout: float = Field(2.0, gt=0)
     state_file: str | None = Field(
-        None, description="Where the stream set is kept across restarts; null = "
-        "$SEGSTREAM_HOME/state/<config name>.json; \"\" = not kept.")
+        None,
+        description="Where the stream set is kept across restarts; null = "
+        '$SEGSTREAM_HOME/state/<config name>.json; "" = not kept.',
+    )
 
 
 class AuthConfig(_Strict):
     tokens_dir: str | None = Field(
-        None, description="Folder of tokens.json and secret.key; null = $SEGSTREAM_HOME/auth.")
+        None, description="Folder of tokens.json and secret.key; null = $SEGSTREAM_HOME/auth."
+    )
     session_ttl_s: int = Field(12 * 3600, ge=60, description="Browser session lifetime.")
-    cookie_secure: bool = Field(False, description="Mark the session cookie Secure (set it "
-                                "when a TLS proxy fronts the service).")
+    cookie_secure: bool = Field(
+        False,
+        description="Mark the session cookie Secure (set it when a TLS proxy fronts the service).",
+    )
 
 
 class MetricsConfig(_Strict):
     listen: str | None = Field(
-        None, description="host:port of a separate, unauthenticated /metrics listener for "
-        "Prometheus (e.g. 127.0.0.1:9464); null = /metrics on the main port, with auth.")
+        None,
+        description="host:port of a separate, unauthenticated /metrics listener for "
+        "Prometheus (e.g. 127.0.0.1:9464); null = /metrics on the main port, with auth.",
+    )
 
     @field_validator("listen")
     @classmethod
@@ -72,19 +81,29 @@ class SourcesConfig(_Strict):
     """What streams added over the API may open (the YAML config is the operator's own)."""
 
     allow_local: list[str] = Field(
-        default_factory=list, description="Folders whose files (and device paths, e.g. /dev) "
-        "the API may open; empty = no local files or devices.")
+        default_factory=list,
+        description="Folders whose files (and device paths, e.g. /dev) "
+        "the API may open; empty = no local files or devices.",
+    )
     allow_networks: list[str] | None = Field(
-        None, description="CIDRs that network sources may reach; null = any address except "
-        "link-local (169.254.0.0/16, fe80::/10, cloud metadata).")
-    resolve_names: bool = Field(True, description="false: only IP-literal hosts; host names "
-                                "are refused without a DNS lookup.")
+        None,
+        description="CIDRs that network sources may reach; null = any address except "
+        "link-local (169.254.0.0/16, fe80::/10, cloud metadata).",
+    )
+    resolve_names: bool = Field(
+        True,
+        description="false: only IP-literal hosts; host names are refused without a DNS lookup.",
+    )
     max_streams: int = Field(256, ge=1, description="Most streams the API lets exist.")
 
 
 class PredictConfig(_Strict):
-    max_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height) a "
-                            "prediction accepts, checked from the header before decoding.")
+    max_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="Largest image (width x height) a "
+        "prediction accepts, checked from the header before decoding.",
+    )
     max_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest upload.")
     max_concurrent: int = Field(2, ge=1, description="Predictions at once; more get 503.")
 
@@ -137,24 +156,40 @@ class RenderConfig(_Strict):
 class PageConfig(_Strict):
     """The live page's WebSocket (/ws): one connection per page carries every tile."""
 
-    max_tile_fps: float = Field(10.0, gt=0, le=60, description="Most frames a second one "
-                                "viewer gets of one tile (a page may ask fewer).")
-    max_focus_fps: float = Field(25.0, gt=0, le=60, description="Most frames a second of the "
-                                 "large view.")
+    max_tile_fps: float = Field(
+        10.0,
+        gt=0,
+        le=60,
+        description="Most frames a second one viewer gets of one tile (a page may ask fewer).",
+    )
+    max_focus_fps: float = Field(
+        25.0, gt=0, le=60, description="Most frames a second of the large view."
+    )
     max_watch: int = Field(64, ge=1, le=1024, description="Most tiles one page may watch.")
-    max_overlays: int = Field(4, ge=0, le=64, description="Distinct per-viewer overlay "
-                              "settings one stream renders at once (each is rendered once per "
-                              "frame for all its viewers).")
+    max_overlays: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="Distinct per-viewer overlay "
+        "settings one stream renders at once (each is rendered once per "
+        "frame for all its viewers).",
+    )
     max_clients: int = Field(200, ge=1, description="WebSocket connections at once.")
 
 
 class MosaicConfig(_Strict):
     """GET /mosaic/mjpeg: several streams tiled into one MJPEG."""
 
-    max_fps: float = Field(5.0, gt=0, le=60, description="Most compositions a second of one "
-                           "layout (each composed and encoded once for all its viewers).")
-    max_layouts: int = Field(8, ge=1, le=256, description="Distinct layouts at once; more "
-                             "are answered 503.")
+    max_fps: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="Most compositions a second of one "
+        "layout (each composed and encoded once for all its viewers).",
+    )
+    max_layouts: int = Field(
+        8, ge=1, le=256, description="Distinct layouts at once; more are answered 503."
+    )
     max_width: int = Field(3840, ge=160, le=7680, description="Widest mosaic, pixels.")
     width: int = Field(1280, ge=160, le=7680, description="Width when a viewer gives none.")
     max_streams: int = Field(64, ge=1, le=1024, description="Most tiles in one mosaic.")
@@ -164,39 +199,63 @@ class MosaicConfig(_Strict):
 class StreamConfig(_Strict):
     """One camera or video stream (a `streams:` entry, or a POST /api/streams body)."""
 
-    id: str = Field(description="1-64 letters, digits, _ . - (used in URLs and metrics).",
-                    json_schema_extra={"pattern": _ID_RE.pattern}, max_length=64)
-    source: str = Field(description="rtsp://, rtsps://, rtmp://, http(s)://, srt:// URL, a "
-                        "file path, a device (0, /dev/video0) or sample:NAME.",
-                        max_length=2048)
+    id: str = Field(
+        description="1-64 letters, digits, _ . - (used in URLs and metrics).",
+        json_schema_extra={"pattern": _ID_RE.pattern},
+        max_length=64,
+    )
+    source: str = Field(
+        description="rtsp://, rtsps://, rtmp://, http(s)://, srt:// URL, a "
+        "file path, a device (0, /dev/video0) or sample:NAME.",
+        max_length=2048,
+    )
     reader: Literal["opencv", "pyav", "gst", "auto"] = Field(
-        "auto", description="Capture library: auto (gst for RTSP where installed, else "
+        "auto",
+        description="Capture library: auto (gst for RTSP where installed, else "
         "opencv), opencv, pyav or gst (GStreamer: the low-delay RTSP path, a frame period "
-        "sooner than FFmpeg's; needs the gst extra, which `make run` installs).")
-    infer_fps: float = Field(0.0, ge=0, le=1000, description="Frame skipping: most "
-                             "inferences per second for this stream; 0 = no cap.")
+        "sooner than FFmpeg's; needs the gst extra, which `make run` installs).",
+    )
+    infer_fps: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="Frame skipping: most inferences per second for this stream; 0 = no cap.",
+    )
     output: Literal["segmented", "smooth"] = Field(
-        "segmented", description="segmented: publish each segmented frame; smooth: every "
-        "frame with the newest mask.")
+        "segmented",
+        description="segmented: publish each segmented frame; smooth: every "
+        "frame with the newest mask.",
+    )
     loop: bool = Field(True, description="Files: start again at the end.")
     realtime: bool = Field(True, description="Files: pace at the file's own frame rate.")
     rtsp_transport: Literal["tcp", "udp"] = "tcp"
     open_timeout: float = Field(10.0, gt=0, le=600, description="Seconds to open the source.")
     read_timeout: float = Field(5.0, gt=0, le=600, description="Seconds one read may block.")
-    stall_timeout: float = Field(5.0, gt=0, le=600, description="Watchdog: no frame for this "
-                                 "long -> reconnect.")
-    reconnect_initial: float = Field(0.5, gt=0, le=600, description="First reconnect delay; "
-                                     "doubles with jitter.")
+    stall_timeout: float = Field(
+        5.0, gt=0, le=600, description="Watchdog: no frame for this long -> reconnect."
+    )
+    reconnect_initial: float = Field(
+        0.5, gt=0, le=600, description="First reconnect delay; doubles with jitter."
+    )
     reconnect_max: float = Field(10.0, gt=0, le=3600, description="Longest reconnect delay.")
-    max_failures: int = Field(0, ge=0, description="Give up (state error) after this many "
-                              "failed opens in a row; 0 = never.")
-    alpha: float | None = Field(None, ge=0, le=1, description="Overlay opacity; null = "
-                                "render.alpha.")
-    classes: list[str] | None = Field(None, max_length=256, description="Only colour these "
-                                      "class names; null = render.classes.")
-    restream: str | None = Field(None, max_length=2048, description="Publish the annotated "
-                                 "video as H.264 to this rtsp:// URL (ANNOUNCE/RECORD); "
-                                 "null = off.")
+    max_failures: int = Field(
+        0,
+        ge=0,
+        description="Give up (state error) after this many failed opens in a row; 0 = never.",
+    )
+    alpha: float | None = Field(
+        None, ge=0, le=1, description="Overlay opacity; null = render.alpha."
+    )
+    classes: list[str] | None = Field(
+        None, max_length=256, description="Only colour these class names; null = render.classes."
+    )
+    restream: str | None = Field(
+        None,
+        max_length=2048,
+        description="Publish the annotated "
+        "video as H.264 to this rtsp:// URL (ANNOUNCE/RECORD); "
+        "null = off.",
+    )
     restream_encoder: Literal["auto", "libx264", "h264_nvenc"] = "auto"
     restream_bitrate: int = Field(2000, ge=100, le=100_000, description="kbit/s")
     restream_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast"] = "ultrafast"
@@ -243,29 +302,55 @@ class StreamConfig(_Strict):
 class ClusterConfig(_Strict):
     """`segstream serve --cluster ADDRESS`: placement and the node services (stream/cluster/)."""
 
-    namespace: str = Field("segstream", description="Ray namespace of the controller and the "
-                           "node services.")
-    slots_resource: str = Field("segstream_slots", description="The Ray resource a node "
-                                "declares its capacity with (cores given to segstream); nodes "
-                                "without it run no streams.")
-    stream_cost: float = Field(0.075, ge=0, description="Cores a stream takes besides "
-                               "inference: decode, render, JPEG (measured at 720p15).")
-    inference_cost: float = Field(0.058, ge=0, description="Core-seconds per inference "
-                                  "(measured: mnv2-voc, tflite, 513x513).")
-    uncapped_fps: float = Field(15.0, gt=0, description="Inference rate counted for a stream "
-                                "with infer_fps 0.")
-    rebalance_threshold: float = Field(0.25, ge=0, description="Move running streams only when "
-                                       "the most and least loaded node differ by more than "
-                                       "this share of capacity.")
-    lost_after_s: float = Field(4.0, gt=0, description="A node service that does not answer "
-                                "for this long is lost; its streams move.")
-    node_port: int = Field(0, ge=0, le=65535, description="Node services' HTTP port; 0 = any "
-                           "free port.")
-    metrics_port: int = Field(0, ge=0, le=65535, description="Node services' unauthenticated "
-                              "/metrics port (private network); 0 = any free port.")
-    direct_viewers: bool = Field(False, description="Send MJPEG and snapshot viewers to the "
-                                 "owning node with a short-lived signed URL instead of relaying "
-                                 "(the nodes must be reachable from the viewers).")
+    namespace: str = Field(
+        "segstream", description="Ray namespace of the controller and the node services."
+    )
+    slots_resource: str = Field(
+        "segstream_slots",
+        description="The Ray resource a node "
+        "declares its capacity with (cores given to segstream); nodes "
+        "without it run no streams.",
+    )
+    stream_cost: float = Field(
+        0.075,
+        ge=0,
+        description="Cores a stream takes besides "
+        "inference: decode, render, JPEG (measured at 720p15).",
+    )
+    inference_cost: float = Field(
+        0.058, ge=0, description="Core-seconds per inference (measured: mnv2-voc, tflite, 513x513)."
+    )
+    uncapped_fps: float = Field(
+        15.0, gt=0, description="Inference rate counted for a stream with infer_fps 0."
+    )
+    rebalance_threshold: float = Field(
+        0.25,
+        ge=0,
+        description="Move running streams only when "
+        "the most and least loaded node differ by more than "
+        "this share of capacity.",
+    )
+    lost_after_s: float = Field(
+        4.0,
+        gt=0,
+        description="A node service that does not answer for this long is lost; its streams move.",
+    )
+    node_port: int = Field(
+        0, ge=0, le=65535, description="Node services' HTTP port; 0 = any free port."
+    )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Node services' unauthenticated "
+        "/metrics port (private network); 0 = any free port.",
+    )
+    direct_viewers: bool = Field(
+        False,
+        description="Send MJPEG and snapshot viewers to the "
+        "owning node with a short-lived signed URL instead of relaying "
+        "(the nodes must be reachable from the viewers).",
+    )
 
 
 class AppConfig(_Strict):
@@ -340,7 +425,7 @@ def env_overrides(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or "__" not in key:
             continue
-        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
+        parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})

@@ -23,8 +23,7 @@ from stream.store import StreamStore
 API_SCHEMES = {"rtsp", "rtsps", "rtmp", "http", "https", "srt"}
 # Never reachable through the API unless allowed by name: link-local (cloud metadata
 # services live at 169.254.169.254) and "this network".
-DENIED_NETWORKS = [ipaddress.ip_network(n) for n in ("169.254.0.0/16", "fe80::/10",
-                                                     "0.0.0.0/8")]
+DENIED_NETWORKS = [ipaddress.ip_network(n) for n in ("169.254.0.0/16", "fe80::/10", "0.0.0.0/8")]
 
 
 class Refused(ValueError):
@@ -40,8 +39,11 @@ class SourcePolicy:
         self.local = [Path(p).resolve() for p in cfg.allow_local]
         self.resolve_names = cfg.resolve_names
         self.max_streams = cfg.max_streams
-        self.networks = (None if cfg.allow_networks is None else
-                         [ipaddress.ip_network(n, strict=False) for n in cfg.allow_networks])
+        self.networks = (
+            None
+            if cfg.allow_networks is None
+            else [ipaddress.ip_network(n, strict=False) for n in cfg.allow_networks]
+        )
 
     def check(self, source: str) -> None:
         """Raises Refused(422) with the reason. Resolves host names (blocking: call it off
@@ -54,15 +56,22 @@ class SourcePolicy:
         if scheme == "file":
             return self._check_local(urlsplit(source).path)
         if scheme not in API_SCHEMES:
-            raise Refused(422, f"scheme {scheme!r} is not allowed over the API; use one of "
-                          f"{sorted(API_SCHEMES)}", "source")
+            raise Refused(
+                422,
+                f"scheme {scheme!r} is not allowed over the API; use one of {sorted(API_SCHEMES)}",
+                "source",
+            )
         self._check_host(source)
 
     def _check_local(self, path: str) -> None:
         p = Path(path if not path.isdigit() else f"/dev/video{path}").resolve()
         if not any(p == d or d in p.parents for d in self.local):
-            raise Refused(422, "local files and devices are not allowed over the API here "
-                          "(the operator can allow folders in sources.allow_local)", "source")
+            raise Refused(
+                422,
+                "local files and devices are not allowed over the API here "
+                "(the operator can allow folders in sources.allow_local)",
+                "source",
+            )
 
     def _check_host(self, source: str) -> None:
         try:
@@ -77,12 +86,16 @@ class SourcePolicy:
             addr = None
         if addr is not None:
             if not self._allowed(addr):
-                raise Refused(422, f"address {addr} is not allowed (see "
-                              "sources.allow_networks)", "source")
+                raise Refused(
+                    422, f"address {addr} is not allowed (see sources.allow_networks)", "source"
+                )
             return
         if not self.resolve_names:
-            raise Refused(422, "host names are not allowed here, only IP addresses "
-                          "(sources.resolve_names)", "source")
+            raise Refused(
+                422,
+                "host names are not allowed here, only IP addresses (sources.resolve_names)",
+                "source",
+            )
         try:
             infos = socket.getaddrinfo(host, port or 0, proto=socket.IPPROTO_TCP)
         except (socket.gaierror, UnicodeError):
@@ -90,8 +103,11 @@ class SourcePolicy:
         for info in infos:
             addr = ipaddress.ip_address(info[4][0])
             if not self._allowed(addr):
-                raise Refused(422, f"address {addr} of {host!r} is not allowed (see "
-                              "sources.allow_networks)", "source")
+                raise Refused(
+                    422,
+                    f"address {addr} of {host!r} is not allowed (see sources.allow_networks)",
+                    "source",
+                )
 
     def _allowed(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         if self.networks is not None:
@@ -100,8 +116,7 @@ class SourcePolicy:
 
 
 class StreamControl:
-    def __init__(self, service: Service, store: StreamStore | None,
-                 policy: SourcePolicy) -> None:
+    def __init__(self, service: Service, store: StreamStore | None, policy: SourcePolicy) -> None:
         self.service = service
         self.store = store
         self.policy = policy
@@ -115,8 +130,9 @@ class StreamControl:
             if cfg.id in self.service.streams:
                 raise Refused(409, f"stream {cfg.id!r} exists", "id")
             if len(self.service.streams) >= self.policy.max_streams:
-                raise Refused(409, f"at most {self.policy.max_streams} streams "
-                              "(sources.max_streams)")
+                raise Refused(
+                    409, f"at most {self.policy.max_streams} streams (sources.max_streams)"
+                )
             await self._check(cfg)
             await self._persist([*self.configs(), cfg])
             await asyncio.to_thread(self.service.add_stream, cfg)

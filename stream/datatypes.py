@@ -36,9 +36,15 @@ class Frame:
 
     __slots__ = ("_convert", "_image", "_lock", "capture_ts", "convert_s", "decode_s", "seq")
 
-    def __init__(self, image: np.ndarray | None = None, seq: int = 0, capture_ts: float = 0.0,
-                 decode_s: float = 0.0, *,
-                 convert: Callable[[], np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        image: np.ndarray | None = None,
+        seq: int = 0,
+        capture_ts: float = 0.0,
+        decode_s: float = 0.0,
+        *,
+        convert: Callable[[], np.ndarray] | None = None,
+    ) -> None:
         if (image is None) == (convert is None):
             raise ValueError("a Frame takes an image or a converter, not both")
         self.seq = seq  # per-stream, strictly increasing from 1 (across reconnects too)
@@ -74,8 +80,9 @@ class Frame:
             return self.convert_s
 
     def __repr__(self) -> str:
-        return (f"Frame(seq={self.seq}, capture_ts={self.capture_ts:.3f}, "
-                f"converted={self.converted})")
+        return (
+            f"Frame(seq={self.seq}, capture_ts={self.capture_ts:.3f}, converted={self.converted})"
+        )
 
 
 @dataclass(slots=True)

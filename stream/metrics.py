@@ -21,8 +21,25 @@ from stream.observer import OUTCOMES, Outcome, Stage
 
 # Most stages take milliseconds; inference batches and end-to-end latency reach seconds.
 _LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
-    1.0, 1.5, 2.5, 5.0, 10.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.035,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.5,
+    5.0,
+    10.0,
 )
 
 
@@ -56,77 +73,121 @@ class PrometheusObserver:
         self.stage_seconds = Histogram(
             "segstream_stage_seconds",
             "Time spent in each pipeline stage (per frame; inference per batch).",
-            ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.e2e_seconds = Histogram(
             "segstream_end_to_end_latency_seconds",
             "Age of a published frame when it is written to an MJPEG client, from capture.",
-            ["stream"], buckets=_LATENCY_BUCKETS, registry=r)
+            ["stream"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
             "segstream_inference_batch_size",
             "Frames per inference batch (before padding to a fixed size).",
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r)
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+            registry=r,
+        )
         self.frames = Counter(
             "segstream_frames_total",
             "Frames by stream and outcome: captured (decoded), unconverted (decoded only: "
             "not due for inference), dropped (overwritten unseen), skipped (frame skipping), "
             "inferred, published.",
-            ["stream", "outcome"], registry=r)
+            ["stream", "outcome"],
+            registry=r,
+        )
         self.reconnects = Counter(
-            "segstream_source_reconnects_total", "Reconnect attempts of a stream's source.",
-            ["stream"], registry=r)
+            "segstream_source_reconnects_total",
+            "Reconnect attempts of a stream's source.",
+            ["stream"],
+            registry=r,
+        )
         self.stream_up = Gauge(
-            "segstream_stream_up", "1 while the stream's source delivers frames.", ["stream"],
-            registry=r)
+            "segstream_stream_up",
+            "1 while the stream's source delivers frames.",
+            ["stream"],
+            registry=r,
+        )
         self.mjpeg_clients = Gauge(
-            "segstream_mjpeg_clients", "Connected MJPEG clients.", ["stream"], registry=r)
+            "segstream_mjpeg_clients", "Connected MJPEG clients.", ["stream"], registry=r
+        )
         self.class_fraction = Gauge(
             "segstream_class_pixel_fraction",
             "Fraction of the newest mask's pixels in each class (e.g. how much of the view is "
-            "person).", ["stream", "class_name"], registry=r)
+            "person).",
+            ["stream", "class_name"],
+            registry=r,
+        )
         self.infer_fps_limit_gauge = Gauge(
             "segstream_stream_infer_fps_limit",
             "Current per-stream inference rate cap (frame skipping); 0 = unlimited.",
-            ["stream"], registry=r)
+            ["stream"],
+            registry=r,
+        )
         self.batch_limit_gauge = Gauge(
             "segstream_inference_batch_limit",
             "Current largest batch the scheduler forms (lowered to meet a latency target).",
-            registry=r)
+            registry=r,
+        )
         self.model_ready_gauge = Gauge(
-            "segstream_model_ready", "1 once the model has warmed up.", registry=r)
+            "segstream_model_ready", "1 once the model has warmed up.", registry=r
+        )
         self.inference_failures = Counter(
-            "segstream_inference_failures_total", "Inference batches that raised an error.",
-            registry=r)
+            "segstream_inference_failures_total",
+            "Inference batches that raised an error.",
+            registry=r,
+        )
         self.worker_up = Gauge(
             "segstream_model_worker_up",
-            "1 while a model worker's batches succeed, 0 while they fail.", ["worker"],
-            registry=r)
+            "1 while a model worker's batches succeed, 0 while they fail.",
+            ["worker"],
+            registry=r,
+        )
         self.restream_frames_total = Counter(
             "segstream_restream_frames_total",
-            "Annotated frames encoded and sent to the stream's RTSP re-stream.", ["stream"],
-            registry=r)
+            "Annotated frames encoded and sent to the stream's RTSP re-stream.",
+            ["stream"],
+            registry=r,
+        )
         self.restream_bytes_total = Counter(
-            "segstream_restream_bytes_total", "H.264 bytes sent to the RTSP re-stream.",
-            ["stream"], registry=r)
+            "segstream_restream_bytes_total",
+            "H.264 bytes sent to the RTSP re-stream.",
+            ["stream"],
+            registry=r,
+        )
         self.restream_errors_total = Counter(
             "segstream_restream_errors_total",
             "Failed connects or writes to the RTSP re-stream's server (each one reconnects).",
-            ["stream"], registry=r)
+            ["stream"],
+            registry=r,
+        )
         self.restream_up = Gauge(
-            "segstream_restream_up", "1 while the RTSP re-stream is publishing.", ["stream"],
-            registry=r)
+            "segstream_restream_up",
+            "1 while the RTSP re-stream is publishing.",
+            ["stream"],
+            registry=r,
+        )
 
         self.page_connections = Gauge(
-            "segstream_page_connections", "Live-page WebSocket connections.", registry=r)
+            "segstream_page_connections", "Live-page WebSocket connections.", registry=r
+        )
         self.page_buffered = Gauge(
             "segstream_page_buffered_bytes",
             "Bytes the live-page connections hold unsent: one pending frame per tile in view "
-            "and the socket buffers (bounded: a slow page skips frames).", registry=r)
+            "and the socket buffers (bounded: a slow page skips frames).",
+            registry=r,
+        )
         self.page_frames_total = Counter(
             "segstream_page_frames_total",
             "Frames for live pages: sent, or skipped (replaced by a newer one before sending).",
-            ["outcome"], registry=r)
+            ["outcome"],
+            registry=r,
+        )
         self.page_bytes_total = Counter(
-            "segstream_page_bytes_total", "Frame bytes sent to live pages.", registry=r)
+            "segstream_page_bytes_total", "Frame bytes sent to live pages.", registry=r
+        )
         for outcome in ("sent", "skipped"):
             self.page_frames_total.labels(outcome=outcome)
 
@@ -157,8 +218,13 @@ class PrometheusObserver:
             self.frames.remove(stream_id, o)
         for name in s.classes:
             self.class_fraction.remove(stream_id, name)
-        for metric in (self.reconnects, self.stream_up, self.mjpeg_clients, self.e2e_seconds,
-                       self.infer_fps_limit_gauge):
+        for metric in (
+            self.reconnects,
+            self.stream_up,
+            self.mjpeg_clients,
+            self.e2e_seconds,
+            self.infer_fps_limit_gauge,
+        ):
             metric.remove(stream_id)
 
     # -- events ----------------------------------------------------------------------------
@@ -205,7 +271,8 @@ class PrometheusObserver:
                     if stream_id not in self._streams:
                         return  # removed meanwhile: do not re-create its series
                     child = s.classes[name] = self.class_fraction.labels(
-                        stream=stream_id, class_name=name)
+                        stream=stream_id, class_name=name
+                    )
             child.set(float(f))
 
     def infer_fps_limit(self, stream_id: str, fps: float) -> None:
@@ -240,8 +307,12 @@ class PrometheusObserver:
             r = self._restreams.pop(stream_id, None)
         if r is None:
             return
-        for metric in (self.restream_frames_total, self.restream_bytes_total,
-                       self.restream_errors_total, self.restream_up):
+        for metric in (
+            self.restream_frames_total,
+            self.restream_bytes_total,
+            self.restream_errors_total,
+            self.restream_up,
+        ):
             metric.remove(stream_id)
 
     def restream_state(self, stream_id: str, state: SourceState, reason: str | None) -> None:

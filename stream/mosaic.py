@@ -34,8 +34,13 @@ log = logging.getLogger(__name__)
 
 Size = tuple[int, int]  # (width, height) of a tile
 # Label colours (BGR) of each state; anything else (removed, unknown) is grey.
-STATE_BGR = {"live": (63, 160, 40), "starting": (128, 128, 128), "reconnecting": (26, 150, 220),
-             "error": (40, 40, 200), "stopped": (90, 90, 90)}
+STATE_BGR = {
+    "live": (63, 160, 40),
+    "starting": (128, 128, 128),
+    "reconnecting": (26, 150, 220),
+    "error": (40, 40, 200),
+    "stopped": (90, 90, 90),
+}
 LABEL_BG = (24, 20, 17)
 
 
@@ -87,8 +92,9 @@ class MosaicTap:
         self._lock = threading.Lock()
 
     def wants_frames(self) -> bool:
-        return (not self.closed and bool(self._uses)
-                and time.monotonic() - self._last >= self._interval)
+        return (
+            not self.closed and bool(self._uses) and time.monotonic() - self._last >= self._interval
+        )
 
     def put(self, frame: Rendered) -> None:
         """Render thread: one resize per tile size, no copy of the full frame."""
@@ -198,8 +204,10 @@ class Mosaic:
             layout = self._layouts.get(key)
             if layout is None:
                 if len(self._layouts) >= self.cfg.max_layouts:
-                    raise MosaicFull(f"{len(self._layouts)} mosaic layouts are being watched "
-                                     "(mosaic.max_layouts); watch one of those")
+                    raise MosaicFull(
+                        f"{len(self._layouts)} mosaic layouts are being watched "
+                        "(mosaic.max_layouts); watch one of those"
+                    )
                 layout = self._layouts[key] = Layout(key, self._publisher())
             layout.users += 1
         self._wake.set()
@@ -317,8 +325,12 @@ class Mosaic:
         size = picture_size((tw, th))
         self._place(layout, ids, size)
         states = [self._state_of(sid) for sid in ids]
-        seen = (tuple(ids), cols, tuple(states),
-                tuple(layout.placed[s][0].version if s in layout.placed else -1 for s in ids))
+        seen = (
+            tuple(ids),
+            cols,
+            tuple(states),
+            tuple(layout.placed[s][0].version if s in layout.placed else -1 for s in ids),
+        )
         now = time.monotonic()
         if seen == layout.seen and layout.last is not None:
             if now - layout.last_ts >= 1.0:  # nothing new: repeat the last picture once a second
@@ -329,13 +341,13 @@ class Mosaic:
         canvas = np.zeros((rows * th, cols * tw, 3), np.uint8)
         for i, (sid, state) in enumerate(zip(ids, states, strict=True)):
             r, c = divmod(i, cols)
-            cell = canvas[r * th:(r + 1) * th, c * tw:(c + 1) * tw]
+            cell = canvas[r * th : (r + 1) * th, c * tw : (c + 1) * tw]
             placed = layout.placed.get(sid)
             img = placed[0].tile(size) if placed is not None else None
             if img is not None:
                 h, w = img.shape[:2]
                 y, x = (ph - h) // 2, (pw - w) // 2
-                cell[y:y + h, x:x + w] = img
+                cell[y : y + h, x : x + w] = img
             draw_label(cell, sid, state or "removed")
         layout.seq += 1
         layout.last = Rendered("mosaic", canvas, layout.seq, now, self.cfg.jpeg_quality)
@@ -351,9 +363,18 @@ def draw_label(cell: np.ndarray, stream_id: str, state: str) -> None:
     y0 = th - bar
     cv2.rectangle(cell, (0, y0), (tw - 1, th - 1), LABEL_BG, -1)
     pad = max(2, bar // 6)
-    cv2.rectangle(cell, (pad, y0 + pad), (bar - pad, th - 1 - pad),
-                  STATE_BGR.get(state, (110, 110, 110)), -1)
+    cv2.rectangle(
+        cell, (pad, y0 + pad), (bar - pad, th - 1 - pad), STATE_BGR.get(state, (110, 110, 110)), -1
+    )
     text = f"{stream_id}  {state}"
     with contextlib.suppress(cv2.error):
-        cv2.putText(cell, text, (bar + pad, th - bar // 4 - 1), cv2.FONT_HERSHEY_SIMPLEX,
-                    scale, (235, 235, 235), 1, cv2.LINE_AA)
+        cv2.putText(
+            cell,
+            text,
+            (bar + pad, th - bar // 4 - 1),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (235, 235, 235),
+            1,
+            cv2.LINE_AA,
+        )

@@ -18,8 +18,14 @@ from stream.datatypes import SourceState
 # frame skipping), dropped (overwritten before the scheduler looked) or taken (-> inferred).
 Outcome = Literal["captured", "unconverted", "dropped", "skipped", "inferred", "published"]
 Stage = Literal["decode", "convert", "queue_wait", "preprocess", "render", "encode"]
-OUTCOMES: tuple[Outcome, ...] = ("captured", "unconverted", "dropped", "skipped", "inferred",
-                                 "published")
+OUTCOMES: tuple[Outcome, ...] = (
+    "captured",
+    "unconverted",
+    "dropped",
+    "skipped",
+    "inferred",
+    "published",
+)
 
 
 class Observer(Protocol):
@@ -147,4 +153,3 @@ class NullObserver:
 
 
 NULL_OBSERVER: Observer = NullObserver()
-

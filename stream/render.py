@@ -134,7 +134,7 @@ class Renderer:
         # Every output column: a horizontal resize of whole mask rows picks the same columns.
         full_width = len(cols) == len(self._cols)
         x_end = mask.shape[1] if full_width else int(cols[-1]) + 1
-        small = mask[sy0:int(rows[-1]) + 1, 0 if full_width else sx0:x_end]
+        small = mask[sy0 : int(rows[-1]) + 1, 0 if full_width else sx0 : x_end]
         bgra = self._scratch("small", small.shape, np.uint32)
         np.take(self._bgra32, small, out=bgra, mode="clip")
         wide = self._scratch("wide", (len(small), len(cols), 4))
@@ -213,10 +213,19 @@ class Renderer:
             pct = 100 * fr[cls]
             text = f"{self.labels[cls]} {pct:.0f}%" if pct >= 1 else f"{self.labels[cls]} <1%"
             org = (8 + row + 2, y + row - 8)
-            cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, (0, 0, 0), 3,
-                        cv2.LINE_AA)
-            cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, (255, 255, 255),
-                        1, cv2.LINE_AA)
+            cv2.putText(
+                img, text, org, cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, (0, 0, 0), 3, cv2.LINE_AA
+            )
+            cv2.putText(
+                img,
+                text,
+                org,
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.5 * scale,
+                (255, 255, 255),
+                1,
+                cv2.LINE_AA,
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,8 +330,9 @@ class StreamView:
             v = self.variants.get(key)
             if v is None:
                 if len(self.variants) >= limit:
-                    raise VariantLimit(f"stream {self.stream_id!r} already renders {limit} "
-                                       "other overlay settings")
+                    raise VariantLimit(
+                        f"stream {self.stream_id!r} already renders {limit} other overlay settings"
+                    )
                 renderer, sink = make()
                 v = Variant(renderer, sink)
                 self.variants = {**self.variants, key: v}
@@ -418,8 +428,9 @@ class StreamView:
         self._observer.stage("render", time.perf_counter() - t0)
         return Rendered(self.stream_id, img, frame.seq, frame.capture_ts, self.jpeg_quality)
 
-    def _render_variant(self, renderer: Renderer | None, frame: Frame,
-                        mask: np.ndarray) -> Rendered:
+    def _render_variant(
+        self, renderer: Renderer | None, frame: Frame, mask: np.ndarray
+    ) -> Rendered:
         """Caller holds self._lock. The camera's own frame (never reused) when renderer is
         None; each variant's renderer has buffers of its own."""
         img = frame.image if renderer is None else renderer.render(frame.image, mask)

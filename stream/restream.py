@@ -109,7 +109,7 @@ def rtp_packets(
         body = memoryview(nal)[1:]
         for off in range(0, len(body), size):
             head = kind | (0x80 if off == 0 else 0) | (0x40 if off + size >= len(body) else 0)
-            payloads.append(bytes((indicator, head)) + body[off:off + size])
+            payloads.append(bytes((indicator, head)) + body[off : off + size])
     for i, payload in enumerate(payloads):
         marker = 0x80 if i == len(payloads) - 1 else 0
         header = struct.pack("!BBHII", 0x80, marker | pt, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc)
@@ -197,8 +197,10 @@ class RtspPublisher:
         sdp = h264_sdp(sps, pps, self.host).encode()
         self.request("ANNOUNCE", self.uri, {"Content-Type": "application/sdp"}, sdp)
         _, headers = self.request(
-            "SETUP", f"{self.uri.rstrip('/')}/streamid=0",
-            {"Transport": "RTP/AVP/TCP;unicast;interleaved=0-1;mode=record"})
+            "SETUP",
+            f"{self.uri.rstrip('/')}/streamid=0",
+            {"Transport": "RTP/AVP/TCP;unicast;interleaved=0-1;mode=record"},
+        )
         session = headers.get("session", "")
         self._session = session.split(";")[0].strip() or None
         m = re.search(r"timeout=(\d+)", session)
@@ -211,8 +213,10 @@ class RtspPublisher:
         packets, self._seq = rtp_packets(nals, self._ts0 + pts, self._seq, self._ssrc)
         self.sock.sendall(interleave(packets))
         self._drain()
-        if (self._session_timeout and
-                time.monotonic() - self._last_request > self._session_timeout / 2):
+        if (
+            self._session_timeout
+            and time.monotonic() - self._last_request > self._session_timeout / 2
+        ):
             self._send_request("GET_PARAMETER", self.uri)  # keep-alive; the reply is drained
 
     def close(self) -> None:
@@ -292,13 +296,14 @@ class RtspPublisher:
                         k = k.strip().lower()
                         v = v.strip()
                         # Digest before Basic when a server offers both.
-                        if k in headers and not (k == "www-authenticate" and
-                                                  v.lower().startswith("digest")):
+                        if k in headers and not (
+                            k == "www-authenticate" and v.lower().startswith("digest")
+                        ):
                             continue
                         headers[k] = v
                     length = int(headers.get("content-length", "0") or 0)
                     if len(self._buf) >= end + 4 + length:
-                        del self._buf[:end + 4 + length]
+                        del self._buf[: end + 4 + length]
                         parts = head[0].split(" ", 2)
                         if len(parts) < 2 or not parts[0].startswith("RTSP/"):
                             raise RtspError(f"{self.where} sent no RTSP reply")
@@ -357,7 +362,8 @@ class RtspPublisher:
         if "opaque" in ch:
             fields["opaque"] = ch["opaque"]
         return "Digest " + ", ".join(
-            f"{k}={v}" if k in ("qop", "nc") else f'{k}="{v}"' for k, v in fields.items())
+            f"{k}={v}" if k in ("qop", "nc") else f'{k}="{v}"' for k, v in fields.items()
+        )
 
 
 def _challenge(header: str) -> tuple[str, dict[str, str]] | None:
@@ -472,10 +478,16 @@ class RestreamSink:
     @classmethod
     def from_config(cls, scfg: StreamConfig, observer: Observer = NULL_OBSERVER) -> RestreamSink:
         assert scfg.restream is not None
-        return cls(scfg.id, scfg.restream, encoder=scfg.restream_encoder,
-                   bitrate_kbps=scfg.restream_bitrate, preset=scfg.restream_preset,
-                   reconnect_initial=scfg.reconnect_initial, reconnect_max=scfg.reconnect_max,
-                   observer=observer)
+        return cls(
+            scfg.id,
+            scfg.restream,
+            encoder=scfg.restream_encoder,
+            bitrate_kbps=scfg.restream_bitrate,
+            preset=scfg.restream_preset,
+            reconnect_initial=scfg.reconnect_initial,
+            reconnect_max=scfg.reconnect_max,
+            observer=observer,
+        )
 
     # -- Sink (render thread) --------------------------------------------------------------
     def wants_frames(self) -> bool:
@@ -518,8 +530,11 @@ class RestreamSink:
         if t is not None and t is not threading.current_thread():
             t.join(timeout)
             if t.is_alive():
-                log.warning("%s: restream thread is still connecting; abandoned it (it ends "
-                            "within %.0f s)", self.stream_id, self.io_timeout)
+                log.warning(
+                    "%s: restream thread is still connecting; abandoned it (it ends within %.0f s)",
+                    self.stream_id,
+                    self.io_timeout,
+                )
         with self._lock:
             self._set_state(SourceState.STOPPED, None)
         self._observer.restream_removed(self.stream_id)
@@ -531,8 +546,9 @@ class RestreamSink:
         self._observer.restream_added(self.stream_id)
         with self._lock:
             self._set_state(SourceState.STARTING, "waiting for the first frame")
-        self._thread = threading.Thread(target=self._run, name=f"restream-{self.stream_id}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"restream-{self.stream_id}", daemon=True
+        )
         self._thread.start()
 
     @property
@@ -573,8 +589,13 @@ class RestreamSink:
             return
         reason = None if reason is None else sanitize_text(reason)
         if state is not self._state:
-            log.info("%s: restream %s -> %s%s", self.stream_id, self._state.value, state.value,
-                     f" ({reason})" if reason else "")
+            log.info(
+                "%s: restream %s -> %s%s",
+                self.stream_id,
+                self._state.value,
+                state.value,
+                f" ({reason})" if reason else "",
+            )
         self._state, self._reason = state, reason
         self._observer.restream_state(self.stream_id, state, reason)
 
@@ -637,8 +658,13 @@ class RestreamSink:
             self._errors += 1
             self._set_state(SourceState.RECONNECTING, f"{reason}; retrying in {delay:.1f} s")
         self._observer.restream_error(self.stream_id)
-        log.warning("%s: restream to %s failed (%s); retrying in %.1f s", self.stream_id,
-                    self.safe_url, reason, delay)
+        log.warning(
+            "%s: restream to %s failed (%s); retrying in %.1f s",
+            self.stream_id,
+            self.safe_url,
+            reason,
+            delay,
+        )
         return not self._stop.wait(delay)
 
     def _cpu_tick(self) -> None:
@@ -655,8 +681,9 @@ class RestreamSink:
             raise ValueError(f"frame too small to encode: {img.shape}")
         with self._lock:
             self._set_state(SourceState.STARTING, f"connecting to {self.safe_url}")
-        enc = open_encoder(self.encoder_choice, w, h, self._rate() or 15.0, self.bitrate_kbps,
-                           self.preset)
+        enc = open_encoder(
+            self.encoder_choice, w, h, self._rate() or 15.0, self.bitrate_kbps, self.preset
+        )
         with self._lock:
             self._encoder = enc.name
         pub = RtspPublisher(self.url, self.io_timeout)
@@ -683,9 +710,14 @@ class RestreamSink:
                     if nxt is not None:
                         break
                 if nxt.shape != img.shape:
-                    log.info("%s: restream frame size %dx%d -> %dx%d; new session",
-                             self.stream_id, img.shape[1], img.shape[0], nxt.shape[1],
-                             nxt.shape[0])
+                    log.info(
+                        "%s: restream frame size %dx%d -> %dx%d; new session",
+                        self.stream_id,
+                        img.shape[1],
+                        img.shape[0],
+                        nxt.shape[1],
+                        nxt.shape[0],
+                    )
                     return nxt
                 img = nxt
         finally:

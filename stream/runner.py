@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # is not an outage; a model that fails every batch is).
 FAILING_AFTER = 3
 
+
 @dataclass(frozen=True, slots=True)
 class WorkerPlan:
     workers: int
@@ -96,8 +97,9 @@ class ModelWorker:
         self.busy_s = 0.0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"model-worker-{self.index}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"model-worker-{self.index}", daemon=True
+        )
         self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -117,8 +119,12 @@ class ModelWorker:
                 self.failures += 1
                 self._observer.worker_error(self.index, self.error)
                 if self.failures <= FAILING_AFTER or self.failures % 100 == 0:
-                    log.exception("worker %d: inference failed for %d frames (%d in a row)",
-                                  self.index, len(jobs), self.failures)
+                    log.exception(
+                        "worker %d: inference failed for %d frames (%d in a row)",
+                        self.index,
+                        len(jobs),
+                        self.failures,
+                    )
             else:
                 if self.failures:
                     log.info("worker %d: inference works again", self.index)

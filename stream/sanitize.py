@@ -11,10 +11,26 @@ import re
 
 MASK = "***"
 # Query keys whose values are secrets (compared case-insensitively, '-' and '_' ignored).
-SECRET_KEYS = frozenset({
-    "password", "passwd", "pass", "pwd", "token", "accesstoken", "auth", "authorization",
-    "key", "apikey", "secret", "clientsecret", "sig", "signature", "credentials", "session",
-})
+SECRET_KEYS = frozenset(
+    {
+        "password",
+        "passwd",
+        "pass",
+        "pwd",
+        "token",
+        "accesstoken",
+        "auth",
+        "authorization",
+        "key",
+        "apikey",
+        "secret",
+        "clientsecret",
+        "sig",
+        "signature",
+        "credentials",
+        "session",
+    }
+)
 # scheme://[userinfo@]host[/path][?query]; a password may hold an unescaped '@' or ':'.
 # Trailing punctuation belongs to the sentence around a URL, not to the URL.
 _URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^\s\"'<>]*[^\s\"'<>.,;:)])")
@@ -43,14 +59,14 @@ def _sanitize_rest(rest: str) -> str:
     if at < 0:
         # An unescaped '/' in a password ends the authority early for a strict parser, but
         # FFmpeg still sends it: treat user:pass@ before the query as credentials too.
-        before_query = rest[:_index_of_any(rest, "?#")]
+        before_query = rest[: _index_of_any(rest, "?#")]
         last = before_query.rfind("@")
         at = last if last >= 0 and ":" in before_query[:last] else -1
     if at >= 0:
         rest = MASK + rest[at:]
     q = rest.find("?")
     if q >= 0:
-        rest = rest[:q + 1] + _sanitize_query(rest[q + 1:])
+        rest = rest[: q + 1] + _sanitize_query(rest[q + 1 :])
     return rest
 
 

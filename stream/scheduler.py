@@ -261,8 +261,10 @@ class Scheduler:
             else:
                 self._set_caps(lambda cap: 0.8 * min(cap, measured))
         elif worst < 0.75 * self.latency_target_s:
-            if any(ln.cap_fps > 0 and (ln.base_fps <= 0 or ln.cap_fps < ln.base_fps)
-                   for ln in self._lanes.values()):
+            if any(
+                ln.cap_fps > 0 and (ln.base_fps <= 0 or ln.cap_fps < ln.base_fps)
+                for ln in self._lanes.values()
+            ):
                 # Never run far ahead of what is inferred, so a later cut bites at once.
                 self._set_caps(lambda cap: min(cap + max(0.25, 0.05 * cap), 1.5 * measured + 1))
             elif self.batch_cap < self.max_batch:

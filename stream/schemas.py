@@ -50,9 +50,11 @@ class StreamStatus(_Out):
     source: str = Field(description="The source URL without credentials.")
     reader: str
     output: str
-    state: str = Field(description="starting | live | reconnecting | error | stopped; in a "
-                       "cluster also moving (its node is lost or it is being moved), pending "
-                       "(no node has room) and unknown (its node does not answer)")
+    state: str = Field(
+        description="starting | live | reconnecting | error | stopped; in a "
+        "cluster also moving (its node is lost or it is being moved), pending "
+        "(no node has room) and unknown (its node does not answer)"
+    )
     reason: str | None = Field(description="Why the stream is not live, if it is not.")
     width: int | None
     height: int | None
@@ -67,8 +69,11 @@ class StreamStatus(_Out):
     clients: int
     classes: dict[str, float] = Field(description="Largest classes in view, share of pixels.")
     restream: RestreamStatus | None = Field(None, description="The RTSP re-stream, if any.")
-    node: str | None = Field(None, description="Cluster mode: the node that runs the stream "
-                             "(null while it has none); absent on a single node.")
+    node: str | None = Field(
+        None,
+        description="Cluster mode: the node that runs the stream "
+        "(null while it has none); absent on a single node.",
+    )
 
 
 class StreamList(_Out):
@@ -98,40 +103,67 @@ class OverlayRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     mode: Literal["overlay", "mask", "off"] = Field(
-        "overlay", description="overlay: colours over the camera picture; mask: the colours "
-        "alone; off: the camera picture as it is.")
+        "overlay",
+        description="overlay: colours over the camera picture; mask: the colours "
+        "alone; off: the camera picture as it is.",
+    )
     alpha: float = Field(0.5, ge=0, le=1, description="Opacity of the colours (overlay).")
     classes: list[Annotated[str, Field(max_length=64)]] | None = Field(
-        None, max_length=256, description="Colour only these class names; null = all.")
+        None, max_length=256, description="Colour only these class names; null = all."
+    )
 
 
 class LiveRequest(BaseModel):
     """A page's message on /ws; every key is optional and only the keys sent change."""
 
     model_config = ConfigDict(extra="forbid")
-    watch: list[StreamId] | None = Field(None, description="Ids of the tiles in view: their "
-                                         "frames come as binary messages, nothing else does.")
-    fps: float | None = Field(None, gt=0, le=1000, description="Most frames a second per tile "
-                              "(capped by page.max_tile_fps).")
-    focus: StreamId | None = Field(None, description="The stream of the large view; null "
-                                   "closes it.")
-    focus_fps: float | None = Field(None, gt=0, le=1000, description="Most frames a second of "
-                                    "the large view (capped by page.max_focus_fps).")
-    overlay: OverlayRequest | None = Field(None, description="The large view's own overlay "
-                                           "settings; null = the stream's own picture.")
+    watch: list[StreamId] | None = Field(
+        None,
+        description="Ids of the tiles in view: their "
+        "frames come as binary messages, nothing else does.",
+    )
+    fps: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="Most frames a second per tile (capped by page.max_tile_fps).",
+    )
+    focus: StreamId | None = Field(
+        None, description="The stream of the large view; null closes it."
+    )
+    focus_fps: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="Most frames a second of the large view (capped by page.max_focus_fps).",
+    )
+    overlay: OverlayRequest | None = Field(
+        None, description="The large view's own overlay settings; null = the stream's own picture."
+    )
 
 
 class MosaicQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    streams: str | None = Field(None, max_length=70_000, description="Comma-separated stream "
-                                "ids, in order; absent: every stream (following additions and "
-                                "removals).")
-    cols: int | None = Field(None, ge=1, le=64, description="Columns; absent: a square-ish "
-                             "grid.")
-    width: int | None = Field(None, ge=160, description="Width in pixels (at most "
-                              "mosaic.max_width); absent: mosaic.width.")
-    fps: float | None = Field(None, ge=0, le=1000, description="Most frames a second this "
-                              "client wants (the layout is composed at most mosaic.max_fps).")
+    streams: str | None = Field(
+        None,
+        max_length=70_000,
+        description="Comma-separated stream "
+        "ids, in order; absent: every stream (following additions and "
+        "removals).",
+    )
+    cols: int | None = Field(None, ge=1, le=64, description="Columns; absent: a square-ish grid.")
+    width: int | None = Field(
+        None,
+        ge=160,
+        description="Width in pixels (at most mosaic.max_width); absent: mosaic.width.",
+    )
+    fps: float | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="Most frames a second this "
+        "client wants (the layout is composed at most mosaic.max_fps).",
+    )
 
 
 class ModelInfo(_Out):

@@ -36,9 +36,15 @@ from stream.store import StreamStore
 
 log = logging.getLogger(__name__)
 VERSION = "0.2.0"
-ENDPOINTS: list[Endpoint] = [*system.ENDPOINTS, *session.ENDPOINTS, *streams.ENDPOINTS,
-                             *media.ENDPOINTS, *live.ENDPOINTS, *mosaic.ENDPOINTS,
-                             *predict.ENDPOINTS]
+ENDPOINTS: list[Endpoint] = [
+    *system.ENDPOINTS,
+    *session.ENDPOINTS,
+    *streams.ENDPOINTS,
+    *media.ENDPOINTS,
+    *live.ENDPOINTS,
+    *mosaic.ENDPOINTS,
+    *predict.ENDPOINTS,
+]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -61,8 +67,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception as e:
-        log.exception("%s %s failed: %s", request.method, request.path,
-                      sanitize_text(f"{type(e).__name__}: {e}"))
+        log.exception(
+            "%s %s failed: %s",
+            request.method,
+            request.path,
+            sanitize_text(f"{type(e).__name__}: {e}"),
+        )
         return web.json_response({"error": "internal error"}, status=500)
 
 
@@ -80,8 +90,11 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if who is None:
         if ep.tag == "page" and request.method == "GET":
             raise web.HTTPFound("/login")
-        raise error(401, "authentication required: send Authorization: Bearer <token> or "
-                    "log in", headers={"WWW-Authenticate": 'Bearer realm="segstream"'})
+        raise error(
+            401,
+            "authentication required: send Authorization: Bearer <token> or log in",
+            headers={"WWW-Authenticate": 'Bearer realm="segstream"'},
+        )
     if not who.allows(ep.role) or (who.stream and who.stream != request.match_info.get("id")):
         raise error(403, f"{who.role} may not {request.method} {request.path}")
     return await handler(request)
@@ -108,8 +121,7 @@ async def _principal(request: web.Request, ep: Endpoint | None) -> Principal | N
             return who
     q = request.query
     if ep is not None and ep.signed and "sig" in q and "exp" in q:
-        return auth.check_signed(request.path, request.match_info.get("id", ""), q["exp"],
-                                 q["sig"])
+        return auth.check_signed(request.path, request.match_info.get("id", ""), q["exp"], q["sig"])
     return None
 
 
@@ -121,12 +133,17 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 
 # -- the application --------------------------------------------------------------------------
-def base_app(cfg: AppConfig, endpoints: list[Endpoint], doc: dict[str, Any],
-             auth: Authenticator | None = None) -> web.Application:
+def base_app(
+    cfg: AppConfig,
+    endpoints: list[Endpoint],
+    doc: dict[str, Any],
+    auth: Authenticator | None = None,
+) -> web.Application:
     """What a single node and a cluster gateway share: middlewares (JSON errors, auth),
     credentials, the endpoint table and the OpenAPI document."""
-    app = web.Application(client_max_size=cfg.predict.max_bytes + 64 * 1024,
-                          middlewares=[json_errors, authenticate])
+    app = web.Application(
+        client_max_size=cfg.predict.max_bytes + 64 * 1024, middlewares=[json_errors, authenticate]
+    )
     app[CONFIG] = cfg
     app[STOP] = asyncio.Event()
     app[AUTH] = auth or Authenticator.from_home(tokens_dir(cfg), env={})
@@ -212,9 +229,13 @@ def initial_streams(cfg: AppConfig, store: StreamStore | None) -> AppConfig:
     if store.exists():
         kept = store.load()
         if cfg.streams and cfg.streams != kept:
-            log.warning("the config's streams: list differs from the state file %s, which owns "
-                        "the stream set (%d streams, API changes included); delete that file "
-                        "to start again from the config", store.path, len(kept))
+            log.warning(
+                "the config's streams: list differs from the state file %s, which owns "
+                "the stream set (%d streams, API changes included); delete that file "
+                "to start again from the config",
+                store.path,
+                len(kept),
+            )
         return cfg.model_copy(update={"streams": kept})
     store.save(list(cfg.streams))
     return cfg
@@ -224,9 +245,12 @@ async def serve(cfg: AppConfig, state_file: Path | None = None) -> int:
     """Runs until SIGINT/SIGTERM; returns the exit code (1 when start-up failed)."""
     auth = Authenticator.from_home(tokens_dir(cfg))
     if not auth.enabled and not is_loopback(cfg.server.host):
-        log.error("refusing to serve on %s without authentication: add a token with "
-                  "`segstream token add admin --role admin` (or set SEGSTREAM_ADMIN_TOKEN), "
-                  "or listen on 127.0.0.1", cfg.server.host)
+        log.error(
+            "refusing to serve on %s without authentication: add a token with "
+            "`segstream token add admin --role admin` (or set SEGSTREAM_ADMIN_TOKEN), "
+            "or listen on 127.0.0.1",
+            cfg.server.host,
+        )
         return 1
     store = StreamStore(state_file) if state_file else None
     try:
@@ -237,8 +261,11 @@ async def serve(cfg: AppConfig, state_file: Path | None = None) -> int:
     service = Service(cfg)
     app = make_app(service, auth=auth, store=store)
     stop = app[STOP]
-    runners = [web.AppRunner(app, handle_signals=False,
-                             shutdown_timeout=cfg.server.shutdown_timeout, access_log=None)]
+    runners = [
+        web.AppRunner(
+            app, handle_signals=False, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None
+        )
+    ]
     sites = [(runners[0], cfg.server.host, cfg.server.port)]
     if cfg.metrics.listen:
         m_host, _, m_port = cfg.metrics.listen.rpartition(":")

@@ -38,8 +38,7 @@ from stream.sources import VideoSource
 log = logging.getLogger(__name__)
 
 # The RTSP re-stream's settings: a change replaces the re-stream sink alone.
-RESTREAM_FIELDS = frozenset({"restream", "restream_encoder", "restream_bitrate",
-                             "restream_preset"})
+RESTREAM_FIELDS = frozenset({"restream", "restream_encoder", "restream_bitrate", "restream_preset"})
 # A viewer's own overlay settings for a stream: mode (overlay | mask | off), alpha, classes.
 OverlayKey = tuple[str, float, tuple[str, ...] | None]
 # Settings a running stream takes without touching its reader; any other change restarts it.
@@ -96,9 +95,14 @@ class Service:
             observer=self.observer,
         )
         self.render = RenderStage(workers=cfg.render.workers)
-        self.mosaic = Mosaic(cfg.mosaic, stream_ids=self.stream_ids,
-                             state_of=self.state_of, attach=self._attach_sink,
-                             detach=self._detach_sink, publisher=self._publisher)
+        self.mosaic = Mosaic(
+            cfg.mosaic,
+            stream_ids=self.stream_ids,
+            state_of=self.state_of,
+            attach=self._attach_sink,
+            detach=self._detach_sink,
+            publisher=self._publisher,
+        )
         self.workers: list[ModelWorker] = []
         self.plan: WorkerPlan | None = None
         self.ready = False
@@ -134,8 +138,12 @@ class Service:
             w.start()
         self.ready = True
         self.observer.model_ready(True)
-        log.info("serving %d stream(s) with %s/%s", len(self.streams), self.segmenter.name,
-                 self.segmenter.backend)
+        log.info(
+            "serving %d stream(s) with %s/%s",
+            len(self.streams),
+            self.segmenter.name,
+            self.segmenter.backend,
+        )
 
     async def _load(self) -> list[Segmenter]:
         """The model copies, loaded in a thread. Cancelled (shutdown during load), it waits for
@@ -163,25 +171,37 @@ class Service:
         m = self.cfg.model
         t0 = time.perf_counter()
         backend = "keras" if m.weights else resolve_backend(m.name, m.backend)
-        plan = self.plan = plan_workers(backend, m.max_batch, workers=m.workers,
-                                        threads=m.threads, batch_sizes=m.batch_sizes)
+        plan = self.plan = plan_workers(
+            backend, m.max_batch, workers=m.workers, threads=m.threads, batch_sizes=m.batch_sizes
+        )
         segs: list[Segmenter] = []
         try:
             for _ in range(plan.workers):
                 if self._stopping.is_set():
                     break  # shutting down: the caller closes what is loaded
-                seg = load_segmenter(m.name, backend, batch_sizes=plan.batch_sizes,
-                                     threads=plan.threads, weights=m.weights,
-                                     keras_mode=m.keras_mode)
+                seg = load_segmenter(
+                    m.name,
+                    backend,
+                    batch_sizes=plan.batch_sizes,
+                    threads=plan.threads,
+                    weights=m.weights,
+                    keras_mode=m.keras_mode,
+                )
                 segs.append(seg)
                 seg.warmup()
         except BaseException:
             for seg in segs:
                 seg.close()
             raise
-        log.info("model %s (%s) ready in %.1f s: %d worker(s) x %s thread(s), batch sizes %s",
-                 m.name, backend, time.perf_counter() - t0, len(segs),
-                 plan.threads or "-", list(plan.batch_sizes))
+        log.info(
+            "model %s (%s) ready in %.1f s: %d worker(s) x %s thread(s), batch sizes %s",
+            m.name,
+            backend,
+            time.perf_counter() - t0,
+            len(segs),
+            plan.threads or "-",
+            list(plan.batch_sizes),
+        )
         return segs
 
     async def stop(self) -> None:
@@ -219,9 +239,13 @@ class Service:
             mjpeg = MjpegSink(scfg.id, self._loop)
             restream = self._restream(scfg)
             view = StreamView(
-                scfg.id, renderer, [mjpeg] if restream is None else [mjpeg, restream],
-                output=scfg.output, jpeg_quality=self.cfg.render.jpeg_quality,
-                peek_frame=source.slot.peek, observer=self.observer,
+                scfg.id,
+                renderer,
+                [mjpeg] if restream is None else [mjpeg, restream],
+                output=scfg.output,
+                jpeg_quality=self.cfg.render.jpeg_quality,
+                peek_frame=source.slot.peek,
+                observer=self.observer,
             )
             stream = self.streams[scfg.id] = Stream(scfg, source, view, mjpeg, restream)
             self.render.add(view)
@@ -273,9 +297,18 @@ class Service:
         seg, rc, loop = self.segmenter, self.cfg.render, self._loop
 
         def make() -> tuple[Renderer | None, Sink]:
-            renderer = None if mode == "off" else Renderer(
-                seg.labels, seg.palette, mode=mode, alpha=alpha, classes=classes,
-                legend=rc.legend)
+            renderer = (
+                None
+                if mode == "off"
+                else Renderer(
+                    seg.labels,
+                    seg.palette,
+                    mode=mode,
+                    alpha=alpha,
+                    classes=classes,
+                    legend=rc.legend,
+                )
+            )
             return renderer, MjpegSink(stream_id, loop)
 
         view = s.view
@@ -356,8 +389,9 @@ class Service:
             # reader: a camera inferred at 1 fps of 15 converts 1 frame a second, not 15).
             return smooth() or self.scheduler.due_soon(sid)
 
-        return VideoSource(scfg, on_frame=on_frame, wanted=wanted, resolve=resolve_source,
-                           observer=self.observer)
+        return VideoSource(
+            scfg, on_frame=on_frame, wanted=wanted, resolve=resolve_source, observer=self.observer
+        )
 
     def check_stream(self, scfg: StreamConfig) -> None:
         """Raises ConfigError for settings the model cannot honour (unknown class names)."""
@@ -412,8 +446,10 @@ class Service:
         failing = [w for w in self.workers if w.failing]
         if failing:
             w = failing[0]
-            return (f"inference failing on {len(failing)} of {len(self.workers)} model "
-                    f"worker(s), {w.failures} batches in a row: {w.error}")
+            return (
+                f"inference failing on {len(failing)} of {len(self.workers)} model "
+                f"worker(s), {w.failures} batches in a row: {w.error}"
+            )
         return None
 
     def stream_status(self, stream_id: str) -> dict[str, Any]:
@@ -455,5 +491,8 @@ class Service:
         if fractions is None or self.segmenter is None:
             return {}
         order = np.argsort(fractions)[::-1][:n]
-        return {self.segmenter.labels[i]: round(float(fractions[i]), 4)
-                for i in order if fractions[i] > 0}
+        return {
+            self.segmenter.labels[i]: round(float(fractions[i]), 4)
+            for i in order
+            if fractions[i] > 0
+        }

@@ -31,8 +31,7 @@ class MjpegSink:
     def put(self, frame: Rendered) -> None:
         jpeg = frame.jpeg()
         with contextlib.suppress(RuntimeError):  # the loop has closed: shutting down
-            self._loop.call_soon_threadsafe(self._publish, jpeg, frame.frame_seq,
-                                            frame.capture_ts)
+            self._loop.call_soon_threadsafe(self._publish, jpeg, frame.frame_seq, frame.capture_ts)
 
     def _publish(self, jpeg: bytes, frame_seq: int, capture_ts: float) -> None:
         self._seq += 1

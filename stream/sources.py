@@ -156,9 +156,14 @@ class FrameSlot:
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            return {"puts": self.puts, "taken": self.taken, "skipped": self.skipped,
-                    "dropped": self.dropped, "pending": int(self._pending),
-                    "unconverted": self.unconverted}
+            return {
+                "puts": self.puts,
+                "taken": self.taken,
+                "skipped": self.skipped,
+                "dropped": self.dropped,
+                "pending": int(self._pending),
+                "unconverted": self.unconverted,
+            }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,8 +302,10 @@ class Reader:
 
     def _cannot_open(self, why: str) -> SourceError:
         # A local file that is missing or holds no video stays that way: no reconnecting.
-        return SourceError(f"cannot open {sanitize_url(self.target.url)}: {why}",
-                           permanent=self.target.kind == "file")
+        return SourceError(
+            f"cannot open {sanitize_url(self.target.url)}: {why}",
+            permanent=self.target.kind == "file",
+        )
 
 
 class _CaptureOptionsGate:
@@ -364,8 +371,12 @@ class OpenCVReader(Reader):
             cap = cv2.VideoCapture(t.device if t.device is not None else t.url, cv2.CAP_V4L2)
         else:
             opts = _ffmpeg_options(t, self.cfg)
-            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.cfg.open_timeout * 1000),
-                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.cfg.read_timeout * 1000)]
+            params = [
+                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+                int(self.cfg.open_timeout * 1000),
+                cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                int(self.cfg.read_timeout * 1000),
+            ]
             if t.live:
                 # FFmpeg's frame threading holds back (threads - 1) frames: latency a live
                 # stream should not pay; and with many cameras, parallelism comes from the
@@ -437,8 +448,10 @@ class PyAVReader(Reader):
         t = self.target
         if t.kind == "file" and not Path(t.url).is_file():
             raise self._cannot_open(_file_reason(t.url))
-        kwargs: dict[str, Any] = {"options": _ffmpeg_options(t, self.cfg),
-                  "timeout": (self.cfg.open_timeout, self.cfg.read_timeout)}
+        kwargs: dict[str, Any] = {
+            "options": _ffmpeg_options(t, self.cfg),
+            "timeout": (self.cfg.open_timeout, self.cfg.read_timeout),
+        }
         if t.kind == "device":
             kwargs["format"] = "v4l2"
         t0 = time.monotonic()
@@ -502,8 +515,9 @@ class PyAVReader(Reader):
         # frames: it converts on any thread.
         frame = self._frame
         assert frame is not None
-        return Deferred(functools.partial(frame.to_ndarray, format="bgr24"),
-                        frame.width, frame.height)
+        return Deferred(
+            functools.partial(frame.to_ndarray, format="bgr24"), frame.width, frame.height
+        )
 
     def close(self) -> None:
         self._frame = None
@@ -527,8 +541,10 @@ def _av_reason(e: Exception, timeout: float, since: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # GStreamer (PyGObject): the low-delay RTSP reader
 
-GST_HOWTO = ("install GStreamer and PyGObject: scripts/install_system_deps.sh gst, then "
-             "pip install 'segstream[gst]'")
+GST_HOWTO = (
+    "install GStreamer and PyGObject: scripts/install_system_deps.sh gst, then "
+    "pip install 'segstream[gst]'"
+)
 _GST_ELEMENTS = ("rtspsrc", "decodebin", "uridecodebin", "videoconvert", "appsink", "avdec_h264")
 _gst_lock = threading.Lock()
 _gst: dict[str, Any] = {}  # "Gst": the initialised module, or "why": why it is unavailable
@@ -575,26 +591,33 @@ def _thread_cpu_s(tid: int | None) -> float | None:
         return None
 
 
-def i420_to_bgr(data: bytes, width: int, height: int, strides: tuple[int, int, int],
-                offsets: tuple[int, int, int]) -> np.ndarray:
+def i420_to_bgr(
+    data: bytes,
+    width: int,
+    height: int,
+    strides: tuple[int, int, int],
+    offsets: tuple[int, int, int],
+) -> np.ndarray:
     """A planar I420 buffer (GStreamer's layout: row strides and plane offsets) as BGR."""
     w, h = width, height
     cw, ch = (w + 1) // 2, (h + 1) // 2
     buf = np.frombuffer(data, np.uint8)
-    if (w, h) == (2 * cw, 2 * ch) and strides == (w, cw, cw) and offsets == (
-            0, w * h, w * h + cw * ch):
-        return cv2.cvtColor(buf[: w * h * 3 // 2].reshape(h * 3 // 2, w),
-                            cv2.COLOR_YUV2BGR_I420)
+    if (
+        (w, h) == (2 * cw, 2 * ch)
+        and strides == (w, cw, cw)
+        and offsets == (0, w * h, w * h + cw * ch)
+    ):
+        return cv2.cvtColor(buf[: w * h * 3 // 2].reshape(h * 3 // 2, w), cv2.COLOR_YUV2BGR_I420)
     # Padded rows or odd sizes: repack into the tight even-sized layout OpenCV takes.
     ew, eh = 2 * cw, 2 * ch
     tight = np.empty(ew * eh * 3 // 2, np.uint8)
     y = tight[: ew * eh].reshape(eh, ew)
-    y[:h, :w] = buf[offsets[0]: offsets[0] + strides[0] * h].reshape(h, strides[0])[:, :w]
-    y[:h, w:] = y[:h, w - 1: w]
-    y[h:] = y[h - 1: h]
+    y[:h, :w] = buf[offsets[0] : offsets[0] + strides[0] * h].reshape(h, strides[0])[:, :w]
+    y[:h, w:] = y[:h, w - 1 : w]
+    y[h:] = y[h - 1 : h]
     for i, start in ((1, ew * eh), (2, ew * eh + cw * ch)):
-        plane = buf[offsets[i]: offsets[i] + strides[i] * ch].reshape(ch, strides[i])[:, :cw]
-        tight[start: start + cw * ch].reshape(ch, cw)[:] = plane
+        plane = buf[offsets[i] : offsets[i] + strides[i] * ch].reshape(ch, strides[i])[:, :cw]
+        tight[start : start + cw * ch].reshape(ch, cw)[:] = plane
     bgr = cv2.cvtColor(tight.reshape(eh * 3 // 2, ew), cv2.COLOR_YUV2BGR_I420)
     return bgr if (ew, eh) == (w, h) else np.ascontiguousarray(bgr[:h, :w])
 
@@ -633,12 +656,16 @@ class GstReader(Reader):
     # -- pipeline --------------------------------------------------------------------------
     def _build(self, Gst: Any) -> Any:
         t, cfg = self.target, self.cfg
-        tail = ("videoconvert ! video/x-raw,format=I420 ! appsink name=sink max-buffers=2 "
-                "drop=false sync=false enable-last-sample=false")
+        tail = (
+            "videoconvert ! video/x-raw,format=I420 ! appsink name=sink max-buffers=2 "
+            "drop=false sync=false enable-last-sample=false"
+        )
         if t.scheme in ("rtsp", "rtsps"):
             us = int(cfg.read_timeout * 1e6)
-            head = (f"rtspsrc name=src latency=0 drop-on-latency=true "
-                    f"protocols={cfg.rtsp_transport} tcp-timeout={us} timeout={us} ! decodebin")
+            head = (
+                f"rtspsrc name=src latency=0 drop-on-latency=true "
+                f"protocols={cfg.rtsp_transport} tcp-timeout={us} timeout={us} ! decodebin"
+            )
         elif t.kind == "device":
             head = "v4l2src name=src ! decodebin"
         elif t.kind == "file":
@@ -682,8 +709,7 @@ class GstReader(Reader):
         try:
             self._pipe = self._build(Gst)
         except Exception as e:  # GLib.Error from parse_launch, TypeError from a property
-            raise SourceError(f"cannot build the GStreamer pipeline: {e}",
-                              permanent=True) from None
+            raise SourceError(f"cannot build the GStreamer pipeline: {e}", permanent=True) from None
         self._sink = self._pipe.get_by_name("sink")
         self._bus = self._pipe.get_bus()
         if self._pipe.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
@@ -764,8 +790,10 @@ class GstReader(Reader):
         key = caps.to_string()
         if self._layout is None or self._layout[0] != key:
             info = GstVideo.VideoInfo.new_from_caps(caps)
-            self._layout = (key, (info.width, info.height, tuple(info.stride[:3]),
-                                  tuple(info.offset[:3])))
+            self._layout = (
+                key,
+                (info.width, info.height, tuple(info.stride[:3]), tuple(info.offset[:3])),
+            )
         return self._layout[1]
 
     def retrieve(self) -> np.ndarray:
@@ -810,8 +838,7 @@ def _element_added(_bin: Any, _sub: Any, element: Any) -> None:
         element.set_property("single-stream", True)
 
 
-READERS: dict[str, type[Reader]] = {"opencv": OpenCVReader, "pyav": PyAVReader,
-                                    "gst": GstReader}
+READERS: dict[str, type[Reader]] = {"opencv": OpenCVReader, "pyav": PyAVReader, "gst": GstReader}
 
 
 def reader_class(name: str, target: Target) -> type[Reader]:
@@ -928,8 +955,11 @@ class VideoSource:
             self._failures = 0
             self._set_state(SourceState.STARTING, None)
             self._supervisor = threading.Thread(
-                target=self._supervise, args=(self._stop,), name=f"src-{self.id}-watchdog",
-                daemon=True)
+                target=self._supervise,
+                args=(self._stop,),
+                name=f"src-{self.id}-watchdog",
+                daemon=True,
+            )
             self._supervisor.start()
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -1005,8 +1035,11 @@ class VideoSource:
             self._gen += 1
             attempt = _Attempt(self._gen)
         attempt.thread = threading.Thread(
-            target=self._read_loop, args=(attempt, target),
-            name=f"src-{self.id}-reader-{attempt.gen}", daemon=True)
+            target=self._read_loop,
+            args=(attempt, target),
+            name=f"src-{self.id}-reader-{attempt.gen}",
+            daemon=True,
+        )
         attempt.thread.start()
         return attempt
 
@@ -1073,8 +1106,13 @@ class VideoSource:
         """Caller holds self._lock."""
         reason = None if reason is None else sanitize_text(reason)
         if state is not self._state:
-            log.info("%s: %s -> %s%s", self.id, self._state.value, state.value,
-                     f" ({reason})" if reason else "")
+            log.info(
+                "%s: %s -> %s%s",
+                self.id,
+                self._state.value,
+                state.value,
+                f" ({reason})" if reason else "",
+            )
         self._state, self._reason = state, reason
         self._observer.state_changed(self.id, state, reason)
 

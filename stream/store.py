@@ -37,8 +37,9 @@ class StreamStore:
         except (OSError, ValueError) as e:
             raise ConfigError(f"state file {self.path}: cannot read: {e}") from None
         if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
-            raise ConfigError(f"state file {self.path}: not a segstream state file "
-                              f"(version {FORMAT_VERSION})")
+            raise ConfigError(
+                f"state file {self.path}: not a segstream state file (version {FORMAT_VERSION})"
+            )
         out = []
         for i, item in enumerate(data.get("streams", [])):
             try:
@@ -46,16 +47,18 @@ class StreamStore:
             except ValidationError as e:
                 first = e.errors()[0]
                 key = ".".join(str(p) for p in first["loc"])
-                raise ConfigError(f"state file {self.path}: streams[{i}].{key}: "
-                                  f"{first['msg']}") from None
+                raise ConfigError(
+                    f"state file {self.path}: streams[{i}].{key}: {first['msg']}"
+                ) from None
         return out
 
     def save(self, streams: list[StreamConfig]) -> None:
         doc: dict[str, Any] = {
             "version": FORMAT_VERSION,
-            "streams": [s.model_dump(mode="json", exclude_defaults=True) | {"id": s.id,
-                                                                            "source": s.source}
-                        for s in streams],
+            "streams": [
+                s.model_dump(mode="json", exclude_defaults=True) | {"id": s.id, "source": s.source}
+                for s in streams
+            ],
         }
         data = (json.dumps(doc, indent=2) + "\n").encode()
         with self._lock:

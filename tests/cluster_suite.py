@@ -29,9 +29,10 @@ from peers import free_port, stop_process, wait_http
 from PIL import Image
 from service_proc import colour_pixels, decode, read_part
 
-pytestmark = pytest.mark.skipif(os.environ.get("SEGSTREAM_NETNS") != "1",
-                                reason="run by tests/test_cluster.py in its own network "
-                                "namespace")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("SEGSTREAM_NETNS") != "1",
+    reason="run by tests/test_cluster.py in its own network namespace",
+)
 
 ray = pytest.importorskip("ray")
 
@@ -55,10 +56,33 @@ SIGNING_KEY = b"k" * 32  # the gateway's key for sessions and signed URLs (nodes
 @pytest.fixture(scope="module")
 def clip(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("clips") / "vtest-320x240.mp4"
-    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i",
-                    str(shared_dir / "data/video/vtest.avi"), "-t", "6", "-vf", "scale=320:240",
-                    "-an", "-c:v", "libx264", "-preset", "veryfast", "-g", "10", "-pix_fmt",
-                    "yuv420p", str(out)], check=True, timeout=120)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-y",
+            "-loglevel",
+            "error",
+            "-i",
+            str(shared_dir / "data/video/vtest.avi"),
+            "-t",
+            "6",
+            "-vf",
+            "scale=320:240",
+            "-an",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-g",
+            "10",
+            "-pix_fmt",
+            "yuv420p",
+            str(out),
+        ],
+        check=True,
+        timeout=120,
+    )
     return out
 
 
@@ -66,11 +90,12 @@ def clip(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cluster(segstream_home: Path) -> Iterator[Cluster]:
     # The nodes' processes inherit this environment: SEGSTREAM_HOME (the model) included.
     t0 = time.monotonic()
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "object_store_memory": 80 * MiB})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": 80 * MiB},
+    )
     for _ in range(2):
-        c.add_node(num_cpus=1, object_store_memory=80 * MiB,
-                   resources={"segstream_slots": SLOTS})
+        c.add_node(num_cpus=1, object_store_memory=80 * MiB, resources={"segstream_slots": SLOTS})
     ray.init(address=c.address, namespace=NAMESPACE, log_to_driver=False)
     print(f"Ray cluster (head + 2 workers) up in {time.monotonic() - t0:.1f} s")
     yield c
@@ -83,8 +108,7 @@ def cluster(segstream_home: Path) -> Iterator[Cluster]:
 class Gateway:
     """The gateway app on a loopback port, served from a thread of its own."""
 
-    def __init__(self, cfg: AppConfig, state_file: Path,
-                 auth: Authenticator | None = None) -> None:
+    def __init__(self, cfg: AppConfig, state_file: Path, auth: Authenticator | None = None) -> None:
         self.cfg, self.state_file, self.auth = cfg, state_file, auth
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
@@ -115,14 +139,14 @@ class Gateway:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def call(self, method: str, path: str, body: Any = None,
-             token: str | None = None) -> tuple[int, Any]:
+    def call(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(self.url(path), data=data, method=method,
-                                     headers=headers)
+        req = urllib.request.Request(self.url(path), data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 raw, status, ctype = r.read(), r.status, r.headers.get("Content-Type", "")
@@ -137,15 +161,18 @@ class Gateway:
 
 
 @pytest.fixture(scope="module")
-def gateway(cluster: Cluster, clip: Path, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[Gateway]:
-    cfg = AppConfig.model_validate({
-        "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
-        "sources": {"allow_local": [str(clip.parent)]},
-        "render": {"alpha": 1.0, "classes": ["person"]},
-        "cluster": {"namespace": NAMESPACE, "lost_after_s": 3.0},
-        "streams": [],
-    })
+def gateway(
+    cluster: Cluster, clip: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    cfg = AppConfig.model_validate(
+        {
+            "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
+            "sources": {"allow_local": [str(clip.parent)]},
+            "render": {"alpha": 1.0, "classes": ["person"]},
+            "cluster": {"namespace": NAMESPACE, "lost_after_s": 3.0},
+            "streams": [],
+        }
+    )
     gw = Gateway(cfg, tmp_path_factory.mktemp("state") / "streams.json")
     gw.start()
     yield gw
@@ -169,20 +196,23 @@ def worker_ids(cluster: Cluster) -> set[str]:
 STREAMS = ["s1", "s2", "s3", "s4"]
 
 
-def test_streams_spread_over_both_worker_nodes(cluster: Cluster, gateway: Gateway,
-                                               clip: Path) -> None:
+def test_streams_spread_over_both_worker_nodes(
+    cluster: Cluster, gateway: Gateway, clip: Path
+) -> None:
     t0 = time.monotonic()
     for sid in STREAMS:
-        status, body = gateway.call("POST", "/api/streams",
-                                    {"id": sid, "source": str(clip), "infer_fps": 1})
+        status, body = gateway.call(
+            "POST", "/api/streams", {"id": sid, "source": str(clip), "infer_fps": 1}
+        )
         assert status == 201, body
         assert body["state"] in ("starting", "pending"), body
     status, body = gateway.call("POST", "/api/streams", {"id": "s1", "source": str(clip)})
     assert status == 409 and "exists" in body["error"]
     status, body = gateway.call("POST", "/api/streams", {"id": "x", "source": "/etc/passwd"})
     assert status == 422 and body["details"][0]["loc"] == "source", body
-    status, body = gateway.call("POST", "/api/streams", {"id": "x", "source": str(clip),
-                                                         "classes": ["unicorn"]})
+    status, body = gateway.call(
+        "POST", "/api/streams", {"id": "x", "source": str(clip), "classes": ["unicorn"]}
+    )
     assert status == 422 and body["details"][0]["loc"] == "classes", body
 
     def all_live() -> bool:
@@ -190,8 +220,10 @@ def test_streams_spread_over_both_worker_nodes(cluster: Cluster, gateway: Gatewa
         return set(s) == set(STREAMS) and all(v["state"] == "live" for v in s.values())
 
     assert wait_until(all_live, 90), gateway.streams()
-    print(f"4 streams live through the gateway {time.monotonic() - t0:.1f} s after the first "
-          "POST (node services start and load the model meanwhile)")
+    print(
+        f"4 streams live through the gateway {time.monotonic() - t0:.1f} s after the first "
+        "POST (node services start and load the model meanwhile)"
+    )
     streams = gateway.streams()
     nodes = [s["node"] for s in streams.values()]
     assert set(nodes) == worker_ids(cluster), nodes
@@ -241,8 +273,8 @@ def test_live_page_websocket_and_mosaic_through_the_gateway(gateway: Gateway) ->
                 msg = await ws.receive(timeout=10)
                 if msg.type == aiohttp.WSMsgType.BINARY:
                     kind, n = msg.data[0], msg.data[1]
-                    assert (kind, msg.data[2:2 + n]) == (1, b"s3")
-                    frames.append(msg.data[6 + n:])
+                    assert (kind, msg.data[2 : 2 + n]) == (1, b"s3")
+                    frames.append(msg.data[6 + n :])
                 elif msg.type == aiohttp.WSMsgType.TEXT:
                     data = json.loads(msg.data)
                     if data["type"] == "status":
@@ -253,11 +285,14 @@ def test_live_page_websocket_and_mosaic_through_the_gateway(gateway: Gateway) ->
 
     t0 = time.monotonic()
     frames, status = asyncio.run(watch())
-    print(f"/ws at the gateway: {len(frames)} frames of s3 (node {node}) in "
-          f"{time.monotonic() - t0:.1f} s")
+    print(
+        f"/ws at the gateway: {len(frames)} frames of s3 (node {node}) in "
+        f"{time.monotonic() - t0:.1f} s"
+    )
     assert len(frames) >= 3 and all(decode(f).shape == (240, 320, 3) for f in frames)
     assert {s["id"]: s["node"] for s in status["streams"]} == {
-        sid: s["node"] for sid, s in streams.items()}
+        sid: s["node"] for sid, s in streams.items()
+    }
     assert len({s["node"] for s in status["streams"]}) == 2
 
     same = ",".join(sid for sid, s in streams.items() if s["node"] == node)
@@ -279,20 +314,23 @@ def test_auth_and_viewers_sent_straight_to_the_node(gateway: Gateway, tmp_path: 
     and the node refuses anything else."""
     tokens = TokenStore(tmp_path / "tokens.json")
     viewer = tokens.add("cam-viewer", "viewer")
-    cfg = gateway.cfg.model_copy(update={"cluster": gateway.cfg.cluster.model_copy(
-        update={"direct_viewers": True})})
+    cfg = gateway.cfg.model_copy(
+        update={"cluster": gateway.cfg.cluster.model_copy(update={"direct_viewers": True})}
+    )
     gw = Gateway(cfg, gateway.state_file, Authenticator(tokens, SIGNING_KEY))
     gw.start()
     try:
         status, body = gw.call("GET", "/api/streams")
         assert status == 401, body
-        status, body = gw.call("POST", "/api/streams", {"id": "x", "source": "rtsp://a/b"},
-                               token=viewer)
+        status, body = gw.call(
+            "POST", "/api/streams", {"id": "x", "source": "rtsp://a/b"}, token=viewer
+        )
         assert status == 403, body
         status, body = gw.call("GET", "/api/streams/s3", token=viewer)
         assert status == 200 and body["state"] == "live"
-        req = urllib.request.Request(gw.url("/streams/s3/snapshot.jpg"),
-                                     headers={"Authorization": f"Bearer {viewer}"})
+        req = urllib.request.Request(
+            gw.url("/streams/s3/snapshot.jpg"), headers={"Authorization": f"Bearer {viewer}"}
+        )
         try:
             urllib.request.build_opener(_NoRedirect).open(req, timeout=10)
             raise AssertionError("no redirect")
@@ -313,8 +351,9 @@ def test_auth_and_viewers_sent_straight_to_the_node(gateway: Gateway, tmp_path: 
         gw.stop()
 
 
-def test_prometheus_discovers_and_scrapes_both_nodes(gateway: Gateway, cluster: Cluster,
-                                                      tmp_path: Path) -> None:
+def test_prometheus_discovers_and_scrapes_both_nodes(
+    gateway: Gateway, cluster: Cluster, tmp_path: Path
+) -> None:
     status, groups = gateway.call("GET", "/api/sd")
     assert status == 200 and {g["labels"]["node"] for g in groups} == worker_ids(cluster)
     exe = "prometheus"
@@ -327,11 +366,18 @@ def test_prometheus_discovers_and_scrapes_both_nodes(gateway: Gateway, cluster: 
         f"      - url: {gateway.url('/api/sd')}\n"
         "        refresh_interval: 1s\n"
         "  - job_name: segstream-gateway\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{gateway.port}']}}]\n")
+        f"    static_configs: [{{targets: ['127.0.0.1:{gateway.port}']}}]\n"
+    )
     proc = subprocess.Popen(
-        [exe, f"--config.file={tmp_path / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            exe,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/-/ready", 30)
 
@@ -341,8 +387,10 @@ def test_prometheus_discovers_and_scrapes_both_nodes(gateway: Gateway, cluster: 
                 return json.load(r)["data"]["result"]
 
         def per_node() -> dict[str, float] | None:
-            got = {r["metric"].get("node"): float(r["value"][1])
-                   for r in query('sum by (node) (segstream_stream_up{job="segstream-nodes"})')}
+            got = {
+                r["metric"].get("node"): float(r["value"][1])
+                for r in query('sum by (node) (segstream_stream_up{job="segstream-nodes"})')
+            }
             return got if set(got) == worker_ids(cluster) else None
 
         got = wait_until(per_node, 30, step=0.5)
@@ -352,10 +400,13 @@ def test_prometheus_discovers_and_scrapes_both_nodes(gateway: Gateway, cluster: 
 
         # The Grafana dashboard's queries are valid and see the cluster.
         dash = json.loads((REPO / "deploy/grafana-cluster.json").read_text())
-        exprs = {p["title"]: p["targets"][0]["expr"].replace("$nodes_job", "segstream-nodes")
-                 for p in dash["panels"]}
-        assert wait_until(lambda: query(exprs["Placed load per node (share of its slots)"]),
-                          15), exprs
+        exprs = {
+            p["title"]: p["targets"][0]["expr"].replace("$nodes_job", "segstream-nodes")
+            for p in dash["panels"]
+        }
+        assert wait_until(lambda: query(exprs["Placed load per node (share of its slots)"]), 15), (
+            exprs
+        )
         time.sleep(2)  # rates need two samples
         empty = [t for t, e in exprs.items() if not query(e)]
         assert not (set(empty) - {"Reconnects (top 10 streams, 15 min)"}), empty
@@ -381,8 +432,9 @@ def test_stream_set_survives_controller_and_gateway_restarts(gateway: Gateway) -
             return False
 
     assert wait_until(restarted, 60)
-    after = wait_until(lambda: (s := gateway.streams()) and
-                       all(v["state"] == "live" for v in s.values()) and s, 30)
+    after = wait_until(
+        lambda: (s := gateway.streams()) and all(v["state"] == "live" for v in s.values()) and s, 30
+    )
     print(f"controller restarted and serving again in {time.monotonic() - t0:.1f} s")
     assert {sid: s["node"] for sid, s in after.items()} == before  # nothing moved
 
@@ -397,11 +449,11 @@ def test_stream_set_survives_controller_and_gateway_restarts(gateway: Gateway) -
     assert status == 404
 
 
-def test_lost_node_streams_live_on_the_survivor_within_15s(cluster: Cluster,
-                                                          gateway: Gateway) -> None:
+def test_lost_node_streams_live_on_the_survivor_within_15s(
+    cluster: Cluster, gateway: Gateway
+) -> None:
     before = gateway.streams()
-    victim = next(n for n in cluster.worker_nodes
-                  if n.node_id[:12] == before["s1"]["node"])
+    victim = next(n for n in cluster.worker_nodes if n.node_id[:12] == before["s1"]["node"])
     survivor = (worker_ids(cluster) - {victim.node_id[:12]}).pop()
     displaced = {sid for sid, s in before.items() if s["node"] == victim.node_id[:12]}
     seen: dict[str, set[str]] = {sid: set() for sid in before}
@@ -416,8 +468,10 @@ def test_lost_node_streams_live_on_the_survivor_within_15s(cluster: Cluster,
 
     ok = wait_until(all_back, 20, step=0.2)
     elapsed = time.monotonic() - t0
-    print(f"node lost: {len(displaced)} stream(s) live again on the survivor after "
-          f"{elapsed:.1f} s; states seen meanwhile: { {k: sorted(v) for k, v in seen.items()} }")
+    print(
+        f"node lost: {len(displaced)} stream(s) live again on the survivor after "
+        f"{elapsed:.1f} s; states seen meanwhile: { {k: sorted(v) for k, v in seen.items()} }"
+    )
     assert ok, gateway.streams()
     assert elapsed < 15, elapsed
     assert all("moving" in seen[sid] for sid in displaced), seen

@@ -53,8 +53,17 @@ def segstream_home(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -
 # Modules whose tests drive the real peers, the model or long runs: `make test-fast` skips them
 # (-m "not e2e"); `make test` runs everything. A module can also set pytestmark itself.
 E2E_MODULES = {
-    "test_service", "test_sources", "test_lifecycle", "test_packaging", "test_benchmark",
-    "test_fidelity", "test_train", "test_export", "test_predict", "test_evaluate", "test_models",
+    "test_service",
+    "test_sources",
+    "test_lifecycle",
+    "test_packaging",
+    "test_benchmark",
+    "test_fidelity",
+    "test_train",
+    "test_export",
+    "test_predict",
+    "test_evaluate",
+    "test_models",
     "test_fetch",
 }
 

@@ -22,9 +22,17 @@ import cv2
 import numpy as np
 
 CHROMIUM_FLAGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-    "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
 ]
 
 
@@ -68,9 +76,16 @@ class Chromium:
             raise RuntimeError("chromium not installed (scripts/install_system_deps.sh test)")
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [exe, *CHROMIUM_FLAGS, f"--remote-debugging-port={self.port}",
-             f"--user-data-dir={profile}", "--window-size=1280,900", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                *CHROMIUM_FLAGS,
+                f"--remote-debugging-port={self.port}",
+                f"--user-data-dir={profile}",
+                "--window-size=1280,900",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_http(f"http://127.0.0.1:{self.port}/json/version", 30)
 
@@ -79,8 +94,9 @@ class Chromium:
     ) -> tuple[list[np.ndarray], dict[str, float] | None]:
         """Loads url, waits settle_s; returns the page as a BGR image and, if asked, the
         bounding box (CSS pixels) of the first element matching selector."""
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?about:blank",
-                                     method="PUT")
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/json/new?about:blank", method="PUT"
+        )
         with urllib.request.urlopen(req, timeout=5) as r:
             ws_url = json.load(r)["webSocketDebuggerUrl"]
         async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
@@ -91,8 +107,10 @@ class Chromium:
                 await _drain(ws, 0.2)
             rect = None
             if selector:
-                js = (f"JSON.stringify(document.querySelector({json.dumps(selector)})"
-                      "?.getBoundingClientRect() ?? null)")
+                js = (
+                    f"JSON.stringify(document.querySelector({json.dumps(selector)})"
+                    "?.getBoundingClientRect() ?? null)"
+                )
                 res = await _cdp(ws, 4, "Runtime.evaluate", {"expression": js})
                 rect = json.loads(res["result"]["value"])
             images = []
@@ -107,12 +125,15 @@ class Chromium:
     @contextlib.asynccontextmanager
     async def page(self) -> AsyncIterator[CdpPage]:
         """A new tab to drive: navigate, run JavaScript, wait for conditions, screenshot."""
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?about:blank",
-                                     method="PUT")
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/json/new?about:blank", method="PUT"
+        )
         with urllib.request.urlopen(req, timeout=5) as r:
             ws_url = json.load(r)["webSocketDebuggerUrl"]
-        async with aiohttp.ClientSession() as session, session.ws_connect(
-                ws_url, max_msg_size=64 * 2**20) as ws:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(ws_url, max_msg_size=64 * 2**20) as ws,
+        ):
             page = CdpPage(ws)
             await page.call("Page.enable")
             yield page
@@ -135,8 +156,9 @@ class CdpPage:
 
     async def eval(self, js: str) -> Any:
         """The value of a JavaScript expression (promises awaited)."""
-        res = await self.call("Runtime.evaluate", {"expression": js, "awaitPromise": True,
-                                                   "returnByValue": True})
+        res = await self.call(
+            "Runtime.evaluate", {"expression": js, "awaitPromise": True, "returnByValue": True}
+        )
         if "exceptionDetails" in res:
             raise RuntimeError(f"{js[:80]}: {res['exceptionDetails'].get('text')}")
         return res["result"].get("value")
@@ -157,8 +179,12 @@ class CdpPage:
         return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
 
 
-async def _cdp(ws: aiohttp.ClientWebSocketResponse, msg_id: int, method: str,
-               params: dict[str, Any] | None = None) -> dict[str, Any]:
+async def _cdp(
+    ws: aiohttp.ClientWebSocketResponse,
+    msg_id: int,
+    method: str,
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     await ws.send_json({"id": msg_id, "method": method, "params": params or {}})
     while True:
         msg = await ws.receive_json(timeout=30)
@@ -189,15 +215,21 @@ class Prometheus:
             f"    static_configs: [{{targets: {json.dumps(targets)}}}]\n"
         )
         self.proc = subprocess.Popen(
-            [exe, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_http(f"http://127.0.0.1:{self.port}/-/ready", 30)
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
-            {"query": promql})
+            {"query": promql}
+        )
         with urllib.request.urlopen(url, timeout=5) as r:
             body = json.load(r)
         assert body["status"] == "success", body

@@ -75,9 +75,35 @@ def encode_clip(
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     vf = f"scale={size[0]}:{size[1]}" + (f",fps={fps}" if fps else "")
-    cmd = ["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(src), "-t", str(seconds),
-           "-vf", vf, "-an", "-c:v", "libx264", "-preset", "veryfast", "-tune", "zerolatency",
-           "-bf", "0", "-g", str(gop), "-pix_fmt", "yuv420p", "-f", container, str(tmp)]
+    cmd = [
+        "ffmpeg",
+        "-nostdin",
+        "-y",
+        "-loglevel",
+        "error",
+        "-i",
+        str(src),
+        "-t",
+        str(seconds),
+        "-vf",
+        vf,
+        "-an",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-tune",
+        "zerolatency",
+        "-bf",
+        "0",
+        "-g",
+        str(gop),
+        "-pix_fmt",
+        "yuv420p",
+        "-f",
+        container,
+        str(tmp),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if r.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
@@ -90,27 +116,43 @@ def gst_rtsp_available() -> str | None:
     """None if the server can run here, else why not."""
     try:
         r = subprocess.run(
-            [GST_PYTHON, "-c", "import gi; gi.require_version('GstRtspServer', '1.0'); "
-             "from gi.repository import GstRtspServer"],
-            capture_output=True, text=True, timeout=30)
+            [
+                GST_PYTHON,
+                "-c",
+                "import gi; gi.require_version('GstRtspServer', '1.0'); "
+                "from gi.repository import GstRtspServer",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except FileNotFoundError:
         return f"{GST_PYTHON} not found"
     if r.returncode != 0:
-        return (f"{GST_PYTHON} cannot import GstRtspServer (run scripts/install_system_deps.sh "
-                f"test): {r.stderr.strip().splitlines()[-1:]}")
+        return (
+            f"{GST_PYTHON} cannot import GstRtspServer (run scripts/install_system_deps.sh "
+            f"test): {r.stderr.strip().splitlines()[-1:]}"
+        )
     return None
 
 
 class RtspServer:
     """scripts/rtsp_server.py as a child process on a fixed loopback port."""
 
-    def __init__(self, mounts: dict[str, Path | str], port: int | None = None,
-                 host: str = "127.0.0.1", fps: float | None = None,
-                 records: dict[str, Path | str] | None = None, auth: str | None = None,
-                 auth_method: str = "digest") -> None:
+    def __init__(
+        self,
+        mounts: dict[str, Path | str],
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        fps: float | None = None,
+        records: dict[str, Path | str] | None = None,
+        auth: str | None = None,
+        auth_method: str = "digest",
+    ) -> None:
         self.mounts = {(m if m.startswith("/") else "/" + m): Path(f) for m, f in mounts.items()}
-        self.records = {(m if m.startswith("/") else "/" + m): Path(f)
-                        for m, f in (records or {}).items()}
+        self.records = {
+            (m if m.startswith("/") else "/" + m): Path(f) for m, f in (records or {}).items()
+        }
         self.auth = auth
         self.auth_method = auth_method
         self.host = host
@@ -153,8 +195,9 @@ class RtspServer:
         deadline = time.monotonic() + timeout
         while True:
             with self.log_path.open("ab") as log:
-                self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
-                                             stdin=subprocess.DEVNULL, text=True)
+                self.proc = subprocess.Popen(
+                    cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True
+                )
             if self._wait_ready(deadline):
                 return self
             failed = self.proc.poll() is not None
@@ -238,8 +281,13 @@ class RtspListener:
     `record`, copies the H.264 into an MPEG-TS file too. It serves one session: it exits when
     the publisher ends it. `kill()` is an abrupt death; `start()` listens again, same port."""
 
-    def __init__(self, port: int | None = None, path: str = "/live",
-                 record: Path | None = None, keep: int = 30) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        path: str = "/live",
+        record: Path | None = None,
+        keep: int = 30,
+    ) -> None:
         self.port = port or free_port()
         self.path = path
         self.record = record
@@ -259,11 +307,29 @@ class RtspListener:
         if self.record is not None:
             rec = self.record.with_name(f"{self.record.stem}-{self.starts}{self.record.suffix}")
             out += ["-map", "0:v", "-c", "copy", "-f", "mpegts", "-y", str(rec)]
-        cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-rtsp_flags", "listen",
-               "-i", self.url, *out, "-map", "0:v", "-fps_mode", "passthrough",
-               "-f", "image2pipe", "-c:v", "ppm", "pipe:1"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL)
+        cmd = [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-rtsp_flags",
+            "listen",
+            "-i",
+            self.url,
+            *out,
+            "-map",
+            "0:v",
+            "-fps_mode",
+            "passthrough",
+            "-f",
+            "image2pipe",
+            "-c:v",
+            "ppm",
+            "pipe:1",
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        )
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
         deadline = time.monotonic() + timeout
         while not listening(self.port, or_serving=True):

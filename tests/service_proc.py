@@ -24,8 +24,15 @@ SEGSTREAM = Path(sys.executable).with_name("segstream")
 
 
 class ServiceProcess:
-    def __init__(self, workdir: Path, config: dict[str, Any], *, token: str | None = None,
-                 state: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        *,
+        token: str | None = None,
+        state: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         config = {**config, "server": {**config.get("server", {}), "port": self.port}}
         self.config_path = workdir / f"service-{self.port}.yaml"
@@ -43,9 +50,17 @@ class ServiceProcess:
     def start(self, ready_timeout: float = 90.0) -> ServiceProcess:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [str(SEGSTREAM), "serve", "--config", str(self.config_path),
-                 "--state", str(self.state)],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                [
+                    str(SEGSTREAM),
+                    "serve",
+                    "--config",
+                    str(self.config_path),
+                    "--state",
+                    str(self.state),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
             )
         try:
             wait_http(self.base + "/readyz", ready_timeout, alive=lambda: self.proc.poll() is None)
@@ -60,8 +75,14 @@ class ServiceProcess:
     def get(self, path: str, timeout: float = 10) -> tuple[int, bytes, dict[str, str]]:
         return self.request("GET", path, timeout=timeout)
 
-    def request(self, method: str, path: str, body: Any = None, timeout: float = 10,
-                token: str | None = None) -> tuple[int, bytes, dict[str, str]]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float = 10,
+        token: str | None = None,
+    ) -> tuple[int, bytes, dict[str, str]]:
         headers = {}
         data = None
         if body is not None:
@@ -69,8 +90,7 @@ class ServiceProcess:
             headers["Content-Type"] = "application/json"
         if token or self.token:
             headers["Authorization"] = f"Bearer {token or self.token}"
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers=headers)
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, r.read(), dict(r.headers)
@@ -102,7 +122,7 @@ class ServiceProcess:
             if not line.startswith(name):
                 continue
             head, _, value = line.rpartition(" ")
-            series_labels = head[len(name):].strip("{}")
+            series_labels = head[len(name) :].strip("{}")
             if ",".join(sorted(series_labels.split(","))) == want:
                 return float(value)
         raise KeyError(f"{name}{{{want}}} not in /metrics")

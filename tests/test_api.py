@@ -34,17 +34,25 @@ pytestmark = pytest.mark.e2e
 class Api:
     """A running service and an HTTP client for it (optionally with a bearer token)."""
 
-    def __init__(self, service: Service, server: TestServer, http: aiohttp.ClientSession,
-                 store: StreamStore, tokens: TokenStore) -> None:
+    def __init__(
+        self,
+        service: Service,
+        server: TestServer,
+        http: aiohttp.ClientSession,
+        store: StreamStore,
+        tokens: TokenStore,
+    ) -> None:
         self.service, self.server, self.http = service, server, http
         self.store, self.tokens = store, tokens
 
-    async def call(self, method: str, path: str, body: Any = None, token: str | None = None,
-                   **kw: Any) -> tuple[int, Any]:
+    async def call(
+        self, method: str, path: str, body: Any = None, token: str | None = None, **kw: Any
+    ) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         headers.update(kw.pop("headers", {}))
-        async with self.http.request(method, self.server.make_url(path), json=body,
-                                     headers=headers, **kw) as r:
+        async with self.http.request(
+            method, self.server.make_url(path), json=body, headers=headers, **kw
+        ) as r:
             data = await r.read()
             ctype = r.headers.get("Content-Type", "")
             return r.status, (json.loads(data) if "json" in ctype and data else data)
@@ -55,10 +63,14 @@ async def make_api(model: Segmenter, tmp_path: Path, shared_dir: Path):
     made: list[tuple[TestServer, aiohttp.ClientSession]] = []
 
     async def make(streams: list[dict[str, Any]] | None = None, **cfg: Any) -> Api:
-        config = AppConfig.model_validate({
-            "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
-            "sources": {"allow_local": [str(shared_dir / "data/video")]},
-            "streams": streams or [], **cfg})
+        config = AppConfig.model_validate(
+            {
+                "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
+                "sources": {"allow_local": [str(shared_dir / "data/video")]},
+                "streams": streams or [],
+                **cfg,
+            }
+        )
         store = StreamStore(tmp_path / "state.json")
         if not store.exists():
             store.save(config.streams)
@@ -103,8 +115,9 @@ async def test_stream_round_trip(api: Api, shared_dir: Path, camera: RtspServer)
     assert status == 201 and body["id"] == "door" and body["state"] in ("starting", "live")
     status, body = await api.call("POST", "/api/streams", {"id": "door", "source": vtest})
     assert status == 409 and "exists" in body["error"]
-    status, body = await api.call("POST", "/api/streams",
-                                  {"id": "cam", "source": camera.url("/cam"), "infer_fps": 2})
+    status, body = await api.call(
+        "POST", "/api/streams", {"id": "cam", "source": camera.url("/cam"), "infer_fps": 2}
+    )
     assert status == 201
     assert stored_ids(api) == ["door", "cam"]
     assert await until(lambda: api.service.streams["cam"].source.state.value == "live", 15)
@@ -112,8 +125,9 @@ async def test_stream_round_trip(api: Api, shared_dir: Path, camera: RtspServer)
     # Live settings: no reconnect, applied at once.
     reader = api.service.streams["door"].source
     t0 = time.perf_counter()
-    status, body = await api.call("PATCH", "/api/streams/door", {"alpha": 0.9, "infer_fps": 3,
-                                                                 "classes": ["person"]})
+    status, body = await api.call(
+        "PATCH", "/api/streams/door", {"alpha": 0.9, "infer_fps": 3, "classes": ["person"]}
+    )
     patch_ms = (time.perf_counter() - t0) * 1000
     print(f"PATCH of live settings applied in {patch_ms:.1f} ms")
     assert status == 200 and body["infer_fps_cap"] == 3
@@ -134,19 +148,22 @@ async def test_stream_round_trip(api: Api, shared_dir: Path, camera: RtspServer)
         assert status == 404 and err == {"error": "unknown stream 'door'"}
 
 
-@pytest.mark.parametrize(("body", "status", "loc"), [
-    ({"id": "x", "source": "rtsp://cam/a", "infer_fps": -1}, 422, "infer_fps"),
-    ({"id": "x", "source": "rtsp://cam/a", "colour": 1}, 422, "colour"),
-    ({"id": "bad id!", "source": "rtsp://cam/a"}, 422, "id"),
-    ({"source": "rtsp://cam/a"}, 422, "id"),
-    ({"id": "x", "source": "rtsp://127.0.0.1/a", "classes": ["unicorn"]}, 422, "classes"),
-    ({"id": "x", "source": "ftp://cam/a"}, 422, "source"),
-    ({"id": "x", "source": "/etc/passwd"}, 422, "source"),
-    ({"id": "x", "source": "file:///etc/hostname"}, 422, "source"),
-    ({"id": "x", "source": "/dev/video0"}, 422, "source"),
-    ({"id": "x", "source": "http://169.254.169.254/latest/meta-data"}, 422, "source"),
-    ({"id": "x", "source": "rtsp://no-such-host.invalid/a"}, 422, "source"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "loc"),
+    [
+        ({"id": "x", "source": "rtsp://cam/a", "infer_fps": -1}, 422, "infer_fps"),
+        ({"id": "x", "source": "rtsp://cam/a", "colour": 1}, 422, "colour"),
+        ({"id": "bad id!", "source": "rtsp://cam/a"}, 422, "id"),
+        ({"source": "rtsp://cam/a"}, 422, "id"),
+        ({"id": "x", "source": "rtsp://127.0.0.1/a", "classes": ["unicorn"]}, 422, "classes"),
+        ({"id": "x", "source": "ftp://cam/a"}, 422, "source"),
+        ({"id": "x", "source": "/etc/passwd"}, 422, "source"),
+        ({"id": "x", "source": "file:///etc/hostname"}, 422, "source"),
+        ({"id": "x", "source": "/dev/video0"}, 422, "source"),
+        ({"id": "x", "source": "http://169.254.169.254/latest/meta-data"}, 422, "source"),
+        ({"id": "x", "source": "rtsp://no-such-host.invalid/a"}, 422, "source"),
+    ],
+)
 async def test_bad_streams_are_refused_naming_the_key(
     api: Api, body: dict[str, Any], status: int, loc: str
 ) -> None:
@@ -158,9 +175,12 @@ async def test_bad_streams_are_refused_naming_the_key(
 
 async def test_bad_bodies_are_4xx(api: Api) -> None:
     url = api.server.make_url("/api/streams")
-    for data, ctype, want in ((b"{", "application/json", 400), (b"[]", "application/json", 422),
-                              (b"id=x", "application/x-www-form-urlencoded", 415),
-                              (b"x" * 70_000, "application/json", 413)):
+    for data, ctype, want in (
+        (b"{", "application/json", 400),
+        (b"[]", "application/json", 422),
+        (b"id=x", "application/x-www-form-urlencoded", 415),
+        (b"x" * 70_000, "application/json", 413),
+    ):
         async with api.http.post(url, data=data, headers={"Content-Type": ctype}) as r:
             assert r.status == want, (data[:10], r.status, await r.text())
             assert "error" in await r.json()
@@ -176,8 +196,9 @@ async def test_fifty_concurrent_changes_leave_file_and_running_set_identical(
         if i % 3 == 0:
             status, _ = await api.call("DELETE", f"/api/streams/{sid}")
         elif i % 3 == 1:
-            status, _ = await api.call("POST", "/api/streams", {"id": sid, "source": vtest,
-                                                                "realtime": False})
+            status, _ = await api.call(
+                "POST", "/api/streams", {"id": sid, "source": vtest, "realtime": False}
+            )
         else:
             status, _ = await api.call("PATCH", f"/api/streams/{sid}", {"infer_fps": i})
         return status
@@ -210,13 +231,16 @@ async def test_auth_matrix(api: Api, shared_dir: Path) -> None:
     vtest = str(shared_dir / "data/video/vtest.avi")
     viewer = api.tokens.add("alice", "viewer")
     admin = api.tokens.add("root", "admin")
-    assert (await api.call("POST", "/api/streams", {"id": "s", "source": vtest},
-                           token=admin))[0] == 201
+    assert (await api.call("POST", "/api/streams", {"id": "s", "source": vtest}, token=admin))[
+        0
+    ] == 201
     public = {"/healthz", "/readyz", "/login", "/api/login", "/api/logout"}
-    bodies: dict[str, Any] = {"POST /api/streams": {"id": "n", "source": vtest},
-                              "PATCH /api/streams/{id}": {"alpha": 0.5},
-                              "POST /api/streams/{id}/share": {"ttl_s": 120},
-                              "POST /api/login": {"token": "nope"}}
+    bodies: dict[str, Any] = {
+        "POST /api/streams": {"id": "n", "source": vtest},
+        "PATCH /api/streams/{id}": {"alpha": 0.5},
+        "POST /api/streams/{id}/share": {"ttl_s": 120},
+        "POST /api/login": {"token": "nope"},
+    }
     for ep in ENDPOINTS:
         path = ep.path.replace("{id}", "s").replace("{name}", "swagger-ui.css")
         key = f"{ep.method} {ep.path}"
@@ -224,17 +248,25 @@ async def test_auth_matrix(api: Api, shared_dir: Path) -> None:
             continue  # endless; covered by the signed URL test below
         if ep.method == "DELETE":
             continue  # covered last
-        for who, token in (("none", None), ("bad", "sst_not-a-token"), ("viewer", viewer),
-                           ("admin", admin)):
-            status, _ = await api.call(ep.method, path, bodies.get(key), token=token,
-                                       allow_redirects=False)
+        for who, token in (
+            ("none", None),
+            ("bad", "sst_not-a-token"),
+            ("viewer", viewer),
+            ("admin", admin),
+        ):
+            status, _ = await api.call(
+                ep.method, path, bodies.get(key), token=token, allow_redirects=False
+            )
             api.server.app[THROTTLE].succeeded("127.0.0.1")  # the throttle is tested apart
             if path in public:
                 want = {200, 204, 401}  # login with a wrong token: 401, by design
                 assert status in want, (key, who, status)
             elif who in ("none", "bad"):
-                assert status in ((302, 401) if ep.tag == "page" and who == "none"
-                                  else (401,)), (key, who, status)
+                assert status in ((302, 401) if ep.tag == "page" and who == "none" else (401,)), (
+                    key,
+                    who,
+                    status,
+                )
             elif ep.role == "admin" and who == "viewer":
                 assert status == 403, (key, who, status)
             else:
@@ -274,10 +306,12 @@ async def test_signed_url_opens_one_stream_only(api: Api, shared_dir: Path) -> N
     vtest = str(shared_dir / "data/video/vtest.avi")
     admin = api.tokens.add("root", "admin")
     for sid in ("a", "b"):
-        assert (await api.call("POST", "/api/streams", {"id": sid, "source": vtest},
-                               token=admin))[0] == 201
-    status, share = await api.call("POST", "/api/streams/a/share",
-                                   {"ttl_s": 600, "kind": "snapshot"}, token=admin)
+        assert (await api.call("POST", "/api/streams", {"id": sid, "source": vtest}, token=admin))[
+            0
+        ] == 201
+    status, share = await api.call(
+        "POST", "/api/streams/a/share", {"ttl_s": 600, "kind": "snapshot"}, token=admin
+    )
     assert status == 200 and admin not in share["url"]
     assert await until(lambda: api.service.streams["a"].view.result is not None, 15)
     status, jpeg = await api.call("GET", share["url"])
@@ -326,8 +360,11 @@ async def test_page_websocket_login_and_shared_overlays(make_api, shared_dir: Pa
         assert e.value.status == 403
         view = api.service.streams["cam"].view
         mask = {"focus": "cam", "overlay": {"mode": "mask", "alpha": 0.7}}
-        async with browser.ws_connect(url) as a, browser.ws_connect(url) as b, \
-                browser.ws_connect(url) as c:
+        async with (
+            browser.ws_connect(url) as a,
+            browser.ws_connect(url) as b,
+            browser.ws_connect(url) as c,
+        ):
             await a.send_json(mask)
             await b.send_json(mask)
             assert await _focus_frames(a, 3) == ([], 3)
@@ -358,7 +395,8 @@ async def test_openapi_documents_every_route(api: Api) -> None:
     assert "multipart/x-mixed-replace" in mjpeg
     status, old = await api.call("GET", "/docs/openapi-3.0.json")
     assert old["openapi"] == "3.0.3" and "anyOf" not in json.dumps(old).replace(
-        '"anyOf": [{"$ref"', "")
+        '"anyOf": [{"$ref"', ""
+    )
     status, html = await api.call("GET", "/docs")
     assert status == 200 and b"/docs/static/swagger-ui-bundle.js" in html
     status, js = await api.call("GET", "/docs/static/swagger-ui-bundle.js")
@@ -373,7 +411,8 @@ def bird(shared_dir: Path) -> bytes:
     """The Coral bird sample as a JPEG, as a client would upload it."""
     buf = io.BytesIO()
     Image.open(shared_dir / "data/coral_segmentation_samples/bird_segmentation.bmp").convert(
-        "RGB").save(buf, "JPEG", quality=92)
+        "RGB"
+    ).save(buf, "JPEG", quality=92)
     return buf.getvalue()
 
 
@@ -383,8 +422,9 @@ def _png(w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
-async def _upload(api: Api, path: str, data: bytes | None, field: str = "image",
-                  ctype: str = "image/jpeg") -> tuple[int, Any]:
+async def _upload(
+    api: Api, path: str, data: bytes | None, field: str = "image", ctype: str = "image/jpeg"
+) -> tuple[int, Any]:
     form = aiohttp.FormData(default_to_multipart=True)
     if data is not None:
         form.add_field(field, data, filename="x.jpg", content_type=ctype)
@@ -398,8 +438,11 @@ async def test_bad_uploads_are_4xx_never_5xx(api: Api, bird: bytes) -> None:
     big = _png(16000, 16000)
     assert len(big) < 1_000_000  # a tiny file with 256 megapixels behind it
     cases = [
-        (b"", "image", 400), (jpeg[: len(jpeg) // 3], "image", 400),
-        (b"not an image at all", "image", 400), (jpeg, "file", 400), (None, "image", 400),
+        (b"", "image", 400),
+        (jpeg[: len(jpeg) // 3], "image", 400),
+        (b"not an image at all", "image", 400),
+        (jpeg, "file", 400),
+        (None, "image", 400),
         (big, "image", 413),
     ]
     for path in ("/model/predict", "/api/predict"):
@@ -407,12 +450,16 @@ async def test_bad_uploads_are_4xx_never_5xx(api: Api, bird: bytes) -> None:
             status, body = await _upload(api, path, data, field)
             assert status == want, (path, field, data[:8] if data else data, status, body)
             assert "error" in body
-        status, body = await api.call("POST", path, data=b"abc",
-                                      headers={"Content-Type": "text/plain"})
+        status, body = await api.call(
+            "POST", path, data=b"abc", headers={"Content-Type": "text/plain"}
+        )
         assert status == 415 and "error" in body
-        status, body = await api.call("POST", path, data=b"x" * (33 * 2**20),
-                                      headers={"Content-Type": "multipart/form-data; "
-                                               "boundary=x"})
+        status, body = await api.call(
+            "POST",
+            path,
+            data=b"x" * (33 * 2**20),
+            headers={"Content-Type": "multipart/form-data; boundary=x"},
+        )
         assert status == 413 and "error" in body
 
 
@@ -447,16 +494,18 @@ def _max_reference(model: Segmenter, img: Image.Image, longer: int) -> np.ndarra
     antialiased), padded with the mean value to the model's input, padding cut off."""
     w, h = img.size
     r = longer / max(w, h)
-    small = np.asarray(img.convert("RGB").resize((int(r * w), int(r * h)),
-                                                 Image.Resampling.LANCZOS))
+    small = np.asarray(
+        img.convert("RGB").resize((int(r * w), int(r * h)), Image.Resampling.LANCZOS)
+    )
     x = np.full((1, *model.input_size, 3), 128, np.uint8)
-    x[0, :small.shape[0], :small.shape[1]] = small
-    return model.segment(x)[0][:small.shape[0], :small.shape[1]]
+    x[0, : small.shape[0], : small.shape[1]] = small
+    return model.segment(x)[0][: small.shape[0], : small.shape[1]]
 
 
 @pytest.mark.parametrize("size", [(480, 360), (300, 500), (1024, 180), (33, 17)])
-async def test_max_predict_semantics(api: Api, model: Segmenter, shared_dir: Path,
-                                     size: tuple[int, int]) -> None:
+async def test_max_predict_semantics(
+    api: Api, model: Segmenter, shared_dir: Path, size: tuple[int, int]
+) -> None:
     src = next(iter(sorted((shared_dir / "data/camvid_segnet_test/images").iterdir())))
     img = Image.open(src).convert("RGB").resize(size, Image.Resampling.BILINEAR)
     buf = io.BytesIO()
@@ -476,8 +525,7 @@ async def test_max_labels_and_metadata(api: Api) -> None:
     assert status == 200 and labels[0] == {"id": 0, "name": "background"}
     assert labels[15] == {"id": 15, "name": "person"} and len(labels) == 21
     status, meta = await api.call("GET", "/model/metadata")
-    assert status == 200 and set(meta) == {"id", "name", "description", "type", "license",
-                                           "source"}
+    assert status == 200 and set(meta) == {"id", "name", "description", "type", "license", "source"}
     assert "segstream" in meta["id"] and "IBM" not in json.dumps(meta)
 
 

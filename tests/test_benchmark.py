@@ -108,14 +108,24 @@ def test_age_wraps() -> None:
 def test_quick_benchmark_prints_documented_json(segstream_home: Path, tmp_path: Path) -> None:
     env = {**os.environ, "SEGSTREAM_HOME": str(segstream_home)}
     p = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--out",
-         str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=240,
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])
-    keys = {"raw_fps", "service_fps", "ratio", "naive_fps", "p50_ms", "p99_ms", "naive_p99_ms",
-            "streams"}
+    keys = {
+        "raw_fps",
+        "service_fps",
+        "ratio",
+        "naive_fps",
+        "p50_ms",
+        "p99_ms",
+        "naive_p99_ms",
+        "streams",
+    }
     assert keys <= summary.keys()
     assert summary["streams"] == 4
     assert summary["raw_fps"] > 0 and summary["service_fps"] > 0 and summary["naive_fps"] > 0
@@ -147,8 +157,18 @@ def test_quick_camera_benchmark_prints_cost_and_count(segstream_home: Path, tmp_
     with viewers, end to end, as documented."""
     env = {**os.environ, "SEGSTREAM_HOME": str(segstream_home)}
     p = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_cameras.py"), "--quick", "--out",
-         str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench_cameras.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["per_camera_cores"]["after-opencv"] > 0

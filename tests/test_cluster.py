@@ -53,8 +53,10 @@ def test_a_node_that_joins_empty_takes_streams_over_the_threshold() -> None:
     p = place(costs, {"a": 8.0, "b": 8.0}, current, threshold=0.25)
     load = p.load(costs)
     assert abs(load["a"] - load["b"]) <= 2.0 and len(p.moved) >= 3
-    assert max(balance(p, costs, {"a": 8.0, "b": 8.0})) - min(
-        balance(p, costs, {"a": 8.0, "b": 8.0})) <= 0.25
+    assert (
+        max(balance(p, costs, {"a": 8.0, "b": 8.0})) - min(balance(p, costs, {"a": 8.0, "b": 8.0}))
+        <= 0.25
+    )
 
 
 def test_a_lost_node_streams_are_spread_over_the_survivors() -> None:
@@ -80,8 +82,7 @@ def test_cost_model() -> None:
 
 
 # -- the controller's logic without Ray -------------------------------------------------------
-def test_cluster_state_moves_a_lost_node_streams_and_adopts_running_ones(
-        tmp_path: Path) -> None:
+def test_cluster_state_moves_a_lost_node_streams_and_adopts_running_ones(tmp_path: Path) -> None:
     from stream.cluster.controller import ClusterState, NodeRecord
     from stream.cluster.node import fingerprint
     from stream.store import StreamStore
@@ -112,8 +113,7 @@ def test_cluster_state_moves_a_lost_node_streams_and_adopts_running_ones(
     assert list(again.desired) == ["s0", "s1", "s2", "s3"]
     assert not again.seed([StreamConfig(id="demo", source="sample:vtest")])  # the file owns it
     again.node_up(NodeRecord("b" * 20, slots=1.0))
-    again.report("b" * 20, {s: fingerprint(c) for s, c in again.desired.items()}, {}, True,
-                 None)
+    again.report("b" * 20, {s: fingerprint(c) for s, c in again.desired.items()}, {}, True, None)
     again.place()
     assert not again.moving and set(again.desired_for("b" * 20)) == set(again.desired)
     # A node joins empty: 0.53 of b's capacity against 0 is past the threshold (0.25).
@@ -123,11 +123,13 @@ def test_cluster_state_moves_a_lost_node_streams_and_adopts_running_ones(
 
 
 def test_service_discovery_lists_nodes_that_are_up() -> None:
-    groups = target_groups([
-        {"id": "n2", "host": "10.0.0.2", "metrics_port": 9100, "state": "up"},
-        {"id": "n1", "host": "fd00::1", "metrics_port": 9100, "state": "up"},
-        {"id": "n3", "host": "10.0.0.3", "metrics_port": 9100, "state": "lost"},
-    ])
+    groups = target_groups(
+        [
+            {"id": "n2", "host": "10.0.0.2", "metrics_port": 9100, "state": "up"},
+            {"id": "n1", "host": "fd00::1", "metrics_port": 9100, "state": "up"},
+            {"id": "n3", "host": "10.0.0.3", "metrics_port": 9100, "state": "lost"},
+        ]
+    )
     assert groups == [
         {"targets": ["[fd00::1]:9100"], "labels": {"node": "n1", "node_ip": "fd00::1"}},
         {"targets": ["10.0.0.2:9100"], "labels": {"node": "n2", "node_ip": "10.0.0.2"}},
@@ -154,15 +156,18 @@ def test_deployment_files() -> None:
 
     import yaml
 
-    docs = {p.name: list(yaml.safe_load_all(p.read_text()))
-            for p in (REPO / "deploy").glob("*.y*ml")}
+    docs = {
+        p.name: list(yaml.safe_load_all(p.read_text())) for p in (REPO / "deploy").glob("*.y*ml")
+    }
     rc = next(d for d in docs["kuberay-raycluster.yaml"] if d["kind"] == "RayCluster")
     assert rc["spec"]["authOptions"] == {"mode": "token"}
     head = rc["spec"]["headGroupSpec"]
     assert head["rayStartParams"]["include-dashboard"] == "false"
     assert "segstream serve --cluster auto" in head["template"]["spec"]["containers"][0]["args"][0]
-    assert all("segstream_slots" in g["rayStartParams"]["resources"]
-               for g in rc["spec"]["workerGroupSpecs"])
+    assert all(
+        "segstream_slots" in g["rayStartParams"]["resources"]
+        for g in rc["spec"]["workerGroupSpecs"]
+    )
     svc = docs["gateway-service.yaml"][0]
     assert svc["spec"]["selector"] == {"ray.io/cluster": "segstream", "ray.io/node-type": "head"}
     assert any(d["kind"] == "Deployment" for d in docs["single-node.yaml"])
@@ -176,8 +181,9 @@ def test_deployment_files() -> None:
 def _netns_available() -> str | None:
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         return "unshare or ip not installed"
-    r = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, text=True
+    )
     return None if r.returncode == 0 else f"unshare -n failed: {r.stderr.strip()}"
 
 
@@ -188,18 +194,32 @@ def test_on_a_ray_cluster_in_its_own_network_namespace(shared_dir: Path) -> None
     if (why := _netns_available()) is not None:
         pytest.fail(why)
     with tempfile.TemporaryDirectory(prefix="rayt", dir="/tmp") as ray_tmp:
-        env = dict(os.environ, SEGSTREAM_NETNS="1", RAY_TMPDIR=ray_tmp,
-                   SEGSTREAM_SHARED=str(shared_dir),
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
-                                                            os.environ.get("PYTHONPATH")])),
-                   RAY_USAGE_STATS_ENABLED="0",
-                   # Ray's token authentication, as the README and deploy/ use it.
-                   RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-        inner = [sys.executable, "-m", "pytest", "-x", "-q", "-s", "-p", "no:cacheprovider",
-                 "-o", "timeout=300", str(REPO / "tests/cluster_suite.py")]
+        env = dict(
+            os.environ,
+            SEGSTREAM_NETNS="1",
+            RAY_TMPDIR=ray_tmp,
+            SEGSTREAM_SHARED=str(shared_dir),
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            RAY_USAGE_STATS_ENABLED="0",
+            # Ray's token authentication, as the README and deploy/ use it.
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=secrets.token_hex(32),
+        )
+        inner = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-x",
+            "-q",
+            "-s",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "timeout=300",
+            str(REPO / "tests/cluster_suite.py"),
+        ]
         cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *inner]
-        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=560)
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=560)
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     print("\n".join(ln for ln in lines if not ln.startswith("(")))  # figures, the summary
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-4000:]
@@ -213,12 +233,22 @@ def test_gateway_live_pure_parts() -> None:
     msg = bytes((1, 3)) + b"cam" + (70000).to_bytes(4, "big") + b"\xff\xd8jpeg"
     assert frame_header(msg) == (1, "cam", 70000)
     assert frame_header(msg[:7]) is None and frame_header(b"\x07\x00" + bytes(8)) is None
-    want = Wanted(watch=["a1", "b1", "a2", "gone"], fps=5, focus="b2", focus_fps=20,
-                  overlay={"mode": "mask", "alpha": 0.5, "classes": None})
+    want = Wanted(
+        watch=["a1", "b1", "a2", "gone"],
+        fps=5,
+        focus="b2",
+        focus_fps=20,
+        overlay={"mode": "mask", "alpha": 0.5, "classes": None},
+    )
     reqs = node_requests(want, {"a1": "A", "a2": "A", "b1": "B", "b2": "B", "c1": "C"})
     assert set(reqs) == {"A", "B"}
-    assert reqs["A"] == {"watch": ["a1", "a2"], "fps": 5, "focus": None, "focus_fps": 20,
-                         "overlay": None}
+    assert reqs["A"] == {
+        "watch": ["a1", "a2"],
+        "fps": 5,
+        "focus": None,
+        "focus_fps": 20,
+        "overlay": None,
+    }
     assert reqs["B"]["watch"] == ["b1"] and reqs["B"]["focus"] == "b2"
     assert reqs["B"]["overlay"] == want.overlay
     # A fresh node is told only what differs from its defaults; then only what changed.
@@ -243,8 +273,10 @@ def test_gateway_live_keeps_one_pending_frame_per_tile() -> None:
         for kind, sid in ((1, "a"), (1, "b"), (2, "a"), (1, "x"), (2, "b")):
             c.on_frame(frame(kind, sid, seq))
     assert {k: v[-5:-1] for k, v in c.frames.items()} == {
-        (1, "a"): (49).to_bytes(4, "big"), (1, "b"): (49).to_bytes(4, "big"),
-        (2, "a"): (49).to_bytes(4, "big")}
+        (1, "a"): (49).to_bytes(4, "big"),
+        (1, "b"): (49).to_bytes(4, "big"),
+        (2, "a"): (49).to_bytes(4, "big"),
+    }
     assert c.counts() == (0, 3 * 49)
     c.want.watch = ["b"]
     c.sync()  # no view of the cluster yet: no upstream, but a's tile is gone
@@ -276,8 +308,13 @@ class _FakeNode:
                     seq += 1
                     await ws.send_str('{"type": "status", "from": "node"}')
                     for sid in watch:
-                        await ws.send_bytes(bytes((1, len(sid))) + sid.encode()
-                                            + seq.to_bytes(4, "big") + b"\xff\xd8" + b"x" * 64)
+                        await ws.send_bytes(
+                            bytes((1, len(sid)))
+                            + sid.encode()
+                            + seq.to_bytes(4, "big")
+                            + b"\xff\xd8"
+                            + b"x" * 64
+                        )
                     await asyncio.sleep(0.05)
 
             task = asyncio.create_task(frames())
@@ -295,11 +332,13 @@ class _FakeNode:
             return web.json_response({"streams": []})
 
         async def mosaic(request: web.Request) -> web.StreamResponse:
-            resp = web.StreamResponse(headers={
-                "Content-Type": "multipart/x-mixed-replace; boundary=frame"})
+            resp = web.StreamResponse(
+                headers={"Content-Type": "multipart/x-mixed-replace; boundary=frame"}
+            )
             await resp.prepare(request)
-            await resp.write(f"--frame\r\nX-Node: {self.name}\r\n\r\n"
-                             f"{request.query_string}\r\n".encode())
+            await resp.write(
+                f"--frame\r\nX-Node: {self.name}\r\n\r\n{request.query_string}\r\n".encode()
+            )
             return resp
 
         app = web.Application()
@@ -320,13 +359,38 @@ async def test_gateway_relays_the_live_page_and_the_mosaic_of_one_node() -> None
     servers = {n: TestServer(f.app(), host="127.0.0.1") for n, f in fakes.items()}
     for srv in servers.values():
         await srv.start_server()
-    snap = {"version": 1, "nodes": [
-        {"id": n, "ray_id": n * 3, "host": "127.0.0.1", "port": srv.port, "metrics_port": 1,
-         "slots": 1.0, "load": 0.5, "streams": 2, "state": "up", "ready": True, "error": None}
-        for n, srv in servers.items()], "streams": [
-        {"id": sid, "source": "rtsp://cam/x", "reader": "auto", "output": "overlay",
-         "infer_fps": 1.0, "node": node, "phase": "placed", "reason": None}
-        for sid, node in (("a1", "nodeA"), ("a2", "nodeA"), ("b1", "nodeB"))]}
+    snap = {
+        "version": 1,
+        "nodes": [
+            {
+                "id": n,
+                "ray_id": n * 3,
+                "host": "127.0.0.1",
+                "port": srv.port,
+                "metrics_port": 1,
+                "slots": 1.0,
+                "load": 0.5,
+                "streams": 2,
+                "state": "up",
+                "ready": True,
+                "error": None,
+            }
+            for n, srv in servers.items()
+        ],
+        "streams": [
+            {
+                "id": sid,
+                "source": "rtsp://cam/x",
+                "reader": "auto",
+                "output": "overlay",
+                "infer_fps": 1.0,
+                "node": node,
+                "phase": "placed",
+                "reason": None,
+            }
+            for sid, node in (("a1", "nodeA"), ("a2", "nodeA"), ("b1", "nodeB"))
+        ],
+    }
 
     class Fixed(ClusterClient):
         async def snapshot(self, fresh: bool = False) -> dict[str, Any]:
@@ -351,17 +415,23 @@ async def test_gateway_relays_the_live_page_and_the_mosaic_of_one_node() -> None
             msg = await ws.receive(timeout=5)
             if msg.type == WSMsgType.BINARY:
                 kind, n = msg.data[0], msg.data[1]
-                assert kind == 1 and msg.data[6 + n:8 + n] == b"\xff\xd8"
-                seen.add(msg.data[2:2 + n].decode())
+                assert kind == 1 and msg.data[6 + n : 8 + n] == b"\xff\xd8"
+                seen.add(msg.data[2 : 2 + n].decode())
             else:
                 data = json.loads(msg.data)
                 assert data.get("from") != "node", data  # the nodes' status stays there
                 if data["type"] == "status":
                     statuses.append(data)
         assert {s["id"]: s["node"] for s in statuses[0]["streams"]} == {
-            "a1": "nodeA", "a2": "nodeA", "b1": "nodeB"}
-        assert fakes["nodeA"].received[0] == {"watch": ["a1"], "fps": 5,
-                                              "focus_fps": cfg.page.max_focus_fps}
+            "a1": "nodeA",
+            "a2": "nodeA",
+            "b1": "nodeB",
+        }
+        assert fakes["nodeA"].received[0] == {
+            "watch": ["a1"],
+            "fps": 5,
+            "focus_fps": cfg.page.max_focus_fps,
+        }
         assert fakes["nodeB"].received[0]["watch"] == ["b1"]
         # b1 out of view: node B's connection is closed; a focus on a2 goes to node A only.
         await ws.send_str(json.dumps({"watch": ["a1"], "focus": "a2"}))

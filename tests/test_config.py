@@ -67,7 +67,10 @@ def test_sources_add_streams(tmp_path: Path) -> None:
     p = write(tmp_path, "streams: [{id: cam1, source: a.mp4}]\n")
     cfg = load_config(p, env={}, extra_sources=["rtsp://h/x?a=b", "door=rtsp://h/door", "0"])
     assert [(s.id, s.source) for s in cfg.streams] == [
-        ("cam1", "a.mp4"), ("cam2", "rtsp://h/x?a=b"), ("door", "rtsp://h/door"), ("cam3", "0"),
+        ("cam1", "a.mp4"),
+        ("cam2", "rtsp://h/x?a=b"),
+        ("door", "rtsp://h/door"),
+        ("cam3", "0"),
     ]
 
 

@@ -28,26 +28,49 @@ ADMIN = "sst_test-admin-token-0123456789abcdef0123456789"
 MODEL = {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1}
 
 
-def service(tmp_path: Path, streams: list[dict[str, Any]] | None = None,
-            **extra: Any) -> ServiceProcess:
-    cfg = {"model": MODEL, "auth": {"tokens_dir": str(tmp_path / "auth")},
-           "streams": streams or [], **extra}
+def service(
+    tmp_path: Path, streams: list[dict[str, Any]] | None = None, **extra: Any
+) -> ServiceProcess:
+    cfg = {
+        "model": MODEL,
+        "auth": {"tokens_dir": str(tmp_path / "auth")},
+        "streams": streams or [],
+        **extra,
+    }
     return ServiceProcess(tmp_path, cfg, token=ADMIN, env={"SEGSTREAM_ADMIN_TOKEN": ADMIN})
 
 
-def run_cli(args: list[str], tmp_path: Path, env: dict[str, str] | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if k != "SEGSTREAM_ADMIN_TOKEN"}
-    return subprocess.run([str(SEGSTREAM), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=tmp_path, env={**full_env, **(env or {})})
+    return subprocess.run(
+        [str(SEGSTREAM), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+        env={**full_env, **(env or {})},
+    )
 
 
 def test_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"auth": {"tokens_dir": str(tmp_path / "auth")},
-                                   "streams": []}))
-    r = run_cli(["serve", "--config", str(cfg), "--host", "0.0.0.0", "--port",
-                 str(free_port()), "--state", "none"], tmp_path)
+    cfg.write_text(yaml.safe_dump({"auth": {"tokens_dir": str(tmp_path / "auth")}, "streams": []}))
+    r = run_cli(
+        [
+            "serve",
+            "--config",
+            str(cfg),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+            "--state",
+            "none",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 1, r.stderr
     assert "refusing to serve on 0.0.0.0 without authentication" in r.stderr
     assert "segstream token add" in r.stderr
@@ -96,8 +119,12 @@ def test_state_survives_kill_9_during_a_burst(
                 if present:
                     status, _, _ = svc.request("DELETE", f"/api/streams/{sid}", timeout=5)
                 else:
-                    status, _, _ = svc.request("POST", "/api/streams", {
-                        "id": sid, "source": camera.url("/cam"), "infer_fps": 1}, timeout=5)
+                    status, _, _ = svc.request(
+                        "POST",
+                        "/api/streams",
+                        {"id": sid, "source": camera.url("/cam"), "infer_fps": 1},
+                        timeout=5,
+                    )
             except OSError:  # killed while this one was in flight: it may or may not count
                 return
             if status in (201, 204):
@@ -152,16 +179,26 @@ def test_oversized_upload_burst_keeps_memory_flat(tmp_path: Path, segstream_home
     assert svc.proc is not None
     png = _huge_png()
     boundary = "segstreamtest"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
-            f"filename=\"big.png\"\r\nContent-Type: image/png\r\n\r\n").encode() + png + \
-        f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+            f'filename="big.png"\r\nContent-Type: image/png\r\n\r\n'
+        ).encode()
+        + png
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     statuses: list[int] = []
 
     def post() -> None:
-        req = urllib.request.Request(svc.base + "/model/predict", data=body, method="POST",
-                                     headers={"Authorization": f"Bearer {ADMIN}",
-                                              "Content-Type": "multipart/form-data; "
-                                              f"boundary={boundary}"})
+        req = urllib.request.Request(
+            svc.base + "/model/predict",
+            data=body,
+            method="POST",
+            headers={
+                "Authorization": f"Bearer {ADMIN}",
+                "Content-Type": f"multipart/form-data; boundary={boundary}",
+            },
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 statuses.append(r.status)
@@ -190,23 +227,48 @@ def test_schemathesis_finds_no_5xx_and_every_response_conforms(
     tmp_path: Path, segstream_home: Path, camera: RtspServer
 ) -> None:
     port = camera.url("/cam").split(":")[2].split("/")[0]
-    svc = service(tmp_path, streams=[{"id": "cam", "source": camera.url("/cam")}],
-                  sources={"allow_networks": ["127.0.0.0/8"], "resolve_names": False,
-                           "max_streams": 16}).start()
+    svc = service(
+        tmp_path,
+        streams=[{"id": "cam", "source": camera.url("/cam")}],
+        sources={"allow_networks": ["127.0.0.0/8"], "resolve_names": False, "max_streams": 16},
+    ).start()
     report = tmp_path / "report"
     try:
         svc.wait_state("cam", {"live"}, 20)
         r = subprocess.run(
-            [str(Path(sys.executable).with_name("schemathesis")), "run",
-             svc.base + "/openapi.json", "-H", f"Authorization: Bearer {ADMIN}",
-             "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
-             "response_schema_conformance",
-             "--exclude-path", "/streams/{id}/mjpeg",  # endless by design
-             "--exclude-path", "/mosaic/mjpeg",
-             "--phases", "examples,coverage,fuzzing", "--max-examples", "25",
-             "--request-timeout", "20", "--workers", "1", "--seed", "1",
-             "--report", "junit", "--report-dir", str(report)],
-            capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache too
+            [
+                str(Path(sys.executable).with_name("schemathesis")),
+                "run",
+                svc.base + "/openapi.json",
+                "-H",
+                f"Authorization: Bearer {ADMIN}",
+                "--checks",
+                "not_a_server_error,status_code_conformance,content_type_conformance,"
+                "response_schema_conformance",
+                "--exclude-path",
+                "/streams/{id}/mjpeg",  # endless by design
+                "--exclude-path",
+                "/mosaic/mjpeg",
+                "--phases",
+                "examples,coverage,fuzzing",
+                "--max-examples",
+                "25",
+                "--request-timeout",
+                "20",
+                "--workers",
+                "1",
+                "--seed",
+                "1",
+                "--report",
+                "junit",
+                "--report-dir",
+                str(report),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=tmp_path,
+        )  # its cache too
     finally:
         svc.stop()
     out = r.stdout + r.stderr
@@ -232,26 +294,33 @@ def test_login_and_add_a_camera_in_chromium(
             await page.eval("document.getElementById('token').value = 'sst_wrong'")
             await page.eval("document.querySelector('#login button').click()")
             assert "unknown token" in await page.wait_for(
-                "document.getElementById('err').textContent")
+                "document.getElementById('err').textContent"
+            )
             await page.eval(f"document.getElementById('token').value = {json.dumps(ADMIN)}")
             await page.eval("document.querySelector('#login button').click()")
-            await page.wait_for("location.pathname === '/' && document.body.classList"
-                                ".contains('admin')", 15)
+            await page.wait_for(
+                "location.pathname === '/' && document.body.classList.contains('admin')", 15
+            )
             assert ADMIN not in await page.eval("document.cookie")  # HttpOnly
             # A bad value: the error appears beside the field the API names.
             await page.eval("document.getElementById('add').open = true")
             form = "document.getElementById('add-form')"
-            await page.eval(f"{form}.elements.id.value = 'door'; "
-                            f"{form}.elements.source.value = {json.dumps(camera.url('/cam'))};"
-                            f"{form}.elements.infer_fps.value = '-3';"
-                            f"{form}.querySelector('button').click()")
+            await page.eval(
+                f"{form}.elements.id.value = 'door'; "
+                f"{form}.elements.source.value = {json.dumps(camera.url('/cam'))};"
+                f"{form}.elements.infer_fps.value = '-3';"
+                f"{form}.querySelector('button').click()"
+            )
             msg = await page.wait_for(
-                f"{form}.querySelector('.err[data-for=infer_fps]').textContent")
+                f"{form}.querySelector('.err[data-for=infer_fps]').textContent"
+            )
             assert "greater than or equal to 0" in msg
-            await page.eval(f"{form}.elements.infer_fps.value = '2';"
-                            f"{form}.querySelector('button').click()")
-            await page.wait_for("document.querySelector('[data-stream=door] .state')"
-                                "?.textContent === 'live'", 30)
+            await page.eval(
+                f"{form}.elements.infer_fps.value = '2';{form}.querySelector('button').click()"
+            )
+            await page.wait_for(
+                "document.querySelector('[data-stream=door] .state')?.textContent === 'live'", 30
+            )
             await asyncio.sleep(2)
             shot = await page.screenshot()
             assert shot.std() > 10

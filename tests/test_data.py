@@ -144,7 +144,10 @@ def test_pairing_by_stem(tmp_path: Path) -> None:
             (tmp_path / sub / n).write_bytes(b"x")
     p = data.pair_files(tmp_path / "i", tmp_path / "m")
     assert [(x.stem, x.image.name, x.mask.name) for x in p.pairs] == [
-        ("a", "a.png", "a.png"), ("b", "b.JPG", "b.png"), ("e", "e.jpg", "e.png")]
+        ("a", "a.png", "a.png"),
+        ("b", "b.JPG", "b.png"),
+        ("e", "e.jpg", "e.png"),
+    ]
     assert p.images_without_mask == ["c"]  # c.jpg is no mask: lossy formats are not accepted
     assert p.masks_without_image == ["d"]
     assert len(p.problems) == 1 and "e.png" in p.problems[0]  # two images with stem "e"
@@ -157,8 +160,11 @@ def test_read_pair_checks_sizes(red_pair: tuple[Path, Path], tmp_path: Path) -> 
     image, ids = data.read_pair(img, mask)
     assert image.shape == (24, 32, 3) and ids.shape == (24, 32)
     cv2.imwrite(str(mask), np.ones((8, 16), np.uint8))
-    with pytest.raises(data.DataError, match=r"red: image red\.png is 32x24 but mask red\.png "
-                                             r"is 16x8"):
+    with pytest.raises(
+        data.DataError,
+        match=r"red: image red\.png is 32x24 but mask red\.png "
+        r"is 16x8",
+    ):
         data.read_pair(img, mask)
 
 

@@ -58,8 +58,9 @@ def copy_pairs(camvid: Path, dest: Path, n: int) -> list[str]:
 
 def evaluate_cli(images: Path, masks: Path, *extra: str) -> int:
     """`segstream evaluate` on two folders with the tflite backend, plus `extra` flags."""
-    return main(["evaluate", "--images", str(images), "--masks", str(masks),
-                 "--backend", "tflite", *extra])
+    return main(
+        ["evaluate", "--images", str(images), "--masks", str(masks), "--backend", "tflite", *extra]
+    )
 
 
 def test_metrics_on_a_known_confusion_matrix() -> None:
@@ -177,8 +178,17 @@ def test_camvid_subset_cli_json(
 ) -> None:
     out = tmp_path / "m.json"
     code = evaluate_cli(
-        camvid / "images", camvid / "masks", "--model", "edgetpu-cityscapes",
-        "--class-map", "cityscapes-to-camvid", "--limit", "10", "--json", str(out), "-q",
+        camvid / "images",
+        camvid / "masks",
+        "--model",
+        "edgetpu-cityscapes",
+        "--class-map",
+        "cityscapes-to-camvid",
+        "--limit",
+        "10",
+        "--json",
+        str(out),
+        "-q",
     )
     assert code == 0
     m = json.loads(out.read_text())
@@ -235,8 +245,15 @@ def test_bad_pairs_are_named_and_the_rest_evaluated(
     (masks / f"{good[2]}.png").write_bytes(b"garbage")  # unreadable
     out = tmp_path / "m.json"
     code = evaluate_cli(
-        tmp_path / "images", masks, "--model", "edgetpu-cityscapes",
-        "--class-map", "cityscapes-to-camvid", "--json", str(out), "-q",
+        tmp_path / "images",
+        masks,
+        "--model",
+        "edgetpu-cityscapes",
+        "--class-map",
+        "cityscapes-to-camvid",
+        "--json",
+        str(out),
+        "-q",
     )
     err = capsys.readouterr().err
     assert code == 1
@@ -255,12 +272,27 @@ def test_wrong_ignore_and_map_mismatch_are_explained(
 ) -> None:
     copy_pairs(camvid, tmp_path, 1)
     folders = (tmp_path / "images", tmp_path / "masks")
-    assert evaluate_cli(*folders, "-q", "--model", "mnv2-voc-fast", "--class-map",
-                        "voc-to-camvid", "--ignore", "255") == 2
+    assert (
+        evaluate_cli(
+            *folders,
+            "-q",
+            "--model",
+            "mnv2-voc-fast",
+            "--class-map",
+            "voc-to-camvid",
+            "--ignore",
+            "255",
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "label values [11]" in err and "not the ignore id 255" in err
-    assert evaluate_cli(*folders, "-q", "--model", "edgetpu-cityscapes",
-                        "--class-map", "voc-to-camvid") == 2
+    assert (
+        evaluate_cli(
+            *folders, "-q", "--model", "edgetpu-cityscapes", "--class-map", "voc-to-camvid"
+        )
+        == 2
+    )
     assert "is for models with the classes background" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("classes: [a, b]\nmap: {0: 5}\n")

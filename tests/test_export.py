@@ -65,8 +65,9 @@ _KERAS_JAX = textwrap.dedent("""
 """)
 
 
-def test_keras_file_reloads_on_jax(segstream_home: Path, frames: np.ndarray,
-                                   reference: np.ndarray, tmp_path: Path) -> None:
+def test_keras_file_reloads_on_jax(
+    segstream_home: Path, frames: np.ndarray, reference: np.ndarray, tmp_path: Path
+) -> None:
     """The .keras file is backend-neutral: written on TF, reloaded in a fresh JAX process."""
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed (pip install '.[jax]')")
@@ -74,9 +75,20 @@ def test_keras_file_reloads_on_jax(segstream_home: Path, frames: np.ndarray,
     assert res.path == tmp_path / "mnv2-voc.keras" and res.path.is_file()
     np.save(tmp_path / "frames.npy", frames)
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _KERAS_JAX, str(res.path),
-                           str(tmp_path / "frames.npy"), str(tmp_path / "out.npy")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _KERAS_JAX,
+            str(res.path),
+            str(tmp_path / "frames.npy"),
+            str(tmp_path / "out.npy"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = np.load(tmp_path / "out.npy")
     assert out.dtype == np.uint8
@@ -85,8 +97,9 @@ def test_keras_file_reloads_on_jax(segstream_home: Path, frames: np.ndarray,
     assert agree >= 0.999
 
 
-def test_faithful_keras_file_answers_like_tflite(segstream_home: Path, frames: np.ndarray,
-                                                tmp_path: Path) -> None:
+def test_faithful_keras_file_answers_like_tflite(
+    segstream_home: Path, frames: np.ndarray, tmp_path: Path
+) -> None:
     """--faithful writes the int8-faithful port; reloaded, it gives the tflite runtime's ids."""
     from models.runtime import load_segmenter
     from models.tools.export import load_keras_file
@@ -120,20 +133,36 @@ def test_keras_file_names_the_layers_deeplab_registers(tmp_path: Path) -> None:
     model.save(str(path))
     config = json.loads(zipfile.ZipFile(path).read("config.json"))
     names = {layer.get("registered_name") for layer in config["config"]["layers"]}
-    assert {"segstream>Normalize", "segstream>GlobalPoolBroadcast",
-            "segstream>ResizeAlignCorners", "segstream>ArgmaxUint8"} <= names
+    assert {
+        "segstream>Normalize",
+        "segstream>GlobalPoolBroadcast",
+        "segstream>ResizeAlignCorners",
+        "segstream>ArgmaxUint8",
+    } <= names
     x = np.random.default_rng(0).integers(0, 256, (1, 33, 33, 3), dtype=np.uint8)
     np.save(tmp_path / "x.npy", x)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _KERAS_RELOAD, str(path), str(tmp_path / "x.npy"),
-                           str(tmp_path / "out.npy")], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _KERAS_RELOAD,
+            str(path),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "out.npy"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), np.asarray(model(x)))
 
 
-def test_savedmodel_serving_signature(segstream_home: Path, frames: np.ndarray,
-                                      reference: np.ndarray, tmp_path: Path) -> None:
+def test_savedmodel_serving_signature(
+    segstream_home: Path, frames: np.ndarray, reference: np.ndarray, tmp_path: Path
+) -> None:
     import tensorflow as tf
 
     out_dir = tmp_path / "sm"
@@ -150,8 +179,9 @@ def test_savedmodel_serving_signature(segstream_home: Path, frames: np.ndarray,
     assert agree >= 0.999
 
 
-def test_tflite_float(segstream_home: Path, frames: np.ndarray, reference: np.ndarray,
-                      tmp_path: Path) -> None:
+def test_tflite_float(
+    segstream_home: Path, frames: np.ndarray, reference: np.ndarray, tmp_path: Path
+) -> None:
     from ai_edge_litert.interpreter import Interpreter
 
     out_file = tmp_path / "voc.tflite"
@@ -169,10 +199,13 @@ def test_tflite_float(segstream_home: Path, frames: np.ndarray, reference: np.nd
     assert agree >= 0.999
 
 
-def test_onnx(segstream_home: Path, frames: np.ndarray, reference: np.ndarray,
-              tmp_path: Path) -> None:
-    if importlib.util.find_spec("tf2onnx") is None or \
-            importlib.util.find_spec("onnxruntime") is None:
+def test_onnx(
+    segstream_home: Path, frames: np.ndarray, reference: np.ndarray, tmp_path: Path
+) -> None:
+    if (
+        importlib.util.find_spec("tf2onnx") is None
+        or importlib.util.find_spec("onnxruntime") is None
+    ):
         pytest.skip("tf2onnx/onnxruntime not installed (pip install '.[onnx]')")
     import onnxruntime as ort
 
@@ -187,8 +220,9 @@ def test_onnx(segstream_home: Path, frames: np.ndarray, reference: np.ndarray,
     assert agree >= 0.999
 
 
-def test_logits_output(segstream_home: Path, frames: np.ndarray, reference: np.ndarray,
-                       tmp_path: Path) -> None:
+def test_logits_output(
+    segstream_home: Path, frames: np.ndarray, reference: np.ndarray, tmp_path: Path
+) -> None:
     """--logits: float [B, S, S, 21] whose argmax is the class output (TFLite, small size)."""
     from ai_edge_litert.interpreter import Interpreter
 
@@ -198,8 +232,7 @@ def test_logits_output(segstream_home: Path, frames: np.ndarray, reference: np.n
     it.allocate_tensors()
     outp = it.get_output_details()[0]
     assert outp["dtype"] == np.float32 and tuple(outp["shape"]) == (1, 257, 257, 21)
-    it.set_tensor(it.get_input_details()[0]["index"],
-                  prepare(frames[0], 257)[None])
+    it.set_tensor(it.get_input_details()[0]["index"], prepare(frames[0], 257)[None])
     it.invoke()
     bird = np.argmax(it.get_tensor(outp["index"])[0], axis=-1)
     assert (bird == 3).mean() > 0.05  # the x0.5 model still finds the bird
@@ -216,17 +249,25 @@ def test_overwrite_needs_flag_and_keeps_old_file(segstream_home: Path, tmp_path:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-@pytest.mark.parametrize(("argv", "pattern"), [
-    (["--format", "pb"], "invalid choice: 'pb'"),
-    (["--format", "tflite", "--batch", "-1"], "--batch must be >= 1"),
-    (["--model", "mnv2-voc-257", "--faithful"], "'mnv2-voc-257' is a float file"),
-    (["--faithful", "--format", "onnx"], "--faithful is written as keras or savedmodel"),
-    (["--model", "nope"], "unknown model 'nope'"),
-    (["--format", "tflite", "--out", "{tmp}/x.onnx"], r"writes a \.tflite file"),
-    (["--out", "{tmp}/afile/m.keras"], "cannot write to"),
-])
-def test_cli_errors(segstream_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                    argv: list[str], pattern: str) -> None:
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["--format", "pb"], "invalid choice: 'pb'"),
+        (["--format", "tflite", "--batch", "-1"], "--batch must be >= 1"),
+        (["--model", "mnv2-voc-257", "--faithful"], "'mnv2-voc-257' is a float file"),
+        (["--faithful", "--format", "onnx"], "--faithful is written as keras or savedmodel"),
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--format", "tflite", "--out", "{tmp}/x.onnx"], r"writes a \.tflite file"),
+        (["--out", "{tmp}/afile/m.keras"], "cannot write to"),
+    ],
+)
+def test_cli_errors(
+    segstream_home: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    pattern: str,
+) -> None:
     (tmp_path / "afile").write_text("a file, not a folder")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     if "--out" not in argv:
@@ -241,10 +282,22 @@ def test_cli_errors(segstream_home: Path, tmp_path: Path, capsys: pytest.Capture
     assert not (tmp_path / "out.keras").exists()
 
 
-def test_cli_writes_and_reports(segstream_home: Path, tmp_path: Path,
-                                capsys: pytest.CaptureFixture[str]) -> None:
-    rc = cli_main(["export", "--model", "mnv2-voc-fast", "--format", "keras",
-                   "--input-size", "129", "--out", str(tmp_path)])
+def test_cli_writes_and_reports(
+    segstream_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = cli_main(
+        [
+            "export",
+            "--model",
+            "mnv2-voc-fast",
+            "--format",
+            "keras",
+            "--input-size",
+            "129",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "mnv2-voc-fast.keras").is_file()
     assert "uint8 class ids" in capsys.readouterr().out

@@ -134,8 +134,13 @@ def http_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
         server.server_close()
 
 
-def test_download_verifies_checksum(home: Path, shared_dir: Path, http_dir: tuple[Path, str],
-                                    monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_download_verifies_checksum(
+    home: Path,
+    shared_dir: Path,
+    http_dir: tuple[Path, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys,
+) -> None:
     root, url = http_dir
     spec = registry.get_spec(FAST)
     real = next((shared_dir / "models").rglob(spec.filename))

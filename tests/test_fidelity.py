@@ -51,25 +51,32 @@ def project(shared_dir: Path) -> list[Image]:
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
-def test_faithful_keras_agrees_with_tflite(segstream_home: Path, name: str,
-                                           project: list[Image], photos: list[Image]) -> None:
-    with load_segmenter(name, "tflite", batch_sizes=(1, 4)) as ref, \
-            load_segmenter(name, "keras", batch_sizes=(1, 4)) as seg:
+def test_faithful_keras_agrees_with_tflite(
+    segstream_home: Path, name: str, project: list[Image], photos: list[Image]
+) -> None:
+    with (
+        load_segmenter(name, "tflite", batch_sizes=(1, 4)) as ref,
+        load_segmenter(name, "keras", batch_sizes=(1, 4)) as seg,
+    ):
         assert seg.mode == "int8-faithful" and ref.mode == "int8"
         real = measure(seg, ref, project, chunk=4)
         other = measure(seg, ref, photos, chunk=4)
     for label, agreement in (("real images", real), ("photos", other)):
         worst, worst_name = agreement.worst
-        print(f"{name} keras[tf] int8-faithful vs tflite, {label} ({len(agreement.values)}): "
-              f"mean {agreement.mean:.6f}, worst {worst:.6f} ({worst_name})")
+        print(
+            f"{name} keras[tf] int8-faithful vs tflite, {label} ({len(agreement.values)}): "
+            f"mean {agreement.mean:.6f}, worst {worst:.6f} ({worst_name})"
+        )
         assert agreement.mean >= MEAN_TARGET, (label, agreement.summary())
         assert worst >= WORST_TARGET, (label, agreement.summary())
 
 
 def test_float_mode_stays_close(segstream_home: Path, project: list[Image]) -> None:
     """The float rebuild (what train fine-tunes, export writes) of the uint8 file."""
-    with load_segmenter("mnv2-voc", "tflite", batch_sizes=(1, 4)) as ref, \
-            load_segmenter("mnv2-voc", "keras", batch_sizes=(1, 4), keras_mode="float") as seg:
+    with (
+        load_segmenter("mnv2-voc", "tflite", batch_sizes=(1, 4)) as ref,
+        load_segmenter("mnv2-voc", "keras", batch_sizes=(1, 4), keras_mode="float") as seg,
+    ):
         assert seg.mode == "float"
         agreement = measure(seg, ref, project[::3], chunk=4)
     print(f"mnv2-voc keras[tf] float vs tflite: {agreement.summary()}")
@@ -82,8 +89,10 @@ def _frames(project: list[Image], size: int) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["mnv2-voc-dm05-float", "mnv2-voc-257"])
 def test_float_files_match(segstream_home: Path, project: list[Image], name: str) -> None:
-    with load_segmenter(name, "tflite") as ref_seg, \
-            load_segmenter(name, "keras", batch_sizes=(1, 2)) as seg:
+    with (
+        load_segmenter(name, "tflite") as ref_seg,
+        load_segmenter(name, "keras", batch_sizes=(1, 2)) as seg,
+    ):
         assert seg.mode == "float" and ref_seg.mode == "float"
         agreement = measure(seg, ref_seg, project[::4], chunk=2)
     print(f"{name} keras vs tflite: {agreement.summary()}")
@@ -97,8 +106,9 @@ def _bird(shared_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return img[None], mask
 
 
-@pytest.mark.parametrize(("backend", "mode"), [("tflite", None), ("keras", "faithful"),
-                                               ("keras", "float")])
+@pytest.mark.parametrize(
+    ("backend", "mode"), [("tflite", None), ("keras", "faithful"), ("keras", "float")]
+)
 def test_bird_iou(segstream_home: Path, shared_dir: Path, backend: str, mode: str | None) -> None:
     img, mask = _bird(shared_dir)
     with load_segmenter("mnv2-voc", backend, batch_sizes=(1,), keras_mode=mode) as seg:
@@ -112,8 +122,10 @@ def test_bird_iou(segstream_home: Path, shared_dir: Path, backend: str, mode: st
 def test_faithful_at_257(segstream_home: Path, project: list[Image]) -> None:
     """The 513 files run at 257 (graph sizes rewritten) and the ports built at 257 agree."""
     for name in ("mnv2-voc", "edgetpu-cityscapes"):
-        with load_segmenter(name, "tflite", input_size=257) as ref, \
-                load_segmenter(name, "keras", batch_sizes=(1, 4), input_size=257) as seg:
+        with (
+            load_segmenter(name, "tflite", input_size=257) as ref,
+            load_segmenter(name, "keras", batch_sizes=(1, 4), input_size=257) as seg,
+        ):
             agreement = measure(seg, ref, project[::4], chunk=4)
         print(f"{name}@257 keras int8-faithful vs tflite: {agreement.summary()}")
         assert agreement.mean >= MEAN_TARGET and agreement.worst[0] >= WORST_TARGET
@@ -140,15 +152,21 @@ _JAX_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_jax_backend_from_cached_weights(segstream_home: Path, project: list[Image],
-                                         photos: list[Image], tmp_path: Path) -> None:
+def test_jax_backend_from_cached_weights(
+    segstream_home: Path, project: list[Image], photos: list[Image], tmp_path: Path
+) -> None:
     """The faithful ports on JAX (~0.5 s a frame on this CPU): 10 images, each model."""
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed (pip install '.[jax]') - JAX backend not checked")
     from models.tflite_import import load_keras_model, weights_path
 
-    pick = {"skimage/coffee.png", "skimage/chelsea.png", "skimage/hubble_deep_field.jpg",
-            "matplotlib/grace_hopper.jpg", "night/motorcycle_left.png"}
+    pick = {
+        "skimage/coffee.png",
+        "skimage/chelsea.png",
+        "skimage/hubble_deep_field.jpg",
+        "matplotlib/grace_hopper.jpg",
+        "night/motorcycle_left.png",
+    }
     images = project[::12] + [img for img in photos if img[0] in pick]
     names = [n for n, _ in images]
     frames = np.stack([prepare(img, 513, bgr=True) for _, img in images])
@@ -159,12 +177,25 @@ def test_jax_backend_from_cached_weights(segstream_home: Path, project: list[Ima
         load_keras_model(name)  # make sure the cache exists (other tests normally made it)
         assert weights_path(name).is_file()
     np.save(tmp_path / "frames.npy", frames)
-    env = {**os.environ, "SEGSTREAM_HOME": str(segstream_home), "PYTHONPATH": str(REPO),
-           "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "SEGSTREAM_HOME": str(segstream_home),
+        "PYTHONPATH": str(REPO),
+        "JAX_PLATFORMS": "cpu",
+    }
     env.pop("KERAS_BACKEND", None)
     res = subprocess.run(
-        [sys.executable, "-c", _JAX_SCRIPT, str(tmp_path / "frames.npy"),
-         str(tmp_path / "out.npz"), *QUANTIZED], env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            _JAX_SCRIPT,
+            str(tmp_path / "frames.npy"),
+            str(tmp_path / "out.npz"),
+            *QUANTIZED,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=900,
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -172,7 +203,9 @@ def test_jax_backend_from_cached_weights(segstream_home: Path, project: list[Ima
     for name in QUANTIZED:
         per_image = (out[name] == refs[name]).mean(axis=(1, 2))
         worst = int(np.argmin(per_image))
-        print(f"{name} keras[jax] int8-faithful vs tflite ({len(names)} images): mean "
-              f"{per_image.mean():.6f}, worst {per_image[worst]:.6f} ({names[worst]})")
+        print(
+            f"{name} keras[jax] int8-faithful vs tflite ({len(names)} images): mean "
+            f"{per_image.mean():.6f}, worst {per_image[worst]:.6f} ({names[worst]})"
+        )
         assert out[name].shape == refs[name].shape and out[name].dtype == np.uint8
         assert per_image.mean() >= MEAN_TARGET and per_image.min() >= WORST_TARGET

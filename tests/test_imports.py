@@ -14,8 +14,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("stream", "models")
-BASE = {"stream.datatypes", "stream.observer", "stream.encoders", "stream.sanitize",
-        "stream.config"}
+BASE = {
+    "stream.datatypes",
+    "stream.observer",
+    "stream.encoders",
+    "stream.sanitize",
+    "stream.config",
+}
 STAGES = ["stream.sources", "stream.scheduler", "stream.runner", "stream.render", "stream.sinks"]
 # Outputs beside stream.sinks: they see only the shared modules (a frame arrives through put()).
 OUTPUTS = {"stream.restream", "stream.mosaic"}
@@ -67,7 +72,7 @@ def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for d in sorted(g.get(n, ())):
             if state.get(d) == 1:
-                return [*stack[stack.index(d):], d]
+                return [*stack[stack.index(d) :], d]
             if d not in state and (c := visit(d)):
                 return c
         state[n] = 2
@@ -93,8 +98,11 @@ def test_pipeline_imports_point_one_way() -> None:
             if dep.startswith("stream.") and dep not in allowed:
                 bad.append(f"{stage} imports {dep}")
     for out in OUTPUTS:
-        bad += [f"{out} imports {dep}" for dep in g[out]
-                if dep.startswith("stream.") and dep not in BASE]
+        bad += [
+            f"{out} imports {dep}"
+            for dep in g[out]
+            if dep.startswith("stream.") and dep not in BASE
+        ]
     for base in BASE:
         for dep in g[base]:
             if dep in STAGES or dep in AROUND or dep in OUTPUTS or dep.startswith(CLUSTER):
@@ -104,12 +112,21 @@ def test_pipeline_imports_point_one_way() -> None:
 
 def test_only_the_cluster_imports_the_cluster_and_only_its_runtime_imports_ray() -> None:
     g = graph()
-    bad = [f"{m} imports {d}" for m, deps in g.items() for d in deps
-           if d.startswith(CLUSTER) and not m.startswith(CLUSTER) and m != "stream.cli"]
+    bad = [
+        f"{m} imports {d}"
+        for m, deps in g.items()
+        for d in deps
+        if d.startswith(CLUSTER) and not m.startswith(CLUSTER) and m != "stream.cli"
+    ]
     for name, path in modules().items():
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(n == "ray" or n.startswith("ray.") for n in names) and name != RAY_MODULE:
                 bad.append(f"{name} imports Ray")
     assert not bad, bad
@@ -117,8 +134,13 @@ def test_only_the_cluster_imports_the_cluster_and_only_its_runtime_imports_ray()
 
 def test_models_library_does_not_import_the_service() -> None:
     g = graph()
-    bad = [f"{m} imports {d}" for m, deps in g.items() if m.startswith("models")
-           and not m.startswith("models.tools") for d in deps if d.startswith("stream")]
+    bad = [
+        f"{m} imports {d}"
+        for m, deps in g.items()
+        if m.startswith("models") and not m.startswith("models.tools")
+        for d in deps
+        if d.startswith("stream")
+    ]
     assert not bad, bad
 
 

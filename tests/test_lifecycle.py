@@ -28,11 +28,19 @@ pytestmark = pytest.mark.e2e
 
 
 def config(**model: object) -> AppConfig:
-    return AppConfig.model_validate({
-        "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1,
-                  "max_batch": 1, **model},
-        "server": {"shutdown_timeout": 2.0},
-    })
+    return AppConfig.model_validate(
+        {
+            "model": {
+                "name": "mnv2-voc",
+                "backend": "tflite",
+                "workers": 1,
+                "threads": 1,
+                "max_batch": 1,
+                **model,
+            },
+            "server": {"shutdown_timeout": 2.0},
+        }
+    )
 
 
 def process_usage() -> tuple[int, int, float]:
@@ -82,10 +90,14 @@ async def test_add_remove_200_times_leaves_nothing_behind(
         await cycle(i)
     assert not service.streams
     assert await until(lambda: process_usage()[0] <= threads0, 5), (
-        threads0, [t.name for t in threading.enumerate()])
+        threads0,
+        [t.name for t in threading.enumerate()],
+    )
     threads, fds, rss = process_usage()
-    print(f"after 200 add/remove: threads {threads0}->{threads}, fds {fds0}->{fds}, RSS "
-          f"{rss0:.0f}->{rss_half:.0f}->{rss:.0f} MB, series {series0}->{metrics.series_count()}")
+    print(
+        f"after 200 add/remove: threads {threads0}->{threads}, fds {fds0}->{fds}, RSS "
+        f"{rss0:.0f}->{rss_half:.0f}->{rss:.0f} MB, series {series0}->{metrics.series_count()}"
+    )
     assert fds <= fds0
     # malloc keeps some freed frame buffers in per-thread arenas (up to 8 per core; the gst
     # reader's streaming threads touch more of them), so RSS grows until every arena holds
@@ -169,8 +181,9 @@ async def test_a_worker_whose_every_batch_fails_is_reported(
             assert st["state"] == "error" and "inference failing" in st["reason"], st
             text = await (await http.get(server.make_url("/metrics"))).text()
         assert 'segstream_model_worker_up{worker="0"} 0.0' in text
-        failures = [ln for ln in text.splitlines()
-                    if ln.startswith("segstream_inference_failures_total ")]
+        failures = [
+            ln for ln in text.splitlines() if ln.startswith("segstream_inference_failures_total ")
+        ]
         assert failures and float(failures[0].split()[1]) >= 3, failures
     finally:
         await server.close()

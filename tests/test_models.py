@@ -26,8 +26,13 @@ MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 
 def test_registry_names_and_specs() -> None:
-    assert set(registry.MODELS) >= {"mnv2-voc", "mnv2-voc-fast", "edgetpu-cityscapes",
-                                    "mnv2-voc-dm05-float", "mnv2-voc-257"}
+    assert set(registry.MODELS) >= {
+        "mnv2-voc",
+        "mnv2-voc-fast",
+        "edgetpu-cityscapes",
+        "mnv2-voc-dm05-float",
+        "mnv2-voc-257",
+    }
     for name, spec in registry.MODELS.items():
         assert spec.name == name
         assert re.fullmatch(r"[0-9a-f]{64}", spec.sha256), spec.sha256
@@ -41,10 +46,17 @@ def test_registry_names_and_specs() -> None:
     assert (default.depth_multiplier, default.output_stride, default.keras) == (1.0, 16, True)
     edge = registry.get_spec("edgetpu-cityscapes")
     assert edge.keras is True and edge.labels == CITYSCAPES_LABELS
-    assert (edge.backbone, edge.depth_multiplier, edge.output_stride, edge.head_depth) == \
-        ("mobilenet_edgetpu", 0.75, 16, 128)
-    assert [n for n, s in registry.MODELS.items() if s.quantized] == \
-        ["mnv2-voc", "mnv2-voc-fast", "edgetpu-cityscapes"]
+    assert (edge.backbone, edge.depth_multiplier, edge.output_stride, edge.head_depth) == (
+        "mobilenet_edgetpu",
+        0.75,
+        16,
+        128,
+    )
+    assert [n for n, s in registry.MODELS.items() if s.quantized] == [
+        "mnv2-voc",
+        "mnv2-voc-fast",
+        "edgetpu-cityscapes",
+    ]
     vtest = registry.SAMPLES["vtest"]
     assert vtest.filename == "vtest.avi" and vtest.url.endswith("samples/data/vtest.avi")
 
@@ -128,8 +140,9 @@ class RecordingSegmenter(Segmenter):
         return np.argmax(batch, axis=-1).astype(np.uint8)
 
 
-@pytest.mark.parametrize(("n", "calls"), [(1, [1]), (3, [4]), (8, [8]), (11, [8, 4]),
-                                          (17, [8, 8, 1])])
+@pytest.mark.parametrize(
+    ("n", "calls"), [(1, [1]), (3, [4]), (8, [8]), (11, [8, 4]), (17, [8, 8, 1])]
+)
 def test_segment_pads_to_fixed_batch_sizes(n: int, calls: list[int]) -> None:
     seg = RecordingSegmenter((1, 2, 4, 8))
     frames = np.random.default_rng(n).integers(0, 256, (n, 4, 5, 3), dtype=np.uint8)
@@ -144,8 +157,12 @@ def test_segment_pads_to_fixed_batch_sizes(n: int, calls: list[int]) -> None:
 
 def test_segment_rejects_bad_frames() -> None:
     seg = RecordingSegmenter((1, 2))
-    for bad in (np.zeros((4, 5, 3), np.uint8), np.zeros((1, 5, 4, 3), np.uint8),
-                np.zeros((1, 4, 5, 3), np.float32), np.zeros((0, 4, 5, 3), np.uint8)):
+    for bad in (
+        np.zeros((4, 5, 3), np.uint8),
+        np.zeros((1, 5, 4, 3), np.uint8),
+        np.zeros((1, 4, 5, 3), np.float32),
+        np.zeros((0, 4, 5, 3), np.uint8),
+    ):
         with pytest.raises(ValueError, match="frames"):
             seg.segment(bad)
     with pytest.raises(ValueError, match="batch_sizes"):
@@ -163,16 +180,23 @@ def _frames(shared_dir: Path, size: int) -> np.ndarray:
     return np.stack([prepare(f, size, bgr=True) for f in (f0, bird, city)])
 
 
-@pytest.mark.parametrize(("name", "backend"), [("mnv2-voc", "tflite"), ("mnv2-voc", "keras"),
-                                                ("mnv2-voc-fast", "tflite"),
-                                                ("mnv2-voc-257", "tflite")])
-def test_runtime_contract(segstream_home: Path, shared_dir: Path, name: str,
-                          backend: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "backend"),
+    [
+        ("mnv2-voc", "tflite"),
+        ("mnv2-voc", "keras"),
+        ("mnv2-voc-fast", "tflite"),
+        ("mnv2-voc-257", "tflite"),
+    ],
+)
+def test_runtime_contract(segstream_home: Path, shared_dir: Path, name: str, backend: str) -> None:
     with load_segmenter(name, backend, batch_sizes=(1, 2, 4)) as seg:
         size = registry.get_spec(name).input_size
         assert seg.name == name and seg.backend == backend
-        assert seg.mode == {("mnv2-voc", "keras"): "int8-faithful",
-                            ("mnv2-voc-257", "tflite"): "float"}.get((name, backend), "int8")
+        assert seg.mode == {
+            ("mnv2-voc", "keras"): "int8-faithful",
+            ("mnv2-voc-257", "tflite"): "float",
+        }.get((name, backend), "int8")
         assert seg.input_size == (size, size)
         assert seg.num_classes == 21 and seg.labels == VOC_LABELS
         assert seg.palette.shape == (256, 3) and seg.palette.dtype == np.uint8
@@ -211,8 +235,9 @@ def test_auto_backend_is_tflite_without_gpu(segstream_home: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", ["tflite", "keras"])
-def test_edgetpu_cityscapes_matches_sample_mask(segstream_home: Path, shared_dir: Path,
-                                                backend: str) -> None:
+def test_edgetpu_cityscapes_matches_sample_mask(
+    segstream_home: Path, shared_dir: Path, backend: str
+) -> None:
     d = shared_dir / "data" / "coral_segmentation_samples"
     img = prepare(cv2.imread(str(d / "cityscapes_segmentation.bmp")), 513, bgr=True)
     mask = cv2.imread(str(d / "cityscapes_segmentation_mask.bmp"), cv2.IMREAD_GRAYSCALE)
@@ -363,12 +388,18 @@ def _huge_bias(model, g) -> None:
     buf.data = np.frombuffer(vals.tobytes(), np.uint8)
 
 
-@pytest.mark.parametrize(("edit", "pattern"), [
-    (_drop_quant, r"uint8 tensor 'MobilenetV2/expanded_conv_2/add' has no \(single\) scale"),
-    (_shift_pool, r"image_pooling/pool: output 'AvgPool2D/AvgPool' .* on another grid"),
-    (_unbound_concat, r"concat: output 'concat' .* another grid than its input 'ResizeBilinear1'"),
-    (_huge_bias, r"bias 'aspp0/.*' reaches 33554432, past the 2\*\*24"),
-])
+@pytest.mark.parametrize(
+    ("edit", "pattern"),
+    [
+        (_drop_quant, r"uint8 tensor 'MobilenetV2/expanded_conv_2/add' has no \(single\) scale"),
+        (_shift_pool, r"image_pooling/pool: output 'AvgPool2D/AvgPool' .* on another grid"),
+        (
+            _unbound_concat,
+            r"concat: output 'concat' .* another grid than its input 'ResizeBilinear1'",
+        ),
+        (_huge_bias, r"bias 'aspp0/.*' reaches 33554432, past the 2\*\*24"),
+    ],
+)
 def test_quant_import_is_loud(segstream_home: Path, tmp_path: Path, edit, pattern: str) -> None:
     """A missing or unexpected quantization parameter fails, naming the tensor."""
     from models.deeplab import build_deeplab, quant_sites
@@ -396,8 +427,11 @@ def test_quant_sites_match_the_files(segstream_home: Path) -> None:
         assert grids[SITE_REQUANT] != grids["image_pooling"]  # the file requantizes there
         assert len(grids) == len(sites) > 100
     with pytest.raises(ValueError, match="not a uint8 file"):
-        check_quant(read_tflite(model_path("mnv2-voc-257")),
-                    quant_sites(build_deeplab(21, 0.5, 8, 65)), "257")
+        check_quant(
+            read_tflite(model_path("mnv2-voc-257")),
+            quant_sites(build_deeplab(21, 0.5, 8, 65)),
+            "257",
+        )
 
 
 def test_faithful_mode_needs_a_uint8_file(segstream_home: Path) -> None:

@@ -18,8 +18,11 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out),
-                    str(REPO)], check=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(REPO)],
+        check=True,
+        timeout=600,
+    )
     (whl,) = out.glob("segstream-*.whl")
     return whl
 
@@ -38,22 +41,50 @@ def test_installed_wheel_serves_without_config(
     """`segstream serve` with no --config, from another directory, on the installed package
     (dependencies from this environment, the package itself only from the wheel)."""
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                    str(target), str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target), "SEGSTREAM_HOME": str(segstream_home)}
     where = subprocess.run(
         [sys.executable, "-c", "import stream.config as c; print(c.__file__, c.DEFAULT_CONFIG)"],
-        cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert where.startswith(str(target)) and str(REPO) not in where, where
     port = free_port()
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from stream.cli import main; sys.exit(main())",
-             "serve", "--port", str(port)],
-            cwd=elsewhere, env=env, stdout=out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-c",
+                "import sys; from stream.cli import main; sys.exit(main())",
+                "serve",
+                "--port",
+                str(port),
+            ],
+            cwd=elsewhere,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", 90, alive=lambda: proc.poll() is None)
     except TimeoutError:

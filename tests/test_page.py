@@ -32,15 +32,22 @@ LIVE_BGR, RECONNECTING_BGR = (63, 160, 40), (26, 150, 220)  # stream.mosaic.STAT
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, segstream_home: Path, shared_dir: Path):
-    clip = encode_clip(shared_dir / "data/video/vtest.avi", size=(320, 240), seconds=6.0,
-                       fps=5, container="mp4")
+    clip = encode_clip(
+        shared_dir / "data/video/vtest.avi", size=(320, 240), seconds=6.0, fps=5, container="mp4"
+    )
     cfg = {
-        "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 2, "threads": 1,
-                  "max_batch": 1},
+        "model": {
+            "name": "mnv2-voc",
+            "backend": "tflite",
+            "workers": 2,
+            "threads": 1,
+            "max_batch": 1,
+        },
         "render": {"alpha": 1.0},
         "mosaic": {"max_layouts": 3},
-        "streams": [{"id": sid, "source": str(clip), "infer_fps": 0.3, "output": "smooth"}
-                    for sid in IDS],
+        "streams": [
+            {"id": sid, "source": str(clip), "infer_fps": 0.3, "output": "smooth"} for sid in IDS
+        ],
     }
     svc = ServiceProcess(tmp_path_factory.mktemp("page"), cfg).start()
     for sid in IDS:
@@ -59,7 +66,7 @@ def chrome(tmp_path_factory):
 def person(img: np.ndarray) -> int:
     """Person-coloured pixels below the legend and the clip's brick building (the top third),
     tight enough that the camera's own colours do not count."""
-    return colour_pixels(img[int(img.shape[0] * 0.35):], PERSON_RGB, tol=16)
+    return colour_pixels(img[int(img.shape[0] * 0.35) :], PERSON_RGB, tol=16)
 
 
 def rss_mb(pid: int) -> float:
@@ -72,26 +79,36 @@ def rss_mb(pid: int) -> float:
 def parse_frame(data: bytes) -> tuple[int, str, int, bytes]:
     """kind, stream id, frame seq, JPEG of one binary WebSocket message."""
     n = data[1]
-    return data[0], data[2:2 + n].decode(), int.from_bytes(data[2 + n:6 + n], "big"), data[6 + n:]
+    return (
+        data[0],
+        data[2 : 2 + n].decode(),
+        int.from_bytes(data[2 + n : 6 + n], "big"),
+        data[6 + n :],
+    )
 
 
 async def viewport(page: CdpPage, width: int, height: int) -> None:
-    await page.call("Emulation.setDeviceMetricsOverride",
-                    {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    await page.call(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+    )
 
 
 async def rect(page: CdpPage, selector: str) -> tuple[int, int, int, int]:
-    r = await page.eval(f"JSON.stringify(document.querySelector({json.dumps(selector)})"
-                        ".getBoundingClientRect())")
+    r = await page.eval(
+        f"JSON.stringify(document.querySelector({json.dumps(selector)}).getBoundingClientRect())"
+    )
     r = json.loads(r)
     return int(r["x"]), int(r["y"]), int(r["width"]), int(r["height"])
 
 
-TILES_JS = ("JSON.stringify([...document.querySelectorAll('[data-stream]')].map(e => ({"
-            "id: e.dataset.stream, frames: +(e.dataset.frames || 0), "
-            "age: Date.now() - +(e.dataset.updated || 0), "
-            "meta: e.querySelector('.meta').textContent, "
-            "bottom: e.getBoundingClientRect().bottom})))")
+TILES_JS = (
+    "JSON.stringify([...document.querySelectorAll('[data-stream]')].map(e => ({"
+    "id: e.dataset.stream, frames: +(e.dataset.frames || 0), "
+    "age: Date.now() - +(e.dataset.updated || 0), "
+    "meta: e.querySelector('.meta').textContent, "
+    "bottom: e.getBoundingClientRect().bottom})))"
+)
 
 
 def test_page_holds_32_cameras(service: ServiceProcess, chrome: Chromium) -> None:
@@ -102,8 +119,9 @@ def test_page_holds_32_cameras(service: ServiceProcess, chrome: Chromium) -> Non
         async with chrome.page() as page:
             await viewport(page, 1600, 2300)
             await page.goto(service.base + "/", 1.0)
-            await page.wait_for(f"document.querySelectorAll('[data-stream][data-frames]').length"
-                                f" === {N}", 40)
+            await page.wait_for(
+                f"document.querySelectorAll('[data-stream][data-frames]').length === {N}", 40
+            )
             samples = []
             for _ in range(13):  # 6 s
                 samples.append(json.loads(await page.eval(TILES_JS)))
@@ -112,11 +130,14 @@ def test_page_holds_32_cameras(service: ServiceProcess, chrome: Chromium) -> Non
             shots = [await page.screenshot()]
             await asyncio.sleep(1.0)
             shots.append(await page.screenshot())
-            info = json.loads(await page.eval(
-                "JSON.stringify({opened: window.segstream.opened, inner: innerHeight, "
-                "mjpeg: performance.getEntriesByType('resource')"
-                ".filter(e => e.name.includes('mjpeg') || e.name.includes('/api/streams'))"
-                ".length})"))
+            info = json.loads(
+                await page.eval(
+                    "JSON.stringify({opened: window.segstream.opened, inner: innerHeight, "
+                    "mjpeg: performance.getEntriesByType('resource')"
+                    ".filter(e => e.name.includes('mjpeg') || e.name.includes('/api/streams'))"
+                    ".length})"
+                )
+            )
             assert info["opened"] == 1 and info["mjpeg"] == 0, info
             assert all(t["bottom"] <= info["inner"] + 80 for t in samples[-1]), "not all in view"
             return samples, shots, rects
@@ -134,15 +155,16 @@ def test_page_holds_32_cameras(service: ServiceProcess, chrome: Chromium) -> Non
         assert "live" in last[i]["meta"] and "fps" in last[i]["meta"]
     person_tiles = 0
     for sid, (x, y, w, h) in zip(IDS, rects, strict=True):
-        views = [shot[y:y + h, x:x + w] for shot in shots]
+        views = [shot[y : y + h, x : x + w] for shot in shots]
         assert all(v.size and v.std() > 10 for v in views), f"{sid}: blank tile"
         assert (views[0] != views[1]).any(), f"{sid}: picture not live"
         person_tiles += max(person(v) for v in views) > 3
     assert person_tiles >= N // 2, person_tiles  # annotated: the person colour is drawn
 
 
-def test_large_view_with_own_overlay_and_tiles_in_view(service: ServiceProcess,
-                                                        chrome: Chromium) -> None:
+def test_large_view_with_own_overlay_and_tiles_in_view(
+    service: ServiceProcess, chrome: Chromium
+) -> None:
     """A small window: tiles below the fold get no frames until scrolled to. A click opens a
     large view whose drawing (stream's own, mask only, off, class filter) changes live for this
     viewer only: another client's picture of the same stream keeps the stream's overlay."""
@@ -150,12 +172,15 @@ def test_large_view_with_own_overlay_and_tiles_in_view(service: ServiceProcess,
     async def focus_shot(page: CdpPage) -> np.ndarray:
         """The picture in the large view (object-fit: contain letterboxes it)."""
         x, y, w, h = await rect(page, "#focus-canvas")
-        cw, ch = json.loads(await page.eval(
-            "JSON.stringify([document.getElementById('focus-canvas').width, "
-            "document.getElementById('focus-canvas').height])"))
+        cw, ch = json.loads(
+            await page.eval(
+                "JSON.stringify([document.getElementById('focus-canvas').width, "
+                "document.getElementById('focus-canvas').height])"
+            )
+        )
         pw, ph = min(w, round(h * cw / ch)), min(h, round(w * ch / cw))
         x, y = x + (w - pw) // 2, y + (h - ph) // 2
-        return (await page.screenshot())[y + 2:y + ph - 2, x + 2:x + pw - 2]
+        return (await page.screenshot())[y + 2 : y + ph - 2, x + 2 : x + pw - 2]
 
     async def set_drawing(page: CdpPage, mode: str, classes: list[str] | None = None) -> None:
         await page.eval(f"""(() => {{
@@ -168,11 +193,17 @@ def test_large_view_with_own_overlay_and_tiles_in_view(service: ServiceProcess,
             f.dispatchEvent(new Event('input'));
             return true; }})()""")
         # The server's acknowledgement names the settings; frames after it are drawn so.
-        want = "null" if mode == "stream" else json.dumps(
-            {"mode": mode, "alpha": 1, "classes": classes}, separators=(",", ":"))
-        await page.wait_for("(() => { const f = document.getElementById('focus'); "
-                            f"return f.dataset.overlay === {json.dumps(want)} && "
-                            "+(f.dataset.frames || 0) >= 3; })()", 15)
+        want = (
+            "null"
+            if mode == "stream"
+            else json.dumps({"mode": mode, "alpha": 1, "classes": classes}, separators=(",", ":"))
+        )
+        await page.wait_for(
+            "(() => { const f = document.getElementById('focus'); "
+            f"return f.dataset.overlay === {json.dumps(want)} && "
+            "+(f.dataset.frames || 0) >= 3; })()",
+            15,
+        )
 
     async def other_viewer(http: aiohttp.ClientSession, frames: list[bytes]) -> None:
         async with http.ws_connect(service.base.replace("http", "ws") + "/ws") as ws:
@@ -185,28 +216,35 @@ def test_large_view_with_own_overlay_and_tiles_in_view(service: ServiceProcess,
         async with chrome.page() as page, aiohttp.ClientSession() as http:
             await viewport(page, 1280, 900)
             await page.goto(service.base + "/", 1.0)
-            await page.wait_for("+(document.querySelector('[data-stream=cam05]')"
-                                ".dataset.frames || 0) >= 3", 30)
+            await page.wait_for(
+                "+(document.querySelector('[data-stream=cam05]').dataset.frames || 0) >= 3", 30
+            )
             await asyncio.sleep(2.0)
             far = "document.querySelector('[data-stream=cam31]').dataset.frames"
             assert await page.eval(far) is None, "a tile out of view got frames"
             other: list[bytes] = []
             watcher = asyncio.create_task(other_viewer(http, other))
             await page.eval("document.querySelector('[data-stream=cam05] .pic').click(), true")
-            await page.wait_for("!document.getElementById('focus').hidden && "
-                                "+(document.getElementById('focus').dataset.frames || 0) >= 3",
-                                15)
+            await page.wait_for(
+                "!document.getElementById('focus').hidden && "
+                "+(document.getElementById('focus').dataset.frames || 0) >= 3",
+                15,
+            )
             shots = {"stream": await focus_shot(page)}
-            for mode, classes in (("mask", None), ("off", None), ("overlay", ["car"]),
-                                  ("overlay", ["person"])):
+            for mode, classes in (
+                ("mask", None),
+                ("off", None),
+                ("overlay", ["car"]),
+                ("overlay", ["person"]),
+            ):
                 await set_drawing(page, mode, classes)
                 shots[f"{mode}:{classes}"] = await focus_shot(page)
             n_other = len(other)
-            await page.eval("document.dispatchEvent(new KeyboardEvent('keydown', "
-                            "{key: 'Escape'})), true")
+            await page.eval(
+                "document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape'})), true"
+            )
             await page.wait_for("document.getElementById('focus').hidden", 5)
-            await page.eval("document.querySelector('[data-stream=cam31]')"
-                            ".scrollIntoView(), true")
+            await page.eval("document.querySelector('[data-stream=cam31]').scrollIntoView(), true")
             await page.wait_for(f"+({far} || 0) >= 2", 15)
             watcher.cancel()
             assert n_other >= 5, n_other
@@ -234,9 +272,13 @@ class RawWebSocket:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
         self.sock.connect((host, port))
         key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.sock.sendall(
+            (
+                f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             head += self.sock.recv(1)
@@ -245,8 +287,11 @@ class RawWebSocket:
     def send_json(self, obj: Any) -> None:
         data, mask = json.dumps(obj).encode(), os.urandom(4)
         assert len(data) < 65536
-        size = bytes((0x80 | len(data),)) if len(data) < 126 else (
-            bytes((0x80 | 126,)) + len(data).to_bytes(2, "big"))
+        size = (
+            bytes((0x80 | len(data),))
+            if len(data) < 126
+            else (bytes((0x80 | 126,)) + len(data).to_bytes(2, "big"))
+        )
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
         self.sock.sendall(b"\x81" + size + mask + masked)
 
@@ -326,23 +371,27 @@ def test_slow_client_gets_newest_frames_and_memory_stays_flat(service: ServicePr
             skipped0 = service.metric("segstream_page_frames_total", outcome="skipped")
             slow_task = asyncio.create_task(asyncio.to_thread(slow))
             while not slow_task.done():  # what the server holds unsent, all clients
-                buffered.append(await asyncio.to_thread(
-                    service.metric, "segstream_page_buffered_bytes"))
+                buffered.append(
+                    await asyncio.to_thread(service.metric, "segstream_page_buffered_bytes")
+                )
                 await asyncio.sleep(1.0)
             got = await slow_task
             fast_rate = (fast_count - fast_before) / 15.0
             rss1 = rss_mb(pid)
-            skipped.append(service.metric("segstream_page_frames_total", outcome="skipped")
-                           - skipped0)
+            skipped.append(
+                service.metric("segstream_page_frames_total", outcome="skipped") - skipped0
+            )
             fast_task.cancel()
         return got, newest, rss0, rss1, int(fast_rate)
 
     buffered: list[float] = []
     skipped: list[float] = []
     got, newest, rss0, rss1, fast_rate = asyncio.run(run())
-    print(f"slow client: {len(got)} frames in 15 s; fast beside it: {fast_rate}/s; "
-          f"server RSS {rss0:.0f} -> {rss1:.0f} MB; unsent at most {max(buffered) / 1e3:.0f} kB;"
-          f" {skipped[0]:.0f} frames skipped")
+    print(
+        f"slow client: {len(got)} frames in 15 s; fast beside it: {fast_rate}/s; "
+        f"server RSS {rss0:.0f} -> {rss1:.0f} MB; unsent at most {max(buffered) / 1e3:.0f} kB;"
+        f" {skipped[0]:.0f} frames skipped"
+    )
     assert len(got) >= 30
     behind = []
     for t, sid, seq in got:
@@ -395,16 +444,20 @@ def test_websocket_rejects_bad_messages(service: ServiceProcess) -> None:
                 assert "overlay.mode" in locs and len(errs) == 8, errs
                 await ws.send_str("x" * 20_000)  # over the message size limit
                 while (await ws.receive(timeout=10)).type not in (
-                        aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                        aiohttp.WSMsgType.CLOSING):
+                    aiohttp.WSMsgType.CLOSE,
+                    aiohttp.WSMsgType.CLOSED,
+                    aiohttp.WSMsgType.CLOSING,
+                ):
                     pass
                 assert ws.close_code == 1009
             async with http.ws_connect(url) as ws:
                 for _ in range(60):  # a flood: closed as a policy violation
                     await ws.send_json({"fps": 1})
                 while (await ws.receive(timeout=10)).type not in (
-                        aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                        aiohttp.WSMsgType.CLOSING):
+                    aiohttp.WSMsgType.CLOSE,
+                    aiohttp.WSMsgType.CLOSED,
+                    aiohttp.WSMsgType.CLOSING,
+                ):
                     pass
                 assert ws.close_code == 1008
             async with http.get(service.base + "/ws") as r:
@@ -419,9 +472,16 @@ def test_websocket_rejects_bad_messages(service: ServiceProcess) -> None:
 def test_mosaic_mjpeg(service: ServiceProcess) -> None:
     """Tiles in a grid, labelled with id and state colour, the overlay colours in them, one
     encode shared by the layout's viewers; limits answered as JSON."""
-    status, body, _ = service.request("POST", "/api/streams", {
-        "id": "gone", "source": "rtsp://127.0.0.1:9/nothing", "reconnect_initial": 0.2,
-        "reconnect_max": 0.5})
+    status, body, _ = service.request(
+        "POST",
+        "/api/streams",
+        {
+            "id": "gone",
+            "source": "rtsp://127.0.0.1:9/nothing",
+            "reconnect_initial": 0.2,
+            "reconnect_max": 0.5,
+        },
+    )
     assert status == 201, body
     try:
         service.wait_state("gone", {"reconnecting"}, 15)
@@ -441,14 +501,14 @@ def test_mosaic_mjpeg(service: ServiceProcess) -> None:
         tw, th, bar = 320, 180, 22  # stream.mosaic.grid / label_height
         for k, sid in enumerate(("cam00", "cam01", "cam02", "gone")):
             r, c = divmod(k, 2)
-            tiles = [im[r * th:(r + 1) * th, c * tw:(c + 1) * tw] for im in imgs]
-            label = tiles[-1][th - bar:, :bar]  # the state square
+            tiles = [im[r * th : (r + 1) * th, c * tw : (c + 1) * tw] for im in imgs]
+            label = tiles[-1][th - bar :, :bar]  # the state square
             colour = LIVE_BGR if sid != "gone" else RECONNECTING_BGR
-            square = label[bar // 3:-bar // 3, bar // 3:-bar // 3].reshape(-1, 3).mean(axis=0)
+            square = label[bar // 3 : -bar // 3, bar // 3 : -bar // 3].reshape(-1, 3).mean(axis=0)
             assert np.abs(square - colour).max() < 30, (sid, square)
-            text = tiles[-1][th - bar:, bar:bar + 80]
+            text = tiles[-1][th - bar :, bar : bar + 80]
             assert (text.max(axis=2) > 180).sum() > 20, f"{sid}: no label text"
-            pictures = [t[:th - bar] for t in tiles]
+            pictures = [t[: th - bar] for t in tiles]
             if sid == "gone":  # (JPEG blocks of 16 rows may bleed the label into the picture)
                 assert all(p[:-16].max() < 40 for p in pictures), "a dead stream shows a picture"
             else:
@@ -464,15 +524,23 @@ def test_mosaic_mjpeg(service: ServiceProcess) -> None:
             everything.close()
         assert decode(everything.jpegs[0]).shape == (6 * 118, 6 * 212, 3)
 
-        for path, code in (("?width=99999", 422), ("?streams=cam00,nope", 404),
-                           ("?cols=0", 422), ("?fps=x", 422)):
+        for path, code in (
+            ("?width=99999", 422),
+            ("?streams=cam00,nope", 404),
+            ("?cols=0", 422),
+            ("?fps=x", 422),
+        ):
             status, body, headers = service.get("/mosaic/mjpeg" + path)
             assert status == code and headers["Content-Type"].startswith("application/json"), (
-                path, status, body[:200])
+                path,
+                status,
+                body[:200],
+            )
         # mosaic.max_layouts is 3 here: a 4th distinct layout waits its turn...
         time.sleep(3.0)  # the readers above are gone: so are their layouts
-        readers = [MjpegReader(service.base + f"/mosaic/mjpeg?streams=cam0{i}&width=320")
-                   for i in range(3)]
+        readers = [
+            MjpegReader(service.base + f"/mosaic/mjpeg?streams=cam0{i}&width=320") for i in range(3)
+        ]
         try:
             for r in readers:
                 r.wait_frames(1, timeout=20)

@@ -308,10 +308,12 @@ def test_cityscapes_road_is_coloured() -> None:
     frame = np.full((64, 64, 3), 90, np.uint8)
     mask = np.zeros((64, 64), np.uint8)  # all road
     out = Renderer(CITYSCAPES_LABELS, cityscapes_palette(), alpha=1.0, legend=False).render(
-        frame, mask)
+        frame, mask
+    )
     assert (out[10, 10] == cityscapes_palette()[0][::-1]).all()
-    only_car = Renderer(CITYSCAPES_LABELS, cityscapes_palette(), alpha=1.0, classes=["car"],
-                        legend=False).render(frame, mask)
+    only_car = Renderer(
+        CITYSCAPES_LABELS, cityscapes_palette(), alpha=1.0, classes=["car"], legend=False
+    ).render(frame, mask)
     assert (only_car == frame).all()
 
 
@@ -358,8 +360,14 @@ def test_worker_plan_cpu_splits_cores_gpu_runs_one() -> None:
 
 async def test_late_result_from_a_parallel_worker_never_replaces_a_newer_one() -> None:
     pub = MjpegSink("a", asyncio.get_running_loop())
-    view = StreamView("a", Renderer(VOC_LABELS, voc_palette()), [pub], output="segmented",
-                      jpeg_quality=80, peek_frame=lambda: None)
+    view = StreamView(
+        "a",
+        Renderer(VOC_LABELS, voc_palette()),
+        [pub],
+        output="segmented",
+        jpeg_quality=80,
+        peek_frame=lambda: None,
+    )
     stage = RenderStage()
     stage.add(view)
     img, mask = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)
@@ -368,8 +376,9 @@ async def test_late_result_from_a_parallel_worker_never_replaces_a_newer_one() -
     assert view.result is not None and view.result.frame.seq == 6
 
 
-def _reference_render(frame: np.ndarray, mask: np.ndarray, palette_rgb: np.ndarray, none: int,
-                      alpha: float, mode: str) -> np.ndarray:
+def _reference_render(
+    frame: np.ndarray, mask: np.ndarray, palette_rgb: np.ndarray, none: int, alpha: float, mode: str
+) -> np.ndarray:
     """The render stage's definition in plain numpy: nearest-neighbour mask at the frame's size
     (cv2.resize INTER_NEAREST fixes which mask pixel each output pixel shows), colour, blend."""
     h, w = frame.shape[:2]
@@ -388,7 +397,7 @@ def _street_masks(size: int = 513) -> list[np.ndarray]:
     person only; then nothing (the renderer's reused buffers must not leak between them)."""
     scene = np.zeros((size, size), np.uint8)
     for x in (30, 140, 290, 460):
-        scene[180:420, x:x + 40] = 15  # person
+        scene[180:420, x : x + 40] = 15  # person
     scene[390:505, 200:340] = 7  # car
     scene[0:60, 0:size] = 15  # touching the top and both sides
     one = np.zeros_like(scene)
@@ -448,13 +457,27 @@ def test_render_threads_take_streams_in_turn() -> None:
     stage = RenderStage(workers=3)
     ids = ["cam-a", "cam-b", "cam-c", "door", "yard", "gate"]
     for sid in ids:
-        stage.add(StreamView(sid, Renderer(VOC_LABELS, voc_palette()), output="segmented",
-                             jpeg_quality=80, peek_frame=lambda: None))
+        stage.add(
+            StreamView(
+                sid,
+                Renderer(VOC_LABELS, voc_palette()),
+                output="segmented",
+                jpeg_quality=80,
+                peek_frame=lambda: None,
+            )
+        )
     # Stream i on thread i % workers: a salted hash() would pile several on one thread.
     assert [stage.thread_of(sid) for sid in ids] == [0, 1, 2, 0, 1, 2]
     stage.remove("cam-b")
-    stage.add(StreamView("new", Renderer(VOC_LABELS, voc_palette()), output="segmented",
-                         jpeg_quality=80, peek_frame=lambda: None))
+    stage.add(
+        StreamView(
+            "new",
+            Renderer(VOC_LABELS, voc_palette()),
+            output="segmented",
+            jpeg_quality=80,
+            peek_frame=lambda: None,
+        )
+    )
     assert stage.thread_of("new") == 1  # the freed place is filled first
 
 

@@ -95,8 +95,12 @@ def test_rtp_packets_fragment_large_nal_units_and_mark_the_last() -> None:
 def test_config_takes_rtsp_urls_only_and_never_quotes_them(tmp_path: Path) -> None:
     ok = StreamConfig(id="a", source="x.mp4", restream="rtsps://u:p@media:8322/a")
     assert ok.restream == "rtsps://u:p@media:8322/a" and ok.restream_encoder == "auto"
-    for bad in ("http://u:hunter2@media/a", "rtsp://u:hunter2@:8554/a",
-                "rtsp://u:hunter2@media:99999/a", "media/a"):
+    for bad in (
+        "http://u:hunter2@media/a",
+        "rtsp://u:hunter2@:8554/a",
+        "rtsp://u:hunter2@media:99999/a",
+        "media/a",
+    ):
         p = tmp_path / "c.yaml"
         p.write_text(json.dumps({"streams": [{"id": "a", "source": "x.mp4", "restream": bad}]}))
         with pytest.raises(ConfigError) as e:
@@ -128,8 +132,10 @@ def test_gst_record_server_with_digest_auth_gets_every_frame(
             st = sink.status()
             assert st["state"] == "live" and st["encoder"] == "libx264", st
             assert st["url"] == f"rtsp://***@127.0.0.1:{srv.port}/in"
-            print(f"put: median {np.median(took) * 1e3:.2f} ms, max {max(took) * 1e3:.2f} ms; "
-                  f"{st['bytes']} bytes for {st['frames']} frames")
+            print(
+                f"put: median {np.median(took) * 1e3:.2f} ms, max {max(took) * 1e3:.2f} ms; "
+                f"{st['bytes']} bytes for {st['frames']} frames"
+            )
             # A new size: the session starts again (new SPS) without an error.
             small = [cv2.resize(f, (384, 288)) for f in frames[:15]]
             feed(sink, small)
@@ -148,8 +154,9 @@ def test_gst_record_server_with_digest_auth_gets_every_frame(
         diff = np.abs(got[10].astype(np.int16) - frames[10].astype(np.int16)).mean()
         assert diff < 6, diff
 
-        wrong = RestreamSink("t", url.replace("s3cr%25t", "hunter2"), reconnect_initial=0.2,
-                             reconnect_max=0.5)
+        wrong = RestreamSink(
+            "t", url.replace("s3cr%25t", "hunter2"), reconnect_initial=0.2, reconnect_max=0.5
+        )
         wrong.start()
         try:
             feed(wrong, frames[:5])
@@ -171,11 +178,17 @@ def test_a_stalled_server_never_blocks_the_pipeline(shared_dir: Path) -> None:
     srv.listen(8)
     port = srv.getsockname()[1]
     held: list[socket.socket] = []
-    threading.Thread(target=lambda: [held.append(srv.accept()[0]) for _ in range(8)],
-                     daemon=True).start()
+    threading.Thread(
+        target=lambda: [held.append(srv.accept()[0]) for _ in range(8)], daemon=True
+    ).start()
     frame = vtest_frames(shared_dir, 1)[0]
-    sink = RestreamSink("t", f"rtsp://u:{SECRET}@127.0.0.1:{port}/x", io_timeout=1.0,
-                        reconnect_initial=0.2, reconnect_max=0.3)
+    sink = RestreamSink(
+        "t",
+        f"rtsp://u:{SECRET}@127.0.0.1:{port}/x",
+        io_timeout=1.0,
+        reconnect_initial=0.2,
+        reconnect_max=0.3,
+    )
     sink.start()
     try:
         gaps, puts = [], []
@@ -191,8 +204,10 @@ def test_a_stalled_server_never_blocks_the_pipeline(shared_dir: Path) -> None:
             last = now
         assert wait_for(lambda: sink.status()["state"] == "reconnecting", 2)
         st = sink.status()
-        print(f"put p50 {np.median(puts) * 1e3:.2f} ms, max {max(puts) * 1e3:.1f} ms; "
-              f"longest gap {max(gaps) * 1e3:.0f} ms; {st}")
+        print(
+            f"put p50 {np.median(puts) * 1e3:.2f} ms, max {max(puts) * 1e3:.1f} ms; "
+            f"longest gap {max(gaps) * 1e3:.0f} ms; {st}"
+        )
         assert st["errors"] >= 2 and "no reply" in st["reason"], st
         assert max(gaps) < 0.25, "the process stalled while the restream waited on the server"
         assert np.median(puts) < 0.002
@@ -226,12 +241,19 @@ def test_an_encoder_that_cannot_open_is_an_error_not_a_retry(shared_dir: Path) -
 
 
 def config() -> AppConfig:
-    return AppConfig.model_validate({
-        "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1,
-                  "max_batch": 1},
-        "render": {"legend": False},  # the legend's swatches carry the colours too
-        "server": {"shutdown_timeout": 2.0},
-    })
+    return AppConfig.model_validate(
+        {
+            "model": {
+                "name": "mnv2-voc",
+                "backend": "tflite",
+                "workers": 1,
+                "threads": 1,
+                "max_batch": 1,
+            },
+            "render": {"legend": False},  # the legend's swatches carry the colours too
+            "server": {"shutdown_timeout": 2.0},
+        }
+    )
 
 
 @pytest.fixture
@@ -245,25 +267,36 @@ async def running(model: Segmenter) -> AsyncIterator[tuple[Service, TestServer]]
 
 
 async def test_service_restream_shows_the_overlay_and_resumes_after_the_receiver_restarts(
-    running: tuple[Service, TestServer], shared_dir: Path, tmp_path: Path,
-    caplog: pytest.LogCaptureFixture
+    running: tuple[Service, TestServer],
+    shared_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
     service, server = running
     rx = RtspListener(record=tmp_path / "rx.ts").start()
     try:
         url = rx.url.replace("rtsp://", "rtsp://viewer:s3cr%25t@")
-        service.add_stream(StreamConfig(
-            id="cam", source=str(shared_dir / "data/video/vtest.avi"), alpha=1.0,
-            restream=url, reconnect_initial=0.2, reconnect_max=1.0))
+        service.add_stream(
+            StreamConfig(
+                id="cam",
+                source=str(shared_dir / "data/video/vtest.avi"),
+                alpha=1.0,
+                restream=url,
+                reconnect_initial=0.2,
+                reconnect_max=1.0,
+            )
+        )
         async with aiohttp.ClientSession() as http:
 
             async def status() -> dict:
                 r = await http.get(server.make_url("/api/streams/cam"))
                 return (await r.json())["restream"]
 
-            assert await until(lambda: rx.frames >= 20, 40), (rx.frames, service.streams[
-                "cam"].restream.status())
+            assert await until(lambda: rx.frames >= 20, 40), (
+                rx.frames,
+                service.streams["cam"].restream.status(),
+            )
             st = await status()
             assert st["state"] == "live" and st["frames"] >= 20 and st["bytes"] > 0, st
             assert st["url"] == f"rtsp://***@127.0.0.1:{rx.port}/live"
@@ -275,22 +308,28 @@ async def test_service_restream_shows_the_overlay_and_resumes_after_the_receiver
 
             # The receiver dies: the restream reconnects, saying why, without the password.
             rx.kill()
-            assert await until(lambda: service.streams["cam"].restream.status()["state"]
-                               == "reconnecting", 10)
+            assert await until(
+                lambda: service.streams["cam"].restream.status()["state"] == "reconnecting", 10
+            )
             st = await status()
             assert st["errors"] >= 1 and st["reason"], st
             # ...and it comes back on the same port: publishing resumes by itself.
             before = rx.frames
             rx.start()
             assert await until(lambda: rx.frames >= before + 15, 30), (
-                rx.frames, service.streams["cam"].restream.status())
+                rx.frames,
+                service.streams["cam"].restream.status(),
+            )
             st = await status()
             assert st["state"] == "live" and st["sessions"] >= 2, st
             metrics = await (await http.get(server.make_url("/metrics"))).text()
             page = json.dumps(await (await http.get(server.make_url("/api/streams"))).json())
         for name in ("frames", "bytes", "errors"):
-            line = next(ln for ln in metrics.splitlines()
-                        if ln.startswith(f'segstream_restream_{name}_total{{stream="cam"}}'))
+            line = next(
+                ln
+                for ln in metrics.splitlines()
+                if ln.startswith(f'segstream_restream_{name}_total{{stream="cam"}}')
+            )
             assert float(line.split()[1]) >= 1, line
         for text in (metrics, page, caplog.text):
             assert SECRET not in text and "s3cr%25t" not in text
@@ -316,9 +355,11 @@ async def test_restream_on_off_and_remove_leave_nothing_behind(
     cfg = {"id": "r", "source": vtest, "reconnect_initial": 0.1, "reconnect_max": 0.2}
 
     def restream_series() -> list[str]:
-        return [ln for ln in metrics.exposition().decode().splitlines()
-                if ln.startswith("segstream_restream_") and 'stream="r"' in ln
-                and "_created{" not in ln]
+        return [
+            ln
+            for ln in metrics.exposition().decode().splitlines()
+            if ln.startswith("segstream_restream_") and 'stream="r"' in ln and "_created{" not in ln
+        ]
 
     stream = service.add_stream(StreamConfig(**cfg))
     source = stream.source

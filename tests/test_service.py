@@ -37,16 +37,26 @@ def cams(clip: Path):
 def service(tmp_path_factory, segstream_home: Path, shared_dir: Path, cams):
     a, b = cams
     cfg = {
-        "model": {"name": "mnv2-voc", "backend": "tflite", "max_batch": 4, "max_wait_ms": 20,
-                  "workers": 2, "threads": 1},
+        "model": {
+            "name": "mnv2-voc",
+            "backend": "tflite",
+            "max_batch": 4,
+            "max_wait_ms": 20,
+            "workers": 2,
+            "threads": 1,
+        },
         "render": {"legend": True},
         "streams": [
             # alpha 1: labelled pixels carry the exact palette colour, easy to find in a JPEG.
             {"id": "cam", "source": a.url("/cam"), "alpha": 1.0},
-            {"id": "door", "source": b.url("/door"), "stall_timeout": 2.0,
-             "reconnect_initial": 0.2, "reconnect_max": 1.0},
-            {"id": "clip", "source": str(shared_dir / "data/video/vtest.avi"),
-             "output": "smooth"},
+            {
+                "id": "door",
+                "source": b.url("/door"),
+                "stall_timeout": 2.0,
+                "reconnect_initial": 0.2,
+                "reconnect_max": 1.0,
+            },
+            {"id": "clip", "source": str(shared_dir / "data/video/vtest.avi"), "output": "smooth"},
         ],
     }
     svc = ServiceProcess(tmp_path_factory.mktemp("svc"), cfg).start()
@@ -75,8 +85,16 @@ def test_api_describes_streams(service: ServiceProcess) -> None:
     by_id = {s["id"]: s for s in body["streams"]}
     assert set(by_id) == {"cam", "door", "clip"}
     for s in by_id.values():
-        for key in ("source", "state", "reason", "fps_in", "fps_out", "inference_fps",
-                    "latency_ms", "dropped"):
+        for key in (
+            "source",
+            "state",
+            "reason",
+            "fps_in",
+            "fps_out",
+            "inference_fps",
+            "latency_ms",
+            "dropped",
+        ):
             assert key in s, key
     deadline = time.monotonic() + 10  # the rate needs a couple of seconds of frames
     while (fps := service.stream("clip")["fps_in"]) <= 5 and time.monotonic() < deadline:
@@ -150,8 +168,11 @@ def test_camera_loss_and_recovery(service: ServiceProcess, cams) -> None:
 def test_browser_shows_annotated_stream(service: ServiceProcess, tmp_path: Path) -> None:
     chrome = Chromium(tmp_path / "profile")
     try:
-        imgs, rect = asyncio.run(chrome.screenshot(
-            service.base + "/", settle_s=5, selector="#stream-cam canvas", shots=4))
+        imgs, rect = asyncio.run(
+            chrome.screenshot(
+                service.base + "/", settle_s=5, selector="#stream-cam canvas", shots=4
+            )
+        )
     finally:
         chrome.close()
     assert rect is not None and rect["width"] > 100, rect
@@ -188,8 +209,9 @@ def test_prometheus_scrapes_latency_histogram(service: ServiceProcess, tmp_path:
         prom.close()
 
 
-def test_sigterm_with_client_exits_quickly(tmp_path: Path, segstream_home: Path,
-                                           shared_dir: Path) -> None:
+def test_sigterm_with_client_exits_quickly(
+    tmp_path: Path, segstream_home: Path, shared_dir: Path
+) -> None:
     cfg = {
         "model": {"name": "mnv2-voc", "backend": "tflite"},
         "streams": [{"id": "clip", "source": str(shared_dir / "data/video/vtest.avi")}],
@@ -226,8 +248,9 @@ def test_http_mjpeg_source(service: ServiceProcess, tmp_path: Path) -> None:
         relay.stop()
 
 
-def test_start_up_failure_exits_with_a_reason(tmp_path: Path, segstream_home: Path,
-                                              shared_dir: Path) -> None:
+def test_start_up_failure_exits_with_a_reason(
+    tmp_path: Path, segstream_home: Path, shared_dir: Path
+) -> None:
     """Class names are only checked once the model is known: a typo still stops start-up."""
     cfg = {
         "model": {"name": "mnv2-voc", "backend": "tflite", "batch_sizes": [1], "max_batch": 1},
@@ -247,20 +270,32 @@ def test_no_credential_leaves_the_process(
     a, _ = cams
     live = a.url("/cam").replace("rtsp://", "rtsp://camuser7:s3cret-pw@")
     dead = "rtsp://operator:p%40ss-w0rd@127.0.0.1:9/cam?token=tok123&fps=5"
-    svc = ServiceProcess(tmp_path, {
-        "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
-        "streams": [{"id": "cam", "source": live},
-                    {"id": "dead", "source": dead, "reconnect_initial": 0.1,
-                     "reconnect_max": 0.3}],
-    }).start()
+    svc = ServiceProcess(
+        tmp_path,
+        {
+            "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
+            "streams": [
+                {"id": "cam", "source": live},
+                {"id": "dead", "source": dead, "reconnect_initial": 0.1, "reconnect_max": 0.3},
+            ],
+        },
+    ).start()
     try:
         svc.wait_state("cam", {"live"}, 20)
         dead_st = svc.wait_state("dead", {"reconnecting"}, 20)
         assert dead_st["source"] == "rtsp://***@127.0.0.1:9/cam?token=***&fps=5"
         assert dead_st["reason"].startswith("cannot open rtsp://***@127.0.0.1:9/cam"), dead_st
-        seen = [svc.get(p)[1].decode(errors="replace")
-                for p in ("/api/streams", "/api/streams/cam", "/api/streams/dead", "/",
-                          "/metrics", "/api/streams/nope")]
+        seen = [
+            svc.get(p)[1].decode(errors="replace")
+            for p in (
+                "/api/streams",
+                "/api/streams/cam",
+                "/api/streams/dead",
+                "/",
+                "/metrics",
+                "/api/streams/nope",
+            )
+        ]
     finally:
         svc.stop()
     seen.append(svc.log())

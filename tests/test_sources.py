@@ -36,8 +36,9 @@ READERS = ["opencv", "pyav", "gst"]
 
 
 def frame(seq: int) -> Frame:
-    return Frame(image=np.zeros((2, 2, 3), np.uint8), seq=seq, capture_ts=time.monotonic(),
-                 decode_s=0.0)
+    return Frame(
+        image=np.zeros((2, 2, 3), np.uint8), seq=seq, capture_ts=time.monotonic(), decode_s=0.0
+    )
 
 
 # One metrics registry for these tests, as a service would own one.
@@ -46,7 +47,8 @@ OBS = PrometheusObserver()
 
 def sample(stream_id: str, outcome: str) -> float:
     v = OBS.registry.get_sample_value(
-        "segstream_frames_total", {"stream": stream_id, "outcome": outcome})
+        "segstream_frames_total", {"stream": stream_id, "outcome": outcome}
+    )
     return v or 0.0
 
 
@@ -89,9 +91,30 @@ def vtest(shared_dir: Path) -> Path:
 def short_clip(vtest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first second of vtest.avi (10 frames at 10 fps) in an MP4."""
     out = tmp_path_factory.mktemp("clips") / "short.mp4"
-    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(vtest),
-                    "-frames:v", "10", "-c:v", "libx264", "-preset", "veryfast", "-bf", "0",
-                    "-pix_fmt", "yuv420p", str(out)], check=True, timeout=60)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-y",
+            "-loglevel",
+            "error",
+            "-i",
+            str(vtest),
+            "-frames:v",
+            "10",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-bf",
+            "0",
+            "-pix_fmt",
+            "yuv420p",
+            str(out),
+        ],
+        check=True,
+        timeout=60,
+    )
     return out
 
 
@@ -136,8 +159,14 @@ def test_slot_latest_wins_and_counts_drops() -> None:
     assert slot.put(frame(4)) is None  # 3 was taken: not a drop
     assert slot.take(after_seq=4) is None
     assert slot.take(after_seq=3).seq == 4
-    assert slot.counts() == {"puts": 4, "taken": 2, "skipped": 0, "dropped": 2, "pending": 0,
-                             "unconverted": 0}
+    assert slot.counts() == {
+        "puts": 4,
+        "taken": 2,
+        "skipped": 0,
+        "dropped": 2,
+        "pending": 0,
+        "unconverted": 0,
+    }
     assert sample("slot-a", "dropped") == 2
 
 
@@ -152,8 +181,14 @@ def test_slot_skipped_frames_are_not_drops() -> None:
     assert not slot.mark_skipped(2)  # taken frames cannot also be skipped
     slot.put(frame(3))
     slot.put(frame(4))
-    assert slot.counts() == {"puts": 4, "taken": 1, "skipped": 1, "dropped": 1, "pending": 1,
-                             "unconverted": 0}
+    assert slot.counts() == {
+        "puts": 4,
+        "taken": 1,
+        "skipped": 1,
+        "dropped": 1,
+        "pending": 1,
+        "unconverted": 0,
+    }
     assert sample("slot-b", "skipped") == 1 and sample("slot-b", "dropped") == 1
     unnamed = FrameSlot()  # no observer: counts only, no metrics
     unnamed.put(frame(1))
@@ -167,8 +202,14 @@ def test_slot_pass_over_counts_unconverted_frames_only() -> None:
     slot.pass_over()  # frames 2 and 3: decoded, never converted
     slot.pass_over()
     assert slot.peek().seq == 1 and slot.take().seq == 1  # the pending frame is untouched
-    assert slot.counts() == {"puts": 1, "taken": 1, "skipped": 0, "dropped": 0, "pending": 0,
-                             "unconverted": 2}
+    assert slot.counts() == {
+        "puts": 1,
+        "taken": 1,
+        "skipped": 0,
+        "dropped": 0,
+        "pending": 0,
+        "unconverted": 2,
+    }
     assert sample("slot-c", "unconverted") == 2 and sample("slot-c", "dropped") == 0
 
 
@@ -284,9 +325,13 @@ def test_source_converts_only_wanted_frames(short_clip: Path, reader: str) -> No
         return asked % 3 == 1
 
     woken: list[str] = []
-    src = observed_source(StreamConfig(id=f"wanted-{reader}", source=str(short_clip),
-                                       reader=reader, realtime=False, loop=False),
-                          wanted=every_third, on_frame=woken.append)
+    src = observed_source(
+        StreamConfig(
+            id=f"wanted-{reader}", source=str(short_clip), reader=reader, realtime=False, loop=False
+        ),
+        wanted=every_third,
+        on_frame=woken.append,
+    )
     src.start()
     try:
         assert wait_for(lambda: src.state is SourceState.STOPPED, 10), src.stats()
@@ -307,8 +352,10 @@ def test_a_failing_wanted_hook_converts_every_frame(short_clip: Path) -> None:
     def broken() -> bool:
         raise RuntimeError("boom")
 
-    src = VideoSource(StreamConfig(id="wanted-broken", source=str(short_clip),
-                                   realtime=False, loop=False), wanted=broken)
+    src = VideoSource(
+        StreamConfig(id="wanted-broken", source=str(short_clip), realtime=False, loop=False),
+        wanted=broken,
+    )
     src.start()
     try:
         assert wait_for(lambda: src.state is SourceState.STOPPED, 10), src.stats()
@@ -318,8 +365,9 @@ def test_a_failing_wanted_hook_converts_every_frame(short_clip: Path) -> None:
 
 
 @pytest.mark.parametrize("reader", ["pyav", "gst"])
-def test_deferred_conversion_is_the_frame_even_after_later_decodes(short_clip: Path,
-                                                                    reader: str) -> None:
+def test_deferred_conversion_is_the_frame_even_after_later_decodes(
+    short_clip: Path, reader: str
+) -> None:
     """PyAV and GStreamer frames convert later on any thread: the converter holds that frame,
     not whatever the reader decodes next, and gives what retrieve() gives."""
     if reader == "gst" and gst_unavailable():
@@ -369,8 +417,11 @@ def test_a_deferred_frame_converts_once_for_all_its_users() -> None:
 def test_frames_a_newer_one_overwrites_are_never_converted(short_clip: Path) -> None:
     """Every frame stored (nothing takes them): with pyav only the last one read is ever
     converted, and only when used."""
-    src = observed_source(StreamConfig(id="defer-drop", source=str(short_clip), reader="pyav",
-                                       realtime=False, loop=False))
+    src = observed_source(
+        StreamConfig(
+            id="defer-drop", source=str(short_clip), reader="pyav", realtime=False, loop=False
+        )
+    )
     src.start()
     try:
         assert wait_for(lambda: src.state is SourceState.STOPPED, 10), src.stats()
@@ -386,8 +437,7 @@ def test_frames_a_newer_one_overwrites_are_never_converted(short_clip: Path) -> 
 def test_auto_reader_picks_gst_for_rtsp_only() -> None:
     rtsp, file = parse_target("rtsp://cam.local/s1"), parse_target("/tmp/x.mp4")
     assert reader_class("auto", file) is OpenCVReader
-    assert reader_class("auto", rtsp) is (GstReader if gst_unavailable() is None
-                                          else OpenCVReader)
+    assert reader_class("auto", rtsp) is (GstReader if gst_unavailable() is None else OpenCVReader)
     assert reader_class("opencv", rtsp) is OpenCVReader
 
 
@@ -403,12 +453,13 @@ def test_i420_with_padded_rows_and_odd_sizes(size: tuple[int, int]) -> None:
     offsets = (0, strides[0] * h, strides[0] * h + strides[1] * ch)
     buf = np.zeros(offsets[2] + strides[2] * ch, np.uint8)
     for plane, off, stride in zip((y, u, v), offsets, strides, strict=True):
-        buf[off: off + stride * plane.shape[0]].reshape(-1, stride)[:, : plane.shape[1]] = plane
+        buf[off : off + stride * plane.shape[0]].reshape(-1, stride)[:, : plane.shape[1]] = plane
     got = i420_to_bgr(buf.tobytes(), w, h, strides, offsets)  # type: ignore[arg-type]
     ew, eh = 2 * cw, 2 * ch
     ye = np.pad(y, ((0, eh - h), (0, ew - w)), mode="edge")
-    ref = cv2.cvtColor(np.concatenate([ye.ravel(), u.ravel(), v.ravel()]).reshape(-1, ew),
-                       cv2.COLOR_YUV2BGR_I420)[:h, :w]
+    ref = cv2.cvtColor(
+        np.concatenate([ye.ravel(), u.ravel(), v.ravel()]).reshape(-1, ew), cv2.COLOR_YUV2BGR_I420
+    )[:h, :w]
     assert got.shape == (h, w, 3) and np.array_equal(got, ref)
 
 
@@ -418,9 +469,10 @@ def test_i420_with_padded_rows_and_odd_sizes(size: tuple[int, int]) -> None:
 @pytest.mark.parametrize("reader", READERS)
 def test_rtsp_reader_delivers_frames(make_source, shared_rtsp: RtspServer, reader: str) -> None:
     woken: list[str] = []
-    src = observed_source(StreamConfig(id=f"rtsp-{reader}", source=shared_rtsp.url(),
-                                       reader=reader),
-                      on_frame=woken.append)
+    src = observed_source(
+        StreamConfig(id=f"rtsp-{reader}", source=shared_rtsp.url(), reader=reader),
+        on_frame=woken.append,
+    )
     src.start()
     try:
         assert wait_for(lambda: src.stats()["captured"] >= 10, 15), (src.stats(), shared_rtsp.log())
@@ -447,14 +499,14 @@ def test_rtsp_converts_only_the_frames_the_scheduler_takes(
     the scheduled rate, each as soon as it is decoded, while only those are converted."""
     sched = Scheduler(max_batch=1, max_wait_s=0.0)
     cfg = StreamConfig(id=f"due-{reader}", source=shared_rtsp.url(), reader=reader)
-    src = observed_source(cfg, on_frame=lambda _id: sched.notify(),
-                          wanted=lambda: sched.due_soon(cfg.id))
+    src = observed_source(
+        cfg, on_frame=lambda _id: sched.notify(), wanted=lambda: sched.due_soon(cfg.id)
+    )
     sched.add(src, 2.0)
     src.start()
     ages: list[float] = []
     try:
-        assert wait_for(lambda: src.state is SourceState.LIVE, 15), (src.stats(),
-                                                                     shared_rtsp.log())
+        assert wait_for(lambda: src.state is SourceState.LIVE, 15), (src.stats(), shared_rtsp.log())
         c0, n0 = src.slot.counts(), src.stats()["captured"]
         threading.Timer(3.0, sched.stop).start()
         while jobs := sched.next_batch():
@@ -497,8 +549,10 @@ def test_rtsp_server_dies_and_returns(
     assert wait_for(lambda: cam.slot.peek().seq > seq_before + 3, 5)
     st = cam.stats()
     assert st["reconnects"] >= 1 and st["reason"] is None
-    assert OBS.registry.get_sample_value(
-        "segstream_source_reconnects_total", {"stream": cam.id}) == st["reconnects"]
+    assert (
+        OBS.registry.get_sample_value("segstream_source_reconnects_total", {"stream": cam.id})
+        == st["reconnects"]
+    )
     assert other.stats()["reconnects"] == 0
 
 
@@ -573,8 +627,9 @@ def test_sample_source_the_resolver_refuses() -> None:
 
 
 def test_sample_source_resolves_to_a_file(vtest: Path) -> None:
-    src = VideoSource(StreamConfig(id="sampled", source="sample:vtest"),
-                      resolve=lambda name: str(vtest))
+    src = VideoSource(
+        StreamConfig(id="sampled", source="sample:vtest"), resolve=lambda name: str(vtest)
+    )
     src.start()
     try:
         assert wait_for(lambda: src.state is SourceState.LIVE, 5), src.stats()
@@ -639,14 +694,19 @@ class MjpegServer:
 
     def _send(self, c: socket.socket, i: int) -> None:
         jpg = self.frames[i % len(self.frames)]
-        c.sendall(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
-                  + jpg + b"\r\n")
+        c.sendall(
+            b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
+            + jpg
+            + b"\r\n"
+        )
 
     def _serve(self, c: socket.socket) -> None:
         try:
             c.recv(65536)  # the request; its details do not matter here
-            c.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace; "
-                      b"boundary=frame\r\nCache-Control: no-cache\r\n\r\n")
+            c.sendall(
+                b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace; "
+                b"boundary=frame\r\nCache-Control: no-cache\r\n\r\n"
+            )
             for i in range(self.first):
                 self._send(c, i)
                 time.sleep(0.05)
@@ -683,12 +743,18 @@ def test_open_that_never_answers(make_source, reader: str) -> None:
     """The peer accepts the connection and says nothing: the open times out, stop is prompt."""
     srv = SilentServer()
     try:
-        src = make_source(f"rtsp://127.0.0.1:{srv.port}/cam", reader=reader, open_timeout=1.0,
-                          read_timeout=1.0, reconnect_initial=5.0)
+        src = make_source(
+            f"rtsp://127.0.0.1:{srv.port}/cam",
+            reader=reader,
+            open_timeout=1.0,
+            read_timeout=1.0,
+            reconnect_initial=5.0,
+        )
         assert wait_for(lambda: src.state is SourceState.RECONNECTING, 1.0 + 1.5 + 2), src.stats()
         assert "timed out" in src.reason or "did not return" in src.reason, src.reason
         assert src.reason.startswith(f"cannot open rtsp://127.0.0.1:{srv.port}/cam") or (
-            "did not return" in src.reason)
+            "did not return" in src.reason
+        )
         t0 = time.monotonic()
         src.stop()
         assert time.monotonic() - t0 < 2.5
@@ -704,8 +770,15 @@ def test_watchdog_catches_a_stall_and_abandons_the_reader(
     stall_timeout, and the abandoned reader, once unblocked, publishes nothing."""
     srv = MjpegServer(jpegs, first=40, after=10)
     try:
-        src = make_source(srv.url, reader=reader, stall_timeout=1.0, read_timeout=60,
-                          open_timeout=10, reconnect_initial=0.2, reconnect_max=0.5)
+        src = make_source(
+            srv.url,
+            reader=reader,
+            stall_timeout=1.0,
+            read_timeout=60,
+            open_timeout=10,
+            reconnect_initial=0.2,
+            reconnect_max=0.5,
+        )
         assert wait_for(lambda: src.state is SourceState.LIVE, 10), src.stats()
         assert (src.stats()["width"], src.stats()["height"]) == (320, 240)
         assert wait_for(lambda: src.state is SourceState.RECONNECTING, 2.0 + 1.0 + 2), src.stats()

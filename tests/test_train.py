@@ -50,20 +50,34 @@ def _cli(argv: list[str]) -> int:
     return args.func(args)
 
 
-def test_fine_tune_camvid_new_class_count(segstream_home: Path, shared_dir: Path,
-                                          tmp_path: Path) -> None:
+def test_fine_tune_camvid_new_class_count(
+    segstream_home: Path, shared_dir: Path, tmp_path: Path
+) -> None:
     """21 VOC classes -> 11 CamVid classes (void ignored): the loss falls, val mIoU rises,
     and the saved file rebuilds a model (at another size) that gives CamVid class ids.
     20 steps of batch 2 at 129 px: ~0.1 s a step on 2 cores."""
     images, masks = _camvid_subset(shared_dir, tmp_path / "data", 14)
     out = tmp_path / "out" / "camvid.weights.h5"
     lines: list[str] = []
-    res = fine_tune(TrainConfig(
-        images=images, masks=masks, model="mnv2-voc", num_classes=CAMVID_CLASSES,
-        class_names=(shared_dir / "data/camvid_segnet_test/labels.txt").read_text().split(
-            "\n")[:CAMVID_CLASSES],
-        ignore_id=CAMVID_VOID, input_size=129, epochs=4, batch_size=2, lr=3e-4,
-        val_split=0.2, out=out), report=lines.append)
+    res = fine_tune(
+        TrainConfig(
+            images=images,
+            masks=masks,
+            model="mnv2-voc",
+            num_classes=CAMVID_CLASSES,
+            class_names=(shared_dir / "data/camvid_segnet_test/labels.txt")
+            .read_text()
+            .split("\n")[:CAMVID_CLASSES],
+            ignore_id=CAMVID_VOID,
+            input_size=129,
+            epochs=4,
+            batch_size=2,
+            lr=3e-4,
+            val_split=0.2,
+            out=out,
+        ),
+        report=lines.append,
+    )
     losses = [h["loss"] for h in res.history]
     mious = [h["val_miou"] for h in res.history]
     print("\n".join(lines))
@@ -117,14 +131,17 @@ def test_new_head_keeps_backbone_and_aspp(segstream_home: Path) -> None:
     kept = 0
     for layer in model.layers:
         if layer.weights and layer.name != train.LOGITS_LAYER:
-            for a, b in zip(layer.get_weights(), base.get_layer(layer.name).get_weights(),
-                            strict=True):
+            for a, b in zip(
+                layer.get_weights(), base.get_layer(layer.name).get_weights(), strict=True
+            ):
                 np.testing.assert_array_equal(a, b)
             kept += 1
     assert kept == 54  # 51 MobileNetV2 convs + image pooling, aspp0, concat projection
     same = train.build_finetune_model(get_spec("mnv2-voc-fast"), 21, 65)
-    np.testing.assert_array_equal(same.get_layer(train.LOGITS_LAYER).get_weights()[0],
-                                  base.get_layer(train.LOGITS_LAYER).get_weights()[0])
+    np.testing.assert_array_equal(
+        same.get_layer(train.LOGITS_LAYER).get_weights()[0],
+        base.get_layer(train.LOGITS_LAYER).get_weights()[0],
+    )
 
 
 _JAX_TRAIN = textwrap.dedent("""
@@ -142,17 +159,20 @@ _JAX_TRAIN = textwrap.dedent("""
 """)
 
 
-def test_fine_tune_on_jax_backend(segstream_home: Path, shared_dir: Path,
-                                  tmp_path: Path) -> None:
+def test_fine_tune_on_jax_backend(segstream_home: Path, shared_dir: Path, tmp_path: Path) -> None:
     """The same pipeline trains on JAX; its weights load into a TF-backend model."""
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed (pip install '.[jax]')")
     images, masks = _camvid_subset(shared_dir, tmp_path / "data", 4)
     out = tmp_path / "jax.weights.h5"
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _JAX_TRAIN, str(images), str(masks), str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _JAX_TRAIN, str(images), str(masks), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     loss = float(proc.stdout.split("LOSS")[-1])
     assert np.isfinite(loss) and loss > 0
@@ -209,8 +229,10 @@ def test_palette_masks_train_like_their_grey_originals(shared_dir: Path, tmp_pat
         (pal_masks / m.name).write_bytes(encode_palette_png(ids, voc_palette()))
     grey = train.pair_files(images, grey_masks)
     pal = train.pair_files(images, pal_masks)
-    np.testing.assert_array_equal(train.check_pairs(pal, CAMVID_CLASSES, CAMVID_VOID),
-                                  train.check_pairs(grey, CAMVID_CLASSES, CAMVID_VOID))
+    np.testing.assert_array_equal(
+        train.check_pairs(pal, CAMVID_CLASSES, CAMVID_VOID),
+        train.check_pairs(grey, CAMVID_CLASSES, CAMVID_VOID),
+    )
     _, y_pal = train.make_dataset(pal, 3, 65, augment=False, ignore_id=CAMVID_VOID)[0]
     _, y_grey = train.make_dataset(grey, 3, 65, augment=False, ignore_id=CAMVID_VOID)[0]
     assert len(np.unique(y_grey)) > 5
@@ -220,8 +242,12 @@ def test_palette_masks_train_like_their_grey_originals(shared_dir: Path, tmp_pat
 # ------------------------------------------------------------------ bad input
 
 
-def _pairs(root: Path, masks: dict[str, np.ndarray], images: list[str] | None = None,
-           size: tuple[int, int] = (24, 32)) -> tuple[Path, Path]:
+def _pairs(
+    root: Path,
+    masks: dict[str, np.ndarray],
+    images: list[str] | None = None,
+    size: tuple[int, int] = (24, 32),
+) -> tuple[Path, Path]:
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     for stem in images if images is not None else list(masks):
@@ -237,16 +263,19 @@ def _ok_mask(v: int = 1) -> np.ndarray:
     return m
 
 
-@pytest.mark.parametrize(("case", "pattern"), [
-    ("empty", r"no images in .*images"),
-    ("no_masks", r"no masks in .*masks"),
-    ("unpaired", r"1 image\(s\) without a mask .*b; 1 mask\(s\) without an image .*c"),
-    ("bad_ids", r"1 mask\(s\) hold class ids >= --num-classes 3 .*b\.png \(7\)"),
-    ("colour", r"colour image .*single-channel"),
-    ("size", r"image a\.jpg is 32x24 but mask a\.png is 16x8"),
-    ("void_only", r"every mask pixel is the ignore id 255"),
-    ("missing_dir", r"images folder .*nowhere does not exist"),
-])
+@pytest.mark.parametrize(
+    ("case", "pattern"),
+    [
+        ("empty", r"no images in .*images"),
+        ("no_masks", r"no masks in .*masks"),
+        ("unpaired", r"1 image\(s\) without a mask .*b; 1 mask\(s\) without an image .*c"),
+        ("bad_ids", r"1 mask\(s\) hold class ids >= --num-classes 3 .*b\.png \(7\)"),
+        ("colour", r"colour image .*single-channel"),
+        ("size", r"image a\.jpg is 32x24 but mask a\.png is 16x8"),
+        ("void_only", r"every mask pixel is the ignore id 255"),
+        ("missing_dir", r"images folder .*nowhere does not exist"),
+    ],
+)
 def test_bad_datasets_fail_before_training(tmp_path: Path, case: str, pattern: str) -> None:
     root = tmp_path / "d"
     if case == "empty":

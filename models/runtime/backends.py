@@ -24,8 +24,11 @@ def keras_backend_name() -> str:
         import keras
 
         return str(keras.backend.backend())
-    if "KERAS_BACKEND" not in os.environ and importlib.util.find_spec("tensorflow") is None \
-            and importlib.util.find_spec("jax") is not None:
+    if (
+        "KERAS_BACKEND" not in os.environ
+        and importlib.util.find_spec("tensorflow") is None
+        and importlib.util.find_spec("jax") is not None
+    ):
         os.environ["KERAS_BACKEND"] = "jax"
     return os.environ.get("KERAS_BACKEND", "tensorflow")
 

@@ -35,13 +35,15 @@ def prepare(
     """
     h, w = (size, size) if isinstance(size, int) else size
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"prepare() wants a uint8 [H, W, 3] frame, got {image.dtype} "
-                         f"{image.shape}")
+        raise ValueError(
+            f"prepare() wants a uint8 [H, W, 3] frame, got {image.dtype} {image.shape}"
+        )
     if out is None:
         out = np.empty((h, w, 3), dtype=np.uint8)
     elif out.shape != (h, w, 3) or out.dtype != np.uint8 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a contiguous uint8 {(h, w, 3)} array, got {out.dtype} "
-                         f"{out.shape}")
+        raise ValueError(
+            f"out must be a contiguous uint8 {(h, w, 3)} array, got {out.dtype} {out.shape}"
+        )
     if image.shape[:2] == (h, w):
         np.copyto(out, image)
     else:
@@ -57,8 +59,9 @@ class Segmenter(abc.ABC):
     backend: str
     mode: str | None = None  # how it computes: "int8", "int8-faithful", "float"
 
-    def __init__(self, spec: ModelSpec, input_size: tuple[int, int],
-                 batch_sizes: Sequence[int]) -> None:
+    def __init__(
+        self, spec: ModelSpec, input_size: tuple[int, int], batch_sizes: Sequence[int]
+    ) -> None:
         sizes = tuple(sorted({int(b) for b in batch_sizes}))
         if not sizes or sizes[0] < 1:
             raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
@@ -81,11 +84,15 @@ class Segmenter(abc.ABC):
     def _check(self, frames: np.ndarray) -> None:
         h, w = self.input_size
         if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
-            raise ValueError(f"{self.name}: frames must be a uint8 numpy array, got "
-                             f"{getattr(frames, 'dtype', type(frames))}")
+            raise ValueError(
+                f"{self.name}: frames must be a uint8 numpy array, got "
+                f"{getattr(frames, 'dtype', type(frames))}"
+            )
         if frames.ndim != 4 or frames.shape[1:] != (h, w, 3) or frames.shape[0] < 1:
-            raise ValueError(f"{self.name}: frames must be [N>=1, {h}, {w}, 3] RGB (use "
-                             f"models.runtime.prepare), got {frames.shape}")
+            raise ValueError(
+                f"{self.name}: frames must be [N>=1, {h}, {w}, 3] RGB (use "
+                f"models.runtime.prepare), got {frames.shape}"
+            )
 
     def segment(self, frames: np.ndarray) -> np.ndarray:
         """uint8 RGB [N, h, w, 3] at input_size -> uint8 [N, h, w] class ids (any N >= 1)."""
@@ -96,14 +103,14 @@ class Segmenter(abc.ABC):
         step = self.batch_sizes[-1]
         with self._lock:
             for start in range(0, n, step):
-                chunk = frames[start:start + step]
+                chunk = frames[start : start + step]
                 k = chunk.shape[0]
                 b = self._batch_for(k)
                 if b != k:  # pad to a fixed size so nothing is re-planned/recompiled
                     padded = np.zeros((b, h, w, 3), dtype=np.uint8)
                     padded[:k] = chunk
                     chunk = padded
-                out[start:start + k] = self._run(np.ascontiguousarray(chunk))[:k]
+                out[start : start + k] = self._run(np.ascontiguousarray(chunk))[:k]
         return out
 
     def warmup(self) -> None:
@@ -124,5 +131,7 @@ class Segmenter(abc.ABC):
 
     def __repr__(self) -> str:
         h, w = self.input_size
-        return (f"<{type(self).__name__} {self.name} backend={self.backend} mode={self.mode} "
-                f"input={h}x{w} batches={self.batch_sizes}>")
+        return (
+            f"<{type(self).__name__} {self.name} backend={self.backend} mode={self.mode} "
+            f"input={h}x{w} batches={self.batch_sizes}>"
+        )

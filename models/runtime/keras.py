@@ -31,9 +31,15 @@ KerasMode = Literal["faithful", "float"]
 class KerasSegmenter(Segmenter):
     backend = "keras"
 
-    def __init__(self, spec: ModelSpec, *, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-                 input_size: int | None = None, weights: PathLike | None = None,
-                 mode: KerasMode | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+        input_size: int | None = None,
+        weights: PathLike | None = None,
+        mode: KerasMode | None = None,
+    ) -> None:
         keras_backend_name()  # picks JAX when TensorFlow is not installed
         import keras
 
@@ -43,14 +49,18 @@ class KerasSegmenter(Segmenter):
         super().__init__(spec, (size, size), batch_sizes)
         self.keras_backend = keras.backend.backend()
         if self.keras_backend not in ("tensorflow", "jax"):
-            raise ValueError(f"Keras backend {self.keras_backend!r} is not supported "
-                             f"(use KERAS_BACKEND=tensorflow or jax)")
+            raise ValueError(
+                f"Keras backend {self.keras_backend!r} is not supported "
+                f"(use KERAS_BACKEND=tensorflow or jax)"
+            )
         if weights is None:
             self.model = load_keras_model(spec.name, size, mode=mode or default_mode(spec))
         else:
             if mode == "faithful":
-                raise ValueError("fine-tuned weights are float: they have no uint8 grids to "
-                                 "be faithful to (use keras_mode float)")
+                raise ValueError(
+                    "fine-tuned weights are float: they have no uint8 grids to "
+                    "be faithful to (use keras_mode float)"
+                )
             self._use_finetuned(weights, size)
         self.mode = MODE_NAMES[self.model.mode]
         self._fns: dict[int, Callable[[np.ndarray], np.ndarray]] = {}
@@ -70,8 +80,11 @@ class KerasSegmenter(Segmenter):
         if self.keras_backend == "tensorflow":
             import tensorflow as tf
 
-            fn = tf.function(lambda x: model(x, training=False), jit_compile=False,
-                             input_signature=[tf.TensorSpec((b, h, w, 3), tf.uint8)])
+            fn = tf.function(
+                lambda x: model(x, training=False),
+                jit_compile=False,
+                input_signature=[tf.TensorSpec((b, h, w, 3), tf.uint8)],
+            )
             return lambda x: fn(x).numpy()
         import jax
 

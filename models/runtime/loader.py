@@ -55,6 +55,7 @@ def load_segmenter(
         keras_backend_name()  # before keras is first imported: JAX where TF is absent
         from models.runtime.keras import KerasSegmenter  # lazily: imports keras
 
-        return KerasSegmenter(spec, batch_sizes=batch_sizes, input_size=input_size,
-                              weights=weights, mode=keras_mode)
+        return KerasSegmenter(
+            spec, batch_sizes=batch_sizes, input_size=input_size, weights=weights, mode=keras_mode
+        )
     return TFLiteSegmenter(spec, batch_sizes=batch_sizes, threads=threads, input_size=input_size)

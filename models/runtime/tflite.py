@@ -32,8 +32,14 @@ class TFLiteSegmenter(Segmenter):
 
     backend = "tflite"
 
-    def __init__(self, spec: ModelSpec, *, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-                 threads: int | None = None, input_size: int | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+        threads: int | None = None,
+        input_size: int | None = None,
+    ) -> None:
         size = int(input_size or spec.input_size)
         super().__init__(spec, (size, size), batch_sizes)
         self.path = fetch.model_path(spec.name)

@@ -88,11 +88,15 @@ def _class_ids(im: Image.Image, path: Path) -> np.ndarray:
         rgb = np.array(im)[..., :3]
         if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all():
             return np.ascontiguousarray(rgb[..., 0])  # grey saved as colour
-        raise DataError(f"{path}: a colour image ({im.mode}); a mask must be a single-channel "
-                        f"label image (pixel = class id) or a palette image (index = class "
-                        f"id). A colour-coded mask needs its colours mapped to class ids first")
-    raise DataError(f"{path}: unsupported mask pixel format {im.mode}; a mask must be a "
-                    f"single-channel label image (pixel = class id) or a palette image")
+        raise DataError(
+            f"{path}: a colour image ({im.mode}); a mask must be a single-channel "
+            f"label image (pixel = class id) or a palette image (index = class "
+            f"id). A colour-coded mask needs its colours mapped to class ids first"
+        )
+    raise DataError(
+        f"{path}: unsupported mask pixel format {im.mode}; a mask must be a "
+        f"single-channel label image (pixel = class id) or a palette image"
+    )
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -105,9 +109,11 @@ def read_pair(image: Path, mask: Path) -> tuple[np.ndarray, np.ndarray]:
     """(RGB image, class ids) of one pair; DataError if either is unreadable or sizes differ."""
     rgb, ids = read_image(image), read_mask(mask)
     if rgb.shape[:2] != ids.shape:
-        raise DataError(f"{Path(image).stem}: image {Path(image).name} is {rgb.shape[1]}x"
-                        f"{rgb.shape[0]} but mask {Path(mask).name} is {ids.shape[1]}x"
-                        f"{ids.shape[0]}; they must have the same size")
+        raise DataError(
+            f"{Path(image).stem}: image {Path(image).name} is {rgb.shape[1]}x"
+            f"{rgb.shape[0]} but mask {Path(mask).name} is {ids.shape[1]}x"
+            f"{ids.shape[0]}; they must have the same size"
+        )
     return rgb, ids
 
 

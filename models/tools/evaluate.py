@@ -197,8 +197,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         pairing = pair_files(args.images, args.masks)
         class_map = load_class_map(args.class_map) if args.class_map else None
-        segmenter = load_segmenter(args.model, args.backend, threads=args.threads,
-                                   keras_mode=args.keras_mode)
+        segmenter = load_segmenter(
+            args.model, args.backend, threads=args.threads, keras_mode=args.keras_mode
+        )
     except (FileNotFoundError, ClassMapError, NotFetchedError, ValueError) as e:
         _err(str(e))
         return 2
@@ -280,8 +281,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--masks", type=Path, required=True, metavar="DIR")
     p.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS))
     p.add_argument("--backend", default="auto", choices=BACKENDS)
-    p.add_argument("--keras-mode", default=None, choices=["faithful", "float"],
-                   help="keras backend: int8-faithful (default for uint8 models) or float")
+    p.add_argument(
+        "--keras-mode",
+        default=None,
+        choices=["faithful", "float"],
+        help="keras backend: int8-faithful (default for uint8 models) or float",
+    )
     p.add_argument("--threads", type=int, default=None, help="TFLite threads (default: all)")
     p.add_argument(
         "--class-map",

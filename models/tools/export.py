@@ -72,8 +72,10 @@ def _require_tf(fmt: str) -> None:
     if importlib.util.find_spec("tensorflow") is None:
         raise ExportError(f"--format {fmt} needs TensorFlow, which is not installed here")
     if _backend() != "tensorflow":
-        raise ExportError(f"--format {fmt} is written through the TensorFlow backend; run with "
-                          f"KERAS_BACKEND=tensorflow (now {_backend()!r})")
+        raise ExportError(
+            f"--format {fmt} is written through the TensorFlow backend; run with "
+            f"KERAS_BACKEND=tensorflow (now {_backend()!r})"
+        )
 
 
 def check_format(fmt: str) -> str:
@@ -83,8 +85,10 @@ def check_format(fmt: str) -> str:
     if fmt in ("savedmodel", "tflite", "onnx"):
         _require_tf(fmt)
     if fmt == "onnx" and importlib.util.find_spec("tf2onnx") is None:
-        raise ExportError("--format onnx needs tf2onnx: pip install 'segstream[onnx]' "
-                          "(tf2onnx, onnx; onnxruntime to run the file)")
+        raise ExportError(
+            "--format onnx needs tf2onnx: pip install 'segstream[onnx]' "
+            "(tf2onnx, onnx; onnxruntime to run the file)"
+        )
     return fmt
 
 
@@ -99,8 +103,10 @@ def target_path(out: str | Path, fmt: str, stem: str) -> Path:
     if out.is_dir() or (not out.suffix and not out.exists()):
         return out / f"{stem}{suffix}"
     if out.suffix != suffix:
-        raise ExportError(f"--format {fmt} writes a {suffix} file; got --out {out} "
-                          f"(name it *{suffix} or give a folder)")
+        raise ExportError(
+            f"--format {fmt} writes a {suffix} file; got --out {out} "
+            f"(name it *{suffix} or give a folder)"
+        )
     return out
 
 
@@ -150,8 +156,11 @@ def _write_savedmodel(model: Any, tmp: Path, shape: tuple) -> None:
     import tensorflow as tf
 
     _tf_serving_model(model).export(
-        str(tmp), format="tf_saved_model", verbose=False,
-        input_signature=[tf.TensorSpec(shape, tf.uint8, name=INPUT_NAME)])
+        str(tmp),
+        format="tf_saved_model",
+        verbose=False,
+        input_signature=[tf.TensorSpec(shape, tf.uint8, name=INPUT_NAME)],
+    )
 
 
 def _write_tflite(model: Any, tmp: Path, shape: tuple) -> None:
@@ -172,26 +181,40 @@ def _write_onnx(model: Any, tmp: Path, shape: tuple) -> None:
     with warnings.catch_warnings():  # tf2onnx probes np.object
         warnings.simplefilter("ignore", FutureWarning)
         _tf_serving_model(model).export(
-            str(tmp), format="onnx", verbose=False,
-            input_signature=[tf.TensorSpec(shape, tf.uint8, name=INPUT_NAME)])
+            str(tmp),
+            format="onnx",
+            verbose=False,
+            input_signature=[tf.TensorSpec(shape, tf.uint8, name=INPUT_NAME)],
+        )
 
 
-_WRITERS = {"keras": _write_keras, "savedmodel": _write_savedmodel, "tflite": _write_tflite,
-            "onnx": _write_onnx}
+_WRITERS = {
+    "keras": _write_keras,
+    "savedmodel": _write_savedmodel,
+    "tflite": _write_tflite,
+    "onnx": _write_onnx,
+}
 
 
 def _keras_spec(name: str | None) -> Any:
     spec = get_spec(name or DEFAULT_MODEL)
     if not spec.keras:
-        raise ExportError(f"model {spec.name!r} has no Keras port (it runs on the tflite "
-                          f"runtime only); Keras models: "
-                          f"{', '.join(n for n, s in MODELS.items() if s.keras)}")
+        raise ExportError(
+            f"model {spec.name!r} has no Keras port (it runs on the tflite "
+            f"runtime only); Keras models: "
+            f"{', '.join(n for n, s in MODELS.items() if s.keras)}"
+        )
     return spec
 
 
-def build_model(name: str | None = None, *, weights: str | Path | None = None,
-                input_size: int | None = None, logits: bool = False,
-                faithful: bool = False) -> tuple[Any, int]:
+def build_model(
+    name: str | None = None,
+    *,
+    weights: str | Path | None = None,
+    input_size: int | None = None,
+    logits: bool = False,
+    faithful: bool = False,
+) -> tuple[Any, int]:
     """(weighted Keras port, input size): registry model ``name`` or a fine-tuned file.
 
     The float port unless ``faithful`` (the int8-faithful one of a uint8 registry model).
@@ -199,8 +222,9 @@ def build_model(name: str | None = None, *, weights: str | Path | None = None,
     output: Output = "logits" if logits else "classes"
     if weights is not None:
         if faithful:
-            raise ExportError("--faithful needs a uint8 registry model; fine-tuned weights "
-                              "are float")
+            raise ExportError(
+                "--faithful needs a uint8 registry model; fine-tuned weights are float"
+            )
         from models.finetuned import load_finetuned
 
         model, meta = load_finetuned(weights, input_size=input_size, output=output)
@@ -211,8 +235,7 @@ def build_model(name: str | None = None, *, weights: str | Path | None = None,
     if faithful and not spec.quantized:
         raise ExportError(f"--faithful needs a uint8 model; {spec.name!r} is a float file")
     size = int(input_size or spec.input_size)
-    return load_keras_model(spec.name, size, output,
-                            mode="faithful" if faithful else "float"), size
+    return load_keras_model(spec.name, size, output, mode="faithful" if faithful else "float"), size
 
 
 def export_model(
@@ -250,8 +273,9 @@ def export_model(
     if fmt == "tflite" and batch is None:
         batch = 1
     t0 = time.perf_counter()
-    model, size = build_model(name, weights=weights, input_size=input_size, logits=logits,
-                              faithful=faithful)
+    model, size = build_model(
+        name, weights=weights, input_size=input_size, logits=logits, faithful=faithful
+    )
     shape = _signature_shape(batch, size)
     tmp = path.with_name(f".{path.name}.partial{os.getpid()}{SUFFIX[fmt]}")
     try:
@@ -266,48 +290,87 @@ def export_model(
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
-    return ExportResult(path, fmt, shape, logits, time.perf_counter() - t0,
-                        "int8-faithful" if faithful else "float")
+    return ExportResult(
+        path, fmt, shape, logits, time.perf_counter() - t0, "int8-faithful" if faithful else "float"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        res = export_model(args.format, args.out, name=args.model, weights=args.weights,
-                           input_size=args.input_size, batch=args.batch, logits=args.logits,
-                           overwrite=args.overwrite, faithful=args.faithful)
+        res = export_model(
+            args.format,
+            args.out,
+            name=args.model,
+            weights=args.weights,
+            input_size=args.input_size,
+            batch=args.batch,
+            logits=args.logits,
+            overwrite=args.overwrite,
+            faithful=args.faithful,
+        )
     except (ExportError, ValueError, FileNotFoundError) as e:
         print(f"segstream export: {e}", file=sys.stderr)
         return 1
     b = "dynamic" if res.input_shape[0] is None else res.input_shape[0]
     out = "float32 logits" if res.logits else "uint8 class ids"
-    print(f"wrote {res.format} {res.path} ({res.mode}, input uint8 [{b}, {res.input_shape[1]}, "
-          f"{res.input_shape[2]}, 3] -> {out}) in {res.seconds:.1f} s")
+    print(
+        f"wrote {res.format} {res.path} ({res.mode}, input uint8 [{b}, {res.input_shape[1]}, "
+        f"{res.input_shape[2]}, 3] -> {out}) in {res.seconds:.1f} s"
+    )
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``export --model NAME --format F --out PATH``."""
     p = subparsers.add_parser(
-        "export", help="export the Keras port as .keras, TF SavedModel, float TFLite or ONNX",
+        "export",
+        help="export the Keras port as .keras, TF SavedModel, float TFLite or ONNX",
         description="Input: uint8 RGB [B, S, S, 3]; output: uint8 class ids [B, S, S] "
         "(or float32 logits with --logits).",
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None,
-                     help=f"registry model (default {DEFAULT_MODEL}; see `segstream fetch --list`)")
-    src.add_argument("--weights", type=Path, default=None, metavar="FILE.weights.h5",
-                     help="a fine-tuned model written by `segstream train` (reads its .json)")
-    p.add_argument("--format", default="keras", choices=FORMATS,
-                   help="artifact format (default keras)")
-    p.add_argument("--input-size", type=int, default=None, metavar="S",
-                   help="square input size (default: the model's)")
-    p.add_argument("--batch", type=int, default=None, metavar="B",
-                   help="fixed batch size (default: dynamic; 1 for tflite)")
+    src.add_argument(
+        "--model",
+        default=None,
+        help=f"registry model (default {DEFAULT_MODEL}; see `segstream fetch --list`)",
+    )
+    src.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        metavar="FILE.weights.h5",
+        help="a fine-tuned model written by `segstream train` (reads its .json)",
+    )
+    p.add_argument(
+        "--format", default="keras", choices=FORMATS, help="artifact format (default keras)"
+    )
+    p.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
+        metavar="S",
+        help="square input size (default: the model's)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        metavar="B",
+        help="fixed batch size (default: dynamic; 1 for tflite)",
+    )
     p.add_argument("--logits", action="store_true", help="output float logits, not class ids")
-    p.add_argument("--faithful", action="store_true",
-                   help="the int8-faithful port of a uint8 model (the tflite runtime's answers) "
-                        "instead of the float one; keras and savedmodel formats")
-    p.add_argument("--out", required=True, type=Path, metavar="PATH",
-                   help="file (or SavedModel folder); a folder gets <model><suffix> inside")
+    p.add_argument(
+        "--faithful",
+        action="store_true",
+        help="the int8-faithful port of a uint8 model (the tflite runtime's answers) "
+        "instead of the float one; keras and savedmodel formats",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="file (or SavedModel folder); a folder gets <model><suffix> inside",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
     p.set_defaults(func=_run)

@@ -29,10 +29,25 @@ from models.runtime import Segmenter, prepare
 
 # scikit-image's bundled photographs (skimage/data); synthetic images are left out
 SKIMAGE_PHOTOS = (
-    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-    "motorcycle_right.png", "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "camera.png",
-    "moon.png", "coins.png", "clock_motion.png", "page.png", "text.png", "cell.png",
-    "brick.png", "grass.png", "gravel.png",
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "retina.jpg",
+    "camera.png",
+    "moon.png",
+    "coins.png",
+    "clock_motion.png",
+    "page.png",
+    "text.png",
+    "cell.png",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
 )
 MATPLOTLIB_PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
 NIGHT = ("astronaut.png", "coffee.png", "motorcycle_left.png", "grace_hopper.jpg")
@@ -45,8 +60,10 @@ Image = tuple[str, np.ndarray]  # (name, BGR uint8 frame)
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{package} is not installed (pip install '.[test]'): its "
-                                f"sample photos are part of the fidelity set")
+        raise FileNotFoundError(
+            f"{package} is not installed (pip install '.[test]'): its "
+            f"sample photos are part of the fidelity set"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -133,8 +150,12 @@ class Agreement:
 
     def summary(self) -> dict[str, Any]:
         worst, name = self.worst
-        return {"images": len(self.values), "mean": round(self.mean, 6),
-                "worst": round(worst, 6), "worst_image": name}
+        return {
+            "images": len(self.values),
+            "mean": round(self.mean, 6),
+            "worst": round(worst, 6),
+            "worst_image": name,
+        }
 
 
 def _chunks(images: Iterable[Image], n: int) -> Iterator[list[Image]]:
@@ -148,8 +169,7 @@ def _chunks(images: Iterable[Image], n: int) -> Iterator[list[Image]]:
         yield chunk
 
 
-def measure(seg: Segmenter, ref: Segmenter, images: Iterable[Image],
-            chunk: int = 8) -> Agreement:
+def measure(seg: Segmenter, ref: Segmenter, images: Iterable[Image], chunk: int = 8) -> Agreement:
     """Agreement of ``seg`` with ``ref`` (same input size) over ``images``, in chunks."""
     if seg.input_size != ref.input_size:
         raise ValueError(f"input sizes differ: {seg.input_size} vs {ref.input_size}")

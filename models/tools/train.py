@@ -87,18 +87,20 @@ def pair_files(images_dir: str | Path, masks_dir: str | Path) -> list[tuple[Path
     if no_mask or no_image:
         parts = []
         if no_mask:
-            parts.append(f"{len(no_mask)} image(s) without a mask in {masks_dir}: "
-                         f"{_list_some(no_mask)}")
+            parts.append(
+                f"{len(no_mask)} image(s) without a mask in {masks_dir}: {_list_some(no_mask)}"
+            )
         if no_image:
-            parts.append(f"{len(no_image)} mask(s) without an image in {images_dir}: "
-                         f"{_list_some(no_image)}")
-        raise DatasetError("unpaired files (pairs match by file name without extension); "
-                           + "; ".join(parts))
+            parts.append(
+                f"{len(no_image)} mask(s) without an image in {images_dir}: {_list_some(no_image)}"
+            )
+        raise DatasetError(
+            "unpaired files (pairs match by file name without extension); " + "; ".join(parts)
+        )
     return [(p.image, p.mask) for p in pairing.pairs]
 
 
-def check_pairs(pairs: Sequence[tuple[Path, Path]], num_classes: int,
-                ignore_id: int) -> np.ndarray:
+def check_pairs(pairs: Sequence[tuple[Path, Path]], num_classes: int, ignore_id: int) -> np.ndarray:
     """Check every pair before training; return per-class pixel counts (ignored excluded).
 
     Both files must be readable (models.tools.data), of one size, and the mask must hold
@@ -121,22 +123,25 @@ def check_pairs(pairs: Sequence[tuple[Path, Path]], num_classes: int,
         raise DatasetError(
             f"{len(bad)} mask(s) hold class ids >= --num-classes {num_classes} that are not "
             f"the --ignore id {ignore_id}: {_list_some(bad)}. Raise --num-classes, or pass "
-            f"--ignore ID for the void label")
+            f"--ignore ID for the void label"
+        )
     if counts.sum() == 0:
         raise DatasetError(f"every mask pixel is the ignore id {ignore_id}: nothing to learn")
     return counts
 
 
-def split_pairs(pairs: Sequence[tuple[Path, Path]], val_split: float,
-                seed: int = 0) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
+def split_pairs(
+    pairs: Sequence[tuple[Path, Path]], val_split: float, seed: int = 0
+) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
     """Shuffled (train, val); val gets round(n * val_split) pairs, at least 1 if > 0."""
     if not 0.0 <= val_split < 1.0:
         raise DatasetError(f"--val-split must be in [0, 1), got {val_split}")
     order = np.random.default_rng(seed).permutation(len(pairs))
     n_val = 0 if val_split == 0 else max(1, round(len(pairs) * val_split))
     if len(pairs) - n_val < 1:
-        raise DatasetError(f"{len(pairs)} pair(s) leave nothing to train on with --val-split "
-                           f"{val_split}")
+        raise DatasetError(
+            f"{len(pairs)} pair(s) leave nothing to train on with --val-split {val_split}"
+        )
     val = [pairs[i] for i in sorted(order[:n_val])]
     train = [pairs[i] for i in order[n_val:]]
     return train, val
@@ -147,12 +152,20 @@ def split_pairs(pairs: Sequence[tuple[Path, Path]], val_split: float,
 
 def resize_pair(img: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Whole frame to size x size (aspect not kept), as the runtime's ``prepare`` does."""
-    return (cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR),
-            cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST))
+    return (
+        cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR),
+        cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST),
+    )
 
 
-def augment_pair(img: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator,
-                 scale: tuple[float, float], ignore_id: int) -> tuple[np.ndarray, np.ndarray]:
+def augment_pair(
+    img: np.ndarray,
+    mask: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float],
+    ignore_id: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Random scale around the inference framing, random size x size crop, random h-flip.
 
     Scale 1 is exactly what inference sees (the whole frame squashed to size x size); other
@@ -169,7 +182,7 @@ def augment_pair(img: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Ge
         mask = cv2.copyMakeBorder(mask, *border, cv2.BORDER_CONSTANT, value=ignore_id)
     elif s > size:
         y, x = int(rng.integers(0, s - size + 1)), int(rng.integers(0, s - size + 1))
-        img, mask = img[y:y + size, x:x + size], mask[y:y + size, x:x + size]
+        img, mask = img[y : y + size, x : x + size], mask[y : y + size, x : x + size]
     if rng.random() < 0.5:
         img, mask = img[:, ::-1], mask[:, ::-1]
     return np.ascontiguousarray(img), np.ascontiguousarray(mask)
@@ -194,10 +207,19 @@ def _dataset_class() -> type:
         neither backend retraces (a JAX retrace costs ~10 s). ``max_batches`` caps an epoch.
         """
 
-        def __init__(self, pairs: Sequence[tuple[Path, Path]], batch_size: int, size: int, *,
-                     augment: bool, ignore_id: int, seed: int = 0,
-                     scale: tuple[float, float] = (0.75, 1.5), max_batches: int | None = None,
-                     **kw: Any) -> None:
+        def __init__(
+            self,
+            pairs: Sequence[tuple[Path, Path]],
+            batch_size: int,
+            size: int,
+            *,
+            augment: bool,
+            ignore_id: int,
+            seed: int = 0,
+            scale: tuple[float, float] = (0.75, 1.5),
+            max_batches: int | None = None,
+            **kw: Any,
+        ) -> None:
             super().__init__(**kw)
             batch_size = min(batch_size, len(pairs)) if augment else batch_size
             self.pairs, self.batch_size, self.size = list(pairs), batch_size, size
@@ -217,7 +239,7 @@ def _dataset_class() -> type:
             return min(n, self.max_batches) if self.max_batches else n
 
         def __getitem__(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
-            sel = self._order[idx * self.batch_size:(idx + 1) * self.batch_size]
+            sel = self._order[idx * self.batch_size : (idx + 1) * self.batch_size]
             x = np.full((self.batch_size, self.size, self.size, 3), PAD_PIXEL, np.uint8)
             y = np.full((self.batch_size, self.size, self.size), self.ignore_id, np.int32)
             for k, i in enumerate(sel):
@@ -227,8 +249,7 @@ def _dataset_class() -> type:
                     mask = mask.astype(np.uint16)
                 if self.augment:  # per-sample stream: same result with any worker count
                     rng = np.random.default_rng((self.seed, self.epoch, int(i)))
-                    img, mask = augment_pair(img, mask, self.size, rng, self.scale,
-                                             self.ignore_id)
+                    img, mask = augment_pair(img, mask, self.size, rng, self.scale, self.ignore_id)
                 else:
                     img, mask = resize_pair(img, mask, self.size)
                 x[k], y[k] = img, mask
@@ -242,11 +263,17 @@ def _dataset_class() -> type:
     return SegmentationData
 
 
-def make_dataset(pairs: Sequence[tuple[Path, Path]], batch_size: int, size: int, *,
-                 augment: bool, ignore_id: int, **kw: Any) -> Any:
+def make_dataset(
+    pairs: Sequence[tuple[Path, Path]],
+    batch_size: int,
+    size: int,
+    *,
+    augment: bool,
+    ignore_id: int,
+    **kw: Any,
+) -> Any:
     """A SegmentationData (keras.utils.PyDataset); see :func:`_dataset_class`."""
-    return _dataset_class()(pairs, batch_size, size, augment=augment, ignore_id=ignore_id,
-                            **kw)
+    return _dataset_class()(pairs, batch_size, size, augment=augment, ignore_id=ignore_id, **kw)
 
 
 # ---------------------------------------------------------------- loss and metric
@@ -261,7 +288,8 @@ def masked_sparse_ce(ignore_id: int) -> Callable[[Any, Any], Any]:
         y = ops.cast(y_true, "int32")
         valid = ops.not_equal(y, ignore_id)
         ce = keras.losses.sparse_categorical_crossentropy(
-            ops.where(valid, y, 0), y_pred, from_logits=True)
+            ops.where(valid, y, 0), y_pred, from_logits=True
+        )
         w = ops.cast(valid, ce.dtype)
         return ops.sum(ce * w) / ops.maximum(ops.sum(w), 1.0)
 
@@ -277,15 +305,17 @@ def evaluate(model: Any, data: Any, num_classes: int, ignore_id: int) -> dict[st
         x, y = data[i]
         pred = np.argmax(np.asarray(model.predict_on_batch(x)), axis=-1)
         cm += confusion_matrix(y, pred, num_classes, ignore=ignore_id)
-    return {"miou": mean_iou(cm), "pixel_acc": pixel_accuracy(cm),
-            "iou": [None if np.isnan(v) else round(float(v), 4) for v in class_iou(cm)]}
+    return {
+        "miou": mean_iou(cm),
+        "pixel_acc": pixel_accuracy(cm),
+        "iou": [None if np.isnan(v) else round(float(v), 4) for v in class_iou(cm)],
+    }
 
 
 # ---------------------------------------------------------------- model
 
 
-def build_finetune_model(spec: ModelSpec, num_classes: int, input_size: int,
-                         seed: int = 0) -> Any:
+def build_finetune_model(spec: ModelSpec, num_classes: int, input_size: int, seed: int = 0) -> Any:
     """Logits model of ``spec`` with its official weights; a fresh logits layer if the class
     count differs (small random kernel, zero bias: starts near uniform, loss ~ ln C)."""
     from models.tflite_import import build_for_spec, load_keras_model
@@ -317,8 +347,6 @@ def freeze_backbone(model: Any) -> int:
 # ---------------------------------------------------------------- output files
 
 
-
-
 def resolve_out(out: str | Path | None, base: str, overwrite: bool) -> Path:
     """The .weights.h5 path to write, checked writable and not clobbering anything."""
     if out is None:
@@ -329,8 +357,9 @@ def resolve_out(out: str | Path | None, base: str, overwrite: bool) -> Path:
     if out.name.endswith(".weights.h5"):
         path = out
     elif out.suffix and not out.is_dir():
-        raise OutputError(f"--out {out}: name the weights file *.weights.h5 (Keras requires "
-                          f"it), or give a folder")
+        raise OutputError(
+            f"--out {out}: name the weights file *.weights.h5 (Keras requires it), or give a folder"
+        )
     else:
         path = out / f"{base}-ft-{time.strftime('%Y%m%d-%H%M%S')}.weights.h5"
     for p in (path, sidecar_path(path)):
@@ -343,12 +372,6 @@ def resolve_out(out: str | Path | None, base: str, overwrite: bool) -> Path:
     except OSError as e:
         raise OutputError(f"cannot write to {path.parent}: {e.strerror or e}") from None
     return path
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------- training
@@ -375,7 +398,7 @@ class TrainConfig:
     images: Path
     masks: Path
     model: str = DEFAULT_MODEL
-    num_classes: int | None = None      # None: from class_names, else the base model's
+    num_classes: int | None = None  # None: from class_names, else the base model's
     class_names: list[str] | None = None
     epochs: int = 10
     batch_size: int = 4
@@ -383,13 +406,13 @@ class TrainConfig:
     input_size: int = 257
     val_split: float = 0.1
     ignore_id: int = DEFAULT_IGNORE
-    out: Path | None = None              # .weights.h5 file or folder; None: home()/finetuned
+    out: Path | None = None  # .weights.h5 file or folder; None: home()/finetuned
     overwrite: bool = False
-    max_steps: int | None = None         # cap on steps per epoch (tiny runs)
+    max_steps: int | None = None  # cap on steps per epoch (tiny runs)
     freeze_backbone: bool = False
     seed: int = 0
     workers: int = 1
-    verbose: int = 0                     # keras.fit progress output
+    verbose: int = 0  # keras.fit progress output
 
 
 @dataclass
@@ -411,14 +434,19 @@ def _classes(cfg: TrainConfig, spec: ModelSpec) -> tuple[int, list[str]]:
     if names is None:
         names = list(spec.labels) if n == spec.num_classes else [f"class_{i}" for i in range(n)]
     if 0 <= cfg.ignore_id < n:
-        raise DatasetError(f"--ignore {cfg.ignore_id} is a real class id (< {n}); pick an id "
-                           f">= --num-classes (e.g. 255)")
+        raise DatasetError(
+            f"--ignore {cfg.ignore_id} is a real class id (< {n}); pick an id "
+            f">= --num-classes (e.g. 255)"
+        )
     return n, names
 
 
 def _check_config(cfg: TrainConfig) -> None:
-    for name, v, lo in (("epochs", cfg.epochs, 1), ("batch-size", cfg.batch_size, 1),
-                        ("input-size", cfg.input_size, 33)):
+    for name, v, lo in (
+        ("epochs", cfg.epochs, 1),
+        ("batch-size", cfg.batch_size, 1),
+        ("input-size", cfg.input_size, 33),
+    ):
         if v < lo:
             raise DatasetError(f"--{name} must be >= {lo}, got {v}")
     if not cfg.lr > 0:
@@ -433,15 +461,19 @@ def fine_tune(cfg: TrainConfig, report: Callable[[str], None] = print) -> TrainR
     _check_config(cfg)
     spec = get_spec(cfg.model)
     if not spec.keras:
-        raise DatasetError(f"model {spec.name!r} has no Keras port; trainable models: "
-                           f"{', '.join(n for n, s in MODELS.items() if s.keras)}")
+        raise DatasetError(
+            f"model {spec.name!r} has no Keras port; trainable models: "
+            f"{', '.join(n for n, s in MODELS.items() if s.keras)}"
+        )
     num_classes, labels = _classes(cfg, spec)
     pairs = pair_files(cfg.images, cfg.masks)
     counts = check_pairs(pairs, num_classes, cfg.ignore_id)
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_split, cfg.seed)
     out = resolve_out(cfg.out, spec.name, cfg.overwrite)
-    report(f"{len(train_pairs)} train / {len(val_pairs)} val pairs, {num_classes} classes "
-           f"({int((counts > 0).sum())} present), input {cfg.input_size}, base {spec.name}")
+    report(
+        f"{len(train_pairs)} train / {len(val_pairs)} val pairs, {num_classes} classes "
+        f"({int((counts > 0).sum())} present), input {cfg.input_size}, base {spec.name}"
+    )
 
     import keras
 
@@ -451,25 +483,46 @@ def fine_tune(cfg: TrainConfig, report: Callable[[str], None] = print) -> TrainR
         freeze_backbone(model)
     # jit_compile=False: XLA on CPU measured ~3x slower per step than TF's own kernels
     # (0.65 vs 2.1 s, batch 4 at 257); JAX always jits.
-    model.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss=masked_sparse_ce(cfg.ignore_id),
-                  jit_compile=False)
-    kw = {"ignore_id": cfg.ignore_id, "workers": cfg.workers,
-          "use_multiprocessing": False}
-    train_ds = make_dataset(train_pairs, cfg.batch_size, cfg.input_size, augment=True,
-                            seed=cfg.seed, max_batches=cfg.max_steps, **kw)
-    val_ds = make_dataset(val_pairs, cfg.batch_size, cfg.input_size, augment=False, **kw) \
-        if val_pairs else None
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg.lr),
+        loss=masked_sparse_ce(cfg.ignore_id),
+        jit_compile=False,
+    )
+    kw = {"ignore_id": cfg.ignore_id, "workers": cfg.workers, "use_multiprocessing": False}
+    train_ds = make_dataset(
+        train_pairs,
+        cfg.batch_size,
+        cfg.input_size,
+        augment=True,
+        seed=cfg.seed,
+        max_batches=cfg.max_steps,
+        **kw,
+    )
+    val_ds = (
+        make_dataset(val_pairs, cfg.batch_size, cfg.input_size, augment=False, **kw)
+        if val_pairs
+        else None
+    )
     meta: dict[str, Any] = {
-        "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "base_model": spec.name,
-        "num_classes": num_classes, "labels": labels, "input_size": cfg.input_size,
-        "backbone": spec.backbone, "head_depth": spec.head_depth,
-        "depth_multiplier": spec.depth_multiplier, "output_stride": spec.output_stride,
-        "input_norm": list(spec.input_norm), "ignore_id": cfg.ignore_id,
+        "format": SIDECAR_FORMAT,
+        "version": SIDECAR_VERSION,
+        "base_model": spec.name,
+        "num_classes": num_classes,
+        "labels": labels,
+        "input_size": cfg.input_size,
+        "backbone": spec.backbone,
+        "head_depth": spec.head_depth,
+        "depth_multiplier": spec.depth_multiplier,
+        "output_stride": spec.output_stride,
+        "input_norm": list(spec.input_norm),
+        "ignore_id": cfg.ignore_id,
         "logits_reinitialised": num_classes != spec.num_classes,
         "keras_backend": keras.backend.backend(),
-        "train": {k: (str(v) if isinstance(v, Path) else v)
-                  for k, v in dataclasses.asdict(cfg).items()
-                  if k not in ("class_names", "verbose", "overwrite")},
+        "train": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("class_names", "verbose", "overwrite")
+        },
         "history": [],
     }
     result = TrainResult(out, sidecar_path(out))
@@ -479,8 +532,10 @@ def fine_tune(cfg: TrainConfig, report: Callable[[str], None] = print) -> TrainR
     t_epoch = [time.perf_counter()]
 
     def on_epoch_end(epoch: int, logs: dict[str, Any] | None = None) -> None:
-        row: dict[str, Any] = {"epoch": epoch + 1, "loss": float((logs or {}).get("loss",
-                                                                                  math.nan))}
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": float((logs or {}).get("loss", math.nan)),
+        }
         if val_ds is not None:
             m = evaluate(model, val_ds, num_classes, cfg.ignore_id)
             row.update(val_miou=m["miou"], val_pixel_acc=m["pixel_acc"], val_iou=m["iou"])
@@ -488,16 +543,25 @@ def fine_tune(cfg: TrainConfig, report: Callable[[str], None] = print) -> TrainR
         result.history.append(row)
         meta["history"] = result.history
         save_finetuned(model, out, meta)
-        val = (f", val mIoU {row['val_miou']:.4f} (pixel acc {row['val_pixel_acc']:.3f})"
-               if val_ds is not None else "")
-        report(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['loss']:.4f}{val}, "
-               f"{row['seconds']:.1f} s -> {out}")
+        val = (
+            f", val mIoU {row['val_miou']:.4f} (pixel acc {row['val_pixel_acc']:.3f})"
+            if val_ds is not None
+            else ""
+        )
+        report(
+            f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['loss']:.4f}{val}, "
+            f"{row['seconds']:.1f} s -> {out}"
+        )
         t_epoch[0] = time.perf_counter()
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-        model.fit(train_ds, epochs=cfg.epochs, verbose=cfg.verbose,
-                  callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)])
+        model.fit(
+            train_ds,
+            epochs=cfg.epochs,
+            verbose=cfg.verbose,
+            callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)],
+        )
     return result
 
 
@@ -507,12 +571,23 @@ def fine_tune(cfg: TrainConfig, report: Callable[[str], None] = print) -> TrainR
 def _run(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig(
-            images=args.images, masks=args.masks, model=args.model,
-            num_classes=args.num_classes, class_names=parse_class_names(args.class_names),
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            input_size=args.input_size, val_split=args.val_split, ignore_id=args.ignore,
-            out=args.out, overwrite=args.overwrite, max_steps=args.steps,
-            freeze_backbone=args.freeze_backbone, seed=args.seed, workers=args.workers,
+            images=args.images,
+            masks=args.masks,
+            model=args.model,
+            num_classes=args.num_classes,
+            class_names=parse_class_names(args.class_names),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            input_size=args.input_size,
+            val_split=args.val_split,
+            ignore_id=args.ignore,
+            out=args.out,
+            overwrite=args.overwrite,
+            max_steps=args.steps,
+            freeze_backbone=args.freeze_backbone,
+            seed=args.seed,
+            workers=args.workers,
             verbose=1 if args.progress else 0,
         )
         res = fine_tune(cfg, report=lambda s: print(s, flush=True))
@@ -526,40 +601,82 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train --images DIR --masks DIR ...``."""
     p = subparsers.add_parser(
-        "train", help="fine-tune the Keras DeepLab port on an images/ + masks/ folder pair",
+        "train",
+        help="fine-tune the Keras DeepLab port on an images/ + masks/ folder pair",
         description="Pairs image and mask files by name (without extension). Masks are "
         "grey label images (pixel value = class id) or palette images (index = class id); "
         "--ignore ID = void.",
     )
     p.add_argument("--images", required=True, type=Path, metavar="DIR")
     p.add_argument("--masks", required=True, type=Path, metavar="DIR")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"base model (default {DEFAULT_MODEL}; Keras ports: "
-                   f"{', '.join(n for n, s in MODELS.items() if s.keras)})")
-    p.add_argument("--num-classes", type=int, default=None, metavar="N",
-                   help="classes of the new model (default: from --class-names, else the "
-                   "base model's; another count re-initialises the logits layer)")
-    p.add_argument("--class-names", default=None, metavar="FILE|a,b,c",
-                   help="label names, one per line in FILE or comma-separated")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"base model (default {DEFAULT_MODEL}; Keras ports: "
+        f"{', '.join(n for n, s in MODELS.items() if s.keras)})",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="classes of the new model (default: from --class-names, else the "
+        "base model's; another count re-initialises the logits layer)",
+    )
+    p.add_argument(
+        "--class-names",
+        default=None,
+        metavar="FILE|a,b,c",
+        help="label names, one per line in FILE or comma-separated",
+    )
     p.add_argument("--epochs", type=int, default=10, metavar="E")
     p.add_argument("--batch-size", type=int, default=4, metavar="B")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
-    p.add_argument("--input-size", type=int, default=257, metavar="S",
-                   help="square training size (default 257; 513 is slow on a CPU)")
-    p.add_argument("--val-split", type=float, default=0.1, metavar="F",
-                   help="fraction of pairs held out for val mIoU (default 0.1; 0: none)")
-    p.add_argument("--ignore", type=int, default=DEFAULT_IGNORE, metavar="ID",
-                   help=f"mask id left out of loss and mIoU (default {DEFAULT_IGNORE})")
-    p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="at most N steps per epoch (quick runs)")
-    p.add_argument("--freeze-backbone", action="store_true",
-                   help="train only ASPP + logits (faster on a CPU)")
-    p.add_argument("--out", type=Path, default=None, metavar="PATH.weights.h5|DIR",
-                   help="weights file (a .json sidecar goes beside it) or folder "
-                   "(default: $SEGSTREAM_HOME/finetuned)")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        default=257,
+        metavar="S",
+        help="square training size (default 257; 513 is slow on a CPU)",
+    )
+    p.add_argument(
+        "--val-split",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="fraction of pairs held out for val mIoU (default 0.1; 0: none)",
+    )
+    p.add_argument(
+        "--ignore",
+        type=int,
+        default=DEFAULT_IGNORE,
+        metavar="ID",
+        help=f"mask id left out of loss and mIoU (default {DEFAULT_IGNORE})",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N steps per epoch (quick runs)",
+    )
+    p.add_argument(
+        "--freeze-backbone", action="store_true", help="train only ASPP + logits (faster on a CPU)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="PATH.weights.h5|DIR",
+        help="weights file (a .json sidecar goes beside it) or folder "
+        "(default: $SEGSTREAM_HOME/finetuned)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--workers", type=int, default=1, help="data loading threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--progress", action="store_true",
-                   help="keras' per-step progress bar (default: one line per epoch)")
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="keras' per-step progress bar (default: one line per epoch)",
+    )
     p.set_defaults(func=_run)

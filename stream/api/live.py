@@ -56,8 +56,9 @@ NOTSENT_LOWAT = 16 * 1024
 
 def frame_message(kind: int, stream_id: str, pub: Published) -> bytes:
     sid = stream_id.encode("ascii")
-    return (bytes((kind, len(sid))) + sid + (pub.frame_seq & 0xFFFFFFFF).to_bytes(4, "big")
-            + pub.jpeg)
+    return (
+        bytes((kind, len(sid))) + sid + (pub.frame_seq & 0xFFFFFFFF).to_bytes(4, "big") + pub.jpeg
+    )
 
 
 class TokenBucket:
@@ -94,8 +95,9 @@ class PageSocket:
 
     def send_error(self, message: str, loc: str = "body") -> None:
         self._errors += 1
-        self.push_text(f"error{self._errors % 8}",
-                       json.dumps({"type": "error", "error": message, "loc": loc}))
+        self.push_text(
+            f"error{self._errors % 8}", json.dumps({"type": "error", "error": message, "loc": loc})
+        )
 
     async def read(self) -> None:
         bucket = TokenBucket(MESSAGES_PER_S, MESSAGE_BURST)
@@ -141,19 +143,22 @@ class PageHub(Protocol):
     def remove(self, client: Any) -> None: ...
 
 
-async def open_page_socket(request: web.Request, cfg: PageConfig,
-                           connected: int) -> web.WebSocketResponse:
+async def open_page_socket(
+    request: web.Request, cfg: PageConfig, connected: int
+) -> web.WebSocketResponse:
     """The checks and the handshake of a live-page WebSocket (same origin, an Upgrade, room
     for another page), its limits, and the socket's small send buffers."""
     if not _same_origin(request):
         raise error(403, "WebSocket from another origin")
-    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE, heartbeat=30.0,
-                               writer_limit=16 * 1024)
+    ws = web.WebSocketResponse(
+        compress=False, max_msg_size=MAX_MESSAGE, heartbeat=30.0, writer_limit=16 * 1024
+    )
     if not ws.can_prepare(request).ok:
         raise error(400, "this endpoint speaks WebSocket only (Upgrade: websocket)")
     if connected >= cfg.max_clients:
-        raise error(503, f"{connected} pages connected (page.max_clients)",
-                    headers={"Retry-After": "5"})
+        raise error(
+            503, f"{connected} pages connected (page.max_clients)", headers={"Retry-After": "5"}
+        )
     await ws.prepare(request)
     _tune_socket(request)
     return ws
@@ -176,8 +181,13 @@ async def run_page_client(hub: PageHub, client: PageSocket) -> None:
 class LiveClient(PageSocket):
     """One page's connection: its watch list, its large view, and its pending messages."""
 
-    def __init__(self, ws: web.WebSocketResponse, service: Service, cfg: PageConfig,
-                 transport: asyncio.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        service: Service,
+        cfg: PageConfig,
+        transport: asyncio.BaseTransport | None = None,
+    ) -> None:
         super().__init__(ws)
         self.transport = transport if isinstance(transport, asyncio.WriteTransport) else None
         self.service = service
@@ -261,14 +271,15 @@ class LiveClient(PageSocket):
         if "watch" in given:
             self.set_watch(req.watch or [])
         if "focus" in given or "overlay" in given:
-            self.set_focus(req.focus if "focus" in given else self.focus_id,
-                           req.overlay if "overlay" in given else self.overlay)
+            self.set_focus(
+                req.focus if "focus" in given else self.focus_id,
+                req.overlay if "overlay" in given else self.overlay,
+            )
 
     def set_watch(self, ids: list[str]) -> None:
         ids = list(dict.fromkeys(ids))
         if len(ids) > self.cfg.max_watch:
-            self.send_error(f"watch at most {self.cfg.max_watch} streams (page.max_watch)",
-                            "watch")
+            self.send_error(f"watch at most {self.cfg.max_watch} streams (page.max_watch)", "watch")
             return
         self.watch = ids
         self.sync()
@@ -314,9 +325,16 @@ class LiveClient(PageSocket):
                 picture = self.service.acquire_picture(stream_id, None)
             task = asyncio.create_task(self._feed(FOCUS, stream_id, picture.sink))
             self._focus = (picture, task)
-        self.push_text("focus", json.dumps({
-            "type": "focus", "id": stream_id,
-            "overlay": self.overlay.model_dump() if self.overlay is not None else None}))
+        self.push_text(
+            "focus",
+            json.dumps(
+                {
+                    "type": "focus",
+                    "id": stream_id,
+                    "overlay": self.overlay.model_dump() if self.overlay is not None else None,
+                }
+            ),
+        )
 
     def _drop_focus(self) -> None:
         if self._focus is not None:
@@ -362,9 +380,17 @@ class LiveHub:
 
     def add(self, client: LiveClient) -> None:
         self.clients.add(client)
-        client.push_text("hello", json.dumps({
-            "type": "hello", "max_tile_fps": client.cfg.max_tile_fps,
-            "max_focus_fps": client.cfg.max_focus_fps, "max_watch": client.cfg.max_watch}))
+        client.push_text(
+            "hello",
+            json.dumps(
+                {
+                    "type": "hello",
+                    "max_tile_fps": client.cfg.max_tile_fps,
+                    "max_focus_fps": client.cfg.max_focus_fps,
+                    "max_watch": client.cfg.max_watch,
+                }
+            ),
+        )
         client.push_text("status", self._text or self.status_text())
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
@@ -400,8 +426,11 @@ class LiveHub:
             service = self.service
             # list() copies in one step: a removal on another thread cannot break the loop
             now_members = tuple((sid, id(s)) for sid, s in list(service.streams.items()))
-            sig = (now_members, service.ready,
-                   tuple(service.state_of(sid) for sid, _ in now_members))
+            sig = (
+                now_members,
+                service.ready,
+                tuple(service.state_of(sid) for sid, _ in now_members),
+            )
             self._report()
             if sig != last or loop.time() - sent_at >= 1.0:
                 try:
@@ -461,11 +490,17 @@ async def live(request: web.Request) -> web.StreamResponse:
 
 
 ENDPOINTS = [
-    Endpoint("GET", "/ws", live,
-             "The live page's WebSocket: frames of the tiles in view and of a large view with "
-             "its own overlay, and every stream's figures (protocol: README, Live page)",
-             tag="media",
-             responses={101: Body(None, media="", description="Switching to WebSocket."),
-                        400: Body(Error, description="Not a WebSocket handshake."),
-                        503: Body(Error, description="Too many pages connected.")}),
+    Endpoint(
+        "GET",
+        "/ws",
+        live,
+        "The live page's WebSocket: frames of the tiles in view and of a large view with "
+        "its own overlay, and every stream's figures (protocol: README, Live page)",
+        tag="media",
+        responses={
+            101: Body(None, media="", description="Switching to WebSocket."),
+            400: Body(Error, description="Not a WebSocket handshake."),
+            503: Body(Error, description="Too many pages connected."),
+        },
+    ),
 ]

@@ -17,8 +17,13 @@ from stream.schemas import Error
 
 class MjpegQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")  # exp/sig of a signed URL ride along
-    fps: float | None = Field(None, ge=0, le=1000, description="Most frames per second this "
-                              "client wants (0 or absent: every frame, up to the server cap).")
+    fps: float | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="Most frames per second this "
+        "client wants (0 or absent: every frame, up to the server cap).",
+    )
 
 
 async def mjpeg(request: web.Request) -> web.StreamResponse:
@@ -68,11 +73,14 @@ async def snapshot(request: web.Request) -> web.Response:
         snap = await asyncio.to_thread(s.view.snapshot)
         if snap is None:
             state, reason = s.source.status()
-            raise error(503, f"stream {s.cfg.id!r} has no segmented frame yet",
-                        state=state.value, reason=reason)
+            raise error(
+                503,
+                f"stream {s.cfg.id!r} has no segmented frame yet",
+                state=state.value,
+                reason=reason,
+            )
         jpeg = snap[0]
-    return web.Response(body=jpeg, content_type="image/jpeg",
-                        headers={"Cache-Control": "no-store"})
+    return web.Response(body=jpeg, content_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
 
 async def mask_png(request: web.Request) -> web.Response:
@@ -81,26 +89,49 @@ async def mask_png(request: web.Request) -> web.Response:
     seg = request.app[SERVICE].segmenter
     if result is None or seg is None:
         state, reason = s.source.status()
-        raise error(503, f"stream {s.cfg.id!r} has no mask yet", state=state.value,
-                    reason=reason)
+        raise error(503, f"stream {s.cfg.id!r} has no mask yet", state=state.value, reason=reason)
     png = await asyncio.to_thread(encode_palette_png, result.mask, seg.palette)
     return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "no-store"})
 
 
-_NOT_YET = {404: Body(Error, description="Unknown stream."),
-            503: Body(Error, description="No segmented frame yet (state and reason say why).")}
+_NOT_YET = {
+    404: Body(Error, description="Unknown stream."),
+    503: Body(Error, description="No segmented frame yet (state and reason say why)."),
+}
 
 ENDPOINTS = [
-    Endpoint("GET", "/streams/{id}/mjpeg", mjpeg,
-             "Annotated MJPEG (multipart/x-mixed-replace); a slow client skips frames",
-             tag="media", query=MjpegQuery, signed=True,
-             responses={200: Body(None, media="multipart/x-mixed-replace",
-                                  description="An endless stream of JPEG parts."),
-                        404: Body(Error, description="Unknown stream.")}),
-    Endpoint("GET", "/streams/{id}/snapshot.jpg", snapshot, "The newest annotated frame",
-             tag="media", signed=True,
-             responses={200: Body(None, media="image/jpeg"), **_NOT_YET}),
-    Endpoint("GET", "/streams/{id}/mask.png", mask_png,
-             "The newest class mask: 8-bit palette PNG, pixel value = class id",
-             tag="media", responses={200: Body(None, media="image/png"), **_NOT_YET}),
+    Endpoint(
+        "GET",
+        "/streams/{id}/mjpeg",
+        mjpeg,
+        "Annotated MJPEG (multipart/x-mixed-replace); a slow client skips frames",
+        tag="media",
+        query=MjpegQuery,
+        signed=True,
+        responses={
+            200: Body(
+                None,
+                media="multipart/x-mixed-replace",
+                description="An endless stream of JPEG parts.",
+            ),
+            404: Body(Error, description="Unknown stream."),
+        },
+    ),
+    Endpoint(
+        "GET",
+        "/streams/{id}/snapshot.jpg",
+        snapshot,
+        "The newest annotated frame",
+        tag="media",
+        signed=True,
+        responses={200: Body(None, media="image/jpeg"), **_NOT_YET},
+    ),
+    Endpoint(
+        "GET",
+        "/streams/{id}/mask.png",
+        mask_png,
+        "The newest class mask: 8-bit palette PNG, pixel value = class id",
+        tag="media",
+        responses={200: Body(None, media="image/png"), **_NOT_YET},
+    ),
 ]

@@ -23,8 +23,11 @@ def _stream_ids(request: web.Request, q: MosaicQuery) -> list[str] | None:
     ids = list(dict.fromkeys(x.strip() for x in q.streams.split(",") if x.strip()))
     limit = service.cfg.mosaic.max_streams
     if len(ids) > limit:
-        raise error(422, f"invalid query: streams: at most {limit} streams "
-                    "(mosaic.max_streams)", details=[{"loc": "streams", "msg": "too many"}])
+        raise error(
+            422,
+            f"invalid query: streams: at most {limit} streams (mosaic.max_streams)",
+            details=[{"loc": "streams", "msg": "too many"}],
+        )
     unknown = [x for x in ids if x not in service.streams]
     if unknown:
         raise error(404, f"unknown streams {unknown}")
@@ -38,8 +41,11 @@ async def mosaic_mjpeg(request: web.Request) -> web.StreamResponse:
     q = read_query(request, MosaicQuery)
     width = q.width or cfg.width
     if width > cfg.max_width:
-        raise error(422, f"invalid query: width: at most {cfg.max_width} (mosaic.max_width)",
-                    details=[{"loc": "width", "msg": f"at most {cfg.max_width}"}])
+        raise error(
+            422,
+            f"invalid query: width: at most {cfg.max_width} (mosaic.max_width)",
+            details=[{"loc": "width", "msg": f"at most {cfg.max_width}"}],
+        )
     ids = _stream_ids(request, q)
     try:
         layout = service.mosaic.acquire(ids, q.cols, width)
@@ -70,12 +76,22 @@ async def mosaic_mjpeg(request: web.Request) -> web.StreamResponse:
 
 
 ENDPOINTS = [
-    Endpoint("GET", "/mosaic/mjpeg", mosaic_mjpeg,
-             "Several streams tiled into one MJPEG, each tile labelled with its id and state; "
-             "composed and encoded once per layout for all of its viewers", tag="media",
-             query=MosaicQuery,
-             responses={200: Body(None, media="multipart/x-mixed-replace",
-                                  description="An endless stream of JPEG parts."),
-                        404: Body(Error, description="Unknown streams."),
-                        503: Body(Error, description="Too many distinct layouts watched.")}),
+    Endpoint(
+        "GET",
+        "/mosaic/mjpeg",
+        mosaic_mjpeg,
+        "Several streams tiled into one MJPEG, each tile labelled with its id and state; "
+        "composed and encoded once per layout for all of its viewers",
+        tag="media",
+        query=MosaicQuery,
+        responses={
+            200: Body(
+                None,
+                media="multipart/x-mixed-replace",
+                description="An endless stream of JPEG parts.",
+            ),
+            404: Body(Error, description="Unknown streams."),
+            503: Body(Error, description="Too many distinct layouts watched."),
+        },
+    ),
 ]

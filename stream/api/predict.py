@@ -94,8 +94,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as e:  # Pillow's own (higher) header check
         raise error(413, f"image too large: {e}; the limit is {max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, ValueError):
-        raise error(400, "the upload is not an image this service reads (JPEG, PNG, BMP, "
-                    "GIF, TIFF, WebP)") from None
+        raise error(
+            400, "the upload is not an image this service reads (JPEG, PNG, BMP, GIF, TIFF, WebP)"
+        ) from None
     w, h = img.size
     if w < 1 or h < 1:
         raise error(400, "the image has no pixels")
@@ -118,8 +119,9 @@ async def _limited(request: web.Request, work: Any, *args: Any) -> Any:
     """Runs `work` in a thread if a prediction slot is free; 503 + Retry-After otherwise."""
     slots = request.app[PREDICT_SLOTS]
     if slots.locked():
-        raise error(503, "busy: too many predictions at once; retry shortly",
-                    headers={"Retry-After": "1"})
+        raise error(
+            503, "busy: too many predictions at once; retry shortly", headers={"Retry-After": "1"}
+        )
     async with slots:
         return await asyncio.to_thread(work, *args)
 
@@ -136,8 +138,7 @@ def max_resize(img: Image.Image, longer: int) -> Image.Image:
     """As MAX does: the longer side becomes `longer`, each side rounded down, antialiased."""
     w, h = img.size
     ratio = longer / max(w, h)
-    return img.resize((max(1, int(ratio * w)), max(1, int(ratio * h))),
-                      Image.Resampling.LANCZOS)
+    return img.resize((max(1, int(ratio * w)), max(1, int(ratio * h))), Image.Resampling.LANCZOS)
 
 
 def segment_padded(service: Any, rgb: np.ndarray) -> np.ndarray:
@@ -171,8 +172,11 @@ async def max_predict(request: web.Request) -> web.Response:
         return segment_padded(service, np.asarray(resized))
 
     mask = await _limited(request, run)
-    return reply(MaxPrediction(status="ok", image_size=[int(mask.shape[1]), int(mask.shape[0])],
-                               seg_map=mask.tolist()))
+    return reply(
+        MaxPrediction(
+            status="ok", image_size=[int(mask.shape[1]), int(mask.shape[0])], seg_map=mask.tolist()
+        )
+    )
 
 
 async def max_labels(request: web.Request) -> web.Response:
@@ -186,14 +190,16 @@ async def max_metadata(request: web.Request) -> web.Response:
     seg = request.app[SERVICE].segmenter
     if seg is None:
         raise error(503, "model is loading")
-    return reply(MaxMetadata(
-        id=f"segstream-{seg.name}",
-        name=f"segstream {seg.name}",
-        description=f"segstream: {seg.spec.description} ({seg.backend} runtime)",
-        type="Semantic Image Segmentation",
-        license="Apache-2.0",
-        source=seg.spec.url,
-    ))
+    return reply(
+        MaxMetadata(
+            id=f"segstream-{seg.name}",
+            name=f"segstream {seg.name}",
+            description=f"segstream: {seg.spec.description} ({seg.backend} runtime)",
+            type="Semantic Image Segmentation",
+            license="Apache-2.0",
+            source=seg.spec.url,
+        )
+    )
 
 
 # -- native ------------------------------------------------------------------------------------
@@ -202,7 +208,8 @@ async def max_metadata(request: web.Request) -> web.Response:
 class PredictQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["png", "json"] = Field(
-        "png", description="png: 8-bit palette PNG (pixel = class id); json: rows of ids.")
+        "png", description="png: 8-bit palette PNG (pixel = class id); json: rows of ids."
+    )
 
 
 async def predict(request: web.Request) -> web.Response:
@@ -228,9 +235,15 @@ async def predict(request: web.Request) -> web.Response:
         png = await asyncio.to_thread(encode_palette_png, mask, seg.palette)
         return web.Response(body=png, content_type="image/png")
     fr = class_fractions(mask, len(seg.labels))
-    return reply(Prediction(width=w, height=h, labels=list(seg.labels), mask=mask.tolist(),
-                            classes={seg.labels[i]: round(float(f), 4)
-                                     for i, f in enumerate(fr) if f > 0}))
+    return reply(
+        Prediction(
+            width=w,
+            height=h,
+            labels=list(seg.labels),
+            mask=mask.tolist(),
+            classes={seg.labels[i]: round(float(f), 4) for i, f in enumerate(fr) if f > 0},
+        )
+    )
 
 
 _UPLOAD = Body(ImageUpload, media="multipart/form-data")
@@ -242,17 +255,46 @@ _UPLOAD_ERRORS = {
 }
 
 ENDPOINTS = [
-    Endpoint("POST", "/model/predict", max_predict,
-             "MAX-compatible: segment an image resized so its longer side is IMAGE_SIZE",
-             tag="max", body=_UPLOAD, responses={200: Body(MaxPrediction), **_UPLOAD_ERRORS}),
-    Endpoint("GET", "/model/labels", max_labels, "MAX-compatible: the classes, in order",
-             tag="max", responses={200: Body(list[MaxLabel]), 503: Body(Error)}),
-    Endpoint("GET", "/model/metadata", max_metadata, "MAX-compatible: what the model is",
-             tag="max", responses={200: Body(MaxMetadata), 503: Body(Error)}),
-    Endpoint("POST", "/api/predict", predict,
-             "Segment an image; the mask at the image's own size, as PNG or JSON",
-             tag="predict", body=_UPLOAD, query=PredictQuery,
-             responses={200: Body(Prediction, alt_media=("image/png",),
-                                  description="format=png (default): a palette PNG; "
-                                  "format=json: the ids"), **_UPLOAD_ERRORS}),
+    Endpoint(
+        "POST",
+        "/model/predict",
+        max_predict,
+        "MAX-compatible: segment an image resized so its longer side is IMAGE_SIZE",
+        tag="max",
+        body=_UPLOAD,
+        responses={200: Body(MaxPrediction), **_UPLOAD_ERRORS},
+    ),
+    Endpoint(
+        "GET",
+        "/model/labels",
+        max_labels,
+        "MAX-compatible: the classes, in order",
+        tag="max",
+        responses={200: Body(list[MaxLabel]), 503: Body(Error)},
+    ),
+    Endpoint(
+        "GET",
+        "/model/metadata",
+        max_metadata,
+        "MAX-compatible: what the model is",
+        tag="max",
+        responses={200: Body(MaxMetadata), 503: Body(Error)},
+    ),
+    Endpoint(
+        "POST",
+        "/api/predict",
+        predict,
+        "Segment an image; the mask at the image's own size, as PNG or JSON",
+        tag="predict",
+        body=_UPLOAD,
+        query=PredictQuery,
+        responses={
+            200: Body(
+                Prediction,
+                alt_media=("image/png",),
+                description="format=png (default): a palette PNG; format=json: the ids",
+            ),
+            **_UPLOAD_ERRORS,
+        },
+    ),
 ]

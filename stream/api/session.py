@@ -28,9 +28,15 @@ async def login(request: web.Request) -> web.Response:
     throttle.succeeded(client)
     cfg = request.app[CONFIG].auth
     resp = reply(Whoami(name=who.name, role=who.role, via="session"))
-    resp.set_cookie(SESSION_COOKIE, auth.make_session(who, cfg.session_ttl_s),
-                    max_age=cfg.session_ttl_s, httponly=True, samesite="Strict",
-                    secure=cfg.cookie_secure, path="/")
+    resp.set_cookie(
+        SESSION_COOKIE,
+        auth.make_session(who, cfg.session_ttl_s),
+        max_age=cfg.session_ttl_s,
+        httponly=True,
+        samesite="Strict",
+        secure=cfg.cookie_secure,
+        path="/",
+    )
     return resp
 
 
@@ -48,12 +54,37 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 ENDPOINTS = [
-    Endpoint("POST", "/api/login", login, "Exchange a token for a session cookie",
-             role="public", tag="auth", body=Body(LoginRequest),
-             responses={200: Body(Whoami), 401: Body(Error, description="Unknown token."),
-                        400: Body(Error), 413: Body(Error), 415: Body(Error)}),
-    Endpoint("POST", "/api/logout", logout, "End the browser session", role="public",
-             tag="auth", responses={204: Body(None, media="")}),
-    Endpoint("GET", "/api/whoami", whoami, "Who the request is from, and its role", tag="auth",
-             responses={200: Body(Whoami)}),
+    Endpoint(
+        "POST",
+        "/api/login",
+        login,
+        "Exchange a token for a session cookie",
+        role="public",
+        tag="auth",
+        body=Body(LoginRequest),
+        responses={
+            200: Body(Whoami),
+            401: Body(Error, description="Unknown token."),
+            400: Body(Error),
+            413: Body(Error),
+            415: Body(Error),
+        },
+    ),
+    Endpoint(
+        "POST",
+        "/api/logout",
+        logout,
+        "End the browser session",
+        role="public",
+        tag="auth",
+        responses={204: Body(None, media="")},
+    ),
+    Endpoint(
+        "GET",
+        "/api/whoami",
+        whoami,
+        "Who the request is from, and its role",
+        tag="auth",
+        responses={200: Body(Whoami)},
+    ),
 ]

@@ -66,8 +66,9 @@ def endpoint_of(request: web.Request) -> Endpoint | None:
 class ApiError(Exception):
     """An HTTP error answered as JSON ({"error": ...}) by the server's error middleware."""
 
-    def __init__(self, status: int, body: dict[str, Any],
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(body.get("error"))
         self.status, self.body, self.headers = status, body, headers or {}
 
@@ -75,8 +76,9 @@ class ApiError(Exception):
         return web.json_response(self.body, status=self.status, headers=self.headers)
 
 
-def error(status: int, message: str, headers: dict[str, str] | None = None,
-          **extra: Any) -> ApiError:
+def error(
+    status: int, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> ApiError:
     """An error to raise from a handler."""
     return ApiError(status, {"error": message, **extra}, headers)
 
@@ -86,8 +88,7 @@ def field_errors(e: ValidationError, prefix: str = "") -> list[dict[str, str]]:
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        out.append({"loc": f"{prefix}{loc}" if loc else prefix.rstrip(".") or "body",
-                    "msg": msg})
+        out.append({"loc": f"{prefix}{loc}" if loc else prefix.rstrip(".") or "body", "msg": msg})
     return out
 
 
@@ -161,8 +162,9 @@ class _Schemas:
             return dict(self.refs[(model, mode)])
         if model is None:
             return {"type": "string", "format": "binary"}
-        schema = TypeAdapter(model).json_schema(ref_template="#/components/schemas/{model}",
-                                                mode=mode)  # type: ignore[arg-type]
+        schema = TypeAdapter(model).json_schema(
+            ref_template="#/components/schemas/{model}", mode=mode
+        )  # type: ignore[arg-type]
         self.extra.update(schema.pop("$defs", {}))
         return schema
 
@@ -175,27 +177,42 @@ def _content(body: Body, schemas: _Schemas, mode: str) -> dict[str, Any]:
 
 
 def _parameters(ep: Endpoint) -> list[dict[str, Any]]:
-    params = [{"name": n, "in": "path", "required": True,
-               "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}}
-              for n in re.findall(r"{(\w+)}", ep.path)]
+    params = [
+        {
+            "name": n,
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+        }
+        for n in re.findall(r"{(\w+)}", ep.path)
+    ]
     if ep.query is not None:
         schema = ep.query.model_json_schema()
         for name, prop in schema.get("properties", {}).items():
-            params.append({"name": name, "in": "query",
-                           "required": name in schema.get("required", []),
-                           "schema": prop, "description": prop.get("description", "")})
+            params.append(
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": name in schema.get("required", []),
+                    "schema": prop,
+                    "description": prop.get("description", ""),
+                }
+            )
     return params
 
 
 def _operation(ep: Endpoint, schemas: _Schemas) -> dict[str, Any]:
-    op: dict[str, Any] = {"operationId": ep.operation_id, "summary": ep.summary,
-                          "tags": [ep.tag], "responses": {}}
+    op: dict[str, Any] = {
+        "operationId": ep.operation_id,
+        "summary": ep.summary,
+        "tags": [ep.tag],
+        "responses": {},
+    }
     params = _parameters(ep)
     if params:
         op["parameters"] = params
     if ep.body is not None:
-        op["requestBody"] = {"required": True,
-                             "content": _content(ep.body, schemas, "validation")}
+        op["requestBody"] = {"required": True, "content": _content(ep.body, schemas, "validation")}
     errors = dict(ep.responses)
     if ep.role != "public":
         for code, text in _COMMON_ERRORS.items():
@@ -217,15 +234,27 @@ def _operation(ep: Endpoint, schemas: _Schemas) -> dict[str, Any]:
     return op
 
 
-_REASONS = {200: "OK", 201: "Created", 204: "No content", 400: "Bad request",
-            404: "Not found", 409: "Conflict", 413: "Too large", 415: "Unsupported media type",
-            422: "Invalid request", 429: "Too many requests", 503: "Not ready or busy"}
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    204: "No content",
+    400: "Bad request",
+    404: "Not found",
+    409: "Conflict",
+    413: "Too large",
+    415: "Unsupported media type",
+    422: "Invalid request",
+    429: "Too many requests",
+    503: "Not ready or busy",
+}
 
 
 def openapi(endpoints: list[Endpoint], *, title: str, version: str) -> dict[str, Any]:
     models = list(dict.fromkeys([*_models(endpoints), (Error, "serialization")]))
-    refs, defs = models_json_schema(models,  # type: ignore[arg-type]
-                                    ref_template="#/components/schemas/{model}")
+    refs, defs = models_json_schema(
+        models,  # type: ignore[arg-type]
+        ref_template="#/components/schemas/{model}",
+    )
     schemas = _Schemas(refs)
     paths: dict[str, dict[str, Any]] = {}
     for ep in endpoints:
@@ -237,12 +266,23 @@ def openapi(endpoints: list[Endpoint], *, title: str, version: str) -> dict[str,
         "components": {
             "schemas": {**defs.get("$defs", {}), **schemas.extra},
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer",
-                           "description": "A token from `segstream token add`."},
-                "session": {"type": "apiKey", "in": "cookie", "name": SESSION_COOKIE,
-                            "description": "Set by POST /api/login."},
-                "signedUrl": {"type": "apiKey", "in": "query", "name": "sig",
-                              "description": "Signature of a URL minted by an admin."},
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A token from `segstream token add`.",
+                },
+                "session": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": SESSION_COOKIE,
+                    "description": "Set by POST /api/login.",
+                },
+                "signedUrl": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "sig",
+                    "description": "Signature of a URL minted by an admin.",
+                },
                 "signedUrlExpiry": {"type": "apiKey", "in": "query", "name": "exp"},
             },
         },

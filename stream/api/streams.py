@@ -45,8 +45,11 @@ async def get_stream(request: web.Request) -> web.Response:
 
 def _refused(e: Refused) -> ApiError:
     if e.status == 422:
-        return error(422, f"{e.loc}: {e}" if e.loc else str(e),
-                     details=[{"loc": e.loc or "body", "msg": str(e)}])
+        return error(
+            422,
+            f"{e.loc}: {e}" if e.loc else str(e),
+            details=[{"loc": e.loc or "body", "msg": str(e)}],
+        )
     return error(e.status, str(e))
 
 
@@ -92,27 +95,63 @@ async def share_stream(request: web.Request) -> web.Response:
 
 
 _404 = {404: Body(Error, description="Unknown stream.")}
-_CHANGE = {**_404, 409: Body(Error, description="A stream with that id exists."),
-           413: Body(Error), 415: Body(Error), 422: Body(Error, description="Invalid settings "
-                                                                  "(the key path is named).")}
+_CHANGE = {
+    **_404,
+    409: Body(Error, description="A stream with that id exists."),
+    413: Body(Error),
+    415: Body(Error),
+    422: Body(Error, description="Invalid settings (the key path is named)."),
+}
 
 ENDPOINTS = [
-    Endpoint("GET", "/api/streams", list_streams, "Every stream with its state and figures",
-             responses={200: Body(StreamList)}),
-    Endpoint("POST", "/api/streams", create_stream, "Add a stream (kept across restarts)",
-             role="admin", body=Body(StreamConfig),
-             responses={201: Body(StreamStatus), **_CHANGE}),
-    Endpoint("GET", "/api/streams/{id}", get_stream, "One stream's state and figures",
-             responses={200: Body(StreamStatus), **_404}),
-    Endpoint("PATCH", "/api/streams/{id}", patch_stream,
-             "Change a stream: overlay, rate and output apply live; a new source or reader "
-             "restarts only its reader", role="admin", body=Body(StreamPatch),
-             responses={200: Body(StreamStatus), **_CHANGE}),
-    Endpoint("DELETE", "/api/streams/{id}", delete_stream,
-             "Remove a stream: its viewers' responses end and its metric series go",
-             role="admin", responses={204: Body(None, media=""), **_404}),
-    Endpoint("POST", "/api/streams/{id}/share", share_stream,
-             "A signed, expiring URL of the stream's MJPEG or snapshot (no token in it)",
-             role="admin", body=Body(ShareRequest),
-             responses={200: Body(ShareResponse), **_404, 413: Body(Error), 415: Body(Error)}),
+    Endpoint(
+        "GET",
+        "/api/streams",
+        list_streams,
+        "Every stream with its state and figures",
+        responses={200: Body(StreamList)},
+    ),
+    Endpoint(
+        "POST",
+        "/api/streams",
+        create_stream,
+        "Add a stream (kept across restarts)",
+        role="admin",
+        body=Body(StreamConfig),
+        responses={201: Body(StreamStatus), **_CHANGE},
+    ),
+    Endpoint(
+        "GET",
+        "/api/streams/{id}",
+        get_stream,
+        "One stream's state and figures",
+        responses={200: Body(StreamStatus), **_404},
+    ),
+    Endpoint(
+        "PATCH",
+        "/api/streams/{id}",
+        patch_stream,
+        "Change a stream: overlay, rate and output apply live; a new source or reader "
+        "restarts only its reader",
+        role="admin",
+        body=Body(StreamPatch),
+        responses={200: Body(StreamStatus), **_CHANGE},
+    ),
+    Endpoint(
+        "DELETE",
+        "/api/streams/{id}",
+        delete_stream,
+        "Remove a stream: its viewers' responses end and its metric series go",
+        role="admin",
+        responses={204: Body(None, media=""), **_404},
+    ),
+    Endpoint(
+        "POST",
+        "/api/streams/{id}/share",
+        share_stream,
+        "A signed, expiring URL of the stream's MJPEG or snapshot (no token in it)",
+        role="admin",
+        body=Body(ShareRequest),
+        responses={200: Body(ShareResponse), **_404, 413: Body(Error), 415: Body(Error)},
+    ),
 ]

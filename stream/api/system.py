@@ -47,8 +47,10 @@ async def metrics(request: web.Request) -> web.Response:
     registry = request.app[SERVICE].metrics
     if registry is None:
         raise error(404, "this service reports metrics to another observer")
-    return web.Response(body=registry.exposition(),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return web.Response(
+        body=registry.exposition(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
 
 
 async def model_info(request: web.Request) -> web.Response:
@@ -57,12 +59,20 @@ async def model_info(request: web.Request) -> web.Response:
     if seg is None:
         raise error(503, "model is loading")
     colours = ["#" + bytes(seg.palette[i].astype("uint8")).hex() for i in range(len(seg.labels))]
-    return reply(ModelInfo(
-        name=seg.name, backend=seg.backend, mode=getattr(seg, "mode", None),
-        input_size=list(seg.input_size), batch_sizes=list(seg.batch_sizes),
-        workers=len(service.workers), max_batch=service.scheduler.max_batch,
-        threads_per_worker=getattr(seg, "threads", None), labels=list(seg.labels),
-        colors=colours))
+    return reply(
+        ModelInfo(
+            name=seg.name,
+            backend=seg.backend,
+            mode=getattr(seg, "mode", None),
+            input_size=list(seg.input_size),
+            batch_sizes=list(seg.batch_sizes),
+            workers=len(service.workers),
+            max_batch=service.scheduler.max_batch,
+            threads_per_worker=getattr(seg, "threads", None),
+            labels=list(seg.labels),
+            colors=colours,
+        )
+    )
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -139,27 +149,88 @@ _PAGE = {200: Body(None, media="text/html")}
 
 ENDPOINTS = [
     Endpoint("GET", "/", index, "The live page", tag="page", responses=_PAGE),
-    Endpoint("GET", "/login", login_page, "Log in with a token (sets a session cookie)",
-             role="public", tag="page", responses=_PAGE),
-    Endpoint("GET", "/healthz", healthz, "Liveness: 503 with the reason when start-up failed "
-             "or inference keeps failing", role="public", tag="system",
-             responses={200: Body(Health), 503: Body(Error)}),
-    Endpoint("GET", "/readyz", readyz, "Readiness: the model is warm", role="public",
-             tag="system", responses={200: Body(Ready), 503: Body(Error)}),
-    Endpoint("GET", "/metrics", metrics, "Prometheus metrics", tag="system",
-             responses={200: Body(None, media="text/plain"), 404: Body(Error)}),
-    Endpoint("GET", "/api/model", model_info, "The model: name, backend, labels, colours",
-             tag="system", responses={200: Body(ModelInfo), 503: Body(Error)}),
-    Endpoint("GET", "/openapi.json", openapi_json, "This document (OpenAPI 3.1)", tag="system",
-             responses={200: Body(dict[str, Any])}),
+    Endpoint(
+        "GET",
+        "/login",
+        login_page,
+        "Log in with a token (sets a session cookie)",
+        role="public",
+        tag="page",
+        responses=_PAGE,
+    ),
+    Endpoint(
+        "GET",
+        "/healthz",
+        healthz,
+        "Liveness: 503 with the reason when start-up failed or inference keeps failing",
+        role="public",
+        tag="system",
+        responses={200: Body(Health), 503: Body(Error)},
+    ),
+    Endpoint(
+        "GET",
+        "/readyz",
+        readyz,
+        "Readiness: the model is warm",
+        role="public",
+        tag="system",
+        responses={200: Body(Ready), 503: Body(Error)},
+    ),
+    Endpoint(
+        "GET",
+        "/metrics",
+        metrics,
+        "Prometheus metrics",
+        tag="system",
+        responses={200: Body(None, media="text/plain"), 404: Body(Error)},
+    ),
+    Endpoint(
+        "GET",
+        "/api/model",
+        model_info,
+        "The model: name, backend, labels, colours",
+        tag="system",
+        responses={200: Body(ModelInfo), 503: Body(Error)},
+    ),
+    Endpoint(
+        "GET",
+        "/openapi.json",
+        openapi_json,
+        "This document (OpenAPI 3.1)",
+        tag="system",
+        responses={200: Body(dict[str, Any])},
+    ),
     Endpoint("GET", "/docs", docs, "Swagger UI", tag="page", responses=_PAGE),
-    Endpoint("GET", "/docs/openapi-3.0.json", openapi30_json,
-             "This document in OpenAPI 3.0 terms (for Swagger UI)", tag="system",
-             responses={200: Body(dict[str, Any])}),
-    Endpoint("GET", "/docs/static/docs.js", docs_js, "Swagger UI's set-up", tag="page",
-             responses={200: Body(None, media="application/javascript")}),
-    Endpoint("GET", "/docs/static/swagger-ui.css", swagger_css, "Swagger UI's style",
-             tag="page", responses={200: Body(None, media="text/css")}),
-    Endpoint("GET", "/docs/static/swagger-ui-bundle.js", swagger_js, "Swagger UI", tag="page",
-             responses={200: Body(None, media="application/javascript")}),
+    Endpoint(
+        "GET",
+        "/docs/openapi-3.0.json",
+        openapi30_json,
+        "This document in OpenAPI 3.0 terms (for Swagger UI)",
+        tag="system",
+        responses={200: Body(dict[str, Any])},
+    ),
+    Endpoint(
+        "GET",
+        "/docs/static/docs.js",
+        docs_js,
+        "Swagger UI's set-up",
+        tag="page",
+        responses={200: Body(None, media="application/javascript")},
+    ),
+    Endpoint(
+        "GET",
+        "/docs/static/swagger-ui.css",
+        swagger_css,
+        "Swagger UI's style",
+        tag="page",
+        responses={200: Body(None, media="text/css")},
+    ),
+    Endpoint(
+        "GET",
+        "/docs/static/swagger-ui-bundle.js",
+        swagger_js,
+        "Swagger UI",
+        tag="page",
+        responses={200: Body(None, media="application/javascript")},
+    ),
 ]

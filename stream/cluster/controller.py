@@ -37,7 +37,6 @@ from stream.store import StreamStore
 log = logging.getLogger(__name__)
 
 
-
 def short(node_id: str) -> str:
     """The node id as the API and the metrics show it."""
     return node_id[:12]
@@ -59,10 +58,19 @@ class NodeRecord:
     failed: dict[str, str] = field(default_factory=dict)
 
     def public(self, load: float, streams: int) -> dict[str, Any]:
-        return {"id": short(self.ray_id), "ray_id": self.ray_id, "host": self.host,
-                "port": self.port, "metrics_port": self.metrics_port, "slots": self.slots,
-                "load": round(load, 4), "streams": streams, "state": self.state,
-                "ready": self.ready, "error": self.error}
+        return {
+            "id": short(self.ray_id),
+            "ray_id": self.ray_id,
+            "host": self.host,
+            "port": self.port,
+            "metrics_port": self.metrics_port,
+            "slots": self.slots,
+            "load": round(load, 4),
+            "streams": streams,
+            "state": self.state,
+            "ready": self.ready,
+            "error": self.error,
+        }
 
 
 class ClusterState:
@@ -106,9 +114,14 @@ class ClusterState:
         spec = get_spec(self.cfg.model.name)
         rc = self.cfg.render
         try:
-            Renderer(spec.labels, spec.palette_array(), mode=rc.mode, alpha=rc.alpha,
-                     classes=cfg.classes if cfg.classes is not None else rc.classes,
-                     legend=rc.legend)
+            Renderer(
+                spec.labels,
+                spec.palette_array(),
+                mode=rc.mode,
+                alpha=rc.alpha,
+                classes=cfg.classes if cfg.classes is not None else rc.classes,
+                legend=rc.legend,
+            )
         except ValueError as e:
             raise Refused(422, str(e), "classes") from None
 
@@ -174,8 +187,14 @@ class ClusterState:
         self.changed()
         return displaced
 
-    def report(self, ray_id: str, running: dict[str, str], failed: dict[str, str],
-               ready: bool, error: str | None) -> None:
+    def report(
+        self,
+        ray_id: str,
+        running: dict[str, str],
+        failed: dict[str, str],
+        ready: bool,
+        error: str | None,
+    ) -> None:
         """A node's answer to a ping. Streams it runs that belong nowhere are adopted (a
         restarted controller learns the assignment from the nodes)."""
         rec = self.nodes.get(ray_id)
@@ -248,12 +267,22 @@ class ClusterState:
         streams = []
         for sid, cfg in self.desired.items():
             node, phase, reason = self.phase(sid)
-            streams.append({"id": sid, "source": sanitize_url(cfg.source),
-                            "reader": cfg.reader, "output": cfg.output,
-                            "infer_fps": cfg.infer_fps, "node": node, "phase": phase,
-                            "reason": reason})
-        nodes = [r.public(loads.get(n, 0.0) / r.slots if r.slots else 0.0, counts.get(n, 0))
-                 for n, r in sorted(self.nodes.items())]
+            streams.append(
+                {
+                    "id": sid,
+                    "source": sanitize_url(cfg.source),
+                    "reader": cfg.reader,
+                    "output": cfg.output,
+                    "infer_fps": cfg.infer_fps,
+                    "node": node,
+                    "phase": phase,
+                    "reason": reason,
+                }
+            )
+        nodes = [
+            r.public(loads.get(n, 0.0) / r.slots if r.slots else 0.0, counts.get(n, 0))
+            for n, r in sorted(self.nodes.items())
+        ]
         return {"version": self.version, "streams": streams, "nodes": nodes}
 
 
@@ -265,13 +294,20 @@ class Controller:
 
     TICK_S = 0.5
 
-    def __init__(self, cfg_json: str, state_file: str | None, cluster_secret: str,
-                 signing_secret: bytes, node_class: type | None = None) -> None:
+    def __init__(
+        self,
+        cfg_json: str,
+        state_file: str | None,
+        cluster_secret: str,
+        signing_secret: bytes,
+        node_class: type | None = None,
+    ) -> None:
         """`node_class`: the node service (None: stream.cluster.node.NodeService; the
         simulation gives a stand-in without a model)."""
         ray = runtime.ray_module()
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         self._ray = ray
         self.cfg = AppConfig.model_validate_json(cfg_json)
         # What nodes get: the settings without the stream list (they are told their share).
@@ -297,8 +333,11 @@ class Controller:
 
     # -- called by the gateway -----------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        return {"secret": self.secret, "namespace": self.cfg.cluster.namespace,
-                "started": self.started}
+        return {
+            "secret": self.secret,
+            "namespace": self.cfg.cluster.namespace,
+            "started": self.started,
+        }
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
@@ -320,8 +359,12 @@ class Controller:
                 if line.startswith("VmRSS:"):
                     rss = int(line.split()[1]) * 1024
         with self.lock:
-            return {"rss_bytes": rss, "tick_s": self.tick_s, "streams": len(self.state.desired),
-                    "nodes": len(self.state.nodes)}
+            return {
+                "rss_bytes": rss,
+                "tick_s": self.tick_s,
+                "streams": len(self.state.desired),
+                "nodes": len(self.state.nodes),
+            }
 
     def add(self, cfg_json: str) -> dict[str, Any]:
         return self._change(lambda: self._add(StreamConfig.model_validate_json(cfg_json)))
@@ -333,6 +376,7 @@ class Controller:
         def run() -> None:
             with self.lock:
                 self.state.delete(stream_id)
+
         return self._change(run)
 
     def _add(self, cfg: StreamConfig) -> None:
@@ -379,8 +423,7 @@ class Controller:
         self._expire()
         with self.lock:
             if not self.settled:
-                waiting = self.starting or [n for n in self.state.nodes.values()
-                                            if not n.reported]
+                waiting = self.starting or [n for n in self.state.nodes.values() if not n.reported]
                 if waiting and time.monotonic() - self.started < 3 * self.cfg.cluster.lost_after_s:
                     return  # existing nodes tell what they run before anything is placed
                 self.settled = True
@@ -389,8 +432,11 @@ class Controller:
 
     def _alive_nodes(self) -> dict[str, float]:
         res = self.cfg.cluster.slots_resource
-        return {n["NodeID"]: float(n.get("Resources", {}).get(res, 0.0))
-                for n in self._ray.nodes() if n.get("Alive")}
+        return {
+            n["NodeID"]: float(n.get("Resources", {}).get(res, 0.0))
+            for n in self._ray.nodes()
+            if n.get("Alive")
+        }
 
     def _discover(self) -> None:
         alive = self._alive_nodes()
@@ -409,7 +455,8 @@ class Controller:
             self.handles[ray_id] = handle
             host = runtime.node_ip(ray_id)
             self.starting[ray_id] = handle.start.remote(
-                self.cfg_json, ray_id, host, self.secret, self.signing_secret)
+                self.cfg_json, ray_id, host, self.secret, self.signing_secret
+            )
             log.info("starting the node service on %s (%s slots)", short(ray_id), slots)
 
     def _collect_starts(self) -> None:
@@ -429,8 +476,9 @@ class Controller:
                 self._kill(ray_id)
                 self.lost[ray_id] = time.monotonic()
                 continue
-            rec = NodeRecord(ray_id, info["host"], info["port"], info["metrics_port"],
-                             alive.get(ray_id, 0.0))
+            rec = NodeRecord(
+                ray_id, info["host"], info["port"], info["metrics_port"], alive.get(ray_id, 0.0)
+            )
             with self.lock:
                 self.state.node_up(rec)
             log.info("node %s up at %s:%d", short(ray_id), rec.host, rec.port)
@@ -484,8 +532,11 @@ class Controller:
     def _push(self) -> None:
         """Sends each node whose running set differs from its share the full share."""
         with self.lock:
-            todo = {n: [c.model_dump_json() for c in self.state.desired_for(n).values()]
-                    for n in self.state.nodes if not self.state.in_sync(n)}
+            todo = {
+                n: [c.model_dump_json() for c in self.state.desired_for(n).values()]
+                for n in self.state.nodes
+                if not self.state.in_sync(n)
+            }
         for ray_id, configs in todo.items():
             ref = self.syncs.get(ray_id)
             if ref is not None:
@@ -497,8 +548,9 @@ class Controller:
                 self.syncs[ray_id] = handle.sync.remote(configs)
 
 
-def start_controller(cfg: AppConfig, state_file: str | None, signing_secret: bytes,
-                     node_class: type | None = None) -> Any:
+def start_controller(
+    cfg: AppConfig, state_file: str | None, signing_secret: bytes, node_class: type | None = None
+) -> Any:
     """The controller actor: found by name if it runs, else created (detached, restarted by
     Ray whenever it dies, pinned to the head node where the state file lives). The arguments
     are kept by Ray and given again to each restart; the configured streams seed a new state
@@ -510,10 +562,18 @@ def start_controller(cfg: AppConfig, state_file: str | None, signing_secret: byt
     # process that created them. So the stream list, which can be long, is sent apart (seed).
     small = cfg.model_copy(update={"streams": []})
     actor = ray.remote(Controller).options(
-        name=CONTROLLER_NAME, namespace=ns, lifetime="detached", get_if_exists=True,
-        max_restarts=-1, max_task_retries=-1, max_concurrency=16, num_cpus=0,
-        resources={"node:__internal_head__": 0.001})
-    handle = actor.remote(small.model_dump_json(), state_file, secrets.token_urlsafe(32),
-                          signing_secret, node_class)
+        name=CONTROLLER_NAME,
+        namespace=ns,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=-1,
+        max_concurrency=16,
+        num_cpus=0,
+        resources={"node:__internal_head__": 0.001},
+    )
+    handle = actor.remote(
+        small.model_dump_json(), state_file, secrets.token_urlsafe(32), signing_secret, node_class
+    )
     ray.get(handle.seed.remote([c.model_dump_json() for c in cfg.streams]))
     return handle

@@ -73,8 +73,9 @@ class ClusterClient:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
         except TimeoutError:
-            raise error(503, "the cluster controller did not answer in time",
-                        headers={"Retry-After": "2"}) from None
+            raise error(
+                503, "the cluster controller did not answer in time", headers={"Retry-After": "2"}
+            ) from None
 
     async def snapshot(self, fresh: bool = False) -> dict[str, Any]:
         async with self._lock:
@@ -134,20 +135,39 @@ def _node(snap: dict[str, Any], short_id: str | None) -> dict[str, Any] | None:
     return next((n for n in snap["nodes"] if n["id"] == short_id), None)
 
 
-_STATE_OF_PHASE = {"starting": "starting", "moving": "moving", "pending": "pending",
-                   "error": "error", "placed": "unknown"}
+_STATE_OF_PHASE = {
+    "starting": "starting",
+    "moving": "moving",
+    "pending": "pending",
+    "error": "error",
+    "placed": "unknown",
+}
 
 
 def _placeholder(entry: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
     """The status of a stream no node reports on (yet): its phase is its state."""
-    return {"id": entry["id"], "source": entry["source"], "reader": entry["reader"],
-            "output": entry["output"], "state": _STATE_OF_PHASE[entry["phase"]],
-            "reason": reason or entry["reason"], "width": None, "height": None,
-            "fps_in": 0.0, "fps_out": 0.0, "inference_fps": 0.0,
-            "infer_fps_cap": float(entry["infer_fps"]),
-            "latency_ms": {"p50": None, "p95": None}, "captured": 0, "dropped": 0,
-            "reconnects": 0, "clients": 0, "classes": {}, "restream": None,
-            "node": entry["node"]}
+    return {
+        "id": entry["id"],
+        "source": entry["source"],
+        "reader": entry["reader"],
+        "output": entry["output"],
+        "state": _STATE_OF_PHASE[entry["phase"]],
+        "reason": reason or entry["reason"],
+        "width": None,
+        "height": None,
+        "fps_in": 0.0,
+        "fps_out": 0.0,
+        "inference_fps": 0.0,
+        "infer_fps_cap": float(entry["infer_fps"]),
+        "latency_ms": {"p50": None, "p95": None},
+        "captured": 0,
+        "dropped": 0,
+        "reconnects": 0,
+        "clients": 0,
+        "classes": {},
+        "restream": None,
+        "node": entry["node"],
+    }
 
 
 def _node_url(node: dict[str, Any], path: str) -> str:
@@ -159,10 +179,14 @@ def _auth_header(app: web.Application) -> dict[str, str]:
     return {"Authorization": f"Bearer {app[CLUSTER].secret}"}
 
 
-async def _node_json(app: web.Application, node: dict[str, Any], path: str,
-                     timeout: float = 3.0) -> tuple[int, Any]:
-    async with app[HTTP].get(_node_url(node, path), headers=_auth_header(app),
-                             timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+async def _node_json(
+    app: web.Application, node: dict[str, Any], path: str, timeout: float = 3.0
+) -> tuple[int, Any]:
+    async with app[HTTP].get(
+        _node_url(node, path),
+        headers=_auth_header(app),
+        timeout=aiohttp.ClientTimeout(total=timeout),
+    ) as r:
         return r.status, await r.json(content_type=None)
 
 
@@ -198,8 +222,10 @@ async def cluster_streams(app: web.Application) -> tuple[dict[str, Any], StreamL
     """The controller's snapshot, and every stream's status with its `node`."""
     snap = await app[CLUSTER].snapshot()
     live = await _statuses(app, snap)
-    return snap, StreamList(ready=any(n["ready"] for n in snap["nodes"]),
-                            streams=[_status(e, live) for e in snap["streams"]])
+    return snap, StreamList(
+        ready=any(n["ready"] for n in snap["nodes"]),
+        streams=[_status(e, live) for e in snap["streams"]],
+    )
 
 
 async def list_streams(request: web.Request) -> web.Response:
@@ -222,8 +248,11 @@ async def get_stream(request: web.Request) -> web.Response:
 def _refused(r: dict[str, Any]) -> ApiError:
     if r["status"] == 422:
         loc = r.get("loc") or ""
-        return error(422, f"{loc}: {r['error']}" if loc else r["error"],
-                     details=[{"loc": loc or "body", "msg": r["error"]}])
+        return error(
+            422,
+            f"{loc}: {r['error']}" if loc else r["error"],
+            details=[{"loc": loc or "body", "msg": r["error"]}],
+        )
     return error(r["status"], r["error"])
 
 
@@ -283,12 +312,14 @@ async def relay(request: web.Request, node: dict[str, Any], path: str) -> web.St
         headers["Content-Type"] = request.headers.get("Content-Type", "application/octet-stream")
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=3.0, sock_read=30.0)
     try:
-        async with request.app[HTTP].request(request.method, url, data=body, headers=headers,
-                                             timeout=timeout) as up:
+        async with request.app[HTTP].request(
+            request.method, url, data=body, headers=headers, timeout=timeout
+        ) as up:
             ctype = up.headers.get("Content-Type", "")
             if up.status != 200 or not ctype.startswith("multipart/"):
-                return web.Response(body=await up.read(), status=up.status,
-                                    headers=_passed(up.headers))
+                return web.Response(
+                    body=await up.read(), status=up.status, headers=_passed(up.headers)
+                )
             resp = web.StreamResponse(status=200, headers=_passed(up.headers))
             await resp.prepare(request)
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
@@ -296,8 +327,9 @@ async def relay(request: web.Request, node: dict[str, Any], path: str) -> web.St
                     await resp.write(chunk)
             return resp  # the node went away: the viewer's stream ends, it reconnects
     except (aiohttp.ClientError, TimeoutError) as e:
-        raise error(503, f"node {node['id']} unreachable: {type(e).__name__}",
-                    headers={"Retry-After": "2"}) from None
+        raise error(
+            503, f"node {node['id']} unreachable: {type(e).__name__}", headers={"Retry-After": "2"}
+        ) from None
 
 
 async def media(request: web.Request) -> web.StreamResponse:
@@ -306,9 +338,13 @@ async def media(request: web.Request) -> web.StreamResponse:
     entry = _entry(snap, sid)
     node = _node(snap, entry["node"])
     if entry["phase"] != "placed" or node is None:
-        raise error(503, f"stream {sid!r} is not running on a node yet",
-                    headers={"Retry-After": "2"}, state=_STATE_OF_PHASE[entry["phase"]],
-                    reason=entry["reason"])
+        raise error(
+            503,
+            f"stream {sid!r} is not running on a node yet",
+            headers={"Retry-After": "2"},
+            state=_STATE_OF_PHASE[entry["phase"]],
+            reason=entry["reason"],
+        )
     if request.app[CONFIG].cluster.direct_viewers and not request.path.endswith("mask.png"):
         raise web.HTTPTemporaryRedirect(_direct_url(request, node, sid))
     return await relay(request, node, request.path)
@@ -318,16 +354,17 @@ def _direct_url(request: web.Request, node: dict[str, Any], sid: str) -> str:
     """The same picture on the node itself, signed with the gateway's key for one minute."""
     expires = int(time.time()) + 60
     query = {k: v for k, v in request.query.items() if k not in ("exp", "sig")}
-    query |= {"exp": str(expires), "sig": request.app[AUTH].sign_path(request.path, sid,
-                                                                       expires)}
+    query |= {"exp": str(expires), "sig": request.app[AUTH].sign_path(request.path, sid, expires)}
     return _node_url(node, request.path) + "?" + urlencode(query)
 
 
 async def to_any_node(request: web.Request) -> web.StreamResponse:
     """Model facts and predictions: the least loaded ready node, the next if it fails."""
     snap = await request.app[CLUSTER].snapshot()
-    nodes = sorted((n for n in snap["nodes"] if n["state"] == "up" and n["ready"]),
-                   key=lambda n: (n["load"], n["id"]))
+    nodes = sorted(
+        (n for n in snap["nodes"] if n["state"] == "up" and n["ready"]),
+        key=lambda n: (n["load"], n["id"]),
+    )
     if not nodes:
         raise error(503, "no node service is ready", headers={"Retry-After": "5"})
     last: ApiError | None = None
@@ -344,10 +381,16 @@ async def to_any_node(request: web.Request) -> web.StreamResponse:
 async def _cluster_view(app: web.Application) -> ClusterView:
     snap, streams = await cluster_streams(app)
     up = {n["id"] for n in snap["nodes"] if n["state"] == "up"}
-    owner = {e["id"]: e["node"] for e in snap["streams"]
-             if e["phase"] == "placed" and e["node"] in up}
-    text = json.dumps({"type": "status", "ready": streams.ready,
-                       "streams": [s.model_dump(mode="json") for s in streams.streams]})
+    owner = {
+        e["id"]: e["node"] for e in snap["streams"] if e["phase"] == "placed" and e["node"] in up
+    }
+    text = json.dumps(
+        {
+            "type": "status",
+            "ready": streams.ready,
+            "streams": [s.model_dump(mode="json") for s in streams.streams],
+        }
+    )
     return ClusterView(text, owner, frozenset(e["id"] for e in snap["streams"]))
 
 
@@ -357,9 +400,16 @@ async def _node_ws(app: web.Application, node_id: str) -> aiohttp.ClientWebSocke
     node = _node(snap, node_id)
     if node is None:
         raise aiohttp.ClientError(f"node {node_id} is gone")
-    return await asyncio.wait_for(app[HTTP].ws_connect(
-        _node_url(node, "/ws"), headers=_auth_header(app), max_msg_size=MAX_UPSTREAM_MESSAGE,
-        heartbeat=30.0, autoping=True), 5.0)
+    return await asyncio.wait_for(
+        app[HTTP].ws_connect(
+            _node_url(node, "/ws"),
+            headers=_auth_header(app),
+            max_msg_size=MAX_UPSTREAM_MESSAGE,
+            heartbeat=30.0,
+            autoping=True,
+        ),
+        5.0,
+    )
 
 
 async def live_ws(request: web.Request) -> web.StreamResponse:
@@ -383,16 +433,22 @@ async def mosaic(request: web.Request) -> web.StreamResponse:
     cfg = request.app[CONFIG].mosaic
     q = read_query(request, MosaicQuery)
     if (q.width or cfg.width) > cfg.max_width:
-        raise error(422, f"invalid query: width: at most {cfg.max_width} (mosaic.max_width)",
-                    details=[{"loc": "width", "msg": f"at most {cfg.max_width}"}])
+        raise error(
+            422,
+            f"invalid query: width: at most {cfg.max_width} (mosaic.max_width)",
+            details=[{"loc": "width", "msg": f"at most {cfg.max_width}"}],
+        )
     snap = await request.app[CLUSTER].snapshot()
     asked = q.streams is not None and bool(q.streams.strip())
     if asked:
         assert q.streams is not None
         ids = list(dict.fromkeys(x.strip() for x in q.streams.split(",") if x.strip()))
         if len(ids) > cfg.max_streams:
-            raise error(422, f"invalid query: streams: at most {cfg.max_streams} streams "
-                        "(mosaic.max_streams)", details=[{"loc": "streams", "msg": "too many"}])
+            raise error(
+                422,
+                f"invalid query: streams: at most {cfg.max_streams} streams (mosaic.max_streams)",
+                details=[{"loc": "streams", "msg": "too many"}],
+            )
         known = {e["id"] for e in snap["streams"]}
         unknown = [x for x in ids if x not in known]
         if unknown:
@@ -403,16 +459,20 @@ async def mosaic(request: web.Request) -> web.StreamResponse:
     placed = [e for e in entries if e["phase"] == "placed" and _node(snap, e["node"])]
     if asked and len(placed) < len(entries):
         waiting = [e["id"] for e in entries if e not in placed]
-        raise error(503, f"streams {waiting} are not running on a node yet",
-                    headers={"Retry-After": "2"})
+        raise error(
+            503, f"streams {waiting} are not running on a node yet", headers={"Retry-After": "2"}
+        )
     by_node: dict[str, list[str]] = {}
     for e in placed:
         by_node.setdefault(e["node"], []).append(e["id"])
     if len(by_node) > 1:
-        raise error(501, "a mosaic of streams on several nodes is not composed by the cluster "
-                    "gateway: ask for the streams of one node (?streams=...); nodes: "
-                    + "; ".join(f"{n}: {','.join(ids)}" for n, ids in sorted(by_node.items())),
-                    nodes=by_node)
+        raise error(
+            501,
+            "a mosaic of streams on several nodes is not composed by the cluster "
+            "gateway: ask for the streams of one node (?streams=...); nodes: "
+            + "; ".join(f"{n}: {','.join(ids)}" for n, ids in sorted(by_node.items())),
+            nodes=by_node,
+        )
     if not by_node:
         raise error(503, "no stream is running on a node yet", headers={"Retry-After": "2"})
     node = _node(snap, next(iter(by_node)))
@@ -426,8 +486,7 @@ async def healthz(request: web.Request) -> web.Response:
         await request.app[CLUSTER].snapshot()
     except ApiError:
         raise error(503, "the cluster controller does not answer") from None
-    return reply(Health(status="ok",
-                        uptime_s=round(time.monotonic() - request.app[STARTED], 1)))
+    return reply(Health(status="ok", uptime_s=round(time.monotonic() - request.app[STARTED], 1)))
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -440,8 +499,10 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     with contextlib.suppress(ApiError):
         await request.app[CLUSTER].snapshot()
-    return web.Response(body=generate_latest(request.app[REGISTRY]),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return web.Response(
+        body=generate_latest(request.app[REGISTRY]),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
 
 
 async def nodes(request: web.Request) -> web.Response:
@@ -463,19 +524,26 @@ class _ClusterCollector:
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         snap = self.client.last or {"nodes": [], "streams": []}
-        nodes = GaugeMetricFamily("segstream_cluster_nodes", "Node services by state.",
-                                  labels=["state"])
+        nodes = GaugeMetricFamily(
+            "segstream_cluster_nodes", "Node services by state.", labels=["state"]
+        )
         for state in ("starting", "up", "lost"):
             nodes.add_metric([state], sum(n["state"] == state for n in snap["nodes"]))
-        streams = GaugeMetricFamily("segstream_cluster_streams", "Streams by placement phase "
-                                    "(placed, starting, moving, pending, error).",
-                                    labels=["phase"])
+        streams = GaugeMetricFamily(
+            "segstream_cluster_streams",
+            "Streams by placement phase (placed, starting, moving, pending, error).",
+            labels=["phase"],
+        )
         for phase in ("placed", "starting", "moving", "pending", "error"):
             streams.add_metric([phase], sum(s["phase"] == phase for s in snap["streams"]))
-        load = GaugeMetricFamily("segstream_cluster_node_load", "Placed cost as a share of "
-                                 "the node's capacity.", labels=["node"])
-        count = GaugeMetricFamily("segstream_cluster_node_streams", "Streams placed on the "
-                                  "node.", labels=["node"])
+        load = GaugeMetricFamily(
+            "segstream_cluster_node_load",
+            "Placed cost as a share of the node's capacity.",
+            labels=["node"],
+        )
+        count = GaugeMetricFamily(
+            "segstream_cluster_node_streams", "Streams placed on the node.", labels=["node"]
+        )
         for n in snap["nodes"]:
             load.add_metric([n["id"]], n["load"])
             count.add_metric([n["id"]], n["streams"])
@@ -488,11 +556,23 @@ LIVE_HUB = web.AppKey("gateway_live_hub", GatewayHub)
 
 _404 = {404: Body(Error, description="Unknown stream.")}
 EXTRA_ENDPOINTS = [
-    Endpoint("GET", "/api/nodes", nodes, "Cluster: the node services, their load and state",
-             tag="cluster", responses={200: Body(NodeList)}),
-    Endpoint("GET", "/api/sd", sd, "Cluster: Prometheus HTTP service discovery "
-             "(http_sd_configs) of the node services' metrics, labelled `node`",
-             tag="cluster", responses={200: Body(list[SdGroup])}),
+    Endpoint(
+        "GET",
+        "/api/nodes",
+        nodes,
+        "Cluster: the node services, their load and state",
+        tag="cluster",
+        responses={200: Body(NodeList)},
+    ),
+    Endpoint(
+        "GET",
+        "/api/sd",
+        sd,
+        "Cluster: Prometheus HTTP service discovery "
+        "(http_sd_configs) of the node services' metrics, labelled `node`",
+        tag="cluster",
+        responses={200: Body(list[SdGroup])},
+    ),
 ]
 HANDLERS = {
     ("GET", "/api/streams"): list_streams,
@@ -520,14 +600,17 @@ HANDLERS = {
 def gateway_endpoints() -> list[Endpoint]:
     """The single node's endpoints (same paths, roles, documentation) with the gateway's
     handlers, and the cluster's own."""
-    return [replace(ep, handler=HANDLERS.get((ep.method, ep.path), ep.handler))
-            for ep in ENDPOINTS] + EXTRA_ENDPOINTS
+    return [
+        replace(ep, handler=HANDLERS.get((ep.method, ep.path), ep.handler)) for ep in ENDPOINTS
+    ] + EXTRA_ENDPOINTS
 
 
-def make_gateway_app(cfg: AppConfig, client: ClusterClient,
-                     auth: Authenticator | None = None) -> web.Application:
-    doc = openapi([*ENDPOINTS, *EXTRA_ENDPOINTS], title="segstream (cluster gateway)",
-                  version=VERSION)
+def make_gateway_app(
+    cfg: AppConfig, client: ClusterClient, auth: Authenticator | None = None
+) -> web.Application:
+    doc = openapi(
+        [*ENDPOINTS, *EXTRA_ENDPOINTS], title="segstream (cluster gateway)", version=VERSION
+    )
     app = base_app(cfg, gateway_endpoints(), doc, auth)
     app[CLUSTER] = client
     app[STARTED] = time.monotonic()
@@ -558,9 +641,11 @@ async def serve_cluster(cfg: AppConfig, address: str, state_file: Path | None) -
 
     auth = Authenticator.from_home(tokens_dir(cfg))
     if not auth.enabled and not is_loopback(cfg.server.host):
-        log.error("refusing to serve on %s without authentication: add a token with "
-                  "`segstream token add admin --role admin`, or listen on 127.0.0.1",
-                  cfg.server.host)
+        log.error(
+            "refusing to serve on %s without authentication: add a token with "
+            "`segstream token add admin --role admin`, or listen on 127.0.0.1",
+            cfg.server.host,
+        )
         return 1
     try:
         runtime.connect(address, cfg.cluster.namespace)  # main thread: Ray's signal handlers
@@ -568,16 +653,23 @@ async def serve_cluster(cfg: AppConfig, address: str, state_file: Path | None) -
         log.error("cannot join the Ray cluster at %s: %s", address, e)
         return 1
     signing = load_secret(tokens_dir(cfg) / "secret.key")
-    handle = await asyncio.to_thread(start_controller, cfg,
-                                     str(state_file) if state_file else None, signing)
+    handle = await asyncio.to_thread(
+        start_controller, cfg, str(state_file) if state_file else None, signing
+    )
     info = await asyncio.wrap_future(handle.info.remote().future())
     app = make_gateway_app(cfg, ClusterClient(handle, info["secret"]), auth)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                           shutdown_timeout=cfg.server.shutdown_timeout)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=cfg.server.shutdown_timeout
+    )
     await runner.setup()
     await web.TCPSite(runner, cfg.server.host, cfg.server.port).start()
-    log.info("cluster gateway on http://%s:%d/ (Ray %s, namespace %s)", cfg.server.host,
-             cfg.server.port, address, cfg.cluster.namespace)
+    log.info(
+        "cluster gateway on http://%s:%d/ (Ray %s, namespace %s)",
+        cfg.server.host,
+        cfg.server.port,
+        address,
+        cfg.cluster.namespace,
+    )
     stop = app[STOP]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

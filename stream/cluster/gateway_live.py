@@ -60,10 +60,10 @@ def frame_header(msg: bytes) -> tuple[int, str, int] | None:
     if kind not in (TILE, FOCUS) or len(msg) < 6 + n:
         return None
     try:
-        sid = msg[2:2 + n].decode("ascii")
+        sid = msg[2 : 2 + n].decode("ascii")
     except UnicodeDecodeError:
         return None
-    return kind, sid, int.from_bytes(msg[2 + n:6 + n], "big")
+    return kind, sid, int.from_bytes(msg[2 + n : 6 + n], "big")
 
 
 @dataclass
@@ -87,8 +87,16 @@ def node_requests(want: Wanted, owner: dict[str, str]) -> dict[str, dict[str, An
     out: dict[str, dict[str, Any]] = {}
 
     def of(node: str) -> dict[str, Any]:
-        return out.setdefault(node, {"watch": [], "fps": want.fps, "focus": None,
-                                     "focus_fps": want.focus_fps, "overlay": None})
+        return out.setdefault(
+            node,
+            {
+                "watch": [],
+                "fps": want.fps,
+                "focus": None,
+                "focus_fps": want.focus_fps,
+                "overlay": None,
+            },
+        )
 
     for sid in want.watch:
         if (node := owner.get(sid)) is not None:
@@ -177,7 +185,8 @@ class GatewayLiveClient(PageSocket):
             return
         kind, sid, _ = head
         if (kind == TILE and sid not in self.want.watch) or (
-                kind == FOCUS and sid != self.want.focus):
+            kind == FOCUS and sid != self.want.focus
+        ):
             return
         key = (kind, sid)
         if key in self.frames:
@@ -225,8 +234,9 @@ class GatewayLiveClient(PageSocket):
         if "watch" in given:
             ids = list(dict.fromkeys(req.watch or []))
             if len(ids) > self.cfg.max_watch:
-                self.send_error(f"watch at most {self.cfg.max_watch} streams "
-                                "(page.max_watch)", "watch")
+                self.send_error(
+                    f"watch at most {self.cfg.max_watch} streams (page.max_watch)", "watch"
+                )
             else:
                 want.watch = ids
         if "focus" in given:
@@ -236,8 +246,7 @@ class GatewayLiveClient(PageSocket):
                 return
             want.focus = req.focus
             if req.focus is None:
-                self.push_text("focus", json.dumps({"type": "focus", "id": None,
-                                                    "overlay": None}))
+                self.push_text("focus", json.dumps({"type": "focus", "id": None, "overlay": None}))
         if "overlay" in given:
             want.overlay = req.overlay.model_dump() if req.overlay is not None else None
         self.sync()
@@ -268,7 +277,8 @@ class GatewayLiveClient(PageSocket):
             self.upstreams[node].request(request)
         for kind, sid in list(self.frames):
             if (kind == TILE and sid not in self.want.watch) or (
-                    kind == FOCUS and sid != self.want.focus):
+                kind == FOCUS and sid != self.want.focus
+            ):
                 self.frames.pop((kind, sid), None)
 
     def counts(self) -> tuple[int, int]:
@@ -296,9 +306,17 @@ class GatewayHub:
 
     def add(self, client: GatewayLiveClient) -> None:
         self.clients.add(client)
-        client.push_text("hello", json.dumps({
-            "type": "hello", "max_tile_fps": self.cfg.max_tile_fps,
-            "max_focus_fps": self.cfg.max_focus_fps, "max_watch": self.cfg.max_watch}))
+        client.push_text(
+            "hello",
+            json.dumps(
+                {
+                    "type": "hello",
+                    "max_tile_fps": self.cfg.max_tile_fps,
+                    "max_focus_fps": self.cfg.max_focus_fps,
+                    "max_watch": self.cfg.max_watch,
+                }
+            ),
+        )
         if self.view is not None:
             client.push_text("status", self.view.text)
             client.placement(self.view)

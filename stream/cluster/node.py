@@ -50,8 +50,9 @@ class NodeService:
         self._tasks: list[asyncio.Task[Any]] = []
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
-    async def start(self, cfg_json: str, node_id: str, host: str, cluster_secret: str,
-                    signing_secret: bytes) -> dict[str, Any]:
+    async def start(
+        self, cfg_json: str, node_id: str, host: str, cluster_secret: str, signing_secret: bytes
+    ) -> dict[str, Any]:
         """Starts the HTTP listeners and, in the background, the model; returns where the
         node listens. Idempotent (a restarted controller calls it again)."""
         if self.info is not None:
@@ -62,11 +63,13 @@ class NodeService:
         # Nobody holds a token here: the gateway's secret (as the env admin token) and URLs
         # signed with the gateway's key are the only ways in.
         self._tmp = tempfile.TemporaryDirectory(prefix="segstream-node-")
-        auth = Authenticator(TokenStore(Path(self._tmp.name) / "tokens.json"), signing_secret,
-                             env_token=cluster_secret)
+        auth = Authenticator(
+            TokenStore(Path(self._tmp.name) / "tokens.json"),
+            signing_secret,
+            env_token=cluster_secret,
+        )
         app = make_app(service, auth=auth, store=None)
-        runner = web.AppRunner(app, access_log=None,
-                               shutdown_timeout=cfg.server.shutdown_timeout)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.server.shutdown_timeout)
         mrunner = web.AppRunner(metrics_app(service), access_log=None)
         ports = []
         for r, port in ((runner, cfg.cluster.node_port), (mrunner, cfg.cluster.metrics_port)):
@@ -75,17 +78,21 @@ class NodeService:
             await site.start()
             self._runners.append(r)
             ports.append(r.addresses[0][1])
-        self.info = {"node_id": node_id, "host": host, "port": ports[0],
-                     "metrics_port": ports[1]}
+        self.info = {"node_id": node_id, "host": host, "port": ports[0], "metrics_port": ports[1]}
         self._tasks.append(asyncio.create_task(self._apply_loop()))
-        log.info("node service %s on http://%s:%d/ (metrics :%d)", node_id[:12], host,
-                 ports[0], ports[1])
+        log.info(
+            "node service %s on http://%s:%d/ (metrics :%d)", node_id[:12], host, ports[0], ports[1]
+        )
         return self.info
 
     async def ping(self) -> dict[str, Any]:
         s = self.service
-        return {"ready": bool(s and s.ready), "error": s.health() if s else None,
-                "running": dict(self.applied), "failed": dict(self.failed)}
+        return {
+            "ready": bool(s and s.ready),
+            "error": s.health() if s else None,
+            "running": dict(self.applied),
+            "failed": dict(self.failed),
+        }
 
     async def sync(self, configs: list[str]) -> None:
         """The full set this node should run (JSON StreamConfigs); applied in the background

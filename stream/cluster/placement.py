@@ -114,9 +114,14 @@ def place(
     return Placement(assignment, sorted(unplaced), moved)
 
 
-def _rebalance(assignment: dict[str, str], costs: Mapping[str, float],
-               nodes: Mapping[str, float], load: dict[str, float], threshold: float,
-               max_moves: int) -> None:
+def _rebalance(
+    assignment: dict[str, str],
+    costs: Mapping[str, float],
+    nodes: Mapping[str, float],
+    load: dict[str, float],
+    threshold: float,
+    max_moves: int,
+) -> None:
     by_node: dict[str, list[str]] = {n: [] for n in nodes}
     for sid, n in assignment.items():
         by_node[n].append(sid)
@@ -130,7 +135,9 @@ def _rebalance(assignment: dict[str, str], costs: Mapping[str, float],
         # The stream whose move narrows the gap most, and that fits on `lo`.
         candidates = [
             (abs((load[hi] - costs[s]) / nodes[hi] - (load[lo] + costs[s]) / nodes[lo]), s)
-            for s in by_node[hi] if load[lo] + costs[s] <= nodes[lo] + 1e-9]
+            for s in by_node[hi]
+            if load[lo] + costs[s] <= nodes[lo] + 1e-9
+        ]
         best_gap, best = min(candidates, default=(gap, None))
         if best_gap >= gap - 1e-9:
             best = None
@@ -143,8 +150,9 @@ def _rebalance(assignment: dict[str, str], costs: Mapping[str, float],
         load[lo] += costs[best]
 
 
-def balance(placement: Placement, costs: Mapping[str, float],
-            capacities: Mapping[str, float]) -> tuple[float, float]:
+def balance(
+    placement: Placement, costs: Mapping[str, float], capacities: Mapping[str, float]
+) -> tuple[float, float]:
     """(most, least) loaded node as a share of its capacity."""
     load = placement.load(costs)
     shares = [load.get(n, 0.0) / c for n, c in capacities.items() if c > 0]

@@ -25,8 +25,14 @@ def connect(address: str, namespace: str) -> None:
     ray = ray_module()
     if ray.is_initialized():
         return
-    ray.init(address=address, namespace=namespace, include_dashboard=False,
-             log_to_driver=True, logging_level="warning", configure_logging=False)
+    ray.init(
+        address=address,
+        namespace=namespace,
+        include_dashboard=False,
+        log_to_driver=True,
+        logging_level="warning",
+        configure_logging=False,
+    )
 
 
 def node_actor(namespace: str, ray_id: str, cls: type | None = None) -> Any:
@@ -36,11 +42,19 @@ def node_actor(namespace: str, ray_id: str, cls: type | None = None) -> Any:
 
     from stream.cluster.node import NodeService
 
-    return ray.remote(cls or NodeService).options(
-        name=NODE_PREFIX + ray_id, namespace=namespace, lifetime="detached",
-        get_if_exists=True, num_cpus=0, max_restarts=0,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray_id, soft=False),
-    ).remote()
+    return (
+        ray.remote(cls or NodeService)
+        .options(
+            name=NODE_PREFIX + ray_id,
+            namespace=namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray_id, soft=False),
+        )
+        .remote()
+    )
 
 
 def node_ip(ray_id: str) -> str:

@@ -20,6 +20,10 @@ def target_groups(nodes: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         host = n["host"]
         if ":" in host:  # IPv6
             host = f"[{host}]"
-        out.append({"targets": [f"{host}:{n['metrics_port']}"],
-                    "labels": {"node": n["id"], "node_ip": n["host"]}})
+        out.append(
+            {
+                "targets": [f"{host}:{n['metrics_port']}"],
+                "labels": {"node": n["id"], "node_ip": n["host"]},
+            }
+        )
     return out
