@@ -25,6 +25,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY models ./models
 COPY stream ./stream
+COPY segstream ./segstream
 COPY configs ./configs
 RUN pip install --upgrade pip && pip install ".${EXTRAS:+[$EXTRAS]}"
 

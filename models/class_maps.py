@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.labels import CAMVID_LABELS, CITYSCAPES_LABELS, VOC_LABELS
+from segstream.models.labels import CAMVID_LABELS, CITYSCAPES_LABELS, VOC_LABELS
 
 _YAML_KEYS = {"classes", "map", "ignore", "name"}
 

@@ -39,8 +39,8 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from models.norm import QUANT_NORM, Norm
-from models.registry import Backbone
+from segstream.models.norm import QUANT_NORM, Norm
+from segstream.models.registry import Backbone
 
 # TF-slim MobileNetV2 (t expansion, c channels, n repeats, s stride) after the first conv.
 _MNV2_BLOCKS = [

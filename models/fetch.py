@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from models.registry import MODELS, SAMPLES, ModelSpec, SampleSpec, get_sample, get_spec
+from segstream.models.registry import MODELS, SAMPLES, ModelSpec, SampleSpec, get_sample, get_spec
 
 _CHUNK = 1 << 20
 FETCH_FROM_ENV = "SEGSTREAM_FETCH_FROM"

@@ -75,7 +75,7 @@ def load_finetuned(
     output: Literal["classes", "logits"] = "classes",
 ) -> tuple[Any, dict[str, Any]]:
     """Rebuild a fine-tuned model from ``x.weights.h5`` + ``x.json`` at any input size."""
-    from models.deeplab import build_deeplab
+    from segstream.models.deeplab import build_deeplab
 
     meta = read_sidecar(weights)
     mean, std = meta["input_norm"]

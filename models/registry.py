@@ -8,8 +8,8 @@ from typing import Literal
 
 import numpy as np
 
-from models.labels import CITYSCAPES_LABELS, VOC_LABELS, cityscapes_palette, voc_palette
-from models.norm import FLOAT_NORM, QUANT_NORM, Norm
+from segstream.models.labels import CITYSCAPES_LABELS, VOC_LABELS, cityscapes_palette, voc_palette
+from segstream.models.norm import FLOAT_NORM, QUANT_NORM, Norm
 
 TfliteKind = Literal["argmax_uint8", "logits_float"]
 Backbone = Literal["mobilenet_v2", "mobilenet_edgetpu"]
@@ -84,8 +84,8 @@ def _voc(name: str, filename: str, sha: str, url: str, **kw: object) -> ModelSpe
         labels=VOC_LABELS,
         palette=voc_palette,
         keras=True,
-        **kw,
-    )  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 _SPECS = [

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from models.tflite_schema import op_name, pack, schema, unpack
+from segstream.models.tflite_schema import op_name, pack, schema, unpack
 
 
 def resize_input(content: bytes, size: int) -> bytes:

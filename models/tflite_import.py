@@ -30,8 +30,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from models import fetch
-from models.deeplab import (
+from segstream.models import fetch
+from segstream.models.deeplab import (
     MODES,
     SITE_BROADCAST,
     SITE_CONCAT,
@@ -48,9 +48,9 @@ from models.deeplab import (
     layer_name,
     quant_sites,
 )
-from models.norm import FLOAT_NORM, QUANT_NORM, Norm
-from models.registry import ModelSpec, get_spec
-from models.tflite_schema import op_name, schema, unpack
+from segstream.models.norm import FLOAT_NORM, QUANT_NORM, Norm
+from segstream.models.registry import ModelSpec, get_spec
+from segstream.models.tflite_schema import op_name, schema, unpack
 
 log = logging.getLogger(__name__)
 

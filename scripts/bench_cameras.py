@@ -107,7 +107,7 @@ async def run(
     env = {**os.environ, "PYTHONPATH": str(tree)}
     log_file = open(args.out / f"service-{label}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stream.cli", "serve", "--config", str(cfg_path)],
+        [sys.executable, "-m", "segstream.stream.cli", "serve", "--config", str(cfg_path)],
         cwd=tree,
         env=env,
         stdout=log_file,
@@ -189,8 +189,8 @@ def transport(args: argparse.Namespace, url: str, reader: str) -> dict[str, Any]
     """Ages of the frames a bare reader hands over (every frame converted)."""
     import stamp
 
-    from stream.config import StreamConfig
-    from stream.sources import VideoSource
+    from segstream.stream.config import StreamConfig
+    from segstream.stream.sources import VideoSource
 
     ages: list[float] = []
     src: VideoSource
@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     args.reader = args.count_reader  # service_config's default
     args.cycle_ms = args.cycle_frames = 0
     if args.clip is None:
-        from models.fetch import NotFetchedError, sample_path
+        from segstream.models.fetch import NotFetchedError, sample_path
 
         try:
             args.clip = sample_path("vtest")

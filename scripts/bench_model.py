@@ -25,14 +25,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.runtime import Segmenter, load_segmenter, prepare
+from segstream.models.runtime import Segmenter, load_segmenter, prepare
 
 
 def _frames(n: int, size: int) -> np.ndarray:
     """Real frames from the sample video when fetched (content changes little), else noise."""
     import cv2
 
-    from models.fetch import NotFetchedError, sample_path
+    from segstream.models.fetch import NotFetchedError, sample_path
 
     try:
         cap = cv2.VideoCapture(str(sample_path("vtest")))

@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.labels import VOC_LABELS, voc_palette
-from stream.encoders import encode_jpeg
-from stream.render import Renderer
+from segstream.models.labels import VOC_LABELS, voc_palette
+from segstream.stream.encoders import encode_jpeg
+from segstream.stream.render import Renderer
 
 VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "video" / "vtest.avi"
 

@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark
 import stamp
 
-from stream.datatypes import Rendered
-from stream.restream import RestreamSink
+from segstream.stream.datatypes import Rendered
+from segstream.stream.restream import RestreamSink
 
 SHARED = Path(os.environ.get("SEGSTREAM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 VIDEO = SHARED / "data" / "video" / "vtest.avi"

@@ -269,8 +269,8 @@ def clip_frames(clip: Path, n: int, size: tuple[int, int] = (1280, 720)) -> list
 def cmd_raw(args: argparse.Namespace) -> int:
     """The ceiling: every batch size, both as one interpreter on all the cores and as the
     service's default of several single-threaded copies side by side; the best one counts."""
-    from models.runtime import load_segmenter, prepare
-    from stream.runner import plan_workers
+    from segstream.models.runtime import load_segmenter, prepare
+    from segstream.stream.runner import plan_workers
 
     sizes = tuple(int(b) for b in args.batches.split(","))
     cores = os.cpu_count() or 1
@@ -340,9 +340,9 @@ def cmd_naive(args: argparse.Namespace) -> int:
     os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
     import cv2
 
-    from models.runtime import load_segmenter, prepare
-    from stream.encoders import encode_jpeg
-    from stream.render import Renderer
+    from segstream.models.runtime import load_segmenter, prepare
+    from segstream.stream.encoders import encode_jpeg
+    from segstream.stream.render import Renderer
 
     seg = load_segmenter(args.model, args.backend, batch_sizes=(1,), threads=args.threads)
     seg.warmup()
@@ -600,7 +600,7 @@ def service_config(
 
 def segstream_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "segstream"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "stream.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "segstream.stream.cli"]
 
 
 async def http_json(url: str) -> Any:
@@ -1708,7 +1708,7 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = "python scripts/benchmark.py " + shlex.join(argv)
     args.cycle_ms = args.cycle_frames = 0  # set by the cameras (pre-encoded ones loop a cycle)
     if args.clip is None:
-        from models.fetch import NotFetchedError, sample_path
+        from segstream.models.fetch import NotFetchedError, sample_path
 
         try:
             args.clip = sample_path("vtest")

@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ["KERAS_BACKEND"] = args.keras_backend  # before keras is first imported
 
-    from models import fetch
-    from models.registry import get_spec
-    from models.runtime import load_segmenter
-    from models.tools.fidelity import Agreement, measure, photo_images, project_images
+    from segstream.models import fetch
+    from segstream.models.registry import get_spec
+    from segstream.models.runtime import load_segmenter
+    from segstream.models.tools.fidelity import Agreement, measure, photo_images, project_images
 
     data = args.data or Path(os.environ.get("SEGSTREAM_SHARED", REPO.parent / "shared")) / "data"
     shared = data.parent

@@ -31,11 +31,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stream.cluster.controller import ClusterState, NodeRecord  # noqa: E402
-from stream.cluster.node import fingerprint  # noqa: E402
-from stream.cluster.placement import CostModel  # noqa: E402
-from stream.config import AppConfig, StreamConfig  # noqa: E402
-from stream.store import StreamStore  # noqa: E402
+from segstream.stream.cluster.controller import ClusterState, NodeRecord  # noqa: E402
+from segstream.stream.cluster.node import fingerprint  # noqa: E402
+from segstream.stream.cluster.placement import CostModel  # noqa: E402
+from segstream.stream.config import AppConfig, StreamConfig  # noqa: E402
+from segstream.stream.store import StreamStore  # noqa: E402
 
 RATES = (1.0, 2.0, 2.0, 5.0)  # a mix of inference rates per camera (infer_fps)
 
@@ -166,7 +166,7 @@ class StandInNode:
     """A node service without a model or HTTP: runs what it is told (async actor)."""
 
     def __init__(self) -> None:
-        import stream.cluster.node  # noqa: F401  (imported before the first ping)
+        import segstream.stream.cluster.node  # noqa: F401  (imported before the first ping)
 
         self.running: dict[str, str] = {}
 
@@ -179,8 +179,8 @@ class StandInNode:
         return {"ready": True, "error": None, "running": dict(self.running), "failed": {}}
 
     async def sync(self, configs: list[str]) -> None:
-        from stream.cluster.node import fingerprint
-        from stream.config import StreamConfig
+        from segstream.stream.cluster.node import fingerprint
+        from segstream.stream.config import StreamConfig
 
         cfgs = [StreamConfig.model_validate_json(c) for c in configs]
         self.running = {c.id: fingerprint(c) for c in cfgs}
@@ -190,7 +190,7 @@ def ray_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
     import ray
     from ray.cluster_utils import Cluster
 
-    from stream.cluster.controller import start_controller
+    from segstream.stream.cluster.controller import start_controller
 
     out: dict[str, Any] = {"ray_nodes": n_nodes, "streams": n_streams}
     t0 = time.monotonic()

@@ -16,9 +16,9 @@ MAX_MODEL_TYPES = {"mobile": "mnv2-voc"}  # IBM MAX's MODEL_TYPE; "full" (Xcepti
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from stream.config import ConfigError, load_config
-    from stream.sanitize import install_log_filter, sanitize_text
-    from stream.server import serve
+    from segstream.stream.config import ConfigError, load_config
+    from segstream.stream.sanitize import install_log_filter, sanitize_text
+    from segstream.stream.server import serve
 
     overrides: dict[str, Any] = {}
     model_type = os.environ.get("MODEL_TYPE")
@@ -56,7 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
         logging.warning("no streams configured: add --source URL or a streams: list")
     state = state_path(args, cfg.server.state_file)
     if args.cluster:
-        from stream.cluster.gateway import serve_cluster
+        from segstream.stream.cluster.gateway import serve_cluster
 
         return asyncio.run(serve_cluster(cfg, args.cluster, state))
     return asyncio.run(serve(cfg, state))
@@ -65,7 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
 def state_path(args: argparse.Namespace, configured: str | None) -> Path | None:
     """--state, else the config's server.state_file, else one file per config under
     $SEGSTREAM_HOME/state ("" or "none": no state kept)."""
-    from models.fetch import home
+    from segstream.models.fetch import home
 
     chosen = args.state if args.state is not None else configured
     if chosen is not None:
@@ -112,9 +112,9 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from stream.auth import AuthError, TokenStore
-    from stream.config import ConfigError, load_config
-    from stream.server import tokens_dir
+    from segstream.stream.auth import AuthError, TokenStore
+    from segstream.stream.config import ConfigError, load_config
+    from segstream.stream.server import tokens_dir
 
     try:
         folder = Path(args.dir) if args.dir else tokens_dir(load_config(args.config))
@@ -158,8 +158,8 @@ def _register_token(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models import fetch
-    from models.tools import evaluate, export, predict, train
+    from segstream.models import fetch
+    from segstream.models.tools import evaluate, export, predict, train
 
     parser = argparse.ArgumentParser(
         prog="segstream", description="Real-time video segmentation with mobile DeepLab."

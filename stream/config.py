@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # configs/default.yaml, shipped inside the package (stream/default.yaml links to it), so an
 # installed wheel finds it too.
-DEFAULT_CONFIG = Path(str(resources.files("stream").joinpath("default.yaml")))
+DEFAULT_CONFIG = Path(str(resources.files("segstream.stream").joinpath("default.yaml")))
 ENV_PREFIX = "SEGSTREAM_"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SCHEMES = {"rtsp", "rtsps", "rtmp", "http", "https", "file", "udp", "tcp", "srt", "sample"}

@@ -16,9 +16,9 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from stream.config import ConfigError, SourcesConfig, StreamConfig
-from stream.service import Service
-from stream.store import StreamStore
+from segstream.stream.config import ConfigError, SourcesConfig, StreamConfig
+from segstream.stream.service import Service
+from segstream.stream.store import StreamStore
 
 API_SCHEMES = {"rtsp", "rtsps", "rtmp", "http", "https", "srt"}
 # Never reachable through the API unless allowed by name: link-local (cloud metadata

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from stream.encoders import encode_jpeg
+from segstream.stream.encoders import encode_jpeg
 
 
 class SourceState(StrEnum):

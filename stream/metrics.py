@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from stream.datatypes import SourceState
-from stream.observer import OUTCOMES, Outcome, Stage
+from segstream.stream.datatypes import SourceState
+from segstream.stream.observer import OUTCOMES, Outcome, Stage
 
 # Most stages take milliseconds; inference batches and end-to-end latency reach seconds.
 _LATENCY_BUCKETS = (

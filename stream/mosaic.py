@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from stream.config import MosaicConfig
-from stream.datatypes import Rendered, Sink
+from segstream.stream.config import MosaicConfig
+from segstream.stream.datatypes import Rendered, Sink
 
 log = logging.getLogger(__name__)
 

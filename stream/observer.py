@@ -11,7 +11,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from stream.datatypes import SourceState
+from segstream.stream.datatypes import SourceState
 
 # captured: decoded from the source (every frame); then exactly one of unconverted (decoded,
 # never converted: the scheduler would not have taken it), skipped (converted, passed over by

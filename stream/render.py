@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from stream.datatypes import Frame, Rendered, Result, Sink
-from stream.observer import NULL_OBSERVER, Observer
+from segstream.stream.datatypes import Frame, Rendered, Result, Sink
+from segstream.stream.observer import NULL_OBSERVER, Observer
 
 log = logging.getLogger(__name__)
 

@@ -48,10 +48,10 @@ import cv2
 import numpy as np
 from av.video.codeccontext import VideoCodecContext
 
-from stream.config import StreamConfig
-from stream.datatypes import Rendered, SourceState
-from stream.observer import NULL_OBSERVER, Observer
-from stream.sanitize import sanitize_text
+from segstream.stream.config import StreamConfig
+from segstream.stream.datatypes import Rendered, SourceState
+from segstream.stream.observer import NULL_OBSERVER, Observer
+from segstream.stream.sanitize import sanitize_text
 
 log = logging.getLogger(__name__)
 

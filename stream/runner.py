@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.runtime import Segmenter, prepare
-from stream.datatypes import Job, Result
-from stream.observer import NULL_OBSERVER, Observer
-from stream.scheduler import Scheduler
+from segstream.models.runtime import Segmenter, prepare
+from segstream.stream.datatypes import Job, Result
+from segstream.stream.observer import NULL_OBSERVER, Observer
+from segstream.stream.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from typing import Protocol
 
 import numpy as np
 
-from stream.datatypes import Job, SourceState
-from stream.observer import NULL_OBSERVER, Observer
-from stream.sources import FrameSlot
+from segstream.stream.datatypes import Job, SourceState
+from segstream.stream.observer import NULL_OBSERVER, Observer
+from segstream.stream.sources import FrameSlot
 
 # A lane is due this long before its due time. Covers the few milliseconds between a reader's
 # due_soon() and the scan that sees the converted frame; the long-run rate stays exact, since

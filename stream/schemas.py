@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from stream.config import StreamConfig
+from segstream.stream.config import StreamConfig
 
 
 class _Out(BaseModel):

@@ -15,10 +15,11 @@ from typing import Any
 
 from aiohttp import web
 
-from models.fetch import home
-from stream.api import live, media, mosaic, predict, session, streams, system
-from stream.api.context import AUTH, CONFIG, CONTROL, PRINCIPAL, SERVICE, STOP, THROTTLE
-from stream.api.spec import (
+from segstream import __version__
+from segstream.models.fetch import home
+from segstream.stream.api import live, media, mosaic, predict, session, streams, system
+from segstream.stream.api.context import AUTH, CONFIG, CONTROL, PRINCIPAL, SERVICE, STOP, THROTTLE
+from segstream.stream.api.spec import (
     SESSION_COOKIE,
     ApiError,
     Endpoint,
@@ -27,15 +28,15 @@ from stream.api.spec import (
     error,
     openapi,
 )
-from stream.auth import Authenticator, LoginThrottle, Principal
-from stream.config import AppConfig, ConfigError
-from stream.control import SourcePolicy, StreamControl
-from stream.sanitize import sanitize_text
-from stream.service import Service
-from stream.store import StreamStore
+from segstream.stream.auth import Authenticator, LoginThrottle, Principal
+from segstream.stream.config import AppConfig, ConfigError
+from segstream.stream.control import SourcePolicy, StreamControl
+from segstream.stream.sanitize import sanitize_text
+from segstream.stream.service import Service
+from segstream.stream.store import StreamStore
 
 log = logging.getLogger(__name__)
-VERSION = "0.2.0"
+VERSION = __version__  # one version: the package's, also in the OpenAPI document
 ENDPOINTS: list[Endpoint] = [
     *system.ENDPOINTS,
     *session.ENDPOINTS,

@@ -20,20 +20,20 @@ from typing import Any
 import cv2
 import numpy as np
 
-from models.fetch import sample_path
-from models.runtime import Segmenter, load_segmenter, prepare, resolve_backend
-from stream.config import AppConfig, ConfigError, StreamConfig
-from stream.datatypes import Result, Sink
-from stream.metrics import PrometheusObserver
-from stream.mosaic import Mosaic
-from stream.observer import Observer
-from stream.render import Renderer, RenderStage, StreamView
-from stream.restream import RestreamSink
-from stream.runner import ModelWorker, WorkerPlan, plan_workers
-from stream.sanitize import sanitize_url
-from stream.scheduler import Scheduler
-from stream.sinks import MjpegSink
-from stream.sources import VideoSource
+from segstream.models.fetch import sample_path
+from segstream.models.runtime import Segmenter, load_segmenter, prepare, resolve_backend
+from segstream.stream.config import AppConfig, ConfigError, StreamConfig
+from segstream.stream.datatypes import Result, Sink
+from segstream.stream.metrics import PrometheusObserver
+from segstream.stream.mosaic import Mosaic
+from segstream.stream.observer import Observer
+from segstream.stream.render import Renderer, RenderStage, StreamView
+from segstream.stream.restream import RestreamSink
+from segstream.stream.runner import ModelWorker, WorkerPlan, plan_workers
+from segstream.stream.sanitize import sanitize_url
+from segstream.stream.scheduler import Scheduler
+from segstream.stream.sinks import MjpegSink
+from segstream.stream.sources import VideoSource
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 
-from stream.datatypes import Published, Rendered
+from segstream.stream.datatypes import Published, Rendered
 
 
 class MjpegSink:

@@ -42,10 +42,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from stream.config import StreamConfig
-from stream.datatypes import Frame, SourceState
-from stream.observer import NULL_OBSERVER, Observer
-from stream.sanitize import sanitize_text, sanitize_url
+from segstream.stream.config import StreamConfig
+from segstream.stream.datatypes import Frame, SourceState
+from segstream.stream.observer import NULL_OBSERVER, Observer
+from segstream.stream.sanitize import sanitize_text, sanitize_url
 
 # OpenCV serialises every FFmpeg open behind one process-wide mutex unless told that FFmpeg
 # is thread-safe (it is, since FFmpeg 4). Without this, one stream stuck opening an

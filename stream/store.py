@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from stream.config import ConfigError, StreamConfig
+from segstream.stream.config import ConfigError, StreamConfig
 
 FORMAT_VERSION = 1
 

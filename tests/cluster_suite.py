@@ -39,11 +39,11 @@ ray = pytest.importorskip("ray")
 from aiohttp import web  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from stream.auth import Authenticator, TokenStore  # noqa: E402
-from stream.cluster.controller import start_controller  # noqa: E402
-from stream.cluster.gateway import ClusterClient, make_gateway_app  # noqa: E402
-from stream.cluster.runtime import CONTROLLER_NAME  # noqa: E402
-from stream.config import AppConfig  # noqa: E402
+from segstream.stream.auth import Authenticator, TokenStore  # noqa: E402
+from segstream.stream.cluster.controller import start_controller  # noqa: E402
+from segstream.stream.cluster.gateway import ClusterClient, make_gateway_app  # noqa: E402
+from segstream.stream.cluster.runtime import CONTROLLER_NAME  # noqa: E402
+from segstream.stream.config import AppConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "segstream-test"

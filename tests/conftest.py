@@ -22,7 +22,7 @@ def shared_dir() -> Path:
 def model(segstream_home: Path):
     """The default model on the CPU runtime, single-threaded, batch 1 (shared by the tests
     that run a service in-process; a Service never closes a model it was given)."""
-    from models.runtime import load_segmenter
+    from segstream.models.runtime import load_segmenter
 
     return load_segmenter("mnv2-voc", "tflite", batch_sizes=(1,), threads=1)
 
@@ -42,7 +42,7 @@ def camera(shared_dir: Path):
 @pytest.fixture(scope="session")
 def segstream_home(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
     """A SEGSTREAM_HOME filled by the real `fetch --from ../shared` path (checksums verified)."""
-    from models import fetch
+    from segstream.models import fetch
 
     home = Path(os.environ.get("SEGSTREAM_TEST_HOME", tmp_path_factory.mktemp("home")))
     os.environ["SEGSTREAM_HOME"] = str(home)

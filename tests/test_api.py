@@ -20,13 +20,13 @@ from PIL import Image
 from rtsp import RtspServer
 from waiting import until
 
-from models.runtime import Segmenter
-from stream.api.context import THROTTLE
-from stream.auth import Authenticator, TokenStore, load_secret
-from stream.config import AppConfig
-from stream.server import ENDPOINTS, make_app
-from stream.service import Service
-from stream.store import StreamStore
+from segstream.models.runtime import Segmenter
+from segstream.stream.api.context import THROTTLE
+from segstream.stream.auth import Authenticator, TokenStore, load_secret
+from segstream.stream.config import AppConfig
+from segstream.stream.server import ENDPOINTS, make_app
+from segstream.stream.service import Service
+from segstream.stream.store import StreamStore
 
 pytestmark = pytest.mark.e2e
 
@@ -532,7 +532,7 @@ async def test_max_labels_and_metadata(api: Api) -> None:
 async def test_max_image_size_from_the_environment(
     make_api, monkeypatch: pytest.MonkeyPatch, bird: bytes
 ) -> None:
-    from stream.api.predict import image_size_from_env
+    from segstream.stream.api.predict import image_size_from_env
 
     assert image_size_from_env({"IMAGE_SIZE": "16"}) == 16
     assert image_size_from_env({"IMAGE_SIZE": "1024"}) == 1024

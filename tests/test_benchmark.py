@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import stamp  # noqa: E402
 
-from models.labels import VOC_LABELS, voc_palette  # noqa: E402
-from stream.encoders import encode_jpeg  # noqa: E402
-from stream.render import Renderer  # noqa: E402
+from segstream.models.labels import VOC_LABELS, voc_palette  # noqa: E402
+from segstream.stream.encoders import encode_jpeg  # noqa: E402
+from segstream.stream.render import Renderer  # noqa: E402
 
 CODES = [(0, 0), (1, 4_294_967_295), (65_535, 123_456_789), (4242, 17)]
 

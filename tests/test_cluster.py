@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from stream.cluster.placement import CostModel, balance, place
-from stream.cluster.sd import target_groups
-from stream.config import AppConfig, StreamConfig
+from segstream.stream.cluster.placement import CostModel, balance, place
+from segstream.stream.cluster.sd import target_groups
+from segstream.stream.config import AppConfig, StreamConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,9 +83,9 @@ def test_cost_model() -> None:
 
 # -- the controller's logic without Ray -------------------------------------------------------
 def test_cluster_state_moves_a_lost_node_streams_and_adopts_running_ones(tmp_path: Path) -> None:
-    from stream.cluster.controller import ClusterState, NodeRecord
-    from stream.cluster.node import fingerprint
-    from stream.store import StreamStore
+    from segstream.stream.cluster.controller import ClusterState, NodeRecord
+    from segstream.stream.cluster.node import fingerprint
+    from segstream.stream.store import StreamStore
 
     cfg = AppConfig.model_validate({"model": {"name": "mnv2-voc"}, "streams": []})
     store = StreamStore(tmp_path / "s.json")
@@ -138,8 +138,8 @@ def test_service_discovery_lists_nodes_that_are_up() -> None:
 
 def test_gateway_serves_every_single_node_endpoint_without_a_local_service() -> None:
     """Same paths and roles as a single node; no handler that needs a local Service."""
-    from stream.cluster import gateway
-    from stream.server import ENDPOINTS
+    from segstream.stream.cluster import gateway
+    from segstream.stream.server import ENDPOINTS
 
     eps = gateway.gateway_endpoints()
     single = {(e.method, e.path, e.role) for e in ENDPOINTS}
@@ -228,7 +228,12 @@ def test_on_a_ray_cluster_in_its_own_network_namespace(shared_dir: Path) -> None
 
 # -- the gateway's /ws and /mosaic/mjpeg against fake node services (no Ray) ---------------------
 def test_gateway_live_pure_parts() -> None:
-    from stream.cluster.gateway_live import Wanted, changed_keys, frame_header, node_requests
+    from segstream.stream.cluster.gateway_live import (
+        Wanted,
+        changed_keys,
+        frame_header,
+        node_requests,
+    )
 
     msg = bytes((1, 3)) + b"cam" + (70000).to_bytes(4, "big") + b"\xff\xd8jpeg"
     assert frame_header(msg) == (1, "cam", 70000)
@@ -257,8 +262,8 @@ def test_gateway_live_pure_parts() -> None:
 
 
 def test_gateway_live_keeps_one_pending_frame_per_tile() -> None:
-    from stream.cluster.gateway_live import GatewayLiveClient
-    from stream.config import PageConfig
+    from segstream.stream.cluster.gateway_live import GatewayLiveClient
+    from segstream.stream.config import PageConfig
 
     async def never(node: str) -> Any:
         raise AssertionError(node)
@@ -352,7 +357,7 @@ async def test_gateway_relays_the_live_page_and_the_mosaic_of_one_node() -> None
     from aiohttp import WSMsgType
     from aiohttp.test_utils import TestClient, TestServer
 
-    from stream.cluster.gateway import ClusterClient, make_gateway_app
+    from segstream.stream.cluster.gateway import ClusterClient, make_gateway_app
 
     secret = "s3cret"
     fakes = {n: _FakeNode(n, secret) for n in ("nodeA", "nodeB")}
@@ -397,7 +402,7 @@ async def test_gateway_relays_the_live_page_and_the_mosaic_of_one_node() -> None
             return snap
 
     cfg = AppConfig.model_validate({"model": {"name": "mnv2-voc"}, "streams": []})
-    from stream.auth import Authenticator, TokenStore
+    from segstream.stream.auth import Authenticator, TokenStore
 
     auth = Authenticator(TokenStore(Path(tempfile.mkdtemp()) / "t.json"), b"k" * 32)
     gw = TestClient(TestServer(make_gateway_app(cfg, Fixed(None, secret), auth)))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.config import ConfigError, load_config
+from segstream.stream.config import ConfigError, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -24,7 +24,7 @@ def test_default_config_has_demo_stream() -> None:
 
 def test_default_yaml_documents_every_option() -> None:
     """Every field of every section appears in configs/default.yaml."""
-    from stream.config import DEFAULT_CONFIG, AppConfig, StreamConfig
+    from segstream.stream.config import DEFAULT_CONFIG, AppConfig, StreamConfig
 
     text = DEFAULT_CONFIG.read_text()
     for name, field in AppConfig.model_fields.items():
@@ -47,9 +47,9 @@ def test_sources_alone_serve_exactly_those(monkeypatch: pytest.MonkeyPatch) -> N
 def test_default_config_is_package_data() -> None:
     from importlib import resources
 
-    from stream.config import DEFAULT_CONFIG
+    from segstream.stream.config import DEFAULT_CONFIG
 
-    shipped = resources.files("stream").joinpath("default.yaml").read_text()
+    shipped = resources.files("segstream.stream").joinpath("default.yaml").read_text()
     repo = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
     assert shipped == repo.read_text() == DEFAULT_CONFIG.read_text()
 

@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from models.class_maps import identity_map
-from models.labels import voc_palette
-from models.registry import get_spec
-from models.runtime import Segmenter
-from models.tools import data, evaluate, metrics, predict, train
+from segstream.models.class_maps import identity_map
+from segstream.models.labels import voc_palette
+from segstream.models.registry import get_spec
+from segstream.models.runtime import Segmenter
+from segstream.models.tools import data, evaluate, metrics, predict, train
 
 RED_RGB = [255, 0, 0]
 

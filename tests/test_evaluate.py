@@ -12,12 +12,12 @@ import cv2
 import numpy as np
 import pytest
 
-from models.class_maps import BUILTIN, ClassMapError, identity_map, load_class_map
-from models.labels import CAMVID_LABELS, CITYSCAPES_LABELS, VOC_LABELS
-from models.runtime import load_segmenter
-from models.tools.data import pair_files, read_mask
-from models.tools.evaluate import evaluate_pairs, summarize
-from models.tools.metrics import (
+from segstream.models.class_maps import BUILTIN, ClassMapError, identity_map, load_class_map
+from segstream.models.labels import CAMVID_LABELS, CITYSCAPES_LABELS, VOC_LABELS
+from segstream.models.runtime import load_segmenter
+from segstream.models.tools.data import pair_files, read_mask
+from segstream.models.tools.evaluate import evaluate_pairs, summarize
+from segstream.models.tools.metrics import (
     LabelError,
     class_accuracy,
     class_iou,
@@ -25,7 +25,7 @@ from models.tools.metrics import (
     fw_iou,
     pixel_accuracy,
 )
-from stream.cli import main
+from segstream.stream.cli import main
 
 # rows: gt a, b, c, d; columns: pred a, b, c, d, unmapped.
 # c is never in gt but predicted once; d is absent from both (excluded from every mean).

@@ -16,9 +16,9 @@ import cv2
 import numpy as np
 import pytest
 
-from models.runtime import prepare
-from models.tools.export import ExportError, export_model
-from stream.cli import main as cli_main
+from segstream.models.runtime import prepare
+from segstream.models.tools.export import ExportError, export_model
+from segstream.stream.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 513  # the size the service runs at
@@ -40,7 +40,7 @@ def frames(shared_dir: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def reference(segstream_home: Path, frames: np.ndarray) -> np.ndarray:
     """Class ids of the in-memory float Keras port (TF backend): what export writes."""
-    from models.tflite_import import load_keras_model
+    from segstream.models.tflite_import import load_keras_model
 
     ref = np.asarray(load_keras_model("mnv2-voc", SIZE, mode="float")(frames))
     assert ref.dtype == np.uint8 and ref.shape == (2, SIZE, SIZE)
@@ -57,7 +57,7 @@ _KERAS_JAX = textwrap.dedent("""
     import sys
     import numpy as np
     import keras
-    from models.tools.export import load_keras_file
+    from segstream.models.tools.export import load_keras_file
 
     assert keras.backend.backend() == "jax", keras.backend.backend()
     model = load_keras_file(sys.argv[1])
@@ -101,8 +101,8 @@ def test_faithful_keras_file_answers_like_tflite(
     segstream_home: Path, frames: np.ndarray, tmp_path: Path
 ) -> None:
     """--faithful writes the int8-faithful port; reloaded, it gives the tflite runtime's ids."""
-    from models.runtime import load_segmenter
-    from models.tools.export import load_keras_file
+    from segstream.models.runtime import load_segmenter
+    from segstream.models.tools.export import load_keras_file
 
     res = export_model("keras", tmp_path, name="mnv2-voc", input_size=SIZE, faithful=True)
     assert res.path.name == "mnv2-voc-faithful.keras" and res.mode == "int8-faithful"
@@ -116,7 +116,7 @@ def test_faithful_keras_file_answers_like_tflite(
 _KERAS_RELOAD = textwrap.dedent("""
     import sys
     import numpy as np
-    from models.tools.export import load_keras_file
+    from segstream.models.tools.export import load_keras_file
 
     np.save(sys.argv[3], np.asarray(load_keras_file(sys.argv[1])(np.load(sys.argv[2]))))
 """)
@@ -126,7 +126,7 @@ _KERAS_RELOAD = textwrap.dedent("""
 def test_keras_file_names_the_layers_deeplab_registers(tmp_path: Path) -> None:
     """models.deeplab registers the custom layers ("segstream>..."), so a saved file names
     them and reloads in a fresh process through load_keras_file alone."""
-    from models.deeplab import build_deeplab
+    from segstream.models.deeplab import build_deeplab
 
     model = build_deeplab(3, 0.5, 16, 33)
     path = tmp_path / "tiny.keras"

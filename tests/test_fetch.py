@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from models import fetch, registry
-from models.runtime import load_segmenter
+from segstream.models import fetch, registry
+from segstream.models.runtime import load_segmenter
 
 FAST = "mnv2-voc-fast"
 

@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 import pytest
 
-from models.runtime import load_segmenter, prepare
-from models.tools.fidelity import CLIPS, CORAL, Image, clip_frames, measure, photo_images
+from segstream.models.runtime import load_segmenter, prepare
+from segstream.models.tools.fidelity import CLIPS, CORAL, Image, clip_frames, measure, photo_images
 
 REPO = Path(__file__).resolve().parents[1]
 QUANTIZED = ["mnv2-voc", "mnv2-voc-fast", "edgetpu-cityscapes"]
@@ -139,7 +139,7 @@ _JAX_SCRIPT = textwrap.dedent("""
     # the models must come from the cached weights and grids, and Keras must pick JAX itself.
     sys.modules["tensorflow"] = None
     sys.modules["ai_edge_litert"] = None
-    from models.runtime import load_segmenter
+    from segstream.models.runtime import load_segmenter
 
     frames = np.load(sys.argv[1])
     out = {}
@@ -158,7 +158,7 @@ def test_jax_backend_from_cached_weights(
     """The faithful ports on JAX (~0.5 s a frame on this CPU): 10 images, each model."""
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed (pip install '.[jax]') - JAX backend not checked")
-    from models.tflite_import import load_keras_model, weights_path
+    from segstream.models.tflite_import import load_keras_model, weights_path
 
     pick = {
         "skimage/coffee.png",

@@ -15,20 +15,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("stream", "models")
 BASE = {
-    "stream.datatypes",
-    "stream.observer",
-    "stream.encoders",
-    "stream.sanitize",
-    "stream.config",
+    "segstream.stream.datatypes",
+    "segstream.stream.observer",
+    "segstream.stream.encoders",
+    "segstream.stream.sanitize",
+    "segstream.stream.config",
 }
-STAGES = ["stream.sources", "stream.scheduler", "stream.runner", "stream.render", "stream.sinks"]
+STAGES = [
+    "segstream.stream.sources",
+    "segstream.stream.scheduler",
+    "segstream.stream.runner",
+    "segstream.stream.render",
+    "segstream.stream.sinks",
+]
 # Outputs beside stream.sinks: they see only the shared modules (a frame arrives through put()).
-OUTPUTS = {"stream.restream", "stream.mosaic"}
-AROUND = {"stream.metrics", "stream.service", "stream.server", "stream.cli"}
+OUTPUTS = {"segstream.stream.restream", "segstream.stream.mosaic"}
+AROUND = {
+    "segstream.stream.metrics",
+    "segstream.stream.service",
+    "segstream.stream.server",
+    "segstream.stream.cli",
+}
 # Cluster mode (stream/cluster/) is around the pipeline too; Ray is imported in one module of it,
 # lazily, so the base install (no `cluster` extra) imports everything else without Ray.
-CLUSTER = "stream.cluster"
-RAY_MODULE = "stream.cluster.runtime"
+CLUSTER = "segstream.stream.cluster"
+RAY_MODULE = "segstream.stream.cluster.runtime"
 
 
 def modules() -> dict[str, Path]:
@@ -36,7 +47,7 @@ def modules() -> dict[str, Path]:
     for pkg in PACKAGES:
         for path in (REPO / pkg).rglob("*.py"):
             parts = path.relative_to(REPO).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            name = ".".join(("segstream", *(parts[:-1] if parts[-1] == "__init__" else parts)))
             out[name] = path
     return out
 
@@ -95,13 +106,13 @@ def test_pipeline_imports_point_one_way() -> None:
     for i, stage in enumerate(STAGES):
         allowed = BASE | set(STAGES[:i])
         for dep in g[stage]:
-            if dep.startswith("stream.") and dep not in allowed:
+            if dep.startswith("segstream.stream.") and dep not in allowed:
                 bad.append(f"{stage} imports {dep}")
     for out in OUTPUTS:
         bad += [
             f"{out} imports {dep}"
             for dep in g[out]
-            if dep.startswith("stream.") and dep not in BASE
+            if dep.startswith("segstream.stream.") and dep not in BASE
         ]
     for base in BASE:
         for dep in g[base]:
@@ -116,7 +127,7 @@ def test_only_the_cluster_imports_the_cluster_and_only_its_runtime_imports_ray()
         f"{m} imports {d}"
         for m, deps in g.items()
         for d in deps
-        if d.startswith(CLUSTER) and not m.startswith(CLUSTER) and m != "stream.cli"
+        if d.startswith(CLUSTER) and not m.startswith(CLUSTER) and m != "segstream.stream.cli"
     ]
     for name, path in modules().items():
         for node in ast.walk(ast.parse(path.read_text())):
@@ -137,19 +148,23 @@ def test_models_library_does_not_import_the_service() -> None:
     bad = [
         f"{m} imports {d}"
         for m, deps in g.items()
-        if m.startswith("models") and not m.startswith("models.tools")
+        if m.startswith("segstream.models") and not m.startswith("segstream.models.tools")
         for d in deps
-        if d.startswith("stream")
+        if d.startswith("segstream.stream")
     ]
     assert not bad, bad
 
 
 def test_http_layer_imports_no_cli_module() -> None:
     g = graph()
-    cli_modules = {m for m in g if m.startswith("models.tools.")} - {"models.tools.data"}
-    assert not (g["stream.server"] & cli_modules), g["stream.server"] & cli_modules
+    cli_modules = {m for m in g if m.startswith("segstream.models.tools.")} - {
+        "segstream.models.tools.data"
+    }
+    assert not (g["segstream.stream.server"] & cli_modules), (
+        g["segstream.stream.server"] & cli_modules
+    )
 
 
 def test_the_checks_can_fail() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert "stream.render" in imports_of(REPO / "stream/service.py", set(modules()))
+    assert "segstream.stream.render" in imports_of(REPO / "stream/service.py", set(modules()))

@@ -18,11 +18,11 @@ from aiohttp.test_utils import TestServer
 from rtsp import RtspServer
 from waiting import until
 
-from models.runtime import Segmenter
-from stream.config import AppConfig, StreamConfig
-from stream.metrics import PrometheusObserver
-from stream.server import make_app
-from stream.service import Service
+from segstream.models.runtime import Segmenter
+from segstream.stream.config import AppConfig, StreamConfig
+from segstream.stream.metrics import PrometheusObserver
+from segstream.stream.server import make_app
+from segstream.stream.service import Service
 
 pytestmark = pytest.mark.e2e
 
@@ -232,7 +232,7 @@ def test_two_services_in_one_process_keep_their_own_series() -> None:
 
 
 def test_metrics_observer_implements_the_protocol() -> None:
-    from stream.observer import NullObserver, Observer
+    from segstream.stream.observer import NullObserver, Observer
 
     def check(o: Observer) -> None:
         o.stream_added("x")

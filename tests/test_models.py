@@ -10,15 +10,15 @@ import cv2
 import numpy as np
 import pytest
 
-from models import registry
-from models.labels import (
+from segstream.models import registry
+from segstream.models.labels import (
     CAMVID_LABELS,
     CITYSCAPES_LABELS,
     VOC_LABELS,
     cityscapes_palette,
     voc_palette,
 )
-from models.runtime import Segmenter, load_segmenter, prepare
+from segstream.models.runtime import Segmenter, load_segmenter, prepare
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
@@ -228,7 +228,7 @@ def test_load_segmenter_errors(segstream_home: Path) -> None:
 
 
 def test_auto_backend_is_tflite_without_gpu(segstream_home: Path) -> None:
-    from models.runtime import gpu_visible
+    from segstream.models.runtime import gpu_visible
 
     with load_segmenter("mnv2-voc-fast", "auto", batch_sizes=(1,)) as seg:
         assert seg.backend == ("keras" if gpu_visible() else "tflite")
@@ -256,7 +256,7 @@ def test_edgetpu_cityscapes_matches_sample_mask(
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(MODELS_DIR.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    return ".".join(("segstream", *(parts[:-1] if parts[-1] == "__init__" else parts)))
 
 
 def _imports_of(path: Path, modules: set[str]) -> set[str]:
@@ -276,7 +276,7 @@ def test_models_have_no_import_cycles() -> None:
     lazily inside a function."""
     paths = {_module_name(p): p for p in MODELS_DIR.rglob("*.py")}
     graph = {m: _imports_of(p, set(paths)) - {m} for m, p in paths.items()}
-    assert graph.get("models.runtime.loader")
+    assert graph.get("segstream.models.runtime.loader")
 
     def cycle_from(start: str) -> list[str] | None:
         stack = [(start, [start])]
@@ -307,9 +307,9 @@ def test_models_have_no_import_cycles() -> None:
     ],
 )
 def test_import_mismatch_is_loud(segstream_home: Path, kwargs: dict, pattern: str) -> None:
-    from models.deeplab import build_deeplab
-    from models.fetch import model_path
-    from models.tflite_import import ImportMismatchError, import_weights
+    from segstream.models.deeplab import build_deeplab
+    from segstream.models.fetch import model_path
+    from segstream.models.tflite_import import ImportMismatchError, import_weights
 
     args = {"num_classes": 21, "depth_multiplier": 1.0, "output_stride": 16, **kwargs}
     model = build_deeplab(**args, input_size=129)
@@ -319,9 +319,9 @@ def test_import_mismatch_is_loud(segstream_home: Path, kwargs: dict, pattern: st
 
 def test_import_checks_dilation(segstream_home: Path) -> None:
     """x0.5 float file is output stride 8; a stride-16 model differs first in dilation."""
-    from models.deeplab import build_deeplab
-    from models.fetch import model_path
-    from models.tflite_import import ImportMismatchError, import_weights
+    from segstream.models.deeplab import build_deeplab
+    from segstream.models.fetch import model_path
+    from segstream.models.tflite_import import ImportMismatchError, import_weights
 
     model = build_deeplab(21, 0.5, 16, 129)
     with pytest.raises(ImportMismatchError, match=r"expanded_conv_6/depthwise: stride"):
@@ -332,18 +332,18 @@ def test_import_checks_dilation(segstream_home: Path) -> None:
 
 
 def test_import_rejects_other_architecture(segstream_home: Path) -> None:
-    from models.deeplab import build_deeplab
-    from models.fetch import model_path
-    from models.tflite_import import ImportMismatchError, import_weights
+    from segstream.models.deeplab import build_deeplab
+    from segstream.models.fetch import model_path
+    from segstream.models.tflite_import import ImportMismatchError, import_weights
 
     with pytest.raises(ImportMismatchError, match="layers differ"):
         import_weights(build_deeplab(19, 1.0, 16, 129), model_path("edgetpu-cityscapes"))
 
 
 def test_import_rejects_other_backbone(segstream_home: Path) -> None:
-    from models.deeplab import build_deeplab
-    from models.fetch import model_path
-    from models.tflite_import import ImportMismatchError, import_weights
+    from segstream.models.deeplab import build_deeplab
+    from segstream.models.fetch import model_path
+    from segstream.models.tflite_import import ImportMismatchError, import_weights
 
     model = build_deeplab(21, 0.75, 16, 129, backbone="mobilenet_edgetpu", head_depth=128)
     with pytest.raises(ImportMismatchError, match="layers differ"):
@@ -352,7 +352,7 @@ def test_import_rejects_other_backbone(segstream_home: Path) -> None:
 
 def _edited_file(src: Path, dst: Path, edit) -> Path:
     """A copy of the .tflite ``src`` with ``edit(model, subgraph)`` applied."""
-    from models.tflite_schema import pack, unpack
+    from segstream.models.tflite_schema import pack, unpack
 
     model = unpack(src.read_bytes())
     edit(model, model.subgraphs[0])
@@ -402,9 +402,9 @@ def _huge_bias(model, g) -> None:
 )
 def test_quant_import_is_loud(segstream_home: Path, tmp_path: Path, edit, pattern: str) -> None:
     """A missing or unexpected quantization parameter fails, naming the tensor."""
-    from models.deeplab import build_deeplab, quant_sites
-    from models.fetch import model_path
-    from models.tflite_import import ImportMismatchError, check_quant, read_tflite
+    from segstream.models.deeplab import build_deeplab, quant_sites
+    from segstream.models.fetch import model_path
+    from segstream.models.tflite_import import ImportMismatchError, check_quant, read_tflite
 
     path = _edited_file(model_path("mnv2-voc-fast"), tmp_path / "edited.tflite", edit)
     graph = read_tflite(path)
@@ -415,9 +415,9 @@ def test_quant_import_is_loud(segstream_home: Path, tmp_path: Path, edit, patter
 
 def test_quant_sites_match_the_files(segstream_home: Path) -> None:
     """Every uint8 tensor of each file maps to a site of its port and back."""
-    from models.deeplab import SITE_INPUT, SITE_REQUANT, build_deeplab, quant_sites
-    from models.fetch import model_path
-    from models.tflite_import import build_for_spec, check_quant, read_tflite
+    from segstream.models.deeplab import SITE_INPUT, SITE_REQUANT, build_deeplab, quant_sites
+    from segstream.models.fetch import model_path
+    from segstream.models.tflite_import import build_for_spec, check_quant, read_tflite
 
     for name in ("mnv2-voc", "mnv2-voc-fast", "edgetpu-cityscapes"):
         graph = read_tflite(model_path(name))
@@ -435,7 +435,7 @@ def test_quant_sites_match_the_files(segstream_home: Path) -> None:
 
 
 def test_faithful_mode_needs_a_uint8_file(segstream_home: Path) -> None:
-    from models.tflite_import import load_keras_model
+    from segstream.models.tflite_import import load_keras_model
 
     with pytest.raises(ValueError, match="'mnv2-voc-dm05-float' is a float file"):
         load_keras_model("mnv2-voc-dm05-float", 65, mode="faithful")
@@ -445,14 +445,14 @@ def test_faithful_mode_needs_a_uint8_file(segstream_home: Path) -> None:
 
 def test_argmax_ties_go_to_the_lowest_class() -> None:
     """uint8 logits tie often; TFLite's ARG_MAX takes the first maximum."""
-    from models.deeplab import ArgmaxUint8
+    from segstream.models.deeplab import ArgmaxUint8
 
     x = np.array([[[[3, 7, 7, 1], [9, 9, 9, 9], [0, 0, 0, 5], [2, 5, 4, 5]]]], np.float32)
     assert np.asarray(ArgmaxUint8()(x)).tolist() == [[[1, 0, 3, 1]]]
 
 
 def test_weights_cache_roundtrip(segstream_home: Path) -> None:
-    from models.tflite_import import load_keras_model, weights_path
+    from segstream.models.tflite_import import load_keras_model, weights_path
 
     fresh = load_keras_model("mnv2-voc-fast", input_size=129, reimport=True)
     assert weights_path("mnv2-voc-fast").is_file()

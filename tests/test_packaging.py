@@ -29,10 +29,22 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_wheel_ships_the_default_config_and_page(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"stream/default.yaml", "stream/static/index.html"} <= names
+    assert {"segstream/stream/default.yaml", "segstream/stream/static/index.html"} <= names
     assert not any(n.startswith(("configs/", "tests/", "scripts/")) for n in names)
-    text = zipfile.ZipFile(wheel).read("stream/default.yaml").decode()
+    text = zipfile.ZipFile(wheel).read("segstream/stream/default.yaml").decode()
     assert text == (REPO / "configs/default.yaml").read_text()
+
+
+def test_wheel_claims_one_top_level_name(wheel: Path) -> None:
+    """Installed into site-packages, the distribution must not shadow (or be shadowed by)
+    another project's `stream` or `models`: everything lives under `segstream`."""
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"segstream"}, tops
+    modules = [n for n in names if n.endswith(".py")]
+    # One import path per module: each file is in the wheel once.
+    assert len(modules) == len(set(modules))
+    assert "segstream/stream/cli.py" in modules and "segstream/models/deeplab.py" in modules
 
 
 def test_installed_wheel_serves_without_config(
@@ -60,7 +72,11 @@ def test_installed_wheel_serves_without_config(
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target), "SEGSTREAM_HOME": str(segstream_home)}
     where = subprocess.run(
-        [sys.executable, "-c", "import stream.config as c; print(c.__file__, c.DEFAULT_CONFIG)"],
+        [
+            sys.executable,
+            "-c",
+            "import segstream.stream.config as c; print(c.__file__, c.DEFAULT_CONFIG)",
+        ],
         cwd=elsewhere,
         env=env,
         capture_output=True,
@@ -68,6 +84,10 @@ def test_installed_wheel_serves_without_config(
         check=True,
     ).stdout
     assert where.startswith(str(target)) and str(REPO) not in where, where
+    gone = subprocess.run(
+        [sys.executable, "-c", "import stream"], cwd=elsewhere, env=env, capture_output=True
+    )
+    assert gone.returncode != 0, "the wheel installed a top-level `stream`"
     port = free_port()
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
@@ -75,7 +95,7 @@ def test_installed_wheel_serves_without_config(
             [
                 sys.executable,
                 "-c",
-                "import sys; from stream.cli import main; sys.exit(main())",
+                "import sys; from segstream.stream.cli import main; sys.exit(main())",
                 "serve",
                 "--port",
                 str(port),

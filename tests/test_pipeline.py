@@ -11,13 +11,13 @@ import cv2
 import numpy as np
 import pytest
 
-from models.labels import VOC_LABELS, voc_palette
-from stream.datatypes import Frame, Rendered, Result, SourceState
-from stream.render import Renderer, RenderStage, StreamView, class_fractions
-from stream.runner import plan_workers
-from stream.scheduler import DUE_EARLY_S, Scheduler
-from stream.sinks import MjpegSink
-from stream.sources import FrameSlot
+from segstream.models.labels import VOC_LABELS, voc_palette
+from segstream.stream.datatypes import Frame, Rendered, Result, SourceState
+from segstream.stream.render import Renderer, RenderStage, StreamView, class_fractions
+from segstream.stream.runner import plan_workers
+from segstream.stream.scheduler import DUE_EARLY_S, Scheduler
+from segstream.stream.sinks import MjpegSink
+from segstream.stream.sources import FrameSlot
 
 
 @dataclass
@@ -303,7 +303,7 @@ def test_class_filter_and_mask_mode() -> None:
 
 def test_cityscapes_road_is_coloured() -> None:
     """Class 0 is road in Cityscapes, not background: it must be drawn."""
-    from models.labels import CITYSCAPES_LABELS, cityscapes_palette
+    from segstream.models.labels import CITYSCAPES_LABELS, cityscapes_palette
 
     frame = np.full((64, 64, 3), 90, np.uint8)
     mask = np.zeros((64, 64), np.uint8)  # all road
@@ -434,7 +434,7 @@ def test_render_equals_reference_on_a_real_frame(shared_dir, mode: str, alpha: f
 def test_render_equals_reference_with_filter_and_no_background(shared_dir) -> None:
     """Class filter (unselected classes keep the camera's pixels) and a Cityscapes-style mask
     where every pixel is coloured."""
-    from models.labels import CITYSCAPES_LABELS, cityscapes_palette
+    from segstream.models.labels import CITYSCAPES_LABELS, cityscapes_palette
 
     cap = cv2.VideoCapture(str(shared_dir / "data" / "video" / "vtest.avi"))
     ok, frame = cap.read()
@@ -483,7 +483,7 @@ def test_render_threads_take_streams_in_turn() -> None:
 
 def test_rate_meter_trims_under_its_lock() -> None:
     """The render thread ticks while the event loop reads: both trim the same deque."""
-    from stream.render import RateMeter
+    from segstream.stream.render import RateMeter
 
     meter = RateMeter()
     meter.tick()

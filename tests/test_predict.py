@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from models.labels import voc_palette
-from models.runtime import Segmenter, load_segmenter
-from models.tools.data import encode_palette_png
-from models.tools.predict import predict_images
-from stream.cli import main
+from segstream.models.labels import voc_palette
+from segstream.models.runtime import Segmenter, load_segmenter
+from segstream.models.tools.data import encode_palette_png
+from segstream.models.tools.predict import predict_images
+from segstream.stream.cli import main
 
 BIRD = 3  # Pascal VOC "bird"
 

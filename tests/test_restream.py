@@ -25,13 +25,13 @@ from rtsp import RtspListener, RtspServer, free_port, gst_rtsp_available
 from service_proc import colour_pixels
 from waiting import until, wait_for
 
-from models.runtime import Segmenter
-from stream.config import AppConfig, ConfigError, StreamConfig, load_config
-from stream.datatypes import Rendered
-from stream.metrics import PrometheusObserver
-from stream.restream import RestreamSink, rtp_packets, split_annexb
-from stream.server import make_app
-from stream.service import Service
+from segstream.models.runtime import Segmenter
+from segstream.stream.config import AppConfig, ConfigError, StreamConfig, load_config
+from segstream.stream.datatypes import Rendered
+from segstream.stream.metrics import PrometheusObserver
+from segstream.stream.restream import RestreamSink, rtp_packets, split_annexb
+from segstream.stream.server import make_app
+from segstream.stream.service import Service
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from stream.sanitize import install_log_filter, sanitize_text, sanitize_url
+from segstream.stream.sanitize import install_log_filter, sanitize_text, sanitize_url
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,11 @@ import pytest
 from rtsp import RtspServer, encode_clip, gst_rtsp_available
 from waiting import wait_for
 
-from stream.config import StreamConfig
-from stream.datatypes import Frame, SourceState
-from stream.metrics import PrometheusObserver
-from stream.scheduler import Scheduler
-from stream.sources import (
+from segstream.stream.config import StreamConfig
+from segstream.stream.datatypes import Frame, SourceState
+from segstream.stream.metrics import PrometheusObserver
+from segstream.stream.scheduler import Scheduler
+from segstream.stream.sources import (
     FrameSlot,
     GstReader,
     OpenCVReader,

@@ -20,11 +20,11 @@ import cv2
 import numpy as np
 import pytest
 
-from models import finetuned
-from models.labels import voc_palette
-from models.tools import train
-from models.tools.data import encode_palette_png
-from models.tools.train import DatasetError, TrainConfig, fine_tune
+from segstream.models import finetuned
+from segstream.models.labels import voc_palette
+from segstream.models.tools import train
+from segstream.models.tools.data import encode_palette_png
+from segstream.models.tools.train import DatasetError, TrainConfig, fine_tune
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID_CLASSES, CAMVID_VOID, CAMVID_ROAD = 11, 11, 3
@@ -101,7 +101,7 @@ def test_fine_tune_camvid_new_class_count(
     assert (pred == CAMVID_ROAD).mean() > 0.05  # after 20 tiny steps it already finds the road
 
     # The service's runtime serves the fine-tuned model with the sidecar's class names.
-    from models.runtime import load_segmenter
+    from segstream.models.runtime import load_segmenter
 
     seg = load_segmenter(weights=out, batch_sizes=(1,))
     assert seg.backend == "keras" and seg.labels[0] == "Sky" and seg.num_classes == 11
@@ -111,7 +111,7 @@ def test_fine_tune_camvid_new_class_count(
     with pytest.raises(ValueError, match="keras backend"):
         load_segmenter(weights=out, backend="tflite")
 
-    from models.tools.export import export_model, load_keras_file
+    from segstream.models.tools.export import export_model, load_keras_file
 
     exp = export_model("keras", tmp_path / "exp", weights=out)
     assert exp.path.name == "camvid.keras"
@@ -120,8 +120,8 @@ def test_fine_tune_camvid_new_class_count(
 
 
 def test_new_head_keeps_backbone_and_aspp(segstream_home: Path) -> None:
-    from models.registry import get_spec
-    from models.tflite_import import load_keras_model
+    from segstream.models.registry import get_spec
+    from segstream.models.tflite_import import load_keras_model
 
     base = load_keras_model("mnv2-voc-fast", 65, output="logits", mode="float")
     model = train.build_finetune_model(get_spec("mnv2-voc-fast"), 5, 65)
@@ -148,7 +148,7 @@ _JAX_TRAIN = textwrap.dedent("""
     import sys
     from pathlib import Path
     import keras
-    from models.tools.train import TrainConfig, fine_tune
+    from segstream.models.tools.train import TrainConfig, fine_tune
 
     assert keras.backend.backend() == "jax", keras.backend.backend()
     res = fine_tune(TrainConfig(images=Path(sys.argv[1]), masks=Path(sys.argv[2]),

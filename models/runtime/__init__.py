@@ -9,9 +9,9 @@
 Each module imports only those listed before it, so none imports one that imports it back.
 """
 
-from models.runtime.backends import gpu_visible, keras_backend_name
-from models.runtime.base import BACKENDS, DEFAULT_BATCH_SIZES, Backend, Segmenter, prepare
-from models.runtime.loader import load_segmenter, resolve_backend
+from segstream.models.runtime.backends import gpu_visible, keras_backend_name
+from segstream.models.runtime.base import BACKENDS, DEFAULT_BATCH_SIZES, Backend, Segmenter, prepare
+from segstream.models.runtime.loader import load_segmenter, resolve_backend
 
 __all__ = [
     "BACKENDS",

@@ -14,7 +14,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from models.registry import ModelSpec
+from segstream.models.registry import ModelSpec
 
 Backend = Literal["auto", "keras", "tflite"]
 BACKENDS: tuple[Backend, ...] = ("auto", "keras", "tflite")

@@ -16,12 +16,12 @@ from typing import Literal
 
 import numpy as np
 
-from models.finetuned import PathLike, load_finetuned, read_sidecar
-from models.labels import voc_palette
-from models.registry import ModelSpec
-from models.runtime.backends import keras_backend_name
-from models.runtime.base import DEFAULT_BATCH_SIZES, Segmenter
-from models.tflite_import import default_mode, load_keras_model
+from segstream.models.finetuned import PathLike, load_finetuned, read_sidecar
+from segstream.models.labels import voc_palette
+from segstream.models.registry import ModelSpec
+from segstream.models.runtime.backends import keras_backend_name
+from segstream.models.runtime.base import DEFAULT_BATCH_SIZES, Segmenter
+from segstream.models.tflite_import import default_mode, load_keras_model
 
 # Segmenter.mode as /api/model shows it, by the Keras port's build mode
 MODE_NAMES = {"faithful": "int8-faithful", "float": "float"}

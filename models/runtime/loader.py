@@ -6,11 +6,11 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
-from models.finetuned import read_sidecar
-from models.registry import get_spec
-from models.runtime.backends import gpu_visible, keras_backend_name
-from models.runtime.base import BACKENDS, DEFAULT_BATCH_SIZES, Backend, Segmenter
-from models.runtime.tflite import TFLiteSegmenter
+from segstream.models.finetuned import read_sidecar
+from segstream.models.registry import get_spec
+from segstream.models.runtime.backends import gpu_visible, keras_backend_name
+from segstream.models.runtime.base import BACKENDS, DEFAULT_BATCH_SIZES, Backend, Segmenter
+from segstream.models.runtime.tflite import TFLiteSegmenter
 
 
 def resolve_backend(name: str, backend: Backend = "auto") -> Literal["keras", "tflite"]:
@@ -53,7 +53,7 @@ def load_segmenter(
         if not spec.keras:
             raise ValueError(f"model {name!r} has no Keras port (tflite runtime only)")
         keras_backend_name()  # before keras is first imported: JAX where TF is absent
-        from models.runtime.keras import KerasSegmenter  # lazily: imports keras
+        from segstream.models.runtime.keras import KerasSegmenter  # lazily: imports keras
 
         return KerasSegmenter(
             spec, batch_sizes=batch_sizes, input_size=input_size, weights=weights, mode=keras_mode

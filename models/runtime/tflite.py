@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from models import fetch
-from models.norm import FLOAT_NORM, normalize
-from models.registry import ModelSpec
-from models.runtime.base import DEFAULT_BATCH_SIZES, Segmenter
+from segstream.models import fetch
+from segstream.models.norm import FLOAT_NORM, normalize
+from segstream.models.registry import ModelSpec
+from segstream.models.runtime.base import DEFAULT_BATCH_SIZES, Segmenter
 
 
 def _interpreter_class() -> Any:
@@ -47,7 +47,7 @@ class TFLiteSegmenter(Segmenter):
         self._cls = _interpreter_class()
         self._content: bytes | None = None
         if size != spec.input_size:  # sizes baked into the graph need rewriting too
-            from models.tflite_graph import resize_input
+            from segstream.models.tflite_graph import resize_input
 
             self._content = resize_input(self.path.read_bytes(), size)
         self._interps: dict[int, Any] = {}

@@ -22,11 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from models.class_maps import BUILTIN, ClassMap, ClassMapError, identity_map, load_class_map
-from models.fetch import NotFetchedError
-from models.registry import DEFAULT_MODEL, MODELS
-from models.runtime import BACKENDS, Segmenter, load_segmenter, prepare
-from models.tools.data import (
+from segstream.models.class_maps import (
+    BUILTIN,
+    ClassMap,
+    ClassMapError,
+    identity_map,
+    load_class_map,
+)
+from segstream.models.fetch import NotFetchedError
+from segstream.models.registry import DEFAULT_MODEL, MODELS
+from segstream.models.runtime import BACKENDS, Segmenter, load_segmenter, prepare
+from segstream.models.tools.data import (
     MASK_EXTS,
     DataError,
     Pair,
@@ -35,7 +41,7 @@ from models.tools.data import (
     read_pair,
     resize_labels,
 )
-from models.tools.metrics import (
+from segstream.models.tools.metrics import (
     LabelError,
     class_accuracy,
     class_iou,

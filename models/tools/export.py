@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from models.registry import DEFAULT_MODEL, MODELS, get_spec
+from segstream.models.registry import DEFAULT_MODEL, MODELS, get_spec
 
 if TYPE_CHECKING:
-    from models.deeplab import Output
+    from segstream.models.deeplab import Output
 
 Format = Literal["keras", "savedmodel", "tflite", "onnx"]
 FORMATS: tuple[str, ...] = ("keras", "savedmodel", "tflite", "onnx")
@@ -57,13 +57,13 @@ def load_keras_file(path: str | Path) -> Any:
     """
     import keras
 
-    import models.deeplab  # noqa: F401 - registers the custom layers
+    import segstream.models.deeplab  # noqa: F401 - registers the custom layers
 
     return keras.saving.load_model(str(path), compile=False)
 
 
 def _backend() -> str:
-    from models.runtime import keras_backend_name
+    from segstream.models.runtime import keras_backend_name
 
     return keras_backend_name()
 
@@ -225,11 +225,11 @@ def build_model(
             raise ExportError(
                 "--faithful needs a uint8 registry model; fine-tuned weights are float"
             )
-        from models.finetuned import load_finetuned
+        from segstream.models.finetuned import load_finetuned
 
         model, meta = load_finetuned(weights, input_size=input_size, output=output)
         return model, int(input_size or meta["input_size"])
-    from models.tflite_import import load_keras_model
+    from segstream.models.tflite_import import load_keras_model
 
     spec = _keras_spec(name)
     if faithful and not spec.quantized:

@@ -25,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from models.runtime import Segmenter, prepare
+from segstream.models.runtime import Segmenter, prepare
 
 # scikit-image's bundled photographs (skimage/data); synthetic images are left out
 SKIMAGE_PHOTOS = (

@@ -15,11 +15,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from models.fetch import NotFetchedError
-from models.registry import DEFAULT_MODEL, MODELS
-from models.runtime import BACKENDS, Segmenter, load_segmenter, prepare
-from models.tools.data import IMAGE_EXTS, DataError, encode_palette_png, read_image, resize_labels
-from stream.render import Renderer, class_fractions
+from segstream.models.fetch import NotFetchedError
+from segstream.models.registry import DEFAULT_MODEL, MODELS
+from segstream.models.runtime import BACKENDS, Segmenter, load_segmenter, prepare
+from segstream.models.tools.data import (
+    IMAGE_EXTS,
+    DataError,
+    encode_palette_png,
+    read_image,
+    resize_labels,
+)
+from segstream.stream.render import Renderer, class_fractions
 
 # --- core ---
 

@@ -32,9 +32,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from models.finetuned import SIDECAR_FORMAT, SIDECAR_VERSION, save_finetuned, sidecar_path
-from models.registry import DEFAULT_MODEL, MODELS, ModelSpec, get_spec
-from models.tools.data import (
+from segstream.models.finetuned import SIDECAR_FORMAT, SIDECAR_VERSION, save_finetuned, sidecar_path
+from segstream.models.registry import DEFAULT_MODEL, MODELS, ModelSpec, get_spec
+from segstream.models.tools.data import (
     IMAGE_EXTS,
     MASK_EXTS,
     DataError,
@@ -42,8 +42,8 @@ from models.tools.data import (
     read_mask,
     read_pair,
 )
-from models.tools.data import pair_files as pair_by_stem
-from models.tools.metrics import class_iou, confusion_matrix, mean_iou, pixel_accuracy
+from segstream.models.tools.data import pair_files as pair_by_stem
+from segstream.models.tools.metrics import class_iou, confusion_matrix, mean_iou, pixel_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ def evaluate(model: Any, data: Any, num_classes: int, ignore_id: int) -> dict[st
 def build_finetune_model(spec: ModelSpec, num_classes: int, input_size: int, seed: int = 0) -> Any:
     """Logits model of ``spec`` with its official weights; a fresh logits layer if the class
     count differs (small random kernel, zero bias: starts near uniform, loss ~ ln C)."""
-    from models.tflite_import import build_for_spec, load_keras_model
+    from segstream.models.tflite_import import build_for_spec, load_keras_model
 
     base = load_keras_model(spec.name, input_size, output="logits", mode="float")
     if num_classes == spec.num_classes:
@@ -350,7 +350,7 @@ def freeze_backbone(model: Any) -> int:
 def resolve_out(out: str | Path | None, base: str, overwrite: bool) -> Path:
     """The .weights.h5 path to write, checked writable and not clobbering anything."""
     if out is None:
-        from models import fetch
+        from segstream.models import fetch
 
         out = fetch.home() / "finetuned"
     out = Path(out).expanduser()

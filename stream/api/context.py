@@ -6,11 +6,11 @@ import asyncio
 
 from aiohttp import web
 
-from stream.api.spec import error
-from stream.auth import Authenticator, LoginThrottle, Principal
-from stream.config import AppConfig
-from stream.control import StreamControl
-from stream.service import Service, Stream
+from segstream.stream.api.spec import error
+from segstream.stream.auth import Authenticator, LoginThrottle, Principal
+from segstream.stream.config import AppConfig
+from segstream.stream.control import StreamControl
+from segstream.stream.service import Service, Stream
 
 CONFIG = web.AppKey("config", AppConfig)  # the settings (a gateway has no Service)
 SERVICE = web.AppKey("service", Service)

@@ -34,14 +34,14 @@ from urllib.parse import urlsplit
 from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
-from stream.api.context import SERVICE
-from stream.api.spec import Body, Endpoint, error, field_errors
-from stream.config import PageConfig
-from stream.datatypes import Published
-from stream.render import VariantLimit
-from stream.schemas import Error, LiveRequest, OverlayRequest
-from stream.service import OverlayKey, Picture, Service
-from stream.sinks import MjpegSink
+from segstream.stream.api.context import SERVICE
+from segstream.stream.api.spec import Body, Endpoint, error, field_errors
+from segstream.stream.config import PageConfig
+from segstream.stream.datatypes import Published
+from segstream.stream.render import VariantLimit
+from segstream.stream.schemas import Error, LiveRequest, OverlayRequest
+from segstream.stream.service import OverlayKey, Picture, Service
+from segstream.stream.sinks import MjpegSink
 
 log = logging.getLogger(__name__)
 

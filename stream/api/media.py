@@ -8,11 +8,11 @@ import time
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.tools.data import encode_palette_png
-from stream.api.context import SERVICE, stream_or_404
-from stream.api.spec import Body, Endpoint, error, read_query
-from stream.encoders import MJPEG_HEADERS, mjpeg_part
-from stream.schemas import Error
+from segstream.models.tools.data import encode_palette_png
+from segstream.stream.api.context import SERVICE, stream_or_404
+from segstream.stream.api.spec import Body, Endpoint, error, read_query
+from segstream.stream.encoders import MJPEG_HEADERS, mjpeg_part
+from segstream.stream.schemas import Error
 
 
 class MjpegQuery(BaseModel):

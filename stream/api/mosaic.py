@@ -7,13 +7,13 @@ import asyncio
 
 from aiohttp import web
 
-from stream.api.context import SERVICE
-from stream.api.media import client_fps
-from stream.api.spec import Body, Endpoint, error, read_query
-from stream.encoders import MJPEG_HEADERS, mjpeg_part
-from stream.mosaic import MosaicFull
-from stream.schemas import Error, MosaicQuery
-from stream.sinks import MjpegSink
+from segstream.stream.api.context import SERVICE
+from segstream.stream.api.media import client_fps
+from segstream.stream.api.spec import Body, Endpoint, error, read_query
+from segstream.stream.encoders import MJPEG_HEADERS, mjpeg_part
+from segstream.stream.mosaic import MosaicFull
+from segstream.stream.schemas import Error, MosaicQuery
+from segstream.stream.sinks import MjpegSink
 
 
 def _stream_ids(request: web.Request, q: MosaicQuery) -> list[str] | None:

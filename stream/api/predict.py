@@ -21,12 +21,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from models.tools.data import encode_palette_png
-from stream.api.context import SERVICE
-from stream.api.spec import Body, Endpoint, error, read_query, reply
-from stream.render import class_fractions
-from stream.sanitize import sanitize_text
-from stream.schemas import (
+from segstream.models.tools.data import encode_palette_png
+from segstream.stream.api.context import SERVICE
+from segstream.stream.api.spec import Body, Endpoint, error, read_query, reply
+from segstream.stream.render import class_fractions
+from segstream.stream.sanitize import sanitize_text
+from segstream.stream.schemas import (
     Error,
     ImageUpload,
     MaxLabel,

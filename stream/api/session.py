@@ -7,9 +7,9 @@ import asyncio
 
 from aiohttp import web
 
-from stream.api.context import AUTH, CONFIG, THROTTLE, principal
-from stream.api.spec import SESSION_COOKIE, Body, Endpoint, error, read_json, reply
-from stream.schemas import Error, LoginRequest, Whoami
+from segstream.stream.api.context import AUTH, CONFIG, THROTTLE, principal
+from segstream.stream.api.spec import SESSION_COOKIE, Body, Endpoint, error, read_json, reply
+from segstream.stream.schemas import Error, LoginRequest, Whoami
 
 
 def client_address(request: web.Request) -> str:

@@ -13,7 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from stream.schemas import Error
+from segstream.stream.schemas import Error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ENDPOINTS = web.AppKey("endpoints", dict)  # aiohttp route -> Endpoint
@@ -163,8 +163,9 @@ class _Schemas:
         if model is None:
             return {"type": "string", "format": "binary"}
         schema = TypeAdapter(model).json_schema(
-            ref_template="#/components/schemas/{model}", mode=mode
-        )  # type: ignore[arg-type]
+            ref_template="#/components/schemas/{model}",
+            mode=mode,  # type: ignore[arg-type]
+        )
         self.extra.update(schema.pop("$defs", {}))
         return schema
 

@@ -8,11 +8,11 @@ from typing import Any
 
 from aiohttp import web
 
-from stream.api.context import AUTH, CONTROL, SERVICE, stream_or_404
-from stream.api.spec import ApiError, Body, Endpoint, error, read_json, reply
-from stream.config import StreamConfig
-from stream.control import Refused
-from stream.schemas import (
+from segstream.stream.api.context import AUTH, CONTROL, SERVICE, stream_or_404
+from segstream.stream.api.spec import ApiError, Body, Endpoint, error, read_json, reply
+from segstream.stream.config import StreamConfig
+from segstream.stream.control import Refused
+from segstream.stream.schemas import (
     Error,
     ShareRequest,
     ShareResponse,

@@ -9,15 +9,15 @@ from typing import Any
 
 from aiohttp import web
 
-from stream.api.context import SERVICE
-from stream.api.spec import Body, Endpoint, error, reply
-from stream.schemas import Error, Health, ModelInfo, Ready
+from segstream.stream.api.context import SERVICE
+from segstream.stream.api.spec import Body, Endpoint, error, reply
+from segstream.stream.schemas import Error, Health, ModelInfo, Ready
 
 OPENAPI = web.AppKey("openapi", dict)
 
 
 def _static(name: str) -> str:
-    return resources.files("stream").joinpath(f"static/{name}").read_text()
+    return resources.files("segstream.stream").joinpath(f"static/{name}").read_text()
 
 
 async def index(request: web.Request) -> web.Response:

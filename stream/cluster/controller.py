@@ -23,16 +23,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from models.registry import get_spec
-from stream.cluster import runtime
-from stream.cluster.node import fingerprint
-from stream.cluster.placement import CostModel, Placement, place
-from stream.cluster.runtime import CONTROLLER_NAME
-from stream.config import AppConfig, ClusterConfig, StreamConfig
-from stream.control import Refused, SourcePolicy
-from stream.render import Renderer
-from stream.sanitize import sanitize_url
-from stream.store import StreamStore
+from segstream.models.registry import get_spec
+from segstream.stream.cluster import runtime
+from segstream.stream.cluster.node import fingerprint
+from segstream.stream.cluster.placement import CostModel, Placement, place
+from segstream.stream.cluster.runtime import CONTROLLER_NAME
+from segstream.stream.config import AppConfig, ClusterConfig, StreamConfig
+from segstream.stream.control import Refused, SourcePolicy
+from segstream.stream.render import Renderer
+from segstream.stream.sanitize import sanitize_url
+from segstream.stream.store import StreamStore
 
 log = logging.getLogger(__name__)
 

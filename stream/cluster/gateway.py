@@ -28,19 +28,28 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 
-from stream.api.context import AUTH, CONFIG, STOP
-from stream.api.live import open_page_socket, run_page_client
-from stream.api.spec import ApiError, Body, Endpoint, error, openapi, read_json, read_query, reply
-from stream.auth import Authenticator, load_secret
-from stream.cluster.gateway_live import (
+from segstream.stream.api.context import AUTH, CONFIG, STOP
+from segstream.stream.api.live import open_page_socket, run_page_client
+from segstream.stream.api.spec import (
+    ApiError,
+    Body,
+    Endpoint,
+    error,
+    openapi,
+    read_json,
+    read_query,
+    reply,
+)
+from segstream.stream.auth import Authenticator, load_secret
+from segstream.stream.cluster.gateway_live import (
     MAX_UPSTREAM_MESSAGE,
     ClusterView,
     GatewayHub,
     GatewayLiveClient,
 )
-from stream.cluster.sd import target_groups
-from stream.config import AppConfig, StreamConfig
-from stream.schemas import (
+from segstream.stream.cluster.sd import target_groups
+from segstream.stream.config import AppConfig, StreamConfig
+from segstream.stream.schemas import (
     Error,
     Health,
     MosaicQuery,
@@ -51,7 +60,7 @@ from stream.schemas import (
     StreamPatch,
     StreamStatus,
 )
-from stream.server import ENDPOINTS, VERSION, base_app, is_loopback, tokens_dir
+from segstream.stream.server import ENDPOINTS, VERSION, base_app, is_loopback, tokens_dir
 
 log = logging.getLogger(__name__)
 
@@ -636,8 +645,8 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
 async def serve_cluster(cfg: AppConfig, address: str, state_file: Path | None) -> int:
     """Joins the Ray cluster, finds or starts the controller, serves the gateway until
     SIGINT/SIGTERM. The controller and the node services keep running after it stops."""
-    from stream.cluster import runtime
-    from stream.cluster.controller import start_controller
+    from segstream.stream.cluster import runtime
+    from segstream.stream.cluster.controller import start_controller
 
     auth = Authenticator.from_home(tokens_dir(cfg))
     if not auth.enabled and not is_loopback(cfg.server.host):

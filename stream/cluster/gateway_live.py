@@ -28,9 +28,9 @@ from typing import Any
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from stream.api.live import FOCUS, TILE, PageSocket
-from stream.config import PageConfig
-from stream.schemas import LiveRequest
+from segstream.stream.api.live import FOCUS, TILE, PageSocket
+from segstream.stream.config import PageConfig
+from segstream.stream.schemas import LiveRequest
 
 log = logging.getLogger(__name__)
 

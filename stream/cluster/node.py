@@ -22,10 +22,10 @@ from typing import Any
 
 from aiohttp import web
 
-from stream.auth import Authenticator, TokenStore
-from stream.config import AppConfig, ConfigError, StreamConfig
-from stream.server import make_app, metrics_app
-from stream.service import Service
+from segstream.stream.auth import Authenticator, TokenStore
+from segstream.stream.config import AppConfig, ConfigError, StreamConfig
+from segstream.stream.server import make_app, metrics_app
+from segstream.stream.service import Service
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ def node_actor(namespace: str, ray_id: str, cls: type | None = None) -> Any:
     ray = ray_module()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from stream.cluster.node import NodeService
+    from segstream.stream.cluster.node import NodeService
 
     return (
         ray.remote(cls or NodeService)
