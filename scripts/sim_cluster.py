@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import statistics
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def cameras(n: int) -> list[StreamConfig]:
     return [
         StreamConfig(
             id=f"cam{i:04d}",
-            source=f"rtsp://cam{i:04d}.invalid/live",
+            source=f"rtsp://10.0.{i // 256}.{i % 256}/live",  # IPs: the policy resolves no name
             infer_fps=RATES[i % len(RATES)],
         )
         for i in range(n)
@@ -58,7 +59,7 @@ def cameras(n: int) -> list[StreamConfig]:
 
 def shares(st: ClusterState) -> tuple[float, float]:
     snap = st.snapshot()
-    loads = [n["load"] for n in snap["nodes"] if n["state"] == "up"]
+    loads = [n.load for n in snap.nodes if n.state == "up"]
     return max(loads), min(loads)
 
 
@@ -75,7 +76,7 @@ def dry_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
         for nid, slots in caps.items():
             st.node_up(NodeRecord(nid, slots=slots))
         for cam in cameras(n_streams):  # the configs are the controller's too
-            st.add(cam)
+            st.streams.add(cam)
         st.place()
         for nid in st.nodes:  # every node reports running its share
             st.report(
@@ -94,7 +95,7 @@ def dry_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
         per_add, per_place = [], []
         for cam in cams:
             t0 = time.perf_counter()
-            st.add(cam)
+            st.streams.add(cam)
             t1 = time.perf_counter()
             st.place()
             per_add.append(time.perf_counter() - t0)
@@ -118,13 +119,13 @@ def dry_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
         hi, lo = shares(fresh)
         out["load_share_most"], out["load_share_least"] = round(hi, 3), round(lo, 3)
         out["unplaced"] = len(fresh.unplaced)
-        counts = [n["streams"] for n in fresh.snapshot()["nodes"]]
+        counts = [n.streams for n in fresh.snapshot().nodes]
         out["streams_per_node_min_max"] = [min(counts), max(counts)]
 
         t0 = time.perf_counter()
         snap = st.snapshot()
         out["snapshot_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-        out["snapshot_kib"] = round(len(json.dumps(snap)) / 1024, 1)
+        out["snapshot_kib"] = round(len(pickle.dumps(snap)) / 1024, 1)  # as Ray sends it
         out["state_file_kib"] = round((Path(tmp) / "streams.json").stat().st_size / 1024, 1)
 
         # A machine is lost: the most loaded one.
@@ -222,19 +223,19 @@ def ray_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
             t0 = time.monotonic()
             ctl = start_controller(cfg, str(Path(tmp) / "streams.json"), b"k" * 32, StandInNode)
 
-            def placed() -> dict[str, Any]:
+            def placed() -> Any:
                 return ray.get(ctl.snapshot.remote(), timeout=30)
 
-            def all_placed(avoid: str = "") -> dict[str, Any] | None:
+            def all_placed(avoid: str = "") -> Any:
                 snap = placed()
-                ok = snap["nodes"] and all(
-                    s["phase"] == "placed" and s["node"] != avoid for s in snap["streams"]
+                ok = snap.nodes and all(
+                    s.phase == "placed" and s.node != avoid for s in snap.streams
                 )
                 return snap if ok else None
 
             snap = wait(all_placed, 600)
             out["all_placed_and_acknowledged_s"] = round(time.monotonic() - t0, 2)
-            loads = [n["load"] for n in snap["nodes"]]
+            loads = [n.load for n in snap.nodes]
             out["load_share_most"], out["load_share_least"] = (
                 round(max(loads), 3),
                 round(min(loads), 3),
@@ -248,7 +249,7 @@ def ray_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
 
             victim = nodes[0]
             short = victim.node_id[:12]
-            n_lost = sum(s["node"] == short for s in snap["streams"])
+            n_lost = sum(s.node == short for s in snap.streams)
             t0 = time.monotonic()
             c.remove_node(victim, allow_graceful=False)
             wait(lambda: all_placed(avoid=short), 120)

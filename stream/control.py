@@ -1,17 +1,21 @@
 """Stream changes at runtime: checked, written to the state file, then applied.
 
-Changes are serialised by one lock, so the state file and the running set never disagree;
-each one is validated in full (schema, source policy, class names) before anything is written,
-and written (atomically) before it is applied and acknowledged: a `kill -9` at any moment
-leaves the file valid and holding every acknowledged change."""
+One `StreamSet` does this for a single node (applied to its Service) and for a cluster (in
+the controller, applied to the desired set it places), so every limit and check holds in
+both. Changes are serialised by one lock, so the state file and the running set never
+disagree; each one is validated in full (id, `sources.max_streams`, schema, source policy,
+class names) before anything is written, and written (atomically) before it is applied and
+acknowledged: a `kill -9` at any moment leaves the file valid and holding every acknowledged
+change."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
+import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
@@ -32,6 +36,14 @@ class Refused(ValueError):
     def __init__(self, status: int, message: str, loc: str = "") -> None:
         super().__init__(message)
         self.status, self.loc = status, loc
+
+    def to_dict(self) -> dict[str, Any]:
+        """As it crosses a process boundary (the cluster controller to the gateway)."""
+        return {"status": self.status, "error": str(self), "loc": self.loc}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Refused:
+        return cls(int(d["status"]), str(d["error"]), str(d.get("loc") or ""))
 
 
 class SourcePolicy:
@@ -115,62 +127,102 @@ class SourcePolicy:
         return not any(addr in n for n in DENIED_NETWORKS)
 
 
-class StreamControl:
-    def __init__(self, service: Service, store: StreamStore | None, policy: SourcePolicy) -> None:
-        self.service = service
-        self.store = store
-        self.policy = policy
-        self._lock = asyncio.Lock()
+class StreamTarget(Protocol):
+    """What a StreamSet applies its changes to: a node's Service, or the cluster's desired set.
+    `apply_*` run only after the change is checked and persisted."""
 
-    def configs(self) -> list[StreamConfig]:
-        return [s.cfg for s in self.service.streams.values()]
+    def configs(self) -> Mapping[str, StreamConfig]: ...
 
-    async def add(self, cfg: StreamConfig) -> None:
-        async with self._lock:
-            if cfg.id in self.service.streams:
+    def check(self, cfg: StreamConfig) -> None:
+        """Raises Refused(422) for settings the model cannot honour (class names)."""
+
+    def apply_add(self, cfg: StreamConfig) -> None: ...
+
+    def apply_replace(self, cfg: StreamConfig) -> None: ...
+
+    def apply_remove(self, stream_id: str) -> None: ...
+
+
+class StreamSet:
+    """validate -> persist -> apply, for a node and for a cluster. Blocking (it may resolve a
+    host name and writes the state file): call it off the event loop."""
+
+    def __init__(self, target: StreamTarget, store: StreamStore | None, cfg: SourcesConfig) -> None:
+        self.target, self.store = target, store
+        self.policy = SourcePolicy(cfg)
+        self._lock = threading.Lock()
+
+    def get(self, stream_id: str) -> StreamConfig:
+        cfg = self.target.configs().get(stream_id)
+        if cfg is None:
+            raise Refused(404, f"unknown stream {stream_id!r}")
+        return cfg
+
+    def add(self, cfg: StreamConfig) -> StreamConfig:
+        with self._lock:
+            current = self.target.configs()
+            if cfg.id in current:
                 raise Refused(409, f"stream {cfg.id!r} exists", "id")
-            if len(self.service.streams) >= self.policy.max_streams:
+            if len(current) >= self.policy.max_streams:
                 raise Refused(
                     409, f"at most {self.policy.max_streams} streams (sources.max_streams)"
                 )
-            await self._check(cfg)
-            await self._persist([*self.configs(), cfg])
-            await asyncio.to_thread(self.service.add_stream, cfg)
+            self._check(cfg)
+            self._persist([*current.values(), cfg])
+            self.target.apply_add(cfg)
+            return cfg
 
-    async def patch(self, stream_id: str, changes: dict[str, Any]) -> StreamConfig:
-        async with self._lock:
-            current = self._get(stream_id)
+    def change(self, stream_id: str, changes: dict[str, Any]) -> StreamConfig:
+        with self._lock:
+            current = self.get(stream_id)
             merged = current.model_dump(exclude_unset=True) | {"id": stream_id} | changes
             try:
                 cfg = StreamConfig.model_validate(merged)
             except ValidationError as e:
                 first = e.errors()[0]
                 raise Refused(422, first["msg"], ".".join(map(str, first["loc"]))) from None
-            await self._check(cfg, source_changed=cfg.source != current.source)
-            await self._persist([cfg if c.id == stream_id else c for c in self.configs()])
-            await asyncio.to_thread(self.service.replace_stream, cfg)
+            self._check(cfg, source_changed=cfg.source != current.source)
+            configs = self.target.configs().values()
+            self._persist([cfg if c.id == stream_id else c for c in configs])
+            self.target.apply_replace(cfg)
             return cfg
 
-    async def delete(self, stream_id: str) -> None:
-        async with self._lock:
-            self._get(stream_id)
-            await self._persist([c for c in self.configs() if c.id != stream_id])
-            await asyncio.to_thread(self.service.remove_stream, stream_id)
+    def remove(self, stream_id: str) -> None:
+        with self._lock:
+            self.get(stream_id)
+            self._persist([c for c in self.target.configs().values() if c.id != stream_id])
+            self.target.apply_remove(stream_id)
 
-    def _get(self, stream_id: str) -> StreamConfig:
-        s = self.service.streams.get(stream_id)
-        if s is None:
-            raise Refused(404, f"unknown stream {stream_id!r}")
-        return s.cfg
-
-    async def _check(self, cfg: StreamConfig, source_changed: bool = True) -> None:
+    def _check(self, cfg: StreamConfig, source_changed: bool = True) -> None:
         if source_changed:
-            await asyncio.to_thread(self.policy.check, cfg.source)
+            self.policy.check(cfg.source)
+        self.target.check(cfg)
+
+    def _persist(self, streams: list[StreamConfig]) -> None:
+        if self.store is not None:
+            self.store.save(streams)
+
+
+class ServiceTarget:
+    """A single node: the streams its Service runs."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def configs(self) -> dict[str, StreamConfig]:
+        return {sid: s.cfg for sid, s in list(self.service.streams.items())}
+
+    def check(self, cfg: StreamConfig) -> None:
         try:
             self.service.check_stream(cfg)
         except ConfigError as e:
             raise Refused(422, str(e).split(": ", 1)[-1], "classes") from None
 
-    async def _persist(self, streams: list[StreamConfig]) -> None:
-        if self.store is not None:
-            await asyncio.to_thread(self.store.save, streams)
+    def apply_add(self, cfg: StreamConfig) -> None:
+        self.service.add_stream(cfg)
+
+    def apply_replace(self, cfg: StreamConfig) -> None:
+        self.service.replace_stream(cfg)
+
+    def apply_remove(self, stream_id: str) -> None:
+        self.service.remove_stream(stream_id)

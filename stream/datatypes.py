@@ -26,6 +26,36 @@ class SourceState(StrEnum):
     STOPPED = "stopped"
 
 
+class StreamState(StrEnum):
+    """A stream's state as the API shows it: its reader's (SourceState) on a node; in a
+    cluster also where it is in placement."""
+
+    STARTING = "starting"
+    LIVE = "live"
+    RECONNECTING = "reconnecting"
+    ERROR = "error"
+    STOPPED = "stopped"
+    MOVING = "moving"  # its node is lost or silent, or it is being rebalanced
+    PENDING = "pending"  # no node has room for it
+    UNKNOWN = "unknown"  # its node does not answer
+
+
+class StreamPhase(StrEnum):
+    """Where the cluster controller has a stream."""
+
+    PLACED = "placed"  # runs on its node
+    STARTING = "starting"  # placed, not running there yet
+    MOVING = "moving"
+    PENDING = "pending"
+    ERROR = "error"  # its node could not start it
+
+
+class NodeState(StrEnum):
+    STARTING = "starting"
+    UP = "up"
+    LOST = "lost"
+
+
 class Frame:
     """One decoded camera frame.
 

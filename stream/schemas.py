@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from segstream.stream.config import StreamConfig
+from segstream.stream.datatypes import NodeState, StreamState
 
 
 class _Out(BaseModel):
@@ -22,7 +23,7 @@ class FieldError(_Out):
 class Error(_Out):
     error: str = Field(description="What went wrong, for a person.")
     details: list[FieldError] | None = None
-    state: str | None = None
+    state: StreamState | None = None
     reason: str | None = None
 
 
@@ -50,7 +51,7 @@ class StreamStatus(_Out):
     source: str = Field(description="The source URL without credentials.")
     reader: str
     output: str
-    state: str = Field(
+    state: StreamState = Field(
         description="starting | live | reconnecting | error | stopped; in a "
         "cluster also moving (its node is lost or it is being moved), pending "
         "(no node has room) and unknown (its node does not answer)"
@@ -75,10 +76,71 @@ class StreamStatus(_Out):
         "(null while it has none); absent on a single node.",
     )
 
+    @classmethod
+    def idle(
+        cls,
+        *,
+        id: str,
+        source: str,
+        reader: str,
+        output: str,
+        infer_fps: float,
+        state: StreamState,
+        reason: str | None,
+        node: str | None = None,
+    ) -> StreamStatus:
+        """The status of a stream that runs nowhere (yet): its settings, no figures."""
+        return cls(
+            id=id,
+            source=source,
+            reader=reader,
+            output=output,
+            state=state,
+            reason=reason,
+            width=None,
+            height=None,
+            fps_in=0.0,
+            fps_out=0.0,
+            inference_fps=0.0,
+            infer_fps_cap=float(infer_fps),
+            latency_ms=Latency(p50=None, p95=None),
+            captured=0,
+            dropped=0,
+            reconnects=0,
+            clients=0,
+            classes={},
+            node=node,
+        )
+
 
 class StreamList(_Out):
     ready: bool
     streams: list[StreamStatus]
+
+
+class NodeStatus(_Out):
+    """A node service as the cluster controller knows it."""
+
+    id: str = Field(description="Short Ray node id, the `node` of streams and metrics.")
+    ray_id: str
+    host: str
+    port: int = Field(description="The node service's HTTP port (private network).")
+    metrics_port: int = Field(description="Its unauthenticated /metrics port.")
+    slots: float = Field(description="Declared capacity (the slots resource).")
+    load: float = Field(description="Placed streams' cost as a share of the capacity.")
+    streams: int
+    state: NodeState
+    ready: bool = Field(description="Model warm.")
+    error: str | None
+
+
+class NodeList(_Out):
+    nodes: list[NodeStatus]
+
+
+class SdGroup(_Out):
+    targets: list[str]
+    labels: dict[str, str]
 
 
 def _optional(model: type[BaseModel], name: str, skip: set[str]) -> type[BaseModel]:

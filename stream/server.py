@@ -18,7 +18,9 @@ from aiohttp import web
 from segstream import __version__
 from segstream.models.fetch import home
 from segstream.stream.api import live, media, mosaic, predict, session, streams, system
-from segstream.stream.api.context import AUTH, CONFIG, CONTROL, PRINCIPAL, SERVICE, STOP, THROTTLE
+from segstream.stream.api.backend import StreamBackend
+from segstream.stream.api.context import AUTH, BACKEND, CONFIG, PRINCIPAL, STOP, THROTTLE
+from segstream.stream.api.local import LocalBackend
 from segstream.stream.api.spec import (
     SESSION_COOKIE,
     ApiError,
@@ -30,12 +32,12 @@ from segstream.stream.api.spec import (
 )
 from segstream.stream.auth import Authenticator, LoginThrottle, Principal
 from segstream.stream.config import AppConfig, ConfigError
-from segstream.stream.control import SourcePolicy, StreamControl
 from segstream.stream.sanitize import sanitize_text
 from segstream.stream.service import Service
 from segstream.stream.store import StreamStore
 
 log = logging.getLogger(__name__)
+SERVICE = web.AppKey("service", Service)  # a node's own pipeline (a gateway has none)
 VERSION = __version__  # one version: the package's, also in the OpenAPI document
 ENDPOINTS: list[Endpoint] = [
     *system.ENDPOINTS,
@@ -136,22 +138,28 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 # -- the application --------------------------------------------------------------------------
 def base_app(
     cfg: AppConfig,
+    backend: StreamBackend,
     endpoints: list[Endpoint],
     doc: dict[str, Any],
     auth: Authenticator | None = None,
 ) -> web.Application:
     """What a single node and a cluster gateway share: middlewares (JSON errors, auth),
-    credentials, the endpoint table and the OpenAPI document."""
+    credentials, the endpoint table (the handlers of stream/api/ on `backend`, and the
+    gateway's own) and the OpenAPI document."""
     app = web.Application(
         client_max_size=cfg.predict.max_bytes + 64 * 1024, middlewares=[json_errors, authenticate]
     )
     app[CONFIG] = cfg
+    app[BACKEND] = backend
     app[STOP] = asyncio.Event()
     app[AUTH] = auth or Authenticator.from_home(tokens_dir(cfg), env={})
     app[THROTTLE] = LoginThrottle()
     app[system.OPENAPI] = doc
+    app[predict.PREDICT_SLOTS] = asyncio.Semaphore(cfg.predict.max_concurrent)
+    app[predict.MAX_IMAGE_SIZE] = predict.image_size_from_env()
     add_endpoints(app, endpoints)
     app.on_response_prepare.append(_security_headers)
+    app.on_shutdown.append(_end_viewers)
     return app
 
 
@@ -162,21 +170,16 @@ def make_app(
     store: StreamStore | None = None,
 ) -> web.Application:
     cfg = service.cfg
-    app = base_app(cfg, ENDPOINTS, openapi(ENDPOINTS, title="segstream", version=VERSION), auth)
+    doc = openapi(ENDPOINTS, title="segstream", version=VERSION)
+    app = base_app(cfg, LocalBackend(service, store), ENDPOINTS, doc, auth)
     app[SERVICE] = service
-    app[CONTROL] = StreamControl(service, store, SourcePolicy(cfg.sources))
-    app[predict.PREDICT_SLOTS] = asyncio.Semaphore(cfg.predict.max_concurrent)
-    app[predict.MAX_IMAGE_SIZE] = predict.image_size_from_env()
-    app[live.HUB] = live.LiveHub(service)
-    app.on_shutdown.append(_end_viewers)
     app.cleanup_ctx.append(_service_ctx)
     return app
 
 
 async def _end_viewers(app: web.Application) -> None:
     """Before the server waits for its handlers: pages (WebSocket) and mosaic viewers end."""
-    await app[live.HUB].close_all()
-    await asyncio.to_thread(app[SERVICE].mosaic.stop)
+    await app[BACKEND].close()
 
 
 def tokens_dir(cfg: AppConfig) -> Path:
@@ -207,7 +210,7 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
 def metrics_app(service: Service) -> web.Application:
     """Only /metrics, for a private listener Prometheus scrapes without credentials."""
     app = web.Application(middlewares=[json_errors])
-    app[SERVICE] = service
+    app[BACKEND] = LocalBackend(service, None)
     app.router.add_get("/metrics", system.metrics)
     return app
 

@@ -22,7 +22,10 @@ import pytest
 
 from segstream.stream.cluster.placement import CostModel, balance, place
 from segstream.stream.cluster.sd import target_groups
+from segstream.stream.cluster.snapshot import ClusterSnapshot, StreamPlacement
 from segstream.stream.config import AppConfig, StreamConfig
+from segstream.stream.datatypes import NodeState, StreamPhase
+from segstream.stream.schemas import NodeStatus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,12 +95,12 @@ def test_cluster_state_moves_a_lost_node_streams_and_adopts_running_ones(tmp_pat
     st = ClusterState(cfg, store)
     assert not store.exists() and st.seed([]) and store.load() == []
     for i in range(4):
-        st.add(StreamConfig(id=f"s{i}", source="rtsp://cam/x", infer_fps=1))
+        st.streams.add(StreamConfig(id=f"s{i}", source=f"rtsp://10.0.0.{i + 1}/x", infer_fps=1))
     st.node_up(NodeRecord("a" * 20, slots=1.0))
     st.node_up(NodeRecord("b" * 20, slots=1.0))
     st.place()
     on_a = set(st.desired_for("a" * 20))
-    assert len(on_a) == 2 and st.phase("s0")[1] == "starting"
+    assert len(on_a) == 2 and st.phase("s0")[1] == StreamPhase.STARTING
     st.report("a" * 20, {s: fingerprint(st.desired[s]) for s in on_a}, {}, True, None)
     assert all(st.phase(s) == ("a" * 12, "placed", None) for s in on_a)
     assert st.node_lost("a" * 20) == sorted(on_a) or set(st.moving) == on_a
@@ -122,12 +125,28 @@ def test_cluster_state_moves_a_lost_node_streams_and_adopts_running_ones(tmp_pat
     assert len(again.moving) == 2 and len(again.desired_for("c" * 20)) == 2
 
 
+def _node(short_id: str, host: str, port: int, state: NodeState = NodeState.UP) -> NodeStatus:
+    return NodeStatus(
+        id=short_id,
+        ray_id=short_id * 3,
+        host=host,
+        port=port,
+        metrics_port=9100,
+        slots=1.0,
+        load=0.5,
+        streams=2,
+        state=state,
+        ready=True,
+        error=None,
+    )
+
+
 def test_service_discovery_lists_nodes_that_are_up() -> None:
     groups = target_groups(
         [
-            {"id": "n2", "host": "10.0.0.2", "metrics_port": 9100, "state": "up"},
-            {"id": "n1", "host": "fd00::1", "metrics_port": 9100, "state": "up"},
-            {"id": "n3", "host": "10.0.0.3", "metrics_port": 9100, "state": "lost"},
+            _node("n2", "10.0.0.2", 1),
+            _node("n1", "fd00::1", 1),
+            _node("n3", "10.0.0.3", 1, NodeState.LOST),
         ]
     )
     assert groups == [
@@ -136,17 +155,20 @@ def test_service_discovery_lists_nodes_that_are_up() -> None:
     ]
 
 
-def test_gateway_serves_every_single_node_endpoint_without_a_local_service() -> None:
-    """Same paths and roles as a single node; no handler that needs a local Service."""
+def test_gateway_serves_the_single_node_endpoints_themselves() -> None:
+    """The very same endpoints (handlers, roles, documentation) as a single node, plus the
+    cluster's own; no handler reads a local Service (they ask the app's StreamBackend)."""
     from segstream.stream.cluster import gateway
     from segstream.stream.server import ENDPOINTS
 
     eps = gateway.gateway_endpoints()
-    single = {(e.method, e.path, e.role) for e in ENDPOINTS}
-    assert single <= {(e.method, e.path, e.role) for e in eps}
+    assert eps[: len(ENDPOINTS)] == ENDPOINTS
+    assert {(e.method, e.path) for e in eps[len(ENDPOINTS) :]} == {
+        ("GET", "/api/nodes"),
+        ("GET", "/api/sd"),
+    }
     for ep in eps:
-        module = inspect.getmodule(ep.handler)
-        assert module is gateway or "SERVICE]" not in inspect.getsource(ep.handler), ep.path
+        assert "SERVICE]" not in inspect.getsource(ep.handler), ep.path
 
 
 def test_deployment_files() -> None:
@@ -364,41 +386,26 @@ async def test_gateway_relays_the_live_page_and_the_mosaic_of_one_node() -> None
     servers = {n: TestServer(f.app(), host="127.0.0.1") for n, f in fakes.items()}
     for srv in servers.values():
         await srv.start_server()
-    snap = {
-        "version": 1,
-        "nodes": [
-            {
-                "id": n,
-                "ray_id": n * 3,
-                "host": "127.0.0.1",
-                "port": srv.port,
-                "metrics_port": 1,
-                "slots": 1.0,
-                "load": 0.5,
-                "streams": 2,
-                "state": "up",
-                "ready": True,
-                "error": None,
-            }
-            for n, srv in servers.items()
-        ],
-        "streams": [
-            {
-                "id": sid,
-                "source": "rtsp://cam/x",
-                "reader": "auto",
-                "output": "overlay",
-                "infer_fps": 1.0,
-                "node": node,
-                "phase": "placed",
-                "reason": None,
-            }
+    snap = ClusterSnapshot(
+        version=1,
+        nodes=[_node(n, "127.0.0.1", srv.port) for n, srv in servers.items()],
+        streams=[
+            StreamPlacement(
+                id=sid,
+                source="rtsp://cam/x",
+                reader="auto",
+                output="overlay",
+                infer_fps=1.0,
+                node=node,
+                phase=StreamPhase.PLACED,
+                reason=None,
+            )
             for sid, node in (("a1", "nodeA"), ("a2", "nodeA"), ("b1", "nodeB"))
         ],
-    }
+    )
 
     class Fixed(ClusterClient):
-        async def snapshot(self, fresh: bool = False) -> dict[str, Any]:
+        async def snapshot(self, fresh: bool = False) -> ClusterSnapshot:
             return snap
 
     cfg = AppConfig.model_validate({"model": {"name": "mnv2-voc"}, "streams": []})

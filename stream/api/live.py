@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
-from segstream.stream.api.context import SERVICE
+from segstream.stream.api.context import CONFIG, backend
 from segstream.stream.api.spec import Body, Endpoint, error, field_errors
 from segstream.stream.config import PageConfig
 from segstream.stream.datatypes import Published
@@ -455,9 +455,6 @@ class LiveHub:
             self._task.cancel()
 
 
-HUB = web.AppKey("live_hub", LiveHub)
-
-
 def _same_origin(request: web.Request) -> bool:
     """A browser always sends Origin on a WebSocket handshake: a page of another site may not
     ride on this site's session cookie (clients that are not browsers send none)."""
@@ -482,10 +479,9 @@ def _tune_socket(request: web.Request) -> None:
 
 async def live(request: web.Request) -> web.StreamResponse:
     """WebSocket of the live page (see the module's doc for the protocol)."""
-    service = request.app[SERVICE]
-    hub = request.app[HUB]
-    ws = await open_page_socket(request, service.cfg.page, len(hub.clients))
-    await run_page_client(hub, LiveClient(ws, service, service.cfg.page, request.transport))
+    b = backend(request)
+    ws = await open_page_socket(request, request.app[CONFIG].page, b.page_clients())
+    await b.run_page(request, ws)
     return ws
 
 

@@ -9,10 +9,11 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from segstream.models.tools.data import encode_palette_png
-from segstream.stream.api.context import SERVICE, stream_or_404
+from segstream.stream.api.context import backend
 from segstream.stream.api.spec import Body, Endpoint, error, read_query
 from segstream.stream.encoders import MJPEG_HEADERS, mjpeg_part
 from segstream.stream.schemas import Error
+from segstream.stream.service import Service, Stream
 
 
 class MjpegQuery(BaseModel):
@@ -28,9 +29,17 @@ class MjpegQuery(BaseModel):
 
 async def mjpeg(request: web.Request) -> web.StreamResponse:
     """multipart/x-mixed-replace: each write sends the newest frame; a slow client skips."""
-    service = request.app[SERVICE]
-    s = stream_or_404(request)
     q = read_query(request, MjpegQuery)
+
+    async def work(service: Service, s: Stream) -> web.StreamResponse:
+        return await _mjpeg(request, service, s, q)
+
+    return await backend(request).media(request, request.match_info["id"], work)
+
+
+async def _mjpeg(
+    request: web.Request, service: Service, s: Stream, q: MjpegQuery
+) -> web.StreamResponse:
     fps = client_fps(q.fps or 0.0, service.cfg.server.max_client_fps)
     resp = web.StreamResponse(headers=MJPEG_HEADERS)
     await resp.prepare(request)
@@ -64,8 +73,11 @@ def client_fps(fps: float, server_cap: float) -> float:
     return fps
 
 
-async def snapshot(request: web.Request) -> web.Response:
-    s = stream_or_404(request)
+async def snapshot(request: web.Request) -> web.StreamResponse:
+    return await backend(request).media(request, request.match_info["id"], _snapshot)
+
+
+async def _snapshot(service: Service, s: Stream) -> web.Response:
     latest = s.mjpeg.latest
     if latest is not None and time.monotonic() - latest.published_ts < 1.0:
         jpeg = latest.jpeg  # someone is watching: reuse the frame already encoded
@@ -83,10 +95,13 @@ async def snapshot(request: web.Request) -> web.Response:
     return web.Response(body=jpeg, content_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
 
-async def mask_png(request: web.Request) -> web.Response:
-    s = stream_or_404(request)
+async def mask_png(request: web.Request) -> web.StreamResponse:
+    return await backend(request).media(request, request.match_info["id"], _mask_png)
+
+
+async def _mask_png(service: Service, s: Stream) -> web.Response:
     result = s.view.result
-    seg = request.app[SERVICE].segmenter
+    seg = service.segmenter
     if result is None or seg is None:
         state, reason = s.source.status()
         raise error(503, f"stream {s.cfg.id!r} has no mask yet", state=state.value, reason=reason)

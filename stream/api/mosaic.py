@@ -7,28 +7,29 @@ import asyncio
 
 from aiohttp import web
 
-from segstream.stream.api.context import SERVICE
+from segstream.stream.api.context import CONFIG, backend
 from segstream.stream.api.media import client_fps
 from segstream.stream.api.spec import Body, Endpoint, error, read_query
 from segstream.stream.encoders import MJPEG_HEADERS, mjpeg_part
 from segstream.stream.mosaic import MosaicFull
 from segstream.stream.schemas import Error, MosaicQuery
+from segstream.stream.service import Service
 from segstream.stream.sinks import MjpegSink
 
 
-def _stream_ids(request: web.Request, q: MosaicQuery) -> list[str] | None:
-    service = request.app[SERVICE]
+async def _stream_ids(request: web.Request, q: MosaicQuery) -> list[str] | None:
     if q.streams is None or not q.streams.strip():
         return None
     ids = list(dict.fromkeys(x.strip() for x in q.streams.split(",") if x.strip()))
-    limit = service.cfg.mosaic.max_streams
+    limit = request.app[CONFIG].mosaic.max_streams
     if len(ids) > limit:
         raise error(
             422,
             f"invalid query: streams: at most {limit} streams (mosaic.max_streams)",
             details=[{"loc": "streams", "msg": "too many"}],
         )
-    unknown = [x for x in ids if x not in service.streams]
+    known = set(await backend(request).ids())
+    unknown = [x for x in ids if x not in known]
     if unknown:
         raise error(404, f"unknown streams {unknown}")
     return ids
@@ -36,8 +37,7 @@ def _stream_ids(request: web.Request, q: MosaicQuery) -> list[str] | None:
 
 async def mosaic_mjpeg(request: web.Request) -> web.StreamResponse:
     """multipart/x-mixed-replace of the chosen streams in a grid; a slow client skips."""
-    service = request.app[SERVICE]
-    cfg = service.cfg.mosaic
+    cfg = request.app[CONFIG].mosaic
     q = read_query(request, MosaicQuery)
     width = q.width or cfg.width
     if width > cfg.max_width:
@@ -46,7 +46,17 @@ async def mosaic_mjpeg(request: web.Request) -> web.StreamResponse:
             f"invalid query: width: at most {cfg.max_width} (mosaic.max_width)",
             details=[{"loc": "width", "msg": f"at most {cfg.max_width}"}],
         )
-    ids = _stream_ids(request, q)
+    ids = await _stream_ids(request, q)
+
+    async def work(service: Service) -> web.StreamResponse:
+        return await _mosaic(request, service, ids, q, width)
+
+    return await backend(request).mosaic(request, ids, work)
+
+
+async def _mosaic(
+    request: web.Request, service: Service, ids: list[str] | None, q: MosaicQuery, width: int
+) -> web.StreamResponse:
     try:
         layout = service.mosaic.acquire(ids, q.cols, width)
     except MosaicFull as e:
@@ -91,6 +101,7 @@ ENDPOINTS = [
                 description="An endless stream of JPEG parts.",
             ),
             404: Body(Error, description="Unknown streams."),
+            501: Body(Error, description="Cluster: the streams run on several nodes (named)."),
             503: Body(Error, description="Too many distinct layouts watched."),
         },
     ),

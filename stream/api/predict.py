@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from segstream.models.tools.data import encode_palette_png
-from segstream.stream.api.context import SERVICE
+from segstream.stream.api.context import CONFIG, backend
 from segstream.stream.api.spec import Body, Endpoint, error, read_query, reply
 from segstream.stream.render import class_fractions
 from segstream.stream.sanitize import sanitize_text
@@ -34,6 +34,7 @@ from segstream.stream.schemas import (
     MaxPrediction,
     Prediction,
 )
+from segstream.stream.service import Service
 
 log = logging.getLogger(__name__)
 PREDICT_SLOTS = web.AppKey("predict_slots", asyncio.Semaphore)
@@ -60,7 +61,7 @@ def image_size_from_env(env: dict[str, str] | None = None) -> int:
 
 async def read_upload(request: web.Request) -> bytes:
     """The bytes of the multipart field `image`, at most predict.max_bytes."""
-    limit = request.app[SERVICE].cfg.predict.max_bytes
+    limit = request.app[CONFIG].predict.max_bytes
     if request.content_type != "multipart/form-data":
         raise error(415, "send multipart/form-data with the image in the field 'image'")
     if request.content_length is not None and request.content_length > limit + 64 * 1024:
@@ -126,8 +127,8 @@ async def _limited(request: web.Request, work: Any, *args: Any) -> Any:
         return await asyncio.to_thread(work, *args)
 
 
-def _ready(request: web.Request) -> None:
-    if not request.app[SERVICE].ready:
+def _ready(service: Service) -> None:
+    if not service.ready:
         raise error(503, "model warming up")
 
 
@@ -161,9 +162,12 @@ def segment_padded(service: Any, rgb: np.ndarray) -> np.ndarray:
     return mask
 
 
-async def max_predict(request: web.Request) -> web.Response:
-    _ready(request)
-    service = request.app[SERVICE]
+async def max_predict(request: web.Request) -> web.StreamResponse:
+    return await backend(request).model(request, lambda service: _max_predict(request, service))
+
+
+async def _max_predict(request: web.Request, service: Service) -> web.Response:
+    _ready(service)
     data = await read_upload(request)
     img = open_image(data, service.cfg.predict.max_pixels)
 
@@ -179,15 +183,23 @@ async def max_predict(request: web.Request) -> web.Response:
     )
 
 
-async def max_labels(request: web.Request) -> web.Response:
-    seg = request.app[SERVICE].segmenter
+async def max_labels(request: web.Request) -> web.StreamResponse:
+    return await backend(request).model(request, _max_labels)
+
+
+async def _max_labels(service: Service) -> web.Response:
+    seg = service.segmenter
     if seg is None:
         raise error(503, "model is loading")
     return reply([MaxLabel(id=i, name=n) for i, n in enumerate(seg.labels)], adapter=_LABELS)
 
 
-async def max_metadata(request: web.Request) -> web.Response:
-    seg = request.app[SERVICE].segmenter
+async def max_metadata(request: web.Request) -> web.StreamResponse:
+    return await backend(request).model(request, _max_metadata)
+
+
+async def _max_metadata(service: Service) -> web.Response:
+    seg = service.segmenter
     if seg is None:
         raise error(503, "model is loading")
     return reply(
@@ -212,11 +224,14 @@ class PredictQuery(BaseModel):
     )
 
 
-async def predict(request: web.Request) -> web.Response:
+async def predict(request: web.Request) -> web.StreamResponse:
     """The class mask at the image's own size (whole image resized to the model's input)."""
-    _ready(request)
-    service = request.app[SERVICE]
     q = read_query(request, PredictQuery)
+    return await backend(request).model(request, lambda service: _predict(request, service, q))
+
+
+async def _predict(request: web.Request, service: Service, q: PredictQuery) -> web.Response:
+    _ready(service)
     data = await read_upload(request)
     img = open_image(data, service.cfg.predict.max_pixels)
     w, h = img.size

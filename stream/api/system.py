@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from segstream.stream.api.context import SERVICE
+from segstream.stream.api.context import backend
 from segstream.stream.api.spec import Body, Endpoint, error, reply
 from segstream.stream.schemas import Error, Health, ModelInfo, Ready
+from segstream.stream.service import Service
 
 OPENAPI = web.AppKey("openapi", dict)
 
@@ -29,32 +29,26 @@ async def login_page(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    problem = service.health()
-    if problem:
-        raise error(503, problem)
-    return reply(Health(status="ok", uptime_s=round(time.monotonic() - service.started_ts, 1)))
+    return reply(await backend(request).health())
 
 
 async def readyz(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    if not service.ready:
-        raise error(503, service.error or "model warming up")
+    await backend(request).ready()
     return reply(Ready(status="ready"))
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[SERVICE].metrics
-    if registry is None:
-        raise error(404, "this service reports metrics to another observer")
     return web.Response(
-        body=registry.exposition(),
+        body=await backend(request).metrics(),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
     )
 
 
-async def model_info(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
+async def model_info(request: web.Request) -> web.StreamResponse:
+    return await backend(request).model(request, _model_info)
+
+
+async def _model_info(service: Service) -> web.Response:
     seg = service.segmenter
     if seg is None:
         raise error(503, "model is loading")

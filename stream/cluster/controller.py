@@ -17,21 +17,23 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from pydantic import ValidationError
 
 from segstream.models.registry import get_spec
 from segstream.stream.cluster import runtime
 from segstream.stream.cluster.node import fingerprint
 from segstream.stream.cluster.placement import CostModel, Placement, place
 from segstream.stream.cluster.runtime import CONTROLLER_NAME
+from segstream.stream.cluster.snapshot import ChangeResult, ClusterSnapshot, StreamPlacement
 from segstream.stream.config import AppConfig, ClusterConfig, StreamConfig
-from segstream.stream.control import Refused, SourcePolicy
+from segstream.stream.control import Refused, StreamSet
+from segstream.stream.datatypes import NodeState, StreamPhase
 from segstream.stream.render import Renderer
 from segstream.stream.sanitize import sanitize_url
+from segstream.stream.schemas import NodeStatus
 from segstream.stream.store import StreamStore
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class NodeRecord:
     port: int = 0
     metrics_port: int = 0
     slots: float = 0.0
-    state: str = "starting"  # starting | up | lost
+    state: NodeState = NodeState.STARTING
     ready: bool = False
     error: str | None = None
     last_seen: float = 0.0
@@ -57,26 +59,29 @@ class NodeRecord:
     running: dict[str, str] = field(default_factory=dict)  # id -> fingerprint
     failed: dict[str, str] = field(default_factory=dict)
 
-    def public(self, load: float, streams: int) -> dict[str, Any]:
-        return {
-            "id": short(self.ray_id),
-            "ray_id": self.ray_id,
-            "host": self.host,
-            "port": self.port,
-            "metrics_port": self.metrics_port,
-            "slots": self.slots,
-            "load": round(load, 4),
-            "streams": streams,
-            "state": self.state,
-            "ready": self.ready,
-            "error": self.error,
-        }
+    def public(self, load: float, streams: int) -> NodeStatus:
+        return NodeStatus(
+            id=short(self.ray_id),
+            ray_id=self.ray_id,
+            host=self.host,
+            port=self.port,
+            metrics_port=self.metrics_port,
+            slots=self.slots,
+            load=round(load, 4),
+            streams=streams,
+            state=self.state,
+            ready=self.ready,
+            error=self.error,
+        )
 
 
 class ClusterState:
-    """Desired streams, nodes and the assignment. Not thread-safe: the actor holds a lock."""
+    """Desired streams, nodes and the assignment. The stream API changes the desired set
+    through `streams` (the StreamSet a single node uses too: validated, persisted, then
+    applied here); `lock` guards the state (the actor's threads share it)."""
 
     def __init__(self, cfg: AppConfig, store: StreamStore | None) -> None:
+        self.lock = threading.RLock()
         self.cfg = cfg
         c: ClusterConfig = cfg.cluster
         self.costs_model = CostModel(c.stream_cost, c.inference_cost, c.uncapped_fps)
@@ -84,7 +89,7 @@ class ClusterState:
         # A node silent this long shows its streams as moving (it is lost at lost_after_s).
         self.suspect_after = min(1.5, c.lost_after_s / 2)
         self.store = store
-        self.policy = SourcePolicy(cfg.sources)
+        self.streams = StreamSet(self, store, cfg.sources)
         self.desired: dict[str, StreamConfig] = {}
         self.assignment: dict[str, str] = {}  # stream id -> ray node id
         self.nodes: dict[str, NodeRecord] = {}
@@ -106,11 +111,13 @@ class ClusterState:
         self.changed()
         return True
 
-    # -- the stream API (validated, persisted, then applied) -------------------------------
-    def check(self, cfg: StreamConfig, source_changed: bool = True) -> None:
-        """Raises Refused like StreamControl: source policy (resolves host names), classes."""
-        if source_changed:
-            self.policy.check(cfg.source)
+    # -- the StreamSet's target (stream.control.StreamTarget) ----------------------------------
+    def configs(self) -> dict[str, StreamConfig]:
+        with self.lock:
+            return dict(self.desired)
+
+    def check(self, cfg: StreamConfig) -> None:
+        """The class names, against the model's labels (the source policy is the StreamSet's)."""
         spec = get_spec(self.cfg.model.name)
         rc = self.cfg.render
         try:
@@ -125,41 +132,23 @@ class ClusterState:
         except ValueError as e:
             raise Refused(422, str(e), "classes") from None
 
-    def add(self, cfg: StreamConfig) -> None:
-        if cfg.id in self.desired:
-            raise Refused(409, f"stream {cfg.id!r} exists", "id")
-        self._persist([*self.desired.values(), cfg])
-        self.desired[cfg.id] = cfg
-        self.changed()
+    def apply_add(self, cfg: StreamConfig) -> None:
+        with self.lock:
+            self.desired[cfg.id] = cfg
+            self.changed()
+            self.place()
 
-    def merged(self, stream_id: str, changes: dict[str, Any]) -> StreamConfig:
-        current = self.get(stream_id)
-        merged = current.model_dump(exclude_unset=True) | {"id": stream_id} | changes
-        try:
-            return StreamConfig.model_validate(merged)
-        except ValidationError as e:
-            first = e.errors()[0]
-            raise Refused(422, first["msg"], ".".join(map(str, first["loc"]))) from None
+    def apply_replace(self, cfg: StreamConfig) -> None:
+        with self.lock:
+            self.desired[cfg.id] = cfg
+            self.changed()
 
-    def replace(self, cfg: StreamConfig) -> None:
-        self.get(cfg.id)
-        self._persist([cfg if c.id == cfg.id else c for c in self.desired.values()])
-        self.desired[cfg.id] = cfg
-        self.changed()
-
-    def delete(self, stream_id: str) -> None:
-        self.get(stream_id)
-        self._persist([c for c in self.desired.values() if c.id != stream_id])
-        del self.desired[stream_id]
-        self.assignment.pop(stream_id, None)
-        self.moving.discard(stream_id)
-        self.changed()
-
-    def get(self, stream_id: str) -> StreamConfig:
-        cfg = self.desired.get(stream_id)
-        if cfg is None:
-            raise Refused(404, f"unknown stream {stream_id!r}")
-        return cfg
+    def apply_remove(self, stream_id: str) -> None:
+        with self.lock:
+            del self.desired[stream_id]
+            self.assignment.pop(stream_id, None)
+            self.moving.discard(stream_id)
+            self.changed()
 
     def _persist(self, streams: list[StreamConfig]) -> None:
         if self.store is not None:
@@ -170,7 +159,7 @@ class ClusterState:
 
     # -- nodes ------------------------------------------------------------------------------
     def node_up(self, rec: NodeRecord) -> None:
-        rec.state = "up"
+        rec.state = NodeState.UP
         rec.last_seen = time.monotonic()
         self.nodes[rec.ray_id] = rec
         self.changed()
@@ -217,7 +206,9 @@ class ClusterState:
 
     def place(self) -> Placement:
         costs = {sid: self.cost(c) for sid, c in self.desired.items()}
-        caps = {n: r.slots for n, r in self.nodes.items() if r.state == "up" and not r.error}
+        caps = {
+            n: r.slots for n, r in self.nodes.items() if r.state == NodeState.UP and not r.error
+        }
         p = place(costs, caps, self.assignment, threshold=self.threshold)
         for sid in p.moved:
             self.moving.add(sid)
@@ -237,28 +228,28 @@ class ClusterState:
         return want == rec.running
 
     # -- what the gateway shows ----------------------------------------------------------------
-    def phase(self, sid: str) -> tuple[str | None, str, str | None]:
+    def phase(self, sid: str) -> tuple[str | None, StreamPhase, str | None]:
         """(node, phase, reason): placed (runs there), starting (placed, not running yet),
         moving (its node is silent or lost, or it is being rebalanced), pending (no room),
         error."""
         node = self.assignment.get(sid)
         if node is None:
             if sid in self.moving:
-                return None, "moving", "its node was lost; waiting for room on another"
-            return None, "pending", "no node has room for it"
+                return None, StreamPhase.MOVING, "its node was lost; waiting for room on another"
+            return None, StreamPhase.PENDING, "no node has room for it"
         rec = self.nodes[node]
         silent = time.monotonic() - rec.last_seen
         if silent > self.suspect_after:  # being declared lost: the move has begun
-            return short(node), "moving", f"node {short(node)} silent for {silent:.1f} s"
+            return short(node), StreamPhase.MOVING, f"node {short(node)} silent for {silent:.1f} s"
         if sid in rec.failed:
-            return short(node), "error", rec.failed[sid]
+            return short(node), StreamPhase.ERROR, rec.failed[sid]
         if sid in rec.running:  # a change of settings in progress keeps it placed
-            return short(node), "placed", None
+            return short(node), StreamPhase.PLACED, None
         if sid in self.moving:
-            return short(node), "moving", "starting on its new node"
-        return short(node), "starting", None
+            return short(node), StreamPhase.MOVING, "starting on its new node"
+        return short(node), StreamPhase.STARTING, None
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> ClusterSnapshot:
         loads: dict[str, float] = {}
         counts: dict[str, int] = {}
         for sid, n in self.assignment.items():
@@ -268,22 +259,22 @@ class ClusterState:
         for sid, cfg in self.desired.items():
             node, phase, reason = self.phase(sid)
             streams.append(
-                {
-                    "id": sid,
-                    "source": sanitize_url(cfg.source),
-                    "reader": cfg.reader,
-                    "output": cfg.output,
-                    "infer_fps": cfg.infer_fps,
-                    "node": node,
-                    "phase": phase,
-                    "reason": reason,
-                }
+                StreamPlacement(
+                    id=sid,
+                    source=sanitize_url(cfg.source),
+                    reader=cfg.reader,
+                    output=cfg.output,
+                    infer_fps=cfg.infer_fps,
+                    node=node,
+                    phase=phase,
+                    reason=reason,
+                )
             )
         nodes = [
             r.public(loads.get(n, 0.0) / r.slots if r.slots else 0.0, counts.get(n, 0))
             for n, r in sorted(self.nodes.items())
         ]
-        return {"version": self.version, "streams": streams, "nodes": nodes}
+        return ClusterSnapshot(self.version, streams, nodes)
 
 
 # -- the Ray actor ------------------------------------------------------------------------------
@@ -316,7 +307,7 @@ class Controller:
         self.signing_secret = signing_secret
         store = StreamStore(Path(state_file)) if state_file else None
         self.state = ClusterState(self.cfg, store)
-        self.lock = threading.RLock()
+        self.lock = self.state.lock
         self.started = time.monotonic()
         self.node_class = node_class
         self.tick_s = 0.0  # how long the last tick took
@@ -339,7 +330,7 @@ class Controller:
             "started": self.started,
         }
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> ClusterSnapshot:
         with self.lock:
             return self.state.snapshot()
 
@@ -366,44 +357,25 @@ class Controller:
                 "nodes": len(self.state.nodes),
             }
 
-    def add(self, cfg_json: str) -> dict[str, Any]:
-        return self._change(lambda: self._add(StreamConfig.model_validate_json(cfg_json)))
+    def add(self, cfg_json: str) -> ChangeResult:
+        cfg = StreamConfig.model_validate_json(cfg_json)
+        return self._change(lambda: self.state.streams.add(cfg))
 
-    def patch(self, stream_id: str, changes: dict[str, Any]) -> dict[str, Any]:
-        return self._change(lambda: self._patch(stream_id, changes))
+    def patch(self, stream_id: str, changes: dict[str, Any]) -> ChangeResult:
+        return self._change(lambda: self.state.streams.change(stream_id, changes))
 
-    def delete(self, stream_id: str) -> dict[str, Any]:
-        def run() -> None:
-            with self.lock:
-                self.state.delete(stream_id)
+    def delete(self, stream_id: str) -> ChangeResult:
+        return self._change(lambda: self.state.streams.remove(stream_id))
 
-        return self._change(run)
-
-    def _add(self, cfg: StreamConfig) -> None:
-        with self.lock:
-            if cfg.id in self.state.desired:
-                raise Refused(409, f"stream {cfg.id!r} exists", "id")
-        self.state.check(cfg)  # outside the lock: it may resolve a host name
-        with self.lock:
-            self.state.add(cfg)
-            self.state.place()
-
-    def _patch(self, stream_id: str, changes: dict[str, Any]) -> None:
-        with self.lock:
-            before = self.state.get(stream_id)
-            cfg = self.state.merged(stream_id, changes)
-        self.state.check(cfg, source_changed=cfg.source != before.source)
-        with self.lock:
-            self.state.replace(cfg)
-
-    def _change(self, run: Any) -> dict[str, Any]:
+    def _change(self, run: Callable[[], object]) -> ChangeResult:
+        """Through the StreamSet (outside the state lock: it may resolve a host name)."""
         try:
             run()
         except Refused as e:
-            return {"ok": False, "status": e.status, "error": str(e), "loc": e.loc}
+            return ChangeResult(refused=e.to_dict())
         self._push()
         with self.lock:
-            return {"ok": True, "snapshot": self.state.snapshot()}
+            return ChangeResult(snapshot=self.state.snapshot())
 
     # -- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:

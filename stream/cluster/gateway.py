@@ -1,12 +1,14 @@
 """The gateway: the single-node HTTP API, page and auth at one address, for a whole cluster.
 
-It holds no state of its own (a restart loses nothing): stream changes go to the controller,
-which validates, persists and places them; reads merge the controller's view (which node runs
-what, `moving`/`pending` phases) with the live status of each node service; MJPEG, snapshots
-and masks are relayed from the owning node (or the viewer is redirected there with a signed
-URL, `cluster.direct_viewers`); predictions go to the least loaded ready node. The same
-middlewares as a single node authenticate every request (stream.server.base_app); towards the
-nodes the gateway authenticates with the cluster secret the controller holds."""
+It serves the same handlers as a single node (stream/api/) on a `ClusterBackend`, and only
+what is truly the cluster's here (/api/nodes, /api/sd, relaying pictures and pages). It holds
+no state of its own (a restart loses nothing): stream changes go to the controller, whose
+StreamSet validates, persists and places them exactly as a node's does; reads merge the
+controller's view (which node runs what, `moving`/`pending` phases) with the live status of
+each node service; MJPEG, snapshots and masks are relayed from the owning node (or the viewer
+is redirected there with a signed URL, `cluster.direct_viewers`); model facts and predictions
+go to the least loaded ready node. Towards the nodes the gateway authenticates with the
+cluster secret the controller holds."""
 
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -26,20 +27,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
 
-from segstream.stream.api.context import AUTH, CONFIG, STOP
-from segstream.stream.api.live import open_page_socket, run_page_client
-from segstream.stream.api.spec import (
-    ApiError,
-    Body,
-    Endpoint,
-    error,
-    openapi,
-    read_json,
-    read_query,
-    reply,
-)
+from segstream.stream.api.backend import ServiceWork, StreamWork, refused, unknown
+from segstream.stream.api.context import AUTH, BACKEND, STOP, backend
+from segstream.stream.api.spec import ApiError, Body, Endpoint, error, openapi, reply
 from segstream.stream.auth import Authenticator, load_secret
 from segstream.stream.cluster.gateway_live import (
     MAX_UPSTREAM_MESSAGE,
@@ -48,18 +39,11 @@ from segstream.stream.cluster.gateway_live import (
     GatewayLiveClient,
 )
 from segstream.stream.cluster.sd import target_groups
+from segstream.stream.cluster.snapshot import ChangeResult, ClusterSnapshot, StreamPlacement
 from segstream.stream.config import AppConfig, StreamConfig
-from segstream.stream.schemas import (
-    Error,
-    Health,
-    MosaicQuery,
-    Ready,
-    ShareRequest,
-    ShareResponse,
-    StreamList,
-    StreamPatch,
-    StreamStatus,
-)
+from segstream.stream.control import Refused
+from segstream.stream.datatypes import NodeState, StreamPhase
+from segstream.stream.schemas import Health, NodeList, NodeStatus, SdGroup, StreamList, StreamStatus
 from segstream.stream.server import ENDPOINTS, VERSION, base_app, is_loopback, tokens_dir
 
 log = logging.getLogger(__name__)
@@ -73,7 +57,7 @@ class ClusterClient:
 
     def __init__(self, handle: Any, secret: str, max_age: float = 0.5) -> None:
         self.handle, self.secret, self.max_age = handle, secret, max_age
-        self._snap: dict[str, Any] | None = None
+        self._snap: ClusterSnapshot | None = None
         self._at = 0.0
         self._lock = asyncio.Lock()
 
@@ -86,280 +70,310 @@ class ClusterClient:
                 503, "the cluster controller did not answer in time", headers={"Retry-After": "2"}
             ) from None
 
-    async def snapshot(self, fresh: bool = False) -> dict[str, Any]:
+    async def snapshot(self, fresh: bool = False) -> ClusterSnapshot:
         async with self._lock:
             if fresh or self._snap is None or time.monotonic() - self._at > self.max_age:
                 self.remember(await self.call("snapshot", timeout=10.0))
             assert self._snap is not None
             return self._snap
 
-    def remember(self, snap: dict[str, Any]) -> None:
+    async def change(self, method: str, *args: Any) -> ClusterSnapshot:
+        """A stream change at the controller's StreamSet; its refusal as a node answers it."""
+        r: ChangeResult = await self.call(method, *args)
+        if r.snapshot is None:
+            assert r.refused is not None
+            raise refused(Refused.from_dict(r.refused))
+        self.remember(r.snapshot)
+        return r.snapshot
+
+    def remember(self, snap: ClusterSnapshot) -> None:
         self._snap, self._at = snap, time.monotonic()
 
     @property
-    def last(self) -> dict[str, Any] | None:
+    def last(self) -> ClusterSnapshot | None:
         return self._snap
 
 
-CLUSTER = web.AppKey("cluster", ClusterClient)
-HTTP = web.AppKey("http", aiohttp.ClientSession)
+def _node_url(node: NodeStatus, path: str) -> str:
+    host = f"[{node.host}]" if ":" in node.host else node.host
+    return f"http://{host}:{node.port}{path}"
 
 
-# -- response models of the gateway's own endpoints ---------------------------------------------
-class ClusterNode(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: str = Field(description="Short Ray node id, the `node` of streams and metrics.")
-    ray_id: str
-    host: str
-    port: int = Field(description="The node service's HTTP port (private network).")
-    metrics_port: int = Field(description="Its unauthenticated /metrics port.")
-    slots: float = Field(description="Declared capacity (the slots resource).")
-    load: float = Field(description="Placed streams' cost as a share of the capacity.")
-    streams: int
-    state: str = Field(description="starting | up | lost")
-    ready: bool = Field(description="Model warm.")
-    error: str | None
-
-
-class NodeList(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    nodes: list[ClusterNode]
-
-
-class SdGroup(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    targets: list[str]
-    labels: dict[str, str]
-
-
-# -- helpers ---------------------------------------------------------------------------------------
-def _entry(snap: dict[str, Any], sid: str) -> dict[str, Any]:
-    for s in snap["streams"]:
-        if s["id"] == sid:
-            return s
-    raise error(404, f"unknown stream {sid!r}")
-
-
-def _node(snap: dict[str, Any], short_id: str | None) -> dict[str, Any] | None:
-    return next((n for n in snap["nodes"] if n["id"] == short_id), None)
-
-
-_STATE_OF_PHASE = {
-    "starting": "starting",
-    "moving": "moving",
-    "pending": "pending",
-    "error": "error",
-    "placed": "unknown",
-}
-
-
-def _placeholder(entry: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
-    """The status of a stream no node reports on (yet): its phase is its state."""
-    return {
-        "id": entry["id"],
-        "source": entry["source"],
-        "reader": entry["reader"],
-        "output": entry["output"],
-        "state": _STATE_OF_PHASE[entry["phase"]],
-        "reason": reason or entry["reason"],
-        "width": None,
-        "height": None,
-        "fps_in": 0.0,
-        "fps_out": 0.0,
-        "inference_fps": 0.0,
-        "infer_fps_cap": float(entry["infer_fps"]),
-        "latency_ms": {"p50": None, "p95": None},
-        "captured": 0,
-        "dropped": 0,
-        "reconnects": 0,
-        "clients": 0,
-        "classes": {},
-        "restream": None,
-        "node": entry["node"],
-    }
-
-
-def _node_url(node: dict[str, Any], path: str) -> str:
-    host = f"[{node['host']}]" if ":" in node["host"] else node["host"]
-    return f"http://{host}:{node['port']}{path}"
-
-
-def _auth_header(app: web.Application) -> dict[str, str]:
-    return {"Authorization": f"Bearer {app[CLUSTER].secret}"}
-
-
-async def _node_json(
-    app: web.Application, node: dict[str, Any], path: str, timeout: float = 3.0
-) -> tuple[int, Any]:
-    async with app[HTTP].get(
-        _node_url(node, path),
-        headers=_auth_header(app),
-        timeout=aiohttp.ClientTimeout(total=timeout),
-    ) as r:
-        return r.status, await r.json(content_type=None)
-
-
-async def _statuses(app: web.Application, snap: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Live status of every stream from every ready node, in parallel; a node that does not
-    answer in time is left out (its streams show as `unknown`)."""
-    nodes = [n for n in snap["nodes"] if n["state"] == "up" and n["ready"]]
-
-    async def one(node: dict[str, Any]) -> list[dict[str, Any]]:
-        try:
-            status, body = await _node_json(app, node, "/api/streams", timeout=2.0)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return []
-        return body.get("streams", []) if status == 200 else []
-
-    out: dict[str, dict[str, Any]] = {}
-    for node, streams in zip(nodes, await asyncio.gather(*map(one, nodes)), strict=True):
-        for st in streams:
-            out[st["id"]] = st | {"node": node["id"]}
-    return out
-
-
-def _status(entry: dict[str, Any], live: dict[str, dict[str, Any]]) -> StreamStatus:
-    st = live.get(entry["id"])
-    if entry["phase"] == "placed" and st is not None and st.get("node") == entry["node"]:
-        return StreamStatus.model_validate(st)
-    reason = f"node {entry['node']} did not answer" if entry["phase"] == "placed" else None
-    return StreamStatus.model_validate(_placeholder(entry, reason))
-
-
-# -- streams ---------------------------------------------------------------------------------------
-async def cluster_streams(app: web.Application) -> tuple[dict[str, Any], StreamList]:
-    """The controller's snapshot, and every stream's status with its `node`."""
-    snap = await app[CLUSTER].snapshot()
-    live = await _statuses(app, snap)
-    return snap, StreamList(
-        ready=any(n["ready"] for n in snap["nodes"]),
-        streams=[_status(e, live) for e in snap["streams"]],
-    )
-
-
-async def list_streams(request: web.Request) -> web.Response:
-    return reply((await cluster_streams(request.app))[1])
-
-
-async def get_stream(request: web.Request) -> web.Response:
-    sid = request.match_info["id"]
-    snap = await request.app[CLUSTER].snapshot()
-    entry = _entry(snap, sid)
-    node = _node(snap, entry["node"])
-    if entry["phase"] == "placed" and node is not None:
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-            status, body = await _node_json(request.app, node, f"/api/streams/{sid}")
-            if status == 200:
-                return reply(StreamStatus.model_validate(body | {"node": node["id"]}))
-    return reply(_status(entry, {}))
-
-
-def _refused(r: dict[str, Any]) -> ApiError:
-    if r["status"] == 422:
-        loc = r.get("loc") or ""
-        return error(
-            422,
-            f"{loc}: {r['error']}" if loc else r["error"],
-            details=[{"loc": loc or "body", "msg": r["error"]}],
-        )
-    return error(r["status"], r["error"])
-
-
-async def _change(request: web.Request, method: str, *args: Any) -> dict[str, Any]:
-    client = request.app[CLUSTER]
-    r = await client.call(method, *args)
-    if not r["ok"]:
-        raise _refused(r)
-    client.remember(r["snapshot"])
-    return dict(r["snapshot"])
-
-
-async def create_stream(request: web.Request) -> web.Response:
-    cfg = await read_json(request, StreamConfig)
-    snap = await _change(request, "add", cfg.model_dump_json())
-    return reply(_status(_entry(snap, cfg.id), {}), status=201)
-
-
-async def patch_stream(request: web.Request) -> web.Response:
-    sid = request.match_info["id"]
-    _entry(await request.app[CLUSTER].snapshot(), sid)
-    patch = await read_json(request, StreamPatch)
-    snap = await _change(request, "patch", sid, patch.model_dump(exclude_unset=True))
-    return reply(_status(_entry(snap, sid), {}))
-
-
-async def delete_stream(request: web.Request) -> web.Response:
-    sid = request.match_info["id"]
-    await _change(request, "delete", sid)
-    return web.Response(status=204)
-
-
-async def share_stream(request: web.Request) -> web.Response:
-    sid = request.match_info["id"]
-    _entry(await request.app[CLUSTER].snapshot(), sid)
-    req = await read_json(request, ShareRequest)
-    path = f"/streams/{sid}/" + ("mjpeg" if req.kind == "mjpeg" else "snapshot.jpg")
-    expires = int(time.time()) + req.ttl_s
-    sig = request.app[AUTH].sign_path(path, sid, expires)
-    return reply(ShareResponse(url=f"{path}?exp={expires}&sig={sig}", expires=expires))
-
-
-# -- relays ----------------------------------------------------------------------------------------
 def _passed(headers: Any) -> dict[str, str]:
     return {k: headers[k] for k in _PASS_HEADERS if k in headers}
 
 
-async def relay(request: web.Request, node: dict[str, Any], path: str) -> web.StreamResponse:
-    """The node's answer to the same request, streamed through (MJPEG never ends)."""
-    url = _node_url(node, path)
-    if request.query_string:
-        url += "?" + request.query_string
-    headers = _auth_header(request.app)
-    body = None
-    if request.method in ("POST", "PUT", "PATCH"):
-        body = await request.read()
-        headers["Content-Type"] = request.headers.get("Content-Type", "application/octet-stream")
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=3.0, sock_read=30.0)
-    try:
-        async with request.app[HTTP].request(
-            request.method, url, data=body, headers=headers, timeout=timeout
-        ) as up:
-            ctype = up.headers.get("Content-Type", "")
-            if up.status != 200 or not ctype.startswith("multipart/"):
-                return web.Response(
-                    body=await up.read(), status=up.status, headers=_passed(up.headers)
-                )
-            resp = web.StreamResponse(status=200, headers=_passed(up.headers))
-            await resp.prepare(request)
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async for chunk in up.content.iter_any():
-                    await resp.write(chunk)
-            return resp  # the node went away: the viewer's stream ends, it reconnects
-    except (aiohttp.ClientError, TimeoutError) as e:
-        raise error(
-            503, f"node {node['id']} unreachable: {type(e).__name__}", headers={"Retry-After": "2"}
-        ) from None
+class ClusterBackend:
+    """The StreamBackend of a gateway: the controller's stream set, the nodes' pictures."""
 
+    def __init__(self, cfg: AppConfig, client: ClusterClient) -> None:
+        self.cfg, self.client = cfg, client
+        self.hub = GatewayHub(cfg.page, self.view)
+        self.started = time.monotonic()
+        self.registry = CollectorRegistry(auto_describe=False)  # the gateway's own series
+        self.registry.register(_ClusterCollector(client))
+        self._http: aiohttp.ClientSession | None = None
 
-async def media(request: web.Request) -> web.StreamResponse:
-    sid = request.match_info["id"]
-    snap = await request.app[CLUSTER].snapshot()
-    entry = _entry(snap, sid)
-    node = _node(snap, entry["node"])
-    if entry["phase"] != "placed" or node is None:
-        raise error(
-            503,
-            f"stream {sid!r} is not running on a node yet",
-            headers={"Retry-After": "2"},
-            state=_STATE_OF_PHASE[entry["phase"]],
-            reason=entry["reason"],
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(auto_decompress=False)
+        return self._http
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.client.secret}"}
+
+    async def _entry(self, stream_id: str) -> tuple[ClusterSnapshot, StreamPlacement]:
+        snap = await self.client.snapshot()
+        entry = snap.stream(stream_id)
+        if entry is None:
+            raise unknown(stream_id)
+        return snap, entry
+
+    # -- the stream set --------------------------------------------------------------------
+    async def ids(self) -> list[str]:
+        return [s.id for s in (await self.client.snapshot()).streams]
+
+    async def list_streams(self) -> StreamList:
+        snap = await self.client.snapshot()
+        live = await self._statuses(snap)
+        return StreamList(ready=snap.ready, streams=[_status(e, live) for e in snap.streams])
+
+    async def status(self, stream_id: str) -> StreamStatus:
+        snap, entry = await self._entry(stream_id)
+        node = snap.owner(entry)
+        if node is not None:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                status, body = await self._node_json(node, f"/api/streams/{stream_id}")
+                if status == 200:
+                    return StreamStatus.model_validate(body | {"node": node.id})
+        return _status(entry, {})
+
+    async def add(self, cfg: StreamConfig) -> StreamStatus:
+        snap = await self.client.change("add", cfg.model_dump_json())
+        return _status(_known(snap, cfg.id), {})
+
+    async def change(self, stream_id: str, changes: dict[str, Any]) -> StreamStatus:
+        snap = await self.client.change("patch", stream_id, changes)
+        return _status(_known(snap, stream_id), {})
+
+    async def remove(self, stream_id: str) -> None:
+        await self.client.change("delete", stream_id)
+
+    async def _node_json(
+        self, node: NodeStatus, path: str, timeout: float = 3.0
+    ) -> tuple[int, Any]:
+        async with self.http.get(
+            _node_url(node, path),
+            headers=self._auth(),
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def _statuses(self, snap: ClusterSnapshot) -> dict[str, dict[str, Any]]:
+        """Live status of every stream from every ready node, in parallel; a node that does
+        not answer in time is left out (its streams show as `unknown`)."""
+        nodes = [n for n in snap.nodes if n.state == NodeState.UP and n.ready]
+
+        async def one(node: NodeStatus) -> list[dict[str, Any]]:
+            try:
+                status, body = await self._node_json(node, "/api/streams", timeout=2.0)
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                return []
+            return list(body.get("streams", [])) if status == 200 else []
+
+        out: dict[str, dict[str, Any]] = {}
+        for node, streams in zip(nodes, await asyncio.gather(*map(one, nodes)), strict=True):
+            for st in streams:
+                out[st["id"]] = st | {"node": node.id}
+        return out
+
+    # -- pictures and the model: relayed ---------------------------------------------------------
+    async def media(
+        self, request: web.Request, stream_id: str, work: StreamWork
+    ) -> web.StreamResponse:
+        snap, entry = await self._entry(stream_id)
+        node = snap.owner(entry)
+        if node is None:
+            raise error(
+                503,
+                f"stream {stream_id!r} is not running on a node yet",
+                headers={"Retry-After": "2"},
+                state=entry.state.value,
+                reason=entry.reason,
+            )
+        if self.cfg.cluster.direct_viewers and not request.path.endswith("mask.png"):
+            raise web.HTTPTemporaryRedirect(_direct_url(request, node, stream_id))
+        return await self.relay(request, node)
+
+    async def mosaic(
+        self, request: web.Request, ids: list[str] | None, work: ServiceWork
+    ) -> web.StreamResponse:
+        """The owning node's mosaic, relayed, when every stream asked for runs on one node; a
+        mosaic across nodes is not composed at the gateway (501, naming the nodes)."""
+        snap = await self.client.snapshot()
+        entries = snap.streams if ids is None else [_known(snap, sid) for sid in ids]
+        placed = [e for e in entries if snap.owner(e) is not None]
+        if ids is not None and len(placed) < len(entries):
+            waiting = [e.id for e in entries if e not in placed]
+            raise error(
+                503,
+                f"streams {waiting} are not running on a node yet",
+                headers={"Retry-After": "2"},
+            )
+        by_node: dict[str, list[str]] = {}
+        for e in placed:
+            assert e.node is not None
+            by_node.setdefault(e.node, []).append(e.id)
+        if len(by_node) > 1:
+            raise error(
+                501,
+                "a mosaic of streams on several nodes is not composed by the cluster "
+                "gateway: ask for the streams of one node (?streams=...); nodes: "
+                + "; ".join(f"{n}: {','.join(ids)}" for n, ids in sorted(by_node.items())),
+                nodes=by_node,
+            )
+        node = snap.node(next(iter(by_node), None))
+        if node is None:
+            raise error(503, "no stream is running on a node yet", headers={"Retry-After": "2"})
+        return await self.relay(request, node)
+
+    async def model(self, request: web.Request, work: ServiceWork) -> web.StreamResponse:
+        """The least loaded ready node, the next if it fails."""
+        nodes = (await self.client.snapshot()).ready_nodes()
+        if not nodes:
+            raise error(503, "no node service is ready", headers={"Retry-After": "5"})
+        last: ApiError | None = None
+        for node in nodes[:2]:
+            try:
+                return await self.relay(request, node)
+            except ApiError as e:
+                last = e
+        assert last is not None
+        raise last
+
+    async def relay(self, request: web.Request, node: NodeStatus) -> web.StreamResponse:
+        """The node's answer to the same request, streamed through (MJPEG never ends)."""
+        url = _node_url(node, request.path)
+        if request.query_string:
+            url += "?" + request.query_string
+        headers = self._auth()
+        body = None
+        if request.method in ("POST", "PUT", "PATCH"):
+            body = await request.read()  # kept by aiohttp: a retry on another node sends it
+            headers["Content-Type"] = request.headers.get(
+                "Content-Type", "application/octet-stream"
+            )
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=3.0, sock_read=30.0)
+        try:
+            async with self.http.request(
+                request.method, url, data=body, headers=headers, timeout=timeout
+            ) as up:
+                ctype = up.headers.get("Content-Type", "")
+                if up.status != 200 or not ctype.startswith("multipart/"):
+                    return web.Response(
+                        body=await up.read(), status=up.status, headers=_passed(up.headers)
+                    )
+                resp = web.StreamResponse(status=200, headers=_passed(up.headers))
+                await resp.prepare(request)
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async for chunk in up.content.iter_any():
+                        await resp.write(chunk)
+                return resp  # the node went away: the viewer's stream ends, it reconnects
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise error(
+                503,
+                f"node {node.id} unreachable: {type(e).__name__}",
+                headers={"Retry-After": "2"},
+            ) from None
+
+    # -- the live page ---------------------------------------------------------------------------
+    def page_clients(self) -> int:
+        return len(self.hub.clients)
+
+    async def run_page(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        """Relayed from the nodes that run what the page shows (stream.cluster.gateway_live)."""
+        from segstream.stream.api.live import run_page_client
+
+        await run_page_client(self.hub, GatewayLiveClient(ws, self.cfg.page, self._node_ws))
+
+    async def view(self) -> ClusterView:
+        snap = await self.client.snapshot()
+        streams = await self.list_streams()
+        up = {n.id for n in snap.nodes if n.state == NodeState.UP}
+        owner = {
+            e.id: e.node
+            for e in snap.streams
+            if e.phase == StreamPhase.PLACED and e.node is not None and e.node in up
+        }
+        text = json.dumps(
+            {
+                "type": "status",
+                "ready": streams.ready,
+                "streams": [s.model_dump(mode="json") for s in streams.streams],
+            }
         )
-    if request.app[CONFIG].cluster.direct_viewers and not request.path.endswith("mask.png"):
-        raise web.HTTPTemporaryRedirect(_direct_url(request, node, sid))
-    return await relay(request, node, request.path)
+        return ClusterView(text, owner, frozenset(e.id for e in snap.streams))
+
+    async def _node_ws(self, node_id: str) -> aiohttp.ClientWebSocketResponse:
+        """The node's own /ws, as the gateway (the cluster secret)."""
+        snap = self.client.last or await self.client.snapshot()
+        node = snap.node(node_id)
+        if node is None:
+            raise aiohttp.ClientError(f"node {node_id} is gone")
+        return await asyncio.wait_for(
+            self.http.ws_connect(
+                _node_url(node, "/ws"),
+                headers=self._auth(),
+                max_msg_size=MAX_UPSTREAM_MESSAGE,
+                heartbeat=30.0,
+                autoping=True,
+            ),
+            5.0,
+        )
+
+    # -- system ------------------------------------------------------------------------------
+    async def health(self) -> Health:
+        try:
+            await self.client.snapshot()
+        except ApiError:
+            raise error(503, "the cluster controller does not answer") from None
+        return Health(status="ok", uptime_s=round(time.monotonic() - self.started, 1))
+
+    async def ready(self) -> None:
+        if not (await self.client.snapshot()).ready:
+            raise error(503, "no node service is ready yet")
+
+    async def metrics(self) -> bytes:
+        with contextlib.suppress(ApiError):
+            await self.client.snapshot()
+        return bytes(generate_latest(self.registry))
+
+    async def close(self) -> None:
+        await self.hub.close_all()
+
+    async def close_http(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
 
-def _direct_url(request: web.Request, node: dict[str, Any], sid: str) -> str:
+def _known(snap: ClusterSnapshot, stream_id: str) -> StreamPlacement:
+    entry = snap.stream(stream_id)
+    if entry is None:
+        raise unknown(stream_id)
+    return entry
+
+
+def _status(entry: StreamPlacement, live: dict[str, dict[str, Any]]) -> StreamStatus:
+    st = live.get(entry.id)
+    if entry.phase == StreamPhase.PLACED and st is not None and st.get("node") == entry.node:
+        return StreamStatus.model_validate(st)
+    reason = f"node {entry.node} did not answer" if entry.phase == StreamPhase.PLACED else None
+    return entry.idle_status(reason)
+
+
+def _direct_url(request: web.Request, node: NodeStatus, sid: str) -> str:
     """The same picture on the node itself, signed with the gateway's key for one minute."""
     expires = int(time.time()) + 60
     query = {k: v for k, v in request.query.items() if k not in ("exp", "sig")}
@@ -367,162 +381,21 @@ def _direct_url(request: web.Request, node: dict[str, Any], sid: str) -> str:
     return _node_url(node, request.path) + "?" + urlencode(query)
 
 
-async def to_any_node(request: web.Request) -> web.StreamResponse:
-    """Model facts and predictions: the least loaded ready node, the next if it fails."""
-    snap = await request.app[CLUSTER].snapshot()
-    nodes = sorted(
-        (n for n in snap["nodes"] if n["state"] == "up" and n["ready"]),
-        key=lambda n: (n["load"], n["id"]),
-    )
-    if not nodes:
-        raise error(503, "no node service is ready", headers={"Retry-After": "5"})
-    last: ApiError | None = None
-    for node in nodes[:2]:
-        try:
-            return await relay(request, node, request.path)
-        except ApiError as e:
-            last = e
-    assert last is not None
-    raise last
-
-
-# -- the live page and the mosaic ----------------------------------------------------------------
-async def _cluster_view(app: web.Application) -> ClusterView:
-    snap, streams = await cluster_streams(app)
-    up = {n["id"] for n in snap["nodes"] if n["state"] == "up"}
-    owner = {
-        e["id"]: e["node"] for e in snap["streams"] if e["phase"] == "placed" and e["node"] in up
-    }
-    text = json.dumps(
-        {
-            "type": "status",
-            "ready": streams.ready,
-            "streams": [s.model_dump(mode="json") for s in streams.streams],
-        }
-    )
-    return ClusterView(text, owner, frozenset(e["id"] for e in snap["streams"]))
-
-
-async def _node_ws(app: web.Application, node_id: str) -> aiohttp.ClientWebSocketResponse:
-    """The node's own /ws, as the gateway (the cluster secret)."""
-    snap = app[CLUSTER].last or await app[CLUSTER].snapshot()
-    node = _node(snap, node_id)
-    if node is None:
-        raise aiohttp.ClientError(f"node {node_id} is gone")
-    return await asyncio.wait_for(
-        app[HTTP].ws_connect(
-            _node_url(node, "/ws"),
-            headers=_auth_header(app),
-            max_msg_size=MAX_UPSTREAM_MESSAGE,
-            heartbeat=30.0,
-            autoping=True,
-        ),
-        5.0,
-    )
-
-
-async def live_ws(request: web.Request) -> web.StreamResponse:
-    """The live page's WebSocket, relayed from the nodes that run what the page shows
-    (stream.cluster.gateway_live)."""
-    app = request.app
-    cfg = app[CONFIG].page
-    hub = app[LIVE_HUB]
-    ws = await open_page_socket(request, cfg, len(hub.clients))
-
-    async def connect(node_id: str) -> aiohttp.ClientWebSocketResponse:
-        return await _node_ws(app, node_id)
-
-    await run_page_client(hub, GatewayLiveClient(ws, cfg, connect))
-    return ws
-
-
-async def mosaic(request: web.Request) -> web.StreamResponse:
-    """The owning node's mosaic, relayed, when every stream asked for runs on one node; a
-    mosaic across nodes is not composed at the gateway (501, naming the nodes)."""
-    cfg = request.app[CONFIG].mosaic
-    q = read_query(request, MosaicQuery)
-    if (q.width or cfg.width) > cfg.max_width:
-        raise error(
-            422,
-            f"invalid query: width: at most {cfg.max_width} (mosaic.max_width)",
-            details=[{"loc": "width", "msg": f"at most {cfg.max_width}"}],
-        )
-    snap = await request.app[CLUSTER].snapshot()
-    asked = q.streams is not None and bool(q.streams.strip())
-    if asked:
-        assert q.streams is not None
-        ids = list(dict.fromkeys(x.strip() for x in q.streams.split(",") if x.strip()))
-        if len(ids) > cfg.max_streams:
-            raise error(
-                422,
-                f"invalid query: streams: at most {cfg.max_streams} streams (mosaic.max_streams)",
-                details=[{"loc": "streams", "msg": "too many"}],
-            )
-        known = {e["id"] for e in snap["streams"]}
-        unknown = [x for x in ids if x not in known]
-        if unknown:
-            raise error(404, f"unknown streams {unknown}")
-        entries = [_entry(snap, sid) for sid in ids]
-    else:
-        entries = list(snap["streams"])
-    placed = [e for e in entries if e["phase"] == "placed" and _node(snap, e["node"])]
-    if asked and len(placed) < len(entries):
-        waiting = [e["id"] for e in entries if e not in placed]
-        raise error(
-            503, f"streams {waiting} are not running on a node yet", headers={"Retry-After": "2"}
-        )
-    by_node: dict[str, list[str]] = {}
-    for e in placed:
-        by_node.setdefault(e["node"], []).append(e["id"])
-    if len(by_node) > 1:
-        raise error(
-            501,
-            "a mosaic of streams on several nodes is not composed by the cluster "
-            "gateway: ask for the streams of one node (?streams=...); nodes: "
-            + "; ".join(f"{n}: {','.join(ids)}" for n, ids in sorted(by_node.items())),
-            nodes=by_node,
-        )
-    if not by_node:
-        raise error(503, "no stream is running on a node yet", headers={"Retry-After": "2"})
-    node = _node(snap, next(iter(by_node)))
-    assert node is not None
-    return await relay(request, node, request.path)
-
-
-# -- system ------------------------------------------------------------------------------------
-async def healthz(request: web.Request) -> web.Response:
-    try:
-        await request.app[CLUSTER].snapshot()
-    except ApiError:
-        raise error(503, "the cluster controller does not answer") from None
-    return reply(Health(status="ok", uptime_s=round(time.monotonic() - request.app[STARTED], 1)))
-
-
-async def readyz(request: web.Request) -> web.Response:
-    snap = await request.app[CLUSTER].snapshot()
-    if not any(n["ready"] for n in snap["nodes"]):
-        raise error(503, "no node service is ready yet")
-    return reply(Ready(status="ready"))
-
-
-async def metrics(request: web.Request) -> web.Response:
-    with contextlib.suppress(ApiError):
-        await request.app[CLUSTER].snapshot()
-    return web.Response(
-        body=generate_latest(request.app[REGISTRY]),
-        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-    )
+# -- what only a cluster has ----------------------------------------------------------------------
+def _cluster(request: web.Request) -> ClusterClient:
+    b = backend(request)
+    assert isinstance(b, ClusterBackend), "a cluster endpoint on a single node"
+    return b.client
 
 
 async def nodes(request: web.Request) -> web.Response:
-    snap = await request.app[CLUSTER].snapshot()
-    return reply(NodeList(nodes=[ClusterNode.model_validate(n) for n in snap["nodes"]]))
+    return reply(NodeList(nodes=(await _cluster(request).snapshot()).nodes))
 
 
 async def sd(request: web.Request) -> web.Response:
     """Prometheus http_sd_configs: each node service's metrics listener, labelled `node`."""
-    snap = await request.app[CLUSTER].snapshot()
-    return web.json_response(target_groups(snap["nodes"]))
+    snap = await _cluster(request).snapshot()
+    return web.json_response(target_groups(snap.nodes))
 
 
 class _ClusterCollector:
@@ -532,19 +405,19 @@ class _ClusterCollector:
         self.client = client
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        snap = self.client.last or {"nodes": [], "streams": []}
+        snap = self.client.last or ClusterSnapshot()
         nodes = GaugeMetricFamily(
             "segstream_cluster_nodes", "Node services by state.", labels=["state"]
         )
-        for state in ("starting", "up", "lost"):
-            nodes.add_metric([state], sum(n["state"] == state for n in snap["nodes"]))
+        for state in NodeState:
+            nodes.add_metric([state.value], sum(n.state == state for n in snap.nodes))
         streams = GaugeMetricFamily(
             "segstream_cluster_streams",
             "Streams by placement phase (placed, starting, moving, pending, error).",
             labels=["phase"],
         )
-        for phase in ("placed", "starting", "moving", "pending", "error"):
-            streams.add_metric([phase], sum(s["phase"] == phase for s in snap["streams"]))
+        for phase in StreamPhase:
+            streams.add_metric([phase.value], sum(s.phase == phase for s in snap.streams))
         load = GaugeMetricFamily(
             "segstream_cluster_node_load",
             "Placed cost as a share of the node's capacity.",
@@ -553,18 +426,13 @@ class _ClusterCollector:
         count = GaugeMetricFamily(
             "segstream_cluster_node_streams", "Streams placed on the node.", labels=["node"]
         )
-        for n in snap["nodes"]:
-            load.add_metric([n["id"]], n["load"])
-            count.add_metric([n["id"]], n["streams"])
+        for n in snap.nodes:
+            load.add_metric([n.id], n.load)
+            count.add_metric([n.id], n.streams)
         yield from (nodes, streams, load, count)
 
 
-REGISTRY = web.AppKey("registry", CollectorRegistry)
-STARTED = web.AppKey("started", float)
-LIVE_HUB = web.AppKey("gateway_live_hub", GatewayHub)
-
-_404 = {404: Body(Error, description="Unknown stream.")}
-EXTRA_ENDPOINTS = [
+CLUSTER_ENDPOINTS = [
     Endpoint(
         "GET",
         "/api/nodes",
@@ -583,62 +451,29 @@ EXTRA_ENDPOINTS = [
         responses={200: Body(list[SdGroup])},
     ),
 ]
-HANDLERS = {
-    ("GET", "/api/streams"): list_streams,
-    ("POST", "/api/streams"): create_stream,
-    ("GET", "/api/streams/{id}"): get_stream,
-    ("PATCH", "/api/streams/{id}"): patch_stream,
-    ("DELETE", "/api/streams/{id}"): delete_stream,
-    ("POST", "/api/streams/{id}/share"): share_stream,
-    ("GET", "/streams/{id}/mjpeg"): media,
-    ("GET", "/streams/{id}/snapshot.jpg"): media,
-    ("GET", "/streams/{id}/mask.png"): media,
-    ("GET", "/ws"): live_ws,
-    ("GET", "/mosaic/mjpeg"): mosaic,
-    ("GET", "/api/model"): to_any_node,
-    ("POST", "/model/predict"): to_any_node,
-    ("GET", "/model/labels"): to_any_node,
-    ("GET", "/model/metadata"): to_any_node,
-    ("POST", "/api/predict"): to_any_node,
-    ("GET", "/healthz"): healthz,
-    ("GET", "/readyz"): readyz,
-    ("GET", "/metrics"): metrics,
-}
 
 
 def gateway_endpoints() -> list[Endpoint]:
-    """The single node's endpoints (same paths, roles, documentation) with the gateway's
-    handlers, and the cluster's own."""
-    return [
-        replace(ep, handler=HANDLERS.get((ep.method, ep.path), ep.handler)) for ep in ENDPOINTS
-    ] + EXTRA_ENDPOINTS
+    """The single node's endpoints, the very same (handlers on the ClusterBackend), and the
+    cluster's own."""
+    return [*ENDPOINTS, *CLUSTER_ENDPOINTS]
 
 
 def make_gateway_app(
     cfg: AppConfig, client: ClusterClient, auth: Authenticator | None = None
 ) -> web.Application:
-    doc = openapi(
-        [*ENDPOINTS, *EXTRA_ENDPOINTS], title="segstream (cluster gateway)", version=VERSION
-    )
-    app = base_app(cfg, gateway_endpoints(), doc, auth)
-    app[CLUSTER] = client
-    app[STARTED] = time.monotonic()
-    registry = app[REGISTRY] = CollectorRegistry(auto_describe=False)
-    registry.register(_ClusterCollector(client))
-    app[LIVE_HUB] = GatewayHub(cfg.page, lambda: _cluster_view(app))
-    app.on_shutdown.append(_end_pages)
+    endpoints = gateway_endpoints()
+    doc = openapi(endpoints, title="segstream (cluster gateway)", version=VERSION)
+    app = base_app(cfg, ClusterBackend(cfg, client), endpoints, doc, auth)
     app.cleanup_ctx.append(_http_ctx)
     return app
 
 
-async def _end_pages(app: web.Application) -> None:
-    await app[LIVE_HUB].close_all()
-
-
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[HTTP] = aiohttp.ClientSession(auto_decompress=False)
+    b = app[BACKEND]
+    assert isinstance(b, ClusterBackend)
     yield
-    await app[HTTP].close()
+    await b.close_http()
 
 
 # -- serve --cluster ---------------------------------------------------------------------------

@@ -9,21 +9,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from segstream.stream.datatypes import NodeState
+from segstream.stream.schemas import NodeStatus
 
-def target_groups(nodes: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`nodes`: the controller's node records (id, host, metrics_port, state). Lost nodes are
-    left out: Prometheus drops their targets, and their series go stale."""
+
+def target_groups(nodes: Iterable[NodeStatus]) -> list[dict[str, Any]]:
+    """`nodes`: the controller's node records. Lost nodes are left out: Prometheus drops
+    their targets, and their series go stale."""
     out = []
-    for n in sorted(nodes, key=lambda n: n["id"]):
-        if n.get("state") != "up" or not n.get("metrics_port"):
+    for n in sorted(nodes, key=lambda n: n.id):
+        if n.state != NodeState.UP or not n.metrics_port:
             continue
-        host = n["host"]
-        if ":" in host:  # IPv6
-            host = f"[{host}]"
+        host = f"[{n.host}]" if ":" in n.host else n.host  # IPv6
         out.append(
-            {
-                "targets": [f"{host}:{n['metrics_port']}"],
-                "labels": {"node": n["id"], "node_ip": n["host"]},
-            }
+            {"targets": [f"{host}:{n.metrics_port}"], "labels": {"node": n.id, "node_ip": n.host}}
         )
     return out
