@@ -25,6 +25,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from api_suite import (  # noqa: F401  (the shared API tests, against the gateway here)
+    ApiTarget,
+    test_bad_streams_are_refused_naming_the_key,
+    test_openapi_shows_the_states,
+    test_pictures_and_a_share_url,
+    test_predict_and_model_facts,
+    test_stream_crud_and_its_error_bodies,
+    test_streams_past_max_streams_are_refused,
+)
 from peers import free_port, stop_process, wait_http
 from PIL import Image
 from service_proc import colour_pixels, decode, read_part
@@ -50,6 +59,7 @@ NAMESPACE = "segstream-test"
 PERSON_RGB = (192, 128, 128)  # Pascal VOC palette, class 15
 SLOTS = 1.0  # one core per worker node
 MiB = 2**20
+MAX_STREAMS = 6
 SIGNING_KEY = b"k" * 32  # the gateway's key for sessions and signed URLs (nodes share it)
 
 
@@ -167,7 +177,7 @@ def gateway(
     cfg = AppConfig.model_validate(
         {
             "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
-            "sources": {"allow_local": [str(clip.parent)]},
+            "sources": {"allow_local": [str(clip.parent)], "max_streams": MAX_STREAMS},
             "render": {"alpha": 1.0, "classes": ["person"]},
             "cluster": {"namespace": NAMESPACE, "lost_after_s": 3.0},
             "streams": [],
@@ -177,6 +187,12 @@ def gateway(
     gw.start()
     yield gw
     gw.stop()
+
+
+@pytest.fixture(scope="module")
+def target(gateway: Gateway, clip: Path) -> ApiTarget:
+    """The shared API suite's view of the gateway."""
+    return ApiTarget(f"http://127.0.0.1:{gateway.port}", str(clip), MAX_STREAMS)
 
 
 def wait_until(pred: Any, timeout: float, step: float = 0.25) -> Any:
