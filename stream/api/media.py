@@ -130,6 +130,7 @@ ENDPOINTS = [
                 description="An endless stream of JPEG parts.",
             ),
             404: Body(Error, description="Unknown stream."),
+            503: Body(Error, description="Cluster: not running on a node yet (state, reason)."),
         },
     ),
     Endpoint(
