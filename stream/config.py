@@ -45,7 +45,7 @@ class ServerConfig(_Strict):
     state_file: str | None = Field(
         None,
         description="Where the stream set is kept across restarts; null = "
-        '$SEGSTREAM_HOME/state/<config name>.json; "" = not kept.',
+        '$SEGSTREAM_HOME/state/<config name>-<path hash>.json; "" = not kept.',
     )
 
 
