@@ -127,7 +127,8 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
         "--state",
         metavar="PATH",
         help="state file keeping the stream set across "
-        "restarts (default: $SEGSTREAM_HOME/state/<config name>-<path hash>.json, one per config file; 'none': not kept)",
+        "restarts (default: $SEGSTREAM_HOME/state/<config name>-<path hash>.json, one per "
+        "config file; 'none': not kept)",
     )
     p.add_argument(
         "--cluster",
