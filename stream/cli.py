@@ -55,6 +55,9 @@ def _serve(args: argparse.Namespace) -> int:
     if not cfg.streams:
         logging.warning("no streams configured: add --source URL or a streams: list")
     state = state_path(args, cfg.server.state_file)
+    logging.info(
+        "stream set kept in %s", state if state else "no state file (--state none): not kept"
+    )
     if args.cluster:
         from segstream.stream.cluster.gateway import serve_cluster
 
@@ -64,19 +67,44 @@ def _serve(args: argparse.Namespace) -> int:
 
 def state_path(args: argparse.Namespace, configured: str | None) -> Path | None:
     """--state, else the config's server.state_file, else one file per config under
-    $SEGSTREAM_HOME/state ("" or "none": no state kept)."""
+    $SEGSTREAM_HOME/state ("" or "none": no state kept). The default is keyed by the config's
+    resolved path, not its name: two folders' `config.yaml` must not share one stream set."""
     from segstream.models.fetch import home
 
     chosen = args.state if args.state is not None else configured
     if chosen is not None:
         return None if chosen in ("", "none") else Path(chosen)
+    folder = home() / "state"
     if args.config:
-        name = Path(args.config).stem
-    elif args.source:
-        name = "sources-" + hashlib.sha256("\n".join(args.source).encode()).hexdigest()[:10]
-    else:
-        name = "default"
-    return home() / "state" / f"{name}.json"
+        resolved = Path(args.config).resolve()
+        key = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+        path = folder / f"{resolved.stem}-{key}.json"
+        _adopt_legacy(folder / f"{resolved.stem}.json", path, resolved)
+        return path
+    if args.source:
+        return folder / (
+            "sources-" + hashlib.sha256("\n".join(args.source).encode()).hexdigest()[:10] + ".json"
+        )
+    return folder / "default.json"
+
+
+def _adopt_legacy(legacy: Path, path: Path, config: Path) -> None:
+    """Versions before 0.2 named the file after the config's name alone. The first config of
+    that name to start takes the old file over (moved, so a second one with the same name
+    seeds from its own config instead of sharing it); the log says so."""
+    if path.exists() or not legacy.is_file():
+        return
+    try:
+        legacy.rename(path)
+    except OSError as e:
+        logging.warning("could not take over the old state file %s: %s", legacy, e)
+        return
+    logging.warning(
+        "state file %s (named after the config's name only) moved to %s, now kept for %s alone",
+        legacy,
+        path,
+        config,
+    )
 
 
 def _register_serve(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +127,8 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
         "--state",
         metavar="PATH",
         help="state file keeping the stream set across "
-        "restarts (default: $SEGSTREAM_HOME/state/<config>.json; 'none': not kept)",
+        "restarts (default: $SEGSTREAM_HOME/state/<config name>-<path hash>.json, one per "
+        "config file; 'none': not kept)",
     )
     p.add_argument(
         "--cluster",

@@ -45,7 +45,25 @@ class ServerConfig(_Strict):
     state_file: str | None = Field(
         None,
         description="Where the stream set is kept across restarts; null = "
-        '$SEGSTREAM_HOME/state/<config name>.json; "" = not kept.',
+        '$SEGSTREAM_HOME/state/<config name>-<path hash>.json; "" = not kept.',
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description="A connection whose first request headers are not complete within this "
+        "time gets 408 and is closed (0 = no limit).",
+    )
+    keepalive_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="An idle kept-alive connection, or one whose next request is not complete, "
+        "is closed after this time.",
+    )
+    max_connections_per_client: int = Field(
+        256,
+        ge=0,
+        description="Open connections one client address may hold; more get 503 and are closed "
+        "at once (0 = no limit). A browser holds one per MJPEG <img> plus a few.",
     )
 
 

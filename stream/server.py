@@ -5,15 +5,20 @@ declaring its endpoints once (route, role, models) for routing, auth and /openap
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import functools
+import hashlib
 import ipaddress
 import logging
+import re
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from segstream import __version__
 from segstream.models.fetch import home
@@ -32,6 +37,7 @@ from segstream.stream.api.spec import (
 )
 from segstream.stream.auth import Authenticator, LoginThrottle, Principal
 from segstream.stream.config import AppConfig, ConfigError
+from segstream.stream.connections import ConnectionGuard, GuardedSite
 from segstream.stream.sanitize import sanitize_text
 from segstream.stream.service import Service
 from segstream.stream.store import StreamStore
@@ -133,6 +139,29 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
     response.headers.setdefault("Referrer-Policy", "no-referrer")  # signed URLs stay put
     if response.content_type == "text/html":
         response.headers.setdefault("X-Frame-Options", "DENY")
+        body = response.body if isinstance(response, web.Response) else None
+        if isinstance(body, bytes):
+            response.headers.setdefault("Content-Security-Policy", content_security_policy(body))
+
+
+_INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", re.S)
+
+
+@functools.lru_cache(maxsize=16)
+def content_security_policy(html: bytes) -> str:
+    """A strict policy for one of the service's pages: everything from this origin, no other
+    host, no inline script but the page's own (allowed by hash, so an injected one never runs),
+    no plugins, no framing. Inline styles stay allowed: the page sets colour swatches by
+    style attribute, which cannot run code."""
+    hashes = "".join(
+        f" 'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+        for script in _INLINE_SCRIPT.findall(html)
+    )
+    return (
+        f"default-src 'none'; script-src 'self'{hashes}; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' blob: data:; connect-src 'self'; font-src 'self'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
 
 
 # -- the application --------------------------------------------------------------------------
@@ -216,6 +245,23 @@ def metrics_app(service: Service) -> web.Application:
 
 
 # -- serve ------------------------------------------------------------------------------------
+def main_runner(app: web.Application, cfg: AppConfig) -> web.AppRunner:
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=cfg.server.shutdown_timeout,
+        access_log=None,
+        keepalive_timeout=cfg.server.keepalive_timeout_s,
+    )
+
+
+def connection_guard(cfg: AppConfig, registry: CollectorRegistry | None) -> ConnectionGuard:
+    """One guard for every listener of a process: the per-client cap counts them together."""
+    return ConnectionGuard(
+        cfg.server.header_timeout_s, cfg.server.max_connections_per_client, registry
+    )
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -265,11 +311,8 @@ async def serve(cfg: AppConfig, state_file: Path | None = None) -> int:
     service = Service(cfg)
     app = make_app(service, auth=auth, store=store)
     stop = app[STOP]
-    runners = [
-        web.AppRunner(
-            app, handle_signals=False, shutdown_timeout=cfg.server.shutdown_timeout, access_log=None
-        )
-    ]
+    guard = connection_guard(cfg, service.metrics.registry if service.metrics else None)
+    runners = [main_runner(app, cfg)]
     sites = [(runners[0], cfg.server.host, cfg.server.port)]
     if cfg.metrics.listen:
         m_host, _, m_port = cfg.metrics.listen.rpartition(":")
@@ -278,7 +321,7 @@ async def serve(cfg: AppConfig, state_file: Path | None = None) -> int:
     for r in runners:
         await r.setup()
     for r, host, port in sites:
-        await web.TCPSite(r, host, port).start()
+        await GuardedSite(r, host, port, guard).start()
         log.info("listening on http://%s:%d/", host, port)
     log.info("authentication: %s", "tokens" if auth.enabled else "none (loopback only)")
     loop = asyncio.get_running_loop()

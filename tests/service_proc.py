@@ -32,13 +32,15 @@ class ServiceProcess:
         token: str | None = None,
         state: Path | None = None,
         env: dict[str, str] | None = None,
+        config_path: Path | None = None,
     ) -> None:
+        """`state=None` with `config_path` given: no --state flag, the default state file."""
         self.port = free_port()
         config = {**config, "server": {**config.get("server", {}), "port": self.port}}
-        self.config_path = workdir / f"service-{self.port}.yaml"
+        self.config_path = config_path or workdir / f"service-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"service-{self.port}.log"
-        self.state = state or workdir / f"state-{self.port}.json"
+        self.state = state if state or config_path else workdir / f"state-{self.port}.json"
         self.token = token  # sent as a bearer token with every request
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
@@ -55,8 +57,7 @@ class ServiceProcess:
                     "serve",
                     "--config",
                     str(self.config_path),
-                    "--state",
-                    str(self.state),
+                    *(["--state", str(self.state)] if self.state else []),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -41,10 +41,19 @@ from segstream.stream.cluster.gateway_live import (
 from segstream.stream.cluster.sd import target_groups
 from segstream.stream.cluster.snapshot import ChangeResult, ClusterSnapshot, StreamPlacement
 from segstream.stream.config import AppConfig, StreamConfig
+from segstream.stream.connections import GuardedSite
 from segstream.stream.control import Refused
 from segstream.stream.datatypes import NodeState, StreamPhase
 from segstream.stream.schemas import Health, NodeList, NodeStatus, SdGroup, StreamList, StreamStatus
-from segstream.stream.server import ENDPOINTS, VERSION, base_app, is_loopback, tokens_dir
+from segstream.stream.server import (
+    ENDPOINTS,
+    VERSION,
+    base_app,
+    connection_guard,
+    is_loopback,
+    main_runner,
+    tokens_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -502,11 +511,12 @@ async def serve_cluster(cfg: AppConfig, address: str, state_file: Path | None) -
     )
     info = await asyncio.wrap_future(handle.info.remote().future())
     app = make_gateway_app(cfg, ClusterClient(handle, info["secret"]), auth)
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=cfg.server.shutdown_timeout
-    )
+    runner = main_runner(app, cfg)
     await runner.setup()
-    await web.TCPSite(runner, cfg.server.host, cfg.server.port).start()
+    gateway = app[BACKEND]
+    assert isinstance(gateway, ClusterBackend)
+    guard = connection_guard(cfg, gateway.registry)
+    await GuardedSite(runner, cfg.server.host, cfg.server.port, guard).start()
     log.info(
         "cluster gateway on http://%s:%d/ (Ray %s, namespace %s)",
         cfg.server.host,

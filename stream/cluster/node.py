@@ -24,7 +24,8 @@ from aiohttp import web
 
 from segstream.stream.auth import Authenticator, TokenStore
 from segstream.stream.config import AppConfig, ConfigError, StreamConfig
-from segstream.stream.server import make_app, metrics_app
+from segstream.stream.connections import ConnectionGuard, GuardedSite
+from segstream.stream.server import main_runner, make_app, metrics_app
 from segstream.stream.service import Service
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,15 @@ class NodeService:
             env_token=cluster_secret,
         )
         app = make_app(service, auth=auth, store=None)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.server.shutdown_timeout)
+        runner = main_runner(app, cfg)
         mrunner = web.AppRunner(metrics_app(service), access_log=None)
+        # Header timeout, but no per-client cap: the gateway is one client for all its viewers.
+        registry = service.metrics.registry if service.metrics else None
+        guard = ConnectionGuard(cfg.server.header_timeout_s, 0, registry)
         ports = []
         for r, port in ((runner, cfg.cluster.node_port), (mrunner, cfg.cluster.metrics_port)):
             await r.setup()
-            site = web.TCPSite(r, host, port)
+            site = GuardedSite(r, host, port, guard)
             await site.start()
             self._runners.append(r)
             ports.append(r.addresses[0][1])
