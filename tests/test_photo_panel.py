@@ -1,0 +1,327 @@
+"""The page's "Try a photo" panel in real Chromium, as a viewer, under a strict
+Content-Security-Policy: a photo of people through the file input is drawn with the overlay
+(person pixels changed, background untouched), its classes listed with the shares of
+`/api/predict`'s mask; a text file and a 16000x16000 PNG are refused in words, and the panel
+works again after them."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import re
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import peers
+from peers import CdpPage, Chromium
+from PIL import Image
+from service_proc import ServiceProcess
+from waiting import until
+
+from segstream.stream.auth import TokenStore
+
+pytestmark = pytest.mark.e2e
+
+PERSON = 15  # Pascal VOC
+PANEL = "document.querySelector('[data-predict]')"
+CANVAS = "document.querySelector('[data-predict-result]')"
+
+
+@pytest.fixture(scope="module")
+def viewer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    auth = tmp_path_factory.mktemp("auth")
+    return auth, TokenStore(auth / "tokens.json").add("watcher", "viewer")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, segstream_home: Path, viewer: tuple[Path, str]):
+    auth, token = viewer
+    cfg = {
+        "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
+        "auth": {"tokens_dir": str(auth)},
+        "streams": [],
+    }
+    svc = ServiceProcess(tmp_path_factory.mktemp("photo"), cfg, token=token).start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def chrome(tmp_path_factory):
+    # The page under test is handed over by DevTools (to add its CSP): Chromium counts such a
+    # page as public, and its Local Network Access checks would block the page's WebSocket to
+    # loopback. A page served by the service itself is loopback and needs no such flag.
+    with pytest.MonkeyPatch.context() as mp:
+        flags = [*peers.CHROMIUM_FLAGS, "--disable-features=LocalNetworkAccessChecks"]
+        mp.setattr(peers, "CHROMIUM_FLAGS", flags)
+        c = Chromium(tmp_path_factory.mktemp("chrome"))
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, shared_dir: Path) -> dict[str, Path]:
+    """People walking (a crop of a vtest.avi frame, 7 % person; PNG: lossless, so the
+    browser's pixels are the file's), the same
+    frame as a JPEG stored turned with an EXIF orientation, a text file and a PNG of 16000x16000
+    pixels (31 kB)."""
+    d = tmp_path_factory.mktemp("photos")
+    cap = cv2.VideoCapture(str(shared_dir / "data/video/vtest.avi"))
+    for _ in range(601):
+        ok, frame = cap.read()
+        assert ok
+    cap.release()
+    frame = np.ascontiguousarray(frame[216:576, 288:768])
+    cv2.imwrite(str(d / "people.png"), frame)
+    # Orientation 6: the camera was turned; the viewer turns the stored pixels 90 deg clockwise.
+    stored = Image.fromarray(frame[..., ::-1]).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(d / "turned.jpg", quality=95, exif=exif)
+    (d / "notes.txt").write_text("not a photo at all\n")
+    Image.new("L", (16000, 16000)).save(d / "huge.png", optimize=True)
+    return {p.stem: p for p in d.iterdir()}
+
+
+def predict_mask(service: ServiceProcess, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The class ids and the RGB palette of /api/predict's palette PNG for the file."""
+    boundary = uuid.uuid4().hex
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"'
+        "\r\nContent-Type: application/octet-stream\r\n\r\n"
+    ).encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(
+        service.base + "/api/predict?format=png",
+        data=body,
+        headers={
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Authorization": f"Bearer {service.token}",
+        },
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        png = Image.open(io.BytesIO(r.read()))
+    palette = png.getpalette()
+    assert png.mode == "P" and palette is not None
+    return np.asarray(png), np.array(palette, np.float64).reshape(-1, 3)
+
+
+def csp_for(html: bytes) -> str:
+    """The policy the page must live with: inline scripts by hash only, nothing from outside."""
+    hashes = [
+        "'sha256-" + base64.b64encode(hashlib.sha256(s).digest()).decode() + "'"
+        for s in re.findall(rb"<script>(.*?)</script>", html, re.S)
+    ]
+    return (
+        f"script-src {' '.join(hashes)}; img-src 'self' blob: data:; connect-src 'self'; "
+        "object-src 'none'; base-uri 'none'"
+    )
+
+
+async def open_under_csp(page: CdpPage, url: str) -> None:
+    """Navigates to url with a Content-Security-Policy header added to the page's response."""
+    await page.call(
+        "Page.addScriptToEvaluateOnNewDocument",
+        {
+            "source": "window.cspViolations = []; document.addEventListener("
+            "'securitypolicyviolation', e => window.cspViolations.push("
+            "e.violatedDirective + ' ' + e.blockedURI));"
+        },
+    )
+    await page.call("Fetch.enable", {"patterns": [{"urlPattern": url, "requestStage": "Response"}]})
+    await page.ws.send_json({"id": 1, "method": "Page.navigate", "params": {"url": url}})
+    while True:  # the navigation's own answer comes after the response is let through
+        msg = await page.ws.receive_json(timeout=30)
+        if msg.get("method") == "Fetch.requestPaused":
+            break
+    paused = msg["params"]
+    got = await page.call("Fetch.getResponseBody", {"requestId": paused["requestId"]})
+    html = base64.b64decode(got["body"]) if got["base64Encoded"] else got["body"].encode()
+    headers = [*paused["responseHeaders"], {"name": "Content-Security-Policy", "value": csp_for(html)}]
+    await page.call(
+        "Fetch.fulfillRequest",
+        {
+            "requestId": paused["requestId"],
+            "responseCode": paused["responseStatusCode"],
+            "responseHeaders": headers,
+            "body": base64.b64encode(html).decode(),
+        },
+    )
+    await page.call("Fetch.disable")
+
+
+async def upload(page: CdpPage, path: Path) -> dict[str, Any]:
+    """Puts the file into the panel's file input; the panel's state and texts once it has
+    answered."""
+    await page.eval(f"{PANEL}.dataset.state = 'test', true")
+    found = await page.call(
+        "Runtime.evaluate", {"expression": f"{PANEL}.querySelector('input[type=file]')"}
+    )
+    await page.call(
+        "DOM.setFileInputFiles", {"files": [str(path)], "objectId": found["result"]["objectId"]}
+    )
+    state = await page.wait_for(
+        f"['done', 'error'].includes({PANEL}.dataset.state) && {PANEL}.dataset.state", 60
+    )
+    texts = await page.eval(
+        f"JSON.stringify({{status: {PANEL}.querySelector('[data-predict-status]').textContent, "
+        f"classes: document.querySelector('[data-predict-classes]').textContent, "
+        f"shown: !{PANEL}.querySelector('.photo-out').hidden, "
+        f"size: [{CANVAS}.width, {CANVAS}.height]}})"
+    )
+    return {"state": state, **json.loads(texts)}
+
+
+async def canvas_pixels(page: CdpPage) -> np.ndarray:
+    url = await page.eval(f"{CANVAS}.toDataURL('image/png')")
+    png = base64.b64decode(url.split(",", 1)[1])
+    return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+
+
+async def draw_as(page: CdpPage, mode: str, classes: list[str]) -> np.ndarray:
+    """The canvas after a person sets the drawing and ticks these classes in the list."""
+    await page.eval(f"""(() => {{
+        const f = {PANEL}.querySelector('.photo-controls');
+        f.elements.mode.value = {json.dumps(mode)};
+        f.dispatchEvent(new Event('input'));
+        for (const row of document.querySelectorAll('[data-predict-classes] label')) {{
+            const box = row.querySelector('input');
+            if (box.checked !== {json.dumps(classes)}.includes(row.dataset.class)) box.click();
+        }}
+        return true; }})()""")
+    return await canvas_pixels(page)
+
+
+def share(classes_text: str, name: str) -> float:
+    m = re.search(rf"{name} (\d+\.\d) %", classes_text)
+    assert m, classes_text
+    return float(m.group(1))
+
+
+def check_overlay(
+    shot: np.ndarray, photo: np.ndarray, ids: np.ndarray, coloured: set[int], palette: np.ndarray
+) -> None:
+    """Alpha 0.5: pixels of a coloured class are half its colour, half the photo (all of them
+    changed); every other pixel is exactly the photo's."""
+    assert shot.shape == photo.shape, (shot.shape, photo.shape)
+    plain = ~np.isin(ids, list(coloured))
+    assert (shot[plain] == photo[plain]).all(), int((shot[plain] != photo[plain]).any(axis=1).sum())
+    for c in coloured:
+        where = ids == c
+        assert where.any(), c
+        changed = (shot[where] != photo[where]).any(axis=1).mean()
+        assert changed > 0.99, (c, changed)
+        want = 0.5 * photo[where].astype(np.float64) + 0.5 * palette[c][::-1]
+        assert np.abs(shot[where] - want).max() <= 2, (c, np.abs(shot[where] - want).max())
+
+
+def test_try_a_photo(
+    service: ServiceProcess, chrome: Chromium, photos: dict[str, Path], tmp_path: Path
+) -> None:
+    photo = cv2.imread(str(photos["people"]), cv2.IMREAD_COLOR)
+    ids, palette = predict_mask(service, photos["people"])
+    assert ids.shape == photo.shape[:2]
+    found = {int(c) for c in np.unique(ids)} - {0}
+    assert PERSON in found and len(found) >= 2, found  # people and something else
+    person_pct = 100 * float((ids == PERSON).mean())
+    assert person_pct > 5, person_pct
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+
+    async def run() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with chrome.page() as page:
+            # A viewer's session, as the login page makes it: the token for a cookie.
+            await page.goto(service.base + "/login", 0.2)
+            await page.wait_for("document.readyState === 'complete'")
+            login = await page.eval(
+                "fetch('/api/login', {method: 'POST', headers: {'Content-Type': "
+                f"'application/json'}}, body: JSON.stringify({{token: '{service.token}'}})}})"
+                ".then(r => r.status)"
+            )
+            assert login == 200, login
+            await page.call(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+            )
+            await open_under_csp(page, service.base + "/")
+            await page.wait_for("document.getElementById('who').textContent.includes('viewer')")
+            await page.wait_for("window.segstream.opened === 1")  # the live WebSocket too
+            # The policy holds: an inline script without its hash does not run.
+            seen["probe"] = await page.eval(
+                "(() => { const s = document.createElement('script');"
+                "s.textContent = 'window.probe = 1'; document.head.append(s);"
+                "return window.probe === undefined; })()"
+            )
+            await page.wait_for("window.cspViolations.length === 1")
+            await page.eval("window.cspViolations.length = 0")
+            await page.eval(f"{PANEL}.querySelector('summary').click(), true")
+            seen["open"] = await page.eval(f"{PANEL}.open")
+            seen["first"] = await upload(page, photos["people"])
+            seen["overlay"] = await canvas_pixels(page)
+            # The downloads, as a person gets them: a click on each link.
+            await page.call(
+                "Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+            )
+            for link in ("photo-mask", "photo-annotated"):
+                await page.eval(f"{PANEL}.querySelector('.{link}').click(), true")
+            names = {"people-mask.png", "people-segmented.png"}
+            await until(lambda: names <= {p.name for p in downloads.iterdir()}, 20)
+            seen["person only"] = await draw_as(page, "overlay", ["person"])
+            seen["mask"] = await draw_as(page, "mask", [])
+            seen["off"] = await draw_as(page, "off", [])
+            await draw_as(page, "overlay", [])
+            seen["text"] = await upload(page, photos["notes"])
+            seen["huge"] = await upload(page, photos["huge"])
+            seen["again"] = await upload(page, photos["people"])
+            seen["again_pixels"] = await canvas_pixels(page)
+            await page.eval(f"{PANEL}.scrollIntoView(), true")
+            seen["screenshot"] = await page.screenshot()
+            seen["turned"] = await upload(page, photos["turned"])
+            seen["violations"] = await page.eval("window.cspViolations")
+            seen["who"] = await page.eval("document.body.classList.contains('admin')")
+        return seen
+
+    seen = asyncio.run(run())
+    cv2.imwrite(str(tmp_path / "photo-panel.png"), seen["screenshot"])
+    print("screenshot:", tmp_path / "photo-panel.png")
+    print({k: v for k, v in seen.items() if isinstance(v, dict)})
+    assert seen["probe"] is True and seen["violations"] == [], seen["violations"]
+    assert seen["who"] is False and seen["open"] is True  # a viewer, not an admin
+
+    first = seen["first"]
+    assert first["state"] == "done" and first["shown"], first
+    assert first["size"] == [photo.shape[1], photo.shape[0]], first
+    assert abs(share(first["classes"], "person") - person_pct) <= 0.5, (first, person_pct)
+    check_overlay(seen["overlay"], photo, ids, found, palette)
+    check_overlay(seen["person only"], photo, ids, {PERSON}, palette)
+    assert (seen["off"] == photo).all()  # drawing off: the photo itself
+    mask_only = np.where(ids[..., None] == 0, 0, palette[ids][..., ::-1])
+    assert (seen["mask"] == mask_only).all()  # mask only: the colours on black
+    linked = Image.open(downloads / "people-mask.png")
+    assert linked.mode == "P" and (np.asarray(linked) == ids).all()  # the class mask
+    annotated = cv2.imread(str(downloads / "people-segmented.png"), cv2.IMREAD_COLOR)
+    assert (annotated == seen["overlay"]).all()  # the picture as drawn
+
+    text, huge = seen["text"], seen["huge"]
+    assert text["state"] == "error" and not text["shown"], text
+    assert text["status"].startswith("That file is not a picture the service can read"), text
+    assert huge["state"] == "error" and not huge["shown"], huge
+    assert huge["status"].startswith("This photo is too large"), huge
+    assert "pixels" in huge["status"], huge
+
+    again = seen["again"]
+    assert again["state"] == "done" and again["shown"], again
+    assert abs(share(again["classes"], "person") - person_pct) <= 0.5, again
+    check_overlay(seen["again_pixels"], photo, ids, found, palette)
+
+    turned = seen["turned"]  # sent upright: the picture as its camera meant it
+    assert turned["state"] == "done" and turned["size"] == [photo.shape[1], photo.shape[0]], turned
+    assert abs(share(turned["classes"], "person") - person_pct) <= 1.5, (turned, person_pct)
