@@ -12,16 +12,18 @@ import hashlib
 import io
 import json
 import re
+import threading
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-import pytest
 import peers
-from peers import CdpPage, Chromium
+import pytest
+from peers import CdpPage, Chromium, free_port
 from PIL import Image
 from service_proc import ServiceProcess
 from waiting import until
@@ -31,6 +33,8 @@ from segstream.stream.auth import TokenStore
 pytestmark = pytest.mark.e2e
 
 PERSON = 15  # Pascal VOC
+NODE_SECRET = "cluster-" + uuid.uuid4().hex
+MAX_BYTES = 1_000_000  # the people PNG is ~0.3 MB, the noise one ~1.7 MB
 PANEL = "document.querySelector('[data-predict]')"
 CANVAS = "document.querySelector('[data-predict-result]')"
 
@@ -47,11 +51,55 @@ def service(tmp_path_factory, segstream_home: Path, viewer: tuple[Path, str]):
     cfg = {
         "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
         "auth": {"tokens_dir": str(auth)},
+        "predict": {"max_bytes": MAX_BYTES},
         "streams": [],
     }
-    svc = ServiceProcess(tmp_path_factory.mktemp("photo"), cfg, token=token).start()
+    env = {"SEGSTREAM_ADMIN_TOKEN": NODE_SECRET}  # how a gateway's requests get in
+    svc = ServiceProcess(tmp_path_factory.mktemp("photo"), cfg, token=token, env=env).start()
     yield svc
     svc.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(service: ServiceProcess, viewer: tuple[Path, str]) -> Iterator[str]:
+    """The cluster gateway (in a thread of this process) in front of the service as its one
+    node, the controller's snapshot fixed (as in test_cluster.py): the page and /api/predict as
+    the gateway serves and relays them."""
+    from aiohttp import web
+
+    from segstream.stream.auth import Authenticator
+    from segstream.stream.cluster.gateway import ClusterClient, make_gateway_app
+    from segstream.stream.config import AppConfig
+
+    node = {"id": "node1", "ray_id": "r1", "host": "127.0.0.1", "port": service.port}
+    node |= {"metrics_port": 1, "slots": 1.0, "load": 0.0, "streams": 0}
+    snap = {"version": 1, "nodes": [node | {"state": "up", "ready": True, "error": None}]}
+    snap["streams"] = []
+
+    class Fixed(ClusterClient):
+        async def snapshot(self, fresh: bool = False) -> dict[str, Any]:
+            return snap
+
+    cfg = AppConfig.model_validate(
+        {"model": {"name": "mnv2-voc"}, "predict": {"max_bytes": MAX_BYTES}, "streams": []}
+    )
+    auth = Authenticator.from_home(viewer[0], env={})
+    port, loop = free_port(), asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> web.AppRunner:
+        runner = web.AppRunner(make_gateway_app(cfg, Fixed(None, NODE_SECRET), auth))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    yield f"http://127.0.0.1:{port}"
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +119,8 @@ def chrome(tmp_path_factory):
 def photos(tmp_path_factory, shared_dir: Path) -> dict[str, Path]:
     """People walking (a crop of a vtest.avi frame, 7 % person; PNG: lossless, so the
     browser's pixels are the file's), the same
-    frame as a JPEG stored turned with an EXIF orientation, a text file and a PNG of 16000x16000
-    pixels (31 kB)."""
+    frame as a JPEG stored turned with an EXIF orientation, a text file, a PNG of 16000x16000
+    pixels (31 kB) and one of more bytes than the service takes."""
     d = tmp_path_factory.mktemp("photos")
     cap = cv2.VideoCapture(str(shared_dir / "data/video/vtest.avi"))
     for _ in range(601):
@@ -87,6 +135,9 @@ def photos(tmp_path_factory, shared_dir: Path) -> dict[str, Path]:
     exif[0x0112] = 6
     stored.save(d / "turned.jpg", quality=95, exif=exif)
     (d / "notes.txt").write_text("not a photo at all\n")
+    noise = np.random.default_rng(0).integers(0, 256, (1200, 1200, 3), np.uint8)
+    cv2.imwrite(str(d / "noise.png"), noise)
+    assert (d / "noise.png").stat().st_size > MAX_BYTES
     Image.new("L", (16000, 16000)).save(d / "huge.png", optimize=True)
     return {p.stem: p for p in d.iterdir()}
 
@@ -95,9 +146,13 @@ def predict_mask(service: ServiceProcess, path: Path) -> tuple[np.ndarray, np.nd
     """The class ids and the RGB palette of /api/predict's palette PNG for the file."""
     boundary = uuid.uuid4().hex
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"'
-        "\r\nContent-Type: application/octet-stream\r\n\r\n"
-    ).encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"'
+            "\r\nContent-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     req = urllib.request.Request(
         service.base + "/api/predict?format=png",
         data=body,
@@ -144,7 +199,10 @@ async def open_under_csp(page: CdpPage, url: str) -> None:
     paused = msg["params"]
     got = await page.call("Fetch.getResponseBody", {"requestId": paused["requestId"]})
     html = base64.b64decode(got["body"]) if got["base64Encoded"] else got["body"].encode()
-    headers = [*paused["responseHeaders"], {"name": "Content-Security-Policy", "value": csp_for(html)}]
+    headers = [
+        *paused["responseHeaders"],
+        {"name": "Content-Security-Policy", "value": csp_for(html)},
+    ]
     await page.call(
         "Fetch.fulfillRequest",
         {
@@ -155,6 +213,17 @@ async def open_under_csp(page: CdpPage, url: str) -> None:
         },
     )
     await page.call("Fetch.disable")
+
+
+async def login(page: CdpPage, base: str, token: str | None) -> None:
+    """A viewer's session, as the login page makes it: the token for a cookie."""
+    await page.goto(base + "/login", 0.2)
+    await page.wait_for("document.readyState === 'complete'")
+    status = await page.eval(
+        "fetch('/api/login', {method: 'POST', headers: {'Content-Type': 'application/json'}, "
+        f"body: JSON.stringify({{token: {json.dumps(token)}}})}}).then(r => r.status)"
+    )
+    assert status == 200, status
 
 
 async def upload(page: CdpPage, path: Path) -> dict[str, Any]:
@@ -238,19 +307,7 @@ def test_try_a_photo(
     async def run() -> dict[str, Any]:
         seen: dict[str, Any] = {}
         async with chrome.page() as page:
-            # A viewer's session, as the login page makes it: the token for a cookie.
-            await page.goto(service.base + "/login", 0.2)
-            await page.wait_for("document.readyState === 'complete'")
-            login = await page.eval(
-                "fetch('/api/login', {method: 'POST', headers: {'Content-Type': "
-                f"'application/json'}}, body: JSON.stringify({{token: '{service.token}'}})}})"
-                ".then(r => r.status)"
-            )
-            assert login == 200, login
-            await page.call(
-                "Emulation.setDeviceMetricsOverride",
-                {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False},
-            )
+            await login(page, service.base, service.token)
             await open_under_csp(page, service.base + "/")
             await page.wait_for("document.getElementById('who').textContent.includes('viewer')")
             await page.wait_for("window.segstream.opened === 1")  # the live WebSocket too
@@ -280,6 +337,8 @@ def test_try_a_photo(
             await draw_as(page, "overlay", [])
             seen["text"] = await upload(page, photos["notes"])
             seen["huge"] = await upload(page, photos["huge"])
+            seen["bulky"] = await upload(page, photos["noise"])
+            seen["refused"] = await page.screenshot()
             seen["again"] = await upload(page, photos["people"])
             seen["again_pixels"] = await canvas_pixels(page)
             await page.eval(f"{PANEL}.scrollIntoView(), true")
@@ -290,8 +349,9 @@ def test_try_a_photo(
         return seen
 
     seen = asyncio.run(run())
-    cv2.imwrite(str(tmp_path / "photo-panel.png"), seen["screenshot"])
-    print("screenshot:", tmp_path / "photo-panel.png")
+    for name in ("screenshot", "refused"):  # for a person to look at
+        cv2.imwrite(str(tmp_path / f"photo-panel-{name}.png"), seen[name])
+    print("screenshots in", tmp_path)
     print({k: v for k, v in seen.items() if isinstance(v, dict)})
     assert seen["probe"] is True and seen["violations"] == [], seen["violations"]
     assert seen["who"] is False and seen["open"] is True  # a viewer, not an admin
@@ -312,10 +372,14 @@ def test_try_a_photo(
 
     text, huge = seen["text"], seen["huge"]
     assert text["state"] == "error" and not text["shown"], text
-    assert text["status"].startswith("That file is not a picture the service can read"), text
+    assert text["status"].startswith("notes.txt is not a picture the service can read."), text
     assert huge["state"] == "error" and not huge["shown"], huge
-    assert huge["status"].startswith("This photo is too large"), huge
+    assert huge["status"].startswith("huge.png has too many pixels to segment here"), huge
     assert "pixels" in huge["status"], huge
+    bulky = seen["bulky"]
+    assert bulky["state"] == "error" and not bulky["shown"], bulky
+    assert bulky["status"].startswith("noise.png (4.3 MB) is too large to segment"), bulky
+    assert f"larger than {MAX_BYTES} bytes" in bulky["status"], bulky
 
     again = seen["again"]
     assert again["state"] == "done" and again["shown"], again
@@ -325,3 +389,31 @@ def test_try_a_photo(
     turned = seen["turned"]  # sent upright: the picture as its camera meant it
     assert turned["state"] == "done" and turned["size"] == [photo.shape[1], photo.shape[0]], turned
     assert abs(share(turned["classes"], "person") - person_pct) <= 1.5, (turned, person_pct)
+
+
+def test_try_a_photo_through_the_cluster_gateway(
+    service: ServiceProcess, gateway: str, chrome: Chromium, photos: dict[str, Path]
+) -> None:
+    """The gateway serves the same page and relays /api/predict to a ready node."""
+    ids, _ = predict_mask(service, photos["people"])
+    person_pct = 100 * float((ids == PERSON).mean())
+
+    async def run() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        async with chrome.page() as page:
+            await login(page, gateway, service.token)
+            await page.goto(gateway + "/", 0.2)
+            await page.wait_for("document.getElementById('who').textContent.includes('viewer')")
+            return (
+                await upload(page, photos["people"]),
+                await upload(page, photos["noise"]),
+                await upload(page, photos["notes"]),
+            )
+
+    good, bulky, text = asyncio.run(run())
+    assert good["state"] == "done" and good["shown"], good
+    assert abs(share(good["classes"], "person") - person_pct) <= 0.5, (good, person_pct)
+    assert bulky["state"] == "error" and bulky["status"].startswith(
+        "noise.png (4.3 MB) is too large to segment"
+    )
+    assert text["state"] == "error", text
+    assert text["status"].startswith("notes.txt is not a picture the service can read."), text
