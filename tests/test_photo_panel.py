@@ -236,6 +236,10 @@ async def upload(page: CdpPage, path: Path) -> dict[str, Any]:
     await page.call(
         "DOM.setFileInputFiles", {"files": [str(path)], "objectId": found["result"]["objectId"]}
     )
+    return await answered(page)
+
+
+async def answered(page: CdpPage) -> dict[str, Any]:
     state = await page.wait_for(
         f"['done', 'error'].includes({PANEL}.dataset.state) && {PANEL}.dataset.state", 60
     )
@@ -246,6 +250,32 @@ async def upload(page: CdpPage, path: Path) -> dict[str, Any]:
         f"size: [{CANVAS}.width, {CANVAS}.height]}})"
     )
     return {"state": state, **json.loads(texts)}
+
+
+async def drop(page: CdpPage, path: Path) -> dict[str, Any]:
+    """A person drags the file from their desktop onto the page's legend (not the panel)."""
+    await page.eval(f"{PANEL}.dataset.state = 'test', true")
+    x, y = json.loads(
+        await page.eval(
+            "(() => { const r = document.getElementById('legend').getBoundingClientRect();"
+            "return JSON.stringify([r.x + 10, r.y + 5]); })()"
+        )
+    )
+    data = {"items": [], "files": [str(path)], "dragOperationsMask": 1}
+    for kind in ("dragEnter", "dragOver", "drop"):
+        await page.call("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+    return await answered(page)
+
+
+async def paste(page: CdpPage) -> dict[str, Any]:
+    """A paste of a picture from the clipboard: a copy of the canvas as drawn (PNG, no name)."""
+    await page.eval(f"{PANEL}.dataset.state = 'test', true")
+    await page.eval(f"""new Promise(done => {CANVAS}.toBlob(blob => {{
+        const dt = new DataTransfer();
+        dt.items.add(new File([blob], '', {{type: 'image/png'}}));
+        document.dispatchEvent(new ClipboardEvent('paste', {{clipboardData: dt, bubbles: true}}));
+        done(true); }}, 'image/png'))""")
+    return await answered(page)
 
 
 async def canvas_pixels(page: CdpPage) -> np.ndarray:
@@ -344,6 +374,9 @@ def test_try_a_photo(
             await page.eval(f"{PANEL}.scrollIntoView(), true")
             seen["screenshot"] = await page.screenshot()
             seen["turned"] = await upload(page, photos["turned"])
+            seen["dropped"] = await drop(page, photos["people"])
+            await draw_as(page, "off", [])  # the canvas holds the photo itself: copied, pasted
+            seen["pasted"] = await paste(page)
             seen["violations"] = await page.eval("window.cspViolations")
             seen["who"] = await page.eval("document.body.classList.contains('admin')")
         return seen
@@ -385,6 +418,12 @@ def test_try_a_photo(
     assert again["state"] == "done" and again["shown"], again
     assert abs(share(again["classes"], "person") - person_pct) <= 0.5, again
     check_overlay(seen["again_pixels"], photo, ids, found, palette)
+
+    for how in ("dropped", "pasted"):
+        got = seen[how]
+        assert got["state"] == "done" and got["size"] == [photo.shape[1], photo.shape[0]], got
+        assert abs(share(got["classes"], "person") - person_pct) <= 0.5, (got, person_pct)
+    assert seen["pasted"]["status"].startswith("the pasted picture: 480×360"), seen["pasted"]
 
     turned = seen["turned"]  # sent upright: the picture as its camera meant it
     assert turned["state"] == "done" and turned["size"] == [photo.shape[1], photo.shape[0]], turned
