@@ -360,7 +360,7 @@ def test_try_a_photo(
             for link in ("photo-mask", "photo-annotated"):
                 await page.eval(f"{PANEL}.querySelector('.{link}').click(), true")
             names = {"people-mask.png", "people-segmented.png"}
-            await until(lambda: names <= {p.name for p in downloads.iterdir()}, 20)
+            assert await until(lambda: names <= {p.name for p in downloads.iterdir()}, 20)
             seen["person only"] = await draw_as(page, "overlay", ["person"])
             seen["mask"] = await draw_as(page, "mask", [])
             seen["off"] = await draw_as(page, "off", [])
