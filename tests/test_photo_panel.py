@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import io
 import json
 import re
@@ -21,7 +20,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import peers
 import pytest
 from peers import CdpPage, Chromium, free_port
 from PIL import Image
@@ -69,15 +67,28 @@ def gateway(service: ServiceProcess, viewer: tuple[Path, str]) -> Iterator[str]:
 
     from segstream.stream.auth import Authenticator
     from segstream.stream.cluster.gateway import ClusterClient, make_gateway_app
+    from segstream.stream.cluster.snapshot import ClusterSnapshot
     from segstream.stream.config import AppConfig
+    from segstream.stream.datatypes import NodeState
+    from segstream.stream.schemas import NodeStatus
 
-    node = {"id": "node1", "ray_id": "r1", "host": "127.0.0.1", "port": service.port}
-    node |= {"metrics_port": 1, "slots": 1.0, "load": 0.0, "streams": 0}
-    snap = {"version": 1, "nodes": [node | {"state": "up", "ready": True, "error": None}]}
-    snap["streams"] = []
+    node = NodeStatus(
+        id="node1",
+        ray_id="r1",
+        host="127.0.0.1",
+        port=service.port,
+        metrics_port=1,
+        slots=1.0,
+        load=0.0,
+        streams=0,
+        state=NodeState.UP,
+        ready=True,
+        error=None,
+    )
+    snap = ClusterSnapshot(version=1, nodes=[node], streams=[])
 
     class Fixed(ClusterClient):
-        async def snapshot(self, fresh: bool = False) -> dict[str, Any]:
+        async def snapshot(self, fresh: bool = False) -> ClusterSnapshot:
             return snap
 
     cfg = AppConfig.model_validate(
@@ -104,13 +115,7 @@ def gateway(service: ServiceProcess, viewer: tuple[Path, str]) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def chrome(tmp_path_factory):
-    # The page under test is handed over by DevTools (to add its CSP): Chromium counts such a
-    # page as public, and its Local Network Access checks would block the page's WebSocket to
-    # loopback. A page served by the service itself is loopback and needs no such flag.
-    with pytest.MonkeyPatch.context() as mp:
-        flags = [*peers.CHROMIUM_FLAGS, "--disable-features=LocalNetworkAccessChecks"]
-        mp.setattr(peers, "CHROMIUM_FLAGS", flags)
-        c = Chromium(tmp_path_factory.mktemp("chrome"))
+    c = Chromium(tmp_path_factory.mktemp("chrome"))
     yield c
     c.close()
 
@@ -168,20 +173,9 @@ def predict_mask(service: ServiceProcess, path: Path) -> tuple[np.ndarray, np.nd
     return np.asarray(png), np.array(palette, np.float64).reshape(-1, 3)
 
 
-def csp_for(html: bytes) -> str:
-    """The policy the page must live with: inline scripts by hash only, nothing from outside."""
-    hashes = [
-        "'sha256-" + base64.b64encode(hashlib.sha256(s).digest()).decode() + "'"
-        for s in re.findall(rb"<script>(.*?)</script>", html, re.S)
-    ]
-    return (
-        f"script-src {' '.join(hashes)}; img-src 'self' blob: data:; connect-src 'self'; "
-        "object-src 'none'; base-uri 'none'"
-    )
-
-
 async def open_under_csp(page: CdpPage, url: str) -> None:
-    """Navigates to url with a Content-Security-Policy header added to the page's response."""
+    """Navigates to url (the service sends its strict Content-Security-Policy with the page),
+    recording every violation the browser reports."""
     await page.call(
         "Page.addScriptToEvaluateOnNewDocument",
         {
@@ -190,29 +184,9 @@ async def open_under_csp(page: CdpPage, url: str) -> None:
             "e.violatedDirective + ' ' + e.blockedURI));"
         },
     )
-    await page.call("Fetch.enable", {"patterns": [{"urlPattern": url, "requestStage": "Response"}]})
-    await page.ws.send_json({"id": 1, "method": "Page.navigate", "params": {"url": url}})
-    while True:  # the navigation's own answer comes after the response is let through
-        msg = await page.ws.receive_json(timeout=30)
-        if msg.get("method") == "Fetch.requestPaused":
-            break
-    paused = msg["params"]
-    got = await page.call("Fetch.getResponseBody", {"requestId": paused["requestId"]})
-    html = base64.b64decode(got["body"]) if got["base64Encoded"] else got["body"].encode()
-    headers = [
-        *paused["responseHeaders"],
-        {"name": "Content-Security-Policy", "value": csp_for(html)},
-    ]
-    await page.call(
-        "Fetch.fulfillRequest",
-        {
-            "requestId": paused["requestId"],
-            "responseCode": paused["responseStatusCode"],
-            "responseHeaders": headers,
-            "body": base64.b64encode(html).decode(),
-        },
-    )
-    await page.call("Fetch.disable")
+    with urllib.request.urlopen(url, timeout=10) as r:  # the page, or /login before it
+        assert "'unsafe-inline'" not in r.headers["Content-Security-Policy"].split("style-src")[0]
+    await page.goto(url, settle_s=0)
 
 
 async def login(page: CdpPage, base: str, token: str | None) -> None:
