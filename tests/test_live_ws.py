@@ -1,8 +1,8 @@
 """The live page's WebSocket (/ws) promises that test_page.py does not hold: `page.max_clients`
 (then 503), the large view (`focus`), the tile and large-view frame rate caps, and a status
-message at once when the stream set changes (not only at the next once-a-second tick). One
-service process serves two file streams of a 20 fps clip, so the caps (4 and 8 a second) are
-what limits the rate."""
+message at once when a state or the stream set changes (not only at the next once-a-second
+tick). One service process serves two file streams of a 20 fps clip, so the caps (4 and 8 a
+second) are what limits the rate."""
 
 from __future__ import annotations
 
@@ -27,10 +27,14 @@ IDS = ["cam0", "cam1"]
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, segstream_home: Path, shared_dir: Path):
-    clip = encode_clip(
+def clip(shared_dir: Path) -> Path:
+    return encode_clip(
         shared_dir / "data/video/vtest.avi", size=(320, 240), seconds=4.0, fps=20, container="mp4"
     )
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, segstream_home: Path, clip: Path):
     cfg = {
         "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
         "page": {
@@ -38,6 +42,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, segstream_home: Path, shar
             "max_focus_fps": FOCUS_CAP,
             "max_clients": MAX_CLIENTS,
         },
+        "sources": {"allow_local": [str(clip.parent)]},
         "streams": [
             {"id": sid, "source": str(clip), "infer_fps": 0.5, "output": "smooth"} for sid in IDS
         ],
@@ -222,6 +227,21 @@ def test_max_clients_then_503(service: ServiceProcess) -> None:
     asyncio.run(run())
 
 
+async def change(
+    service: ServiceProcess, rec: Recorder, method: str, path: str, payload: Any, shows: Any
+) -> float:
+    """Makes a change right after a status message; seconds from that message to the first
+    status that shows the change."""
+    n = len(rec.typed("status"))
+    assert await until(lambda: len(rec.typed("status")) > n, 5)
+    n = len(rec.typed("status"))
+    t_before = rec.typed("status")[-1][0]
+    status, raw, _ = await asyncio.to_thread(service.request, method, path, payload)
+    assert status == {"POST": 201, "DELETE": 204, "PATCH": 200}[method], raw
+    assert await until(lambda: any(shows(m) for t, m in rec.typed("status")[n:]), 10)
+    return next(t for t, m in rec.typed("status")[n:] if shows(m)) - t_before
+
+
 def test_status_is_sent_at_once_when_the_stream_set_changes(service: ServiceProcess) -> None:
     """Status goes out once a second, and at once (the hub looks every 0.25 s) when a stream
     is added or removed. Right after a periodic status, add or remove a stream: the status
@@ -229,16 +249,6 @@ def test_status_is_sent_at_once_when_the_stream_set_changes(service: ServiceProc
     machine may be loaded: of three tries each, one in time suffices; a service that only
     sends once a second fails all of them."""
     body = {"id": "extra", "source": "rtsp://127.0.0.1:9/none", "reconnect_initial": 5}
-
-    async def change(rec: Recorder, method: str, path: str, payload: Any, shows: Any) -> float:
-        """Seconds from the last status before the change to the first status showing it."""
-        n = len(rec.typed("status"))
-        assert await until(lambda: len(rec.typed("status")) > n, 5)
-        t_before = rec.typed("status")[-1][0]
-        status, raw, _ = await asyncio.to_thread(service.request, method, path, payload)
-        assert status in {"POST": (201,), "DELETE": (204,)}[method], raw
-        assert await until(lambda: any(shows(m) for t, m in rec.typed("status")[n:]), 5)
-        return next(t for t, m in rec.typed("status")[n:] if shows(m)) - t_before
 
     def has_extra(m: dict[str, Any]) -> bool:
         return "extra" in {s["id"] for s in m["streams"]}
@@ -250,11 +260,16 @@ def test_status_is_sent_at_once_when_the_stream_set_changes(service: ServiceProc
             try:
                 for _ in range(3):
                     delays["added"].append(
-                        await change(rec, "POST", "/api/streams", body, has_extra)
+                        await change(service, rec, "POST", "/api/streams", body, has_extra)
                     )
                     delays["removed"].append(
                         await change(
-                            rec, "DELETE", "/api/streams/extra", None, lambda m: not has_extra(m)
+                            service,
+                            rec,
+                            "DELETE",
+                            "/api/streams/extra",
+                            None,
+                            lambda m: not has_extra(m),
                         )
                     )
                     if max(min(d) for d in delays.values()) < 0.6:
@@ -267,3 +282,49 @@ def test_status_is_sent_at_once_when_the_stream_set_changes(service: ServiceProc
     delays = asyncio.run(run())
     print("status after a change, seconds after the one before:", delays)
     assert min(delays["added"]) < 0.6 and min(delays["removed"]) < 0.6, delays
+
+
+def test_status_is_sent_at_once_when_a_state_changes(service: ServiceProcess, clip: Path) -> None:
+    """A live stream whose source is switched to a camera that never answers leaves `live`
+    (same stream, a new reader): right after a periodic status, the status showing the new
+    state comes well before the next periodic one. Three tries as above."""
+    dead = {"source": "rtsp://127.0.0.1:9/none", "reconnect_initial": 5}
+
+    def state(m: dict[str, Any]) -> str | None:
+        return next((s["state"] for s in m["streams"] if s["id"] == "flip"), None)
+
+    async def run() -> list[float]:
+        delays: list[float] = []
+        status, raw, _ = service.request(
+            "POST", "/api/streams", {"id": "flip", "source": str(clip)}
+        )
+        assert status == 201, raw
+        async with aiohttp.ClientSession() as http:
+            rec = Recorder(await http.ws_connect(ws_url(service)))
+            try:
+                for _ in range(3):
+                    await asyncio.to_thread(service.wait_state, "flip", {"live"}, 30)
+                    delays.append(
+                        await change(
+                            service,
+                            rec,
+                            "PATCH",
+                            "/api/streams/flip",
+                            dead,
+                            lambda m: state(m) not in ("live", None),
+                        )
+                    )
+                    if min(delays) < 0.6:
+                        break
+                    status, raw, _ = service.request(
+                        "PATCH", "/api/streams/flip", {"source": str(clip)}
+                    )
+                    assert status == 200, raw
+            finally:
+                await rec.close()
+                service.request("DELETE", "/api/streams/flip")
+        return delays
+
+    delays = asyncio.run(run())
+    print("status after a state change, seconds after the one before:", delays)
+    assert min(delays) < 0.6, delays
