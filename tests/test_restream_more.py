@@ -250,7 +250,7 @@ def test_rtsps_verifies_the_server_certificate(
         with stream(service, base | {"id": "tls", "restream": good.url("/live")}) as sid:
             assert wait_for(lambda: rx.frames >= 10, 30), (rx.frames, restream(service, sid))
             st = restream(service, sid)
-            assert st["state"] == "live" and good.handshakes == 1, st
+            assert st["state"] == "live" and good.handshakes >= 1, st
         with stream(service, base | {"id": "self", "restream": bad.url("/live")}) as sid:
             assert wait_for(lambda: (restream(service, sid) or {})["errors"] >= 2, 20)
             st = restream(service, sid)
