@@ -39,7 +39,8 @@ def openssl(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 that it signed, and a self-signed one."""
+    """A CA; a server certificate for 127.0.0.1 that it signed, and one for another name
+    (same key); a self-signed one for 127.0.0.1."""
     d = tmp_path_factory.mktemp("certs")
     key = ["-newkey", "rsa:2048", "-nodes", "-days", "2"]
     openssl("req", "-x509", *key, "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem", "-subj", "/CN=t")
@@ -49,11 +50,17 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "x509", "-req", "-in", f"{d}/ok.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
         "-CAcreateserial", "-days", "2", "-extfile", f"{d}/san.ext", "-out", f"{d}/ok.pem",
     )  # fmt: skip
+    (d / "other.ext").write_text("subjectAltName=DNS:media.example\n")
+    openssl(
+        "x509", "-req", "-in", f"{d}/ok.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", f"{d}/other.ext", "-out", f"{d}/other.pem",
+    )  # fmt: skip
     openssl(
         "req", "-x509", *key, "-keyout", f"{d}/self.key", "-out", f"{d}/self.pem",
         "-subj", "/CN=self", "-addext", "subjectAltName=IP:127.0.0.1",
     )  # fmt: skip
-    return {name: d / name for name in ("ca.pem", "ok.pem", "ok.key", "self.pem", "self.key")}
+    names = ("ca.pem", "ok.pem", "ok.key", "other.pem", "self.pem", "self.key")
+    return {name: d / name for name in names}
 
 
 @pytest.fixture(scope="module")
@@ -241,25 +248,28 @@ def test_rtsps_verifies_the_server_certificate(
     service: ServiceProcess, clip: Path, certs: dict[str, Path]
 ) -> None:
     """rtsps:// to a server whose certificate the trusted CA signed: published. To one with a
-    self-signed certificate: refused during the handshake, reconnecting, saying why."""
+    self-signed certificate, or one the CA signed for another name: refused during the
+    handshake, reconnecting, saying why."""
     rx = RtspListener().start()
     good = TlsFront(certs["ok.pem"], certs["ok.key"], rx.port)
     bad = TlsFront(certs["self.pem"], certs["self.key"], rx.port)
+    other = TlsFront(certs["other.pem"], certs["ok.key"], rx.port)
     base = {"source": str(clip), "output": "smooth", "reconnect_initial": 0.2}
     try:
         with stream(service, base | {"id": "tls", "restream": good.url("/live")}) as sid:
             assert wait_for(lambda: rx.frames >= 10, 30), (rx.frames, restream(service, sid))
             st = restream(service, sid)
             assert st["state"] == "live" and good.handshakes >= 1, st
-        with stream(service, base | {"id": "self", "restream": bad.url("/live")}) as sid:
-            assert wait_for(lambda: (restream(service, sid) or {})["errors"] >= 2, 20)
-            st = restream(service, sid)
-            assert st["state"] == "reconnecting" and st["frames"] == 0, st
-            assert "certificate verify failed" in st["reason"], st
-            assert bad.handshakes == 0 and bad.failed >= 2
+        for front, why in ((bad, "self-signed certificate"), (other, "IP address mismatch")):
+            with stream(service, base | {"id": "refused", "restream": front.url("/live")}) as sid:
+                assert wait_for(lambda: (restream(service, sid) or {})["errors"] >= 2, 20)
+                st = restream(service, sid)
+                assert st["state"] == "reconnecting" and st["frames"] == 0, st
+                assert "certificate verify failed" in st["reason"] and why in st["reason"], st
+                assert front.handshakes == 0 and front.failed >= 2
     finally:
-        good.close()
-        bad.close()
+        for front in (good, bad, other):
+            front.close()
         rx.kill()
 
 
