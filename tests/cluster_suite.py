@@ -591,16 +591,16 @@ def test_a_silent_node_service_is_killed_and_does_not_come_back(
     displaced = {sid for sid, s in before.items() if s["node"] == victim}
     pid = _listener_pid(node_ids(gateway)[victim]["port"])
     seen: dict[str, set[str]] = {sid: set() for sid in before}
+
+    def moved() -> bool:
+        s = gateway.streams()
+        for sid, v in s.items():
+            seen[sid].add(v["state"])
+        return all(v["state"] == "live" and v["node"] == other for v in s.values())
+
     t0 = time.monotonic()
     os.kill(pid, signal.SIGSTOP)
     try:
-
-        def moved() -> bool:
-            s = gateway.streams()
-            for sid, v in s.items():
-                seen[sid].add(v["state"])
-            return all(v["state"] == "live" and v["node"] == other for v in s.values())
-
         ok = wait_until(moved, 30, step=0.2)
         print(
             f"node service silenced: {len(displaced)} stream(s) live on the other node after "
