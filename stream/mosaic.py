@@ -320,7 +320,10 @@ class Mosaic:
                     self._detach(sid, tap)
 
     def _compose(self, layout: Layout) -> None:
-        ids = list(layout.streams) if layout.streams is not None else list(self._stream_ids())
+        if layout.streams is not None:
+            ids = list(layout.streams)  # at most max_streams: the endpoint checks
+        else:  # every stream, as many as a mosaic may tile
+            ids = list(self._stream_ids())[: self.cfg.max_streams]
         cols, rows, (tw, th) = grid(len(ids), layout.cols, layout.width)
         size = picture_size((tw, th))
         self._place(layout, ids, size)

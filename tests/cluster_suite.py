@@ -4,16 +4,19 @@ inference a second, the gateway in this process, a real Prometheus server.
 
 Run through tests/test_cluster.py, which starts pytest on this file inside a network
 namespace of its own (unshare -n, lo up): Ray binds to the machine's own address otherwise,
-and there every Ray address is 127.0.0.1. The tests run in order on one cluster; the last
-one removes a node."""
+and there every Ray address is 127.0.0.1. The tests run in order on one cluster; near the
+end one node is removed, another joins, and a node service is silenced."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -216,6 +219,13 @@ def test_streams_spread_over_both_worker_nodes(
     cluster: Cluster, gateway: Gateway, clip: Path
 ) -> None:
     t0 = time.monotonic()
+
+    def nodes_ready() -> bool:  # on a loaded machine one node service may start much later
+        status, body = gateway.call("GET", "/api/nodes")
+        ready = {n["id"] for n in body["nodes"] if n["state"] == "up" and n["ready"]}
+        return status == 200 and ready == worker_ids(cluster)
+
+    assert wait_until(nodes_ready, 90), gateway.call("GET", "/api/nodes")
     for sid in STREAMS:
         status, body = gateway.call(
             "POST", "/api/streams", {"id": sid, "source": str(clip), "infer_fps": 1}
@@ -268,6 +278,46 @@ def test_mjpeg_of_a_stream_on_another_node_shows_the_overlay(gateway: Gateway) -
     assert status == 200 and model["labels"][15] == "person"
     status, _ = gateway.call("GET", "/streams/nope/mjpeg")
     assert status == 404
+
+
+def test_a_stream_that_fits_nowhere_is_pending(gateway: Gateway, clip: Path) -> None:
+    """An uncapped stream costs 0.945 of a core: no node (0.38 of its one slot used) has room.
+    It waits as `pending` and moves nothing; removed, it is gone."""
+    before = {sid: s["node"] for sid, s in gateway.streams().items()}
+    status, body = gateway.call(
+        "POST", "/api/streams", {"id": "big", "source": str(clip), "infer_fps": 0}
+    )
+    assert status == 201 and body["state"] == "pending", body
+    try:
+        big = gateway.streams()["big"]
+        assert (big["state"], big["node"]) == ("pending", None), big
+        assert big["reason"] == "no node has room for it", big
+        status, text = gateway.call("GET", "/metrics")
+        assert b'segstream_cluster_streams{phase="pending"} 1.0' in text, text
+        assert {sid: s["node"] for sid, s in gateway.streams().items() if sid != "big"} == before
+    finally:
+        status, _ = gateway.call("DELETE", "/api/streams/big")
+    assert status == 204 and set(gateway.streams()) == set(STREAMS)
+
+
+def test_a_wrong_ray_token_is_refused(cluster: Cluster) -> None:
+    """Nothing drives the cluster without its token: a driver with another one is refused
+    with Ray's authentication error (this process, with the token, is a driver)."""
+    code = f"import ray; ray.init(address={cluster.address!r}); print('connected')"
+
+    t0 = time.monotonic()
+    bad = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, RAY_AUTH_TOKEN="0" * 64),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = bad.stdout + bad.stderr
+    why = next((ln for ln in reversed(out.splitlines()) if "uthenticat" in ln), "")
+    print(f"a driver with a wrong Ray token refused in {time.monotonic() - t0:.1f} s: {why[:160]}")
+    assert bad.returncode != 0 and "connected" not in bad.stdout, out[-3000:]
+    assert "AuthenticationError" in why and "token" in why, out[-3000:]
 
 
 def test_live_page_websocket_and_mosaic_through_the_gateway(gateway: Gateway) -> None:
@@ -420,16 +470,22 @@ def test_prometheus_discovers_and_scrapes_both_nodes(
             p["title"]: p["targets"][0]["expr"].replace("$nodes_job", "segstream-nodes")
             for p in dash["panels"]
         }
-        assert wait_until(lambda: query(exprs["Placed load per node (share of its slots)"]), 15), (
-            exprs
-        )
-        time.sleep(2)  # rates need two samples
-        empty = [t for t, e in exprs.items() if not query(e)]
-        assert not (set(empty) - {"Reconnects (top 10 streams, 15 min)"}), empty
+        quiet = {"Reconnects (top 10 streams, 15 min)"}  # no reconnect happens here
+
+        def empty() -> list[str]:  # rates answer once two samples are in
+            return [t for t, e in exprs.items() if t not in quiet and not query(e)]
+
+        assert wait_until(lambda: not empty(), 30, step=0.5), empty()
     finally:
         stop_process(proc)
     status, text = gateway.call("GET", "/metrics")
     assert status == 200 and b'segstream_cluster_nodes{state="up"} 2.0' in text, text
+    per_node = {
+        line.split('node="')[1].split('"')[0]: float(line.rpartition(" ")[2])
+        for line in text.decode().splitlines()
+        if line.startswith("segstream_cluster_node_streams{")
+    }
+    assert per_node == dict.fromkeys(worker_ids(cluster), 2.0), per_node
 
 
 def test_stream_set_survives_controller_and_gateway_restarts(gateway: Gateway) -> None:
@@ -492,3 +548,85 @@ def test_lost_node_streams_live_on_the_survivor_within_15s(
     assert elapsed < 15, elapsed
     assert all("moving" in seen[sid] for sid in displaced), seen
     assert all(seen[sid] == {"live"} for sid in set(before) - displaced), seen
+
+
+def node_ids(gateway: Gateway) -> dict[str, dict[str, Any]]:
+    status, body = gateway.call("GET", "/api/nodes")
+    assert status == 200, body
+    return {n["id"]: n for n in body["nodes"]}
+
+
+def test_a_node_that_joins_takes_streams(cluster: Cluster, gateway: Gateway) -> None:
+    """After the loss, the survivor runs all four streams (0.76 of its slot); an empty node
+    joins: a node service starts there and streams move to it until the two are within the
+    rebalance threshold (two moves: 0.38 each)."""
+    t0 = time.monotonic()
+    new = cluster.add_node(
+        num_cpus=1, object_store_memory=80 * MiB, resources={"segstream_slots": SLOTS}
+    )
+    nid = new.node_id[:12]
+
+    def balanced() -> bool:
+        s = gateway.streams()
+        on_new = [v for v in s.values() if v["node"] == nid]
+        return len(on_new) == 2 and all(v["state"] == "live" for v in s.values())
+
+    ok = wait_until(balanced, 90, step=0.5)
+    print(f"a node joined: 2 streams live on it {time.monotonic() - t0:.1f} s after it was added")
+    assert ok, (gateway.streams(), node_ids(gateway))
+    node = node_ids(gateway)[nid]
+    assert node["state"] == "up" and node["ready"] and node["streams"] == 2, node
+    assert len({s["node"] for s in gateway.streams().values()}) == 2
+
+
+def _listener_pid(port: int) -> int:
+    """The process that listens on a loopback port (a node service: a Ray worker process)."""
+    out = subprocess.run(
+        ["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return int(out.split("pid=")[1].split(",")[0])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def test_a_silent_node_service_is_killed_and_does_not_come_back(
+    cluster: Cluster, gateway: Gateway
+) -> None:
+    """A node service that stops answering (SIGSTOP: its Ray node stays up) is declared lost
+    after lost_after_s (3 s): its streams go to the other node and the controller kills it, so
+    once it could run again there is nothing left to run what now runs elsewhere."""
+    before = gateway.streams()
+    victim = before["s1"]["node"]
+    other = ({s["node"] for s in before.values()} - {victim}).pop()
+    displaced = {sid for sid, s in before.items() if s["node"] == victim}
+    pid = _listener_pid(node_ids(gateway)[victim]["port"])
+    seen: dict[str, set[str]] = {sid: set() for sid in before}
+
+    def moved() -> bool:
+        s = gateway.streams()
+        for sid, v in s.items():
+            seen[sid].add(v["state"])
+        return all(v["state"] == "live" and v["node"] == other for v in s.values())
+
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        ok = wait_until(moved, 30, step=0.2)
+        print(
+            f"node service silenced: {len(displaced)} stream(s) live on the other node after "
+            f"{time.monotonic() - t0:.1f} s"
+        )
+        assert ok, gateway.streams()
+        assert all("moving" in seen[sid] for sid in displaced), seen
+        assert wait_until(lambda: _gone(pid), 15), f"the silent node service {pid} still runs"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert victim not in {n for n, v in node_ids(gateway).items() if v["state"] == "up"}
+    assert all(s["node"] == other for s in gateway.streams().values())
