@@ -490,32 +490,30 @@ async def test_gateway_shows_pending_and_unknown_streams() -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    node = {
-        "id": "nodeA",
-        "ray_id": "nodeA" * 3,
-        "host": "127.0.0.1",
-        "port": dead,
-        "metrics_port": 1,
-        "slots": 1.0,
-        "load": 0.2,
-        "streams": 1,
-        "state": "up",
-        "ready": True,
-        "error": None,
-    }
-    entry = {"source": "rtsp://cam/x", "reader": "auto", "output": "overlay", "infer_fps": 1.0}
-    snap = {
-        "version": 1,
-        "nodes": [node],
-        "streams": [
-            entry | {"id": "a1", "node": "nodeA", "phase": "placed", "reason": None},
-            entry
-            | {"id": "p1", "node": None, "phase": "pending", "reason": "no node has room for it"},
+
+    def entry(sid: str, node: str | None, phase: StreamPhase, reason: str | None):
+        return StreamPlacement(
+            id=sid,
+            source="rtsp://cam/x",
+            reader="auto",
+            output="overlay",
+            infer_fps=1.0,
+            node=node,
+            phase=phase,
+            reason=reason,
+        )
+
+    snap = ClusterSnapshot(
+        version=1,
+        nodes=[_node("nodeA", "127.0.0.1", dead)],
+        streams=[
+            entry("a1", "nodeA", StreamPhase.PLACED, None),
+            entry("p1", None, StreamPhase.PENDING, "no node has room for it"),
         ],
-    }
+    )
 
     class Fixed(ClusterClient):
-        async def snapshot(self, fresh: bool = False) -> dict[str, Any]:
+        async def snapshot(self, fresh: bool = False) -> ClusterSnapshot:
             return snap
 
     cfg = AppConfig.model_validate({"model": {"name": "mnv2-voc"}, "streams": []})
