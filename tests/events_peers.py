@@ -38,6 +38,7 @@ class Mosquitto:
         if not os.path.exists(self.exe):
             raise RuntimeError("mosquitto not installed: scripts/install_system_deps.sh test")
         self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.conf = folder / "mosquitto.conf"
         lines = [
