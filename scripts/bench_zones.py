@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Milliseconds per frame of zone coverage: 4 zones (quadrant-sized quadrilaterals, one
 concave) on a 513x513 VOC class-id mask, the model's output size; plus the same with no zones
-(the cost a stream without zones pays) and the one-off rasterisation per zone and size.
+(the cost a stream without zones pays), the whole per-frame call of the events feature
+(coverage, class names, rules; no store), and the one-off rasterisation per zone and size.
 
 Prints one JSON line per case (median and p99 over --frames calls, after a warm-up):
   python scripts/bench_zones.py [--frames 2000] [--size 513] [--zones 4]
@@ -20,7 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segstream.stream.events.config import ZoneConfig
+from segstream.models.labels import VOC_LABELS
+from segstream.stream.events.config import EventsConfig, ZoneConfig
+from segstream.stream.events.feature import EventsFeature
 from segstream.stream.events.zones import ZoneCoverage, rasterise
 
 POLYGONS = [
@@ -66,9 +69,16 @@ def main() -> None:
     m = mask(a.size)
     zones = [ZoneConfig(name=f"z{i}", polygon=POLYGONS[i]) for i in range(a.zones)]
     cov, empty = ZoneCoverage(zones), ZoneCoverage()
+    ruled = [
+        ZoneConfig.model_validate({**z.model_dump(), "rules": [{"class": "person", "above": 0.05}]})
+        for z in zones
+    ]
+    feature = EventsFeature(EventsConfig(), home=Path("/nonexistent"), labels=VOC_LABELS)
+    feature.set_stream("cam", ruled)
     cases = {
         f"coverage_{a.zones}_zones": lambda: cov.compute(m),
         "coverage_no_zones": lambda: empty.compute(m),
+        f"feature_on_mask_{a.zones}_zones": lambda: feature.on_mask("cam", m, now=1.0),
     }
     for name, fn in cases.items():
         print(json.dumps({"case": name, "mask": f"{a.size}x{a.size}", **timed(fn, a.frames)}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -19,6 +20,10 @@ class RecordingObserver:
         self.deliveries: Counter[tuple[str, str]] = Counter()
         self.sizes: list[int] = []
         self.dropped = 0
+        self.coverage: dict[tuple[str, str], dict[str, float]] = {}
+
+    def zone_coverage(self, stream: str, zone: str, coverage: Mapping[str, float]) -> None:
+        self.coverage[(stream, zone)] = dict(coverage)
 
     def event_opened(self, stream: str, zone: str, class_name: str) -> None:
         self.opened[(stream, zone, class_name)] += 1

@@ -37,6 +37,7 @@ async def test_events_are_stored_with_peak_media_and_closed_on_removal(tmp_path:
             "floor": pytest.approx({"background": 0.7, "person": 0.3}),
             "door": pytest.approx({"background": 0.7, "dog": 0.0, "person": 0.3}),
         }
+        assert f.observer.coverage[("cam", "door")] == cov["door"]  # type: ignore[attr-defined]
         f.on_mask("cam", person_mask(0.4), now=10.5, snapshot=snap(10.5))  # peak, too soon
         f.on_mask("cam", person_mask(0.6), now=11.2, snapshot=snap(11.2))  # peak: media again
         f.on_mask("cam", person_mask(0.5), now=12.5, snapshot=snap(12.5))  # no new peak

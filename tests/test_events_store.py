@@ -166,6 +166,14 @@ def test_outbox_is_bounded_and_read_per_target(store: EventStore):
     assert store.trim_delivered() == 0
     store.apply([Change("new", None, ev(50, 50.0))])
     assert store.outbox_after(rows[-1].seq)[0].seq > rows[-1].seq
+    # full of delivered rows: they make room, nothing undelivered is dropped
+    store.apply([Change("new", None, ev(60 + i, 60.0 + i)) for i in range(9)])
+    last = store.outbox_after(0, limit=100)[-1].seq
+    store.ack("mqtt", last)
+    store.ack("webhook:x", last)
+    assert store.apply([Change("new", None, ev(80 + i, 80.0 + i)) for i in range(8)]) == (8, 0)
+    with pytest.raises(ValueError, match="limit"):
+        store.list_events(limit=0)
 
 
 def test_reopen_closes_open_events_with_restart(store: EventStore, tmp_path: Path):

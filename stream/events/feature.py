@@ -226,8 +226,9 @@ class EventsFeature:
             changes = st.rules.update(cov, now)
             self._submit(changes)
             self._take_media(st, changes, mask, now, snapshot)
-        if self.mqtt is not None:
-            for zone, values in cov.items():
+        for zone, values in cov.items():
+            self.observer.zone_coverage(stream, zone, values)
+            if self.mqtt is not None:
                 self.mqtt.coverage(stream, zone, values)
         return cov
 

@@ -3,6 +3,7 @@ directly (the service's PrometheusObserver implements these at wiring time)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal, Protocol
 
 # delivered; failed (will be retried); rejected (a 4xx answer: dropped, never retried)
@@ -10,6 +11,10 @@ DeliveryOutcome = Literal["delivered", "failed", "rejected"]
 
 
 class EventsObserver(Protocol):
+    def zone_coverage(self, stream: str, zone: str, coverage: Mapping[str, float]) -> None:
+        """zone_coverage_ratio{stream,zone,class_name}: classes that occur plus rule classes
+        (called per segmented frame of a stream with zones)."""
+
     def event_opened(self, stream: str, zone: str, class_name: str) -> None:
         """events_total{stream,zone,class_name}"""
 
@@ -24,6 +29,9 @@ class EventsObserver(Protocol):
 
 
 class NullEventsObserver:
+    def zone_coverage(self, stream: str, zone: str, coverage: Mapping[str, float]) -> None:
+        pass
+
     def event_opened(self, stream: str, zone: str, class_name: str) -> None:
         pass
 

@@ -31,6 +31,7 @@ from segstream.stream.events.schema import cursors, events, outbox
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 MEDIA_KINDS = {"snapshot": ".jpg", "mask": ".png"}
+MAX_PAGE = 1000
 
 
 class EventStoreError(RuntimeError):
@@ -145,7 +146,10 @@ class EventStore:
             conn.execute(sa.update(events).where(events.c.id == ch.after.id).values(**row))
 
     def _bound_outbox(self, conn: Connection) -> tuple[int, int]:
-        size = conn.execute(sa.select(sa.func.count()).select_from(outbox)).scalar_one()
+        size = self._outbox_size(conn)
+        if size <= self.outbox_max:
+            return size, 0
+        size = self._trim(conn)  # rows every target has handled go first, uncounted
         excess = size - self.outbox_max
         if excess <= 0:
             return size, 0
@@ -185,7 +189,10 @@ class EventStore:
         cursor: str | None = None,
     ) -> tuple[list[Event], str | None]:
         """Events that started in [since, until), newest first, and the cursor of the next
-        page (None on the last). Raises ValueError for a cursor it did not make."""
+        page (None on the last). Raises ValueError for a cursor it did not make or a limit
+        outside 1..MAX_PAGE."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"limit must be 1..{MAX_PAGE}")
         q = sa.select(events)
         for col, val in ((events.c.stream, stream), (events.c.zone, zone)):
             if val is not None:
@@ -302,16 +309,23 @@ class EventStore:
         """Delete outbox rows that every target registered in this run has handled (all of
         them when there is none). Returns the outbox size."""
         with self.engine.begin() as conn:
-            if self._targets:
-                done = conn.execute(
-                    sa.select(sa.func.min(cursors.c.last_seq)).where(
-                        cursors.c.target.in_(sorted(self._targets))
-                    )
-                ).scalar_one()
-                conn.execute(sa.delete(outbox).where(outbox.c.seq <= done))
-            else:
-                conn.execute(sa.delete(outbox))
-            return int(conn.execute(sa.select(sa.func.count()).select_from(outbox)).scalar_one())
+            return self._trim(conn)
+
+    def _trim(self, conn: Connection) -> int:
+        if self._targets:
+            done = conn.execute(
+                sa.select(sa.func.min(cursors.c.last_seq)).where(
+                    cursors.c.target.in_(sorted(self._targets))
+                )
+            ).scalar_one()
+            conn.execute(sa.delete(outbox).where(outbox.c.seq <= done))
+        else:
+            conn.execute(sa.delete(outbox))
+        return self._outbox_size(conn)
+
+    @staticmethod
+    def _outbox_size(conn: Connection) -> int:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(outbox)).scalar_one())
 
 
 def encode_cursor(ev: Event) -> str:
