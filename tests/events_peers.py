@@ -106,10 +106,18 @@ class Postgres:
         subprocess.run(args, check=True, capture_output=True, user=self.user, group=self.user)
 
     def start(self) -> None:
+        """initdb on the first start; later starts (after stop_server) reuse the data."""
+        if not self.data.exists():
+            self._init()
+        self._launch()
+
+    def _init(self) -> None:
         self._run(_pg_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
                   "-E", "UTF8", "--locale=C", "--no-sync")  # fmt: skip
+
+    def _launch(self) -> None:
         log = self.folder / "postgres.log"
-        with open(log, "wb") as f:
+        with open(log, "ab") as f:
             if self.user:
                 shutil.chown(log, self.user, self.user)
             self.proc = subprocess.Popen(
@@ -138,6 +146,10 @@ class Postgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
+        self.stop_server()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def stop_server(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGINT)  # fast shutdown: clients are disconnected
             try:
@@ -146,4 +158,3 @@ class Postgres:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
-        shutil.rmtree(self.folder, ignore_errors=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from events_peers import Postgres
+from waiting import wait_for
 
 from segstream.stream.events.model import Change, Event
 from segstream.stream.events.observer import NullEventsObserver
@@ -27,12 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """One server and database for the module; each test starts from an empty schema."""
+def pg_server() -> Iterator[Postgres]:
     pg = Postgres()
     pg.start()
-    yield pg.create_database("events")
+    yield pg
     pg.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres(pg_server: Postgres) -> str:
+    """One database for the module; each test starts from an empty schema."""
+    return pg_server.create_database("events")
 
 
 def empty_postgres(url: str) -> str:
@@ -268,3 +274,24 @@ def test_an_unreachable_postgres_is_a_clear_error_without_the_password(tmp_path:
         s.open()
     assert "hunter2" not in str(e.value)
     assert "event store postgresql://u:***@127.0.0.1" in str(e.value)
+
+
+def test_writes_wait_for_a_postgres_server_that_is_down(pg_server: Postgres, postgres: str,
+                                                       tmp_path: Path):  # fmt: skip
+    s = EventStore(empty_postgres(postgres), tmp_path / "media")
+    s.open(now=1.0)
+    rec = EventRecorder(s, NullEventsObserver())
+    try:
+        pg_server.stop_server()
+        e = ev(1, 10.0)
+        rec.submit([Change("new", None, e)])  # returns at once: the pipeline never waits
+        assert wait_for(lambda: rec.error is not None, 10)
+        assert rec.error is not None and rec.error.startswith("event store unavailable: ")
+        pg_server.start()
+        assert rec.flush(30)
+        assert s.get(e.id) == e
+        assert rec.error is None
+        assert [r.type for r in s.outbox_after(0)] == ["new"]
+    finally:
+        rec.close()
+        s.close()

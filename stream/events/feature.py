@@ -117,9 +117,9 @@ class EventsFeature:
             with st.lock:
                 self._submit(st.rules.close_all(now, "shutdown"))
         if self.recorder is not None:
-            await asyncio.to_thread(self.recorder.flush)
+            await asyncio.to_thread(self.recorder.flush, 5.0)
             await self._drain(drain_s)
-            await asyncio.to_thread(self.recorder.close)
+            await asyncio.to_thread(self.recorder.close, 5.0)
         if self.pruner is not None:
             await asyncio.to_thread(self.pruner.close)
         for task in self._tasks:

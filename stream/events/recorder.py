@@ -13,11 +13,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import sqlalchemy as sa
+
 from segstream.stream.events.model import Change
 from segstream.stream.events.observer import EventsObserver
-from segstream.stream.events.store import EventStore
+from segstream.stream.events.store import EventStore, reason
 
 log = logging.getLogger(__name__)
+RETRY_INITIAL_S, RETRY_MAX_S = 0.1, 5.0
 MediaFn = Callable[[], tuple[bytes, bytes]]  # -> (annotated JPEG, class-mask PNG)
 _Job = tuple[str, object]
 
@@ -36,6 +39,7 @@ class EventRecorder:
         self.error: str | None = None  # the last write failure, for /healthz
         self.dropped = 0
         self._q: queue.Queue[_Job | None] = queue.Queue(max_pending)
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="events-writer", daemon=True)
         self._thread.start()
 
@@ -57,8 +61,11 @@ class EventRecorder:
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued (a job failing for want of a database is abandoned)."""
         self._q.put(None)
         self._thread.join(timeout)
+        self._closing.set()
+        self._thread.join(1.0)
 
     def _put(self, job: _Job) -> None:
         try:
@@ -69,27 +76,41 @@ class EventRecorder:
 
     def _run(self) -> None:
         while (job := self._q.get()) is not None:
-            kind, arg = job
-            try:
-                if kind == "changes":
-                    assert isinstance(arg, list)
-                    size, dropped = self.store.apply(arg)
-                    self.observer.outbox_size(size)
-                    if dropped:
-                        self.observer.outbox_dropped(dropped)
-                        log.warning("event outbox full: %d oldest changes dropped", dropped)
-                    self.on_written()
-                elif kind == "media":
-                    assert isinstance(arg, tuple)
-                    event_id, media = arg
-                    self.store.save_media(event_id, *media())
-                elif kind == "flush":
-                    assert isinstance(arg, threading.Event)
-                    arg.set()
-                self.error = None
-            except Exception as e:
-                self.error = f"event store write failed: {e}"
-                log.exception("event store write failed")
+            delay = RETRY_INITIAL_S
+            while True:
+                try:
+                    self._do(*job)
+                    self.error = None
+                    break
+                except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
+                    # The database is away (server down, locked, disk full): keep this job
+                    # and retry; what comes meanwhile waits in the bounded queue.
+                    self.error = f"event store unavailable: {reason(e)}"
+                    log.warning("%s; retrying in %.1fs", self.error, delay)
+                    if self._closing.wait(delay):
+                        break
+                    delay = min(delay * 2, RETRY_MAX_S)
+                except Exception as e:
+                    self.error = f"event store write failed: {reason(e)}"
+                    log.exception("event store write failed")
+                    break
+
+    def _do(self, kind: str, arg: object) -> None:
+        if kind == "changes":
+            assert isinstance(arg, list)
+            size, dropped = self.store.apply(arg)
+            self.observer.outbox_size(size)
+            if dropped:
+                self.observer.outbox_dropped(dropped)
+                log.warning("event outbox full: %d oldest changes dropped", dropped)
+            self.on_written()
+        elif kind == "media":
+            assert isinstance(arg, tuple)
+            event_id, media = arg
+            self.store.save_media(event_id, *media())
+        elif kind == "flush":
+            assert isinstance(arg, threading.Event)
+            arg.set()
 
 
 class Pruner:

@@ -83,7 +83,7 @@ class EventStore:
             return self._close_left_open(time.time() if now is None else now)
         except (OSError, sa.exc.SQLAlchemyError, sqlite3.Error) as e:
             self.close()
-            raise EventStoreError(f"event store {self._where()}: {_reason(e)}") from None
+            raise EventStoreError(f"event store {self._where()}: {reason(e)}") from None
 
     def close(self) -> None:
         if self._engine is not None:
@@ -396,7 +396,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _reason(e: BaseException) -> str:
+def reason(e: BaseException) -> str:
     """A one-line reason without SQL or parameters (SQLAlchemy appends both)."""
     if isinstance(e, sa.exc.DBAPIError) and e.orig is not None:
         e = e.orig
