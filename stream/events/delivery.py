@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from segstream.stream.events.observer import EventsObserver
 from segstream.stream.events.store import EventStore, OutboxRow
 
 POLL_S = 1.0  # a missed wake-up costs at most this
+RETRY_INITIAL_S = 0.5
+log = logging.getLogger(__name__)
 
 
 class OutboxTarget:
@@ -35,6 +39,29 @@ class OutboxTarget:
             with contextlib.suppress(RuntimeError):  # loop closing
                 self._loop.call_soon_threadsafe(self._wake.set)
 
+    async def serve(self) -> None:
+        """One session of the target (a connection); returns or raises when it ends."""
+        raise NotImplementedError
+
+    def disconnected(self) -> None:
+        """serve() ended (state for health)."""
+
+    async def run(self, retry_max_s: float = 10.0) -> None:
+        """serve() for ever, again after any failure (the target away, the store away) with
+        capped backoff; cancel to stop."""
+        delay = RETRY_INITIAL_S
+        while True:
+            started = time.monotonic()
+            try:
+                await self.serve()
+            except Exception as e:
+                self.disconnected()
+                if time.monotonic() - started > 10 * delay:
+                    delay = RETRY_INITIAL_S  # it ran a good while: not a fast failure loop
+                log.warning("%s: %s; retrying in %.1fs", self.name, _first(e), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, retry_max_s)
+
     async def pump(self, send: Callable[[OutboxRow], Awaitable[None]]) -> None:
         """Hand every row after the cursor to `send`, in order, forever. `send` returns when
         the row is handled (delivered, filtered or rejected) and raises to stop the pump."""
@@ -49,3 +76,10 @@ class OutboxTarget:
                 await send(row)
                 await asyncio.to_thread(self.store.ack, self.name, row.seq)
                 self.cursor = row.seq
+
+
+def _first(e: BaseException) -> BaseException:
+    """The first leaf of an exception group (a TaskGroup's), for a one-line log."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e

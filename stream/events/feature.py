@@ -105,8 +105,7 @@ class EventsFeature:
         )
         for t in self.targets:
             await t.start()
-            run = getattr(t, "run")  # noqa: B009 (every concrete target has one)
-            self._tasks.append(asyncio.create_task(run(), name=f"events-{t.name}"))
+            self._tasks.append(asyncio.create_task(t.run(), name=f"events-{t.name}"))
 
     async def close(self, drain_s: float = 2.0) -> None:
         """Close every open event (`shutdown`), write it, give the targets up to drain_s to

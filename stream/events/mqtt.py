@@ -155,25 +155,17 @@ class MqttTarget(OutboxTarget):
             timeout=PUBLISH_TIMEOUT_S,
         )
 
-    async def run(self) -> None:
+    async def run(self, retry_max_s: float | None = None) -> None:
         """Connect, publish, reconnect with capped backoff, for ever (cancel to stop: the
         availability goes offline first)."""
-        delay = 0.5
-        while True:
-            try:
-                async with self._client() as client:
-                    delay = 0.5
-                    await self._session(client)
-            except* (aiomqtt.MqttError, OSError) as eg:
-                self.connected = False
-                why = eg.exceptions[0]
-                log.warning("mqtt %s: %s; retrying in %.1fs", self._where(), why, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.cfg.reconnect_max_s)
+        await super().run(self.cfg.reconnect_max_s if retry_max_s is None else retry_max_s)
 
-    def _where(self) -> str:
-        u = urlsplit(self.cfg.url)
-        return f"{u.hostname}:{u.port or 1883}"  # never the credentials
+    async def serve(self) -> None:
+        async with self._client() as client:
+            await self._session(client)
+
+    def disconnected(self) -> None:
+        self.connected = False
 
     async def _session(self, client: aiomqtt.Client) -> None:
         await client.publish(self.available_topic, b"online", qos=1, retain=True)

@@ -38,7 +38,7 @@ class WebhookTarget(OutboxTarget):
         super().__init__(target_name(cfg), store, observer)
         self.cfg = cfg
 
-    async def run(self) -> None:
+    async def serve(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.cfg.timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             await self.pump(lambda row: self._send(session, row))
