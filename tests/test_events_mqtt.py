@@ -254,3 +254,12 @@ async def test_broker_killed_while_events_happen_loses_nothing(tmp_path):
                 assert await until(lambda t=topic, s=states: sub.live(t) == s, 5), sub.live(topic)
     finally:
         b.stop()
+
+
+async def test_mqtt_5_delivers_the_feed(broker, tmp_path):
+    async with running(tmp_path, mqtt(broker, "seg-5", protocol="5")) as f:
+        f.set_stream("cam", [zone()])
+        async with Subscriber(broker.port, ["segstream/events"], "sub-5") as sub:
+            assert await until(lambda: f.mqtt is not None and f.mqtt.connected, 10)
+            f.on_mask("cam", person_mask(0.5), now=1.0)
+            assert await until(lambda: [c["type"] for c in sub.feed()] == ["new"], 5)

@@ -295,3 +295,14 @@ def test_writes_wait_for_a_postgres_server_that_is_down(pg_server: Postgres, pos
     finally:
         rec.close()
         s.close()
+
+
+def test_a_store_from_a_newer_version_is_a_clear_error(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    s = EventStore(url, tmp_path / "media")
+    s.open()
+    with s.engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
+    s.close()
+    with pytest.raises(EventStoreError, match="Can't locate revision identified by '9999'"):
+        EventStore(url, tmp_path / "media").open()

@@ -23,6 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.util.exc import CommandError
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
 
@@ -81,7 +82,7 @@ class EventStore:
                 self._check(conn)
                 self.migrate(conn)
             return self._close_left_open(time.time() if now is None else now)
-        except (OSError, sa.exc.SQLAlchemyError, sqlite3.Error) as e:
+        except (OSError, sa.exc.SQLAlchemyError, sqlite3.Error, CommandError) as e:
             self.close()
             raise EventStoreError(f"event store {self._where()}: {reason(e)}") from None
 
