@@ -21,6 +21,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import sqlalchemy as sa
 
 from segstream.stream.events.config import EventsConfig, MqttConfig, WebhookConfig, ZoneConfig
 from segstream.stream.events.delivery import OutboxTarget
@@ -34,6 +35,7 @@ from segstream.stream.events.store import (
     EventStoreError,
     default_media_dir,
     default_url,
+    reason,
 )
 from segstream.stream.events.webhook import WebhookTarget
 from segstream.stream.events.zones import ZoneCoverage, named
@@ -103,8 +105,14 @@ class EventsFeature:
             self.cfg.prune_interval_s,
             self.clock,
         )
+        try:
+            for t in self.targets:
+                await t.start()
+        except sa.exc.SQLAlchemyError as e:
+            self.error = f"event store: {reason(e)}"
+            log.error("%s; alerts are off", self.error)
+            return
         for t in self.targets:
-            await t.start()
             self._tasks.append(asyncio.create_task(t.run(), name=f"events-{t.name}"))
 
     async def close(self, drain_s: float = 2.0) -> None:
@@ -168,8 +176,8 @@ class EventsFeature:
             st.coverage.set_zones(zones)
             st.last = {z: c for z, c in st.last.items() if z in {zz.name for zz in zones}}
             self._submit(st.rules.set_zones(zones, self.clock()))
-        if self.mqtt is not None:
-            self.mqtt.set_zones(stream, zones)
+            if self.mqtt is not None:  # under the lock: no coverage of a removed zone after
+                self.mqtt.set_zones(stream, zones)
 
     def remove_stream(self, stream: str, reason: EndReason = "stream_removed") -> None:
         st = self._streams.pop(stream, None)
@@ -177,8 +185,8 @@ class EventsFeature:
             return
         with st.lock:
             self._submit(st.rules.close_all(self.clock(), reason))
-        if self.mqtt is not None:
-            self.mqtt.set_zones(stream, [])
+            if self.mqtt is not None:
+                self.mqtt.set_zones(stream, [])
 
     def zones(self, stream: str) -> list[dict[str, Any]]:
         """The API's view: [{name, coverage: {class: ratio}, active: [class, ...]}]."""
@@ -225,10 +233,10 @@ class EventsFeature:
             changes = st.rules.update(cov, now)
             self._submit(changes)
             self._take_media(st, changes, mask, now, snapshot)
-        for zone, values in cov.items():
-            self.observer.zone_coverage(stream, zone, values)
-            if self.mqtt is not None:
-                self.mqtt.coverage(stream, zone, values)
+            for zone, values in cov.items():
+                self.observer.zone_coverage(stream, zone, values)
+                if self.mqtt is not None:
+                    self.mqtt.coverage(stream, zone, values)
         return cov
 
     def _submit(self, changes: list[Change]) -> None:

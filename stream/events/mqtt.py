@@ -103,9 +103,9 @@ class MqttTarget(OutboxTarget):
         with self._lock:
             old = discovery_messages(self.cfg, stream, self._zones.get(stream, []))
             new = discovery_messages(self.cfg, stream, zones)
-            kept = {state_topic(self.cfg.topic_prefix, stream, z.name, "") for z in zones}
+            kept = {z.name for z in zones}
             for (s, zone), topics in list(self._covered.items()):
-                if s == stream and state_topic(self.cfg.topic_prefix, s, zone, "") not in kept:
+                if s == stream and zone not in kept:
                     self._cleared |= topics
                     del self._covered[(s, zone)]
                     for t in topics:
