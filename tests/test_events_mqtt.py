@@ -25,6 +25,7 @@ from waiting import until
 from segstream.stream.events.config import EventsConfig, MqttConfig
 from segstream.stream.events.feature import EventsFeature
 
+pytestmark = pytest.mark.e2e  # a real broker
 REPO = Path(__file__).resolve().parents[1]
 Msg = tuple[str, bytes, bool]  # topic, payload, retained
 

@@ -49,7 +49,8 @@ def empty_postgres(url: str) -> str:
     return url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+# The PostgreSQL cases start a server: end-to-end (`make test-fast` runs the SQLite ones).
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EventStore]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'events.db'}"
@@ -276,6 +277,7 @@ def test_an_unreachable_postgres_is_a_clear_error_without_the_password(tmp_path:
     assert "event store postgresql://u:***@127.0.0.1" in str(e.value)
 
 
+@pytest.mark.e2e
 def test_writes_wait_for_a_postgres_server_that_is_down(pg_server: Postgres, postgres: str,
                                                        tmp_path: Path):  # fmt: skip
     s = EventStore(empty_postgres(postgres), tmp_path / "media")
