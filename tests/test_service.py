@@ -6,15 +6,47 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
+import socket
+import sys
+import threading
 import time
 from pathlib import Path
 
+import av
+import cv2
 import pytest
 from peers import Chromium, Prometheus
 from rtsp import RtspServer, encode_clip, gst_rtsp_available
-from service_proc import MjpegReader, ServiceProcess, colour_pixels, decode
+from service_proc import MjpegReader, ServiceProcess, colour_pixels, decode, read_part
+from waiting import wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import stamp
 
 PERSON_RGB = (192, 128, 128)  # Pascal VOC palette, class 15
+STAMPED_FRAMES = 300  # the stamped clip: vtest's first 30 s, frame k carries sequence number k
+
+
+@pytest.fixture(scope="module")
+def stamped_clip(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vtest at its size and 10 fps with each frame's number drawn in (scripts/stamp.py), so
+    a client can tell which frame it got and how far behind the newest one it is."""
+    out = tmp_path_factory.mktemp("stamped") / "vtest-stamped.mp4"
+    cap = cv2.VideoCapture(str(shared_dir / "data/video/vtest.avi"))
+    with av.open(str(out), "w") as f:
+        s = f.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 768, 576, "yuv420p"
+        s.options = {"preset": "ultrafast", "crf": "18", "bf": "0"}
+        for k in range(STAMPED_FRAMES):
+            ok, img = cap.read()
+            assert ok, k
+            stamp.stamp_bgr(img, k, 0)
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="bgr24")):
+                f.mux(packet)
+        for packet in s.encode():
+            f.mux(packet)
+    cap.release()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +66,7 @@ def cams(clip: Path):
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, segstream_home: Path, shared_dir: Path, cams):
+def service(tmp_path_factory, segstream_home: Path, stamped_clip: Path, cams):
     a, b = cams
     cfg = {
         "model": {
@@ -56,7 +88,7 @@ def service(tmp_path_factory, segstream_home: Path, shared_dir: Path, cams):
                 "reconnect_initial": 0.2,
                 "reconnect_max": 1.0,
             },
-            {"id": "clip", "source": str(shared_dir / "data/video/vtest.avi"), "output": "smooth"},
+            {"id": "clip", "source": str(stamped_clip), "output": "smooth"},
         ],
     }
     svc = ServiceProcess(tmp_path_factory.mktemp("svc"), cfg).start()
@@ -132,16 +164,97 @@ def test_streams_are_batched(service: ServiceProcess) -> None:
     assert ones < total
 
 
+class StampReader:
+    """A raw MJPEG client on a thread that notes when it got which frame (the stamp's number).
+    `pause` > 0: a slow client, which waits that long after each frame, with a small receive
+    buffer (so the kernel does not hold seconds of frames for it)."""
+
+    def __init__(self, port: int, path: str, pause: float = 0.0) -> None:
+        self.got: list[tuple[float, int]] = []  # (monotonic time, frame number)
+        self.pause, self.error = pause, None
+        self._stop = threading.Event()
+        self.sock = socket.socket()
+        if pause:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        self.sock.connect(("127.0.0.1", port))
+        # HTTP/1.0: no chunked encoding, the multipart body as it is.
+        self.sock.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with self.sock.makefile("rb") as r:
+                assert r.readline().split()[1] == b"200"
+                while r.readline().strip():  # the response's headers
+                    pass
+                while not self._stop.is_set():
+                    code = stamp.read_jpeg(read_part(r))
+                    assert code is not None, "a frame without its stamp"
+                    self.got.append((time.monotonic(), code[0]))
+                    if self.pause:
+                        time.sleep(self.pause)
+        except Exception as e:
+            if not self._stop.is_set():
+                self.error = e
+
+    def within(self, t0: float, t1: float) -> list[tuple[float, int]]:
+        return [(t, k) for t, k in self.got if t0 <= t < t1]
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(5)
+        self.sock.close()
+
+
+def behind(newer: int, older: int) -> int:
+    """Frames from `older` to `newer` on the looping stamped clip (0 if `older` is newer)."""
+    d = (newer - older) % STAMPED_FRAMES
+    return 0 if d > STAMPED_FRAMES // 2 else d
+
+
 def test_slow_client_skips_and_fps_cap(service: ServiceProcess) -> None:
-    capped = MjpegReader(service.base + "/streams/clip/mjpeg?fps=2")
-    full = MjpegReader(service.base + "/streams/clip/mjpeg")
+    """A client that reads a frame every 0.5 s gets the newest frame each time (it skips,
+    nothing queues for it); a client asking ?fps=2 gets 2 a second; a fast client beside them
+    gets every frame the stream publishes."""
+    path = "/streams/clip/mjpeg"
+    fast = StampReader(service.port, path)
+    slow = StampReader(service.port, path, pause=0.5)
+    capped = StampReader(service.port, path + "?fps=2")
+    readers = (fast, slow, capped)
     try:
-        time.sleep(4)
-        assert capped.frames <= 10  # 2 fps for 4 s, plus the first frame
-        assert full.frames >= 2 * capped.frames
+        assert wait_for(lambda: all(len(r.got) >= 3 for r in readers), 30), [
+            (len(r.got), r.error) for r in readers
+        ]
+        published = ("segstream_frames_total", {"stream": "clip", "outcome": "published"})
+        t0, p0 = time.monotonic(), service.metric(published[0], **published[1])
+        assert wait_for(lambda: time.monotonic() - t0 > 8 and len(slow.within(t0, 1e9)) > 12, 30)
+        t1, p1 = time.monotonic(), service.metric(published[0], **published[1])
     finally:
-        capped.close()
-        full.close()
+        for r in readers:
+            r.close()
+    assert not any(r.error for r in readers), [r.error for r in readers]
+    span = t1 - t0
+    f, sl, cp = fast.within(t0, t1), slow.within(t0, t1), capped.within(t0, t1)
+    print(f"{span:.1f} s: published {p1 - p0:.0f}, fast {len(f)}, slow {len(sl)}, capped {len(cp)}")
+    # The fast client got every frame published meanwhile (give or take the ones in transit
+    # at either end), whatever the slow one does.
+    assert abs(len(f) - (p1 - p0)) <= 3, (len(f), p1 - p0)
+    assert len(f) > 5 * span, len(f)  # the clip's 10 fps (smooth output), not the slow 2
+    # The slow one: one frame per pause, each the newest when it was written (what waits in
+    # the socket buffers is a frame or two, written up to a pause before it is read), never a
+    # backlog that grows with time: a queue would be (10 - 2) x 8 s = 64 frames behind by now.
+    assert len(sl) <= span / 0.5 + 1, len(sl)
+    lags = [behind([kk for tt, kk in fast.got if tt <= t][-1], k) for t, k in sl]
+    print("slow client's lag behind the fast one, in frames:", lags)
+    assert max(lags) <= 15, lags  # 3 pauses
+    assert max(lags[-4:]) <= max(lags[:4]) + 3, lags
+    gaps = [behind(b[1], a[1]) for a, b in itertools.pairwise(sl)]
+    assert sorted(gaps)[len(gaps) // 2] >= 3, gaps  # it skips frames (about 5 per pause)
+    # ?fps=2: two frames a second, also the newest ones.
+    assert 1.5 * span - 2 <= len(cp) <= 2 * span + 2, (len(cp), span)
+    assert sorted(behind(b[1], a[1]) for a, b in itertools.pairwise(cp))[len(cp) // 2] >= 3
 
 
 def test_camera_loss_and_recovery(service: ServiceProcess, cams) -> None:
