@@ -334,7 +334,9 @@ def test_login_and_add_a_camera_in_chromium(
             await page.wait_for(
                 "document.querySelector('[data-stream=door] .state')?.textContent === 'live'", 30
             )
-            await asyncio.sleep(2)
+            await page.wait_for(  # its tile draws frames
+                "+(document.querySelector('[data-stream=door]').dataset.frames || 0) >= 2", 30
+            )
             shot = await page.screenshot()
             assert shot.std() > 10
 
