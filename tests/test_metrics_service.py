@@ -70,19 +70,22 @@ def test_every_captured_frame_has_exactly_one_outcome(
     exactly, once the file has ended and nothing moves any more."""
     service.wait_state("short", {"stopped"}, 30)
     frames = frame_count(short_clip)
-    prev: dict[str, float] = {}
+    c: dict[str, float] = {}
 
-    def settled() -> bool:  # two reads 0.3 s apart agree: the last batch is counted
-        nonlocal prev
-        now, prev = prev, outcomes(service, "short")
-        return now == prev
+    def pending(c: dict[str, float]) -> float:
+        return c["captured"] - (c["unconverted"] + c["skipped"] + c["dropped"] + c["inferred"])
 
-    assert wait_for(settled, 10, step=0.3), prev
-    c = prev
+    def settled() -> bool:
+        """Two reads 0.5 s apart agree and every frame is accounted for. A batch still
+        running (seconds on a loaded machine) holds taken frames that are not inferred yet;
+        a frame lost on the way never lets this become true."""
+        nonlocal c
+        before, c = c, outcomes(service, "short")
+        return before == c and pending(c) in (0, 1)
+
+    assert wait_for(settled, 60, step=0.5), c
     assert c["captured"] == frames, (c, frames)  # every frame of the file, each once
     assert service.stream("short")["captured"] == frames
-    rest = c["unconverted"] + c["skipped"] + c["dropped"] + c["inferred"]
-    assert c["captured"] - rest in (0, 1), c  # at most one frame still pending
     # 4 of 10 fps inferred: most frames are never converted, some are.
     assert 0 < c["inferred"] < c["unconverted"], c
     assert c["published"] <= c["inferred"], c  # output "segmented": one per inference seen
@@ -171,3 +174,36 @@ async def test_page_connections_and_bytes_match_what_pages_received(
             await p.task
     assert await until(lambda: metric("segstream_page_connections") == 0, 10)
     assert metric("segstream_page_bytes_total") - bytes0 == sum(p.bytes for p in pages)
+
+
+def test_limits_follow_a_latency_target(
+    tmp_path: Path, segstream_home: Path, camera: RtspServer
+) -> None:
+    """Under a latency target nothing can meet (1 ms), the scheduler halves the batch, then
+    cuts the stream's inference rate down to scheduler.min_infer_fps: the gauges show each
+    step's result, the same figures as the API."""
+    cfg = {
+        "model": {
+            "name": "mnv2-voc",
+            "backend": "tflite",
+            "workers": 1,
+            "threads": 1,
+            "max_batch": 2,
+        },
+        "scheduler": {"latency_target_ms": 1, "min_infer_fps": 1.5},
+        "streams": [{"id": "cam", "source": camera.url("/cam"), "infer_fps": 8}],
+    }
+    svc = ServiceProcess(tmp_path, cfg).start()
+    assert svc.metric("segstream_inference_batch_limit") == 2
+    assert svc.metric("segstream_stream_infer_fps_limit", stream="cam") == 8
+    reader = MjpegReader(svc.base + "/streams/cam/mjpeg")  # latencies come from viewers
+    try:
+        assert wait_for(lambda: svc.metric("segstream_inference_batch_limit") == 1, 60)
+        assert wait_for(
+            lambda: svc.metric("segstream_stream_infer_fps_limit", stream="cam") == 1.5, 60
+        ), svc.stream("cam")
+        assert svc.stream("cam")["infer_fps_cap"] == 1.5
+        assert svc.metric("segstream_inference_batch_limit") == 1
+    finally:
+        reader.close()
+        svc.stop()
