@@ -90,36 +90,31 @@ class Chromium:
         wait_http(f"http://127.0.0.1:{self.port}/json/version", 30)
 
     async def screenshot(
-        self, url: str, settle_s: float = 4.0, selector: str | None = None, shots: int = 1
+        self,
+        url: str,
+        ready: str = "document.readyState !== 'loading'",
+        timeout: float = 30.0,
+        selector: str | None = None,
+        shots: int = 1,
     ) -> tuple[list[np.ndarray], dict[str, float] | None]:
-        """Loads url, waits settle_s; returns the page as a BGR image and, if asked, the
-        bounding box (CSS pixels) of the first element matching selector."""
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/json/new?about:blank", method="PUT"
-        )
-        with urllib.request.urlopen(req, timeout=5) as r:
-            ws_url = json.load(r)["webSocketDebuggerUrl"]
-        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
-            await _cdp(ws, 1, "Page.enable")
-            await _cdp(ws, 2, "Page.navigate", {"url": url})
-            time_end = time.monotonic() + settle_s
-            while time.monotonic() < time_end:
-                await _drain(ws, 0.2)
+        """Loads url and waits until the JavaScript condition `ready` holds (at most
+        `timeout` s); returns the page as BGR images (`shots` of them, 1 s apart) and, if
+        asked, the bounding box (CSS pixels) of the first element matching selector."""
+        async with self.page() as page:
+            await page.goto(url, settle_s=0.0)
+            await page.wait_for(ready, timeout)
             rect = None
             if selector:
                 js = (
                     f"JSON.stringify(document.querySelector({json.dumps(selector)})"
                     "?.getBoundingClientRect() ?? null)"
                 )
-                res = await _cdp(ws, 4, "Runtime.evaluate", {"expression": js})
-                rect = json.loads(res["result"]["value"])
+                rect = json.loads(await page.eval(js))
             images = []
             for k in range(shots):  # a live page: several moments, 1 s apart
                 if k:
-                    await _drain(ws, 1.0)
-                shot = await _cdp(ws, 10 + k, "Page.captureScreenshot", {"format": "png"})
-                png = base64.b64decode(shot["data"])
-                images.append(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR))
+                    await asyncio.sleep(1.0)
+                images.append(await page.screenshot())
         return images, rect
 
     @contextlib.asynccontextmanager
@@ -192,11 +187,6 @@ async def _cdp(
             if "error" in msg:
                 raise RuntimeError(f"{method}: {msg['error']}")
             return msg.get("result", {})
-
-
-async def _drain(ws: aiohttp.ClientWebSocketResponse, timeout: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await ws.receive(timeout=timeout)
 
 
 class Prometheus:

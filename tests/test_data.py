@@ -48,9 +48,8 @@ def red_pair(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_read_image_is_rgb_in_every_tool(red_pair: tuple[Path, Path]) -> None:
-    """The data module documents RGB, and each tool's reader returns it."""
+    """Each tool's reader returns RGB (pure red reads as [255, 0, 0], never BGR's blue)."""
     img, mask = red_pair
-    assert "RGB" in (data.__doc__ or "") and "RGB" in (data.read_image.__doc__ or "")
     read = {
         "data.read_image": data.read_image(img),
         "data.read_pair": data.read_pair(img, mask)[0],
@@ -62,6 +61,16 @@ def test_read_image_is_rgb_in_every_tool(red_pair: tuple[Path, Path]) -> None:
     for who, got in read.items():
         assert got.shape == (24, 32, 3) and got.dtype == np.uint8, who
         assert got[0, 0].tolist() == RED_RGB, who
+
+
+def test_read_image_gives_three_channels_from_grey_and_rgba(tmp_path: Path) -> None:
+    grey, rgba = tmp_path / "grey.png", tmp_path / "rgba.png"
+    cv2.imwrite(str(grey), np.full((6, 8), 77, np.uint8))
+    cv2.imwrite(str(rgba), np.full((6, 8, 4), (0, 0, 255, 128), np.uint8))  # BGRA on disk
+    assert data.read_image(grey).shape == (6, 8, 3)
+    assert data.read_image(grey)[0, 0].tolist() == [77, 77, 77]
+    assert data.read_image(rgba).shape == (6, 8, 3)
+    assert data.read_image(rgba)[0, 0].tolist() == RED_RGB
 
 
 def test_every_tool_feeds_the_model_rgb(red_pair: tuple[Path, Path], tmp_path: Path) -> None:

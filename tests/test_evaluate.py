@@ -207,8 +207,12 @@ def test_camvid_subset_cli_json(
         assert key in m, key
     assert (m["model"], m["images"], m["ignore"]) == ("edgetpu-cityscapes", 10, 11)
     assert list(m["per_class"]) == CAMVID11
-    assert 0.35 < m["miou"] < 0.8 and m["pixel_accuracy"] > 0.7
-    assert m["per_class"]["Road"] > 0.7 and m["per_class"]["Sky"] > 0.5
+    # The first 10 pairs by stem (the README's 0.554 is over all 233 images): what the
+    # real computation gives them, to within resize rounding.
+    assert m["miou"] == pytest.approx(0.484, abs=0.005)
+    assert m["pixel_accuracy"] == pytest.approx(0.816, abs=0.005)
+    assert m["per_class"]["Road"] == pytest.approx(0.878, abs=0.005)
+    assert m["per_class"]["Car"] == pytest.approx(0.748, abs=0.005)
     cm = np.array(m["confusion_matrix"])
     assert cm.shape == (11, 12) and cm.sum() == m["pixels"]
     assert cm[:, 11].sum() == 0  # every Cityscapes class maps somewhere

@@ -232,12 +232,30 @@ def test_two_services_in_one_process_keep_their_own_series() -> None:
 
 
 def test_metrics_observer_implements_the_protocol() -> None:
+    """Both observers have every method of the protocol, with its parameters; the Prometheus
+    one turns class fractions into gauges for as long as the stream exists."""
+    import inspect
+
     from segstream.stream.observer import NullObserver, Observer
 
-    def check(o: Observer) -> None:
-        o.stream_added("x")
-        o.class_fractions("x", ["a", "b"], np.array([0.25, 0.75]))
-        o.stream_removed("x")
+    methods = [n for n, f in vars(Observer).items() if callable(f) and not n.startswith("_")]
+    assert "class_fractions" in methods and len(methods) >= 20, methods
+    for cls in (NullObserver, PrometheusObserver):
+        for name in methods:
+            want = list(inspect.signature(getattr(Observer, name)).parameters)
+            got = list(inspect.signature(getattr(cls, name)).parameters)
+            assert got == want, (cls.__name__, name, got, want)
 
-    check(NullObserver())
-    check(PrometheusObserver())
+    obs = PrometheusObserver()
+    get = obs.registry.get_sample_value
+    person = {"stream": "x", "class_name": "person"}
+    obs.stream_added("x")
+    obs.class_fractions("x", ["background", "person"], np.array([0.25, 0.75]))
+    assert get("segstream_class_pixel_fraction", person) == 0.75
+    assert get("segstream_class_pixel_fraction", {**person, "class_name": "background"}) == 0.25
+    obs.class_fractions("x", ["background", "person"], np.array([0.5, 0.5]))
+    assert get("segstream_class_pixel_fraction", person) == 0.5
+    obs.stream_removed("x")
+    assert get("segstream_class_pixel_fraction", person) is None
+    obs.class_fractions("x", ["background", "person"], np.array([0.0, 1.0]))  # late
+    assert get("segstream_class_pixel_fraction", person) is None

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import time
+import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 from peers import CdpPage, Chromium
 from rtsp import encode_clip
 from service_proc import MjpegReader, ServiceProcess, colour_pixels, decode
+from waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -537,13 +539,10 @@ def test_mosaic_mjpeg(service: ServiceProcess) -> None:
                 body[:200],
             )
         # mosaic.max_layouts is 3 here: a 4th distinct layout waits its turn...
-        time.sleep(3.0)  # the readers above are gone: so are their layouts
-        readers = [
-            MjpegReader(service.base + f"/mosaic/mjpeg?streams=cam0{i}&width=320") for i in range(3)
-        ]
+        readers: list[MjpegReader] = []
         try:
-            for r in readers:
-                r.wait_frames(1, timeout=20)
+            for i in range(3):  # (503 until the server has seen the readers above go)
+                readers.append(mosaic_reader(service, f"?streams=cam0{i}&width=320", 20))
             status, body, headers = service.get("/mosaic/mjpeg?streams=cam09&width=320")
             assert status == 503 and "max_layouts" in json.loads(body)["error"], body
         finally:
@@ -551,6 +550,20 @@ def test_mosaic_mjpeg(service: ServiceProcess) -> None:
                 r.close()
     finally:
         service.request("DELETE", "/api/streams/gone")
+
+
+def mosaic_reader(service: ServiceProcess, query: str, timeout: float) -> MjpegReader:
+    """A mosaic client that has its first frame, retried while the layouts are all taken."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = MjpegReader(service.base + "/mosaic/mjpeg" + query)
+        wait_for(lambda r=r: r.frames > 0 or r.error is not None, deadline - time.monotonic())
+        if r.frames > 0:
+            return r
+        r.close()
+        full = isinstance(r.error, urllib.error.HTTPError) and r.error.code == 503
+        assert full and time.monotonic() < deadline, (query, r.error)
+        time.sleep(0.2)
 
 
 def test_mjpeg_urls_still_work(service: ServiceProcess) -> None:

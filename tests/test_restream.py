@@ -169,6 +169,9 @@ def test_gst_record_server_with_digest_auth_gets_every_frame(
     assert SECRET not in text and "s3cr%25t" not in text and "hunter2" not in text
 
 
+IO_TIMEOUT = 2.0
+
+
 def test_a_stalled_server_never_blocks_the_pipeline(shared_dir: Path) -> None:
     """A server that accepts and then says nothing: put() stays a copy, the rest of the
     process keeps running (no GIL held while waiting), the timeout turns into reconnecting,
@@ -185,7 +188,7 @@ def test_a_stalled_server_never_blocks_the_pipeline(shared_dir: Path) -> None:
     sink = RestreamSink(
         "t",
         f"rtsp://u:{SECRET}@127.0.0.1:{port}/x",
-        io_timeout=1.0,
+        io_timeout=IO_TIMEOUT,
         reconnect_initial=0.2,
         reconnect_max=0.3,
     )
@@ -193,8 +196,9 @@ def test_a_stalled_server_never_blocks_the_pipeline(shared_dir: Path) -> None:
     try:
         gaps, puts = [], []
         last = time.perf_counter()
-        end = last + 3.0
-        while time.perf_counter() < end:  # the render thread's view: 100 puts per second
+        end = last + 4 * IO_TIMEOUT
+        # The render thread's view, 100 puts a second, until two waits have timed out.
+        while sink.status()["errors"] < 2 and time.perf_counter() < end:
             t = time.perf_counter()
             sink.put(Rendered("t", frame, 1, 0.0, 80))
             puts.append(time.perf_counter() - t)
@@ -209,7 +213,9 @@ def test_a_stalled_server_never_blocks_the_pipeline(shared_dir: Path) -> None:
             f"longest gap {max(gaps) * 1e3:.0f} ms; {st}"
         )
         assert st["errors"] >= 2 and "no reply" in st["reason"], st
-        assert max(gaps) < 0.25, "the process stalled while the restream waited on the server"
+        # A wait that held the GIL would stop this loop for a whole io_timeout; a busy machine
+        # delays it by far less than half of one (the loop's speed is bench_restream's job).
+        assert max(gaps) < IO_TIMEOUT / 2, "the process stalled while the restream waited"
         assert np.median(puts) < 0.002
         assert SECRET not in json.dumps(st)
         t = time.perf_counter()

@@ -538,9 +538,10 @@ def test_rtsp_server_dies_and_returns(
     assert wait_for(lambda: cam.state is SourceState.RECONNECTING, 8), cam.stats()
     assert cam.reason, cam.stats()
     got_before = other.stats()["captured"]
-    time.sleep(1.0)  # the file stream keeps going while the camera is down
+    # The file stream keeps going while the camera is down.
+    assert wait_for(lambda: other.stats()["captured"] >= got_before + 5, 10), other.stats()
     assert other.state is SourceState.LIVE
-    assert other.stats()["captured"] >= got_before + 5
+    assert cam.state is SourceState.RECONNECTING, cam.stats()  # still down meanwhile
 
     t0 = time.monotonic()
     rtsp.start()
@@ -751,10 +752,8 @@ def test_open_that_never_answers(make_source, reader: str) -> None:
             reconnect_initial=5.0,
         )
         assert wait_for(lambda: src.state is SourceState.RECONNECTING, 1.0 + 1.5 + 2), src.stats()
-        assert "timed out" in src.reason or "did not return" in src.reason, src.reason
-        assert src.reason.startswith(f"cannot open rtsp://127.0.0.1:{srv.port}/cam") or (
-            "did not return" in src.reason
-        )
+        # The reader's own open timeout, not the watchdog (1.5 s later), ends the attempt.
+        assert src.reason == f"cannot open rtsp://127.0.0.1:{srv.port}/cam: timed out after 1 s"
         t0 = time.monotonic()
         src.stop()
         assert time.monotonic() - t0 < 2.5

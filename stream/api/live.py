@@ -160,7 +160,7 @@ async def open_page_socket(
             503, f"{connected} pages connected (page.max_clients)", headers={"Retry-After": "5"}
         )
     await ws.prepare(request)
-    _tune_socket(request)
+    tune_socket(request)
     return ws
 
 
@@ -464,7 +464,9 @@ def _same_origin(request: web.Request) -> bool:
     return urlsplit(origin).netloc.lower() == request.host.lower()
 
 
-def _tune_socket(request: web.Request) -> None:
+def tune_socket(request: web.Request) -> None:
+    """Bounds what a slow client can have waiting unsent (aiohttp's buffer, then the
+    kernel's), so the next write waits and the client gets the newest frame then."""
     transport = request.transport
     if transport is None:
         return

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from segstream.models.tools.data import encode_palette_png
 from segstream.stream.api.context import backend
+from segstream.stream.api.live import tune_socket
 from segstream.stream.api.spec import Body, Endpoint, error, read_query
 from segstream.stream.encoders import MJPEG_HEADERS, mjpeg_part
 from segstream.stream.schemas import Error
@@ -43,6 +44,7 @@ async def _mjpeg(
     fps = client_fps(q.fps or 0.0, service.cfg.server.max_client_fps)
     resp = web.StreamResponse(headers=MJPEG_HEADERS)
     await resp.prepare(request)
+    tune_socket(request)  # else the kernel queues seconds of frames for a slow client
     pub = s.mjpeg
     pub.clients += 1
     service.observer.clients(s.cfg.id, pub.clients)

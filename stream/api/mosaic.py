@@ -8,6 +8,7 @@ import asyncio
 from aiohttp import web
 
 from segstream.stream.api.context import CONFIG, backend
+from segstream.stream.api.live import tune_socket
 from segstream.stream.api.media import client_fps
 from segstream.stream.api.spec import Body, Endpoint, error, read_query
 from segstream.stream.encoders import MJPEG_HEADERS, mjpeg_part
@@ -65,6 +66,7 @@ async def _mosaic(
         fps = client_fps(q.fps or 0.0, service.cfg.server.max_client_fps)
         resp = web.StreamResponse(headers=MJPEG_HEADERS)
         await resp.prepare(request)
+        tune_socket(request)  # a slow client skips frames rather than queueing them
         pub = layout.publisher
         assert isinstance(pub, MjpegSink), "the service makes MJPEG publishers"
         seq, next_at = 0, 0.0
