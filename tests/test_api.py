@@ -690,7 +690,7 @@ async def _lifetime(check: Callable[[], Awaitable[int]], expires: int, ok: int) 
         assert status in (ok, 401), answers
         assert sent < expires + 10, f"still accepted 10 s after it expired: {answers}"
         await asyncio.sleep(0.1)
-    assert answers[0][1] == ok and answers[0][2] < expires, answers  # accepted at first
+    assert answers[0][1] == ok, answers  # accepted at first
     first_refusal = answers[-1]
     assert first_refusal[2] > expires, f"refused before it expired: {answers}"
     # The service's clock is ours: an accepted request left before the expiry, and a refused
@@ -701,7 +701,7 @@ async def _lifetime(check: Callable[[], Awaitable[int]], expires: int, ok: int) 
 
 
 async def test_signed_urls_and_sessions_expire(api: Api, shared_dir: Path, tmp_path: Path) -> None:
-    """A signed URL and a session made with the service's own key for two seconds work until
+    """A signed URL and a session made with the service's own key for three seconds work until
     they expire, and not after."""
     vtest = str(shared_dir / "data/video/vtest.avi")
     admin = api.tokens.add("root", "admin")
@@ -713,7 +713,7 @@ async def test_signed_urls_and_sessions_expire(api: Api, shared_dir: Path, tmp_p
     assert f"exp={got.body['expires']}&" in got.body["url"]
     signer = Authenticator(api.tokens, load_secret(tmp_path / "auth/secret.key"))  # the same key
 
-    expires = int(time.time()) + 2
+    expires = int(time.time()) + 3
     path = (
         f"/streams/a/mjpeg?exp={expires}&sig={signer.sign_path('/streams/a/mjpeg', 'a', expires)}"
     )
@@ -724,9 +724,9 @@ async def test_signed_urls_and_sessions_expire(api: Api, shared_dir: Path, tmp_p
 
     await _lifetime(signed, expires, 200)
 
-    cookie = signer.make_session(Principal("alice", "viewer", "token"), 2)
+    cookie = signer.make_session(Principal("alice", "viewer", "token"), 3)
     expires = _expiry(cookie)
-    assert expires <= time.time() + 2
+    assert expires <= time.time() + 3
 
     async def session() -> int:
         got = await fetch(
@@ -801,14 +801,14 @@ async def test_bad_bearer_tokens_are_slowed_per_client(api: Api) -> None:
     assert waits[1] >= 0.25 and waits[2] >= 0.5 and waits[3] >= 1.0, waits
     # The next bad one would wait 2 s: these would take that long if they were slowed too.
     status, took = await timed(viewer)
-    assert status == 200 and took < 1.0
+    assert status == 200 and took < 1.5
     other = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
     async with aiohttp.ClientSession(connector=other) as elsewhere:
         status, took = await timed(BAD_TOKEN, elsewhere)
-        assert status == 401 and took < 1.0  # another client address has its own count
+        assert status == 401 and took < 1.5  # another client address has its own count
     await forgive(api, viewer)
     status, took = await timed(BAD_TOKEN)
-    assert status == 401 and took < 1.0
+    assert status == 401 and took < 1.5
     status, took = await timed(BAD_TOKEN)
     assert status == 401 and took >= 0.25  # counting again from the start
 
