@@ -541,19 +541,26 @@ async def test_auth_matrix(api: Api, shared_dir: Path, bird: bytes) -> None:
     assert (await fetch(api, "GET", "/healthz", BAD_TOKEN)).status == 200  # probes never fail
 
 
-BAD_REQUESTS = [  # (method, path, caller, body, status, a word of the error)
+BAD_REQUESTS = [  # (method, path, caller, body, status, words of the JSON error)
     ("GET", "/api/streams/nope", "viewer", None, 404, "unknown stream 'nope'"),
     ("GET", "/streams/nope/mjpeg", "viewer", None, 404, "unknown stream 'nope'"),
     ("GET", "/streams/nope/snapshot.jpg", "viewer", None, 404, "unknown stream 'nope'"),
     ("GET", "/streams/nope/mask.png", "viewer", None, 404, "unknown stream 'nope'"),
     ("GET", "/mosaic/mjpeg?streams=nope", "viewer", None, 404, "unknown streams ['nope']"),
-    ("GET", "/mosaic/mjpeg?width=100", "viewer", None, 422, "width"),
-    ("POST", "/api/streams", "admin", {"id": "bad id!", "source": "rtsp://cam/a"}, 422, "id"),
+    ("GET", "/mosaic/mjpeg?width=100", "viewer", None, 422, '"loc": "width"'),
+    (
+        "POST",
+        "/api/streams",
+        "admin",
+        {"id": "bad id!", "source": "rtsp://cam/a"},
+        422,
+        '"loc": "id"',
+    ),
     ("POST", "/api/streams", "admin", {"id": "s", "source": "rtsp://127.0.0.1/a"}, 409, "exists"),
-    ("PATCH", "/api/streams/s", "admin", {"alpha": 2}, 422, "alpha"),
+    ("PATCH", "/api/streams/s", "admin", {"alpha": 2}, 422, '"loc": "alpha"'),
     ("PATCH", "/api/streams/nope", "admin", {"alpha": 1}, 404, "unknown stream 'nope'"),
-    ("POST", "/api/streams/s/share", "admin", {"ttl_s": 1}, 422, "ttl_s"),
-    ("POST", "/api/streams/s/share", "admin", {"kind": "mask"}, 422, "kind"),
+    ("POST", "/api/streams/s/share", "admin", {"ttl_s": 1}, 422, '"loc": "ttl_s"'),
+    ("POST", "/api/streams/s/share", "admin", {"kind": "mask"}, 422, '"loc": "kind"'),
     ("POST", "/api/streams/nope/share", "admin", {}, 404, "unknown stream 'nope'"),
     ("DELETE", "/api/streams/nope", "admin", None, 404, "unknown stream 'nope'"),
     # Without the role, nothing says whether a stream exists.
