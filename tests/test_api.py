@@ -5,10 +5,13 @@ the OpenAPI document and the upload limits."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +24,14 @@ from rtsp import RtspServer
 from waiting import until
 
 from segstream.models.runtime import Segmenter
-from segstream.stream.api.context import THROTTLE
-from segstream.stream.auth import Authenticator, TokenStore, load_secret
+from segstream.stream.api.spec import Endpoint
+from segstream.stream.auth import (
+    Authenticator,
+    LoginThrottle,
+    Principal,
+    TokenStore,
+    load_secret,
+)
 from segstream.stream.config import AppConfig
 from segstream.stream.server import ENDPOINTS, make_app
 from segstream.stream.service import Service
@@ -226,55 +235,370 @@ async def test_stream_set_survives_a_restart(make_api, shared_dir: Path) -> None
 # -- auth ------------------------------------------------------------------------------------
 
 
-async def test_auth_matrix(api: Api, shared_dir: Path) -> None:
-    """Every endpoint x no token, bad token, viewer, admin."""
+@dataclass
+class Reply:
+    """What a client saw: the status, the headers and the body (JSON, bytes, the first JPEG of
+    an MJPEG stream, or a WebSocket's first message)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: Any
+
+    @property
+    def ctype(self) -> str:
+        return self.headers.get("Content-Type", "").split(";")[0].strip()
+
+
+async def first_jpeg(r: aiohttp.ClientResponse) -> bytes:
+    """The first part of a multipart/x-mixed-replace response (the stream itself is endless)."""
+    head = await asyncio.wait_for(r.content.readuntil(b"\r\n\r\n"), 30)
+    sizes = [
+        ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")
+    ]
+    return await asyncio.wait_for(r.content.readexactly(int(sizes[0])), 30)
+
+
+async def fetch(
+    api: Api,
+    method: str,
+    path: str,
+    token: str | None = None,
+    *,
+    body: Any = None,
+    form: Callable[[], aiohttp.FormData] | None = None,
+    data: Any = None,
+    headers: dict[str, str] | None = None,
+    http: aiohttp.ClientSession | None = None,
+) -> Reply:
+    """One request; an MJPEG answer is read up to its first picture, then closed."""
+    sent = {"Authorization": f"Bearer {token}"} if token else {}
+    sent.update(headers or {})
+    async with (http or api.http).request(
+        method,
+        api.server.make_url(path),
+        json=body,
+        data=form() if form else data,
+        headers=sent,
+        allow_redirects=False,
+    ) as r:
+        if r.status == 200 and r.content_type == "multipart/x-mixed-replace":
+            got: Any = await first_jpeg(r)
+            r.close()
+        else:
+            got = await r.read()
+            if "json" in r.content_type and got:
+                got = json.loads(got)
+        return Reply(r.status, r.headers, got)
+
+
+async def ws_hello(api: Api, token: str | None, http: aiohttp.ClientSession) -> Reply:
+    """/ws: the handshake's status and the first message (the page's hello)."""
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        async with http.ws_connect(api.server.make_url("/ws"), headers=auth) as ws:
+            msg = await ws.receive(timeout=20)
+            return Reply(101, {}, json.loads(msg.data))
+    except aiohttp.WSServerHandshakeError as e:
+        return Reply(e.status, e.headers or {}, None)
+
+
+async def poll(probe: Callable[[], Awaitable[bool]], timeout: float, step: float = 0.1) -> bool:
+    """`until` for a condition that takes a request to check."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await probe():
+            return True
+        await asyncio.sleep(step)
+    return await probe()
+
+
+async def until_frame(api: Api, sid: str, token: str | None) -> None:
+    """Snapshots, masks and MJPEG parts need a segmented frame of the stream."""
+
+    async def has_frame() -> bool:
+        return (await fetch(api, "GET", f"/streams/{sid}/snapshot.jpg", token)).status == 200
+
+    assert await poll(has_frame, 30), f"stream {sid} has no frame"
+
+
+async def forgive(api: Api, token: str) -> None:
+    """A successful login clears this client's failed attempts (the throttle is tested apart)."""
+    assert (await fetch(api, "POST", "/api/login", body={"token": token})).status == 200
+
+
+def _upload_form(data: bytes) -> Callable[[], aiohttp.FormData]:
+    def form() -> aiohttp.FormData:
+        f = aiohttp.FormData()
+        f.add_field("image", data, filename="x.jpg", content_type="image/jpeg")
+        return f
+
+    return form
+
+
+Check = Callable[[Reply, str], bool]  # (what came back, the caller's token name)
+
+
+@dataclass
+class Case:
+    """What an allowed caller sends to an endpoint and gets back."""
+
+    path: str
+    status: int
+    check: Check
+    body: Any = None
+    form: Callable[[], aiohttp.FormData] | None = None
+
+
+def _html(title: str) -> Check:
+    return lambda r, _: r.ctype == "text/html" and f"<title>{title}</title>".encode() in r.body
+
+
+def _jpeg(ctype: str) -> Check:
+    return lambda r, _: r.ctype == ctype and r.body[:2] == b"\xff\xd8"
+
+
+def _matrix(vtest: str, bird: bytes) -> dict[str, Case]:
+    """Every endpoint but DELETE (tested last): what an allowed caller gets."""
+    return {
+        "GET /": Case("/", 200, _html("segstream")),
+        "GET /login": Case("/login", 200, _html("segstream · log in")),
+        "GET /healthz": Case("/healthz", 200, lambda r, _: r.body["status"] == "ok"),
+        "GET /readyz": Case("/readyz", 200, lambda r, _: r.body == {"status": "ready"}),
+        "GET /metrics": Case(
+            "/metrics",
+            200,
+            lambda r, _: (
+                r.ctype == "text/plain" and b'\nsegstream_stream_up{stream="s"} 1.0\n' in r.body
+            ),
+        ),
+        "GET /api/model": Case("/api/model", 200, lambda r, _: r.body["name"] == "mnv2-voc"),
+        "GET /openapi.json": Case("/openapi.json", 200, lambda r, _: r.body["openapi"] == "3.1.0"),
+        "GET /docs": Case(
+            "/docs", 200, lambda r, _: b"/docs/static/swagger-ui-bundle.js" in r.body
+        ),
+        "GET /docs/openapi-3.0.json": Case(
+            "/docs/openapi-3.0.json", 200, lambda r, _: r.body["openapi"] == "3.0.3"
+        ),
+        "GET /docs/static/docs.js": Case(
+            "/docs/static/docs.js",
+            200,
+            lambda r, _: r.ctype == "application/javascript" and b"SwaggerUIBundle(" in r.body,
+        ),
+        "GET /docs/static/swagger-ui.css": Case(
+            "/docs/static/swagger-ui.css",
+            200,
+            lambda r, _: r.ctype == "text/css" and b".swagger-ui" in r.body,
+        ),
+        "GET /docs/static/swagger-ui-bundle.js": Case(
+            "/docs/static/swagger-ui-bundle.js",
+            200,
+            lambda r, _: (
+                r.ctype in ("application/javascript", "text/javascript") and len(r.body) > 100_000
+            ),
+        ),
+        "POST /api/login": Case(  # the caller's own token; anonymous callers send a wrong one
+            "/api/login",
+            200,
+            lambda r, name: (
+                r.body == {"name": name, "role": ROLE[name], "via": "session"}
+                and "HttpOnly" in r.headers["Set-Cookie"]
+            ),
+        ),
+        "POST /api/logout": Case(
+            "/api/logout",
+            204,
+            lambda r, _: r.body == b"" and "segstream_session=" in r.headers["Set-Cookie"],
+        ),
+        "GET /api/whoami": Case(
+            "/api/whoami",
+            200,
+            lambda r, name: r.body == {"name": name, "role": ROLE[name], "via": "token"},
+        ),
+        "GET /api/streams": Case(
+            "/api/streams", 200, lambda r, _: [s["id"] for s in r.body["streams"]] == ["s"]
+        ),
+        "POST /api/streams": Case(
+            "/api/streams",
+            201,
+            lambda r, _: r.body["id"] == "n" and r.body["source"] == vtest,
+            body={"id": "n", "source": vtest},
+        ),
+        "GET /api/streams/{id}": Case(
+            "/api/streams/s", 200, lambda r, _: r.body["id"] == "s" and r.body["source"] == vtest
+        ),
+        "PATCH /api/streams/{id}": Case(
+            "/api/streams/s",
+            200,
+            lambda r, _: r.body["id"] == "s" and r.body["infer_fps_cap"] == 3,
+            body={"infer_fps": 3},
+        ),
+        "POST /api/streams/{id}/share": Case(
+            "/api/streams/s/share",
+            200,
+            lambda r, _: r.body["url"].startswith(f"/streams/s/mjpeg?exp={r.body['expires']}&sig="),
+            body={"ttl_s": 120},
+        ),
+        "GET /streams/{id}/mjpeg": Case(
+            "/streams/s/mjpeg", 200, _jpeg("multipart/x-mixed-replace")
+        ),
+        "GET /streams/{id}/snapshot.jpg": Case("/streams/s/snapshot.jpg", 200, _jpeg("image/jpeg")),
+        "GET /streams/{id}/mask.png": Case(
+            "/streams/s/mask.png",
+            200,
+            lambda r, _: r.ctype == "image/png" and r.body[:4] == b"\x89PNG",
+        ),
+        "GET /ws": Case("/ws", 101, lambda r, _: r.body["type"] == "hello"),
+        "GET /mosaic/mjpeg": Case(
+            "/mosaic/mjpeg?streams=s", 200, _jpeg("multipart/x-mixed-replace")
+        ),
+        "POST /model/predict": Case(
+            "/model/predict",
+            200,
+            lambda r, _: r.body["status"] == "ok" and len(r.body["seg_map"]) > 0,
+            form=_upload_form(bird),
+        ),
+        "GET /model/labels": Case(
+            "/model/labels", 200, lambda r, _: r.body[15] == {"id": 15, "name": "person"}
+        ),
+        "GET /model/metadata": Case(
+            "/model/metadata", 200, lambda r, _: r.body["id"] == "segstream-mnv2-voc"
+        ),
+        "POST /api/predict": Case(
+            "/api/predict",
+            200,
+            lambda r, _: r.ctype == "image/png" and r.body[:4] == b"\x89PNG",
+            form=_upload_form(bird),
+        ),
+    }
+
+
+ROLE = {"alice": "viewer", "root": "admin"}
+BAD_TOKEN = "sst_not-a-token"
+
+
+async def _call(api: Api, key: str, case: Case, token: str | None, http: Any) -> Reply:
+    method = key.split()[0]
+    if key == "GET /ws":
+        return await ws_hello(api, token, http)
+    if key == "POST /api/login":  # public: the token travels in the body, not the header
+        return await fetch(api, method, case.path, body={"token": token or "sst_nope"}, http=http)
+    return await fetch(api, method, case.path, token, body=case.body, form=case.form, http=http)
+
+
+def _expected(ep: Endpoint, key: str, who: str, case: Case) -> int:
+    """The status a caller gets: public endpoints answer everyone (login only to a real
+    token), anonymous page requests go to /login, a viewer may not do admin work."""
+    if ep.role == "public":
+        return 401 if key == "POST /api/login" and who in ("none", "bad") else case.status
+    if who == "none":
+        return 302 if ep.tag == "page" else 401
+    if who == "bad":
+        return 401
+    if ep.role == "admin" and who == "viewer":
+        return 403
+    return case.status
+
+
+def _refused_properly(got: Reply, want: int) -> bool:
+    """A refusal is a JSON error (401s from the middleware say how to authenticate); an
+    anonymous page request is sent to the login page."""
+    if want == 302:
+        return got.headers.get("Location") == "/login"
+    if got.status == 401 and got.body is None:  # a refused WebSocket handshake has no body
+        return True
+    return isinstance(got.body, dict) and set(got.body) == {"error"}
+
+
+async def test_auth_matrix(api: Api, shared_dir: Path, bird: bytes) -> None:
+    """Every endpoint x no token, bad token, viewer, admin: the exact status and a property of
+    each answer's body (a 500 or a 404 where a 200 is due fails)."""
     vtest = str(shared_dir / "data/video/vtest.avi")
     viewer = api.tokens.add("alice", "viewer")
     admin = api.tokens.add("root", "admin")
-    assert (await api.call("POST", "/api/streams", {"id": "s", "source": vtest}, token=admin))[
-        0
-    ] == 201
-    public = {"/healthz", "/readyz", "/login", "/api/login", "/api/logout"}
-    bodies: dict[str, Any] = {
-        "POST /api/streams": {"id": "n", "source": vtest},
-        "PATCH /api/streams/{id}": {"alpha": 0.5},
-        "POST /api/streams/{id}/share": {"ttl_s": 120},
-        "POST /api/login": {"token": "nope"},
-    }
-    for ep in ENDPOINTS:
-        path = ep.path.replace("{id}", "s").replace("{name}", "swagger-ui.css")
-        key = f"{ep.method} {ep.path}"
-        if ep.method == "GET" and ep.path.endswith("mjpeg"):
-            continue  # endless; covered by the signed URL test below
-        if ep.method == "DELETE":
-            continue  # covered last
-        for who, token in (
-            ("none", None),
-            ("bad", "sst_not-a-token"),
-            ("viewer", viewer),
-            ("admin", admin),
-        ):
-            status, _ = await api.call(
-                ep.method, path, bodies.get(key), token=token, allow_redirects=False
-            )
-            api.server.app[THROTTLE].succeeded("127.0.0.1")  # the throttle is tested apart
-            if path in public:
-                want = {200, 204, 401}  # login with a wrong token: 401, by design
-                assert status in want, (key, who, status)
-            elif who in ("none", "bad"):
-                assert status in ((302, 401) if ep.tag == "page" and who == "none" else (401,)), (
-                    key,
-                    who,
-                    status,
-                )
-            elif ep.role == "admin" and who == "viewer":
-                assert status == 403, (key, who, status)
-            else:
-                assert status not in (401, 403), (key, who, status)
-    assert (await api.call("GET", "/healthz", token="sst_bad"))[0] == 200  # probes never fail
-    assert (await api.call("DELETE", "/api/streams/s", token=viewer))[0] == 403
-    assert (await api.call("DELETE", "/api/streams/s"))[0] == 401
-    assert (await api.call("DELETE", "/api/streams/s", token=admin))[0] == 204
+    created = await fetch(api, "POST", "/api/streams", admin, body={"id": "s", "source": vtest})
+    assert created.status == 201
+    await until_frame(api, "s", admin)
+    cases = _matrix(vtest, bird)
+    endpoints = {f"{ep.method} {ep.path}": ep for ep in ENDPOINTS}
+    assert set(cases) == set(endpoints) - {"DELETE /api/streams/{id}"}  # a new endpoint: add it
+    callers = (("none", None, ""), ("bad", BAD_TOKEN, ""), ("viewer", viewer, "alice"))
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        for key, case in cases.items():
+            for who, token, name in (*callers, ("admin", admin, "root")):
+                got = await _call(api, key, case, token, http)
+                if who == "bad":
+                    await forgive(api, viewer)
+                want = _expected(endpoints[key], key, who, case)
+                shown = got.body if isinstance(got.body, dict) else repr(got.body)[:80]
+                assert got.status == want, (key, who, got.status, shown)
+                if want == case.status:
+                    assert case.check(got, name), (key, who, got.ctype, shown)
+                else:
+                    assert _refused_properly(got, want), (key, who, got.headers, shown)
+                if want == 401 and who == "none" and endpoints[key].role != "public":
+                    challenge = got.headers.get("WWW-Authenticate")
+                    assert challenge == 'Bearer realm="segstream"', (key, got.headers)
+    assert (await fetch(api, "GET", "/healthz", BAD_TOKEN)).status == 200  # probes never fail
+
+
+BAD_REQUESTS = [  # (method, path, caller, body, status, words of the JSON error)
+    ("GET", "/api/streams/nope", "viewer", None, 404, "unknown stream 'nope'"),
+    ("GET", "/streams/nope/mjpeg", "viewer", None, 404, "unknown stream 'nope'"),
+    ("GET", "/streams/nope/snapshot.jpg", "viewer", None, 404, "unknown stream 'nope'"),
+    ("GET", "/streams/nope/mask.png", "viewer", None, 404, "unknown stream 'nope'"),
+    ("GET", "/mosaic/mjpeg?streams=nope", "viewer", None, 404, "unknown streams ['nope']"),
+    ("GET", "/mosaic/mjpeg?width=100", "viewer", None, 422, '"loc": "width"'),
+    (
+        "POST",
+        "/api/streams",
+        "admin",
+        {"id": "bad id!", "source": "rtsp://cam/a"},
+        422,
+        '"loc": "id"',
+    ),
+    ("POST", "/api/streams", "admin", {"id": "s", "source": "rtsp://127.0.0.1/a"}, 409, "exists"),
+    ("PATCH", "/api/streams/s", "admin", {"alpha": 2}, 422, '"loc": "alpha"'),
+    ("PATCH", "/api/streams/nope", "admin", {"alpha": 1}, 404, "unknown stream 'nope'"),
+    ("POST", "/api/streams/s/share", "admin", {"ttl_s": 1}, 422, '"loc": "ttl_s"'),
+    ("POST", "/api/streams/s/share", "admin", {"kind": "mask"}, 422, '"loc": "kind"'),
+    ("POST", "/api/streams/nope/share", "admin", {}, 404, "unknown stream 'nope'"),
+    ("DELETE", "/api/streams/nope", "admin", None, 404, "unknown stream 'nope'"),
+    # Without the role, nothing says whether a stream exists.
+    ("GET", "/api/streams/nope", "none", None, 401, "authentication required"),
+    ("GET", "/streams/nope/mjpeg", "none", None, 401, "authentication required"),
+    ("DELETE", "/api/streams/nope", "viewer", None, 403, "viewer may not DELETE"),
+]
+
+
+async def test_bad_requests_of_allowed_callers_are_4xx(api: Api, shared_dir: Path) -> None:
+    vtest = str(shared_dir / "data/video/vtest.avi")
+    tokens = {"none": None, "viewer": api.tokens.add("v", "viewer")}
+    tokens["admin"] = api.tokens.add("a", "admin")
+    assert (
+        await fetch(api, "POST", "/api/streams", tokens["admin"], body={"id": "s", "source": vtest})
+    ).status == 201
+    for method, path, who, body, status, words in BAD_REQUESTS:
+        got = await fetch(api, method, path, tokens[who], body=body)
+        assert (got.status, set(got.body) - {"details"}) == (status, {"error"}), (path, got.body)
+        assert words in json.dumps(got.body), (path, got.body)
+
+
+async def test_delete_needs_an_admin(api: Api, shared_dir: Path) -> None:
+    vtest = str(shared_dir / "data/video/vtest.avi")
+    viewer = api.tokens.add("alice", "viewer")
+    admin = api.tokens.add("root", "admin")
+    assert (
+        await fetch(api, "POST", "/api/streams", admin, body={"id": "s", "source": vtest})
+    ).status == 201
+    for token, want in ((None, 401), (BAD_TOKEN, 401), (viewer, 403)):
+        got = await fetch(api, "DELETE", "/api/streams/s", token)
+        assert got.status == want and set(got.body) == {"error"}, (token, got)
+    assert [s["id"] for s in (await fetch(api, "GET", "/api/streams", admin)).body["streams"]] == [
+        "s"
+    ]
+    got = await fetch(api, "DELETE", "/api/streams/s", admin)
+    assert got.status == 204 and got.body == b""
+    assert (await fetch(api, "GET", "/api/streams", admin)).body["streams"] == []
 
 
 async def test_login_session_and_revocation(api: Api) -> None:
@@ -302,24 +626,198 @@ async def test_login_session_and_revocation(api: Api) -> None:
     assert (await api.call("GET", "/api/streams", token=other))[0] == 401
 
 
-async def test_signed_url_opens_one_stream_only(api: Api, shared_dir: Path) -> None:
+def _query(url: str) -> str:
+    return url.split("?", 1)[1]
+
+
+async def test_signed_urls_open_one_stream_and_one_kind(api: Api, shared_dir: Path) -> None:
+    """A share URL opens its own stream's MJPEG (or snapshot) and nothing else; MJPEG and the
+    mosaic refuse anonymous clients and bad tokens."""
     vtest = str(shared_dir / "data/video/vtest.avi")
     admin = api.tokens.add("root", "admin")
+    viewer = api.tokens.add("alice", "viewer")
     for sid in ("a", "b"):
-        assert (await api.call("POST", "/api/streams", {"id": sid, "source": vtest}, token=admin))[
-            0
-        ] == 201
-    status, share = await api.call(
-        "POST", "/api/streams/a/share", {"ttl_s": 600, "kind": "snapshot"}, token=admin
+        got = await fetch(api, "POST", "/api/streams", admin, body={"id": sid, "source": vtest})
+        assert got.status == 201
+    shares = {}
+    for kind in ("mjpeg", "snapshot"):
+        got = await fetch(api, "POST", "/api/streams/a/share", admin, body={"kind": kind})
+        assert got.status == 200 and admin not in got.body["url"]
+        shares[kind] = got.body["url"]
+    mjpeg, snap = _query(shares["mjpeg"]), _query(shares["snapshot"])
+    assert shares["mjpeg"] == f"/streams/a/mjpeg?{mjpeg}"
+    assert shares["snapshot"] == f"/streams/a/snapshot.jpg?{snap}"
+    await until_frame(api, "a", viewer)
+
+    got = await fetch(api, "GET", shares["mjpeg"])
+    assert got.status == 200 and _jpeg("multipart/x-mixed-replace")(got, "")
+    got = await fetch(api, "GET", shares["snapshot"])
+    assert got.status == 200 and _jpeg("image/jpeg")(got, "")
+    exp, sig = (v.split("=", 1)[1] for v in mjpeg.split("&"))
+    refused = [
+        "/streams/a/mjpeg",  # anonymous
+        "/mosaic/mjpeg",
+        f"/streams/b/mjpeg?{mjpeg}",  # another stream
+        f"/streams/b/snapshot.jpg?{snap}",
+        f"/streams/a/mjpeg?{snap}",  # another kind
+        f"/streams/a/snapshot.jpg?{mjpeg}",
+        f"/streams/a/mask.png?{mjpeg}",  # an endpoint that takes no signed URL
+        f"/mosaic/mjpeg?{mjpeg}",
+        f"/api/streams/a?{mjpeg}",
+        f"/streams/a/mjpeg?exp={int(exp) + 3600}&sig={sig}",  # a longer life
+        f"/streams/a/mjpeg?exp={exp}&sig={sig[:-4]}{'AAAA' if sig[-4:] != 'AAAA' else 'BBBB'}",
+        f"/streams/a/mjpeg?exp={exp}",
+    ]
+    for path in refused:
+        got = await fetch(api, "GET", path)
+        assert got.status == 401 and set(got.body) == {"error"}, (path, got.status, got.body)
+    for path in ("/streams/a/mjpeg", "/mosaic/mjpeg"):
+        got = await fetch(api, "GET", path, BAD_TOKEN)
+        assert got.status == 401 and got.body == {"error": "invalid bearer token"}, path
+        got = await fetch(api, "GET", f"{path}?{mjpeg}", BAD_TOKEN)  # a bad token is never ignored
+        assert got.status == 401, path
+        await forgive(api, viewer)
+        got = await fetch(api, "GET", path, viewer)
+        assert got.status == 200 and _jpeg("multipart/x-mixed-replace")(got, ""), path
+
+
+def _expiry(cookie: str) -> int:
+    body = cookie.split(".", 1)[0]
+    return int(json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))["e"])
+
+
+async def _lifetime(check: Callable[[], Awaitable[int]], expires: int, ok: int) -> None:
+    """Asks until refused (401): every answer up to `expires` (Unix time) is `ok`, the first
+    refusal comes after it, and everything asked after it is refused."""
+    answers: list[tuple[float, int, float]] = []  # (sent, status, received)
+    while not answers or answers[-1][1] == ok:
+        sent = time.time()
+        status = await check()
+        answers.append((sent, status, time.time()))
+        assert status in (ok, 401), answers
+        assert sent < expires + 10, f"still accepted 10 s after it expired: {answers}"
+        await asyncio.sleep(0.1)
+    assert answers[0][1] == ok, answers  # accepted at first
+    first_refusal = answers[-1]
+    assert first_refusal[2] > expires, f"refused before it expired: {answers}"
+    # The service's clock is ours: an accepted request left before the expiry, and a refused
+    # one came back after it.
+    assert all(sent <= expires for sent, _, _ in answers[:-1]), f"accepted late: {answers}"
+    for _ in range(2):
+        assert await check() == 401
+
+
+async def test_signed_urls_and_sessions_expire(api: Api, shared_dir: Path, tmp_path: Path) -> None:
+    """A signed URL and a session made with the service's own key for three seconds work until
+    they expire, and not after."""
+    vtest = str(shared_dir / "data/video/vtest.avi")
+    admin = api.tokens.add("root", "admin")
+    api.tokens.add("alice", "viewer")
+    got = await fetch(api, "POST", "/api/streams", admin, body={"id": "a", "source": vtest})
+    assert got.status == 201
+    got = await fetch(api, "POST", "/api/streams/a/share", admin, body={"ttl_s": 60})
+    assert got.status == 200 and abs(got.body["expires"] - (time.time() + 60)) <= 2
+    assert f"exp={got.body['expires']}&" in got.body["url"]
+    signer = Authenticator(api.tokens, load_secret(tmp_path / "auth/secret.key"))  # the same key
+
+    expires = int(time.time()) + 3
+    path = (
+        f"/streams/a/mjpeg?exp={expires}&sig={signer.sign_path('/streams/a/mjpeg', 'a', expires)}"
     )
-    assert status == 200 and admin not in share["url"]
-    assert await until(lambda: api.service.streams["a"].view.result is not None, 15)
-    status, jpeg = await api.call("GET", share["url"])
-    assert status == 200 and jpeg[:2] == b"\xff\xd8"
-    other = share["url"].replace("/streams/a/", "/streams/b/")
-    assert (await api.call("GET", other))[0] == 401
-    tampered = share["url"][:-3] + ("AAA" if not share["url"].endswith("AAA") else "BBB")
-    assert (await api.call("GET", tampered))[0] == 401
+
+    async def signed() -> int:
+        async with api.http.get(api.server.make_url(path)) as r:
+            return r.status  # the MJPEG body is endless: its status is enough
+
+    await _lifetime(signed, expires, 200)
+
+    cookie = signer.make_session(Principal("alice", "viewer", "token"), 3)
+    expires = _expiry(cookie)
+    assert expires <= time.time() + 3
+
+    async def session() -> int:
+        got = await fetch(
+            api, "GET", "/api/whoami", headers={"Cookie": f"segstream_session={cookie}"}
+        )
+        assert got.status == 401 or got.body == {
+            "name": "alice",
+            "role": "viewer",
+            "via": "session",
+        }
+        return got.status
+
+    await _lifetime(session, expires, 200)
+
+
+async def test_forged_sessions_are_refused(api: Api, tmp_path: Path) -> None:
+    """A session cookie counts only if the service's key signed it, for a token that still
+    exists (the same name with a new token is someone else)."""
+    api.tokens.add("alice", "viewer")
+    api.tokens.add("root", "admin")
+    signer = Authenticator(api.tokens, load_secret(tmp_path / "auth/secret.key"))
+    stranger = Authenticator(api.tokens, b"k" * 32)
+    alice = signer.make_session(Principal("alice", "viewer", "token"), 600)
+    root_by_stranger = stranger.make_session(Principal("root", "admin", "token"), 600)
+    root = signer.make_session(Principal("root", "admin", "token"), 600).split(".")[0]
+    swapped = f"{root}.{alice.split('.')[1]}"  # root's body under alice's signature
+
+    async def whoami(cookie: str) -> Reply:
+        return await fetch(
+            api, "GET", "/api/whoami", headers={"Cookie": f"segstream_session={cookie}"}
+        )
+
+    got = await whoami(alice)
+    assert (got.status, got.body["name"]) == (200, "alice")
+    for forged in (root_by_stranger, swapped, alice + "x", "e30.AAAA", "nonsense"):
+        got = await whoami(forged)
+        assert (got.status, set(got.body)) == (401, {"error"}), forged
+    api.tokens.revoke("alice")
+    api.tokens.add("alice", "viewer")  # a new token under the old name
+    assert (await whoami(alice)).status == 401
+
+
+def test_throttle_doubles_from_a_quarter_second_to_eight() -> None:
+    throttle = LoginThrottle(max_clients=2)
+    waits = []
+    for _ in range(9):
+        waits.append(throttle.delay("a"))
+        throttle.failed("a")
+    assert waits == [0, 0.25, 0.5, 1, 2, 4, 8, 8, 8]
+    assert throttle.delay("b") == 0  # per client
+    throttle.succeeded("a")
+    assert throttle.delay("a") == 0
+    for client in ("a", "b", "c"):  # bounded: the oldest client is forgotten
+        throttle.failed(client)
+        throttle.failed(client)
+    assert [throttle.delay(c) for c in ("a", "b", "c")] == [0, 0.5, 0.5]
+
+
+async def test_bad_bearer_tokens_are_slowed_per_client(api: Api) -> None:
+    """Bad bearer tokens wait 0, 0.25, 0.5, 1 s ... per client address; a good token is not
+    slowed by them, and a successful login clears them."""
+    viewer = api.tokens.add("alice", "viewer")
+
+    async def timed(token: str, http: aiohttp.ClientSession | None = None) -> tuple[int, float]:
+        t0 = time.monotonic()
+        got = await fetch(api, "GET", "/api/whoami", token, http=http)
+        return got.status, time.monotonic() - t0
+
+    tries = [await timed(BAD_TOKEN) for _ in range(4)]
+    assert [s for s, _ in tries] == [401] * 4
+    waits = [t for _, t in tries]
+    assert waits[1] >= 0.25 and waits[2] >= 0.5 and waits[3] >= 1.0, waits
+    # The next bad one would wait 2 s: these would take that long if they were slowed too.
+    status, took = await timed(viewer)
+    assert status == 200 and took < 1.5
+    other = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=other) as elsewhere:
+        status, took = await timed(BAD_TOKEN, elsewhere)
+        assert status == 401 and took < 1.5  # another client address has its own count
+    await forgive(api, viewer)
+    status, took = await timed(BAD_TOKEN)
+    assert status == 401 and took < 1.5
+    status, took = await timed(BAD_TOKEN)
+    assert status == 401 and took >= 0.25  # counting again from the start
 
 
 # -- the live page's WebSocket -------------------------------------------------------------
@@ -463,13 +961,95 @@ async def test_bad_uploads_are_4xx_never_5xx(api: Api, bird: bytes) -> None:
         assert status == 413 and "error" in body
 
 
-async def test_predictions_beyond_the_limit_are_refused(api: Api, bird: bytes) -> None:
-    jpeg = bird
-    results = await asyncio.gather(*(_upload(api, "/model/predict", jpeg) for _ in range(8)))
-    statuses = sorted(s for s, _ in results)
-    assert set(statuses) <= {200, 503} and statuses.count(200) >= 2, statuses
-    busy = [b for s, b in results if s == 503]
-    assert all("busy" in b["error"] for b in busy)
+async def test_predictions_beyond_the_limit_are_refused(
+    make_api, bird: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With predict.max_concurrent predictions held in the model, the next one is refused at
+    once (503, Retry-After, a JSON error) without reaching the model; once they finish, a new
+    one is served."""
+    api = await make_api(predict={"max_concurrent": 2})
+    gate, entered = threading.Event(), []
+    segment = api.service.segment_batch
+
+    def held(rgb: np.ndarray) -> np.ndarray:  # the real model, once the test lets it run
+        entered.append(rgb.shape)
+        gate.wait(60)
+        return segment(rgb)
+
+    monkeypatch.setattr(api.service, "segment_batch", held)
+    try:
+        running = [
+            asyncio.create_task(fetch(api, "POST", path, form=_upload_form(bird)))
+            for path in ("/model/predict", "/api/predict")
+        ]
+        assert await until(lambda: len(entered) == 2, 30), entered
+        for path in ("/model/predict", "/api/predict"):
+            got = await asyncio.wait_for(fetch(api, "POST", path, form=_upload_form(bird)), 15)
+            assert (got.status, got.headers.get("Retry-After"), got.ctype) == (
+                503,
+                "1",
+                "application/json",
+            )
+            assert got.body == {"error": "busy: too many predictions at once; retry shortly"}
+    finally:
+        gate.set()
+    done = await asyncio.gather(*running)
+    assert [r.status for r in done] == [200, 200]
+    assert done[0].body["status"] == "ok" and done[1].body[:4] == b"\x89PNG"
+    again = await fetch(api, "POST", "/model/predict", form=_upload_form(bird))
+    assert again.status == 200 and again.body["status"] == "ok"
+    assert len(entered) == 3  # the refused ones never reached the model
+
+
+# A hand-made multipart body: the field "image" between these two.
+_PART_HEAD = (
+    b'--B\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+    b"Content-Type: image/png\r\n\r\n"
+)
+_PART_TAIL = b"\r\n--B--\r\n"
+_PART_TYPE = "multipart/form-data; boundary=B"
+
+
+async def test_upload_limits_are_exact(make_api) -> None:
+    """predict.max_pixels and predict.max_bytes to the pixel and byte; a body declared too
+    large is refused before it is sent, one sent without a length is cut off at the limit."""
+    limit = 64 * 1024
+    api = await make_api(predict={"max_bytes": limit, "max_pixels": 200_000})
+    for size, want in (((500, 400), 200), ((501, 400), 413), ((400, 501), 413)):
+        form = _upload_form(_png(*size))
+        got = await fetch(api, "POST", "/api/predict", form=form)
+        assert got.status == want, (size, got.body)
+        if want == 413:
+            w, h = size
+            assert got.body == {"error": f"image is {w}x{h} = {w * h} pixels; the limit is 200000"}
+
+    async def chunked(n: int) -> Reply:  # no Content-Length: the service counts as it reads
+        async def body() -> AsyncIterator[bytes]:
+            yield _PART_HEAD
+            for i in range(0, n, 8192):
+                yield b"\0" * min(8192, n - i)
+            yield _PART_TAIL
+
+        headers = {"Content-Type": _PART_TYPE}
+        return await fetch(api, "POST", "/api/predict", headers=headers, data=body())
+
+    got = await chunked(limit)  # at the limit: read whole, then found not to be an image
+    assert got.status == 400 and "not an image" in got.body["error"], got.body
+    got = await chunked(limit + 1)
+    assert (got.status, got.body) == (413, {"error": f"upload larger than {limit} bytes"})
+
+    # Declared larger than the limit: refused from the headers, nothing of the body sent.
+    reader, writer = await asyncio.open_connection(api.server.host, api.server.port)
+    writer.write(
+        f"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: {_PART_TYPE}\r\n"
+        f"Content-Length: {10 * limit}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), 15)
+    finally:
+        writer.close()
+    assert status_line.startswith(b"HTTP/1.1 413 "), status_line
 
 
 async def test_native_predict_png_and_json(api: Api, bird: bytes) -> None:
