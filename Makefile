@@ -6,7 +6,7 @@ CONFIG ?= configs/default.yaml
 # Where `segstream fetch` may copy files from instead of downloading (e.g. ../shared).
 export SEGSTREAM_FETCH_FROM ?=
 
-.PHONY: setup setup-test setup-gst run test test-fast typecheck lint bench clean
+.PHONY: setup setup-test setup-gst run test test-fast typecheck lint bench mutation clean
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
@@ -56,6 +56,11 @@ lint: setup-test
 
 bench: setup-test
 	$(BIN)/python scripts/benchmark.py
+
+# Each security rule (roles, signed URLs, sessions, throttles, upload limits, credential
+# scrubbing) deleted or inverted in a scratch copy: some test must fail (a few minutes).
+mutation: setup-test
+	$(BIN)/python scripts/mutation_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
