@@ -486,7 +486,8 @@ class Service:
             "dropped": st.dropped,
             "reconnects": st.reconnects,
             "clients": s.mjpeg.clients,
-            **{n: (s.sinks[n].status() if n in s.sinks else None) for n in SINKS},
+            "restream": s.restream.status() if s.restream is not None else None,
+            "sinks": {name: sink.status() for name, sink in s.sinks.items()},
             "classes": self._top_classes(s.view.fractions),
         }
 

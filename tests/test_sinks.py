@@ -191,7 +191,7 @@ async def running(model: Segmenter, shared_dir: Path) -> AsyncIterator[tuple[Ser
 async def test_a_raising_sink_is_counted_and_the_others_still_get_every_frame(
     running: tuple[Service, TestServer], shared_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    service, _ = running
+    service, server = running
     metrics = service.metrics
     assert isinstance(metrics, PrometheusObserver)
     made: dict[str, Any] = {}
@@ -223,7 +223,12 @@ async def test_a_raising_sink_is_counted_and_the_others_still_get_every_frame(
     )
     assert tally.seqs == sorted(set(tally.seqs))  # each frame once, in order
     st = service.stream_status("s")
-    assert st["tally"]["frames"] >= 10 and st["restream"] is None
+    assert st["sinks"]["tally"]["frames"] >= 10 and st["restream"] is None
+    # The API shows a registered sink's status with no schema of its own.
+    async with aiohttp.ClientSession() as http, http.get(server.make_url("/api/streams/s")) as r:
+        assert r.status == 200, await r.text()
+        shown = await r.json()
+    assert shown["sinks"]["broken"]["calls"] >= 10 and shown["sinks"]["tally"]["frames"] >= 10
     stats = stream.source.stats()
     assert isinstance(stats, SourceStats) and (st["width"], st["height"]) == (768, 576)
     assert (stats.width, stats.height) == (768, 576) and stats.captured >= len(tally.seqs)

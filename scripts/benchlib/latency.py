@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,6 +12,7 @@ import numpy as np
 from benchlib.common import SEQ_MOD, stamp
 
 
+@dataclass
 class Recorder:
     """Frames one client received: counts, pixel latencies and a timeline, inside the window."""
 

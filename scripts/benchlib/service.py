@@ -28,6 +28,7 @@ from benchlib.procs import (
 )
 
 
+@contextlib.contextmanager
 def live_cameras(
     clip: Path, streams: int, fps: float, bitrate: int, encode: str = "pre", cycle_s: float = 64.0
 ) -> Iterator[tuple[list[str], subprocess.Popen, int, int]]:
