@@ -46,7 +46,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-import benchmark as bm  # noqa: E402
+import benchlib as bm  # noqa: E402
 
 log = bm.log
 

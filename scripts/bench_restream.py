@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchmark
+import benchlib
 import stamp
 
 from segstream.stream.datatypes import Rendered
@@ -181,7 +181,7 @@ def listener(url: str, width: int, height: int) -> subprocess.Popen:
     )
 
 
-def read_raw(rx: subprocess.Popen, rec: benchmark.Recorder, width: int, height: int) -> None:
+def read_raw(rx: subprocess.Popen, rec: benchlib.Recorder, width: int, height: int) -> None:
     """Reads each decoded frame as it arrives; takes the time before decoding the stamp."""
     assert rx.stdout is not None
     size = width * height
@@ -204,7 +204,7 @@ def read_raw(rx: subprocess.Popen, rec: benchmark.Recorder, width: int, height: 
             rec.unstamped += 1
             continue
         seq, t_ms = code
-        lat = float(benchmark.cycle_age_ms(stamp.age_ms(t_ms, now), rec.cycle_ms))
+        lat = float(benchlib.cycle_age_ms(stamp.age_ms(t_ms, now), rec.cycle_ms))
         if rec.first_seq is None:
             rec.first_seq = seq
         rec.last_seq = seq
@@ -219,7 +219,7 @@ async def latency(args: argparse.Namespace) -> dict[str, object]:
     rx_url = f"rtsp://127.0.0.1:{rx_port}/annotated"
     base = f"http://127.0.0.1:{port}"
     tmp = Path(tempfile.mkdtemp(prefix="bench-restream-"))
-    with benchmark.live_cameras(VIDEO, 1, args.fps, args.cam_bitrate) as (urls, _, cyc, frames):
+    with benchlib.live_cameras(VIDEO, 1, args.fps, args.cam_bitrate) as (urls, _, cyc, frames):
         ns = argparse.Namespace(
             model=args.model,
             backend=args.backend,
@@ -229,26 +229,26 @@ async def latency(args: argparse.Namespace) -> dict[str, object]:
             max_wait_ms=5.0,
         )
         cfg = tmp / "config.yaml"
-        benchmark.service_config(cfg, ns, urls, port)
+        benchlib.service_config(cfg, ns, urls, port)
         import yaml
 
         conf = yaml.safe_load(cfg.read_text())
-        conf["streams"][0].update(
-            restream=rx_url,
-            restream_encoder="libx264",
-            restream_bitrate=args.bitrate,
-            restream_preset=args.preset,
-        )
+        conf["streams"][0]["restream"] = {
+            "url": rx_url,
+            "encoder": "libx264",
+            "bitrate": args.bitrate,
+            "preset": args.preset,
+        }
         cfg.write_text(yaml.safe_dump(conf, sort_keys=False))
         rx = listener(rx_url, width, height)
         log = open(tmp / "service.log", "w")  # noqa: SIM115
         svc = subprocess.Popen(
-            [*benchmark.segstream_cmd(), "serve", "--config", str(cfg), "--state", "none"],
+            [*benchlib.segstream_cmd(), "serve", "--config", str(cfg), "--state", "none"],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        h264 = benchmark.Recorder("restream", cyc, frames or benchmark.SEQ_MOD)
-        mjpeg = benchmark.Recorder("mjpeg", cyc, frames or benchmark.SEQ_MOD)
+        h264 = benchlib.Recorder("restream", cyc, frames or benchlib.SEQ_MOD)
+        mjpeg = benchlib.Recorder("mjpeg", cyc, frames or benchlib.SEQ_MOD)
         reader = threading.Thread(target=read_raw, args=(rx, h264, width, height), daemon=True)
         reader.start()
         stop = asyncio.Event()
@@ -256,18 +256,18 @@ async def latency(args: argparse.Namespace) -> dict[str, object]:
         try:
 
             async def ready() -> bool:
-                return (await benchmark.http_json(f"{base}/readyz")) is not None
+                return (await benchlib.http_json(f"{base}/readyz")) is not None
 
-            await benchmark.wait_for(ready, 180, "/readyz", svc)
+            await benchlib.wait_for(ready, 180, "/readyz", svc)
             client = asyncio.create_task(
-                benchmark.mjpeg_client(f"{base}/streams/cam0/mjpeg", mjpeg, stop)
+                benchlib.mjpeg_client(f"{base}/streams/cam0/mjpeg", mjpeg, stop)
             )
 
             async def live() -> bool:
-                st = await benchmark.http_json(f"{base}/api/streams/cam0")
+                st = await benchlib.http_json(f"{base}/api/streams/cam0")
                 return st["state"] == "live" and st["restream"]["state"] == "live"
 
-            await benchmark.wait_for(live, 60, "stream and re-stream live", svc)
+            await benchlib.wait_for(live, 60, "stream and re-stream live", svc)
             await asyncio.sleep(args.warmup)
             load0 = os.getloadavg()
             t0 = time.monotonic()
@@ -278,13 +278,13 @@ async def latency(args: argparse.Namespace) -> dict[str, object]:
             dt = time.monotonic() - t0
             if client.done():
                 client.result()
-            st = await benchmark.http_json(f"{base}/api/streams/cam0")
+            st = await benchlib.http_json(f"{base}/api/streams/cam0")
         finally:
             stop.set()
             if client is not None:
                 client.cancel()
                 await asyncio.gather(client, return_exceptions=True)
-            benchmark.stop_process(svc)
+            benchlib.stop_process(svc)
             log.close()
             rx.kill()
             rx.wait()

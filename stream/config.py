@@ -7,8 +7,10 @@ one validation names the key path whichever layer set it."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -17,11 +19,14 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from segstream.stream.sourceref import parse_source
+
 # configs/default.yaml, shipped inside the package (stream/default.yaml links to it), so an
 # installed wheel finds it too.
 DEFAULT_CONFIG = Path(str(resources.files("segstream.stream").joinpath("default.yaml")))
 ENV_PREFIX = "SEGSTREAM_"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+log = logging.getLogger(__name__)
 _SCHEMES = {"rtsp", "rtsps", "rtmp", "http", "https", "file", "udp", "tcp", "srt", "sample"}
 
 
@@ -214,6 +219,62 @@ class MosaicConfig(_Strict):
     jpeg_quality: int = Field(75, ge=1, le=100)
 
 
+class RestreamConfig(_Strict):
+    """A stream's RTSP re-stream (its `restream:` entry): the annotated video as H.264,
+    published with ANNOUNCE/RECORD (MediaMTX, go2rtc)."""
+
+    url: str = Field(
+        max_length=2048,
+        description="rtsp:// or rtsps:// URL to publish to; may carry user:password "
+        "(Basic or Digest), which is never shown.",
+    )
+    encoder: Literal["auto", "libx264", "h264_nvenc"] = Field(
+        "auto", description="auto: NVENC where it opens, else libx264."
+    )
+    bitrate: int = Field(2000, ge=100, le=100_000, description="kbit/s")
+    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast"] = Field(
+        "ultrafast", description="libx264's speed preset."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, v: Any) -> Any:
+        return {"url": v} if isinstance(v, str) else v
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, v: str) -> str:
+        # The message never quotes the URL: it may carry credentials.
+        v = v.strip()
+        scheme, sep, _ = v.partition("://")
+        if not sep or scheme.lower() not in ("rtsp", "rtsps"):
+            raise ValueError("restream must be an rtsp:// or rtsps:// URL (null turns it off)")
+        try:
+            u = urlsplit(v)
+            u.port  # noqa: B018 (raises for a port that is not a number in range)
+        except ValueError:
+            raise ValueError("restream URL has an invalid port") from None
+        if not u.hostname:
+            raise ValueError("restream URL has no host")
+        return v
+
+    def __eq__(self, other: object) -> bool:
+        # The short form: a re-stream equals the URL string it was given as.
+        if isinstance(other, str):
+            return self.url == other
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+# The flat keys of earlier versions and their place in `restream:`.
+_FLAT_RESTREAM = {
+    "restream_encoder": "encoder",
+    "restream_bitrate": "bitrate",
+    "restream_preset": "preset",
+}
+
+
 class StreamConfig(_Strict):
     """One camera or video stream (a `streams:` entry, or a POST /api/streams body)."""
 
@@ -267,16 +328,50 @@ class StreamConfig(_Strict):
     classes: list[str] | None = Field(
         None, max_length=256, description="Only colour these class names; null = render.classes."
     )
-    restream: str | None = Field(
+    restream: RestreamConfig | None = Field(
         None,
-        max_length=2048,
-        description="Publish the annotated "
-        "video as H.264 to this rtsp:// URL (ANNOUNCE/RECORD); "
-        "null = off.",
+        description="Publish the annotated video as H.264 over RTSP "
+        "({url, encoder, bitrate, preset}; a URL alone is short for {url: URL}); null = off.",
     )
-    restream_encoder: Literal["auto", "libx264", "h264_nvenc"] = "auto"
-    restream_bitrate: int = Field(2000, ge=100, le=100_000, description="kbit/s")
-    restream_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast"] = "ultrafast"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_sink_keys(cls, data: Any) -> Any:
+        """The flat `restream_*` keys of earlier versions load into `restream`, with a warning
+        naming the new key."""
+        if not isinstance(data, dict) or not any(k in data for k in _FLAT_RESTREAM):
+            return data
+        data = dict(data)
+        nested = data.get("restream")
+        if isinstance(nested, BaseModel):
+            nested = nested.model_dump()
+        elif isinstance(nested, str):
+            nested = {"url": nested}
+        for old, new in _FLAT_RESTREAM.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            fate = "ignored: restream is off" if nested is None else f"use restream.{new}"
+            msg = f"stream {data.get('id')!r}: the key {old} is deprecated; {fate}"
+            log.warning("%s", msg)
+            warnings.warn(msg, DeprecationWarning, stacklevel=2)
+            if isinstance(nested, dict):
+                nested = {new: value, **nested}  # the nested key wins where both are given
+        data["restream"] = nested
+        return data
+
+    # Deprecated reads of the flat keys (code written against earlier versions).
+    @property
+    def restream_encoder(self) -> str:
+        return self.restream.encoder if self.restream is not None else "auto"
+
+    @property
+    def restream_bitrate(self) -> int:
+        return self.restream.bitrate if self.restream is not None else 2000
+
+    @property
+    def restream_preset(self) -> str:
+        return self.restream.preset if self.restream is not None else "ultrafast"
 
     @field_validator("id")
     @classmethod
@@ -291,29 +386,9 @@ class StreamConfig(_Strict):
         v = v.strip()
         if not v:
             raise ValueError("source must not be empty")
-        if "://" in v or v.startswith("sample:"):
-            scheme = v.split(":", 1)[0].lower()
-            if scheme not in _SCHEMES:
-                raise ValueError(f"unsupported URL scheme {scheme!r}; use {sorted(_SCHEMES)}")
-        return v
-
-    @field_validator("restream")
-    @classmethod
-    def _valid_restream(cls, v: str | None) -> str | None:
-        # The message never quotes the URL: it may carry credentials.
-        if v is None:
-            return None
-        v = v.strip()
-        scheme, sep, _ = v.partition("://")
-        if not sep or scheme.lower() not in ("rtsp", "rtsps"):
-            raise ValueError("restream must be an rtsp:// or rtsps:// URL (null turns it off)")
-        try:
-            u = urlsplit(v)
-            u.port  # noqa: B018 (raises for a port that is not a number in range)
-        except ValueError:
-            raise ValueError("restream URL has an invalid port") from None
-        if not u.hostname:
-            raise ValueError("restream URL has no host")
+        scheme = parse_source(v).scheme
+        if scheme is not None and scheme not in _SCHEMES:
+            raise ValueError(f"unsupported URL scheme {scheme!r}; use {sorted(_SCHEMES)}")
         return v
 
 

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from segstream.stream.config import ConfigError, SourcesConfig, StreamConfig
 from segstream.stream.service import Service
+from segstream.stream.sourceref import parse_source
 from segstream.stream.store import StreamStore
 
 API_SCHEMES = {"rtsp", "rtsps", "rtmp", "http", "https", "srt"}
@@ -60,13 +61,12 @@ class SourcePolicy:
     def check(self, source: str) -> None:
         """Raises Refused(422) with the reason. Resolves host names (blocking: call it off
         the event loop), so no request goes to an address the operator did not allow."""
-        if source.startswith("sample:"):
+        ref = parse_source(source)
+        if ref.kind == "sample":
             return  # a named clip from the model cache
-        if "://" not in source:
-            return self._check_local(source)
-        scheme = source.split("://", 1)[0].lower()
-        if scheme == "file":
-            return self._check_local(urlsplit(source).path)
+        if ref.kind in ("file", "device"):
+            return self._check_local(ref.path)
+        scheme = ref.scheme or ""
         if scheme not in API_SCHEMES:
             raise Refused(
                 422,

@@ -54,6 +54,7 @@ class _StreamSeries:
     latency: Any
     fps_limit: Any
     classes: dict[str, Any] = field(default_factory=dict)
+    sinks: set[str] = field(default_factory=set)  # sinks with an error series
 
 
 @dataclass
@@ -145,6 +146,13 @@ class PrometheusObserver:
             ["worker"],
             registry=r,
         )
+        self.sink_errors_total = Counter(
+            "segstream_sink_errors_total",
+            "Frames a stream's sink raised on taking (the stream's other sinks still got them); "
+            "a series appears at a sink's first failure.",
+            ["stream", "sink"],
+            registry=r,
+        )
         self.restream_frames_total = Counter(
             "segstream_restream_frames_total",
             "Annotated frames encoded and sent to the stream's RTSP re-stream.",
@@ -218,6 +226,8 @@ class PrometheusObserver:
             self.frames.remove(stream_id, o)
         for name in s.classes:
             self.class_fraction.remove(stream_id, name)
+        for sink in s.sinks:
+            self.sink_errors_total.remove(stream_id, sink)
         for metric in (
             self.reconnects,
             self.stream_up,
@@ -290,6 +300,14 @@ class PrometheusObserver:
         if error is not None:
             self.inference_failures.inc()
         self.worker_up.labels(worker=str(worker)).set(0 if error else 1)
+
+    def sink_error(self, stream_id: str, sink: str) -> None:
+        with self._lock:
+            s = self._streams.get(stream_id)
+            if s is None:
+                return  # removed: no series comes back
+            s.sinks.add(sink)
+            self.sink_errors_total.labels(stream=stream_id, sink=sink).inc()
 
     # -- a stream's re-stream (its series live while it is on) -----------------------------
     def restream_added(self, stream_id: str) -> None:

@@ -81,6 +81,8 @@ def fit(image: np.ndarray, size: Size) -> np.ndarray:
 class MosaicTap:
     """A stream's sink for the mosaic: the newest picture per tile size in use."""
 
+    name = "mosaic"
+
     def __init__(self, stream_id: str, max_fps: float) -> None:
         self.stream_id = stream_id
         self._interval = 0.9 / max_fps  # a little early: frames arrive with jitter

@@ -62,6 +62,9 @@ class Observer(Protocol):
     def worker_error(self, worker: int, error: str | None) -> None:
         """A model worker's batches fail (error) or succeed again (None)."""
 
+    def sink_error(self, stream_id: str, sink: str) -> None:
+        """A sink of the stream raised taking a frame (the stream's other sinks still got it)."""
+
     def restream_added(self, stream_id: str) -> None:
         """A stream's RTSP re-stream starts: its series exist from here..."""
 
@@ -128,6 +131,9 @@ class NullObserver:
         pass
 
     def worker_error(self, worker: int, error: str | None) -> None:
+        pass
+
+    def sink_error(self, stream_id: str, sink: str) -> None:
         pass
 
     def restream_added(self, stream_id: str) -> None:

@@ -70,6 +70,10 @@ class StreamStatus(_Out):
     clients: int
     classes: dict[str, float] = Field(description="Largest classes in view, share of pixels.")
     restream: RestreamStatus | None = Field(None, description="The RTSP re-stream, if any.")
+    sinks: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Status of each sink the stream's config turned on (stream.outputs), by name.",
+    )
     node: str | None = Field(
         None,
         description="Cluster mode: the node that runs the stream "

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -27,29 +27,28 @@ from segstream.stream.datatypes import Result, Sink
 from segstream.stream.metrics import PrometheusObserver
 from segstream.stream.mosaic import Mosaic
 from segstream.stream.observer import Observer
+from segstream.stream.outputs import SINKS, ManagedSink, make_sinks
 from segstream.stream.render import Renderer, RenderStage, StreamView
-from segstream.stream.restream import RestreamSink
 from segstream.stream.runner import ModelWorker, WorkerPlan, plan_workers
 from segstream.stream.sanitize import sanitize_url
 from segstream.stream.scheduler import Scheduler
 from segstream.stream.sinks import MjpegSink
+from segstream.stream.sourceref import parse_source
 from segstream.stream.sources import VideoSource
 
 log = logging.getLogger(__name__)
 
-# The RTSP re-stream's settings: a change replaces the re-stream sink alone.
-RESTREAM_FIELDS = frozenset({"restream", "restream_encoder", "restream_bitrate", "restream_preset"})
 # A viewer's own overlay settings for a stream: mode (overlay | mask | off), alpha, classes.
 OverlayKey = tuple[str, float, tuple[str, ...] | None]
 # Settings a running stream takes without touching its reader; any other change restarts it.
-LIVE_FIELDS = frozenset({"id", "infer_fps", "output", "alpha", "classes"}) | RESTREAM_FIELDS
+# A registered sink's own settings are live too: a change replaces that sink alone.
+LIVE_FIELDS = frozenset({"id", "infer_fps", "output", "alpha", "classes", *SINKS})
 
 
 def resolve_source(source: str) -> str:
     """`sample:NAME` -> the fetched sample clip; anything else is used as given."""
-    if source.startswith("sample:"):
-        return str(sample_path(source.split(":", 1)[1]))
-    return source
+    ref = parse_source(source)
+    return str(sample_path(ref.location)) if ref.kind == "sample" else source
 
 
 @dataclass
@@ -58,7 +57,11 @@ class Stream:
     source: VideoSource
     view: StreamView
     mjpeg: MjpegSink
-    restream: RestreamSink | None = None
+    sinks: dict[str, ManagedSink] = field(default_factory=dict)  # the registered ones that are on
+
+    @property
+    def restream(self) -> ManagedSink | None:
+        return self.sinks.get("restream")
 
 
 @dataclass
@@ -237,21 +240,21 @@ class Service:
             self.observer.stream_added(scfg.id)
             source = self._source(scfg)
             mjpeg = MjpegSink(scfg.id, self._loop)
-            restream = self._restream(scfg)
+            sinks = make_sinks(scfg, self.observer)
             view = StreamView(
                 scfg.id,
                 renderer,
-                [mjpeg] if restream is None else [mjpeg, restream],
+                [mjpeg, *sinks.values()],
                 output=scfg.output,
                 jpeg_quality=self.cfg.render.jpeg_quality,
                 peek_frame=source.slot.peek,
                 observer=self.observer,
             )
-            stream = self.streams[scfg.id] = Stream(scfg, source, view, mjpeg, restream)
+            stream = self.streams[scfg.id] = Stream(scfg, source, view, mjpeg, sinks)
             self.render.add(view)
             self.scheduler.add(source, scfg.infer_fps)
-        if restream is not None:
-            restream.start()
+        for sink in sinks.values():
+            sink.start()
         source.start()
         return stream
 
@@ -277,8 +280,9 @@ class Service:
             self._restart_reader(stream)
         elif scfg.infer_fps != old.infer_fps:
             self.scheduler.set_rate(scfg.id, scfg.infer_fps)
-        if changed & (RESTREAM_FIELDS | {"reconnect_initial", "reconnect_max"}):
-            self._replace_restream(stream)
+        for name, kind in SINKS.items():
+            if changed & kind.fields:
+                self._replace_sink(stream, name)
         stream.view.output = scfg.output
         stream.view.set_renderer(renderer)
         return stream
@@ -349,19 +353,18 @@ class Service:
         assert self._loop is not None, "service not started"
         return MjpegSink("mosaic", self._loop)
 
-    def _restream(self, scfg: StreamConfig) -> RestreamSink | None:
-        return None if scfg.restream is None else RestreamSink.from_config(scfg, self.observer)
-
-    def _replace_restream(self, stream: Stream) -> None:
-        """Stops the old publisher before the new one starts (a media server takes one
-        publisher per path)."""
-        old, stream.restream = stream.restream, self._restream(stream.cfg)
+    def _replace_sink(self, stream: Stream, name: str) -> None:
+        """Stops the old sink before the new one starts (a media server takes one publisher
+        per path)."""
+        old = stream.sinks.pop(name, None)
         if old is not None:
             stream.view.remove_sink(old)
             old.close()
-        if stream.restream is not None:
-            stream.view.add_sink(stream.restream)
-            stream.restream.start()
+        new = SINKS[name].make(stream.cfg, self.observer)
+        if new is not None:
+            stream.sinks[name] = new
+            stream.view.add_sink(new)
+            new.start()
 
     def _restart_reader(self, stream: Stream) -> None:
         stream.source.stop(self.cfg.server.shutdown_timeout / 4)
@@ -469,9 +472,9 @@ class Service:
             "output": s.cfg.output,
             "state": state_value,
             "reason": reason,
-            "width": st.get("width"),
-            "height": st.get("height"),
-            "fps_in": round(float(st.get("fps_in", 0.0)), 2),
+            "width": st.width,
+            "height": st.height,
+            "fps_in": st.fps_in,
             "fps_out": round(s.view.out_rate.rate(), 2),
             "inference_fps": round(s.view.infer_rate.rate(), 2),
             "infer_fps_cap": round(self.scheduler.cap(stream_id), 2),
@@ -479,11 +482,12 @@ class Service:
                 "p50": round(float(np.percentile(lat, 50)) * 1000, 1) if lat.size else None,
                 "p95": round(float(np.percentile(lat, 95)) * 1000, 1) if lat.size else None,
             },
-            "captured": st.get("captured", 0),
-            "dropped": st.get("dropped", 0),
-            "reconnects": st.get("reconnects", 0),
+            "captured": st.captured,
+            "dropped": st.dropped,
+            "reconnects": st.reconnects,
             "clients": s.mjpeg.clients,
             "restream": s.restream.status() if s.restream is not None else None,
+            "sinks": {name: sink.status() for name, sink in s.sinks.items()},
             "classes": self._top_classes(s.view.fractions),
         }
 

@@ -16,6 +16,8 @@ from segstream.stream.datatypes import Published, Rendered
 class MjpegSink:
     """Newest published frame of one stream; lives on the event loop, fed from render threads."""
 
+    name = "mjpeg"
+
     def __init__(self, stream_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.stream_id = stream_id
         self._loop = loop

@@ -33,11 +33,18 @@ def keras_backend_name() -> str:
     return os.environ.get("KERAS_BACKEND", "tensorflow")
 
 
+def nvidia_present() -> bool:
+    """An NVIDIA driver is loaded here (its device nodes or its /proc entry): the one GPU probe
+    that imports nothing (the re-stream asks it before trying NVENC)."""
+    nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version")
+    return any(os.path.exists(p) for p in nodes)
+
+
 def _gpu_device_nodes() -> bool:
     """Cheap pre-check: NVIDIA or ROCm device nodes, or an explicit override."""
     if os.environ.get("SEGSTREAM_ASSUME_GPU") == "1":
         return True
-    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
+    return nvidia_present() or os.path.exists("/dev/kfd")
 
 
 def gpu_visible() -> bool:

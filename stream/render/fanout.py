@@ -1,0 +1,229 @@
+"""Output fan-out: one stream's newest result drawn once and handed to each of its sinks (and
+once per variant for viewers with other overlay settings). A sink that raises is counted
+(`segstream_sink_errors_total{stream,sink}`) and skipped for that frame; the others still get
+it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from segstream.stream.datatypes import Frame, Rendered, Result, Sink
+from segstream.stream.lifecycle import RateMeter
+from segstream.stream.observer import NULL_OBSERVER, Observer
+from segstream.stream.render.overlay import Renderer, class_fractions
+
+log = logging.getLogger(__name__)
+
+
+def sink_name(sink: Sink) -> str:
+    """The sink's `name` (its registry name, "mjpeg", "mosaic"), else its class's name."""
+    return str(getattr(sink, "name", "") or type(sink).__name__)
+
+
+@dataclass
+class Variant:
+    """The stream drawn with other settings for some viewers (a page's large view): rendered
+    at most once per frame, only while its sink wants frames, and shared by every viewer with
+    the same settings. `renderer` None: the camera's frame as it is (overlay off)."""
+
+    renderer: Renderer | None
+    sink: Sink
+    users: int = 0
+
+
+class VariantLimit(Exception):
+    """The stream already renders as many distinct variants as it may."""
+
+
+class StreamView:
+    """Render-side state of one stream: newest result, its renderer and its sinks."""
+
+    def __init__(
+        self,
+        stream_id: str,
+        renderer: Renderer,
+        sinks: Sequence[Sink] = (),
+        *,
+        output: str,
+        jpeg_quality: int,
+        peek_frame: Callable[[], Frame | None],
+        observer: Observer = NULL_OBSERVER,
+    ) -> None:
+        self.stream_id = stream_id
+        self.renderer = renderer
+        self.sinks: tuple[Sink, ...] = tuple(sinks)  # replaced whole, never mutated
+        self.variants: dict[Hashable, Variant] = {}  # replaced whole, never mutated
+        self._variants_lock = threading.Lock()  # acquire/release (event loop) only
+        self.output = output
+        self.jpeg_quality = jpeg_quality
+        self.peek_frame = peek_frame
+        self._observer = observer
+        self.result: Result | None = None  # newest result from the model worker
+        self.fractions: np.ndarray | None = None
+        self.out_rate = RateMeter()
+        self.latencies: deque[float] = deque(maxlen=300)  # recent end-to-end, for the API
+        self.infer_rate = RateMeter()
+        self._done_result = 0  # frame seq of the last result rendered
+        self._done_frame = 0  # frame seq of the last frame published
+        self._lock = threading.Lock()  # render() from the stage thread vs. on-demand snapshots
+        self._failed_sinks: set[str] = set()  # names of sinks whose failure was logged
+
+    # -- sinks and settings (any thread) ---------------------------------------------------
+    def add_sink(self, sink: Sink) -> None:
+        with self._lock:
+            self.sinks = (*self.sinks, sink)
+
+    def remove_sink(self, sink: Sink) -> None:
+        with self._lock:
+            self.sinks = tuple(s for s in self.sinks if s is not sink)
+
+    def acquire_variant(
+        self,
+        key: Hashable,
+        make: Callable[[], tuple[Renderer | None, Sink]],
+        limit: int,
+    ) -> Sink:
+        """The sink of the variant drawn with settings `key`, made by `make` if no viewer has
+        it yet; raises VariantLimit past `limit` distinct variants. Pair with release_variant."""
+        with self._variants_lock:
+            v = self.variants.get(key)
+            if v is None:
+                if len(self.variants) >= limit:
+                    raise VariantLimit(
+                        f"stream {self.stream_id!r} already renders {limit} other overlay settings"
+                    )
+                renderer, sink = make()
+                v = Variant(renderer, sink)
+                self.variants = {**self.variants, key: v}
+                self._done_frame = 0  # the next pass renders the newest frame for it
+            v.users += 1
+            return v.sink
+
+    def release_variant(self, key: Hashable) -> None:
+        """One viewer fewer; the last one closes the variant's sink and forgets it."""
+        with self._variants_lock:
+            v = self.variants.get(key)
+            if v is None:
+                return
+            v.users -= 1
+            if v.users > 0:
+                return
+            self.variants = {k: x for k, x in self.variants.items() if k != key}
+        v.sink.close()
+
+    def set_renderer(self, renderer: Renderer) -> None:
+        """New overlay settings, from the next frame on (no restart)."""
+        with self._lock:
+            self.renderer = renderer
+            self._done_frame = 0  # show the change even on a still picture
+
+    def close(self) -> None:
+        """Closes every sink (ends their clients); the view is not used afterwards."""
+        with self._lock, self._variants_lock:
+            sinks, self.sinks = self.sinks, ()
+            variants, self.variants = self.variants, {}
+        for sink in (*sinks, *(v.sink for v in variants.values())):
+            sink.close()
+
+    # -- render thread ---------------------------------------------------------------------
+    def pending(self) -> bool:
+        if self.output == "smooth":
+            frame = self.peek_frame()
+            return self.result is not None and frame is not None and frame.seq > self._done_frame
+        return self.result is not None and self.result.frame.seq > self._done_result
+
+    def work(self) -> None:
+        result = self.result
+        if result is None:
+            return
+        if result.frame.seq > self._done_result:
+            self._done_result = result.frame.seq
+            self._count_classes(result.mask)
+        frame = self._frame_for(result)
+        if frame.seq <= self._done_frame:
+            return
+        self._done_frame = frame.seq
+        sinks = [s for s in self.sinks if self._wants(s)]
+        variants = [v for v in self.variants.values() if self._wants(v.sink)]
+        if not sinks and not variants:
+            return  # render only for a sink that wants frames; snapshots render on demand
+        with self._lock:
+            if sinks:
+                rendered = self._render(frame, result.mask)
+                for sink in sinks:
+                    self._put(sink, rendered)
+                if rendered.encode_s:
+                    self._observer.stage("encode", rendered.encode_s)
+            for v in variants:
+                self._put(v.sink, self._render_variant(v.renderer, frame, result.mask))
+        self.out_rate.tick()
+        self._observer.frame(self.stream_id, "published")
+
+    # Each sink on its own: one that raises is counted and skipped, the others get the frame.
+    def _wants(self, sink: Sink) -> bool:
+        try:
+            return sink.wants_frames()
+        except Exception:
+            self._sink_failed(sink)
+            return False
+
+    def _put(self, sink: Sink, frame: Rendered) -> None:
+        try:
+            sink.put(frame)
+        except Exception:
+            self._sink_failed(sink)
+
+    def _sink_failed(self, sink: Sink) -> None:
+        name = sink_name(sink)
+        self._observer.sink_error(self.stream_id, name)
+        if name not in self._failed_sinks:  # logged once: one failing each frame would flood
+            self._failed_sinks.add(name)
+            log.exception("%s: sink %s failed; the other sinks go on", self.stream_id, name)
+
+    def snapshot(self) -> tuple[bytes, Frame] | None:
+        """JPEG of the newest annotated frame, rendered now (for /snapshot.jpg with no viewer)."""
+        result = self.result
+        if result is None:
+            return None
+        frame = self._frame_for(result)
+        with self._lock:
+            jpeg = self._render(frame, result.mask).jpeg()
+        return jpeg, frame
+
+    def _frame_for(self, result: Result) -> Frame:
+        """The frame to draw the mask on: its own, or in smooth mode the newest one."""
+        if self.output == "smooth":
+            newest = self.peek_frame()
+            if newest is not None and newest.seq > result.frame.seq:
+                return newest
+        return result.frame
+
+    def _render(self, frame: Frame, mask: np.ndarray) -> Rendered:
+        """Caller holds self._lock (the renderer's buffers are reused)."""
+        spent = frame.materialize()  # smooth output: a newer frame nobody took yet
+        if spent:
+            self._observer.stage("convert", spent)
+        t0 = time.perf_counter()
+        img = self.renderer.render(frame.image, mask)
+        self._observer.stage("render", time.perf_counter() - t0)
+        return Rendered(self.stream_id, img, frame.seq, frame.capture_ts, self.jpeg_quality)
+
+    def _render_variant(
+        self, renderer: Renderer | None, frame: Frame, mask: np.ndarray
+    ) -> Rendered:
+        """Caller holds self._lock. The camera's own frame (never reused) when renderer is
+        None; each variant's renderer has buffers of its own."""
+        img = frame.image if renderer is None else renderer.render(frame.image, mask)
+        return Rendered(self.stream_id, img, frame.seq, frame.capture_ts, self.jpeg_quality)
+
+    def _count_classes(self, mask: np.ndarray) -> None:
+        labels = self.renderer.labels
+        self.fractions = class_fractions(mask, len(labels))
+        self._observer.class_fractions(self.stream_id, labels, self.fractions)
