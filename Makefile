@@ -40,12 +40,13 @@ test: setup-test
 	$(BIN)/mypy
 	$(BIN)/pytest -ra
 
-# For development: lint, types and the unit tests only (under a minute).
+# For development: lint, types and the unit tests only (tests/unit: no model, no peers,
+# under a minute).
 test-fast: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest -ra -m "not e2e"
+	$(BIN)/pytest -ra tests/unit
 
 typecheck: setup-test
 	$(BIN)/mypy

@@ -34,11 +34,11 @@ from typing import Any
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests"))  # the support package
 
-from peers import Chromium  # noqa: E402
-from rtsp import encode_clip  # noqa: E402
-from service_proc import ServiceProcess, read_part  # noqa: E402
+from support.peers import Chromium  # noqa: E402
+from support.rtsp import encode_clip  # noqa: E402
+from support.service_proc import ServiceProcess, read_part  # noqa: E402
 
 VIDEO = REPO.parent / "shared" / "data" / "video" / "vtest.avi"
 

@@ -30,7 +30,7 @@ def model(segstream_home: Path):
 @pytest.fixture(scope="session")
 def camera(shared_dir: Path):
     """A live RTSP camera on loopback: gst-rtsp-server looping a 320x240 clip at /cam."""
-    from rtsp import RtspServer, encode_clip, gst_rtsp_available
+    from support.rtsp import RtspServer, encode_clip, gst_rtsp_available
 
     if (why := gst_rtsp_available()) is not None:
         pytest.fail(why)
@@ -50,25 +50,13 @@ def segstream_home(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -
     return home
 
 
-# Modules whose tests drive the real peers, the model or long runs: `make test-fast` skips them
-# (-m "not e2e"); `make test` runs everything. A module can also set pytestmark itself.
-E2E_MODULES = {
-    "test_service",
-    "test_sources",
-    "test_lifecycle",
-    "test_packaging",
-    "test_benchmark",
-    "test_fidelity",
-    "test_train",
-    "test_export",
-    "test_predict",
-    "test_evaluate",
-    "test_models",
-    "test_fetch",
-}
+# tests/unit: no model, no peers, under a minute (`make test-fast`); tests/e2e: the real
+# weights, clips and peers (RTSP server, FFmpeg, Chromium, Prometheus, Mosquitto, PostgreSQL,
+# Ray). Every test under tests/e2e is marked e2e, so `-m "not e2e"` also selects the unit set.
+E2E = Path(__file__).resolve().parent / "e2e"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.module is not None and item.module.__name__ in E2E_MODULES:
+        if E2E in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.e2e)

@@ -1,0 +1,632 @@
+"""Cluster mode on a real Ray cluster: a head and two worker nodes (one CPU each, a small object
+store) from ray.cluster_utils, the real model on each node, file sources at 320x240 and one
+inference a second, the gateway in this process, a real Prometheus server.
+
+Run through tests/test_cluster.py, which starts pytest on this file inside a network
+namespace of its own (unshare -n, lo up): Ray binds to the machine's own address otherwise,
+and there every Ray address is 127.0.0.1. The tests run in order on one cluster; near the
+end one node is removed, another joins, and a node service is silenced."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from support.api_suite import (  # noqa: F401  (the shared API tests, against the gateway here)
+    ApiTarget,
+    test_bad_streams_are_refused_naming_the_key,
+    test_openapi_shows_the_states,
+    test_pictures_and_a_share_url,
+    test_predict_and_model_facts,
+    test_stream_crud_and_its_error_bodies,
+    test_streams_past_max_streams_are_refused,
+)
+from support.peers import free_port, stop_process, wait_http
+from support.service_proc import colour_pixels, decode, read_part
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("SEGSTREAM_NETNS") != "1",
+    reason="run by tests/test_cluster.py in its own network namespace",
+)
+
+ray = pytest.importorskip("ray")
+
+from aiohttp import web  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from segstream.stream.auth import Authenticator, TokenStore  # noqa: E402
+from segstream.stream.cluster.controller import start_controller  # noqa: E402
+from segstream.stream.cluster.gateway import ClusterClient, make_gateway_app  # noqa: E402
+from segstream.stream.cluster.runtime import CONTROLLER_NAME  # noqa: E402
+from segstream.stream.config import AppConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+NAMESPACE = "segstream-test"
+PERSON_RGB = (192, 128, 128)  # Pascal VOC palette, class 15
+SLOTS = 1.0  # one core per worker node
+MiB = 2**20
+MAX_STREAMS = 6
+SIGNING_KEY = b"k" * 32  # the gateway's key for sessions and signed URLs (nodes share it)
+
+
+@pytest.fixture(scope="module")
+def clip(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("clips") / "vtest-320x240.mp4"
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-y",
+            "-loglevel",
+            "error",
+            "-i",
+            str(shared_dir / "data/video/vtest.avi"),
+            "-t",
+            "6",
+            "-vf",
+            "scale=320:240",
+            "-an",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-g",
+            "10",
+            "-pix_fmt",
+            "yuv420p",
+            str(out),
+        ],
+        check=True,
+        timeout=120,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(segstream_home: Path) -> Iterator[Cluster]:
+    # The nodes' processes inherit this environment: SEGSTREAM_HOME (the model) included.
+    t0 = time.monotonic()
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": 80 * MiB},
+    )
+    for _ in range(2):
+        c.add_node(num_cpus=1, object_store_memory=80 * MiB, resources={"segstream_slots": SLOTS})
+    ray.init(address=c.address, namespace=NAMESPACE, log_to_driver=False)
+    print(f"Ray cluster (head + 2 workers) up in {time.monotonic() - t0:.1f} s")
+    yield c
+    with_controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    ray.kill(with_controller, no_restart=True)
+    ray.shutdown()
+    c.shutdown()
+
+
+class Gateway:
+    """The gateway app on a loopback port, served from a thread of its own."""
+
+    def __init__(self, cfg: AppConfig, state_file: Path, auth: Authenticator | None = None) -> None:
+        self.cfg, self.state_file, self.auth = cfg, state_file, auth
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.port = free_port()
+        self.runner: web.AppRunner | None = None
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def start(self) -> None:
+        handle = start_controller(self.cfg, str(self.state_file), SIGNING_KEY)
+        info = ray.get(handle.info.remote(), timeout=60)
+        app = make_gateway_app(self.cfg, ClusterClient(handle, info["secret"]), self.auth)
+
+        async def up() -> web.AppRunner:
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            return runner
+
+        self.runner = self._run(up())
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            self._run(self.runner.cleanup())
+            self.runner = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def call(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(self.url(path), data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                raw, status, ctype = r.read(), r.status, r.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as e:
+            raw, status, ctype = e.read(), e.code, e.headers.get("Content-Type", "")
+        return status, (json.loads(raw) if "json" in ctype and raw else raw)
+
+    def streams(self) -> dict[str, dict[str, Any]]:
+        status, body = self.call("GET", "/api/streams")
+        assert status == 200, body
+        return {s["id"]: s for s in body["streams"]}
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    cluster: Cluster, clip: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    cfg = AppConfig.model_validate(
+        {
+            "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
+            "sources": {"allow_local": [str(clip.parent)], "max_streams": MAX_STREAMS},
+            "render": {"alpha": 1.0, "classes": ["person"]},
+            "cluster": {"namespace": NAMESPACE, "lost_after_s": 3.0},
+            "streams": [],
+        }
+    )
+    gw = Gateway(cfg, tmp_path_factory.mktemp("state") / "streams.json")
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def target(gateway: Gateway, clip: Path) -> ApiTarget:
+    """The shared API suite's view of the gateway."""
+    return ApiTarget(f"http://127.0.0.1:{gateway.port}", str(clip), MAX_STREAMS)
+
+
+def wait_until(pred: Any, timeout: float, step: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    return pred()
+
+
+def worker_ids(cluster: Cluster) -> set[str]:
+    return {n.node_id[:12] for n in cluster.worker_nodes}
+
+
+STREAMS = ["s1", "s2", "s3", "s4"]
+
+
+def test_streams_spread_over_both_worker_nodes(
+    cluster: Cluster, gateway: Gateway, clip: Path
+) -> None:
+    t0 = time.monotonic()
+
+    def nodes_ready() -> bool:  # on a loaded machine one node service may start much later
+        status, body = gateway.call("GET", "/api/nodes")
+        ready = {n["id"] for n in body["nodes"] if n["state"] == "up" and n["ready"]}
+        return status == 200 and ready == worker_ids(cluster)
+
+    assert wait_until(nodes_ready, 90), gateway.call("GET", "/api/nodes")
+    for sid in STREAMS:
+        status, body = gateway.call(
+            "POST", "/api/streams", {"id": sid, "source": str(clip), "infer_fps": 1}
+        )
+        assert status == 201, body
+        assert body["state"] in ("starting", "pending"), body
+    status, body = gateway.call("POST", "/api/streams", {"id": "s1", "source": str(clip)})
+    assert status == 409 and "exists" in body["error"]
+    status, body = gateway.call("POST", "/api/streams", {"id": "x", "source": "/etc/passwd"})
+    assert status == 422 and body["details"][0]["loc"] == "source", body
+    status, body = gateway.call(
+        "POST", "/api/streams", {"id": "x", "source": str(clip), "classes": ["unicorn"]}
+    )
+    assert status == 422 and body["details"][0]["loc"] == "classes", body
+
+    def all_live() -> bool:
+        s = gateway.streams()
+        return set(s) == set(STREAMS) and all(v["state"] == "live" for v in s.values())
+
+    assert wait_until(all_live, 90), gateway.streams()
+    print(
+        f"4 streams live through the gateway {time.monotonic() - t0:.1f} s after the first "
+        "POST (node services start and load the model meanwhile)"
+    )
+    streams = gateway.streams()
+    nodes = [s["node"] for s in streams.values()]
+    assert set(nodes) == worker_ids(cluster), nodes
+    assert sorted(nodes.count(n) for n in set(nodes)) == [2, 2], nodes
+    status, body = gateway.call("GET", "/api/nodes")
+    assert status == 200 and {n["id"] for n in body["nodes"]} == worker_ids(cluster)
+    assert all(n["state"] == "up" and n["ready"] and n["streams"] == 2 for n in body["nodes"])
+    status, one = gateway.call("GET", "/api/streams/s1")
+    assert status == 200 and one["node"] == streams["s1"]["node"] and one["width"] == 320
+
+
+def test_mjpeg_of_a_stream_on_another_node_shows_the_overlay(gateway: Gateway) -> None:
+    """The gateway runs on the head node; every stream runs on a worker node."""
+    with urllib.request.urlopen(gateway.url("/streams/s3/mjpeg"), timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("multipart/x-mixed-replace")
+        frames = [decode(read_part(r)) for _ in range(6)]
+    assert all(f.shape == (240, 320, 3) for f in frames)
+    person = [colour_pixels(f, PERSON_RGB) for f in frames]
+    assert max(person) > 40, person
+    status, jpeg = gateway.call("GET", "/streams/s3/snapshot.jpg")
+    assert status == 200 and decode(jpeg).shape == (240, 320, 3)
+    status, png = gateway.call("GET", "/streams/s3/mask.png")
+    mask = Image.open(io.BytesIO(png))
+    assert status == 200 and mask.mode == "P" and 15 in np.asarray(mask)
+    status, model = gateway.call("GET", "/api/model")
+    assert status == 200 and model["labels"][15] == "person"
+    status, _ = gateway.call("GET", "/streams/nope/mjpeg")
+    assert status == 404
+
+
+def test_a_stream_that_fits_nowhere_is_pending(gateway: Gateway, clip: Path) -> None:
+    """An uncapped stream costs 0.945 of a core: no node (0.38 of its one slot used) has room.
+    It waits as `pending` and moves nothing; removed, it is gone."""
+    before = {sid: s["node"] for sid, s in gateway.streams().items()}
+    status, body = gateway.call(
+        "POST", "/api/streams", {"id": "big", "source": str(clip), "infer_fps": 0}
+    )
+    assert status == 201 and body["state"] == "pending", body
+    try:
+        big = gateway.streams()["big"]
+        assert (big["state"], big["node"]) == ("pending", None), big
+        assert big["reason"] == "no node has room for it", big
+        status, text = gateway.call("GET", "/metrics")
+        assert b'segstream_cluster_streams{phase="pending"} 1.0' in text, text
+        assert {sid: s["node"] for sid, s in gateway.streams().items() if sid != "big"} == before
+    finally:
+        status, _ = gateway.call("DELETE", "/api/streams/big")
+    assert status == 204 and set(gateway.streams()) == set(STREAMS)
+
+
+def test_a_wrong_ray_token_is_refused(cluster: Cluster) -> None:
+    """Nothing drives the cluster without its token: a driver with another one is refused
+    with Ray's authentication error (this process, with the token, is a driver)."""
+    code = f"import ray; ray.init(address={cluster.address!r}); print('connected')"
+
+    t0 = time.monotonic()
+    bad = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, RAY_AUTH_TOKEN="0" * 64),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = bad.stdout + bad.stderr
+    why = next((ln for ln in reversed(out.splitlines()) if "uthenticat" in ln), "")
+    print(f"a driver with a wrong Ray token refused in {time.monotonic() - t0:.1f} s: {why[:160]}")
+    assert bad.returncode != 0 and "connected" not in bad.stdout, out[-3000:]
+    assert "AuthenticationError" in why and "token" in why, out[-3000:]
+
+
+def test_live_page_websocket_and_mosaic_through_the_gateway(gateway: Gateway) -> None:
+    """The page's /ws at the gateway: frames of a stream on a worker node (relayed from that
+    node's own /ws) decode as JPEG, and the status lists the streams of both nodes. The mosaic
+    of one node's streams is relayed; across nodes the gateway answers 501, naming them."""
+    import aiohttp
+
+    streams = gateway.streams()
+    node = streams["s3"]["node"]
+
+    async def watch() -> tuple[list[bytes], dict[str, Any]]:
+        frames: list[bytes] = []
+        status: dict[str, Any] = {}
+        async with aiohttp.ClientSession() as http, http.ws_connect(gateway.url("/ws")) as ws:
+            await ws.send_str(json.dumps({"watch": ["s3"], "fps": 5}))
+            deadline = time.monotonic() + 30
+            while (len(frames) < 3 or not status) and time.monotonic() < deadline:
+                msg = await ws.receive(timeout=10)
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    kind, n = msg.data[0], msg.data[1]
+                    assert (kind, msg.data[2 : 2 + n]) == (1, b"s3")
+                    frames.append(msg.data[6 + n :])
+                elif msg.type == aiohttp.WSMsgType.TEXT:
+                    data = json.loads(msg.data)
+                    if data["type"] == "status":
+                        status = data
+                else:
+                    raise AssertionError(msg)
+        return frames, status
+
+    t0 = time.monotonic()
+    frames, status = asyncio.run(watch())
+    print(
+        f"/ws at the gateway: {len(frames)} frames of s3 (node {node}) in "
+        f"{time.monotonic() - t0:.1f} s"
+    )
+    assert len(frames) >= 3 and all(decode(f).shape == (240, 320, 3) for f in frames)
+    assert {s["id"]: s["node"] for s in status["streams"]} == {
+        sid: s["node"] for sid, s in streams.items()
+    }
+    assert len({s["node"] for s in status["streams"]}) == 2
+
+    same = ",".join(sid for sid, s in streams.items() if s["node"] == node)
+    with urllib.request.urlopen(gateway.url(f"/mosaic/mjpeg?streams={same}"), timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("multipart/x-mixed-replace")
+        assert decode(read_part(r)).ndim == 3
+    status, body = gateway.call("GET", "/mosaic/mjpeg")
+    assert status == 501 and set(body["nodes"]) == {s["node"] for s in streams.values()}
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kw: Any) -> None:
+        return None
+
+
+def test_auth_and_viewers_sent_straight_to_the_node(gateway: Gateway, tmp_path: Path) -> None:
+    """A second gateway with tokens and `direct_viewers`: the single node's auth at the
+    gateway; a viewer is redirected to the owning node with a signed URL that the node takes,
+    and the node refuses anything else."""
+    tokens = TokenStore(tmp_path / "tokens.json")
+    viewer = tokens.add("cam-viewer", "viewer")
+    cfg = gateway.cfg.model_copy(
+        update={"cluster": gateway.cfg.cluster.model_copy(update={"direct_viewers": True})}
+    )
+    gw = Gateway(cfg, gateway.state_file, Authenticator(tokens, SIGNING_KEY))
+    gw.start()
+    try:
+        status, body = gw.call("GET", "/api/streams")
+        assert status == 401, body
+        status, body = gw.call(
+            "POST", "/api/streams", {"id": "x", "source": "rtsp://a/b"}, token=viewer
+        )
+        assert status == 403, body
+        status, body = gw.call("GET", "/api/streams/s3", token=viewer)
+        assert status == 200 and body["state"] == "live"
+        req = urllib.request.Request(
+            gw.url("/streams/s3/snapshot.jpg"), headers={"Authorization": f"Bearer {viewer}"}
+        )
+        try:
+            urllib.request.build_opener(_NoRedirect).open(req, timeout=10)
+            raise AssertionError("no redirect")
+        except urllib.error.HTTPError as e:
+            assert e.code == 307, e.read()
+            location = e.headers["Location"]
+        node = urllib.parse.urlsplit(location)
+        assert node.port != gw.port and "sig=" in location
+        with urllib.request.urlopen(location, timeout=10) as r:  # no token: the signature
+            assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg"
+        for bad in (location.replace("sig=", "sig=x"), f"http://{node.netloc}/api/streams"):
+            try:
+                urllib.request.urlopen(bad, timeout=10)
+                raise AssertionError(f"{bad} answered")
+            except urllib.error.HTTPError as e:
+                assert e.code == 401, (bad, e.code)
+    finally:
+        gw.stop()
+
+
+def test_prometheus_discovers_and_scrapes_both_nodes(
+    gateway: Gateway, cluster: Cluster, tmp_path: Path
+) -> None:
+    status, groups = gateway.call("GET", "/api/sd")
+    assert status == 200 and {g["labels"]["node"] for g in groups} == worker_ids(cluster)
+    exe = "prometheus"
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: segstream-nodes\n"
+        "    http_sd_configs:\n"
+        f"      - url: {gateway.url('/api/sd')}\n"
+        "        refresh_interval: 1s\n"
+        "  - job_name: segstream-gateway\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{gateway.port}']}}]\n"
+    )
+    proc = subprocess.Popen(
+        [
+            exe,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ready", 30)
+
+        def query(q: str) -> list[dict[str, Any]]:
+            url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.load(r)["data"]["result"]
+
+        def per_node() -> dict[str, float] | None:
+            got = {
+                r["metric"].get("node"): float(r["value"][1])
+                for r in query('sum by (node) (segstream_stream_up{job="segstream-nodes"})')
+            }
+            return got if set(got) == worker_ids(cluster) else None
+
+        got = wait_until(per_node, 30, step=0.5)
+        assert got and all(v == 2 for v in got.values()), query("up")
+        up = query('up{job="segstream-nodes"}')
+        assert {r["metric"]["node"] for r in up if r["value"][1] == "1"} == worker_ids(cluster)
+
+        # The Grafana dashboard's queries are valid and see the cluster.
+        dash = json.loads((REPO / "deploy/grafana-cluster.json").read_text())
+        exprs = {
+            p["title"]: p["targets"][0]["expr"].replace("$nodes_job", "segstream-nodes")
+            for p in dash["panels"]
+        }
+        quiet = {"Reconnects (top 10 streams, 15 min)"}  # no reconnect happens here
+
+        def empty() -> list[str]:  # rates answer once two samples are in
+            return [t for t, e in exprs.items() if t not in quiet and not query(e)]
+
+        assert wait_until(lambda: not empty(), 30, step=0.5), empty()
+    finally:
+        stop_process(proc)
+    status, text = gateway.call("GET", "/metrics")
+    assert status == 200 and b'segstream_cluster_nodes{state="up"} 2.0' in text, text
+    per_node = {
+        line.split('node="')[1].split('"')[0]: float(line.rpartition(" ")[2])
+        for line in text.decode().splitlines()
+        if line.startswith("segstream_cluster_node_streams{")
+    }
+    assert per_node == dict.fromkeys(worker_ids(cluster), 2.0), per_node
+
+
+def test_stream_set_survives_controller_and_gateway_restarts(gateway: Gateway) -> None:
+    before = {sid: s["node"] for sid, s in gateway.streams().items()}
+    stored = json.loads(gateway.state_file.read_text())
+    assert [s["id"] for s in stored["streams"]] == STREAMS
+    controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    started = ray.get(controller.info.remote())["started"]
+    t0 = time.monotonic()
+    ray.kill(controller, no_restart=False)  # Ray restarts it: its state comes from the file
+
+    def restarted() -> bool:
+        try:
+            return bool(ray.get(controller.info.remote(), timeout=5)["started"] != started)
+        except Exception:
+            return False
+
+    assert wait_until(restarted, 60)
+    after = wait_until(
+        lambda: (s := gateway.streams()) and all(v["state"] == "live" for v in s.values()) and s, 30
+    )
+    print(f"controller restarted and serving again in {time.monotonic() - t0:.1f} s")
+    assert {sid: s["node"] for sid, s in after.items()} == before  # nothing moved
+
+    status, body = gateway.call("PATCH", "/api/streams/s2", {"alpha": 0.8})
+    assert status == 200, body
+    assert json.loads(gateway.state_file.read_text())["streams"][1]["alpha"] == 0.8
+
+    gateway.stop()  # a gateway restart: it keeps nothing, so nothing is lost
+    gateway.start()
+    assert {sid: s["node"] for sid, s in gateway.streams().items()} == before
+    status, _ = gateway.call("DELETE", "/api/streams/nope")
+    assert status == 404
+
+
+def test_lost_node_streams_live_on_the_survivor_within_15s(
+    cluster: Cluster, gateway: Gateway
+) -> None:
+    before = gateway.streams()
+    victim = next(n for n in cluster.worker_nodes if n.node_id[:12] == before["s1"]["node"])
+    survivor = (worker_ids(cluster) - {victim.node_id[:12]}).pop()
+    displaced = {sid for sid, s in before.items() if s["node"] == victim.node_id[:12]}
+    seen: dict[str, set[str]] = {sid: set() for sid in before}
+    t0 = time.monotonic()
+    cluster.remove_node(victim, allow_graceful=False)
+
+    def all_back() -> bool:
+        s = gateway.streams()
+        for sid, v in s.items():
+            seen[sid].add(v["state"])
+        return all(v["state"] == "live" and v["node"] == survivor for v in s.values())
+
+    ok = wait_until(all_back, 20, step=0.2)
+    elapsed = time.monotonic() - t0
+    print(
+        f"node lost: {len(displaced)} stream(s) live again on the survivor after "
+        f"{elapsed:.1f} s; states seen meanwhile: { {k: sorted(v) for k, v in seen.items()} }"
+    )
+    assert ok, gateway.streams()
+    assert elapsed < 15, elapsed
+    assert all("moving" in seen[sid] for sid in displaced), seen
+    assert all(seen[sid] == {"live"} for sid in set(before) - displaced), seen
+
+
+def node_ids(gateway: Gateway) -> dict[str, dict[str, Any]]:
+    status, body = gateway.call("GET", "/api/nodes")
+    assert status == 200, body
+    return {n["id"]: n for n in body["nodes"]}
+
+
+def test_a_node_that_joins_takes_streams(cluster: Cluster, gateway: Gateway) -> None:
+    """After the loss, the survivor runs all four streams (0.76 of its slot); an empty node
+    joins: a node service starts there and streams move to it until the two are within the
+    rebalance threshold (two moves: 0.38 each)."""
+    t0 = time.monotonic()
+    new = cluster.add_node(
+        num_cpus=1, object_store_memory=80 * MiB, resources={"segstream_slots": SLOTS}
+    )
+    nid = new.node_id[:12]
+
+    def balanced() -> bool:
+        s = gateway.streams()
+        on_new = [v for v in s.values() if v["node"] == nid]
+        return len(on_new) == 2 and all(v["state"] == "live" for v in s.values())
+
+    ok = wait_until(balanced, 90, step=0.5)
+    print(f"a node joined: 2 streams live on it {time.monotonic() - t0:.1f} s after it was added")
+    assert ok, (gateway.streams(), node_ids(gateway))
+    node = node_ids(gateway)[nid]
+    assert node["state"] == "up" and node["ready"] and node["streams"] == 2, node
+    assert len({s["node"] for s in gateway.streams().values()}) == 2
+
+
+def _listener_pid(port: int) -> int:
+    """The process that listens on a loopback port (a node service: a Ray worker process)."""
+    out = subprocess.run(
+        ["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return int(out.split("pid=")[1].split(",")[0])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def test_a_silent_node_service_is_killed_and_does_not_come_back(
+    cluster: Cluster, gateway: Gateway
+) -> None:
+    """A node service that stops answering (SIGSTOP: its Ray node stays up) is declared lost
+    after lost_after_s (3 s): its streams go to the other node and the controller kills it, so
+    once it could run again there is nothing left to run what now runs elsewhere."""
+    before = gateway.streams()
+    victim = before["s1"]["node"]
+    other = ({s["node"] for s in before.values()} - {victim}).pop()
+    displaced = {sid for sid, s in before.items() if s["node"] == victim}
+    pid = _listener_pid(node_ids(gateway)[victim]["port"])
+    seen: dict[str, set[str]] = {sid: set() for sid in before}
+
+    def moved() -> bool:
+        s = gateway.streams()
+        for sid, v in s.items():
+            seen[sid].add(v["state"])
+        return all(v["state"] == "live" and v["node"] == other for v in s.values())
+
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        ok = wait_until(moved, 30, step=0.2)
+        print(
+            f"node service silenced: {len(displaced)} stream(s) live on the other node after "
+            f"{time.monotonic() - t0:.1f} s"
+        )
+        assert ok, gateway.streams()
+        assert all("moving" in seen[sid] for sid in displaced), seen
+        assert wait_until(lambda: _gone(pid), 15), f"the silent node service {pid} still runs"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert victim not in {n for n, v in node_ids(gateway).items() if v["state"] == "up"}
+    assert all(s["node"] == other for s in gateway.streams().values())
