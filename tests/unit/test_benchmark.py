@@ -12,7 +12,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 import stamp  # noqa: E402
 
-
 CODES = [(0, 0), (1, 4_294_967_295), (65_535, 123_456_789), (4242, 17)]
 
 
