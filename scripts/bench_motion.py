@@ -2,7 +2,8 @@
 """Masks between inferences (stale vs carried by motion) and motion gating, against a fresh
 inference on every frame, with the project's TFLite model.
 
-  SEGSTREAM_SHARED=/work/shared python scripts/bench_motion.py --out motion.json
+  SEGSTREAM_SHARED=../shared python scripts/bench_motion.py --out docs/bench_motion.json
+  ... --parts gating cost --merge   # redo some parts, keeping the others in --out
 
 Per clip, N (infer frames 0, N, 2N, ...; the mask shown on the others is stale or carried by
 each method) and method, over the frames in between (the inferred ones agree by definition):
@@ -387,11 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     shared = os.environ.get("SEGSTREAM_SHARED")
     video = Path(shared or "../shared") / "data" / "video"
     seg = _model(Path(shared) if shared else None, args.threads)
-    sources = {
-        "vtest": video / "vtest.avi",
-        "vtest-h264": h264_copy(video / "vtest.avi", CACHE, gop=20),
-        "solidWhiteRight": video / "solidWhiteRight.mp4",
-    }
+    sources = {"vtest": video / "vtest.avi", "solidWhiteRight": video / "solidWhiteRight.mp4"}
+    if "vtest-h264" in args.clips:  # vtest as a camera would send it (for the mv method)
+        sources["vtest-h264"] = h264_copy(video / "vtest.avi", CACHE, gop=20)
     res: dict = json.loads(args.out.read_text()) if args.merge and args.out.is_file() else {}
     res.update(model=MODEL, cpus=os.cpu_count(), cv2_threads=cv2.getNumThreads())
     res["load_avg_start"] = os.getloadavg()[0]
