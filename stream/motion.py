@@ -245,6 +245,9 @@ class MaskCarrier:
     directly when ``carried()`` asks: chaining finds large motion, the direct pair removes the
     error that chaining sub-pixel steps adds up.
 
+    ``grow_px``: a moved mask is grown by that many pixels (the model's own masks of the
+    later frames reach a little further than a moved one: see DEFAULT_GROW_PX).
+
     ``chain=False`` (direct): the flow between the anchor's thumbnail and the newest one,
     computed when ``carried()`` asks (once per frame), so frames never shown cost only a
     thumbnail. ``chain=True``: the flow between consecutive frames at every push (or given:
@@ -264,10 +267,12 @@ class MaskCarrier:
         splat: bool = True,
         background: int = 0,
         refine: FlowFn | None = None,
+        grow_px: int = 0,
         max_anchors: int = 8,
     ) -> None:
         self.mask_size = mask_size
         self.refine = refine
+        self.grow_px = grow_px
         mh, mw = mask_size
         self.size = (max(8, round(mh * scale)), max(8, round(mw * scale)))
         self.flow, self.chain, self.splat = flow, chain, splat
@@ -364,7 +369,8 @@ class MaskCarrier:
             tmap = self._ident + self.flow(self._thumb, a.thumb)
         if tmap is None:
             return mask
-        return self._splat(mask, tmap) if self.splat else self._pull(mask, tmap)
+        moved = self._splat(mask, tmap) if self.splat else self._pull(mask, tmap)
+        return grow_mask(moved, self.grow_px, self.background)
 
     def _refined(self, a: _Anchor) -> np.ndarray:
         """The chained map refined against the anchor directly, unless that explains the
@@ -437,13 +443,16 @@ def grow_mask(mask: np.ndarray, px: int, background: int = 0) -> np.ndarray:
     taken over gets the largest neighbouring class id. ``px <= 0`` returns the mask."""
     if px <= 0:
         return mask
-    fg = mask != background
-    shifted = np.where(fg, mask.astype(np.int16) + 1, 0).astype(np.uint16)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
-    grown = cv2.dilate(shifted, kernel)
-    out = np.where(grown > 0, grown.astype(np.int16) - 1, background).astype(mask.dtype)
-    out[fg] = mask[fg]
-    return out
+    fg = cv2.compare(mask, background, cv2.CMP_NE)  # type: ignore[call-overload]
+    if background == 0:  # the smallest id: a plain max filter grows the others into it
+        grown = cv2.dilate(mask, kernel)
+    else:  # shift the ids so that background is the smallest
+        shifted = np.where(fg != 0, mask.astype(np.uint16) + 1, 0).astype(np.uint16)
+        grown16 = cv2.dilate(shifted, kernel)
+        grown = np.where(grown16 > 0, grown16.astype(np.int16) - 1, background).astype(mask.dtype)
+    cv2.copyTo(mask, fg, grown)  # the mask's own classes stay where they are
+    return grown
 
 
 # --- the service's choice ---
@@ -459,6 +468,9 @@ DEFAULT_FLOW = "dis-ultrafast"
 DEFAULT_SCALE = 0.5  # flow on 256x256 thumbnails for the 513x513 model
 DEFAULT_CHAIN = True
 DEFAULT_SPLAT = False
+# Grown by 1 px, the moved mask matches 77.8 % of the fresh foreground instead of 71.7 % (N =
+# 5; N = 10: 71.2 % instead of 65.1 %) at the same intersection over union (55.4 % / 55.7 %).
+DEFAULT_GROW_PX = 1
 
 
 def new_carrier(mask_size: tuple[int, int], carry: str = "flow") -> MaskCarrier:
@@ -468,5 +480,10 @@ def new_carrier(mask_size: tuple[int, int], carry: str = "flow") -> MaskCarrier:
         raise ValueError(f"carry must be one of {CARRY_MODES}, got {carry!r}")
     flow = flow_method(DEFAULT_FLOW) if carry == "flow" else None
     return MaskCarrier(
-        mask_size, scale=DEFAULT_SCALE, flow=flow, chain=DEFAULT_CHAIN, splat=DEFAULT_SPLAT
+        mask_size,
+        scale=DEFAULT_SCALE,
+        flow=flow,
+        chain=DEFAULT_CHAIN,
+        splat=DEFAULT_SPLAT,
+        grow_px=DEFAULT_GROW_PX if flow is not None else 0,
     )
