@@ -420,9 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         res["gating"] = gating(seg, first, args.refresh)
         print("gating", res["gating"], flush=True)
     if "cost" in args.parts:
-        res["cost_ms"] = costs(args.methods, sources)
-        res["decode_ms_720p_h264"] = res["cost_ms"].pop("_decode")
-        res["detector_ms_720p"] = res["cost_ms"].pop("_detector")
+        cost = costs(args.methods, sources)
+        res["decode_ms_720p_h264"] = cost.pop("_decode")
+        res["detector_ms_720p"] = cost.pop("_detector")
+        res.setdefault("cost_ms", {}).update(cost)
     res["load_avg_end"] = os.getloadavg()[0]
     seg.close()
     args.out.write_text(json.dumps(res, indent=1))

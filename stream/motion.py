@@ -13,6 +13,7 @@ resize and no aspect ratio enters.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -227,13 +228,26 @@ class _Anchor:
         self.moved = False  # no flow composed yet: the map is the identity
 
 
+@dataclass(slots=True)
+class _Past:
+    """A recently pushed frame: its thumbnail and (chained) the flow that led to it."""
+
+    seq: int
+    ts: float
+    thumb: np.ndarray | None
+    flow: np.ndarray | None  # float16, in the direction the chain composes
+
+
 class MaskCarrier:
     """Carries the newest mask to the newest frame by dense optical flow.
 
     Every frame that may be shown is ``push``ed in order (its grey thumbnail at ``mask size *
-    scale`` is kept); a frame sent to the model is ``anchor``ed; ``set_mask`` takes the
-    model's answer for an anchor (older anchors are dropped); ``carried()`` moves that mask
-    once to the newest frame. ``flow=None`` keeps the mask where it was (stale).
+    scale``, and chained, the flow from the previous one, are kept for the last ``history``
+    frames); ``set_mask`` takes the model's answer for frame ``seq`` (any of those frames: the
+    motion since it is composed then); ``carried()`` moves that mask once to the newest frame.
+    ``anchor()`` on the newest frame when it goes to the model is optional: the map since it
+    is then composed frame by frame instead of all at once when the answer comes.
+    ``flow=None`` keeps the mask where it was (stale).
 
     ``splat=True``: the mask's foreground pixels are pushed forward to where the flow takes
     them (the background stays background, so a moving object leaves no trail). ``False``:
@@ -269,6 +283,7 @@ class MaskCarrier:
         refine: FlowFn | None = None,
         grow_px: int = 0,
         max_anchors: int = 8,
+        history: int = 16,
     ) -> None:
         self.mask_size = mask_size
         self.refine = refine
@@ -282,6 +297,7 @@ class MaskCarrier:
         gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
         self._ident = np.dstack([gx, gy])
         self._anchors: dict[int, _Anchor] = {}
+        self._past: deque[_Past] = deque(maxlen=history)
         self._thumb: np.ndarray | None = None  # the newest pushed frame's
         self._mask: np.ndarray | None = None
         self._mask_anchor: _Anchor | None = None
@@ -307,39 +323,57 @@ class MaskCarrier:
                 assert self.flow is not None and self._thumb is not None
                 flow = self.flow(prev, self._thumb) if self.splat else self.flow(self._thumb, prev)
             if flow is not None:
-                self._compose(flow)
+                live = list(self._anchors.values())
+                if self._mask_anchor is not None and self._mask_anchor.seq not in self._anchors:
+                    live.append(self._mask_anchor)
+                for a in live:
+                    self._step(a, flow)
+        kept = None if flow is None or not self.chain else flow.astype(np.float16)
+        self._past.append(_Past(seq, ts, self._thumb, kept))
         self.seq, self.ts, self._shown = seq, ts, None
 
-    def _compose(self, flow: np.ndarray) -> None:
+    def _step(self, a: _Anchor, flow: np.ndarray) -> None:
         """Pull: map(x) <- map(x + back(x)); splat: pos(p) <- pos(p) + fwd(pos(p))."""
-        live = list(self._anchors.values())
-        if self._mask_anchor is not None and self._mask_anchor.seq not in self._anchors:
-            live.append(self._mask_anchor)
-        back = None if self.splat else self._ident + flow
-        for a in live:
-            if back is not None:
-                a.map = cv2.remap(a.map, back, None, cv2.INTER_LINEAR, borderMode=_EDGE)
-            else:
-                a.map = a.map + cv2.remap(flow, a.map, None, cv2.INTER_LINEAR, borderMode=_EDGE)
-            a.moved = True
+        flow = flow.astype(np.float32, copy=False)
+        if self.splat:
+            a.map = a.map + cv2.remap(flow, a.map, None, cv2.INTER_LINEAR, borderMode=_EDGE)
+        else:
+            a.map = cv2.remap(a.map, self._ident + flow, None, cv2.INTER_LINEAR, borderMode=_EDGE)
+        a.moved = True
+
+    def _from_history(self, seq: int) -> _Anchor | None:
+        """An anchor on pushed frame ``seq`` (or the oldest kept, if it is older), with the
+        motion since composed; None before any push."""
+        past = list(self._past)
+        i = next((k for k, p in enumerate(past) if p.seq >= seq), None)
+        if i is None:
+            return None
+        a = _Anchor(past[i].seq, past[i].ts, past[i].thumb, self._ident)
+        for p in past[i + 1 :]:
+            if p.flow is not None:
+                self._step(a, p.flow)
+        return a
 
     def anchor(self, seq: int | None = None) -> None:
-        """The newest pushed frame went to the model (its mask will come to ``set_mask``)."""
+        """Pushed frame ``seq`` (default: the newest) went to the model."""
         seq = self.seq if seq is None else seq
-        if seq != self.seq:
-            raise ValueError(f"anchor({seq}): only the newest pushed frame ({self.seq}) can be")
-        self._anchors[seq] = _Anchor(seq, self.ts, self._thumb, self._ident)
+        a = self._from_history(seq) if seq != self.seq else None
+        if seq != self.seq and (a is None or a.seq != seq):
+            raise ValueError(f"anchor({seq}): not among the last {len(self._past)} frames")
+        self._anchors[seq] = a or _Anchor(seq, self.ts, self._thumb, self._ident)
         while len(self._anchors) > self.max_anchors:  # answers that never came
             del self._anchors[min(self._anchors)]
 
     def set_mask(self, seq: int, mask: np.ndarray) -> None:
-        """The model's mask for anchored frame ``seq``. A mask for a frame that was not
-        anchored is taken as computed on the newest frame."""
+        """The model's mask for pushed frame ``seq``. For a frame older than the history, the
+        motion since the oldest kept one is applied (a frame never pushed: none)."""
         if mask.shape != self.mask_size:
             raise ValueError(f"mask shape {mask.shape} != {self.mask_size}")
         if self._mask_anchor is not None and seq < self._mask_anchor.seq:
             return  # an older answer than the one shown
-        a = self._anchors.get(seq) or _Anchor(self.seq, self.ts, self._thumb, self._ident)
+        a = self._anchors.get(seq) or self._from_history(seq)
+        if a is None:  # nothing pushed yet
+            a = _Anchor(self.seq, self.ts, self._thumb, self._ident)
         for s in [s for s in self._anchors if s <= seq]:
             del self._anchors[s]
         self._mask, self._mask_anchor, self._shown = mask, a, None

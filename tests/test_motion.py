@@ -111,26 +111,32 @@ def test_every_carry_mode_moves_the_mask_the_right_way(chain: bool, splat: bool)
 
 def test_answer_arriving_late_is_carried_from_its_own_frame() -> None:
     """The model answers for frame 1 after frames 2..6 arrived: the mask is moved from frame
-    1 to 6, and an older answer arriving after a newer one is ignored."""
+    1 to 6, the same whether frame 1 was anchored when it went to the model or not, and an
+    older answer arriving after a newer one is ignored."""
     bg, tex = textures(1)
-    c = new_carrier((M, M))
+    anchored, plain = new_carrier((M, M)), new_carrier((M, M))
     pos = [(150 + 3 * i, 100) for i in range(7)]
     for i, (x, y) in enumerate(pos):
-        c.push(i, scene(bg, tex, x, y), ts=i / 10)
+        for c in (anchored, plain):
+            c.push(i, scene(bg, tex, x, y), ts=i / 10)
         if i in (0, 1):
-            c.anchor()
-    assert c.carried() is None
-    c.set_mask(1, square_mask(*pos[1]))
-    c.set_mask(0, np.zeros((M, M), np.uint8))  # older than the shown one: dropped
-    shown = c.carried()
-    assert shown is not None and shown.source_seq == 1 and shown.age_frames == 5
+            anchored.anchor()
+    assert anchored.carried() is None and plain.carried() is None
+    for c in (anchored, plain):
+        c.set_mask(1, square_mask(*pos[1]))
+        c.set_mask(0, np.zeros((M, M), np.uint8))  # older than the shown one: dropped
+    shown, other = anchored.carried(), plain.carried()
+    assert shown is not None and other is not None
+    assert (shown.source_seq, shown.age_frames, other.source_seq) == (1, 5, 1)
     assert shown.age_s == pytest.approx(0.5)
+    np.testing.assert_array_equal(shown.mask, other.mask)
     assert covered(shown.mask, square_mask(*pos[6])) > 0.9
     assert covered(square_mask(*pos[1]), square_mask(*pos[6])) < 0.9
-    with pytest.raises(ValueError, match="newest"):
-        c.anchor(3)
+    plain.anchor(4)  # an older pushed frame may be anchored too
+    with pytest.raises(ValueError, match="not among"):
+        plain.anchor(-3)
     with pytest.raises(ValueError, match="shape"):
-        c.set_mask(6, np.zeros((M, M + 1), np.uint8))
+        plain.set_mask(6, np.zeros((M, M + 1), np.uint8))
 
 
 def test_motion_vectors_become_backward_flow() -> None:
