@@ -135,7 +135,7 @@ def test_bad_files_are_named_and_the_rest_written(
     assert rc != 0
     assert "corrupt.png: not a readable image" in cap.err
     assert "missing.jpg: cannot read" in cap.err
-    assert "2 of 4 image(s) failed" in cap.err
+    assert "2 of 4 input(s) failed" in cap.err
     assert f"{path}: background" in cap.out
     assert sorted(p.name for p in out.iterdir()) == [
         "bird_segmentation_2_mask.png",
@@ -151,3 +151,55 @@ def test_all_good_exits_zero(
     path, _ = bird
     assert run_cli([str(path), "--out", str(tmp_path), "--backend", "tflite"]) == 0
     assert "bird" in capsys.readouterr().out
+
+
+def test_video_masks_every_nth_frame_inferred_the_others_carried(
+    segmenter: Segmenter, shared_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`predict vtest.avi --every 3` on its first 7 frames: one mask per frame at the frame's
+    size; frames 0, 3, 6 are the model's; with --carry none frames 1, 2 repeat frame 0's,
+    with flow (the default) they are frame 0's moved along with the walking people."""
+    import av
+
+    from segstream.models.runtime import prepare
+    from segstream.models.tools.data import resize_labels
+
+    video = shared_dir / "data" / "video" / "vtest.avi"
+    with av.open(str(video)) as c:
+        decoded = c.decode(video=0)
+        frames = [next(decoded).to_ndarray(format="bgr24") for _ in range(7)]
+    fresh = [
+        resize_labels(segmenter.segment(prepare(f, segmenter.input_size, bgr=True)[None])[0],
+                      f.shape[:2])
+        for f in frames
+    ]  # fmt: skip
+    masks = {}
+    for carry in ("none", "flow"):
+        out = tmp_path / carry
+        argv = [str(video), "--out", str(out), "--every", "3", "--max-frames", "7"]
+        assert run_cli([*argv, "--carry", carry, "--backend", "tflite"]) == 0
+        assert f"{video}: 7 frame masks, 3 inferred" in capsys.readouterr().out
+        names = sorted(p.name for p in out.iterdir())
+        assert names == [f"vtest_{i:06d}_mask.png" for i in range(7)]
+        masks[carry] = [decode_palette_png((out / n).read_bytes())[0] for n in names]
+        assert masks[carry][0].shape == (576, 768)
+        for i in (0, 3, 6):
+            np.testing.assert_array_equal(masks[carry][i], fresh[i])
+    for i in (1, 2):
+        np.testing.assert_array_equal(masks["none"][i], fresh[0])
+        carried = masks["flow"][i]
+        moved = np.count_nonzero(carried != fresh[0])
+        assert moved > 50, moved  # the people moved, so did their mask
+        assert set(np.unique(carried)) <= set(np.unique(fresh[0]))
+
+
+def test_video_bad_every_and_unreadable_video(
+    segstream_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video at all")
+    assert run_cli([str(bad), "--out", str(tmp_path / "o"), "--every", "0"]) == 2
+    assert "--every must be >= 1" in capsys.readouterr().err
+    assert run_cli([str(bad), "--out", str(tmp_path / "o"), "--backend", "tflite"]) == 1
+    err = capsys.readouterr().err
+    assert "broken.mp4: cannot read" in err and "1 of 1 input(s) failed" in err
