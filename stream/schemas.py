@@ -147,9 +147,11 @@ class SdGroup(_Out):
     labels: dict[str, str]
 
 
-def _optional(model: type[BaseModel], name: str, skip: set[str]) -> type[BaseModel]:
+def _optional(
+    model: type[BaseModel], name: str, skip: set[str], extra: dict[str, Any] | None = None
+) -> type[BaseModel]:
     """Every field of `model` optional and defaulting to unset (a partial update)."""
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = dict(extra or {})
     for key, f in model.model_fields.items():
         if key in skip:
             continue
@@ -157,8 +159,22 @@ def _optional(model: type[BaseModel], name: str, skip: set[str]) -> type[BaseMod
     return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
 
 
-# A PATCH body: any subset of a stream's settings (its id cannot change).
-StreamPatch = _optional(StreamConfig, "StreamPatch", {"id"})
+def _deprecated(new: str, kind: type) -> Any:
+    return (kind | None, Field(None, description=f"Deprecated: use {new}.", deprecated=True))
+
+
+# A PATCH body: any subset of a stream's settings (its id cannot change). The flat restream_*
+# keys of earlier versions are still taken (merged into `restream` with a warning, as in YAML).
+StreamPatch = _optional(
+    StreamConfig,
+    "StreamPatch",
+    {"id"},
+    {
+        "restream_encoder": _deprecated("restream.encoder", str),
+        "restream_bitrate": _deprecated("restream.bitrate", int),
+        "restream_preset": _deprecated("restream.preset", str),
+    },
+)
 
 
 StreamId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]

@@ -132,7 +132,7 @@ def test_turned_on_and_off_with_patch(service: ServiceProcess, clip: Path) -> No
             assert restream(service, sid) is None
             before = service.stream(sid)
             status, raw, _ = service.request(
-                "PATCH", f"/api/streams/{sid}", {"restream": rx.url, "restream_encoder": "auto"}
+                "PATCH", f"/api/streams/{sid}", {"restream": {"url": rx.url, "encoder": "auto"}}
             )
             assert status == 200, raw
             assert wait_for(lambda: rx.frames >= 10, 30), (rx.frames, restream(service, sid))

@@ -260,7 +260,9 @@ def test_slow_client_skips_and_fps_cap(service: ServiceProcess) -> None:
     assert len(sl) <= span / pause + 1, len(sl)
     lags = [behind([kk for tt, kk in fast.got if tt <= t][-1], k) for t, k in sl]
     print("slow client's lag behind the fast one, in frames:", lags)
-    assert max(lags) <= 3 * rate * pause + 2, lags
+    # A few pauses' worth at most (a loaded machine stalls writer and reader alike); a queue
+    # would grow by about rate x pause every read, past this within the 10 reads.
+    assert max(lags) <= 6 * rate * pause + 4, lags
     assert max(lags[-3:]) <= max(lags[:3]) + rate * pause, lags
     gaps = [behind(b[1], a[1]) for a, b in itertools.pairwise(sl)]
     assert sorted(gaps)[len(gaps) // 2] >= rate * pause / 2, gaps  # skipped, not slowed down

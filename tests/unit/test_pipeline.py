@@ -160,7 +160,7 @@ def test_converting_only_due_frames_keeps_the_rate_and_skips_none() -> None:
     assert 8 <= len(taken) <= 13, c  # 10 at the cap, + a new lane's catch-up (see above)
     assert c["skipped"] == 0, c  # the reader and the scan agree
     assert c["puts"] <= len(taken) + 2, c  # converted ~ inferred, not 50 a second
-    assert c["unconverted"] >= 70, c
+    assert decoded >= 4 * len(taken), c  # the source outran the cap (50 fps: ~100 frames)
     assert c["puts"] + c["unconverted"] == decoded
     assert c["puts"] == c["taken"] + c["skipped"] + c["dropped"] + c["pending"]
     assert max(taken) < 0.25  # each taken at once, not held back

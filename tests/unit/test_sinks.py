@@ -125,3 +125,47 @@ def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
         assert base * 0.8 <= min(delays) and max(delays) <= base * 1.2, (failures, delays)
         assert max(delays) - min(delays) > base * 0.1  # jittered, not fixed
     assert all(backoff_delay(30, 0.5, 10.0) <= 10.0 for _ in range(200))
+
+
+class _Held:
+    """A StreamTarget that only keeps the configs it is given."""
+
+    def __init__(self) -> None:
+        self.cfgs: dict[str, StreamConfig] = {}
+
+    def configs(self) -> dict[str, StreamConfig]:
+        return self.cfgs
+
+    def check(self, cfg: StreamConfig) -> None:
+        pass
+
+    def apply_add(self, cfg: StreamConfig) -> None:
+        self.cfgs[cfg.id] = cfg
+
+    def apply_replace(self, cfg: StreamConfig) -> None:
+        self.cfgs[cfg.id] = cfg
+
+    def apply_remove(self, stream_id: str) -> None:
+        del self.cfgs[stream_id]
+
+
+def test_a_patch_with_the_flat_keys_of_earlier_versions_still_applies() -> None:
+    """API clients written for the flat `restream_*` keys keep working: the PATCH body takes
+    them and they land in `restream`, as in YAML (with the same deprecation warning)."""
+    from segstream.stream.config import SourcesConfig
+    from segstream.stream.control import StreamSet
+    from segstream.stream.schemas import StreamPatch
+
+    held = _Held()
+    streams = StreamSet(held, None, SourcesConfig())
+    streams.add(StreamConfig(id="a", source="sample:vtest", restream="rtsp://127.0.0.1:8554/a"))
+    body = StreamPatch.model_validate({"restream_encoder": "libx264", "restream_bitrate": 900})
+    with pytest.warns(DeprecationWarning, match="restream_encoder is deprecated"):
+        cfg = streams.change("a", body.model_dump(exclude_unset=True))
+    assert cfg.restream is not None
+    assert (cfg.restream.url, cfg.restream.encoder, cfg.restream.bitrate) == (
+        "rtsp://127.0.0.1:8554/a",
+        "libx264",
+        900,
+    )
+    assert held.cfgs["a"] == cfg
