@@ -199,7 +199,7 @@ class StreamView:
                 age = newest.capture_ts - result.frame.capture_ts
                 # Where a motion-carried mask would cover the frame instead of blanking.
                 if age > red.max_age_s:
-                    return f"mask {age * 1000:.0f} ms old"
+                    return f"mask older than {red.max_age_s * 1000:.0f} ms"
         return None
 
     def _pick(self, result: Result | None) -> tuple[Frame, np.ndarray | None, str | None] | None:

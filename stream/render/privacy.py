@@ -49,14 +49,17 @@ class Redactor:
         self.dilate = int(dilate)
         self.zones = [np.asarray(z, np.float64) for z in zones]
         self.max_age_s = float(max_age_s)
-        self._kernel = (
-            cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * self.dilate + 1,) * 2)
-            if self.dilate > 0
-            else None
-        )
+        # A square: separable, 6x cheaper than a disc; grows up to 1.41 x dilate diagonally.
+        side = 2 * self.dilate + 1
+        self._kernel = np.ones((side, side), np.uint8) if self.dilate > 0 else None
         self._zone_key: tuple[int, int] = (0, 0)
         self._zone_mask: np.ndarray | None = None
+        self._grid_key: tuple[int, ...] = ()
+        self._rows = self._cols = np.zeros(0, np.intp)
         self._out = np.zeros(0, np.uint8)
+        self._colour = np.zeros(0, np.uint8)
+        self._blank_key: tuple[tuple[int, ...], str] = ((), "")
+        self._blank = np.zeros(0, np.uint8)
 
     # -- the hidden area -------------------------------------------------------------------
     def _zones_at(self, h: int, w: int) -> np.ndarray | None:
@@ -71,22 +74,37 @@ class Redactor:
             self._zone_key, self._zone_mask = (h, w), m
         return self._zone_mask
 
+    def _grid(self, small: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, ...]:
+        """Source row of each output row and source column of each output column, taken from
+        cv2.resize itself, so the area matches a full INTER_NEAREST resize pixel for pixel."""
+        key = (*small, *size)
+        if key != self._grid_key:
+            (mh, mw), (h, w) = small, size
+            ramp_y = np.arange(mh, dtype=np.float32).reshape(mh, 1)
+            ramp_x = np.arange(mw, dtype=np.float32).reshape(1, mw)
+            rows = cv2.resize(ramp_y, (1, h), interpolation=cv2.INTER_NEAREST)
+            cols = cv2.resize(ramp_x, (w, 1), interpolation=cv2.INTER_NEAREST)
+            self._rows = rows.ravel().astype(np.intp)
+            self._cols = cols.ravel().astype(np.intp)
+            self._grid_key = key
+        return self._rows, self._cols
+
     def hidden(self, mask: np.ndarray | None, h: int, w: int) -> np.ndarray:
-        """uint8 {0, 255} [h, w]: the pixels to hide (classes grown by `dilate`, and zones)."""
+        """uint8 {0, 255} [h, w]: the pixels to hide (classes grown by `dilate`, and zones).
+        Only the box around the hidden classes (plus the margin) is expanded and dilated."""
         out = np.zeros((h, w), np.uint8)
         if mask is not None:
             small = cv2.LUT(mask, self.hide_lut)
             x, y, bw, bh = cv2.boundingRect(small)
             if bw and bh:
-                full = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
-                # Dilate only around the hidden box (plus the margin), not the whole frame.
-                mh, mw = mask.shape[:2]
-                pad = self.dilate + 2
-                x0 = max(int(x * w / mw) - pad, 0)
-                y0 = max(int(y * h / mh) - pad, 0)
-                x1 = min(int(np.ceil((x + bw) * w / mw)) + pad, w)
-                y1 = min(int(np.ceil((y + bh) * h / mh)) + pad, h)
-                roi = full[y0:y1, x0:x1]
+                rows, cols = self._grid(small.shape[:2], (h, w))
+                pad = self.dilate + 1
+                y0, y1 = np.searchsorted(rows, (y, y + bh))
+                x0, x1 = np.searchsorted(cols, (x, x + bw))
+                y0, x0 = max(int(y0) - pad, 0), max(int(x0) - pad, 0)
+                y1, x1 = min(int(y1) + pad, h), min(int(x1) + pad, w)
+                roi = np.take(small, rows[y0:y1], axis=0)
+                roi = np.take(roi, cols[x0:x1], axis=1)
                 if self._kernel is not None:
                     roi = cv2.dilate(roi, self._kernel)
                 out[y0:y1, x0:x1] = roi
@@ -116,7 +134,7 @@ class Redactor:
         m = hide[box]
         region = out[box]
         if self.style in ("fill", "silhouette"):
-            region[m > 0] = self.color_bgr
+            cv2.copyTo(self._colour_at(out.shape)[box], m, region)
             if self.style == "silhouette":  # the outline keeps people countable
                 contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
                 cv2.drawContours(region, contours, -1, (255, 255, 255), 2)
@@ -124,23 +142,33 @@ class Redactor:
             cv2.copyTo(self._cover(frame_bgr[box], h), m, region)
         return out
 
+    def _colour_at(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A frame of the fill colour (made once per size)."""
+        if self._colour.shape != shape:
+            self._colour = np.empty(shape, np.uint8)
+            self._colour[:] = self.color_bgr
+        return self._colour
+
     def _cover(self, src: np.ndarray, frame_h: int) -> np.ndarray:
-        """Blur: down to 1/24 of the frame's height per cell and back up smoothly; pixelate:
-        the same cells kept as blocks. Both remove every detail finer than a cell."""
+        """Blur: averaged down to cells of 1/24 of the frame's height and interpolated back
+        up; pixelate: the same cells kept as blocks. Both remove every detail finer than a
+        cell (a face is a few cells at most)."""
         cell = max(frame_h // 24, 4)
         bh, bw = src.shape[:2]
         sw, sh = max(bw // cell, 1), max(bh // cell, 1)
         small = cv2.resize(src, (sw, sh), interpolation=cv2.INTER_AREA)
         if self.style == "pixelate":
             return cv2.resize(small, (bw, bh), interpolation=cv2.INTER_NEAREST)
-        up = cv2.resize(small, (bw, bh), interpolation=cv2.INTER_LINEAR)
-        k = cell | 1
-        return cv2.blur(up, (k, k))
+        return cv2.resize(small, (bw, bh), interpolation=cv2.INTER_LINEAR)
 
     def blank(self, frame_shape: tuple[int, ...], reason: str) -> np.ndarray:
-        """A grey frame of the same size with a banner saying why it is blank."""
+        """A grey frame of the same size with a banner saying why it is blank (drawn once per
+        size and reason; never written to by its users)."""
         h, w = frame_shape[:2]
-        out = self._buffer((h, w, 3))
+        if self._blank_key == ((h, w), reason):
+            return self._blank
+        self._blank_key = ((h, w), reason)
+        out = self._blank = np.empty((h, w, 3), np.uint8)
         out[:] = BLANK_BGR
         scale = max(h / 720.0, 0.4)
         cv2.putText(
