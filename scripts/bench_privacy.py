@@ -8,6 +8,10 @@
 
 Prints one JSON line per case:
   python scripts/bench_privacy.py [--seconds 3] [--service-seconds 20] [--skip-service]
+3. With --recall DIR (a CamVid-style folder: images/, masks/ with Pedestrian = 9): how much of
+   what people the labels mark the redaction hides (the model's person mask, and the hidden
+   area with dilate 8), by pixel and by person (a connected Pedestrian region of >= 200 px
+   counts as hidden when >= 50 % of it is).
 """
 
 from __future__ import annotations
@@ -150,12 +154,51 @@ async def service_fps(private: bool, seconds: float) -> dict[str, Any]:
     return out
 
 
+def person_recall(folder: Path, dilate: int = 8) -> dict[str, Any]:
+    seg = load_segmenter("mnv2-voc", "tflite", batch_sizes=(1,), threads=1)
+    red = Redactor(seg.labels, ["person"], dilate=dilate)
+    pix = hid = model_hit = 0
+    people = people_hidden = 0
+    for path in sorted((folder / "images").glob("*.png")):
+        img = cv2.imread(str(path))
+        truth = cv2.imread(str(folder / "masks" / path.name), cv2.IMREAD_GRAYSCALE) == 9
+        if not truth.any():
+            continue
+        mask = seg.segment(prepare(img, seg.input_size, bgr=True)[None])[0]
+        h, w = truth.shape
+        raw = Redactor(seg.labels, ["person"], dilate=0).hidden(mask, h, w) > 0
+        hidden = red.hidden(mask, h, w) > 0
+        pix += int(truth.sum())
+        model_hit += int((truth & raw).sum())
+        hid += int((truth & hidden).sum())
+        n, comp = cv2.connectedComponents(truth.astype(np.uint8))
+        for i in range(1, n):
+            region = comp == i
+            if region.sum() >= 200:
+                people += 1
+                people_hidden += int(hidden[region].mean() >= 0.5)
+    seg.close()
+    return {
+        "case": "person_recall",
+        "data": folder.name,
+        "pedestrian_pixels": pix,
+        "model_pixel_recall": round(model_hit / max(pix, 1), 3),
+        f"hidden_pixel_recall_dilate{dilate}": round(hid / max(pix, 1), 3),
+        "people": people,
+        "people_hidden": round(people_hidden / max(people, 1), 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--service-seconds", type=float, default=20.0)
     ap.add_argument("--skip-service", action="store_true")
+    ap.add_argument("--recall", type=Path, help="a CamVid-style folder (images/, masks/)")
     args = ap.parse_args()
+    if args.recall:
+        print(json.dumps(person_recall(args.recall)), flush=True)
+        return
     bench_styles(args.seconds)
     if not args.skip_service:
         for private in (False, True):

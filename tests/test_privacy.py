@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
+from rtsp import RtspListener
 from waiting import until
 
 from segstream.models.runtime import Segmenter, prepare
@@ -191,9 +192,17 @@ def stamped_of(jpegs: list[bytes]) -> dict[int, np.ndarray]:
     return got
 
 
-def check_fill(model: Segmenter, clip: Path, pictures: dict[int, np.ndarray]) -> int:
+def check_fill(
+    model: Segmenter,
+    clip: Path,
+    pictures: dict[int, np.ndarray],
+    tol: int = 48,
+    far_mean: float = 4.0,
+    far_p99: float = 40.0,
+) -> int:
     """Every picture: the model's person mask of its frame is the fill colour; pixels far from
-    the hidden area are the frame's own. Returns how many person pixels were checked."""
+    the hidden area are the frame's own (within the codec's `tol`erances). Returns how many
+    person pixels were checked."""
     originals = clip_frames(clip, set(pictures))
     checked = 0
     for k, pic in pictures.items():
@@ -202,12 +211,12 @@ def check_fill(model: Segmenter, clip: Path, pictures: dict[int, np.ndarray]) ->
         h, w = person.shape
         diff = np.abs(pic.astype(np.int16) - np.array(FILL_RGB[::-1])).max(axis=2)
         on_person = diff[person]
-        assert (on_person <= 48).mean() >= 0.97, (k, (on_person <= 48).mean())
+        assert (on_person <= tol).mean() >= 0.97, (k, (on_person <= tol).mean())
         zone = zone_mask(h, w)
-        assert (diff[zone] <= 48).mean() >= 0.97, k
+        assert (diff[zone] <= tol).mean() >= 0.97, k
         far = far_from(person | zone, DILATE + 16)
         dev = np.abs(pic.astype(np.int16) - img).max(axis=2)[far]
-        assert dev.mean() < 4 and np.percentile(dev, 99) < 40, (k, dev.mean())
+        assert dev.mean() < far_mean and np.percentile(dev, 99) < far_p99, (k, dev.mean())
         checked += int(person.sum())
     return checked
 
@@ -232,6 +241,59 @@ async def test_mjpeg_and_snapshot_hide_the_models_person_mask_of_that_frame(
         text = service.metrics.exposition().decode() if service.metrics else ""
         assert 'segstream_privacy_frames_total{outcome="redacted",stream="priv"}' in text
         assert 'segstream_stage_seconds_count{stage="redact"}' in text
+
+
+async def test_page_tiles_and_large_view_with_overlay_off_are_redacted(
+    model: Segmenter, stamped: Path
+) -> None:
+    """The page's WebSocket: tiles (the stream's picture) and the large view drawn "off"
+    (the camera's frame, which with privacy on is the redacted frame)."""
+    stream = {"id": "priv", "source": str(stamped), "alpha": 0, "privacy": privacy(zones=[ZONE])}
+    async with running(model, config(streams=[stream])) as (service, server):
+        view = service.streams["priv"].view
+        assert await until(lambda: view.result is not None, 60)
+        got: dict[int, list[bytes]] = {1: [], 2: []}
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(server.make_url("/ws")) as ws:
+                await ws.send_json(
+                    {"watch": ["priv"], "fps": 10, "focus": "priv", "overlay": {"mode": "off"}}
+                )
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        data = msg.data
+                        got[data[0]].append(data[6 + data[1] :])
+                    if min(len(v) for v in got.values()) >= 10:
+                        break
+        for kind, jpegs in got.items():
+            pictures = stamped_of(jpegs[2:])
+            assert len(pictures) >= 3, (kind, len(pictures))
+            assert check_fill(model, stamped, pictures) > 3000, kind
+
+
+async def test_restream_received_by_ffmpeg_is_redacted(
+    model: Segmenter, stamped: Path, tmp_path: Path
+) -> None:
+    rx = RtspListener(keep=40).start()
+    try:
+        stream = {
+            "id": "priv",
+            "source": str(stamped),
+            "alpha": 0,
+            "privacy": privacy(zones=[ZONE]),
+            "restream": {"url": rx.url, "bitrate": 8000},
+        }
+        async with running(model, config(streams=[stream])):
+            assert await until(lambda: rx.frames >= 30, 90), rx.frames
+            received = [f[:, :, ::-1].copy() for f in rx.received()]  # RGB -> BGR
+    finally:
+        rx.kill()
+    pictures = {}
+    for img in received:
+        code = stamp.read_image(img)
+        if code is not None and not is_blank(img):
+            pictures[code[0]] = img
+    assert len(pictures) >= 3, len(pictures)
+    assert check_fill(model, stamped, pictures, tol=64, far_mean=8, far_p99=64) > 3000
 
 
 def hf_energy(img: np.ndarray, where: np.ndarray) -> float:
