@@ -253,17 +253,16 @@ async def test_page_tiles_and_large_view_with_overlay_off_are_redacted(
         view = service.streams["priv"].view
         assert await until(lambda: view.result is not None, 60)
         got: dict[int, list[bytes]] = {1: [], 2: []}
-        async with aiohttp.ClientSession() as http:
-            async with http.ws_connect(server.make_url("/ws")) as ws:
-                await ws.send_json(
-                    {"watch": ["priv"], "fps": 10, "focus": "priv", "overlay": {"mode": "off"}}
-                )
-                async for msg in ws:
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        data = msg.data
-                        got[data[0]].append(data[6 + data[1] :])
-                    if min(len(v) for v in got.values()) >= 10:
-                        break
+        async with aiohttp.ClientSession() as http, http.ws_connect(server.make_url("/ws")) as ws:
+            await ws.send_json(
+                {"watch": ["priv"], "fps": 10, "focus": "priv", "overlay": {"mode": "off"}}
+            )
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    data = msg.data
+                    got[data[0]].append(data[6 + data[1] :])
+                if min(len(v) for v in got.values()) >= 10:
+                    break
         for kind, jpegs in got.items():
             pictures = stamped_of(jpegs[2:])
             assert len(pictures) >= 3, (kind, len(pictures))
