@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
+from peers import Chromium
 from rtsp import RtspListener
 from waiting import until
 
@@ -243,11 +244,11 @@ async def test_mjpeg_and_snapshot_hide_the_models_person_mask_of_that_frame(
         assert 'segstream_stage_seconds_count{stage="redact"}' in text
 
 
-async def test_page_tiles_and_large_view_with_overlay_off_are_redacted(
+async def test_page_tiles_large_view_off_and_mosaic_are_redacted(
     model: Segmenter, stamped: Path
 ) -> None:
     """The page's WebSocket: tiles (the stream's picture) and the large view drawn "off"
-    (the camera's frame, which with privacy on is the redacted frame)."""
+    (the camera's frame, which with privacy on is the redacted frame); and the mosaic."""
     stream = {"id": "priv", "source": str(stamped), "alpha": 0, "privacy": privacy(zones=[ZONE])}
     async with running(model, config(streams=[stream])) as (service, server):
         view = service.streams["priv"].view
@@ -263,10 +264,71 @@ async def test_page_tiles_and_large_view_with_overlay_off_are_redacted(
                     got[data[0]].append(data[6 + data[1] :])
                 if min(len(v) for v in got.values()) >= 10:
                     break
+            mosaic = await mjpeg_frames(
+                http, str(server.make_url("/mosaic/mjpeg?streams=priv&cols=1&width=768")), 3
+            )
+        # The mosaic's tile (scaled, labelled): the zone's fill is in it.
+        fills = [
+            int((np.abs(decode(j).astype(np.int16) - FILL_RGB[::-1]).max(axis=2) <= 40).sum())
+            for j in mosaic
+        ]
+        zone_px = 0.25 * 0.2 * 768 * 576
+        assert max(fills) > 0.5 * zone_px, (fills, zone_px)
         for kind, jpegs in got.items():
             pictures = stamped_of(jpegs[2:])
             assert len(pictures) >= 3, (kind, len(pictures))
             assert check_fill(model, stamped, pictures) > 3000, kind
+
+
+@pytest.fixture(scope="module")
+def chrome(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    c = Chromium(tmp_path_factory.mktemp("chrome"))
+    yield c
+    c.close()
+
+
+async def test_page_in_chromium_shows_the_redacted_frame_with_overlay_off(
+    model: Segmenter, stamped: Path, chrome: Chromium
+) -> None:
+    """The page's large view with drawing "off" shows the camera's frame: with privacy on,
+    the people are the fill colour there (nothing else in vtest is that colour)."""
+    stream = {"id": "priv", "source": str(stamped), "privacy": privacy()}
+    async with running(model, config(streams=[stream])) as (service, server):
+        view = service.streams["priv"].view
+        assert await until(lambda: view.result is not None, 60)
+        async with chrome.page() as page:
+            await page.call(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+            )
+            await page.goto(str(server.make_url("/")), 1.0)
+            await page.wait_for(
+                "+(document.querySelector('[data-stream=priv]').dataset.frames || 0) >= 3", 30
+            )
+            await page.eval("document.querySelector('[data-stream=priv] .pic').click(), true")
+            await page.eval("""(() => {
+                const f = document.getElementById('focus-controls');
+                f.elements.mode.value = 'off';
+                document.getElementById('focus').dataset.overlay = '';
+                f.dispatchEvent(new Event('input'));
+                return true; })()""")
+            await page.wait_for(
+                "(() => { const f = document.getElementById('focus'); "
+                "return !f.hidden && (f.dataset.overlay || '').includes('\"off\"') && "
+                "+(f.dataset.frames || 0) >= 3; })()",
+                30,
+            )
+            r = json.loads(
+                await page.eval(
+                    "JSON.stringify(document.getElementById('focus-canvas')"
+                    ".getBoundingClientRect())"
+                )
+            )
+            shot = await page.screenshot()
+    x, y, w, h = (int(r[k]) for k in ("x", "y", "width", "height"))
+    pic = shot[y : y + h, x : x + w]  # BGR
+    fill = np.abs(pic.astype(np.int16) - np.array(FILL_RGB[::-1])).max(axis=2) <= 40
+    assert fill.sum() > 1500, fill.sum()
 
 
 async def test_restream_received_by_ffmpeg_is_redacted(
