@@ -474,7 +474,8 @@ async def test_smooth_output_never_shows_a_mask_older_than_the_limit(
     model: Segmenter, stamped: Path
 ) -> None:
     """One inference a second, 10 frames a second shown: frames more than 300 ms after their
-    mask's frame are blanked, the others redacted."""
+    mask's frame are blanked, the others redacted (checked against every mask the render
+    stage was handed, and when)."""
     stream = {
         "id": "s",
         "source": str(stamped),
@@ -494,10 +495,20 @@ async def test_smooth_output_never_shows_a_mask_older_than_the_limit(
         service.render.submit = noting  # type: ignore[method-assign]
         rec = Recorder()
         view.add_sink(rec)
-        assert await until(lambda: len(rec.snapshot()) >= 40, 90)
+        blank: dict[int, bool] = {}  # frame index in rec -> blanked
+
+        def enough() -> bool:
+            """Both kinds seen: >= 3 frames shown and >= 10 blanked after the first shown (the
+            model may lag the limit for a while on a loaded machine: then all are blank)."""
+            frames = rec.snapshot()
+            for i in range(len(blank), len(frames)):
+                blank[i] = is_blank(frames[i][3])
+            shown = [i for i, b in blank.items() if not b]
+            return len(shown) >= 3 and sum(b for i, b in blank.items() if i > shown[0]) >= 10
+
+        assert await until(enough, 120, step=0.2), (len(blank), sum(blank.values()))
         frames = rec.snapshot()
-        shown = [f for f in frames if not is_blank(f[3])]
-        assert len(shown) >= 3 and len(shown) < len(frames) - 10, (len(shown), len(frames))
+        shown = [f for i, f in enumerate(frames) if i in blank and not blank[i]]
         for _, capture, put, _ in shown:
             # The freshest mask that existed when the frame was handed out, no newer than it:
             # the one used was at best this fresh.
