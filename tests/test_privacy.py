@@ -383,6 +383,10 @@ async def test_blur_and_pixelate_remove_detail_and_patch_applies_live(
             bad = await http.patch(url, json={"privacy": {"style": "smudge"}})
             assert bad.status == 422, await bad.text()
             assert "privacy" in (await bad.text()) and "style" in (await bad.text())
+            bad = await http.patch(url, json={"privacy": {"classes": ["unicorn"]}})
+            body = await bad.json()
+            assert bad.status == 422 and "unicorn" in json.dumps(body), body
+            assert "privacy.classes" in json.dumps(body), body
             r = await http.patch(url, json={"privacy": privacy(style=style)})
             assert r.status == 200, await r.text()
             view = service.streams["priv"].view
