@@ -219,6 +219,62 @@ class MosaicConfig(_Strict):
     jpeg_quality: int = Field(75, ge=1, le=100)
 
 
+class PrivacyConfig(_Strict):
+    """A stream's redaction (its `privacy:` entry): what the model labels as `classes`, and
+    static zones, hidden in every picture output before anything is encoded."""
+
+    classes: list[str] = Field(
+        default_factory=lambda: ["person"],
+        min_length=1,
+        max_length=256,
+        description="Hide what the model labels as these class names.",
+    )
+    style: Literal["blur", "pixelate", "fill", "silhouette"] = Field(
+        "blur",
+        description="blur | pixelate | fill (the colour) | silhouette (the colour, outlined).",
+    )
+    color: tuple[int, int, int] = Field(
+        (0, 0, 0), description="RGB of fill and silhouette, each 0-255."
+    )
+    dilate: int = Field(
+        8, ge=0, le=64, description="Grow the hidden area by this many output pixels."
+    )
+    zones: list[list[tuple[float, float]]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Static polygons always hidden: [[x, y], ...] as fractions 0-1 of the frame.",
+    )
+    max_mask_age_ms: float = Field(
+        400,
+        ge=0,
+        le=60_000,
+        description="Never show a frame with a mask older than this (smooth output between "
+        "inferences, a model behind): such a frame is blanked.",
+    )
+    admin_raw: bool = Field(
+        False,
+        description="Let an admin see the unredacted picture with ?raw=1 (MJPEG, snapshot); "
+        "each view is audited. false: no way to get raw pictures.",
+    )
+
+    @field_validator("color")
+    @classmethod
+    def _valid_color(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in v):
+            raise ValueError("color must be three numbers 0-255 (RGB)")
+        return v
+
+    @field_validator("zones")
+    @classmethod
+    def _valid_zones(cls, v: list[list[tuple[float, float]]]) -> list[list[tuple[float, float]]]:
+        for zone in v:
+            if not 3 <= len(zone) <= 256:
+                raise ValueError("a zone is a polygon of 3 to 256 [x, y] points")
+            if any(not (0 <= x <= 1 and 0 <= y <= 1) for x, y in zone):
+                raise ValueError("zone points are fractions of the frame, 0-1")
+        return v
+
+
 class RestreamConfig(_Strict):
     """A stream's RTSP re-stream (its `restream:` entry): the annotated video as H.264,
     published with ANNOUNCE/RECORD (MediaMTX, go2rtc)."""
@@ -332,6 +388,13 @@ class StreamConfig(_Strict):
         None,
         description="Publish the annotated video as H.264 over RTSP "
         "({url, encoder, bitrate, preset}; a URL alone is short for {url: URL}); null = off.",
+    )
+
+    privacy: PrivacyConfig | None = Field(
+        None,
+        description="Redact people (or other classes) and static zones in every picture "
+        "output ({classes, style, color, dilate, zones, max_mask_age_ms, admin_raw}); "
+        "null = off.",
     )
 
     @model_validator(mode="before")

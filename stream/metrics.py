@@ -8,6 +8,7 @@ re-creating its series."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from segstream.stream.datatypes import SourceState
-from segstream.stream.observer import OUTCOMES, Outcome, Stage
+from segstream.stream.observer import OUTCOMES, Outcome, PrivacyOutcome, Stage
 
 # Most stages take milliseconds; inference batches and end-to-end latency reach seconds.
 _LATENCY_BUCKETS = (
@@ -198,6 +199,7 @@ class PrometheusObserver:
         )
         for outcome in ("sent", "skipped"):
             self.page_frames_total.labels(outcome=outcome)
+        self._privacy_metrics(r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -220,6 +222,7 @@ class PrometheusObserver:
         with self._lock:
             s = self._streams.pop(stream_id, None)
         self.restream_removed(stream_id)
+        self._privacy_removed(stream_id)
         if s is None:
             return
         for o in s.frames:
@@ -357,6 +360,48 @@ class PrometheusObserver:
         self.page_frames_total.labels(outcome="sent").inc(sent)
         self.page_frames_total.labels(outcome="skipped").inc(skipped)
         self.page_bytes_total.inc(nbytes)
+
+    # -- privacy (series of a stream appear at its first privacy event) ---------------------
+    def _privacy_metrics(self, r: CollectorRegistry) -> None:
+        self.privacy_frames_total = Counter(
+            "segstream_privacy_frames_total",
+            "Frames of streams with privacy on: redacted (the hidden area covered) or blanked "
+            "(no mask fresh enough: failing closed).",
+            ["stream", "outcome"],
+            registry=r,
+        )
+        self.privacy_raw_views_total = Counter(
+            "segstream_privacy_raw_views_total",
+            "Raw (unredacted) views an admin opened (privacy.admin_raw), each one audited.",
+            ["stream"],
+            registry=r,
+        )
+        self._privacy_streams: set[str] = set()
+
+    def privacy_frame(self, stream_id: str, outcome: PrivacyOutcome) -> None:
+        with self._lock:
+            if stream_id not in self._streams:
+                return  # removed: no series comes back
+            self._privacy_streams.add(stream_id)
+            self.privacy_frames_total.labels(stream=stream_id, outcome=outcome).inc()
+
+    def privacy_raw_view(self, stream_id: str) -> None:
+        with self._lock:
+            if stream_id not in self._streams:
+                return
+            self._privacy_streams.add(stream_id)
+            self.privacy_raw_views_total.labels(stream=stream_id).inc()
+
+    def _privacy_removed(self, stream_id: str) -> None:
+        with self._lock:
+            if stream_id not in self._privacy_streams:
+                return
+            self._privacy_streams.discard(stream_id)
+        for outcome in ("redacted", "blanked"):
+            with contextlib.suppress(KeyError):
+                self.privacy_frames_total.remove(stream_id, outcome)
+        with contextlib.suppress(KeyError):
+            self.privacy_raw_views_total.remove(stream_id)
 
     def series_count(self) -> int:
         """Samples in the registry (for leak checks)."""

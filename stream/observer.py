@@ -17,7 +17,8 @@ from segstream.stream.datatypes import SourceState
 # never converted: the scheduler would not have taken it), skipped (converted, passed over by
 # frame skipping), dropped (overwritten before the scheduler looked) or taken (-> inferred).
 Outcome = Literal["captured", "unconverted", "dropped", "skipped", "inferred", "published"]
-Stage = Literal["decode", "convert", "queue_wait", "preprocess", "render", "encode"]
+Stage = Literal["decode", "convert", "queue_wait", "preprocess", "redact", "render", "encode"]
+PrivacyOutcome = Literal["redacted", "blanked"]
 OUTCOMES: tuple[Outcome, ...] = (
     "captured",
     "unconverted",
@@ -87,6 +88,13 @@ class Observer(Protocol):
         """Since the last call: frames sent to pages (and their bytes), and frames replaced in
         a page's pending slot by a newer one before they were sent."""
 
+    # -- privacy ---------------------------------------------------------------------------
+    def privacy_frame(self, stream_id: str, outcome: PrivacyOutcome) -> None:
+        """A frame of a stream with privacy on left the render stage redacted or blanked."""
+
+    def privacy_raw_view(self, stream_id: str) -> None:
+        """An admin started a raw (unredacted) view of the stream."""
+
 
 class NullObserver:
     """Observes nothing."""
@@ -155,6 +163,12 @@ class NullObserver:
         pass
 
     def page_frames(self, sent: int, skipped: int, nbytes: int) -> None:
+        pass
+
+    def privacy_frame(self, stream_id: str, outcome: PrivacyOutcome) -> None:
+        pass
+
+    def privacy_raw_view(self, stream_id: str) -> None:
         pass
 
 

@@ -29,6 +29,7 @@ from segstream.stream.mosaic import Mosaic
 from segstream.stream.observer import Observer
 from segstream.stream.outputs import SINKS, ManagedSink, make_sinks
 from segstream.stream.render import Renderer, RenderStage, StreamView
+from segstream.stream.render.privacy import Redactor
 from segstream.stream.runner import ModelWorker, WorkerPlan, plan_workers
 from segstream.stream.sanitize import sanitize_url
 from segstream.stream.scheduler import Scheduler
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 OverlayKey = tuple[str, float, tuple[str, ...] | None]
 # Settings a running stream takes without touching its reader; any other change restarts it.
 # A registered sink's own settings are live too: a change replaces that sink alone.
-LIVE_FIELDS = frozenset({"id", "infer_fps", "output", "alpha", "classes", *SINKS})
+LIVE_FIELDS = frozenset({"id", "infer_fps", "output", "alpha", "classes", "privacy", *SINKS})
 
 
 def resolve_source(source: str) -> str:
@@ -233,7 +234,7 @@ class Service:
         """Starts a stream. Raises ValueError for a duplicate id, ConfigError for settings the
         model cannot honour (unknown class names)."""
         assert self._loop is not None and self.segmenter is not None, "service not started"
-        renderer = self._renderer(scfg)
+        renderer, redactor = self._renderer(scfg), self._redactor(scfg)
         with self._streams_lock:
             if scfg.id in self.streams:
                 raise ValueError(f"stream {scfg.id!r} exists")
@@ -250,6 +251,8 @@ class Service:
                 peek_frame=source.slot.peek,
                 observer=self.observer,
             )
+            view.set_privacy(redactor)
+            view.model_error = self._model_failing
             stream = self.streams[scfg.id] = Stream(scfg, source, view, mjpeg, sinks)
             self.render.add(view)
             self.scheduler.add(source, scfg.infer_fps)
@@ -274,6 +277,7 @@ class Service:
         concerns the reader restarts only the reader (viewers stay connected)."""
         stream = self.streams[scfg.id]
         renderer = self._renderer(scfg)  # validate before touching anything
+        redactor = self._redactor(scfg)
         old, stream.cfg = stream.cfg, scfg
         changed = {k for k in StreamConfig.model_fields if getattr(old, k) != getattr(scfg, k)}
         if changed - LIVE_FIELDS:
@@ -285,6 +289,7 @@ class Service:
                 self._replace_sink(stream, name)
         stream.view.output = scfg.output
         stream.view.set_renderer(renderer)
+        stream.view.set_privacy(redactor)
         return stream
 
     # -- pictures for viewers: per-viewer overlays and the mosaic ----------------------------
@@ -320,6 +325,21 @@ class Service:
         assert isinstance(sink, MjpegSink)
         self.render.wake(stream_id)  # a still picture shows the new settings at once
         return Picture(sink, lambda: view.release_variant(overlay))
+
+    def acquire_raw(self, stream_id: str) -> Picture:
+        """The stream's camera frames unredacted (privacy's admin_raw; the caller checked who
+        asks): rendered and encoded only while such a viewer is connected."""
+        s = self.streams[stream_id]
+        loop = self._loop
+        assert loop is not None
+        key = ("raw",)
+        view = s.view
+        sink = view.acquire_variant(
+            key, lambda: (None, MjpegSink(stream_id, loop)), self.cfg.page.max_overlays + 1, True
+        )
+        assert isinstance(sink, MjpegSink)
+        self.render.wake(stream_id)
+        return Picture(sink, lambda: view.release_variant(key))
 
     def stream_ids(self) -> list[str]:
         """The stream ids now, in order (from any thread)."""
@@ -381,9 +401,13 @@ class Service:
             s = self.streams.get(sid)
             return (scfg if s is None else s.cfg).output == "smooth"
 
+        def private() -> bool:  # failing closed: blank frames come at the camera's rate
+            s = self.streams.get(sid)
+            return (scfg if s is None else s.cfg).privacy is not None
+
         def on_frame(stream_id: str) -> None:
             self.scheduler.notify()
-            if smooth():
+            if smooth() or private():
                 self.render.wake(stream_id)
 
         def wanted() -> bool:
@@ -399,6 +423,30 @@ class Service:
     def check_stream(self, scfg: StreamConfig) -> None:
         """Raises ConfigError for settings the model cannot honour (unknown class names)."""
         self._renderer(scfg)
+        self._redactor(scfg)
+
+    def _redactor(self, scfg: StreamConfig) -> Redactor | None:
+        p = scfg.privacy
+        if p is None:
+            return None
+        assert self.segmenter is not None
+        try:
+            return Redactor(
+                self.segmenter.labels,
+                p.classes,
+                style=p.style,
+                color=p.color,
+                dilate=p.dilate,
+                zones=p.zones,
+                max_age_s=p.max_mask_age_ms / 1000.0,
+            )
+        except ValueError as e:
+            raise ConfigError(f"streams[{scfg.id}].privacy.classes: {e}") from None
+
+    def _model_failing(self) -> str | None:
+        """Why inference fails on a model worker now, or None."""
+        failing = [w for w in self.workers if w.failing]
+        return failing[0].error if failing else None
 
     def _renderer(self, scfg: StreamConfig) -> Renderer:
         assert self.segmenter is not None

@@ -18,6 +18,7 @@ from segstream.stream.datatypes import Frame, Rendered, Result, Sink
 from segstream.stream.lifecycle import RateMeter
 from segstream.stream.observer import NULL_OBSERVER, Observer
 from segstream.stream.render.overlay import Renderer, class_fractions
+from segstream.stream.render.privacy import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Variant:
     renderer: Renderer | None
     sink: Sink
     users: int = 0
+    raw: bool = False  # an admin's raw view (privacy's admin_raw): the camera's frame unredacted
 
 
 class VariantLimit(Exception):
@@ -74,6 +76,8 @@ class StreamView:
         self._done_frame = 0  # frame seq of the last frame published
         self._lock = threading.Lock()  # render() from the stage thread vs. on-demand snapshots
         self._failed_sinks: set[str] = set()  # names of sinks whose failure was logged
+        self.privacy: Redactor | None = None  # set_privacy(); None: pictures as they are
+        self.model_error: Callable[[], str | None] = lambda: None  # why inference fails
 
     # -- sinks and settings (any thread) ---------------------------------------------------
     def add_sink(self, sink: Sink) -> None:
@@ -89,6 +93,7 @@ class StreamView:
         key: Hashable,
         make: Callable[[], tuple[Renderer | None, Sink]],
         limit: int,
+        raw: bool = False,
     ) -> Sink:
         """The sink of the variant drawn with settings `key`, made by `make` if no viewer has
         it yet; raises VariantLimit past `limit` distinct variants. Pair with release_variant."""
@@ -100,7 +105,7 @@ class StreamView:
                         f"stream {self.stream_id!r} already renders {limit} other overlay settings"
                     )
                 renderer, sink = make()
-                v = Variant(renderer, sink)
+                v = Variant(renderer, sink, raw=raw)
                 self.variants = {**self.variants, key: v}
                 self._done_frame = 0  # the next pass renders the newest frame for it
             v.users += 1
@@ -124,6 +129,12 @@ class StreamView:
             self.renderer = renderer
             self._done_frame = 0  # show the change even on a still picture
 
+    def set_privacy(self, redactor: Redactor | None) -> None:
+        """New privacy settings, from the next frame on (no restart)."""
+        with self._lock:
+            self.privacy = redactor
+            self._done_frame = 0
+
     def close(self) -> None:
         """Closes every sink (ends their clients); the view is not used afterwards."""
         with self._lock, self._variants_lock:
@@ -134,6 +145,10 @@ class StreamView:
 
     # -- render thread ---------------------------------------------------------------------
     def pending(self) -> bool:
+        if self.privacy is not None and self._blank_reason(self.result) is not None:
+            frame = self.peek_frame()  # failing closed: blank frames keep coming
+            if frame is not None and frame.seq > self._done_frame:
+                return True
         if self.output == "smooth":
             frame = self.peek_frame()
             return self.result is not None and frame is not None and frame.seq > self._done_frame
@@ -141,30 +156,79 @@ class StreamView:
 
     def work(self) -> None:
         result = self.result
-        if result is None:
-            return
-        if result.frame.seq > self._done_result:
+        if result is not None and result.frame.seq > self._done_result:
             self._done_result = result.frame.seq
             self._count_classes(result.mask)
-        frame = self._frame_for(result)
-        if frame.seq <= self._done_frame:
+        picked = self._pick(result)
+        if picked is None or picked[0].seq <= self._done_frame:
             return
+        frame, mask, blank = picked
         self._done_frame = frame.seq
         sinks = [s for s in self.sinks if self._wants(s)]
         variants = [v for v in self.variants.values() if self._wants(v.sink)]
         if not sinks and not variants:
             return  # render only for a sink that wants frames; snapshots render on demand
         with self._lock:
+            base = self._base(frame, mask, blank)
             if sinks:
-                rendered = self._render(frame, result.mask)
+                rendered = self._render(frame, base, mask)
                 for sink in sinks:
                     self._put(sink, rendered)
                 if rendered.encode_s:
                     self._observer.stage("encode", rendered.encode_s)
             for v in variants:
-                self._put(v.sink, self._render_variant(v.renderer, frame, result.mask))
+                self._put(v.sink, self._render_variant(v, frame, base, mask))
         self.out_rate.tick()
         self._observer.frame(self.stream_id, "published")
+
+    # -- privacy ---------------------------------------------------------------------------
+    def _blank_reason(self, result: Result | None) -> str | None:
+        """Why the newest frame may not be shown (privacy on): no mask yet, the model
+        failing, or (smooth output) the newest mask older than the limit. None: it may."""
+        red = self.privacy
+        if red is None:
+            return None
+        if result is None:
+            return "waiting for the first mask"
+        err = self.model_error()
+        if err:
+            return "model failing"
+        if self.output == "smooth":
+            newest = self.peek_frame()
+            if newest is not None and newest.seq > result.frame.seq:
+                age = newest.capture_ts - result.frame.capture_ts
+                # Where a motion-carried mask would cover the frame instead of blanking.
+                if age > red.max_age_s:
+                    return f"mask older than {red.max_age_s * 1000:.0f} ms"
+        return None
+
+    def _pick(self, result: Result | None) -> tuple[Frame, np.ndarray | None, str | None] | None:
+        """The frame to publish, the mask to draw on it and why it is blanked (or None)."""
+        blank = self._blank_reason(result)
+        if blank is not None:
+            frame = self.peek_frame() or (result.frame if result is not None else None)
+            return None if frame is None else (frame, None, blank)
+        if result is None:
+            return None
+        return self._frame_for(result), result.mask, None
+
+    def _base(self, frame: Frame, mask: np.ndarray | None, blank: str | None) -> np.ndarray:
+        """Caller holds self._lock. The picture every output starts from: the camera's frame,
+        redacted (privacy on), or blank with a banner. Counts the privacy outcome."""
+        spent = frame.materialize()  # smooth output: a newer frame nobody took yet
+        if spent:
+            self._observer.stage("convert", spent)
+        red = self.privacy
+        if red is None:
+            return frame.image
+        t0 = time.perf_counter()
+        if blank is not None:
+            img = red.blank(frame.image.shape, blank)
+        else:
+            img = red.apply(frame.image, mask)
+        self._observer.stage("redact", time.perf_counter() - t0)
+        self._observer.privacy_frame(self.stream_id, "redacted" if blank is None else "blanked")
+        return img
 
     # Each sink on its own: one that raises is counted and skipped, the others get the frame.
     def _wants(self, sink: Sink) -> bool:
@@ -187,14 +251,22 @@ class StreamView:
             self._failed_sinks.add(name)
             log.exception("%s: sink %s failed; the other sinks go on", self.stream_id, name)
 
-    def snapshot(self) -> tuple[bytes, Frame] | None:
-        """JPEG of the newest annotated frame, rendered now (for /snapshot.jpg with no viewer)."""
-        result = self.result
-        if result is None:
+    def snapshot(self, raw: bool = False) -> tuple[bytes, Frame] | None:
+        """JPEG of the newest annotated frame, rendered now (for /snapshot.jpg with no viewer).
+        `raw`: the camera's frame unredacted (the caller checked the admin may see it)."""
+        picked = self._pick(self.result)
+        if picked is None:
             return None
-        frame = self._frame_for(result)
+        frame, mask, blank = picked
         with self._lock:
-            jpeg = self._render(frame, result.mask).jpeg()
+            if raw:
+                frame.materialize()
+                rendered = Rendered(
+                    self.stream_id, frame.image, frame.seq, frame.capture_ts, self.jpeg_quality
+                )
+            else:
+                rendered = self._render(frame, self._base(frame, mask, blank), mask)
+            jpeg = rendered.jpeg()
         return jpeg, frame
 
     def _frame_for(self, result: Result) -> Frame:
@@ -205,22 +277,28 @@ class StreamView:
                 return newest
         return result.frame
 
-    def _render(self, frame: Frame, mask: np.ndarray) -> Rendered:
-        """Caller holds self._lock (the renderer's buffers are reused)."""
-        spent = frame.materialize()  # smooth output: a newer frame nobody took yet
-        if spent:
-            self._observer.stage("convert", spent)
-        t0 = time.perf_counter()
-        img = self.renderer.render(frame.image, mask)
-        self._observer.stage("render", time.perf_counter() - t0)
+    def _render(self, frame: Frame, base: np.ndarray, mask: np.ndarray | None) -> Rendered:
+        """Caller holds self._lock (the renderer's buffers are reused). No mask: `base` as it
+        is (a blanked frame carries no overlay)."""
+        img = base
+        if mask is not None:
+            t0 = time.perf_counter()
+            img = self.renderer.render(base, mask)
+            self._observer.stage("render", time.perf_counter() - t0)
         return Rendered(self.stream_id, img, frame.seq, frame.capture_ts, self.jpeg_quality)
 
     def _render_variant(
-        self, renderer: Renderer | None, frame: Frame, mask: np.ndarray
+        self, v: Variant, frame: Frame, base: np.ndarray, mask: np.ndarray | None
     ) -> Rendered:
-        """Caller holds self._lock. The camera's own frame (never reused) when renderer is
-        None; each variant's renderer has buffers of its own."""
-        img = frame.image if renderer is None else renderer.render(frame.image, mask)
+        """Caller holds self._lock. `base` (redacted where privacy is on) as it is when the
+        variant has no renderer (overlay off) or no mask; the raw view: the camera's frame.
+        Each variant's renderer has buffers of its own."""
+        if v.raw:
+            img = frame.image
+        elif v.renderer is None or mask is None:
+            img = base
+        else:
+            img = v.renderer.render(base, mask)
         return Rendered(self.stream_id, img, frame.seq, frame.capture_ts, self.jpeg_quality)
 
     def _count_classes(self, mask: np.ndarray) -> None:

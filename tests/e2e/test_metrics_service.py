@@ -16,7 +16,16 @@ from support.service_proc import MjpegReader, ServiceProcess
 from support.waiting import until, wait_for
 
 pytestmark = pytest.mark.e2e
-STAGES = {"decode", "convert", "queue_wait", "preprocess", "inference", "render", "encode"}
+STAGES = {
+    "decode",
+    "convert",
+    "queue_wait",
+    "preprocess",
+    "inference",
+    "redact",
+    "render",
+    "encode",
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +47,8 @@ def service(tmp_path_factory, segstream_home: Path, camera: RtspServer, short_cl
             "max_wait_ms": 20,
         },
         "streams": [
-            {"id": "cam", "source": camera.url("/cam"), "infer_fps": 2},
+            # privacy on: its `redact` stage is among the stage labels
+            {"id": "cam", "source": camera.url("/cam"), "infer_fps": 2, "privacy": {}},
             # Played once at its own rate, inferred at 4 of its 10 fps: every outcome occurs.
             {"id": "short", "source": str(short_clip), "loop": False, "infer_fps": 4},
         ],
