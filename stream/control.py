@@ -216,7 +216,9 @@ class ServiceTarget:
         try:
             self.service.check_stream(cfg)
         except ConfigError as e:
-            raise Refused(422, str(e).split(": ", 1)[-1], "classes") from None
+            key, _, msg = str(e).partition(": ")
+            loc = key if key.startswith("zones.") else "classes"  # a zone rule's class
+            raise Refused(422, msg, loc) from None
 
     def apply_add(self, cfg: StreamConfig) -> None:
         self.service.add_stream(cfg)

@@ -15,15 +15,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
 
-from segstream.models.fetch import sample_path
+from segstream.models.fetch import home, sample_path
 from segstream.models.runtime import Segmenter, load_segmenter, prepare, resolve_backend
 from segstream.stream.config import AppConfig, ConfigError, StreamConfig
 from segstream.stream.datatypes import Result, Sink
+from segstream.stream.events.feature import EventsFeature
+from segstream.stream.events.observer import EventsObserver, NullEventsObserver
 from segstream.stream.metrics import PrometheusObserver
 from segstream.stream.mosaic import Mosaic
 from segstream.stream.observer import Observer
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 OverlayKey = tuple[str, float, tuple[str, ...] | None]
 # Settings a running stream takes without touching its reader; any other change restarts it.
 # A registered sink's own settings are live too: a change replaces that sink alone.
-LIVE_FIELDS = frozenset({"id", "infer_fps", "output", "alpha", "classes", *SINKS})
+LIVE_FIELDS = frozenset({"id", "infer_fps", "output", "alpha", "classes", "zones", *SINKS})
 
 
 def resolve_source(source: str) -> str:
@@ -107,6 +109,7 @@ class Service:
             publisher=self._publisher,
         )
         self.workers: list[ModelWorker] = []
+        self.events: EventsFeature | None = None  # once the model (its labels) is known
         self.plan: WorkerPlan | None = None
         self.ready = False
         self.error: str | None = None
@@ -129,6 +132,7 @@ class Service:
         self.segmenter = segmenters[0]
         max_batch = self.plan.max_batch if self.plan else (self.cfg.model.max_batch or 1)
         self.scheduler.set_max_batch(max_batch)
+        await self._start_events()
         self.workers = [
             ModelWorker(seg, self.scheduler, self._on_result, max_batch, i, self.observer)
             for i, seg in enumerate(segmenters)
@@ -147,6 +151,43 @@ class Service:
             self.segmenter.name,
             self.segmenter.backend,
         )
+
+    async def _start_events(self) -> None:
+        """The events feature (never raises: a bad store shows in health() instead)."""
+        assert self.segmenter is not None
+        # The Prometheus observer implements the events' metrics; another observer may not.
+        ev: EventsObserver = (
+            cast(EventsObserver, self.observer)
+            if hasattr(self.observer, "zone_coverage")
+            else NullEventsObserver()
+        )
+        self.events = EventsFeature(
+            self.cfg.events,
+            home=home(),
+            labels=self.segmenter.labels,
+            mqtt=self.cfg.mqtt,
+            webhooks=self.cfg.webhooks,
+            observer=ev,
+        )
+        await self.events.start()
+
+    def _set_zones(self, stream: Stream) -> None:
+        """The stream's zones to the events feature (live), and the render hook on or off."""
+        events = self.events
+        if events is None:
+            return
+        zones = stream.cfg.zones
+        events.set_stream(stream.cfg.id, zones)
+        zones_set = getattr(self.observer, "zones_set", None)
+        if zones_set is not None:
+            zones_set(stream.cfg.id, [z.name for z in zones])
+        stream.view.mask_hook = self._on_mask if zones else None
+
+    def _on_mask(
+        self, stream_id: str, mask: np.ndarray, now: float, snapshot: Callable[[], bytes]
+    ) -> None:
+        if self.events is not None:
+            self.events.on_mask(stream_id, mask, now=now, snapshot=snapshot)
 
     async def _load(self) -> list[Segmenter]:
         """The model copies, loaded in a thread. Cancelled (shutdown during load), it waits for
@@ -214,6 +255,8 @@ class Service:
         for s in self.streams.values():
             s.view.close()  # ends every MJPEG response
         await asyncio.to_thread(self._stop_threads)
+        if self.events is not None:
+            await self.events.close()  # open events end with `shutdown`
 
     def _stop_threads(self) -> None:
         timeout = self.cfg.server.shutdown_timeout
@@ -234,6 +277,7 @@ class Service:
         model cannot honour (unknown class names)."""
         assert self._loop is not None and self.segmenter is not None, "service not started"
         renderer = self._renderer(scfg)
+        self._check_rules(scfg)
         with self._streams_lock:
             if scfg.id in self.streams:
                 raise ValueError(f"stream {scfg.id!r} exists")
@@ -251,6 +295,7 @@ class Service:
                 observer=self.observer,
             )
             stream = self.streams[scfg.id] = Stream(scfg, source, view, mjpeg, sinks)
+            self._set_zones(stream)
             self.render.add(view)
             self.scheduler.add(source, scfg.infer_fps)
         for sink in sinks.values():
@@ -267,6 +312,8 @@ class Service:
         self.render.remove(stream_id)
         stream.source.stop(self.cfg.server.shutdown_timeout / 4)
         stream.view.close()  # its viewers' responses end cleanly, its re-stream stops
+        if self.events is not None:
+            self.events.remove_stream(stream_id)  # its open events end with stream_removed
         self.observer.stream_removed(stream_id)  # last: late events cannot re-create series
 
     def replace_stream(self, scfg: StreamConfig) -> Stream:
@@ -274,6 +321,7 @@ class Service:
         concerns the reader restarts only the reader (viewers stay connected)."""
         stream = self.streams[scfg.id]
         renderer = self._renderer(scfg)  # validate before touching anything
+        self._check_rules(scfg)
         old, stream.cfg = stream.cfg, scfg
         changed = {k for k in StreamConfig.model_fields if getattr(old, k) != getattr(scfg, k)}
         if changed - LIVE_FIELDS:
@@ -285,6 +333,8 @@ class Service:
                 self._replace_sink(stream, name)
         stream.view.output = scfg.output
         stream.view.set_renderer(renderer)
+        if "zones" in changed:
+            self._set_zones(stream)  # events of a removed zone end with zone_removed
         return stream
 
     # -- pictures for viewers: per-viewer overlays and the mosaic ----------------------------
@@ -399,6 +449,19 @@ class Service:
     def check_stream(self, scfg: StreamConfig) -> None:
         """Raises ConfigError for settings the model cannot honour (unknown class names)."""
         self._renderer(scfg)
+        self._check_rules(scfg)
+
+    def _check_rules(self, scfg: StreamConfig) -> None:
+        """A zone rule's class must be one the model knows; the message starts with its key."""
+        assert self.segmenter is not None
+        labels = set(self.segmenter.labels)
+        for i, zone in enumerate(scfg.zones):
+            for j, rule in enumerate(zone.rules):
+                if rule.class_name not in labels:
+                    raise ConfigError(
+                        f"zones.{i}.rules.{j}.class: unknown class {rule.class_name!r} "
+                        f"(the model knows {', '.join(self.segmenter.labels)})"
+                    )
 
     def _renderer(self, scfg: StreamConfig) -> Renderer:
         assert self.segmenter is not None
@@ -489,6 +552,7 @@ class Service:
             "restream": s.restream.status() if s.restream is not None else None,
             "sinks": {name: sink.status() for name, sink in s.sinks.items()},
             "classes": self._top_classes(s.view.fractions),
+            "zones": self.events.zones(stream_id) if self.events is not None else [],
         }
 
     def _top_classes(self, fractions: np.ndarray | None, n: int = 5) -> dict[str, float]:

@@ -20,6 +20,8 @@ from segstream.stream.observer import NULL_OBSERVER, Observer
 from segstream.stream.render.overlay import Renderer, class_fractions
 
 log = logging.getLogger(__name__)
+# (stream id, uint8 class-id mask, capture wall time, the frame's annotated JPEG on demand)
+MaskHook = Callable[[str, np.ndarray, float, Callable[[], bytes]], None]
 
 
 def sink_name(sink: Sink) -> str:
@@ -74,6 +76,8 @@ class StreamView:
         self._done_frame = 0  # frame seq of the last frame published
         self._lock = threading.Lock()  # render() from the stage thread vs. on-demand snapshots
         self._failed_sinks: set[str] = set()  # names of sinks whose failure was logged
+        self.mask_hook: MaskHook | None = None  # set while the stream has zones
+        self._last: Rendered | None = None  # the picture in the renderer's buffer now
 
     # -- sinks and settings (any thread) ---------------------------------------------------
     def add_sink(self, sink: Sink) -> None:
@@ -143,17 +147,26 @@ class StreamView:
         result = self.result
         if result is None:
             return
-        if result.frame.seq > self._done_result:
+        fresh = result.frame.seq > self._done_result
+        if fresh:
             self._done_result = result.frame.seq
             self._count_classes(result.mask)
+        rendered = self._publish(result)
+        hook = self.mask_hook
+        if fresh and hook is not None:
+            self._call_mask_hook(hook, result, rendered)
+
+    def _publish(self, result: Result) -> Rendered | None:
+        """Draws the frame once for the sinks that want it; returns that picture."""
         frame = self._frame_for(result)
         if frame.seq <= self._done_frame:
-            return
+            return None
         self._done_frame = frame.seq
         sinks = [s for s in self.sinks if self._wants(s)]
         variants = [v for v in self.variants.values() if self._wants(v.sink)]
         if not sinks and not variants:
-            return  # render only for a sink that wants frames; snapshots render on demand
+            return None  # render only for a sink that wants frames; snapshots render on demand
+        rendered = None
         with self._lock:
             if sinks:
                 rendered = self._render(frame, result.mask)
@@ -165,6 +178,30 @@ class StreamView:
                 self._put(v.sink, self._render_variant(v.renderer, frame, result.mask))
         self.out_rate.tick()
         self._observer.frame(self.stream_id, "published")
+        return rendered
+
+    def _call_mask_hook(self, hook: MaskHook, result: Result, rendered: Rendered | None) -> None:
+        """Zones and events: the segmented frame's mask, its capture wall time, and its
+        annotated JPEG on demand (the one the sinks got when it was encoded, else drawn now)."""
+        frame = result.frame
+        wall = time.time() - (time.monotonic() - frame.capture_ts)
+
+        def snapshot() -> bytes:
+            with self._lock:
+                # The renderer's buffer still holds `rendered` unless another render came
+                # between: then draw this frame again.
+                if (
+                    rendered is not None
+                    and rendered is self._last
+                    and rendered.frame_seq == frame.seq
+                ):
+                    return rendered.jpeg()
+                return self._render(frame, result.mask).jpeg()
+
+        try:
+            hook(self.stream_id, result.mask, wall, snapshot)
+        except Exception:
+            log.exception("%s: zone coverage failed", self.stream_id)
 
     # Each sink on its own: one that raises is counted and skipped, the others get the frame.
     def _wants(self, sink: Sink) -> bool:
@@ -213,7 +250,8 @@ class StreamView:
         t0 = time.perf_counter()
         img = self.renderer.render(frame.image, mask)
         self._observer.stage("render", time.perf_counter() - t0)
-        return Rendered(self.stream_id, img, frame.seq, frame.capture_ts, self.jpeg_quality)
+        self._last = Rendered(self.stream_id, img, frame.seq, frame.capture_ts, self.jpeg_quality)
+        return self._last
 
     def _render_variant(
         self, renderer: Renderer | None, frame: Frame, mask: np.ndarray
