@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from segstream.stream.api.spec import error
+from segstream.stream.api.spec import ApiError, error
 from segstream.stream.events.feature import EventsFeature
 from segstream.stream.events.model import Event
 from segstream.stream.events.store import EventStore, EventStoreError, reason
@@ -53,10 +53,21 @@ def list_events(store: EventStore, q: EventQuery) -> EventPage:
     return EventPage(events=[out(ev) for ev in found], next=nxt)
 
 
+def _unknown(event_id: str) -> ApiError:
+    return error(404, f"unknown event {event_id!r}")
+
+
+def _valid(event_id: str) -> str:
+    """Event ids are hex (they name media files): anything else is no event."""
+    if not (event_id.isascii() and event_id.isalnum()):
+        raise _unknown(event_id)
+    return event_id
+
+
 def _found(store: EventStore, event_id: str) -> Event:
-    ev = store.get(event_id)
+    ev = store.get(_valid(event_id))
     if ev is None:
-        raise error(404, f"unknown event {event_id!r}")
+        raise _unknown(event_id)
     return ev
 
 
@@ -73,5 +84,5 @@ def event_media(store: EventStore, event_id: str, kind: str) -> bytes:
 
 
 def delete_event(store: EventStore, event_id: str) -> None:
-    if not store.delete(event_id):
-        raise error(404, f"unknown event {event_id!r}")
+    if not store.delete(_valid(event_id)):
+        raise _unknown(event_id)
