@@ -49,6 +49,8 @@ class RestreamStatus(_Out):
 
 class ZoneStatus(_Out):
     name: str
+    polygon: list[tuple[float, float]] = Field(description="Normalised 0..1 (x right, y down).")
+    rules: list[dict[str, Any]] = Field(description="Its rules, as configured.")
     coverage: dict[str, float] = Field(
         description="Share of the zone's pixels each class covers in the newest mask (classes "
         "that occur, plus those named in its rules)."

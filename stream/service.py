@@ -552,8 +552,20 @@ class Service:
             "restream": s.restream.status() if s.restream is not None else None,
             "sinks": {name: sink.status() for name, sink in s.sinks.items()},
             "classes": self._top_classes(s.view.fractions),
-            "zones": self.events.zones(stream_id) if self.events is not None else [],
+            "zones": self._zones_status(s),
         }
+
+    def _zones_status(self, s: Stream) -> list[dict[str, Any]]:
+        """Each zone as configured (polygon, rules) with its coverage and open events."""
+        live = {z["name"]: z for z in (self.events.zones(s.cfg.id) if self.events else [])}
+        return [
+            {
+                **z.model_dump(mode="json", by_alias=True),
+                "coverage": live.get(z.name, {}).get("coverage", {}),
+                "active": live.get(z.name, {}).get("active", []),
+            }
+            for z in s.cfg.zones
+        ]
 
     def _top_classes(self, fractions: np.ndarray | None, n: int = 5) -> dict[str, float]:
         if fractions is None or self.segmenter is None:
