@@ -188,7 +188,7 @@ async def _page_shows_zones_and_events(svc: ServiceProcess, chrome: Chromium) ->
         assert r > 230 and b < 110 and (g > 190 or 70 < g < 110), pixel
         await _draw_a_zone(page)
     assert wait_for(lambda: "drawn" in [z["name"] for z in svc.stream("cam")["zones"]], 10)
-    drawn = [z for z in svc.stream("cam")["zones"] if z["name"] == "drawn"][0]
+    drawn = next(z for z in svc.stream("cam")["zones"] if z["name"] == "drawn")
     assert len(drawn["polygon"]) == 3 and drawn["rules"][0]["class"] == "person", drawn
     xs = sorted(round(p[0], 1) for p in drawn["polygon"])
     assert xs == [0.2, 0.2, 0.6], drawn["polygon"]
@@ -202,7 +202,8 @@ async def _draw_a_zone(page: CdpPage) -> None:
         const r = c.getBoundingClientRect(), s = Math.min(r.width / c.width, r.height / c.height);
         const w = c.width * s, h = c.height * s;
         c.dispatchEvent(new MouseEvent('click', {bubbles: true,
-            clientX: r.left + (r.width - w) / 2 + x * w, clientY: r.top + (r.height - h) / 2 + y * h}));
+            clientX: r.left + (r.width - w) / 2 + x * w,
+            clientY: r.top + (r.height - h) / 2 + y * h}));
         return true; })"""
     for point in ([0.2, 0.2], [0.6, 0.2], [0.2, 0.6]):
         await page.eval(f"{click}({json.dumps(point)})")
