@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import cv2
@@ -26,6 +27,7 @@ from segstream.stream.config import AppConfig, ConfigError, StreamConfig
 from segstream.stream.datatypes import Result, Sink
 from segstream.stream.events.feature import EventsFeature
 from segstream.stream.events.observer import EventsObserver, NullEventsObserver
+from segstream.stream.events.store import default_url
 from segstream.stream.metrics import PrometheusObserver
 from segstream.stream.mosaic import Mosaic
 from segstream.stream.observer import Observer
@@ -45,6 +47,11 @@ OverlayKey = tuple[str, float, tuple[str, ...] | None]
 # Settings a running stream takes without touching its reader; any other change restarts it.
 # A registered sink's own settings are live too: a change replaces that sink alone.
 LIVE_FIELDS = frozenset({"id", "infer_fps", "output", "alpha", "classes", "zones", *SINKS})
+
+
+def default_store(home: Path) -> Path:
+    """The SQLite file of the default event store."""
+    return Path(default_url(home).removeprefix("sqlite:///"))
 
 
 def resolve_source(source: str) -> str:
@@ -110,6 +117,7 @@ class Service:
         )
         self.workers: list[ModelWorker] = []
         self.events: EventsFeature | None = None  # once the model (its labels) is known
+        self._events_open = False  # its store opened (see _start_events)
         self.plan: WorkerPlan | None = None
         self.ready = False
         self.error: str | None = None
@@ -153,7 +161,10 @@ class Service:
         )
 
     async def _start_events(self) -> None:
-        """The events feature (never raises: a bad store shows in health() instead)."""
+        """The events feature (never raises: a bad store shows in health() instead). Its store
+        opens now when anything may use it (zones, alert targets, a store of earlier runs whose
+        open events a crash left), else with the first zone: a service without zones writes
+        no file."""
         assert self.segmenter is not None
         # The Prometheus observer implements the events' metrics; another observer may not.
         ev: EventsObserver = (
@@ -161,15 +172,36 @@ class Service:
             if hasattr(self.observer, "zone_coverage")
             else NullEventsObserver()
         )
+        cfg = self.cfg
         self.events = EventsFeature(
-            self.cfg.events,
+            cfg.events,
             home=home(),
             labels=self.segmenter.labels,
-            mqtt=self.cfg.mqtt,
-            webhooks=self.cfg.webhooks,
+            mqtt=cfg.mqtt,
+            webhooks=cfg.webhooks,
             observer=ev,
         )
-        await self.events.start()
+        used = cfg.mqtt or cfg.webhooks or cfg.events.database or cfg.events.media_dir
+        if used or any(s.zones for s in cfg.streams) or default_store(home()).exists():
+            await self._open_events()
+
+    def _open_events_now(self) -> None:
+        """The first zone: open the store, waiting for it from a thread (the API's StreamSet
+        and a cluster node apply changes in threads); on the event loop it opens meanwhile."""
+        assert self._loop is not None
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._loop.create_task(self._open_events())
+        else:
+            asyncio.run_coroutine_threadsafe(self._open_events(), self._loop).result(60)
+
+    async def _open_events(self) -> None:
+        if self.events is not None and not self._events_open:
+            self._events_open = True
+            await self.events.start()
 
     def _set_zones(self, stream: Stream) -> None:
         """The stream's zones to the events feature (live), and the render hook on or off."""
@@ -177,6 +209,8 @@ class Service:
         if events is None:
             return
         zones = stream.cfg.zones
+        if zones and not self._events_open:
+            self._open_events_now()
         events.set_stream(stream.cfg.id, zones)
         zones_set = getattr(self.observer, "zones_set", None)
         if zones_set is not None:

@@ -552,6 +552,10 @@ async def test_auth_matrix(api: Api, shared_dir: Path, bird: bytes) -> None:
     created = await fetch(api, "POST", "/api/streams", admin, body={"id": "s", "source": vtest})
     assert created.status == 201
     await until_frame(api, "s", admin)
+    never = {"name": "never", "polygon": [[0, 0], [1, 0], [1, 1]]}
+    never["rules"] = [{"class": "person", "above": 0.99}]
+    zoned = await fetch(api, "PATCH", "/api/streams/s", admin, body={"zones": [never]})
+    assert zoned.status == 200  # the first zone opens the event store
     snap = await fetch(api, "GET", "/streams/s/snapshot.jpg", admin)
     cases = _matrix(vtest, bird, _stored_event(api, snap.body))
     endpoints = {f"{ep.method} {ep.path}": ep for ep in ENDPOINTS}

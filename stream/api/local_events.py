@@ -18,9 +18,14 @@ T = TypeVar("T")
 
 
 def guarded(events: EventsFeature, work: Callable[..., T], *args: Any) -> T:
-    """`work(store, *args)`; an unusable store is 503 with the reason, never a 500."""
+    """`work(store, *args)`; an unusable store is 503 with the reason, never a 500. A store
+    not opened (no zone yet, no store of earlier runs) holds no events."""
     if events.error:
         raise error(503, f"events are off: {events.error}")
+    if events.recorder is None:
+        if work is list_events:
+            return EventPage(events=[], next=None)  # type: ignore[return-value]
+        raise error(404, "no events: no stream has zones yet")
     try:
         return work(events.store, *args)
     except (EventStoreError, sa.exc.SQLAlchemyError, OSError) as e:
