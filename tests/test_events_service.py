@@ -262,3 +262,35 @@ def _kill_9_during_an_open_event(svc: ServiceProcess, kept: list[dict[str, Any]]
     # The zones came back from the state file (`class` round-trips) and work again.
     assert [z["name"] for z in svc.stream("cam")["zones"]] == ["lobby"]
     one(svc, "lobby", lambda e: e["id"] != lobby["id"], 20)
+
+
+async def test_cluster_gateway_says_events_are_not_served_there(tmp_path: Path) -> None:
+    """This round the gateway does not gather the nodes' events: 501 naming what is missing,
+    never a 5xx of another kind (no Ray needed: the gateway app over a fixed snapshot)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from segstream.stream.auth import Authenticator, TokenStore
+    from segstream.stream.cluster.gateway import ClusterClient, make_gateway_app
+    from segstream.stream.cluster.snapshot import ClusterSnapshot
+    from segstream.stream.config import AppConfig
+
+    class Fixed(ClusterClient):
+        async def snapshot(self, fresh: bool = False) -> ClusterSnapshot:
+            return ClusterSnapshot(version=1, nodes=[], streams=[])
+
+    cfg = AppConfig.model_validate({"model": {"name": "mnv2-voc"}, "streams": []})
+    auth = Authenticator(TokenStore(tmp_path / "t.json"), b"k" * 32)
+    gw = TestClient(TestServer(make_gateway_app(cfg, Fixed(None, "s"), auth)))
+    await gw.start_server()
+    try:
+        for method, path in (
+            ("GET", "/api/events?stream=cam"),
+            ("GET", "/api/events/0123abcd"),
+            ("GET", "/api/events/0123abcd/snapshot.jpg"),
+            ("DELETE", "/api/events/0123abcd"),
+        ):
+            r = await gw.request(method, path)
+            body = await r.json()
+            assert r.status == 501 and "not served at the cluster gateway" in body["error"], body
+    finally:
+        await gw.close()
