@@ -294,3 +294,33 @@ async def test_cluster_gateway_says_events_are_not_served_there(tmp_path: Path) 
             assert r.status == 501 and "not served at the cluster gateway" in body["error"], body
     finally:
         await gw.close()
+
+
+def test_a_corrupt_store_turns_events_off_and_streams_keep_playing(
+    tmp_path: Path, segstream_home: Path, shared_dir: Path
+) -> None:
+    db = tmp_path / "events.db"
+    db.write_bytes(b"this is not an SQLite database\n" * 200)
+    cfg = {
+        "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
+        "events": {"database": f"sqlite:///{db}"},
+        "streams": [
+            {
+                "id": "cam",
+                "source": str(shared_dir / "data/video/vtest.avi"),
+                "zones": [zone("door", DOOR, 0.03, 1.0)],
+            }
+        ],
+    }
+    svc = ServiceProcess(tmp_path, cfg).start()
+    try:
+        health = svc.json("/healthz")
+        assert health["status"] == "ok" and health["events"]["status"] == "error", health
+        assert str(db) in health["events"]["reason"], health
+        svc.wait_state("cam", {"live"}, 20)
+        # Coverage is still measured and shown; the event API says why it has nothing.
+        assert wait_for(lambda: "person" in svc.stream("cam")["zones"][0]["coverage"], 20)
+        status, body, _ = svc.get("/api/events")
+        assert status == 503 and "events are off" in json.loads(body)["error"], body
+    finally:
+        svc.stop()
