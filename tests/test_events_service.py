@@ -187,6 +187,10 @@ async def _page_shows_zones_and_events(svc: ServiceProcess, chrome: Chromium) ->
         r, g, b, _ = (int(v) for v in pixel.split(","))
         assert r > 230 and b < 110 and (g > 190 or 70 < g < 110), pixel
         await _draw_a_zone(page)
+        # Its event opens; the page hears of it over /ws (it does not poll) and lists it.
+        await page.eval("document.getElementById('focus-close').click(), true")
+        listed = f"{tile}.querySelector('.events').textContent.includes('drawn · person')"
+        await page.wait_for(listed, 30)
     assert wait_for(lambda: "drawn" in [z["name"] for z in svc.stream("cam")["zones"]], 10)
     drawn = next(z for z in svc.stream("cam")["zones"] if z["name"] == "drawn")
     assert len(drawn["polygon"]) == 3 and drawn["rules"][0]["class"] == "person", drawn
@@ -208,6 +212,7 @@ async def _draw_a_zone(page: CdpPage) -> None:
     for point in ([0.2, 0.2], [0.6, 0.2], [0.2, 0.6]):
         await page.eval(f"{click}({json.dumps(point)})")
     await page.eval("document.getElementById('zone-name').value = 'drawn', true")
+    await page.eval("document.getElementById('zone-above').value = '0.5', true")
     await page.eval("document.getElementById('zone-save').click(), true")
     await page.wait_for("document.getElementById('zone-draft').hidden", 10)
 
@@ -261,7 +266,11 @@ def _kill_9_during_an_open_event(svc: ServiceProcess, kept: list[dict[str, Any]]
     assert all(after[e["id"]] == e for e in kept), "events closed before the kill are intact"
     # The zones came back from the state file (`class` round-trips) and work again.
     assert [z["name"] for z in svc.stream("cam")["zones"]] == ["lobby"]
-    one(svc, "lobby", lambda e: e["id"] != lobby["id"], 20)
+    again = one(svc, "lobby", lambda e: e["id"] != lobby["id"] and e["end"] is None, 20)
+    # A clean stop ends it with `shutdown`.
+    assert svc.stop() == 0
+    svc.start()
+    assert svc.json(f"/api/events/{again['id']}")["end_reason"] == "shutdown"
 
 
 async def test_cluster_gateway_says_events_are_not_served_there(tmp_path: Path) -> None:
