@@ -312,6 +312,8 @@ class Service:
         assert self._loop is not None and self.segmenter is not None, "service not started"
         renderer = self._renderer(scfg)
         self._check_rules(scfg)
+        if scfg.zones and not self._events_open:
+            self._open_events_now()  # not under the lock: it may wait for the event loop
         with self._streams_lock:
             if scfg.id in self.streams:
                 raise ValueError(f"stream {scfg.id!r} exists")

@@ -333,3 +333,33 @@ def test_a_corrupt_store_turns_events_off_and_streams_keep_playing(
         assert status == 503 and "events are off" in json.loads(body)["error"], body
     finally:
         svc.stop()
+
+
+def test_the_store_opens_with_the_first_zone(
+    tmp_path: Path, segstream_home: Path, shared_dir: Path
+) -> None:
+    """No zone, no alert target: no file in SEGSTREAM_HOME, an empty event list. A stream
+    added over the API with a zone opens the default store there, and its events come."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(segstream_home / "models")  # the model cache, read only
+    cfg = {
+        "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
+        "sources": {"allow_local": [str(shared_dir / "data/video")]},
+    }
+    svc = ServiceProcess(tmp_path, cfg, env={"SEGSTREAM_HOME": str(home)}, state=Path("none"))
+    svc.start()
+    try:
+        assert svc.json("/api/events") == {"events": [], "next": None}
+        assert svc.get("/api/events/0123abcd")[0] == 404
+        assert {p.name for p in home.iterdir()} & {"events.db", "events-media"} == set()
+        body = {
+            "id": "cam",
+            "source": str(shared_dir / "data/video/vtest.avi"),
+            "zones": [zone("door", DOOR, 0.03, 1.0)],
+        }
+        assert svc.request("POST", "/api/streams", body)[0] == 201
+        assert (home / "events.db").exists()
+        one(svc, "door", lambda e: e["class"] == "person", 30)
+    finally:
+        svc.stop()
