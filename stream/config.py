@@ -17,8 +17,23 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
+from segstream.stream.events.config import (
+    EventsConfig,
+    MqttConfig,
+    WebhookConfig,
+    ZoneConfig,
+    Zones,
+)
 from segstream.stream.sourceref import parse_source
 
 # configs/default.yaml, shipped inside the package (stream/default.yaml links to it), so an
@@ -389,6 +404,16 @@ class StreamConfig(_Strict):
         description="Publish the annotated video as H.264 over RTSP "
         "({url, encoder, bitrate, preset}; a URL alone is short for {url: URL}); null = off.",
     )
+    zones: Zones = Field(
+        default_factory=list,
+        description="Named polygons (normalised 0..1 coordinates) whose coverage by each class "
+        "is measured per frame, with rules that open and close events; applied live.",
+    )
+
+    @field_serializer("zones")
+    def _zones_by_alias(self, zones: list[ZoneConfig]) -> list[dict[str, Any]]:
+        # `class` (the alias), not `class_name`: the state file and the API round-trip.
+        return [z.model_dump(mode="json", by_alias=True) for z in zones]
 
     privacy: PrivacyConfig | None = Field(
         None,
@@ -521,6 +546,13 @@ class AppConfig(_Strict):
     cluster: ClusterConfig = ClusterConfig()
     page: PageConfig = PageConfig()
     mosaic: MosaicConfig = MosaicConfig()
+    events: EventsConfig = EventsConfig()
+    mqtt: MqttConfig | None = Field(
+        None, description="MQTT broker for the event change feed and coverage; null = off."
+    )
+    webhooks: list[WebhookConfig] = Field(
+        default_factory=list, description="Signed HTTP POSTs of event changes."
+    )
     streams: list[StreamConfig] = []
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -217,7 +217,12 @@ class ServiceTarget:
             self.service.check_stream(cfg)
         except ConfigError as e:
             key, _, msg = str(e).partition(": ")
-            loc = "privacy.classes" if key.endswith(".privacy.classes") else "classes"
+            if key.endswith(".privacy.classes"):
+                loc = "privacy.classes"
+            elif key.startswith("zones."):
+                loc = key  # a zone rule's class
+            else:
+                loc = "classes"
             raise Refused(422, msg or key, loc) from None
 
     def apply_add(self, cfg: StreamConfig) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from segstream.stream.datatypes import SourceState
+from segstream.stream.events.observer import DeliveryOutcome
 from segstream.stream.observer import OUTCOMES, Outcome, PrivacyOutcome, Stage
 
 # Most stages take milliseconds; inference batches and end-to-end latency reach seconds.
@@ -56,6 +57,8 @@ class _StreamSeries:
     fps_limit: Any
     classes: dict[str, Any] = field(default_factory=dict)
     sinks: set[str] = field(default_factory=set)  # sinks with an error series
+    coverage: dict[tuple[str, str], Any] = field(default_factory=dict)  # (zone, class)
+    opened: set[tuple[str, str]] = field(default_factory=set)  # (zone, class) with events_total
 
 
 @dataclass
@@ -200,6 +203,36 @@ class PrometheusObserver:
         for outcome in ("sent", "skipped"):
             self.page_frames_total.labels(outcome=outcome)
         self._privacy_metrics(r)
+        self._events_metrics(r)
+
+    def _events_metrics(self, r: CollectorRegistry) -> None:
+        self.zone_coverage_ratio = Gauge(
+            "segstream_zone_coverage_ratio",
+            "Fraction of a zone's pixels each class covers in the newest mask (classes that "
+            "occur, plus those named in the zone's rules).",
+            ["stream", "zone", "class_name"],
+            registry=r,
+        )
+        self.events_total = Counter(
+            "segstream_events_total",
+            "Coverage events opened.",
+            ["stream", "zone", "class_name"],
+            registry=r,
+        )
+        self.event_deliveries_total = Counter(
+            "segstream_event_deliveries_total",
+            "Event changes sent to an alert target: delivered, failed (retried), rejected.",
+            ["target", "outcome"],
+            registry=r,
+        )
+        self.event_outbox_size = Gauge(
+            "segstream_event_outbox_size", "Event changes not yet delivered.", registry=r
+        )
+        self.event_outbox_dropped_total = Counter(
+            "segstream_event_outbox_dropped_total",
+            "Undelivered event changes dropped to keep the outbox bounded.",
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -231,6 +264,10 @@ class PrometheusObserver:
             self.class_fraction.remove(stream_id, name)
         for sink in s.sinks:
             self.sink_errors_total.remove(stream_id, sink)
+        for zone, name in s.coverage:
+            self.zone_coverage_ratio.remove(stream_id, zone, name)
+        for zone, name in s.opened:
+            self.events_total.remove(stream_id, zone, name)
         for metric in (
             self.reconnects,
             self.stream_up,
@@ -402,6 +439,51 @@ class PrometheusObserver:
                 self.privacy_frames_total.remove(stream_id, outcome)
         with contextlib.suppress(KeyError):
             self.privacy_raw_views_total.remove(stream_id)
+
+    # -- events (stream.events.observer.EventsObserver) --------------------------------------
+    def zone_coverage(self, stream: str, zone: str, coverage: Mapping[str, float]) -> None:
+        s = self._streams.get(stream)
+        if s is None:
+            return
+        for name, ratio in coverage.items():
+            child = s.coverage.get((zone, name))
+            if child is None:
+                with self._lock:
+                    if stream not in self._streams:
+                        return  # removed meanwhile: do not re-create its series
+                    child = s.coverage[(zone, name)] = self.zone_coverage_ratio.labels(
+                        stream=stream, zone=zone, class_name=name
+                    )
+            child.set(ratio)
+
+    def zones_set(self, stream: str, zones: Sequence[str]) -> None:
+        """The stream's zones now: the coverage series of the others go."""
+        s = self._streams.get(stream)
+        if s is None:
+            return
+        with self._lock:
+            gone = [k for k in s.coverage if k[0] not in zones]
+            for key in gone:
+                del s.coverage[key]
+                self.zone_coverage_ratio.remove(stream, *key)
+
+    def event_opened(self, stream: str, zone: str, class_name: str) -> None:
+        with self._lock:
+            s = self._streams.get(stream)
+            if s is None:
+                return  # removed meanwhile (the writer thread reports after the fact)
+            s.opened.add((zone, class_name))
+            child = self.events_total.labels(stream=stream, zone=zone, class_name=class_name)
+        child.inc()
+
+    def delivery(self, target: str, outcome: DeliveryOutcome) -> None:
+        self.event_deliveries_total.labels(target=target, outcome=outcome).inc()
+
+    def outbox_size(self, size: int) -> None:
+        self.event_outbox_size.set(size)
+
+    def outbox_dropped(self, count: int) -> None:
+        self.event_outbox_dropped_total.inc(count)
 
     def series_count(self) -> int:
         """Samples in the registry (for leak checks)."""

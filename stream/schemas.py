@@ -3,6 +3,7 @@ responses with these same models, and /openapi.json is generated from them."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -46,6 +47,17 @@ class RestreamStatus(_Out):
     cpu_s: float
 
 
+class ZoneStatus(_Out):
+    name: str
+    polygon: list[tuple[float, float]] = Field(description="Normalised 0..1 (x right, y down).")
+    rules: list[dict[str, Any]] = Field(description="Its rules, as configured.")
+    coverage: dict[str, float] = Field(
+        description="Share of the zone's pixels each class covers in the newest mask (classes "
+        "that occur, plus those named in its rules)."
+    )
+    active: list[str] = Field(description="Classes with an open event in the zone.")
+
+
 class StreamStatus(_Out):
     id: str
     source: str = Field(description="The source URL without credentials.")
@@ -70,6 +82,7 @@ class StreamStatus(_Out):
     clients: int
     classes: dict[str, float] = Field(description="Largest classes in view, share of pixels.")
     restream: RestreamStatus | None = Field(None, description="The RTSP re-stream, if any.")
+    zones: list[ZoneStatus] = Field(default_factory=list, description="Coverage of its zones.")
     sinks: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Status of each sink the stream's config turned on (stream.outputs), by name.",
@@ -261,9 +274,16 @@ class ModelInfo(_Out):
     colors: list[str]
 
 
+class EventsHealth(_Out):
+    status: Literal["ok", "error"]
+    reason: str | None = Field(None, description="Why events are off (the streams still play).")
+    mqtt: Literal["connected", "disconnected"] | None = None
+
+
 class Health(_Out):
     status: Literal["ok"]
     uptime_s: float
+    events: EventsHealth | None = Field(None, description="The events feature (zones, store).")
 
 
 class Ready(_Out):
@@ -328,3 +348,41 @@ class Prediction(_Out):
     labels: list[str]
     mask: list[list[int]]
     classes: dict[str, float]
+
+
+# -- events (zones, rules: stream.events) ----------------------------------------------------
+class EventOut(_Out):
+    """A coverage event: `class` covered more than a rule's share of `zone`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    id: str
+    stream: str
+    zone: str
+    class_name: str = Field(alias="class")
+    start: str = Field(description="ISO 8601 UTC: the first frame above the threshold.")
+    end: str | None = Field(description="ISO 8601 UTC; null while the event is open.")
+    peak_coverage: float = Field(description="Largest share of the zone the class covered.")
+    peak_at: str
+    end_reason: Literal["cleared", "stream_removed", "zone_removed", "shutdown", "restart"] | None
+    snapshot_url: str = Field(description="The annotated JPEG of the peak frame.")
+    mask_url: str = Field(description="The class-mask PNG of the peak frame (value = class id).")
+
+
+class EventPage(_Out):
+    events: list[EventOut] = Field(description="Newest first.")
+    next: str | None = Field(description="Cursor of the next page; null on the last one.")
+
+
+class EventQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    stream: StreamId | None = None
+    zone: Annotated[str, Field(max_length=64)] | None = None
+    class_name: Annotated[str, Field(max_length=64)] | None = Field(None, alias="class")
+    since: datetime | None = Field(
+        None, description="Events that started at or after (ISO 8601 or Unix seconds)."
+    )
+    until: datetime | None = Field(None, description="Events that started before.")
+    limit: int = Field(50, ge=1, le=1000)
+    cursor: Annotated[str, Field(max_length=512)] | None = Field(
+        None, description="`next` of the previous page."
+    )

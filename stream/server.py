@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from segstream import __version__
 from segstream.models.fetch import home
-from segstream.stream.api import live, media, mosaic, predict, session, streams, system
+from segstream.stream.api import events, live, media, mosaic, predict, session, streams, system
 from segstream.stream.api.backend import StreamBackend
 from segstream.stream.api.context import AUTH, BACKEND, CONFIG, PRINCIPAL, STOP, THROTTLE
 from segstream.stream.api.local import LocalBackend
@@ -53,6 +53,7 @@ ENDPOINTS: list[Endpoint] = [
     *live.ENDPOINTS,
     *mosaic.ENDPOINTS,
     *predict.ENDPOINTS,
+    *events.ENDPOINTS,
 ]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

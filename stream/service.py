@@ -15,15 +15,19 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import cv2
 import numpy as np
 
-from segstream.models.fetch import sample_path
+from segstream.models.fetch import home, sample_path
 from segstream.models.runtime import Segmenter, load_segmenter, prepare, resolve_backend
 from segstream.stream.config import AppConfig, ConfigError, StreamConfig
 from segstream.stream.datatypes import Result, Sink
+from segstream.stream.events.feature import EventsFeature
+from segstream.stream.events.observer import EventsObserver, NullEventsObserver
+from segstream.stream.events.store import default_url
 from segstream.stream.metrics import PrometheusObserver
 from segstream.stream.mosaic import Mosaic
 from segstream.stream.observer import Observer
@@ -43,7 +47,14 @@ log = logging.getLogger(__name__)
 OverlayKey = tuple[str, float, tuple[str, ...] | None]
 # Settings a running stream takes without touching its reader; any other change restarts it.
 # A registered sink's own settings are live too: a change replaces that sink alone.
-LIVE_FIELDS = frozenset({"id", "infer_fps", "output", "alpha", "classes", "privacy", *SINKS})
+LIVE_FIELDS = frozenset(
+    {"id", "infer_fps", "output", "alpha", "classes", "privacy", "zones", *SINKS}
+)
+
+
+def default_store(home: Path) -> Path:
+    """The SQLite file of the default event store."""
+    return Path(default_url(home).removeprefix("sqlite:///"))
 
 
 def resolve_source(source: str) -> str:
@@ -108,6 +119,8 @@ class Service:
             publisher=self._publisher,
         )
         self.workers: list[ModelWorker] = []
+        self.events: EventsFeature | None = None  # once the model (its labels) is known
+        self._events_open = False  # its store opened (see _start_events)
         self.plan: WorkerPlan | None = None
         self.ready = False
         self.error: str | None = None
@@ -130,6 +143,7 @@ class Service:
         self.segmenter = segmenters[0]
         max_batch = self.plan.max_batch if self.plan else (self.cfg.model.max_batch or 1)
         self.scheduler.set_max_batch(max_batch)
+        await self._start_events()
         self.workers = [
             ModelWorker(seg, self.scheduler, self._on_result, max_batch, i, self.observer)
             for i, seg in enumerate(segmenters)
@@ -148,6 +162,69 @@ class Service:
             self.segmenter.name,
             self.segmenter.backend,
         )
+
+    async def _start_events(self) -> None:
+        """The events feature (never raises: a bad store shows in health() instead). Its store
+        opens now when anything may use it (zones, alert targets, a store of earlier runs whose
+        open events a crash left), else with the first zone: a service without zones writes
+        no file."""
+        assert self.segmenter is not None
+        # The Prometheus observer implements the events' metrics; another observer may not.
+        ev: EventsObserver = (
+            cast(EventsObserver, self.observer)
+            if hasattr(self.observer, "zone_coverage")
+            else NullEventsObserver()
+        )
+        cfg = self.cfg
+        self.events = EventsFeature(
+            cfg.events,
+            home=home(),
+            labels=self.segmenter.labels,
+            mqtt=cfg.mqtt,
+            webhooks=cfg.webhooks,
+            observer=ev,
+        )
+        used = cfg.mqtt or cfg.webhooks or cfg.events.database or cfg.events.media_dir
+        if used or any(s.zones for s in cfg.streams) or default_store(home()).exists():
+            await self._open_events()
+
+    def _open_events_now(self) -> None:
+        """The first zone: open the store, waiting for it from a thread (the API's StreamSet
+        and a cluster node apply changes in threads); on the event loop it opens meanwhile."""
+        assert self._loop is not None
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._loop.create_task(self._open_events())
+        else:
+            asyncio.run_coroutine_threadsafe(self._open_events(), self._loop).result(60)
+
+    async def _open_events(self) -> None:
+        if self.events is not None and not self._events_open:
+            self._events_open = True
+            await self.events.start()
+
+    def _set_zones(self, stream: Stream) -> None:
+        """The stream's zones to the events feature (live), and the render hook on or off."""
+        events = self.events
+        if events is None:
+            return
+        zones = stream.cfg.zones
+        if zones and not self._events_open:
+            self._open_events_now()
+        events.set_stream(stream.cfg.id, zones)
+        zones_set = getattr(self.observer, "zones_set", None)
+        if zones_set is not None:
+            zones_set(stream.cfg.id, [z.name for z in zones])
+        stream.view.mask_hook = self._on_mask if zones else None
+
+    def _on_mask(
+        self, stream_id: str, mask: np.ndarray, now: float, snapshot: Callable[[], bytes]
+    ) -> None:
+        if self.events is not None:
+            self.events.on_mask(stream_id, mask, now=now, snapshot=snapshot)
 
     async def _load(self) -> list[Segmenter]:
         """The model copies, loaded in a thread. Cancelled (shutdown during load), it waits for
@@ -215,6 +292,8 @@ class Service:
         for s in self.streams.values():
             s.view.close()  # ends every MJPEG response
         await asyncio.to_thread(self._stop_threads)
+        if self.events is not None:
+            await self.events.close()  # open events end with `shutdown`
 
     def _stop_threads(self) -> None:
         timeout = self.cfg.server.shutdown_timeout
@@ -235,6 +314,9 @@ class Service:
         model cannot honour (unknown class names)."""
         assert self._loop is not None and self.segmenter is not None, "service not started"
         renderer, redactor = self._renderer(scfg), self._redactor(scfg)
+        self._check_rules(scfg)
+        if scfg.zones and not self._events_open:
+            self._open_events_now()  # not under the lock: it may wait for the event loop
         with self._streams_lock:
             if scfg.id in self.streams:
                 raise ValueError(f"stream {scfg.id!r} exists")
@@ -254,6 +336,7 @@ class Service:
             view.set_privacy(redactor)
             view.model_error = self._model_failing
             stream = self.streams[scfg.id] = Stream(scfg, source, view, mjpeg, sinks)
+            self._set_zones(stream)
             self.render.add(view)
             self.scheduler.add(source, scfg.infer_fps)
         for sink in sinks.values():
@@ -270,6 +353,8 @@ class Service:
         self.render.remove(stream_id)
         stream.source.stop(self.cfg.server.shutdown_timeout / 4)
         stream.view.close()  # its viewers' responses end cleanly, its re-stream stops
+        if self.events is not None:
+            self.events.remove_stream(stream_id)  # its open events end with stream_removed
         self.observer.stream_removed(stream_id)  # last: late events cannot re-create series
 
     def replace_stream(self, scfg: StreamConfig) -> Stream:
@@ -278,6 +363,7 @@ class Service:
         stream = self.streams[scfg.id]
         renderer = self._renderer(scfg)  # validate before touching anything
         redactor = self._redactor(scfg)
+        self._check_rules(scfg)
         old, stream.cfg = stream.cfg, scfg
         changed = {k for k in StreamConfig.model_fields if getattr(old, k) != getattr(scfg, k)}
         if changed - LIVE_FIELDS:
@@ -290,6 +376,8 @@ class Service:
         stream.view.output = scfg.output
         stream.view.set_renderer(renderer)
         stream.view.set_privacy(redactor)
+        if "zones" in changed:
+            self._set_zones(stream)  # events of a removed zone end with zone_removed
         return stream
 
     # -- pictures for viewers: per-viewer overlays and the mosaic ----------------------------
@@ -424,6 +512,7 @@ class Service:
         """Raises ConfigError for settings the model cannot honour (unknown class names)."""
         self._renderer(scfg)
         self._redactor(scfg)
+        self._check_rules(scfg)
 
     def _redactor(self, scfg: StreamConfig) -> Redactor | None:
         p = scfg.privacy
@@ -447,6 +536,18 @@ class Service:
         """Why inference fails on a model worker now, or None."""
         failing = [w for w in self.workers if w.failing]
         return failing[0].error if failing else None
+
+    def _check_rules(self, scfg: StreamConfig) -> None:
+        """A zone rule's class must be one the model knows; the message starts with its key."""
+        assert self.segmenter is not None
+        labels = set(self.segmenter.labels)
+        for i, zone in enumerate(scfg.zones):
+            for j, rule in enumerate(zone.rules):
+                if rule.class_name not in labels:
+                    raise ConfigError(
+                        f"zones.{i}.rules.{j}.class: unknown class {rule.class_name!r} "
+                        f"(the model knows {', '.join(self.segmenter.labels)})"
+                    )
 
     def _renderer(self, scfg: StreamConfig) -> Renderer:
         assert self.segmenter is not None
@@ -537,7 +638,20 @@ class Service:
             "restream": s.restream.status() if s.restream is not None else None,
             "sinks": {name: sink.status() for name, sink in s.sinks.items()},
             "classes": self._top_classes(s.view.fractions),
+            "zones": self._zones_status(s),
         }
+
+    def _zones_status(self, s: Stream) -> list[dict[str, Any]]:
+        """Each zone as configured (polygon, rules) with its coverage and open events."""
+        live = {z["name"]: z for z in (self.events.zones(s.cfg.id) if self.events else [])}
+        return [
+            {
+                **z.model_dump(mode="json", by_alias=True),
+                "coverage": live.get(z.name, {}).get("coverage", {}),
+                "active": live.get(z.name, {}).get("active", []),
+            }
+            for z in s.cfg.zones
+        ]
 
     def _top_classes(self, fractions: np.ndarray | None, n: int = 5) -> dict[str, float]:
         if fractions is None or self.segmenter is None:

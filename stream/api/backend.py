@@ -17,7 +17,14 @@ from aiohttp import web
 from segstream.stream.api.spec import ApiError, error
 from segstream.stream.config import AppConfig, StreamConfig
 from segstream.stream.control import Refused
-from segstream.stream.schemas import Health, StreamList, StreamStatus
+from segstream.stream.schemas import (
+    EventOut,
+    EventPage,
+    EventQuery,
+    Health,
+    StreamList,
+    StreamStatus,
+)
 
 if TYPE_CHECKING:
     from segstream.stream.service import Service, Stream
@@ -57,6 +64,18 @@ class StreamBackend(Protocol):
 
     async def model(self, request: web.Request, work: ServiceWork) -> web.StreamResponse:
         """Model facts and predictions: `work` where a model is loaded."""
+
+    # -- events (zones' coverage events) ---------------------------------------------------------
+    async def list_events(self, q: EventQuery) -> EventPage:
+        """Newest first; ApiError 400 for a cursor it did not make, 503 when events are off."""
+
+    async def get_event(self, event_id: str) -> EventOut:
+        """ApiError 404 for an unknown event."""
+
+    async def event_media(self, event_id: str, kind: str) -> bytes:
+        """The `snapshot` JPEG or `mask` PNG of the event's peak frame; ApiError 404."""
+
+    async def delete_event(self, event_id: str) -> None: ...
 
     # -- the live page ---------------------------------------------------------------------------
     def page_clients(self) -> int: ...

@@ -12,7 +12,9 @@ Server -> client:
     frame's sequence number (uint32, big-endian), then the JPEG;
   - text: {"type": "hello", limits...} once, {"type": "status", "ready", "streams": [...]}
     every second and at once when a state or the stream set changes (the same objects as
-    /api/streams), {"type": "focus", "id", "overlay"} when the large view changes, and
+    /api/streams), {"type": "events", "stream"} at once when an event of the stream opens or
+    closes (the page reads /api/events), {"type": "focus", "id", "overlay"} when the large
+    view changes, and
     {"type": "error", "error", "loc"} for a message that was not understood.
 
 Frames are paced per client and per tile: each tile holds one pending frame; a newer one
@@ -377,6 +379,7 @@ class LiveHub:
         self.clients: set[LiveClient] = set()
         self._task: asyncio.Task[None] | None = None
         self._text: str | None = None
+        self._active: dict[str, Any] = {}  # stream -> its zones' open event classes
 
     def add(self, client: LiveClient) -> None:
         self.clients.add(client)
@@ -432,7 +435,12 @@ class LiveHub:
                 tuple(service.state_of(sid) for sid, _ in now_members),
             )
             self._report()
-            if sig != last or loop.time() - sent_at >= 1.0:
+            changed = self._events_changed([sid for sid, _ in now_members])
+            for sid in changed:
+                text = json.dumps({"type": "events", "stream": sid})
+                for c in list(self.clients):
+                    c.push_text(f"events:{sid}", text)
+            if changed or sig != last or loop.time() - sent_at >= 1.0:
                 try:
                     self._text = self.status_text()
                 except Exception:
@@ -444,6 +452,16 @@ class LiveHub:
                         c.push_text("status", self._text)
                 last, members, sent_at = sig, now_members, loop.time()
             await asyncio.sleep(0.25)
+
+    def _events_changed(self, ids: list[str]) -> list[str]:
+        """Streams whose zones' open events changed since the last look."""
+        events = self.service.events
+        if events is None:
+            return []
+        now = {sid: [z["active"] for z in events.zones(sid)] for sid in ids}
+        changed = [sid for sid, a in now.items() if self._active.get(sid, a) != a]
+        self._active = now
+        return changed
 
     async def close_all(self) -> None:
         """Server shutdown: every page is told the server is going away (1001)."""

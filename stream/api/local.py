@@ -5,18 +5,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
+from segstream.stream.api import local_events
 from segstream.stream.api.backend import ServiceWork, StreamWork, refused, unknown
 from segstream.stream.api.live import LiveClient, LiveHub, run_page_client
 from segstream.stream.api.spec import error
 from segstream.stream.config import StreamConfig
 from segstream.stream.control import Refused, ServiceTarget, StreamSet
-from segstream.stream.schemas import Health, StreamList, StreamStatus
+from segstream.stream.schemas import (
+    EventOut,
+    EventPage,
+    EventQuery,
+    EventsHealth,
+    Health,
+    StreamList,
+    StreamStatus,
+)
 from segstream.stream.service import Service
 from segstream.stream.store import StreamStore
+
+T = TypeVar("T")
 
 
 class LocalBackend:
@@ -83,6 +95,26 @@ class LocalBackend:
     async def model(self, request: web.Request, work: ServiceWork) -> web.StreamResponse:
         return await work(self.service)
 
+    # -- events --------------------------------------------------------------------------------
+    async def list_events(self, q: EventQuery) -> EventPage:
+        return await self._events(local_events.list_events, q)
+
+    async def get_event(self, event_id: str) -> EventOut:
+        return await self._events(local_events.get_event, event_id)
+
+    async def event_media(self, event_id: str, kind: str) -> bytes:
+        return await self._events(local_events.event_media, event_id, kind)
+
+    async def delete_event(self, event_id: str) -> None:
+        await self._events(local_events.delete_event, event_id)
+
+    async def _events(self, work: Callable[..., T], *args: Any) -> T:
+        """`work(store, *args)` off the event loop; 503 while events are off."""
+        events = self.service.events
+        if events is None:
+            raise error(503, "events are not started yet (the model is loading)")
+        return await asyncio.to_thread(local_events.guarded, events, work, *args)
+
     # -- the live page -----------------------------------------------------------------------
     def page_clients(self) -> int:
         return len(self.hub.clients)
@@ -96,7 +128,12 @@ class LocalBackend:
         problem = self.service.health()
         if problem:
             raise error(503, problem)
-        return Health(status="ok", uptime_s=round(time.monotonic() - self.service.started_ts, 1))
+        events = self.service.events
+        return Health(
+            status="ok",
+            uptime_s=round(time.monotonic() - self.service.started_ts, 1),
+            events=EventsHealth.model_validate(events.health()) if events is not None else None,
+        )
 
     async def ready(self) -> None:
         if not self.service.ready:

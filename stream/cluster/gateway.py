@@ -44,7 +44,17 @@ from segstream.stream.config import AppConfig, StreamConfig
 from segstream.stream.connections import GuardedSite
 from segstream.stream.control import Refused
 from segstream.stream.datatypes import NodeState, StreamPhase
-from segstream.stream.schemas import Health, NodeList, NodeStatus, SdGroup, StreamList, StreamStatus
+from segstream.stream.schemas import (
+    EventOut,
+    EventPage,
+    EventQuery,
+    Health,
+    NodeList,
+    NodeStatus,
+    SdGroup,
+    StreamList,
+    StreamStatus,
+)
 from segstream.stream.server import (
     ENDPOINTS,
     VERSION,
@@ -340,6 +350,26 @@ class ClusterBackend:
             ),
             5.0,
         )
+
+    # -- events: not gathered from the nodes yet ----------------------------------------------
+    def _no_events(self) -> ApiError:
+        return error(
+            501,
+            "events are not served at the cluster gateway yet: each node keeps its own event "
+            "store, and gathering them here is not implemented (ask a node's /api/events)",
+        )
+
+    async def list_events(self, q: EventQuery) -> EventPage:
+        raise self._no_events()
+
+    async def get_event(self, event_id: str) -> EventOut:
+        raise self._no_events()
+
+    async def event_media(self, event_id: str, kind: str) -> bytes:
+        raise self._no_events()
+
+    async def delete_event(self, event_id: str) -> None:
+        raise self._no_events()
 
     # -- system ------------------------------------------------------------------------------
     async def health(self) -> Health:

@@ -21,6 +21,8 @@ from segstream.stream.render.overlay import Renderer, class_fractions
 from segstream.stream.render.privacy import Redactor
 
 log = logging.getLogger(__name__)
+# (stream id, uint8 class-id mask, capture wall time, the frame's annotated JPEG on demand)
+MaskHook = Callable[[str, np.ndarray, float, Callable[[], bytes]], None]
 
 
 def sink_name(sink: Sink) -> str:
@@ -78,6 +80,8 @@ class StreamView:
         self._failed_sinks: set[str] = set()  # names of sinks whose failure was logged
         self.privacy: Redactor | None = None  # set_privacy(); None: pictures as they are
         self.model_error: Callable[[], str | None] = lambda: None  # why inference fails
+        self.mask_hook: MaskHook | None = None  # set while the stream has zones
+        self._last: Rendered | None = None  # the picture in the renderer's buffer now
 
     # -- sinks and settings (any thread) ---------------------------------------------------
     def add_sink(self, sink: Sink) -> None:
@@ -156,18 +160,28 @@ class StreamView:
 
     def work(self) -> None:
         result = self.result
-        if result is not None and result.frame.seq > self._done_result:
+        fresh = result is not None and result.frame.seq > self._done_result
+        if result is not None and fresh:
             self._done_result = result.frame.seq
             self._count_classes(result.mask)
+        rendered = self._publish(result)
+        hook = self.mask_hook
+        if result is not None and fresh and hook is not None:
+            self._call_mask_hook(hook, result, rendered)
+
+    def _publish(self, result: Result | None) -> Rendered | None:
+        """Draws the frame once for the sinks that want it (redacted or blanked where privacy
+        is on); returns that picture."""
         picked = self._pick(result)
         if picked is None or picked[0].seq <= self._done_frame:
-            return
+            return None
         frame, mask, blank = picked
         self._done_frame = frame.seq
         sinks = [s for s in self.sinks if self._wants(s)]
         variants = [v for v in self.variants.values() if self._wants(v.sink)]
         if not sinks and not variants:
-            return  # render only for a sink that wants frames; snapshots render on demand
+            return None  # render only for a sink that wants frames; snapshots render on demand
+        rendered = None
         with self._lock:
             base = self._base(frame, mask, blank)
             if sinks:
@@ -180,6 +194,34 @@ class StreamView:
                 self._put(v.sink, self._render_variant(v, frame, base, mask))
         self.out_rate.tick()
         self._observer.frame(self.stream_id, "published")
+        return rendered
+
+    def _call_mask_hook(self, hook: MaskHook, result: Result, rendered: Rendered | None) -> None:
+        """Zones and events: the segmented frame's mask, its capture wall time, and its
+        annotated JPEG on demand (the one the sinks got when it was encoded, else drawn now)."""
+        frame = result.frame
+        wall = time.time() - (time.monotonic() - frame.capture_ts)
+
+        def snapshot() -> bytes:
+            with self._lock:
+                # The renderer's buffer still holds `rendered` unless another render came
+                # between: then draw this frame again.
+                if (
+                    rendered is not None
+                    and rendered is self._last
+                    and rendered.frame_seq == frame.seq
+                ):
+                    return rendered.jpeg()
+                # Drawn again: through the same redaction as every other picture output.
+                blank = self._blank_reason(result)
+                mask = None if blank is not None else result.mask
+                base = self._base(frame, mask, blank, count=False)
+                return self._render(frame, base, mask).jpeg()
+
+        try:
+            hook(self.stream_id, result.mask, wall, snapshot)
+        except Exception:
+            log.exception("%s: zone coverage failed", self.stream_id)
 
     # -- privacy ---------------------------------------------------------------------------
     def _blank_reason(self, result: Result | None) -> str | None:
@@ -212,9 +254,12 @@ class StreamView:
             return None
         return self._frame_for(result), result.mask, None
 
-    def _base(self, frame: Frame, mask: np.ndarray | None, blank: str | None) -> np.ndarray:
+    def _base(
+        self, frame: Frame, mask: np.ndarray | None, blank: str | None, count: bool = True
+    ) -> np.ndarray:
         """Caller holds self._lock. The picture every output starts from: the camera's frame,
-        redacted (privacy on), or blank with a banner. Counts the privacy outcome."""
+        redacted (privacy on), or blank with a banner. Counts the privacy outcome (of a
+        published frame: `count`)."""
         spent = frame.materialize()  # smooth output: a newer frame nobody took yet
         if spent:
             self._observer.stage("convert", spent)
@@ -226,8 +271,9 @@ class StreamView:
             img = red.blank(frame.image.shape, blank)
         else:
             img = red.apply(frame.image, mask)
-        self._observer.stage("redact", time.perf_counter() - t0)
-        self._observer.privacy_frame(self.stream_id, "redacted" if blank is None else "blanked")
+        if count:
+            self._observer.stage("redact", time.perf_counter() - t0)
+            self._observer.privacy_frame(self.stream_id, "redacted" if blank is None else "blanked")
         return img
 
     # Each sink on its own: one that raises is counted and skipped, the others get the frame.
@@ -285,7 +331,8 @@ class StreamView:
             t0 = time.perf_counter()
             img = self.renderer.render(base, mask)
             self._observer.stage("render", time.perf_counter() - t0)
-        return Rendered(self.stream_id, img, frame.seq, frame.capture_ts, self.jpeg_quality)
+        self._last = Rendered(self.stream_id, img, frame.seq, frame.capture_ts, self.jpeg_quality)
+        return self._last
 
     def _render_variant(
         self, v: Variant, frame: Frame, base: np.ndarray, mask: np.ndarray | None

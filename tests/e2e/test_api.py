@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import cv2
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
@@ -32,6 +33,7 @@ from segstream.stream.auth import (
     load_secret,
 )
 from segstream.stream.config import AppConfig
+from segstream.stream.events.model import Change, Event, new_id
 from segstream.stream.server import ENDPOINTS, make_app
 from segstream.stream.service import Service
 from segstream.stream.store import StreamStore
@@ -75,6 +77,8 @@ async def make_api(model: Segmenter, tmp_path: Path, shared_dir: Path):
             {
                 "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
                 "sources": {"allow_local": [str(shared_dir / "data/video")]},
+                # Not the session's SEGSTREAM_HOME: other tests check what is written there.
+                "events": {"database": f"sqlite:///{tmp_path / 'events.db'}"},
                 "streams": streams or [],
                 **cfg,
             }
@@ -356,8 +360,9 @@ def _jpeg(ctype: str) -> Check:
     return lambda r, _: r.ctype == ctype and r.body[:2] == b"\xff\xd8"
 
 
-def _matrix(vtest: str, bird: bytes) -> dict[str, Case]:
-    """Every endpoint but DELETE (tested last): what an allowed caller gets."""
+def _matrix(vtest: str, bird: bytes, event: str = "") -> dict[str, Case]:
+    """Every endpoint but DELETE /api/streams/{id}: what an allowed caller gets (the event's
+    DELETE comes last)."""
     return {
         "GET /": Case("/", 200, _html("segstream")),
         "GET /login": Case("/login", 200, _html("segstream · log in")),
@@ -468,7 +473,37 @@ def _matrix(vtest: str, bird: bytes) -> dict[str, Case]:
             lambda r, _: r.ctype == "image/png" and r.body[:4] == b"\x89PNG",
             form=_upload_form(bird),
         ),
+        "GET /api/events": Case(
+            "/api/events?stream=s",
+            200,
+            lambda r, _: [e["id"] for e in r.body["events"]] == [event] and r.body["next"] is None,
+        ),
+        "GET /api/events/{id}": Case(
+            f"/api/events/{event}",
+            200,
+            lambda r, _: r.body["class"] == "person" and r.body["end_reason"] == "cleared",
+        ),
+        "GET /api/events/{id}/snapshot.jpg": Case(
+            f"/api/events/{event}/snapshot.jpg", 200, _jpeg("image/jpeg")
+        ),
+        "GET /api/events/{id}/mask.png": Case(
+            f"/api/events/{event}/mask.png",
+            200,
+            lambda r, _: r.ctype == "image/png" and r.body[:4] == b"\x89PNG",
+        ),
+        "DELETE /api/events/{id}": Case(f"/api/events/{event}", 204, lambda r, _: r.body == b""),
     }
+
+
+def _stored_event(api: Api, jpeg: bytes) -> str:
+    """A closed event of stream `s` with its media, written to the service's own store."""
+    ev = Event(new_id(), "s", "floor", "person", 1.7e9, 0.31, 1.7e9 + 1, 1.7e9 + 4, "cleared")
+    assert api.service.events is not None
+    store = api.service.events.store
+    store.apply([Change("new", None, ev)])
+    ok, png = cv2.imencode(".png", np.full((8, 8), 15, np.uint8))
+    assert ok and store.save_media(ev.id, jpeg, png.tobytes())
+    return ev.id
 
 
 ROLE = {"alice": "viewer", "root": "admin"}
@@ -517,7 +552,8 @@ async def test_auth_matrix(api: Api, shared_dir: Path, bird: bytes) -> None:
     created = await fetch(api, "POST", "/api/streams", admin, body={"id": "s", "source": vtest})
     assert created.status == 201
     await until_frame(api, "s", admin)
-    cases = _matrix(vtest, bird)
+    snap = await fetch(api, "GET", "/streams/s/snapshot.jpg", admin)
+    cases = _matrix(vtest, bird, _stored_event(api, snap.body))
     endpoints = {f"{ep.method} {ep.path}": ep for ep in ENDPOINTS}
     assert set(cases) == set(endpoints) - {"DELETE /api/streams/{id}"}  # a new endpoint: add it
     callers = (("none", None, ""), ("bad", BAD_TOKEN, ""), ("viewer", viewer, "alice"))
