@@ -95,7 +95,7 @@ class PrometheusObserver:
             "segstream_frames_total",
             "Frames by stream and outcome: captured (decoded), unconverted (decoded only: "
             "not due for inference), dropped (overwritten unseen), skipped (frame skipping), "
-            "inferred, published.",
+            "unchanged (due, but the scene had not changed: motion gating), inferred, published.",
             ["stream", "outcome"],
             registry=r,
         )

@@ -42,7 +42,12 @@ log = logging.getLogger(__name__)
 OverlayKey = tuple[str, float, tuple[str, ...] | None]
 # Settings a running stream takes without touching its reader; any other change restarts it.
 # A registered sink's own settings are live too: a change replaces that sink alone.
-LIVE_FIELDS = frozenset({"id", "infer_fps", "output", "alpha", "classes", *SINKS})
+LIVE_FIELDS = frozenset({"id", "infer_fps", "gate", "output", "alpha", "classes", *SINKS})
+
+
+def gate_s(scfg: StreamConfig) -> float | None:
+    """The scheduler's motion gating setting for a stream: its refresh period, or None (off)."""
+    return scfg.gate.refresh_s if scfg.gate.mode == "motion" else None
 
 
 def resolve_source(source: str) -> str:
@@ -252,7 +257,7 @@ class Service:
             )
             stream = self.streams[scfg.id] = Stream(scfg, source, view, mjpeg, sinks)
             self.render.add(view)
-            self.scheduler.add(source, scfg.infer_fps)
+            self.scheduler.add(source, scfg.infer_fps, gate_s(scfg))
         for sink in sinks.values():
             sink.start()
         source.start()
@@ -280,6 +285,8 @@ class Service:
             self._restart_reader(stream)
         elif scfg.infer_fps != old.infer_fps:
             self.scheduler.set_rate(scfg.id, scfg.infer_fps)
+        if scfg.gate != old.gate:
+            self.scheduler.set_gate(scfg.id, gate_s(scfg))
         for name, kind in SINKS.items():
             if changed & kind.fields:
                 self._replace_sink(stream, name)
@@ -371,7 +378,7 @@ class Service:
         self.scheduler.remove(stream.cfg.id)
         stream.source = self._source(stream.cfg)
         stream.view.peek_frame = stream.source.slot.peek
-        self.scheduler.add(stream.source, stream.cfg.infer_fps)
+        self.scheduler.add(stream.source, stream.cfg.infer_fps, gate_s(stream.cfg))
         stream.source.start()
 
     def _source(self, scfg: StreamConfig) -> VideoSource:

@@ -17,6 +17,7 @@ import numpy as np
 from segstream.stream.datatypes import Frame, Rendered, Result, Sink
 from segstream.stream.lifecycle import RateMeter
 from segstream.stream.observer import NULL_OBSERVER, Observer
+from segstream.stream.render.carry import MaskCarry
 from segstream.stream.render.overlay import Renderer, class_fractions
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class StreamView:
         self._done_frame = 0  # frame seq of the last frame published
         self._lock = threading.Lock()  # render() from the stage thread vs. on-demand snapshots
         self._failed_sinks: set[str] = set()  # names of sinks whose failure was logged
+        # Smooth output: the newest mask carried by motion to each drawn frame; `carry.last`
+        # is the mask under the frame drawn last, with its age (render thread only).
+        self.carry = MaskCarry()
 
     # -- sinks and settings (any thread) ---------------------------------------------------
     def add_sink(self, sink: Sink) -> None:
@@ -154,17 +158,24 @@ class StreamView:
         variants = [v for v in self.variants.values() if self._wants(v.sink)]
         if not sinks and not variants:
             return  # render only for a sink that wants frames; snapshots render on demand
+        mask = self._carried(frame, result) if self.output == "smooth" else result.mask
         with self._lock:
             if sinks:
-                rendered = self._render(frame, result.mask)
+                rendered = self._render(frame, mask)
                 for sink in sinks:
                     self._put(sink, rendered)
                 if rendered.encode_s:
                     self._observer.stage("encode", rendered.encode_s)
             for v in variants:
-                self._put(v.sink, self._render_variant(v.renderer, frame, result.mask))
+                self._put(v.sink, self._render_variant(v.renderer, frame, mask))
         self.out_rate.tick()
         self._observer.frame(self.stream_id, "published")
+
+    def _carried(self, frame: Frame, result: Result) -> np.ndarray:
+        spent = frame.materialize()  # a newer frame nobody took yet
+        if spent:
+            self._observer.stage("convert", spent)
+        return self.carry.mask_for(frame, result).mask
 
     # Each sink on its own: one that raises is counted and skipped, the others get the frame.
     def _wants(self, sink: Sink) -> bool:
