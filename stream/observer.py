@@ -17,12 +17,21 @@ from segstream.stream.datatypes import SourceState
 # never converted: the scheduler would not have taken it), skipped (converted, passed over by
 # frame skipping), dropped (overwritten before the scheduler looked), unchanged (taken, but the
 # scene had not changed since the last inference: motion gating) or taken (-> inferred).
+# undecoded: read and not decoded at all (keyframe-only decoding); not part of captured.
 Outcome = Literal[
-    "captured", "unconverted", "dropped", "skipped", "unchanged", "inferred", "published"
+    "captured",
+    "undecoded",
+    "unconverted",
+    "dropped",
+    "skipped",
+    "unchanged",
+    "inferred",
+    "published",
 ]
 Stage = Literal["decode", "convert", "queue_wait", "preprocess", "render", "encode"]
 OUTCOMES: tuple[Outcome, ...] = (
     "captured",
+    "undecoded",
     "unconverted",
     "dropped",
     "skipped",

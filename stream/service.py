@@ -50,6 +50,15 @@ def gate_s(scfg: StreamConfig) -> float | None:
     return scfg.gate.refresh_s if scfg.gate.mode == "motion" else None
 
 
+def keyframes_suffice(output: str, restream: bool, infer_cap: float, keyframe_fps: float) -> bool:
+    """Whether a stream may decode keyframes only: nothing draws the frames between
+    inferences (no smooth output, no re-stream) and the scheduler takes no more frames a
+    second than the source has keyframes (a cap of 0 is no cap: every frame may be taken)."""
+    if output == "smooth" or restream:
+        return False
+    return 0 < infer_cap <= keyframe_fps
+
+
 def resolve_source(source: str) -> str:
     """`sample:NAME` -> the fetched sample clip; anything else is used as given."""
     ref = parse_source(source)
@@ -399,8 +408,20 @@ class Service:
             # reader: a camera inferred at 1 fps of 15 converts 1 frame a second, not 15).
             return smooth() or self.scheduler.due_soon(sid)
 
+        def keyframes_only(keyframe_fps: float) -> bool:
+            s = self.streams.get(sid)
+            cfg = scfg if s is None else s.cfg
+            restream = cfg.restream is not None
+            cap = self.scheduler.cap(sid)
+            return keyframes_suffice(cfg.output, restream, cap, keyframe_fps)
+
         return VideoSource(
-            scfg, on_frame=on_frame, wanted=wanted, resolve=resolve_source, observer=self.observer
+            scfg,
+            on_frame=on_frame,
+            wanted=wanted,
+            keyframes_only=keyframes_only,
+            resolve=resolve_source,
+            observer=self.observer,
         )
 
     def check_stream(self, scfg: StreamConfig) -> None:
