@@ -180,6 +180,10 @@ async def run(
             "sources_per_camera_cores": round(sources / n, 4),
             "captured_fps_per_camera": round(res["captured"] / dt / n, 2),
             "converted_share": round(1 - res["unconverted"] / max(res["captured"], 1), 3),
+            # keyframe-only decoding: frames read and never decoded
+            "undecoded_share": round(
+                res["undecoded"] / max(res["captured"] + res["undecoded"], 1), 3
+            ),
         }
     )
     return res
@@ -294,7 +298,8 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 log(
                     f"{label}: service {r['cpu_cores']['service']:.3f} cores, per camera "
                     f"{r['per_camera_cores']:.4f} (sources {r['sources_per_camera_cores']:.4f})"
-                    f", converted {r['converted_share']:.0%}; threads {r['threads']}"
+                    f", converted {r['converted_share']:.0%}, undecoded "
+                    f"{r['undecoded_share']:.0%}; threads {r['threads']}"
                 )
         res["transport"] = []
         for reader in args.transport_readers:

@@ -50,13 +50,18 @@ def gate_s(scfg: StreamConfig) -> float | None:
     return scfg.gate.refresh_s if scfg.gate.mode == "motion" else None
 
 
+KEYFRAME_SLACK = 1.02
+
+
 def keyframes_suffice(output: str, restream: bool, infer_cap: float, keyframe_fps: float) -> bool:
     """Whether a stream may decode keyframes only: nothing draws the frames between
     inferences (no smooth output, no re-stream) and the scheduler takes no more frames a
-    second than the source has keyframes (a cap of 0 is no cap: every frame may be taken)."""
+    second than the source has keyframes (a cap of 0 is no cap: every frame may be taken),
+    within KEYFRAME_SLACK: a camera's keyframe intervals jitter by a few milliseconds (GOP 30
+    at 15 fps over RTSP: 0.4996 keyframes a second for a 0.5 fps cap)."""
     if output == "smooth" or restream:
         return False
-    return 0 < infer_cap <= keyframe_fps
+    return 0 < infer_cap <= keyframe_fps * KEYFRAME_SLACK
 
 
 def resolve_source(source: str) -> str:

@@ -405,7 +405,8 @@ def service_figures(m0: dict, m1: dict, api: dict, n: int, dt: float) -> dict[st
         return metric_sum(m1, name, **lab) - metric_sum(m0, name, **lab)
 
     out: dict[str, Any] = {}
-    for outcome in ("captured", "unconverted", "dropped", "skipped", "inferred", "published"):
+    outcomes = ("captured", "undecoded", "unconverted", "dropped", "skipped", "unchanged")
+    for outcome in (*outcomes, "inferred", "published"):
         out[outcome] = int(d("segstream_frames_total", outcome=outcome))
     out["inferred_fps"] = round(out["inferred"] / dt, 2)
     stages = {}

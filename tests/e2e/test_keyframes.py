@@ -108,7 +108,9 @@ def test_the_service_decodes_every_frame_for_smooth_output(
 def test_keyframes_suffice_only_when_nothing_needs_the_frames_between() -> None:
     assert keyframes_suffice("segmented", False, 1.0, 1.0)
     assert keyframes_suffice("segmented", False, 0.5, 2.0)
+    assert keyframes_suffice("segmented", False, 0.5, 0.4996)  # GOP 30 at 15 fps over RTSP
     assert not keyframes_suffice("segmented", False, 2.0, 1.0)  # more inferences than keyframes
+    assert not keyframes_suffice("segmented", False, 0.55, 0.5)
     assert not keyframes_suffice("segmented", False, 0.0, 1.0)  # uncapped: every frame
     assert not keyframes_suffice("smooth", False, 1.0, 1.0)  # draws every frame
     assert not keyframes_suffice("segmented", True, 1.0, 1.0)  # re-streams every frame
