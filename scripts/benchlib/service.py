@@ -30,10 +30,17 @@ from benchlib.procs import (
 
 @contextlib.contextmanager
 def live_cameras(
-    clip: Path, streams: int, fps: float, bitrate: int, encode: str = "pre", cycle_s: float = 64.0
+    clip: Path,
+    streams: int,
+    fps: float,
+    bitrate: int,
+    encode: str = "pre",
+    cycle_s: float = 64.0,
+    moving_every: int = 1,
 ) -> Iterator[tuple[list[str], subprocess.Popen, int, int]]:
     """scripts/rtsp_live.py with `streams` mounts; yields (urls, process, cycle_ms, frames in
-    a cycle); both 0 for live-encoding cameras."""
+    a cycle); both 0 for live-encoding cameras. `moving_every` K > 1: only mounts 0, K, 2K,
+    ... move (and are stamped); the others show a still frame."""
     if not Path(SYSTEM_PYTHON).exists():
         raise SystemExit(f"{SYSTEM_PYTHON} (Debian python3-gi, gst-rtsp-server) is required")
     cmd = [
@@ -53,6 +60,8 @@ def live_cameras(
         encode,
         "--cycle",
         f"{cycle_s:g}",
+        "--moving-every",
+        str(moving_every),
     ]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     urls: list[str] = []
