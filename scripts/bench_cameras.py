@@ -49,6 +49,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import benchlib as bm  # noqa: E402
+from benchlib.service import metric_sum  # noqa: E402
 
 log = bm.log
 GATE_REFRESH_S = 5.0  # the default gate.refresh_s: a still camera is inferred this often
@@ -170,8 +171,8 @@ async def run(
     res["still_streams"] = len(still)
     res["still_inferred_min"] = min(
         (
-            bm.metric_sum(m1, "segstream_frames_total", stream=s, outcome="inferred")
-            - bm.metric_sum(m0, "segstream_frames_total", stream=s, outcome="inferred")
+            metric_sum(m1, "segstream_frames_total", stream=s, outcome="inferred")
+            - metric_sum(m0, "segstream_frames_total", stream=s, outcome="inferred")
             for s in still
         ),
         default=None,
