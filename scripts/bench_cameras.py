@@ -18,7 +18,9 @@ transport  one camera read by a bare VideoSource per reader (--transport-readers
 count  N cameras (--counts) at --count-fps inferences per camera, an MJPEG viewer per camera
        reading the stamps: the run holds when every stream gets >= --min-fps segmented fps and
        the p99 glass-to-glass latency is <= --p99-ms. With --search, N grows by --step while it
-       holds: the largest N that holds.
+       holds: the largest N that holds. With --moving-every K only cameras 0, K, 2K, ... move
+       (and have a viewer); the others show a still frame: the run also needs every still
+       camera inferred at least every refresh_s (motion gating, 5 s) during the window.
 
 Output in --out: results.json and results.md (the tables); the last stdout line is a JSON
 summary. Before each run the harness waits for the machine to be idle and repeats a run in
@@ -47,8 +49,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import benchlib as bm  # noqa: E402
+from benchlib.service import metric_sum  # noqa: E402
 
 log = bm.log
+GATE_REFRESH_S = 5.0  # the default gate.refresh_s: a still camera is inferred this often
 
 
 def thread_groups(pid: int, before: dict[int, float], seconds: float) -> dict[str, float]:
@@ -114,7 +118,8 @@ async def run(
         stderr=subprocess.STDOUT,
     )
     stop = asyncio.Event()
-    recs = [bm.camera_recorder(args, i) for i in range(len(urls))] if viewers else []
+    moving = [i for i in range(len(urls)) if i % args.moving_every == 0]
+    recs = [bm.camera_recorder(args, i) for i in moving] if viewers else []
     tasks: list[asyncio.Task] = []
     try:
 
@@ -162,6 +167,16 @@ async def run(
     n = len(urls)
     res: dict[str, Any] = bm.combine(recs, dt) if viewers else {}
     res.update(bm.service_figures(m0, m1, api, n, dt))
+    still = [f"cam{i}" for i in range(n) if i % args.moving_every]
+    res["still_streams"] = len(still)
+    res["still_inferred_min"] = min(
+        (
+            metric_sum(m1, "segstream_frames_total", stream=s, outcome="inferred")
+            - metric_sum(m0, "segstream_frames_total", stream=s, outcome="inferred")
+            for s in still
+        ),
+        default=None,
+    )
     excl = groups.get("model workers", 0.0) + groups.get("render", 0.0)
     sources = groups.get("reader threads", 0.0) + groups.get("native threads", 0.0)
     res.update(
@@ -180,6 +195,10 @@ async def run(
             "sources_per_camera_cores": round(sources / n, 4),
             "captured_fps_per_camera": round(res["captured"] / dt / n, 2),
             "converted_share": round(1 - res["unconverted"] / max(res["captured"], 1), 3),
+            # keyframe-only decoding: frames read and never decoded
+            "undecoded_share": round(
+                res["undecoded"] / max(res["captured"] + res["undecoded"], 1), 3
+            ),
         }
     )
     return res
@@ -239,8 +258,13 @@ async def run_clean(args: argparse.Namespace, *a: Any, **kw: Any) -> dict[str, A
 
 
 def holds(args: argparse.Namespace, r: dict[str, Any]) -> bool:
+    # A still camera is inferred on the first due frame after each refresh_s: periods of at
+    # most refresh_s + one frame period of the cap; that many whole periods in the window.
+    refreshes = int(r["seconds"] // (GATE_REFRESH_S + 1 / args.count_fps))
+    still_ok = r["still_inferred_min"] is None or r["still_inferred_min"] >= refreshes
     return (
-        r["fps_min_stream"] >= args.min_fps
+        still_ok
+        and r["fps_min_stream"] >= args.min_fps
         and r["p99_ms"] is not None
         and r["p99_ms"] <= args.p99_ms
         and not r["unstamped"] > 0.05 * max(r["frames"], 1)
@@ -264,7 +288,9 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         ]
     )
     log(f"{need} cameras (pre-encoded, {args.cycle:g} s cycle)")
-    with bm.live_cameras(args.clip, need, args.fps, args.bitrate, "pre", args.cycle) as (
+    with bm.live_cameras(
+        args.clip, need, args.fps, args.bitrate, "pre", args.cycle, args.moving_every
+    ) as (
         urls,
         cam,
         args.cycle_ms,
@@ -294,7 +320,8 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 log(
                     f"{label}: service {r['cpu_cores']['service']:.3f} cores, per camera "
                     f"{r['per_camera_cores']:.4f} (sources {r['sources_per_camera_cores']:.4f})"
-                    f", converted {r['converted_share']:.0%}; threads {r['threads']}"
+                    f", converted {r['converted_share']:.0%}, undecoded "
+                    f"{r['undecoded_share']:.0%}; threads {r['threads']}"
                 )
         res["transport"] = []
         for reader in args.transport_readers:
@@ -330,7 +357,9 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             checkpoint(args, res)
             log(
                 f"{label}: min {r['fps_min_stream']} fps/stream, p50 {r['p50_ms']} p99 "
-                f"{r['p99_ms']} ms, service {r['cpu_cores']['service']:.2f} cores, "
+                f"{r['p99_ms']} ms, still cameras {r['still_streams']} (fewest inferences "
+                f"{r['still_inferred_min']}, unchanged {r['unchanged']}), "
+                f"service {r['cpu_cores']['service']:.2f} cores, "
                 f"machine {r['cpu_cores']['machine']:.2f}: "
                 f"{'holds' if r['holds'] else 'does not hold'}"
             )
@@ -373,6 +402,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "cost_fps": args.cost_fps,
         "count_fps": args.count_fps,
         "count_reader": args.count_reader,
+        "moving_every": args.moving_every,
         "min_fps": args.min_fps,
         "p99_ms": args.p99_ms,
         "warmup_s": args.warmup,
@@ -494,6 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--counts", type=bm.parse_list, default=[16])
     ap.add_argument("--count-fps", type=float, default=1.1)
     ap.add_argument("--count-reader", default="gst")
+    ap.add_argument(
+        "--moving-every",
+        type=int,
+        default=1,
+        help="cameras 0, K, 2K, ... move; the others show a still frame (4: 3 of 4 still)",
+    )
     ap.add_argument("--search", action="store_true", help="grow the count while it holds")
     ap.add_argument("--step", type=int, default=4)
     ap.add_argument("--max-count", type=int, default=40)

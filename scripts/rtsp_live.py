@@ -78,10 +78,16 @@ def load_clip(path: str, width: int, height: int, fps: float, frames: int) -> li
 
 
 def encode_cycle(
-    clip: list[bytes], offset: int, frames: int, epoch_ms: int, args: argparse.Namespace
+    clip: list[bytes],
+    offset: int,
+    frames: int,
+    epoch_ms: int,
+    args: argparse.Namespace,
+    still: bool = False,
 ) -> list[bytes]:
     """`frames` stamped frames of the clip (from `offset`) as H.264 access units (x264 via
-    ffmpeg, the same settings as the live encoder; an AUD starts each unit)."""
+    ffmpeg, the same settings as the live encoder; an AUD starts each unit). `still`: frame
+    `offset` every time and no stamp (a camera on a scene where nothing moves)."""
     cmd = [
         "ffmpeg",
         "-v",
@@ -127,6 +133,9 @@ def encode_cycle(
     def feed() -> None:
         assert enc.stdin is not None
         for k in range(frames):
+            if still:
+                enc.stdin.write(clip[offset % len(clip)])
+                continue
             frame = bytearray(clip[(offset + k) % len(clip)])
             t_ms = (epoch_ms + round(k * 1000 / args.fps)) % (1 << stamp.TIME_BITS)
             stamp.stamp_i420(frame, args.width, args.height, k + 1, t_ms)
@@ -310,6 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         default=64.0,
         help="seconds of pre-encoded video per mount, looped (> any latency)",
     )
+    ap.add_argument(
+        "--moving-every",
+        type=int,
+        default=1,
+        help="--encode pre: mounts 0, K, 2K, ... play the clip; the others show one still "
+        "frame, unstamped (a site where most cameras watch a scene where nothing moves)",
+    )
     args = ap.parse_args(argv)
     if args.streams < 1 or args.fps <= 0 or args.width % 16 or args.height % 16:
         ap.error("need --streams >= 1, --fps > 0 and a width/height that are multiples of 16")
@@ -326,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         cycle_ms = int(cycle_ms)
         epoch = int(time.monotonic() * 1000) / 1000  # on the stamp clock's millisecond grid
         epoch_ms = round(epoch * 1000) % (1 << stamp.TIME_BITS)
-        units = [encode_cycle(clip, off, frames, epoch_ms, args) for off in offsets]
+        units = [
+            encode_cycle(clip, off, frames, epoch_ms, args, i % args.moving_every != 0)
+            for i, off in enumerate(offsets)
+        ]
     cams = [
         LiveCamera(f"/cam{i}", clip, offsets[i], args, units[i], epoch) for i in range(args.streams)
     ]

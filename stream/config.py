@@ -346,6 +346,19 @@ _FLAT_RESTREAM = {
 }
 
 
+class GateConfig(_Strict):
+    """Motion gating of one stream's inferences (stream.scheduler, stream.motion)."""
+
+    mode: Literal["motion", "off"] = Field(
+        "motion",
+        description="motion: a frame due for inference goes to the model only if the scene "
+        "changed since the last inferred frame (the last mask stands otherwise); off: always.",
+    )
+    refresh_s: float = Field(
+        5.0, gt=0, le=3600, description="Motion: infer at least this often, changed or not."
+    )
+
+
 class StreamConfig(_Strict):
     """One camera or video stream (a `streams:` entry, or a POST /api/streams body)."""
 
@@ -375,6 +388,9 @@ class StreamConfig(_Strict):
         "segmented",
         description="segmented: publish each segmented frame; smooth: every "
         "frame with the newest mask.",
+    )
+    gate: GateConfig = Field(
+        GateConfig(), description="Motion gating: {mode: motion|off, refresh_s}."
     )
     loop: bool = Field(True, description="Files: start again at the end.")
     realtime: bool = Field(True, description="Files: pace at the file's own frame rate.")

@@ -97,9 +97,10 @@ class PrometheusObserver:
         )
         self.frames = Counter(
             "segstream_frames_total",
-            "Frames by stream and outcome: captured (decoded), unconverted (decoded only: "
+            "Frames by stream and outcome: captured (decoded), undecoded (read, not decoded: "
+            "keyframe-only decoding), unconverted (decoded only: "
             "not due for inference), dropped (overwritten unseen), skipped (frame skipping), "
-            "inferred, published.",
+            "unchanged (due, but the scene had not changed: motion gating), inferred, published.",
             ["stream", "outcome"],
             registry=r,
         )

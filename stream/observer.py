@@ -15,15 +15,28 @@ from segstream.stream.datatypes import SourceState
 
 # captured: decoded from the source (every frame); then exactly one of unconverted (decoded,
 # never converted: the scheduler would not have taken it), skipped (converted, passed over by
-# frame skipping), dropped (overwritten before the scheduler looked) or taken (-> inferred).
-Outcome = Literal["captured", "unconverted", "dropped", "skipped", "inferred", "published"]
+# frame skipping), dropped (overwritten before the scheduler looked), unchanged (taken, but the
+# scene had not changed since the last inference: motion gating) or taken (-> inferred).
+# undecoded: read and not decoded at all (keyframe-only decoding); not part of captured.
+Outcome = Literal[
+    "captured",
+    "undecoded",
+    "unconverted",
+    "dropped",
+    "skipped",
+    "unchanged",
+    "inferred",
+    "published",
+]
 Stage = Literal["decode", "convert", "queue_wait", "preprocess", "redact", "render", "encode"]
 PrivacyOutcome = Literal["redacted", "blanked"]
 OUTCOMES: tuple[Outcome, ...] = (
     "captured",
+    "undecoded",
     "unconverted",
     "dropped",
     "skipped",
+    "unchanged",
     "inferred",
     "published",
 )

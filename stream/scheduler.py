@@ -13,7 +13,15 @@ skipped), so a reader can ask `due_soon(stream)` right after decoding a frame an
 only if the answer is yes: the scheduler would skip it otherwise. A lane counts as due
 DUE_EARLY_S before its due time, both for that question and for the scan that follows it
 (after the conversion), so the two always agree: a frame converted because it was due is
-taken, and the frame the scheduler would have taken is never left unconverted."""
+taken, and the frame the scheduler would have taken is never left unconverted.
+
+Motion gating (a stream's `gate`): a frame taken for a gated stream first goes through a
+ChangeDetector (a small grey thumbnail against the last inferred frame's, about 1 ms); when
+the scene has not changed and the last inference is younger than `refresh_s`, the frame is
+counted `unchanged` and goes no further: the last mask stands, and the lane waits for its next
+due time. The check runs outside the scheduler's lock, on the model worker that took the
+frame (which would have converted it anyway). Unchanged frames do not count as inferred for
+the rate controller, so the model time they free goes to the streams that move."""
 
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from typing import Protocol
 import numpy as np
 
 from segstream.stream.datatypes import Job, SourceState
+from segstream.stream.motion import ChangeDetector
 from segstream.stream.observer import NULL_OBSERVER, Observer
 from segstream.stream.sources import FrameSlot
 
@@ -55,6 +64,7 @@ class _Lane:
     last_seq: int = 0
     skipped_seq: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    gate: _Gate | None = None  # motion gating; None = every taken frame is inferred
 
     def due(self, now: float) -> bool:
         return self.cap_fps <= 0 or now + DUE_EARLY_S >= self.next_due
@@ -64,6 +74,33 @@ class _Lane:
             period = 1.0 / self.cap_fps
             # Keep the long-run rate exact despite arrival jitter, without bursting after a pause.
             self.next_due = max(self.next_due + period, now - period)
+
+
+class _Gate:
+    """One lane's change detector and when it last let a frame through. Its own lock: two
+    model workers may check frames of the same lane at once."""
+
+    def __init__(self, refresh_s: float) -> None:
+        self.refresh_s = refresh_s
+        self.detector = ChangeDetector()
+        self.last_inferred = float("-inf")
+        self.detector_seq = 0  # the reference frame's
+        self.lock = threading.Lock()
+
+    def admit(self, job: Job) -> bool:
+        """Whether the job's frame goes to the model (then it becomes the reference). Time is
+        the frames' capture time: refresh_s holds in the camera's time, whatever the delays."""
+        now = job.frame.capture_ts
+        thumb = self.detector.thumbnail(job.frame.image)
+        with self.lock:
+            if job.frame.seq <= self.detector_seq:
+                return True  # an older frame than the reference (another worker's): no gate
+            stale = now - self.last_inferred >= self.refresh_s
+            if not stale and not self.detector.check(thumb).changed:
+                return False
+            self.detector.reference, self.detector_seq = thumb, job.frame.seq
+            self.last_inferred = now
+            return True
 
 
 class Scheduler:
@@ -99,9 +136,11 @@ class Scheduler:
             self._observer.batch_limit(self.batch_cap)
 
     # -- streams ---------------------------------------------------------------------------
-    def add(self, source: Schedulable, infer_fps: float) -> None:
+    def add(self, source: Schedulable, infer_fps: float, gate_s: float | None = None) -> None:
+        """`gate_s`: motion gating with that refresh period (seconds); None = off."""
         with self._cond:
-            self._lanes[source.id] = _Lane(source, infer_fps, infer_fps)
+            gate = _Gate(gate_s) if gate_s is not None else None
+            self._lanes[source.id] = _Lane(source, infer_fps, infer_fps, gate=gate)
             self._order.append(source.id)
             self._inferred[source.id] = 0
             self._observer.infer_fps_limit(source.id, infer_fps)
@@ -126,6 +165,13 @@ class Scheduler:
             lane.next_due = 0.0
             self._observer.infer_fps_limit(stream_id, infer_fps)
             self._cond.notify()
+
+    def set_gate(self, stream_id: str, gate_s: float | None) -> None:
+        """Motion gating on (refresh period `gate_s`) or off (None), applied at once."""
+        with self._cond:
+            lane = self._lanes.get(stream_id)
+            if lane is not None:
+                lane.gate = _Gate(gate_s) if gate_s is not None else None
 
     def cap(self, stream_id: str) -> float:
         lane = self._lanes.get(stream_id)
@@ -163,8 +209,29 @@ class Scheduler:
             self._cond.notify_all()
 
     # -- batching --------------------------------------------------------------------------
-    def next_batch(self) -> list[Job]:
-        """Blocks until a batch is ready; returns [] once stopped."""
+    def next_batch(self, timeout_s: float | None = None) -> list[Job]:
+        """Blocks until a batch is ready; returns [] once stopped (or after `timeout_s`
+        without one). Frames of gated lanes whose scene has not changed are left out (counted
+        unchanged)."""
+        until = None if timeout_s is None else time.monotonic() + timeout_s
+        while jobs := self._next_taken(until):
+            jobs = [j for j in jobs if self._admit(j)]
+            if jobs:
+                return jobs
+        return []
+
+    def _admit(self, job: Job) -> bool:
+        lane = self._lanes.get(job.stream_id)
+        gate = lane.gate if lane is not None else None
+        if gate is None or gate.admit(job):
+            return True
+        with self._cond:  # no model time used: the rate controller must not count it
+            if job.stream_id in self._inferred:
+                self._inferred[job.stream_id] -= 1
+        self._observer.frame(job.stream_id, "unchanged")
+        return False
+
+    def _next_taken(self, until: float | None) -> list[Job]:
         deadline: float | None = None
         with self._cond:
             while not self._stopped:
@@ -179,7 +246,10 @@ class Scheduler:
                         if jobs:
                             return jobs
                         deadline = None
-                self._cond.wait(self._timeout(now, deadline))
+                if until is not None and now >= until:
+                    break  # after a scan: a frame already waiting is always taken
+                wait = self._timeout(now, deadline)
+                self._cond.wait(wait if until is None else min(wait, max(until - now, 0.0)))
         return []
 
     def _scan(self, now: float) -> tuple[list[_Lane], bool]:

@@ -48,13 +48,32 @@ OverlayKey = tuple[str, float, tuple[str, ...] | None]
 # Settings a running stream takes without touching its reader; any other change restarts it.
 # A registered sink's own settings are live too: a change replaces that sink alone.
 LIVE_FIELDS = frozenset(
-    {"id", "infer_fps", "output", "alpha", "classes", "privacy", "zones", *SINKS}
+    {"id", "infer_fps", "gate", "output", "alpha", "classes", "privacy", "zones", *SINKS}
 )
 
 
 def default_store(home: Path) -> Path:
     """The SQLite file of the default event store."""
     return Path(default_url(home).removeprefix("sqlite:///"))
+
+
+def gate_s(scfg: StreamConfig) -> float | None:
+    """The scheduler's motion gating setting for a stream: its refresh period, or None (off)."""
+    return scfg.gate.refresh_s if scfg.gate.mode == "motion" else None
+
+
+KEYFRAME_SLACK = 1.02
+
+
+def keyframes_suffice(output: str, restream: bool, infer_cap: float, keyframe_fps: float) -> bool:
+    """Whether a stream may decode keyframes only: nothing draws the frames between
+    inferences (no smooth output, no re-stream) and the scheduler takes no more frames a
+    second than the source has keyframes (a cap of 0 is no cap: every frame may be taken),
+    within KEYFRAME_SLACK: a camera's keyframe intervals jitter by a few milliseconds (GOP 30
+    at 15 fps over RTSP: 0.4996 keyframes a second for a 0.5 fps cap)."""
+    if output == "smooth" or restream:
+        return False
+    return 0 < infer_cap <= keyframe_fps * KEYFRAME_SLACK
 
 
 def resolve_source(source: str) -> str:
@@ -338,7 +357,7 @@ class Service:
             stream = self.streams[scfg.id] = Stream(scfg, source, view, mjpeg, sinks)
             self._set_zones(stream)
             self.render.add(view)
-            self.scheduler.add(source, scfg.infer_fps)
+            self.scheduler.add(source, scfg.infer_fps, gate_s(scfg))
         for sink in sinks.values():
             sink.start()
         source.start()
@@ -370,6 +389,8 @@ class Service:
             self._restart_reader(stream)
         elif scfg.infer_fps != old.infer_fps:
             self.scheduler.set_rate(scfg.id, scfg.infer_fps)
+        if scfg.gate != old.gate:
+            self.scheduler.set_gate(scfg.id, gate_s(scfg))
         for name, kind in SINKS.items():
             if changed & kind.fields:
                 self._replace_sink(stream, name)
@@ -479,7 +500,7 @@ class Service:
         self.scheduler.remove(stream.cfg.id)
         stream.source = self._source(stream.cfg)
         stream.view.peek_frame = stream.source.slot.peek
-        self.scheduler.add(stream.source, stream.cfg.infer_fps)
+        self.scheduler.add(stream.source, stream.cfg.infer_fps, gate_s(stream.cfg))
         stream.source.start()
 
     def _source(self, scfg: StreamConfig) -> VideoSource:
@@ -504,8 +525,20 @@ class Service:
             # reader: a camera inferred at 1 fps of 15 converts 1 frame a second, not 15).
             return smooth() or self.scheduler.due_soon(sid)
 
+        def keyframes_only(keyframe_fps: float) -> bool:
+            s = self.streams.get(sid)
+            cfg = scfg if s is None else s.cfg
+            restream = cfg.restream is not None
+            cap = self.scheduler.cap(sid)
+            return keyframes_suffice(cfg.output, restream, cap, keyframe_fps)
+
         return VideoSource(
-            scfg, on_frame=on_frame, wanted=wanted, resolve=resolve_source, observer=self.observer
+            scfg,
+            on_frame=on_frame,
+            wanted=wanted,
+            keyframes_only=keyframes_only,
+            resolve=resolve_source,
+            observer=self.observer,
         )
 
     def check_stream(self, scfg: StreamConfig) -> None:

@@ -30,10 +30,17 @@ from benchlib.procs import (
 
 @contextlib.contextmanager
 def live_cameras(
-    clip: Path, streams: int, fps: float, bitrate: int, encode: str = "pre", cycle_s: float = 64.0
+    clip: Path,
+    streams: int,
+    fps: float,
+    bitrate: int,
+    encode: str = "pre",
+    cycle_s: float = 64.0,
+    moving_every: int = 1,
 ) -> Iterator[tuple[list[str], subprocess.Popen, int, int]]:
     """scripts/rtsp_live.py with `streams` mounts; yields (urls, process, cycle_ms, frames in
-    a cycle); both 0 for live-encoding cameras."""
+    a cycle); both 0 for live-encoding cameras. `moving_every` K > 1: only mounts 0, K, 2K,
+    ... move (and are stamped); the others show a still frame."""
     if not Path(SYSTEM_PYTHON).exists():
         raise SystemExit(f"{SYSTEM_PYTHON} (Debian python3-gi, gst-rtsp-server) is required")
     cmd = [
@@ -53,6 +60,8 @@ def live_cameras(
         encode,
         "--cycle",
         f"{cycle_s:g}",
+        "--moving-every",
+        str(moving_every),
     ]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     urls: list[str] = []
@@ -405,7 +414,8 @@ def service_figures(m0: dict, m1: dict, api: dict, n: int, dt: float) -> dict[st
         return metric_sum(m1, name, **lab) - metric_sum(m0, name, **lab)
 
     out: dict[str, Any] = {}
-    for outcome in ("captured", "unconverted", "dropped", "skipped", "inferred", "published"):
+    outcomes = ("captured", "undecoded", "unconverted", "dropped", "skipped", "unchanged")
+    for outcome in (*outcomes, "inferred", "published"):
         out[outcome] = int(d("segstream_frames_total", outcome=outcome))
     out["inferred_fps"] = round(out["inferred"] / dt, 2)
     stages = {}

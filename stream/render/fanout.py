@@ -17,6 +17,7 @@ import numpy as np
 from segstream.stream.datatypes import Frame, Rendered, Result, Sink
 from segstream.stream.lifecycle import RateMeter
 from segstream.stream.observer import NULL_OBSERVER, Observer
+from segstream.stream.render.carry import MaskCarry
 from segstream.stream.render.overlay import Renderer, class_fractions
 from segstream.stream.render.privacy import Redactor
 
@@ -82,6 +83,9 @@ class StreamView:
         self.model_error: Callable[[], str | None] = lambda: None  # why inference fails
         self.mask_hook: MaskHook | None = None  # set while the stream has zones
         self._last: Rendered | None = None  # the picture in the renderer's buffer now
+        # Smooth output: the newest mask carried by motion to each drawn frame; `carry.last`
+        # is the mask under the frame drawn last, with its age (render thread only).
+        self.carry = MaskCarry()
 
     # -- sinks and settings (any thread) ---------------------------------------------------
     def add_sink(self, sink: Sink) -> None:
@@ -181,6 +185,8 @@ class StreamView:
         variants = [v for v in self.variants.values() if self._wants(v.sink)]
         if not sinks and not variants:
             return None  # render only for a sink that wants frames; snapshots render on demand
+        if mask is not None and result is not None and self.output == "smooth":
+            mask = self._carried(frame, result)  # the newest mask, moved to this frame
         rendered = None
         with self._lock:
             base = self._base(frame, mask, blank)
@@ -275,6 +281,12 @@ class StreamView:
             self._observer.stage("redact", time.perf_counter() - t0)
             self._observer.privacy_frame(self.stream_id, "redacted" if blank is None else "blanked")
         return img
+
+    def _carried(self, frame: Frame, result: Result) -> np.ndarray:
+        spent = frame.materialize()  # a newer frame nobody took yet
+        if spent:
+            self._observer.stage("convert", spent)
+        return self.carry.mask_for(frame, result).mask
 
     # Each sink on its own: one that raises is counted and skipped, the others get the frame.
     def _wants(self, sink: Sink) -> bool:

@@ -93,7 +93,11 @@ class VideoSource:
     `wanted()`, asked after each decoded frame: will somebody use this frame? False: the
     frame is not converted to BGR, not stored and counted as unconverted (the service asks
     the scheduler whether the stream is due; a stream that renders every frame always wants
-    them). None: every frame is converted. `on_frame(id)` runs after each frame stored."""
+    them). None: every frame is converted. `on_frame(id)` runs after each frame stored.
+
+    `keyframes_only(keyframe_fps)`, asked by readers that can skip decoding (PyAV) for each
+    frame read: True decodes keyframes only (the service says so where nothing needs the
+    frames between them); each frame not decoded is counted `undecoded` (not `captured`)."""
 
     def __init__(
         self,
@@ -103,6 +107,7 @@ class VideoSource:
         resolve: Callable[[str], str] | None = None,
         observer: Observer = NULL_OBSERVER,
         wanted: Callable[[], bool] | None = None,
+        keyframes_only: Callable[[float], bool] | None = None,
     ) -> None:
         self.id = cfg.id
         self.cfg = cfg
@@ -111,6 +116,8 @@ class VideoSource:
         self._on_frame = on_frame
         self._wanted = wanted
         self._wanted_failed = False
+        self._keyframes_only = keyframes_only
+        self._keyframes_failed = False
         self._reader_name: str = cfg.reader  # `auto` until a reader is chosen
         self._resolve = resolve
         self._lock = threading.Lock()
@@ -313,6 +320,9 @@ class VideoSource:
 
     def _read_loop(self, a: _Attempt, target: Target) -> None:
         reader = reader_class(self.cfg.reader, target)(target, self.cfg)
+        if reader.can_skip_frames and self._keyframes_only is not None:
+            reader.keyframes_only = self._keys_only
+        undecoded = 0
         with self._lock:
             if self._gen == a.gen:
                 self._reader_name = reader.name
@@ -332,6 +342,9 @@ class VideoSource:
                     if a.cancel.is_set():
                         break
                 decode_s = reader.grab()
+                if reader.undecoded > undecoded:
+                    self._count_undecoded(reader.undecoded - undecoded, pacer)
+                    undecoded = reader.undecoded
                 if decode_s is None:
                     if target.live:
                         raise SourceError("stream ended (EOF): the server closed it")
@@ -361,6 +374,22 @@ class VideoSource:
     def _report(self, a: _Attempt, outcome: str, reason: str) -> None:
         a.outcome = (outcome, reason)
         self._wake.set()
+
+    def _keys_only(self, keyframe_fps: float) -> bool:
+        assert self._keyframes_only is not None
+        try:
+            return bool(self._keyframes_only(keyframe_fps))
+        except Exception:  # a broken hook must not cost frames: decode them all
+            if not self._keyframes_failed:
+                log.exception("%s: keyframes_only() failed; decoding every frame", self.id)
+                self._keyframes_failed = True
+            return False
+
+    def _count_undecoded(self, n: int, pacer: _Pacer | None) -> None:
+        if pacer is not None:
+            pacer.due += n * pacer.period  # a file plays at its own rate, decoded or not
+        for _ in range(n):
+            self._observer.frame(self.id, "undecoded")
 
     def _wants(self) -> bool:
         if self._wanted is None:

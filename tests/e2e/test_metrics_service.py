@@ -69,21 +69,22 @@ def frame_count(path: Path) -> int:
 
 
 def outcomes(svc: ServiceProcess, sid: str) -> dict[str, float]:
-    names = ("captured", "unconverted", "skipped", "dropped", "inferred", "published")
+    names = ("captured", "unconverted", "skipped", "dropped", "unchanged", "inferred", "published")
     return {o: svc.metric("segstream_frames_total", stream=sid, outcome=o) for o in names}
 
 
 def test_every_captured_frame_has_exactly_one_outcome(
     service: ServiceProcess, short_clip: Path
 ) -> None:
-    """captured = unconverted + skipped + dropped + inferred (+ the one frame still pending),
-    exactly, once the file has ended and nothing moves any more."""
+    """captured = unconverted + skipped + dropped + unchanged + inferred (+ the one frame still
+    pending), exactly, once the file has ended and nothing moves any more."""
     service.wait_state("short", {"stopped"}, 30)
     frames = frame_count(short_clip)
     c: dict[str, float] = {}
 
     def pending(c: dict[str, float]) -> float:
-        return c["captured"] - (c["unconverted"] + c["skipped"] + c["dropped"] + c["inferred"])
+        used = c["unchanged"] + c["inferred"]
+        return c["captured"] - (c["unconverted"] + c["skipped"] + c["dropped"] + used)
 
     def settled() -> bool:
         """Two reads 0.5 s apart agree and every frame is accounted for. A batch still

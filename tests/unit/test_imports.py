@@ -22,6 +22,7 @@ BASE = {
     "segstream.stream.config",
     "segstream.stream.lifecycle",
     "segstream.stream.sourceref",
+    "segstream.stream.motion",  # change detection and carried masks: cv2 and numpy only
 }
 STAGES = [
     "segstream.stream.sources",

@@ -31,9 +31,14 @@ class Reader:
 
     fps: float | None = None  # the source's nominal frame rate, if it declares one
     name = ""
+    # Keyframe-only decoding (readers that can: PyAV). The source sets `keyframes_only`,
+    # asked with the stream's measured keyframe rate; the reader counts what it skipped.
+    can_skip_frames = False
 
     def __init__(self, target: Target, cfg: StreamConfig) -> None:
         self.target, self.cfg = target, cfg
+        self.keyframes_only: Callable[[float], bool] | None = None
+        self.undecoded = 0  # frames read and not decoded (keyframe-only decoding)
 
     def open(self) -> None:
         raise NotImplementedError

@@ -1,0 +1,117 @@
+"""Keyframe-only decoding: a PyAV reader decodes only keyframes while the service says that
+suffices (no smooth output, no re-stream, inference capped at or below the keyframe rate),
+counts the others `undecoded`, and decodes every frame again when a sink needs them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import pytest
+from support.rtsp import encode_clip
+from support.service_proc import ServiceProcess
+from support.waiting import wait_for
+
+from segstream.stream.config import StreamConfig
+from segstream.stream.datatypes import SourceState
+from segstream.stream.metrics import PrometheusObserver
+from segstream.stream.service import keyframes_suffice
+from segstream.stream.sources import VideoSource
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def clip(shared_dir: Path) -> Path:
+    """4 s of vtest.avi (10 fps) in an MP4, a keyframe every 10 frames."""
+    return encode_clip(
+        shared_dir / "data/video/vtest.avi", size=(320, 240), seconds=4.0, gop=10, container="mp4"
+    )
+
+
+def keyframe_positions(path: Path) -> list[int]:
+    with av.open(str(path)) as c:
+        packets = [p for p in c.demux(c.streams.video[0]) if p.size]
+    return [i for i, p in enumerate(packets) if p.is_keyframe] + [len(packets)]
+
+
+def play(clip: Path, sid: str, keyframes_only) -> dict[str, float]:
+    obs = PrometheusObserver()
+    obs.stream_added(sid)
+    cfg = StreamConfig(id=sid, source=str(clip), reader="pyav", loop=False, realtime=False)
+    src = VideoSource(cfg, observer=obs, keyframes_only=keyframes_only)
+    src.start()
+    try:
+        assert wait_for(lambda: src.state is SourceState.STOPPED, 30), src.status()
+    finally:
+        src.stop()
+
+    def n(outcome: str) -> float:
+        labels = {"stream": sid, "outcome": outcome}
+        return obs.registry.get_sample_value("segstream_frames_total", labels) or 0.0
+
+    return {"captured": n("captured"), "undecoded": n("undecoded")}
+
+
+def test_pyav_decodes_keyframes_only_while_asked_and_knows_the_keyframe_rate(clip: Path) -> None:
+    *keys, total = keyframe_positions(clip)
+    assert keys[:2] == [0, 10] and total == 40, (keys, total)
+    assert play(clip, "kf-all", lambda fps: False) == {"captured": total, "undecoded": 0}
+    assert play(clip, "kf-keys", lambda fps: True) == {
+        "captured": len(keys),
+        "undecoded": total - len(keys),
+    }
+    # Asked for keyframes only once the rate is known (1 a second, from the second keyframe
+    # on): the whole first interval is decoded, then keyframes only.
+    rates: list[float] = []
+
+    def once_known(fps: float) -> bool:
+        rates.append(fps)
+        return fps > 0
+
+    assert play(clip, "kf-rate", once_known) == {
+        "captured": 10 + len(keys) - 1,
+        "undecoded": total - 10 - (len(keys) - 1),
+    }
+    assert rates[0] == 0 and rates[-1] == pytest.approx(1.0), rates
+
+
+def test_the_service_decodes_every_frame_for_smooth_output(
+    tmp_path: Path, segstream_home: Path, clip: Path
+) -> None:
+    """Two streams of the same clip inferred at 1 fps (its keyframe rate): the segmented one
+    decodes keyframes only once it knows their rate; the smooth one draws every frame, so it
+    decodes them all."""
+    *keys, total = keyframe_positions(clip)
+    base = {"source": str(clip), "reader": "pyav", "loop": False, "infer_fps": 1}
+    cfg = {
+        "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 2},
+        "streams": [{"id": "keys", **base}, {"id": "smooth", **base, "output": "smooth"}],
+    }
+    svc = ServiceProcess(tmp_path, cfg).start()
+    try:
+        for sid in ("keys", "smooth"):
+            svc.wait_state(sid, {"stopped"}, 60)
+        got = {
+            sid: {
+                o: svc.metric("segstream_frames_total", stream=sid, outcome=o)
+                for o in ("captured", "undecoded")
+            }
+            for sid in ("keys", "smooth")
+        }
+    finally:
+        svc.stop()
+    assert got["smooth"] == {"captured": total, "undecoded": 0}, got
+    assert got["keys"] == {"captured": 10 + len(keys) - 1, "undecoded": total - 10 - len(keys) + 1}
+
+
+def test_keyframes_suffice_only_when_nothing_needs_the_frames_between() -> None:
+    assert keyframes_suffice("segmented", False, 1.0, 1.0)
+    assert keyframes_suffice("segmented", False, 0.5, 2.0)
+    assert keyframes_suffice("segmented", False, 0.5, 0.4996)  # GOP 30 at 15 fps over RTSP
+    assert not keyframes_suffice("segmented", False, 2.0, 1.0)  # more inferences than keyframes
+    assert not keyframes_suffice("segmented", False, 0.55, 0.5)
+    assert not keyframes_suffice("segmented", False, 0.0, 1.0)  # uncapped: every frame
+    assert not keyframes_suffice("smooth", False, 1.0, 1.0)  # draws every frame
+    assert not keyframes_suffice("segmented", True, 1.0, 1.0)  # re-streams every frame
+    assert not keyframes_suffice("segmented", False, 1.0, 0.0)  # keyframe rate not known yet

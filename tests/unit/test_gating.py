@@ -1,0 +1,167 @@
+"""Motion gating in the scheduler and masks carried by motion in smooth output, with real
+slots, frames, change detectors and optical flow (synthetic camera pictures, no model)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from segstream.models.labels import VOC_LABELS, voc_palette
+from segstream.stream.datatypes import Frame, Rendered, Result, SourceState
+from segstream.stream.observer import NullObserver, Outcome
+from segstream.stream.render import Renderer, StreamView
+from segstream.stream.scheduler import Scheduler
+from segstream.stream.sources import FrameSlot
+
+H, W = 180, 320
+RNG = np.random.default_rng(7)
+SCENE = cv2.GaussianBlur(RNG.integers(40, 200, (H, W, 3), dtype=np.uint8), (5, 5), 0)
+
+
+def picture(i: int, box_x: int | None = None, gain: float = 0.0) -> np.ndarray:
+    """The scene with sensor noise (sigma 3), a brightness offset and optionally a dark 40x40
+    box at x = box_x (the moving object)."""
+    img = SCENE.astype(np.float32) + gain + np.random.default_rng(i).normal(0, 3, SCENE.shape)
+    if box_x is not None:
+        img[70:110, box_x : box_x + 40] = 20.0
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+class Outcomes(NullObserver):
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def frame(self, stream_id: str, outcome: Outcome) -> None:
+        self.counts[f"{stream_id}:{outcome}"] += 1
+
+
+@dataclass
+class Cam:
+    id: str
+    slot: FrameSlot = field(default_factory=FrameSlot)
+    state: SourceState = SourceState.LIVE
+    seq: int = 0
+
+    def show(self, img: np.ndarray, ts: float) -> None:
+        self.seq += 1
+        self.slot.put(Frame(img, self.seq, ts, 0.0))
+
+
+def inferred(sched: Scheduler) -> list[tuple[str, int]]:
+    """The frames the next batch sends to the model ([] if every due frame was unchanged)."""
+    return [(j.stream_id, j.frame.seq) for j in sched.next_batch(timeout_s=0.05)]
+
+
+def test_static_stream_stops_inferring_and_resumes_on_the_first_moving_frame() -> None:
+    obs = Outcomes()
+    sched = Scheduler(max_batch=1, max_wait_s=0.0, observer=obs)
+    cam = Cam("cam")
+    sched.add(cam, 0.0, gate_s=60.0)
+    got = []
+    # 20 still frames with noise and a slow light ramp (+0.3 grey levels a frame), then a box
+    # enters and moves 6 px a frame.
+    for i in range(30):
+        box = None if i < 20 else 10 + 6 * (i - 20)
+        cam.show(picture(i, box, gain=0.3 * i), ts=i / 15)
+        got.append(inferred(sched))
+    assert got[0] == [("cam", 1)]  # no reference yet: inferred
+    assert got[1:20] == [[]] * 19  # still: the last mask stands
+    assert got[20:] == [[("cam", i + 1)] for i in range(20, 30)]  # every moving frame
+    assert obs.counts["cam:unchanged"] == 19
+    assert cam.slot.counts()["taken"] == 30  # unchanged frames are taken, not dropped
+
+
+def test_refresh_s_holds_on_a_still_scene() -> None:
+    sched = Scheduler(max_batch=1, max_wait_s=0.0)
+    cam = Cam("cam")
+    sched.add(cam, 0.0, gate_s=1.0)
+    seqs = []
+    for i in range(46):  # 3 s at 15 fps
+        cam.show(picture(i), ts=i / 15)
+        seqs += [s for _, s in inferred(sched)]
+    # The first, then the first frame at least 1 s (15 frames) of camera time after each.
+    assert seqs == [1, 16, 31, 46]
+
+
+def test_gate_off_infers_every_frame_and_a_still_lane_leaves_the_model_to_a_moving_one() -> None:
+    obs = Outcomes()
+    sched = Scheduler(max_batch=2, max_wait_s=0.0, observer=obs)
+    still, moving, ungated = Cam("still"), Cam("moving"), Cam("ungated")
+    sched.add(still, 0.0, gate_s=60.0)
+    sched.add(moving, 0.0, gate_s=60.0)
+    sched.add(ungated, 0.0)
+    sched.set_max_batch(3)
+    batches = []
+    for i in range(10):
+        still.show(picture(i), ts=i / 15)
+        moving.show(picture(i, 10 + 8 * i), ts=i / 15)
+        ungated.show(picture(i), ts=i / 15)
+        batches.append(sorted(sid for sid, _ in inferred(sched)))
+    assert batches[0] == ["moving", "still", "ungated"]
+    assert batches[1:] == [["moving", "ungated"]] * 9
+    assert obs.counts["still:unchanged"] == 9 and obs.counts["moving:unchanged"] == 0
+    sched.set_gate("still", None)  # live: off
+    still.show(picture(10), ts=10 / 15)
+    assert inferred(sched) == [("still", 11)]
+
+
+class Collect:
+    name = "collect"
+
+    def __init__(self) -> None:
+        self.frames: list[Rendered] = []
+
+    def wants_frames(self) -> bool:
+        return True
+
+    def put(self, frame: Rendered) -> None:
+        self.frames.append(frame)
+
+    def close(self) -> None:
+        pass
+
+
+def test_smooth_output_draws_the_mask_carried_to_a_moving_object() -> None:
+    """A box moves 4 px a frame; the model's answer (the box's true mask) comes for frame 1
+    only. The frames drawn after it carry the mask along with the box; the stale mask would
+    be 4 px further behind each frame."""
+    size = (96, 96)  # the model's mask size
+    sink = Collect()
+    frames: list[Frame] = []
+    view = StreamView(
+        "cam",
+        Renderer(VOC_LABELS, voc_palette(), mode="mask", alpha=1.0),
+        [sink],
+        output="smooth",
+        jpeg_quality=80,
+        peek_frame=lambda: frames[-1] if frames else None,
+    )
+
+    def box_x(seq: int) -> int:
+        return 40 + 4 * (seq - 1)
+
+    def true_mask(seq: int) -> np.ndarray:
+        m = np.zeros((H, W), np.uint8)
+        m[70:110, box_x(seq) : box_x(seq) + 40] = 15  # person
+        return cv2.resize(m, size[::-1], interpolation=cv2.INTER_NEAREST)
+
+    for seq in range(1, 11):
+        frames.append(Frame(picture(seq, box_x(seq)), seq, seq / 15, 0.0))
+        if seq == 1:
+            view.result = Result("cam", frames[0], true_mask(1), 0.0, 1)
+        view.work()
+        c = view.carry.last
+        assert c is not None and (c.seq, c.source_seq, c.age_frames) == (seq, 1, seq - 1)
+    assert [f.frame_seq for f in sink.frames] == list(range(1, 11))
+
+    def iou(a: np.ndarray, b: np.ndarray) -> float:
+        return float(((a > 0) & (b > 0)).sum() / ((a > 0) | (b > 0)).sum())
+
+    last = view.carry.last
+    assert last is not None
+    carried, stale = iou(last.mask, true_mask(10)), iou(true_mask(1), true_mask(10))
+    assert stale < 0.3, stale  # the box moved 36 px of its 40: the stale mask misses it
+    assert carried > 0.7, (carried, stale)
