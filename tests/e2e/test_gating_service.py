@@ -63,7 +63,8 @@ def test_a_still_scene_is_inferred_only_every_refresh_s_until_it_moves(
     assert c["captured"] == 70, c
     # Still (4 s): frames 1, 16 and 31 inferred (refresh_s 1.5 s = 15 frames), the others
     # unchanged (37 on an idle machine), but for those dropped while an inference runs (the
-    # first one warms the model up: seconds on a loaded machine). Ungated: none unchanged.
-    assert 15 <= c["unchanged"] <= 37, c
+    # first one warms the model up: seconds on a loaded machine; when it ends past frame 10,
+    # only two refreshes fit in the 40 still frames: 38). Ungated: none unchanged.
+    assert 15 <= c["unchanged"] <= 38, c
     # Moving: the model is busy again; every frame it was free for is inferred.
     assert c["inferred"] >= 3 + 5, c

@@ -97,8 +97,9 @@ def test_every_captured_frame_has_exactly_one_outcome(
     assert wait_for(settled, 60, step=0.5), c
     assert c["captured"] == frames, (c, frames)  # every frame of the file, each once
     assert service.stream("short")["captured"] == frames
-    # 4 of 10 fps inferred: most frames are never converted, some are.
-    assert 0 < c["inferred"] < c["unconverted"], c
+    # 4 of 10 fps inferred: frames are skipped at the reader (never converted), some inferred
+    # (how many of each depends on how busy the model is).
+    assert c["inferred"] > 0 and c["unconverted"] > 0, c
     assert c["published"] <= c["inferred"], c  # output "segmented": one per inference seen
 
 
