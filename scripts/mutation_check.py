@@ -37,7 +37,7 @@ class Mutation:
     select: str  # pytest -k expression
 
 
-API = ("tests/test_api.py",)
+API = ("tests/e2e/test_api.py", "tests/unit/test_api.py")
 AUTH, SERVER = "stream/auth.py", "stream/server.py"
 PREDICT, SANITIZE = "stream/api/predict.py", "stream/sanitize.py"
 ROLE_CHECK = (
@@ -282,7 +282,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "scrub-userinfo",
         "camera URLs lose user:pass@",
         ((SANITIZE, "        rest = MASK + rest[at:]\n", "        pass\n"),),
-        ("tests/test_sanitize.py",),
+        ("tests/unit/test_sanitize.py",),
         "sanitize_url",
     ),
     Mutation(
@@ -295,14 +295,14 @@ MUTATIONS: tuple[Mutation, ...] = (
                 "return False",
             ),
         ),
-        ("tests/test_sanitize.py",),
+        ("tests/unit/test_sanitize.py",),
         "sanitize_url or inside_messages",
     ),
     Mutation(
         "scrub-logs",
         "log lines leave with their URLs scrubbed",
         ((SANITIZE, "            record.msg, record.args = clean, None\n", "            pass\n"),),
-        ("tests/test_sanitize.py",),
+        ("tests/unit/test_sanitize.py",),
         "log_records",
     ),
 )

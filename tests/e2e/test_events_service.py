@@ -26,6 +26,7 @@ pytestmark = pytest.mark.e2e
 
 ADMIN = "sst_test-admin-token-0123456789abcdef0123456789"
 PERSON = 15  # its class id in the VOC labels of mnv2-voc
+MAGENTA = (255, 0, 255)  # the privacy fill (RGB): no colour of vtest.avi
 # Measured with the real model on vtest.avi (every 5th frame): in this quarter-by-quarter
 # cell a person covers 0.08-0.13 from 1.5 s to 5.5 s, then at most 0.02 from 6 s to 19 s.
 DOOR = [[0.75, 0.5], [1.0, 0.5], [1.0, 0.75], [0.75, 0.75]]
@@ -81,6 +82,10 @@ def serve(tmp_path: Path, broker: Mosquitto, shared_dir: Path) -> ServiceProcess
                 "id": "cam",
                 "source": str(shared_dir / "data/video/vtest.avi"),
                 "zones": [zone("door", DOOR, 0.03, 1.0)],
+                # People hidden in every picture, event snapshots included (no overlay: the
+                # fill colour shows as it is).
+                "privacy": {"classes": ["person"], "style": "fill", "color": list(MAGENTA)},
+                "alpha": 0.0,
             }
         ],
     }
@@ -147,6 +152,12 @@ def _walk_across_the_door(svc: ServiceProcess, feed: Feed) -> None:
     h, w = mask.shape
     in_door = mask[h // 2 : 3 * h // 4, 3 * w // 4 :]
     assert (in_door == PERSON).mean() > 0.03, "the peak frame's mask shows the person"
+    # The snapshot is redacted as every picture output is: the person is the fill colour.
+    shot = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    sh, sw = shot.shape[:2]
+    b, g, r = (shot[sh // 2 : 3 * sh // 4, 3 * sw // 4 :, i].astype(int) for i in range(3))
+    hidden = ((r > 200) & (g < 80) & (b > 200)).mean()
+    assert hidden >= 0.5 * (in_door == PERSON).mean(), (hidden, (in_door == PERSON).mean())
     assert svc.get("/api/events/0123abcd/snapshot.jpg")[0] == 404
     assert svc.get("/api/events?cursor=nonsense")[0] == 400
     # The change feed on the broker: new, (updates), end, in that order.
@@ -318,6 +329,10 @@ def test_a_corrupt_store_turns_events_off_and_streams_keep_playing(
                 "id": "cam",
                 "source": str(shared_dir / "data/video/vtest.avi"),
                 "zones": [zone("door", DOOR, 0.03, 1.0)],
+                # People hidden in every picture, event snapshots included (no overlay: the
+                # fill colour shows as it is).
+                "privacy": {"classes": ["person"], "style": "fill", "color": list(MAGENTA)},
+                "alpha": 0.0,
             }
         ],
     }
