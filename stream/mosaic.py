@@ -28,18 +28,18 @@ import cv2
 import numpy as np
 
 from segstream.stream.config import MosaicConfig
-from segstream.stream.datatypes import Rendered, Sink
+from segstream.stream.datatypes import Rendered, Sink, StreamState
 
 log = logging.getLogger(__name__)
 
 Size = tuple[int, int]  # (width, height) of a tile
 # Label colours (BGR) of each state; anything else (removed, unknown) is grey.
-STATE_BGR = {
-    "live": (63, 160, 40),
-    "starting": (128, 128, 128),
-    "reconnecting": (26, 150, 220),
-    "error": (40, 40, 200),
-    "stopped": (90, 90, 90),
+STATE_BGR: dict[str, tuple[int, int, int]] = {
+    StreamState.LIVE: (63, 160, 40),
+    StreamState.STARTING: (128, 128, 128),
+    StreamState.RECONNECTING: (26, 150, 220),
+    StreamState.ERROR: (40, 40, 200),
+    StreamState.STOPPED: (90, 90, 90),
 }
 LABEL_BG = (24, 20, 17)
 

@@ -24,7 +24,7 @@ import numpy as np
 from segstream.models.fetch import home, sample_path
 from segstream.models.runtime import Segmenter, load_segmenter, prepare, resolve_backend
 from segstream.stream.config import AppConfig, ConfigError, StreamConfig
-from segstream.stream.datatypes import Result, Sink
+from segstream.stream.datatypes import Result, Sink, SourceState, StreamState
 from segstream.stream.events.feature import EventsFeature
 from segstream.stream.events.observer import EventsObserver, NullEventsObserver
 from segstream.stream.events.store import default_url
@@ -455,14 +455,14 @@ class Service:
         with self._streams_lock:
             return list(self.streams)
 
-    def state_of(self, stream_id: str) -> str | None:
+    def state_of(self, stream_id: str) -> StreamState | None:
         """The stream's state as the API reports it; None for an unknown stream."""
         s = self.streams.get(stream_id)
         if s is None:
             return None
-        state = s.source.state.value
-        if state == "live" and self.workers and any(w.failing for w in self.workers):
-            return "error"
+        state = StreamState(s.source.state.value)
+        if state == StreamState.LIVE and self.workers and any(w.failing for w in self.workers):
+            return StreamState.ERROR
         return state
 
     def _attach_sink(self, stream_id: str, sink: Sink) -> bool:
@@ -643,10 +643,10 @@ class Service:
         lat = np.asarray(s.view.latencies, dtype=np.float64)
         state, reason = s.source.status()
         model_error = self.health() if self.workers else None
-        if model_error and state.value == "live":
-            state_value, reason = "error", model_error
+        if model_error and state == SourceState.LIVE:
+            state_value, reason = StreamState.ERROR, model_error
         else:
-            state_value = state.value
+            state_value = StreamState(state.value)
         return {
             "id": stream_id,
             "source": sanitize_url(s.cfg.source),
