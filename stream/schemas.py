@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from segstream.stream.config import StreamConfig
-from segstream.stream.datatypes import NodeState, StreamState
+from segstream.stream.datatypes import NodeState, SourceState, StreamState
 
 
 class _Out(BaseModel):
@@ -35,7 +35,7 @@ class Latency(_Out):
 
 class RestreamStatus(_Out):
     url: str = Field(description="Where the annotated H.264 goes, without credentials.")
-    state: str
+    state: SourceState
     reason: str | None
     encoder: str | None
     frames: int
