@@ -6,8 +6,6 @@ inside a network namespace of their own (unshare -n, loopback up), where every R
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import secrets
 import shutil
@@ -15,12 +13,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pytest
-
-from segstream.stream.datatypes import NodeState
-from segstream.stream.schemas import NodeStatus
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,22 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # -- the controller's logic without Ray -------------------------------------------------------
-
-
-def _node(short_id: str, host: str, port: int, state: NodeState = NodeState.UP) -> NodeStatus:
-    return NodeStatus(
-        id=short_id,
-        ray_id=short_id * 3,
-        host=host,
-        port=port,
-        metrics_port=9100,
-        slots=1.0,
-        load=0.5,
-        streams=2,
-        state=state,
-        ready=True,
-        error=None,
-    )
 
 
 # -- the real cluster, in a network namespace of its own ----------------------------------------
@@ -97,68 +75,3 @@ def test_on_a_ray_cluster_in_its_own_network_namespace(shared_dir: Path) -> None
 
 
 # -- the gateway's /ws and /mosaic/mjpeg against fake node services (no Ray) ---------------------
-
-
-class _FakeNode:
-    """A node service's /ws, /api/streams and /mosaic/mjpeg, as the gateway sees them."""
-
-    def __init__(self, name: str, secret: str) -> None:
-        self.name, self.secret = name, secret
-        self.received: list[dict[str, Any]] = []
-        self.open = 0
-
-    def app(self) -> Any:
-        from aiohttp import web
-
-        async def ws_handler(request: web.Request) -> web.WebSocketResponse:
-            if request.headers.get("Authorization") != f"Bearer {self.secret}":
-                raise web.HTTPUnauthorized()
-            ws = web.WebSocketResponse()
-            await ws.prepare(request)
-            self.open += 1
-            watch: list[str] = []
-
-            async def frames() -> None:
-                seq = 0
-                while not ws.closed:
-                    seq += 1
-                    await ws.send_str('{"type": "status", "from": "node"}')
-                    for sid in watch:
-                        await ws.send_bytes(
-                            bytes((1, len(sid)))
-                            + sid.encode()
-                            + seq.to_bytes(4, "big")
-                            + b"\xff\xd8"
-                            + b"x" * 64
-                        )
-                    await asyncio.sleep(0.05)
-
-            task = asyncio.create_task(frames())
-            try:
-                async for msg in ws:
-                    data = json.loads(msg.data)
-                    self.received.append(data)
-                    watch[:] = data.get("watch", watch)
-            finally:
-                task.cancel()
-                self.open -= 1
-            return ws
-
-        async def streams(request: web.Request) -> web.Response:
-            return web.json_response({"streams": []})
-
-        async def mosaic(request: web.Request) -> web.StreamResponse:
-            resp = web.StreamResponse(
-                headers={"Content-Type": "multipart/x-mixed-replace; boundary=frame"}
-            )
-            await resp.prepare(request)
-            await resp.write(
-                f"--frame\r\nX-Node: {self.name}\r\n\r\n{request.query_string}\r\n".encode()
-            )
-            return resp
-
-        app = web.Application()
-        app.router.add_get("/ws", ws_handler)
-        app.router.add_get("/api/streams", streams)
-        app.router.add_get("/mosaic/mjpeg", mosaic)
-        return app

@@ -18,14 +18,6 @@ from segstream.models.tools.data import pair_files, read_mask
 from segstream.models.tools.evaluate import evaluate_pairs
 from segstream.stream.cli import main
 
-# rows: gt a, b, c, d; columns: pred a, b, c, d, unmapped.
-# c is never in gt but predicted once; d is absent from both (excluded from every mean).
-CM = np.array([
-    [5, 1, 0, 0, 2],
-    [0, 3, 1, 0, 0],
-    [0, 0, 0, 0, 0],
-    [0, 0, 0, 0, 0],
-])  # fmt: skip
 CAMVID11 = CAMVID_LABELS[:11]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import cv2
@@ -14,8 +13,6 @@ from segstream.models.labels import (
     VOC_LABELS,
 )
 from segstream.models.runtime import Segmenter, load_segmenter, prepare
-
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 
 # --- registry and labels ----------------------------------------------------------------
 
@@ -138,23 +135,6 @@ def test_edgetpu_cityscapes_matches_sample_mask(
 
 
 # --- module structure ----------------------------------------------------------------------
-
-
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(MODELS_DIR.parent).with_suffix("").parts
-    return ".".join(("segstream", *(parts[:-1] if parts[-1] == "__init__" else parts)))
-
-
-def _imports_of(path: Path, modules: set[str]) -> set[str]:
-    """The models.* modules ``path`` imports anywhere (top level or inside functions)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found.add(node.module)  # `from models import fetch` names a module too:
-            found |= {f"{node.module}.{a.name}" for a in node.names}
-    return found & modules
 
 
 # --- weight import: mismatches fail loudly -------------------------------------------------

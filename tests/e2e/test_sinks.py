@@ -23,7 +23,6 @@ from segstream.stream import outputs
 from segstream.stream.config import (
     AppConfig,
     StreamConfig,
-    load_config,
 )
 from segstream.stream.datatypes import Rendered
 from segstream.stream.metrics import PrometheusObserver
@@ -36,12 +35,6 @@ from segstream.stream.sources import SourceStats
 SECRET = "hunter2"
 
 # -- config ------------------------------------------------------------------------------------
-
-
-def _load(tmp_path: Path, stream: dict[str, Any]) -> StreamConfig:
-    p = tmp_path / "c.yaml"
-    p.write_text(json.dumps({"streams": [{"id": "a", "source": "x.mp4", **stream}]}))
-    return load_config(p, env={}).streams[0]
 
 
 # -- the registry ------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from segstream.stream.datatypes import Frame, SourceState
 from segstream.stream.metrics import PrometheusObserver
 from segstream.stream.scheduler import Scheduler
 from segstream.stream.sources import (
-    FrameSlot,
     VideoSource,
     gst_unavailable,
     i420_to_bgr,
@@ -47,11 +46,6 @@ def sample(stream_id: str, outcome: str) -> float:
         "segstream_frames_total", {"stream": stream_id, "outcome": outcome}
     )
     return v or 0.0
-
-
-def observed_slot(stream_id: str) -> FrameSlot:
-    OBS.stream_added(stream_id)
-    return FrameSlot(stream_id, OBS)
 
 
 def observed_source(cfg: StreamConfig, **kw) -> VideoSource:

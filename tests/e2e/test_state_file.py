@@ -9,19 +9,6 @@ from pathlib import Path
 import pytest
 from support.service_proc import ServiceProcess
 
-from segstream.stream.cli import build_parser, state_path
-
-
-def _path_for(*argv: str) -> Path | None:
-    args = build_parser().parse_args(["serve", *argv])
-    return state_path(args, None)
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("SEGSTREAM_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
 
 @pytest.mark.e2e
 def test_two_services_with_same_config_name_serve_their_own_streams(

@@ -6,7 +6,6 @@ temporary folder and never copy them into the repo.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -38,13 +37,6 @@ def _camvid_subset(shared_dir: Path, dest: Path, n: int) -> tuple[Path, Path]:
         (images / f"{stem}.png").symlink_to(src / "images" / f"{stem}.png")
         (masks / f"{stem}.png").symlink_to(src / "masks" / f"{stem}.png")
     return images, masks
-
-
-def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="segstream")
-    train.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *argv])
-    return args.func(args)
 
 
 def test_fine_tune_camvid_new_class_count(
