@@ -7,7 +7,7 @@ cheap and non-blocking; events for a stream that was removed are ignored by impl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 
@@ -30,16 +30,7 @@ Outcome = Literal[
 ]
 Stage = Literal["decode", "convert", "queue_wait", "preprocess", "redact", "render", "encode"]
 PrivacyOutcome = Literal["redacted", "blanked"]
-OUTCOMES: tuple[Outcome, ...] = (
-    "captured",
-    "undecoded",
-    "unconverted",
-    "dropped",
-    "skipped",
-    "unchanged",
-    "inferred",
-    "published",
-)
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 
 
 class Observer(Protocol):

@@ -4,6 +4,7 @@ nothing big."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import cv2
@@ -76,7 +77,6 @@ class Renderer:
         self._bgra32 = bgra.view(np.uint32).ravel()
         self._palette_bgr = palette_rgb[:, ::-1]
         self._bufs: dict[str, np.ndarray] = {}
-        self._grid_key: tuple[int, ...] = ()
         self._rows = self._cols = np.zeros(0, np.intp)
 
     def _scratch(self, name: str, shape: tuple[int, ...], dtype: type = np.uint8) -> np.ndarray:
@@ -88,18 +88,7 @@ class Renderer:
         return b[:n].reshape(shape)
 
     def _grid(self, small: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """Source row of each output row and source column of each output column, taken from
-        cv2.resize itself so the output matches a full INTER_NEAREST resize pixel for pixel."""
-        key = (*small, *size)
-        if key != self._grid_key:
-            (mh, mw), (h, w) = small, size
-            ramp_y = np.arange(mh, dtype=np.float32).reshape(mh, 1)
-            ramp_x = np.arange(mw, dtype=np.float32).reshape(1, mw)
-            rows = cv2.resize(ramp_y, (1, h), interpolation=cv2.INTER_NEAREST)
-            cols = cv2.resize(ramp_x, (w, 1), interpolation=cv2.INTER_NEAREST)
-            self._rows = rows.ravel().astype(np.intp)
-            self._cols = cols.ravel().astype(np.intp)
-            self._grid_key = key
+        self._rows, self._cols = nearest_grid(small, size)
         return self._rows, self._cols
 
     def _box(
@@ -217,3 +206,17 @@ class Renderer:
                 1,
                 cv2.LINE_AA,
             )
+
+
+@functools.lru_cache(maxsize=16)
+def nearest_grid(small: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Source row of each output row and source column of each output column, taken from
+    cv2.resize itself so indexing with them matches a full INTER_NEAREST resize pixel for
+    pixel. Cached per size pair (read-only arrays: they are shared)."""
+    (mh, mw), (h, w) = small, size
+    ramp_y = np.arange(mh, dtype=np.float32).reshape(mh, 1)
+    ramp_x = np.arange(mw, dtype=np.float32).reshape(1, mw)
+    rows = cv2.resize(ramp_y, (1, h), interpolation=cv2.INTER_NEAREST).ravel().astype(np.intp)
+    cols = cv2.resize(ramp_x, (w, 1), interpolation=cv2.INTER_NEAREST).ravel().astype(np.intp)
+    rows.flags.writeable = cols.flags.writeable = False
+    return rows, cols

@@ -18,6 +18,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from segstream.stream.render.overlay import nearest_grid
+
 Style = Literal["blur", "pixelate", "fill", "silhouette"]
 Outcome = Literal["redacted", "blanked"]
 BLANK_BGR = (40, 40, 40)
@@ -54,8 +56,6 @@ class Redactor:
         self._kernel = np.ones((side, side), np.uint8) if self.dilate > 0 else None
         self._zone_key: tuple[int, int] = (0, 0)
         self._zone_mask: np.ndarray | None = None
-        self._grid_key: tuple[int, ...] = ()
-        self._rows = self._cols = np.zeros(0, np.intp)
         self._out = np.zeros(0, np.uint8)
         self._colour = np.zeros(0, np.uint8)
         self._blank_key: tuple[tuple[int, ...], str] = ((), "")
@@ -74,21 +74,6 @@ class Redactor:
             self._zone_key, self._zone_mask = (h, w), m
         return self._zone_mask
 
-    def _grid(self, small: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, ...]:
-        """Source row of each output row and source column of each output column, taken from
-        cv2.resize itself, so the area matches a full INTER_NEAREST resize pixel for pixel."""
-        key = (*small, *size)
-        if key != self._grid_key:
-            (mh, mw), (h, w) = small, size
-            ramp_y = np.arange(mh, dtype=np.float32).reshape(mh, 1)
-            ramp_x = np.arange(mw, dtype=np.float32).reshape(1, mw)
-            rows = cv2.resize(ramp_y, (1, h), interpolation=cv2.INTER_NEAREST)
-            cols = cv2.resize(ramp_x, (w, 1), interpolation=cv2.INTER_NEAREST)
-            self._rows = rows.ravel().astype(np.intp)
-            self._cols = cols.ravel().astype(np.intp)
-            self._grid_key = key
-        return self._rows, self._cols
-
     def hidden(self, mask: np.ndarray | None, h: int, w: int) -> np.ndarray:
         """uint8 {0, 255} [h, w]: the pixels to hide (classes grown by `dilate`, and zones).
         Only the box around the hidden classes (plus the margin) is expanded and dilated."""
@@ -97,7 +82,7 @@ class Redactor:
             small = cv2.LUT(mask, self.hide_lut)
             x, y, bw, bh = cv2.boundingRect(small)
             if bw and bh:
-                rows, cols = self._grid(small.shape[:2], (h, w))
+                rows, cols = nearest_grid(small.shape[:2], (h, w))
                 pad = self.dilate + 1
                 y0, y1 = np.searchsorted(rows, (y, y + bh))
                 x0, x1 = np.searchsorted(cols, (x, x + bw))
