@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import av
 import cv2
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 from support.peers import Chromium
 from support.rtsp import RtspListener
+from support.stamped import stamped_vtest
 from support.waiting import until
 
 from segstream.models.runtime import Segmenter, prepare
@@ -46,20 +46,7 @@ ZONE = [[0.0, 0.0], [0.25, 0.0], [0.25, 0.2], [0.0, 0.2]]  # top-left, as fracti
 @pytest.fixture(scope="module")
 def stamped(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("privacy") / "vtest-stamped.mp4"
-    cap = cv2.VideoCapture(str(shared_dir / "data/video/vtest.avi"))
-    with av.open(str(out), "w") as f:
-        s = f.add_stream("libx264", rate=10)
-        s.width, s.height, s.pix_fmt = 768, 576, "yuv420p"
-        s.options = {"preset": "ultrafast", "crf": "18", "bf": "0"}
-        for k in range(FRAMES):
-            ok, img = cap.read()
-            assert ok, k
-            stamp.stamp_bgr(img, k, 0)
-            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="bgr24")):
-                f.mux(packet)
-        for packet in s.encode():
-            f.mux(packet)
-    cap.release()
+    stamped_vtest(shared_dir / "data/video/vtest.avi", out, FRAMES)
     return out
 
 

@@ -13,13 +13,12 @@ import threading
 import time
 from pathlib import Path
 
-import av
-import cv2
 import numpy as np
 import pytest
 from support.peers import Chromium, Prometheus
 from support.rtsp import RtspServer, encode_clip, gst_rtsp_available
 from support.service_proc import MjpegReader, ServiceProcess, colour_pixels, decode, read_part
+from support.stamped import stamped_vtest
 from support.waiting import wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
@@ -39,20 +38,7 @@ def stamped_clip(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """vtest at its size and 10 fps with each frame's number drawn in (scripts/stamp.py), so
     a client can tell which frame it got and how far behind the newest one it is."""
     out = tmp_path_factory.mktemp("stamped") / "vtest-stamped.mp4"
-    cap = cv2.VideoCapture(str(shared_dir / "data/video/vtest.avi"))
-    with av.open(str(out), "w") as f:
-        s = f.add_stream("libx264", rate=10)
-        s.width, s.height, s.pix_fmt = 768, 576, "yuv420p"
-        s.options = {"preset": "ultrafast", "crf": "18", "bf": "0"}
-        for k in range(STAMPED_FRAMES):
-            ok, img = cap.read()
-            assert ok, k
-            stamp.stamp_bgr(img, k, 0)
-            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="bgr24")):
-                f.mux(packet)
-        for packet in s.encode():
-            f.mux(packet)
-    cap.release()
+    stamped_vtest(shared_dir / "data/video/vtest.avi", out, STAMPED_FRAMES)
     return out
 
 
