@@ -3,6 +3,7 @@ slots, frames, change detectors and optical flow (synthetic camera pictures, no 
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -165,3 +166,39 @@ def test_smooth_output_draws_the_mask_carried_to_a_moving_object() -> None:
     carried, stale = iou(last.mask, true_mask(10)), iou(true_mask(1), true_mask(10))
     assert stale < 0.3, stale  # the box moved 36 px of its 40: the stale mask misses it
     assert carried > 0.7, (carried, stale)
+
+
+class Limits(NullObserver):
+    def __init__(self) -> None:
+        self.caps: dict[str, float] = {}
+
+    def infer_fps_limit(self, stream_id: str, fps: float) -> None:
+        self.caps[stream_id] = fps
+
+
+def test_unchanged_frames_do_not_count_as_inferred_for_the_rate_controller() -> None:
+    """Over its latency target at batch 1, the controller cuts the caps to 0.8 x the measured
+    inference rate. A still stream whose frames are all unchanged used no model time: its
+    measured rate is 0 (then the floor, min_fps), not the ~20 frames a second it was shown."""
+    obs = Limits()
+    sched = Scheduler(
+        max_batch=1, max_wait_s=0.0, latency_target_s=1.0, control_period_s=0.3, observer=obs
+    )
+    cam = Cam("still")
+    sched.add(cam, 0.0, gate_s=60.0)
+    obs.caps.clear()  # the cap reported on adding (0: unlimited)
+    cam.show(picture(0), ts=0.0)
+    assert inferred(sched) == [("still", 1)]  # the reference frame
+    time.sleep(0.35)  # the next control period starts after that inference
+    cam.show(picture(1), ts=1 / 15)
+    assert inferred(sched) == []
+    assert obs.caps == {}  # too few latency samples then: no action
+    for _ in range(10):
+        sched.observe_latency("still", 5.0)  # far over the target
+    shown, deadline = 1, time.monotonic() + 0.5
+    while "still" not in obs.caps and time.monotonic() < deadline:
+        shown += 1
+        cam.show(picture(shown), ts=shown / 15)
+        assert inferred(sched) == []
+    assert shown >= 5, shown
+    assert obs.caps == {"still": 1.0}  # min_fps: counting unchanged frames gives ~16
