@@ -200,5 +200,5 @@ def test_unchanged_frames_do_not_count_as_inferred_for_the_rate_controller() -> 
         shown += 1
         cam.show(picture(shown), ts=shown / 15)
         assert inferred(sched) == []
-    assert shown >= 5, shown
+    assert shown >= 2, shown  # any unchanged frame counted would lift the cap above 1
     assert obs.caps == {"still": 1.0}  # min_fps: counting unchanged frames gives ~16
