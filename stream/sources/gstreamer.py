@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import threading
 from typing import Any
 
@@ -18,6 +20,7 @@ def load_gst() -> Any:
     """The Gst module, initialised once; None when GStreamer or PyGObject is missing."""
     with _gst_lock:
         if not _gst:
+            _unwinder_first()
             try:
                 import gi
 
@@ -36,6 +39,16 @@ def load_gst() -> Any:
             else:
                 _gst["Gst"] = Gst
         return _gst.get("Gst")
+
+
+def _unwinder_first() -> None:
+    """libgcc_s into the global symbol scope before GStreamer: GObject's module loader opens
+    libgstreamer globally, and with it Debian's libunwind, whose `_Unwind_Resume` would then
+    unwind every later C++ exception in the process (TensorFlow's and matplotlib's throw
+    routinely) and abort it (measured: a gst reader, then a Keras model: SIGABRT in
+    __gxx_personality_v0 via libunwind.so.8)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libgcc_s.so.1", mode=ctypes.RTLD_GLOBAL)
 
 
 def gst_unavailable() -> str | None:

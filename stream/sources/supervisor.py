@@ -69,6 +69,16 @@ class _Attempt:
         self.cancel = threading.Event()  # the supervisor has given up on this attempt
         self.outcome: tuple[str, str] | None = None  # ("failed" | "error" | "eof", reason)
         self.thread: threading.Thread | None = None
+        self.reader: Reader | None = None
+        self.paced_until: float | None = None  # a file's pacer holds the next read till then
+
+    def last_seen(self) -> float | None:
+        """The last sign of life: a frame, a compressed frame the reader skipped, or the end
+        of a deliberate pause (keyframe-only decoding leaves a GOP between decoded frames,
+        which a paced file waits out)."""
+        data = self.reader.last_data if self.reader is not None else None
+        signs = [t for t in (self.last_frame, data, self.paced_until) if t is not None]
+        return max(signs) if self.last_frame is not None else None
 
 
 class _Pacer:
@@ -95,7 +105,7 @@ class VideoSource:
     the scheduler whether the stream is due; a stream that renders every frame always wants
     them). None: every frame is converted. `on_frame(id)` runs after each frame stored.
 
-    `keyframes_only(keyframe_fps)`, asked by readers that can skip decoding (PyAV) for each
+    `keyframes_only(keyframe_fps)`, asked by readers that can skip decoding (PyAV, gst) for each
     frame read: True decodes keyframes only (the service says so where nothing needs the
     frames between them); each frame not decoded is counted `undecoded` (not `captured`)."""
 
@@ -260,8 +270,8 @@ class VideoSource:
                 return "stop", ""
             if a.outcome is not None:
                 return a.outcome
-            if a.last_frame is not None:
-                deadline = a.last_frame + cfg.stall_timeout
+            if (seen := a.last_seen()) is not None:
+                deadline = seen + cfg.stall_timeout
                 why = f"no frame for {cfg.stall_timeout:g} s (stalled)"
             elif a.opened is not None:
                 deadline = a.opened + cfg.stall_timeout
@@ -322,6 +332,7 @@ class VideoSource:
         reader = reader_class(self.cfg.reader, target)(target, self.cfg)
         if reader.can_skip_frames and self._keyframes_only is not None:
             reader.keyframes_only = self._keys_only
+        a.reader = reader
         undecoded = 0
         with self._lock:
             if self._gen == a.gen:
@@ -338,6 +349,7 @@ class VideoSource:
             since_open = 0
             while not a.cancel.is_set():
                 if pacer is not None:
+                    a.paced_until = pacer.due
                     pacer.wait(a.cancel)
                     if a.cancel.is_set():
                         break

@@ -1,5 +1,5 @@
-"""Keyframe-only decoding: a PyAV reader decodes only keyframes while the service says that
-suffices (no smooth output, no re-stream, inference capped at or below the keyframe rate),
+"""Keyframe-only decoding: a PyAV or GStreamer reader decodes only keyframes while the service
+says that suffices (no smooth output, no re-stream, inference capped at or below the keyframe rate),
 counts the others `undecoded`, and decodes every frame again when a sink needs them."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import av
 import pytest
-from support.rtsp import encode_clip
+from support.rtsp import RtspServer, encode_clip
 from support.service_proc import ServiceProcess
 from support.waiting import wait_for
 
@@ -35,10 +35,10 @@ def keyframe_positions(path: Path) -> list[int]:
     return [i for i, p in enumerate(packets) if p.is_keyframe] + [len(packets)]
 
 
-def play(clip: Path, sid: str, keyframes_only) -> dict[str, float]:
+def play(clip: Path, sid: str, keyframes_only, reader: str = "pyav") -> dict[str, float]:
     obs = PrometheusObserver()
     obs.stream_added(sid)
-    cfg = StreamConfig(id=sid, source=str(clip), reader="pyav", loop=False, realtime=False)
+    cfg = StreamConfig(id=sid, source=str(clip), reader=reader, loop=False, realtime=False)
     src = VideoSource(cfg, observer=obs, keyframes_only=keyframes_only)
     src.start()
     try:
@@ -53,11 +53,15 @@ def play(clip: Path, sid: str, keyframes_only) -> dict[str, float]:
     return {"captured": n("captured"), "undecoded": n("undecoded")}
 
 
-def test_pyav_decodes_keyframes_only_while_asked_and_knows_the_keyframe_rate(clip: Path) -> None:
+@pytest.mark.parametrize("reader", ["pyav", "gst"])
+def test_decodes_keyframes_only_while_asked_and_knows_the_keyframe_rate(
+    clip: Path, reader: str
+) -> None:
+    """PyAV skips the packets; GStreamer drops the delta buffers before its decoder."""
     *keys, total = keyframe_positions(clip)
     assert keys[:2] == [0, 10] and total == 40, (keys, total)
-    assert play(clip, "kf-all", lambda fps: False) == {"captured": total, "undecoded": 0}
-    assert play(clip, "kf-keys", lambda fps: True) == {
+    assert play(clip, "kf-all", lambda fps: False, reader) == {"captured": total, "undecoded": 0}
+    assert play(clip, "kf-keys", lambda fps: True, reader) == {
         "captured": len(keys),
         "undecoded": total - len(keys),
     }
@@ -69,7 +73,7 @@ def test_pyav_decodes_keyframes_only_while_asked_and_knows_the_keyframe_rate(cli
         rates.append(fps)
         return fps > 0
 
-    assert play(clip, "kf-rate", once_known) == {
+    assert play(clip, "kf-rate", once_known, reader) == {
         "captured": 10 + len(keys) - 1,
         "undecoded": total - 10 - (len(keys) - 1),
     }
@@ -115,3 +119,38 @@ def test_keyframes_suffice_only_when_nothing_needs_the_frames_between() -> None:
     assert not keyframes_suffice("smooth", False, 1.0, 1.0)  # draws every frame
     assert not keyframes_suffice("segmented", True, 1.0, 1.0)  # re-streams every frame
     assert not keyframes_suffice("segmented", False, 1.0, 0.0)  # keyframe rate not known yet
+
+
+def test_a_gop_longer_than_the_stall_timeout_is_not_a_stall(shared_dir: Path) -> None:
+    """Keyframes 3 s apart, stall and read timeouts of 1 s: between decoded keyframes the
+    readers skip frames (and a paced file's pacer waits them out), which the watchdog and the
+    GStreamer read timeout count as signs of life. A file through both readers and a live
+    RTSP camera through GStreamer, all at once."""
+    src = shared_dir / "data/video/vtest.avi"
+    long_gop = encode_clip(src, size=(160, 120), seconds=7.0, gop=30, container="mp4")
+    *keys, total = keyframe_positions(long_gop)
+    assert keys == [0, 30, 60] and total == 70, (keys, total)
+    live = encode_clip(src, size=(160, 120), seconds=7.0, gop=30)
+
+    def source(sid: str, url: str, reader: str) -> VideoSource:
+        cfg = StreamConfig(
+            id=sid, source=url, reader=reader, loop=False, stall_timeout=1.0, read_timeout=1.0
+        )
+        return VideoSource(cfg, keyframes_only=lambda fps: True)
+
+    with RtspServer({"/gop": live}, fps=10) as server:
+        files = {r: source(f"gop-{r}", str(long_gop), r) for r in ("pyav", "gst")}
+        camera = source("gop-rtsp", server.url("/gop"), "gst")
+        for s in (*files.values(), camera):
+            s.start()
+        try:
+            for s in files.values():
+                assert wait_for(lambda s=s: s.state is SourceState.STOPPED, 30), s.status()
+            got = {r: (s.stats().captured, s.stats().reconnects) for r, s in files.items()}
+            cam = camera.stats()
+        finally:
+            for s in (*files.values(), camera):
+                s.stop()
+    assert got == {"pyav": (3, 0), "gst": (3, 0)}, got
+    # ~7 s of a 10 fps camera: every frame decoded would be ~70, keyframes only 2 or 3.
+    assert (cam.state, cam.reconnects) == (SourceState.LIVE, 0) and 1 <= cam.captured <= 4, cam

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -656,3 +657,20 @@ def test_stop_returns_while_a_read_is_blocked(make_source, jpegs: list[bytes], r
         assert src.slot.peek().seq == seq and src.state is SourceState.STOPPED
     finally:
         srv.close()
+
+
+def test_keras_runs_after_the_gst_reader_loaded_gstreamer() -> None:
+    """GStreamer loaded, then Keras imported and run (as on a switch to the keras backend
+    while gst streams play): C++ exceptions must unwind through libgcc_s, not the libunwind
+    GStreamer brings in, or the process aborts (it did, importing Keras)."""
+    if gst_unavailable():
+        pytest.fail(f"the gst reader is part of the test set-up: {gst_unavailable()}")
+    code = (
+        "from segstream.stream.sources.gstreamer import load_gst\n"
+        "assert load_gst() is not None\n"
+        "import keras, numpy as np\n"
+        "x = keras.ops.convert_to_tensor(np.eye(4, dtype='float32'))\n"
+        "print(keras.ops.convert_to_numpy(keras.ops.argmax(x, -1)).tolist())\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout.strip()) == (0, "[0, 1, 2, 3]"), run.stderr[-2000:]

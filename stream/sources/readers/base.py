@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -31,7 +33,7 @@ class Reader:
 
     fps: float | None = None  # the source's nominal frame rate, if it declares one
     name = ""
-    # Keyframe-only decoding (readers that can: PyAV). The source sets `keyframes_only`,
+    # Keyframe-only decoding (readers that can: PyAV, gst). The source sets `keyframes_only`,
     # asked with the stream's measured keyframe rate; the reader counts what it skipped.
     can_skip_frames = False
 
@@ -39,6 +41,7 @@ class Reader:
         self.target, self.cfg = target, cfg
         self.keyframes_only: Callable[[float], bool] | None = None
         self.undecoded = 0  # frames read and not decoded (keyframe-only decoding)
+        self.last_data: float | None = None  # monotonic time of the last frame left undecoded
 
     def open(self) -> None:
         raise NotImplementedError
@@ -92,3 +95,42 @@ def ffmpeg_options(target: Target, cfg: StreamConfig) -> dict[str, str]:
 
 def sane_fps(fps: float | None) -> float | None:
     return float(fps) if fps and 0.5 <= fps <= 300 else None
+
+
+class KeyframeRate:
+    """Keyframes per second of stream time, from the widest of the last 3 keyframe intervals
+    (0 until two keyframes were seen): a rate the stream is sure to keep."""
+
+    def __init__(self, time_base: float | Fraction | None) -> None:
+        self.time_base = float(time_base) if time_base else 0.0
+        self.pts: deque[int] = deque(maxlen=4)
+        self.fps = 0.0
+
+    def add(self, pts: int | None) -> None:
+        if pts is None or not self.time_base:
+            return
+        if self.pts and pts <= self.pts[-1]:
+            self.pts.clear()  # a file looped or the stream restarted
+        self.pts.append(pts)
+        if len(self.pts) >= 2:
+            gaps = [b - a for a, b in zip(self.pts, list(self.pts)[1:], strict=False)]
+            self.fps = 1.0 / (max(gaps) * self.time_base)
+
+
+class KeyframeGate:
+    """Which compressed frames go to the decoder under keyframe-only decoding. The source is
+    asked at each keyframe (and at every frame while decoding all), with the keyframe rate
+    measured so far; a switch back to every frame waits for a keyframe, since a P frame
+    needs the ones before it."""
+
+    def __init__(self, time_base: float | Fraction | None) -> None:
+        self.keys = KeyframeRate(time_base)
+        self.key_only = False  # decoding keyframes only, until the next keyframe at least
+
+    def decode(self, is_key: bool, pts: int | None, ask: Callable[[float], bool]) -> bool:
+        if is_key:
+            self.keys.add(pts)
+            self.key_only = ask(self.keys.fps)
+        elif not self.key_only:
+            self.key_only = ask(self.keys.fps)
+        return is_key or not self.key_only

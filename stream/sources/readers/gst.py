@@ -14,7 +14,7 @@ from segstream.stream.config import StreamConfig
 from segstream.stream.sanitize import sanitize_text
 from segstream.stream.sources.gstreamer import gst_unavailable, load_gst
 from segstream.stream.sources.i420 import i420_to_bgr
-from segstream.stream.sources.readers.base import Deferred, Reader, sane_fps
+from segstream.stream.sources.readers.base import Deferred, KeyframeGate, Reader, sane_fps
 from segstream.stream.sources.target import SourceError, Target, file_reason, network_reason
 
 
@@ -47,6 +47,7 @@ class GstReader(Reader):
 
     name = "gst"
     POLL_S = 0.1
+    can_skip_frames = True  # a probe before the decoder drops delta frames (keyframes only)
 
     def __init__(self, target: Target, cfg: StreamConfig) -> None:
         super().__init__(target, cfg)
@@ -59,6 +60,7 @@ class GstReader(Reader):
         self._cpu = 0.0
         self._layout: tuple[str, tuple[int, int, tuple[int, int, int], tuple[int, int, int]]] | None
         self._layout = None
+        self._keys = KeyframeGate(1e-9)  # buffer timestamps are nanoseconds
 
     # -- pipeline --------------------------------------------------------------------------
     def _build(self, Gst: Any) -> Any:
@@ -94,7 +96,7 @@ class GstReader(Reader):
             src.set_property("timeout", max(1, round(cfg.read_timeout)))
         else:
             src.set_property("uri", t.url)
-        pipe.connect("deep-element-added", _element_added)
+        pipe.connect("deep-element-added", self._element_added)
         sink = pipe.get_by_name("sink")
         sink.get_static_pad("sink").add_probe(Gst.PadProbeType.BUFFER, self._note_thread)
         return pipe
@@ -178,7 +180,7 @@ class GstReader(Reader):
                 raise SourceError(err)
             if self._sink.is_eos():
                 return None
-            if time.monotonic() - t0 >= self.cfg.read_timeout:
+            if time.monotonic() - max(t0, self.last_data or t0) >= self.cfg.read_timeout:
                 raise SourceError(f"read timed out after {self.cfg.read_timeout:g} s")
         self._sample = sample
         # The decode ran on the streaming thread: its CPU time since the last frame.
@@ -226,20 +228,41 @@ class GstReader(Reader):
             self._pipe.set_state(Gst.State.NULL)
             self._pipe = self._sink = self._bus = None
 
+    def _element_added(self, _bin: Any, _sub: Any, element: Any) -> None:
+        """Settings of elements decodebin picks. One decoder thread per stream: with many
+        cameras the streams keep the cores busy, and frame threads would hold back a frame
+        each. An MJPEG stream's multipart demuxer announces its one stream at once (else
+        decodebin holds the frames back until its queue overflows). Before a video decoder,
+        the keyframe-only probe."""
+        from gi.repository import Gst
+
+        factory = element.get_factory()
+        name = factory.get_name() if factory is not None else ""
+        if name.startswith("avdec_"):
+            element.set_property("max-threads", 1)
+            pad = element.get_static_pad("sink")
+            if pad is not None and self.keyframes_only is not None:
+                pad.add_probe(Gst.PadProbeType.BUFFER, self._keyframe_probe)
+        elif name == "multipartdemux":
+            element.set_property("single-stream", True)
+
+    def _keyframe_probe(self, _pad: Any, info: Any) -> Any:
+        """On the streaming thread: delta frames are dropped before the decoder while the
+        source says keyframes suffice (parsers hand the decoder whole frames)."""
+        from gi.repository import Gst
+
+        buf, ask = info.get_buffer(), self.keyframes_only
+        if buf is None or ask is None or not buf.get_size():
+            return Gst.PadProbeReturn.OK
+        is_key = not buf.has_flags(Gst.BufferFlags.DELTA_UNIT)
+        pts = None if buf.pts == Gst.CLOCK_TIME_NONE else buf.pts
+        if self._keys.decode(is_key, pts, ask):
+            return Gst.PadProbeReturn.OK
+        self.undecoded += 1
+        self.last_data = time.monotonic()  # alive: grab()'s timeout and the watchdog see it
+        return Gst.PadProbeReturn.DROP
+
 
 def _video_only(_src: Any, _num: int, caps: Any) -> bool:
     """rtspsrc: set up the video stream only (a camera's audio would go unread)."""
     return caps.get_structure(0).get_string("media") == "video"
-
-
-def _element_added(_bin: Any, _sub: Any, element: Any) -> None:
-    """Settings of elements decodebin picks. One decoder thread per stream: with many cameras
-    the streams keep the cores busy, and frame threads would hold back a frame each. An MJPEG
-    stream's multipart demuxer announces its one stream at once (else decodebin holds the
-    frames back until its queue overflows)."""
-    factory = element.get_factory()
-    name = factory.get_name() if factory is not None else ""
-    if name.startswith("avdec_"):
-        element.set_property("max-threads", 1)
-    elif name == "multipartdemux":
-        element.set_property("single-stream", True)

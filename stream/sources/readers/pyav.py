@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,13 @@ from typing import Any
 import numpy as np
 
 from segstream.stream.config import StreamConfig
-from segstream.stream.sources.readers.base import Deferred, Reader, ffmpeg_options, sane_fps
+from segstream.stream.sources.readers.base import (
+    Deferred,
+    KeyframeGate,
+    Reader,
+    ffmpeg_options,
+    sane_fps,
+)
 from segstream.stream.sources.target import SourceError, Target, file_reason
 
 log = logging.getLogger(__name__)
@@ -73,19 +78,17 @@ class PyAVReader(Reader):
         import av
 
         bad = 0
-        keys = _KeyframeRate(stream.time_base)
-        key_only = False  # decoding keyframes only, until the next keyframe at least
+        gate = KeyframeGate(stream.time_base)
         for packet in self._container.demux(stream):
-            if packet.size and self.keyframes_only is not None:
-                # Back to every frame only at a keyframe: a P frame needs the ones before it.
-                if packet.is_keyframe:
-                    keys.add(packet.pts)
-                    key_only = self.keyframes_only(keys.fps)
-                elif not key_only:
-                    key_only = self.keyframes_only(keys.fps)
-                if key_only and not packet.is_keyframe:
-                    self.undecoded += 1
-                    continue
+            ask = self.keyframes_only
+            if (
+                packet.size
+                and ask is not None
+                and not gate.decode(packet.is_keyframe, packet.pts, ask)
+            ):
+                self.undecoded += 1
+                self.last_data = time.monotonic()
+                continue
             t0 = time.monotonic()
             try:
                 frames = stream.decode(packet)
@@ -131,26 +134,6 @@ class PyAVReader(Reader):
             self._container.close()
             self._container = None
             self._frames = None
-
-
-class _KeyframeRate:
-    """Keyframes per second of stream time, from the widest of the last 3 keyframe intervals
-    (0 until two keyframes were seen): a rate the stream is sure to keep."""
-
-    def __init__(self, time_base: Any) -> None:
-        self.time_base = float(time_base) if time_base else 0.0
-        self.pts: deque[int] = deque(maxlen=4)
-        self.fps = 0.0
-
-    def add(self, pts: int | None) -> None:
-        if pts is None or not self.time_base:
-            return
-        if self.pts and pts <= self.pts[-1]:
-            self.pts.clear()  # a file looped or the stream restarted
-        self.pts.append(pts)
-        if len(self.pts) >= 2:
-            gaps = [b - a for a, b in zip(self.pts, list(self.pts)[1:], strict=False)]
-            self.fps = 1.0 / (max(gaps) * self.time_base)
 
 
 def _av_reason(e: Exception, timeout: float, since: float) -> str:
