@@ -76,7 +76,7 @@ def _operation(path: str, method: str, op: dict[str, Any]) -> list[str]:
     out += [f"Auth: {roles}. Operation id: `{op['operationId']}`.", ""]
     params = op.get("parameters", [])
     if params:
-        out += ["| parameter | in | type | required | description |", "| --- | --- | --- | --- | --- |"]
+        out += ["| parameter | in | type | required | description |", "|---|---|---|---|---|"]
         for p in params:
             desc = _cell(p.get("description", p.get("schema", {}).get("description", "")))
             req = "yes" if p.get("required") else ""
@@ -152,7 +152,8 @@ AROUND = [
 
 
 def _box(x: int, y: int, w: int, h: int, lines: list[tuple[str, str]], fill: str) -> str:
-    out = [f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="8" fill="{fill}" stroke="#37474f"/>']
+    rect = f'x="{x}" y="{y}" width="{w}" height="{h}" rx="8" fill="{fill}" stroke="#37474f"'
+    out = [f"<rect {rect}/>"]
     for k, (text, style) in enumerate(lines):
         out.append(
             f'<text x="{x + w // 2}" y="{y + 22 + 17 * k}" text-anchor="middle" {style}>'
@@ -168,7 +169,8 @@ def architecture_svg() -> str:
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} 330" '
         'font-family="sans-serif" font-size="13">',
         '<defs><marker id="a" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
-        'markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#37474f"/></marker></defs>',
+        'markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#37474f"/>'
+        "</marker></defs>",
         '<text x="20" y="24" font-weight="bold">one pipeline per service: a frame travels left'
         " to right; each stage imports only the ones before it</text>",
     ]
