@@ -33,13 +33,14 @@ run: setup
 	$(BIN)/segstream fetch
 	$(BIN)/segstream serve --config $(CONFIG)
 
-# Everything: lint, types, the docs site (a broken link or a missing page fails), the fast
+# Everything: lint, types, the docs site (a broken link or a missing page fails; not with
+# --quiet, which hides the warnings strict mode counts), the fast
 # unit tests and the end-to-end tests with the real peers.
 test: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site-check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site-check
 	$(BIN)/pytest -ra
 
 # The docs site (MkDocs, Material theme) into site/; the API reference is generated from the
