@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 import yaml
 from support.service_proc import SEGSTREAM, ServiceProcess
@@ -124,17 +123,13 @@ def test_readme_tour_runs(
     assert added["id"] == "door" and added["source"] == "rtsp://10.0.0.7/live"
     assert svc.stream("door")["infer_fps_cap"] == 5
 
-    # ffplay needs a display: read the same URL as a player would, two JPEG parts.
-    url = watch.split()[-1].replace("127.0.0.1:8080", f"127.0.0.1:{svc.port}")
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=30) as resp:
-        assert resp.headers["Content-Type"].startswith("multipart/x-mixed-replace")
-        data = b""
-        while data.count(b"\xff\xd9") < 2:
-            data += resp.read1(65536)
-    first = data[data.index(b"\xff\xd8") : data.index(b"\xff\xd9") + 2]
-    assert cv2.imdecode(np.frombuffer(first, np.uint8), cv2.IMREAD_COLOR) is not None
+    # ffplay needs a display: its prober, ffprobe, opens the same URL as FFmpeg's players do.
+    probe = watch.replace(
+        "ffplay", "ffprobe -v error -of json -show_entries stream=codec_name,width,height"
+    )
+    r = run_tour_line(probe, svc, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["streams"] == [{"codec_name": "mjpeg", "width": 768, "height": 576}]
 
     r = run_tour_line(metrics, svc, tmp_path)
     assert r.returncode == 0, r.stderr
