@@ -9,7 +9,8 @@
 #            headless chromium and a prometheus server; iproute2 and util-linux (ip,
 #            unshare) for the cluster test's network namespace; mosquitto and postgresql
 #            (the events tests start their own broker and database server); nginx (the
-#            documented TLS reverse proxy, deploy/nginx/, is run in front of a service); and
+#            documented TLS reverse proxy, deploy/nginx/, is run in front of a service; the
+#            tests start their own, so a system nginx apt may start is not needed); and
 #            everything of `gst`.
 set -euo pipefail
 want=()
