@@ -6,7 +6,7 @@ CONFIG ?= configs/default.yaml
 # Where `segstream fetch` may copy files from instead of downloading (e.g. ../shared).
 export SEGSTREAM_FETCH_FROM ?=
 
-.PHONY: setup setup-test setup-gst run test test-fast typecheck lint bench mutation clean
+.PHONY: setup setup-test setup-gst run test test-fast typecheck lint docs bench mutation clean
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
@@ -33,12 +33,20 @@ run: setup
 	$(BIN)/segstream fetch
 	$(BIN)/segstream serve --config $(CONFIG)
 
-# Everything: lint, types, the fast unit tests and the end-to-end tests with the real peers.
+# Everything: lint, types, the docs site (a broken link or a missing page fails; not with
+# --quiet, which hides the warnings strict mode counts), the fast
+# unit tests and the end-to-end tests with the real peers.
 test: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site-check
 	$(BIN)/pytest -ra
+
+# The docs site (MkDocs, Material theme) into site/; the API reference is generated from the
+# service's own OpenAPI document. `.venv/bin/mkdocs serve` previews it while editing.
+docs: setup-test
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # For development: lint, types and the unit tests only (tests/unit: no model, no peers,
 # under a minute).
@@ -64,4 +72,4 @@ mutation: setup-test
 	$(BIN)/python scripts/mutation_check.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache
