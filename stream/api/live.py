@@ -511,7 +511,7 @@ ENDPOINTS = [
         "/ws",
         live,
         "The live page's WebSocket: frames of the tiles in view and of a large view with "
-        "its own overlay, and every stream's figures (protocol: README, Live page)",
+        "its own overlay, and every stream's figures (protocol: docs, Viewing: the live page)",
         tag="media",
         responses={
             101: Body(None, media="", description="Switching to WebSocket."),
