@@ -73,9 +73,9 @@ class PacketRing:
 
     def push(self, p: Packet) -> list[Packet]:
         """Adds a packet; returns those dropped to stay within the bounds, oldest first."""
-        if p.key or (self._gops and self._gops[-1][-1].session != p.session):
+        if p.key:
             self._gops.append([])
-        if not self._gops or not self._gops[-1] and not p.key:
+        elif not self._gops or self._gops[-1][-1].session != p.session:
             return [p]  # no keyframe to decode it from
         self._gops[-1].append(p)
         self.frames += 1
@@ -339,7 +339,7 @@ class ClipRecorder:
                     bytes(p),
                     self._session,
                     self._size,
-                )  # fmt: skip
+                )
             )
 
     def _new_session(self, w: int, h: int, wall: float) -> None:
