@@ -39,6 +39,11 @@ async def event_mask(request: web.Request) -> web.Response:
     return await _media(request, "mask", "image/png")
 
 
+async def event_clip(request: web.Request) -> web.Response:
+    data = await backend(request).event_media(request.match_info["id"], "clip")
+    return web.Response(body=data, content_type="video/mp4", headers={"Cache-Control": "no-cache"})
+
+
 async def delete_event(request: web.Request) -> web.Response:
     await backend(request).delete_event(request.match_info["id"])
     return web.Response(status=204)
@@ -87,6 +92,15 @@ ENDPOINTS = [
         "The class mask of the event's peak frame: 8-bit greyscale PNG, value = class id",
         tag="events",
         responses={200: Body(None, media="image/png"), **_404, **_OFF},
+    ),
+    Endpoint(
+        "GET",
+        "/api/events/{id}/clip.mp4",
+        event_clip,
+        "The event's clip: H.264 MP4 from events.clips.pre_roll_s before the start to the end "
+        "(at most events.clips.max_s), redacted where privacy is on; streams with record_clips",
+        tag="events",
+        responses={200: Body(None, media="video/mp4"), **_404, **_OFF},
     ),
     Endpoint(
         "DELETE",

@@ -23,9 +23,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import av
 import cv2
@@ -35,7 +36,8 @@ from av.video.codeccontext import VideoCodecContext
 from av.video.stream import VideoStream
 
 from segstream.stream.datatypes import Rendered
-from segstream.stream.events.config import ClipsConfig
+from segstream.stream.events.config import ClipsConfig, ZoneConfig
+from segstream.stream.events.model import Change
 from segstream.stream.restream.encoder import KEYFRAME_S, TIME_BASE, open_encoder
 
 log = logging.getLogger(__name__)
@@ -214,6 +216,7 @@ class ClipRecorder:
         self._last_key = -KEYFRAME_S
         self._seq = 0
         self._newest = 0.0  # wall time of the newest encoded frame
+        self._yuv = np.empty(0, np.uint8)
 
     def _age(self, window_s: float) -> float:
         # The pre-roll before a start the rules report up to window_s (the longest for_s)
@@ -301,17 +304,17 @@ class ClipRecorder:
     def _apply(self, cmd: _Cmd) -> None:
         if cmd.kind == "open":
             if len([c for c in self.clips.values() if not c.done]) >= self.cfg.max_open:
-                log.warning("%s: %d clips open; event %s gets none", self.stream_id,
-                            self.cfg.max_open, cmd.event_id)  # fmt: skip
+                log.warning("%s: %d clips open; no clip of event %s",
+                            self.stream_id, self.cfg.max_open, cmd.event_id)  # fmt: skip
                 return
-            clip = Clip(cmd.event_id, self.path_for(cmd.event_id), cmd.wall, cmd.hold_s,
-                        self.cfg.max_s)  # fmt: skip
+            path = self.path_for(cmd.event_id)
+            clip = Clip(cmd.event_id, path, cmd.wall, cmd.hold_s, self.cfg.max_s)
             clip.next_seq = self.ring.start_seq(cmd.wall)
             self.clips[cmd.event_id] = clip
             self._catch_up(clip, self._newest)
-        elif (clip := self.clips.get(cmd.event_id)) is not None:
-            clip.end, clip.ended_at = cmd.wall, time.monotonic()
-            self._catch_up(clip, self._newest)
+        elif (ended := self.clips.get(cmd.event_id)) is not None:
+            ended.end, ended.ended_at = cmd.wall, time.monotonic()
+            self._catch_up(ended, self._newest)
 
     def _encode(self, img: np.ndarray, wall: float) -> None:
         h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2  # 4:2:0 needs even sizes
@@ -320,8 +323,8 @@ class ClipRecorder:
         if self._enc is None or self._size != (w, h):
             self._new_session(w, h, wall)
         assert self._enc is not None
-        yuv = cv2.cvtColor(img[:h, :w], cv2.COLOR_BGR2YUV_I420)
-        frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+        cv2.cvtColor(img[:h, :w], cv2.COLOR_BGR2YUV_I420, dst=self._yuv)
+        frame = av.VideoFrame.from_ndarray(self._yuv, format="yuv420p")
         frame.pts = self._last_pts = max(round((wall - self._t0) / TIME_BASE), self._last_pts + 1)
         frame.time_base = TIME_BASE
         if wall - self._last_key >= KEYFRAME_S - KEY_SLACK_S:
@@ -348,6 +351,7 @@ class ClipRecorder:
         self._enc = open_encoder(c.encoder, w, h, 15.0, c.bitrate, "ultrafast")
         self._session += 1
         self._size, self._t0 = (w, h), wall
+        self._yuv = np.empty((h * 3 // 2, w), np.uint8)
         self._last_pts, self._last_key = -1, wall - KEYFRAME_S
 
     def _on_packet(self, p: Packet) -> None:
@@ -424,3 +428,66 @@ class ClipRecorder:
         self._enc = None
         with self._cond:
             self.ring.clear()
+
+
+class SinkHost(Protocol):
+    """Where a stream's sinks are registered (render.StreamView)."""
+
+    def add_sink(self, sink: Any) -> None: ...
+
+    def remove_sink(self, sink: Any) -> None: ...
+
+
+class ClipSet:
+    """The clip recorders of the streams with `record_clips: true`, fed the events' changes."""
+
+    def __init__(self, cfg: ClipsConfig, path_for: Callable[[str], Path], on_done: ClipDone):
+        self.cfg, self.path_for, self.on_done = cfg, path_for, on_done
+        self._recs: dict[str, tuple[ClipRecorder, SinkHost]] = {}
+        self._clear: dict[str, dict[tuple[str, str], float]] = {}  # stream -> rule -> clear_s
+        self._lock = threading.Lock()
+
+    def record(self, stream: str, host: SinkHost | None, zones: Sequence[ZoneConfig]) -> None:
+        """Record the stream's events (host: its sinks) or, with host None, stop: open clips
+        are finished with what they have."""
+        with self._lock:
+            entry = self._recs.pop(stream, None) if host is None else self._recs.get(stream)
+            self._clear[stream] = {
+                (z.name, r.class_name): r.clear_s for z in zones for r in z.rules
+            }
+        window = max((r.for_s for z in zones for r in z.rules), default=0.0)
+        if host is None:
+            if entry is not None:
+                entry[1].remove_sink(entry[0])
+                entry[0].close()
+            return
+        if entry is not None:
+            entry[0].set_window(window)
+            return
+        rec = ClipRecorder(stream, self.cfg, self.path_for, self.on_done, window)
+        rec.start()
+        with self._lock:
+            self._recs[stream] = (rec, host)
+        host.add_sink(rec)
+
+    def changes(self, changes: Sequence[Change]) -> None:
+        """New events open a clip, ended ones finish theirs (never blocks)."""
+        for ch in changes:
+            ev = ch.after
+            with self._lock:
+                entry = self._recs.get(ev.stream)
+                clear = self._clear.get(ev.stream, {}).get((ev.zone, ev.class_name), 0.0)
+            if entry is None:
+                continue
+            if ch.type == "new":
+                entry[0].open(ev.id, ev.start, clear)
+            elif ch.type == "end":
+                entry[0].end(ev.id, ev.end if ev.end is not None else ev.peak_at)
+
+    def close(self) -> None:
+        """Stop every recorder (blocking: each finishes its open clips)."""
+        with self._lock:
+            recs, self._recs = list(self._recs.values()), {}
+        for rec, host in recs:
+            host.remove_sink(rec)
+            rec.close()
