@@ -86,6 +86,7 @@ def serve(tmp_path: Path, broker: Mosquitto, shared_dir: Path) -> ServiceProcess
                 # fill colour shows as it is).
                 "privacy": {"classes": ["person"], "style": "fill", "color": list(MAGENTA)},
                 "alpha": 0.0,
+                "record_clips": True,  # the page's event view gets a clip player
             }
         ],
     }
@@ -197,16 +198,55 @@ async def _page_shows_zones_and_events(svc: ServiceProcess, chrome: Chromium) ->
                 Math.round(0.5 * c.height) - 1, 1, 1).data; return [...d].join(','); }})()""")
         r, g, b, _ = (int(v) for v in pixel.split(","))
         assert r > 230 and b < 110 and (g > 190 or 70 < g < 110), pixel
+        await _timeline_shows_thumbnails(page)
         await _draw_a_zone(page)
         # Its event opens; the page hears of it over /ws (it does not poll) and lists it.
         await page.eval("document.getElementById('focus-close').click(), true")
         listed = f"{tile}.querySelector('.events').textContent.includes('drawn · person')"
         await page.wait_for(listed, 30)
+        # ... and so does the site timeline, live.
+        await page.wait_for(f"[...{TIMELINE}.querySelectorAll('.tl')].some(e => "
+                            "e.title === 'cam · drawn · person')", 30)  # fmt: skip
+        await _event_view_opens(page, svc)
     assert wait_for(lambda: "drawn" in [z["name"] for z in svc.stream("cam")["zones"]], 10)
     drawn = next(z for z in svc.stream("cam")["zones"] if z["name"] == "drawn")
     assert len(drawn["polygon"]) == 3 and drawn["rules"][0]["class"] == "person", drawn
     xs = sorted(round(p[0], 1) for p in drawn["polygon"])
     assert xs == [0.2, 0.2, 0.6], drawn["polygon"]
+
+
+TIMELINE = "document.getElementById('timeline')"
+
+
+async def _timeline_shows_thumbnails(page: CdpPage) -> None:
+    """The site timeline lists the events of every stream with their snapshot thumbnails."""
+    await page.wait_for(f"+({TIMELINE}.dataset.count || 0) >= 1 && !{TIMELINE}.hidden", 20)
+    loaded = (f"(() => {{ const i = {TIMELINE}.querySelector('.tl img');"
+              " return !!i && i.complete && i.naturalWidth > 0; })()")  # fmt: skip
+    await page.wait_for(loaded, 20)
+    first = await page.eval(f"{TIMELINE}.querySelector('.tl').title")
+    assert first.startswith("cam · door · person"), first
+    assert await page.eval(f"{TIMELINE}.querySelector('.tl img').loading") == "lazy"
+
+
+async def _event_view_opens(page: CdpPage, svc: ServiceProcess) -> None:
+    """Clicking the ended door event opens it: its snapshot, its mask and its clip."""
+    ended = one(svc, "door", lambda e: e["end"] and e["clip_url"], 30)
+    await page.wait_for(
+        f"!!document.querySelector('#timeline .tl[data-event=\"{ended['id']}\"]')", 20
+    )
+    await page.eval(
+        f"document.querySelector('#timeline .tl[data-event=\"{ended['id']}\"]').click(), true"
+    )
+    await page.wait_for("!document.getElementById('event-view').hidden", 10)
+    await page.wait_for("document.getElementById('event-snapshot').naturalWidth > 0", 10)
+    await page.wait_for("document.getElementById('event-mask').width > 1", 10)
+    src = await page.eval("document.getElementById('event-clip').src")
+    assert src.endswith(ended["clip_url"]), (src, ended)
+    assert not await page.eval("document.getElementById('event-clip-box').hidden")
+    status, body, _ = svc.request("GET", ended["clip_url"])
+    assert status == 200 and body[4:8] == b"ftyp", status
+    await page.eval("document.getElementById('event-close').click(), true")
 
 
 async def _draw_a_zone(page: CdpPage) -> None:
