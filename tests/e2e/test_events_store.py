@@ -178,6 +178,21 @@ def test_clips_count_in_retention_and_go_with_their_event(store: EventStore):
     assert not store.media_path(b.id, "clip").exists()
 
 
+def test_a_clip_cut_short_by_a_crash_is_kept(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    s = EventStore(url, tmp_path / "media")
+    s.open(now=1.0)
+    e = ev(1, 10.0)
+    s.apply([Change("new", None, e)])
+    s.media_path(e.id, "clip").write_bytes(b"m" * 64)  # recording when the process died
+    s.close()
+    again = EventStore(url, tmp_path / "media")
+    assert [c.after.end_reason for c in again.open(now=20.0)] == ["restart"]
+    got = again.get(e.id)
+    assert got is not None and (got.clip_bytes, got.clip_truncated) == (64, True)
+    again.close()
+
+
 def test_outbox_is_bounded_and_read_per_target(store: EventStore):
     first = store.register_target("mqtt")
     assert first == 0
