@@ -19,6 +19,7 @@ still plays up to its last fragment."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -297,7 +298,11 @@ class ClipRecorder:
                 if closed:
                     return
         except Exception:
-            log.exception("%s: clip recording failed", self.stream_id)
+            # The encoder does not open (or failed): no clips from this stream; the render
+            # thread stops drawing frames for it.
+            log.exception("%s: clip recording failed; no more clips", self.stream_id)
+            with self._cond:
+                self._closed = True
         finally:
             self._finish_all()
 
@@ -381,12 +386,29 @@ class ClipRecorder:
         if p.wall < clip.start and not p.key and not clip.written:
             return
         was_done = clip.done
-        clip.write(p)
+        try:
+            clip.write(p)
+        except Exception as e:  # disk full, unwritable media dir: this clip is lost
+            log.error("%s: clip of event %s failed: %s", self.stream_id, clip.event_id, e)
+            self._abandon(clip)
+            return
         if clip.done and not was_done:  # the cap: this clip stops, the event goes on
             self._report(clip)
 
+    def _abandon(self, clip: Clip) -> None:
+        clip.done = True
+        with contextlib.suppress(Exception):
+            if clip._out is not None:
+                clip._out.close()
+        clip.path.unlink(missing_ok=True)
+
     def _finish(self, clip: Clip) -> None:
-        clip.finish()
+        try:
+            clip.finish()
+        except Exception as e:
+            log.error("%s: clip of event %s failed: %s", self.stream_id, clip.event_id, e)
+            self._abandon(clip)
+            return
         self._report(clip)
 
     def _report(self, clip: Clip) -> None:
@@ -451,15 +473,22 @@ class ClipSet:
         """Record the stream's events (host: its sinks) or, with host None, stop: open clips
         are finished with what they have."""
         with self._lock:
-            entry = self._recs.pop(stream, None) if host is None else self._recs.get(stream)
-            self._clear[stream] = {
-                (z.name, r.class_name): r.clear_s for z in zones for r in z.rules
-            }
+            entry = self._recs.get(stream)
+            replace = entry is not None and (host is None or entry[1] is not host)
+            if replace or host is None:
+                self._recs.pop(stream, None)  # off, or a new stream of the same id
+            if host is None:
+                self._clear.pop(stream, None)
+            else:
+                self._clear[stream] = {
+                    (z.name, r.class_name): r.clear_s for z in zones for r in z.rules
+                }
         window = max((r.for_s for z in zones for r in z.rules), default=0.0)
+        if entry is not None and replace:
+            entry[1].remove_sink(entry[0])
+            entry[0].close()
+            entry = None
         if host is None:
-            if entry is not None:
-                entry[1].remove_sink(entry[0])
-                entry[0].close()
             return
         if entry is not None:
             entry[0].set_window(window)

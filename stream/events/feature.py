@@ -185,6 +185,7 @@ class EventsFeature:
                 self.mqtt.set_zones(stream, zones)
 
     def remove_stream(self, stream: str, reason: EndReason = "stream_removed") -> None:
+        self.clips.record(stream, None, ())  # its open clips finish with what they have
         st = self._streams.pop(stream, None)
         if st is None:
             return

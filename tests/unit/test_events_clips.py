@@ -13,8 +13,8 @@ import pytest
 from support.waiting import wait_for
 
 from segstream.stream.datatypes import Rendered
-from segstream.stream.events.clips import ClipRecorder, Packet, PacketRing
-from segstream.stream.events.config import ClipsConfig
+from segstream.stream.events.clips import ClipRecorder, ClipSet, Packet, PacketRing
+from segstream.stream.events.config import ClipsConfig, RuleConfig, ZoneConfig
 
 FPS = 10
 
@@ -139,3 +139,34 @@ def test_cap_truncates_and_close_finishes_open_clips(tmp_path: Path, done: list)
     open_ks, _ = frames_of(done[1][1])
     assert done[1][3] is False and near(open_ks, range(20, 38)), open_ks
     assert not rec.wants_frames() and rec.ring.frames == 0
+
+
+class Host:
+    """A stream's sink list (as render.StreamView keeps it)."""
+
+    def __init__(self) -> None:
+        self.sinks: list[object] = []
+
+    def add_sink(self, sink: object) -> None:
+        self.sinks.append(sink)
+
+    def remove_sink(self, sink: object) -> None:
+        self.sinks.remove(sink)
+
+
+def test_clip_set_follows_the_streams(tmp_path: Path, done: list) -> None:
+    clips = ClipSet(ClipsConfig(encoder="libx264"), lambda e: tmp_path / f"{e}.mp4",
+                    lambda *a: done.append(a))  # fmt: skip
+    rule = RuleConfig(class_name="person", above=0.1, for_s=2.0, clear_s=0.5)
+    zones = [ZoneConfig(name="z", polygon=[(0, 0), (1, 0), (1, 1)], rules=[rule])]
+    a, b = Host(), Host()
+    clips.record("s", a, zones)
+    rec = a.sinks[0]
+    assert isinstance(rec, ClipRecorder) and rec.ring.max_age_s == 3.0 + 2.0 + 1.0
+    clips.record("s", a, zones)  # the same stream's zones again: the same recorder
+    assert a.sinks == [rec] and rec.wants_frames()
+    clips.record("s", b, zones)  # a new stream of that id: a new recorder, the old one stops
+    assert a.sinks == [] and not rec.wants_frames() and len(b.sinks) == 1
+    clips.record("s", None, ())
+    assert b.sinks == []
+    clips.close()
