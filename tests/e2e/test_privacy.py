@@ -648,7 +648,8 @@ async def test_event_clips_are_redacted_and_span_pre_roll_to_end_within_the_cap(
         assert span - 0.3 <= duration <= span + 1.2, (duration, span, door)
         assert count >= 10 and door["clip_truncated"] is False
         assert len(pictures) >= 3, len(pictures)
-        assert check_fill(model, stamped, pictures, tol=64, far_mean=8, far_p99=64) > 3000
+        some = dict(sorted(pictures.items())[:: max(1, len(pictures) // 8)])  # 8 or so suffice
+        assert check_fill(model, stamped, some, tol=64, far_mean=8, far_p99=64) > 3000
 
         # People are in the whole picture all the time: that event's clip stops at the cap.
         whole = await event("all", lambda e: e["clip_url"])
