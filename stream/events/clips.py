@@ -14,13 +14,15 @@ event. A clip starts at the ring's last keyframe at or before `start - pre_roll_
 the newest frame by the rule's `clear_s`, so that when the event ends (its end is the first
 frame of the quiet period, `clear_s` in the past) it stops at the event's end; a frame the
 ring is about to drop is written first, so a lag longer than the ring loses nothing. A clip
-reaching `max_s` stops there (truncated). Files are fragmented MP4: one cut short by a crash
-still plays up to its last fragment."""
+reaching `max_s` stops there (truncated). Clips are recorded as fragmented MP4 (one cut short
+by a crash still plays up to its last fragment), then rewritten as a plain MP4 when finished
+(browsers show a fragmented file's duration wrong)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -49,6 +51,28 @@ KEY_SLACK_S = 0.002  # capture times jitter: a frame a hair short of the interva
 MP4_OPTIONS = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
 # (event id, file, bytes, truncated): a clip is finished and closed.
 ClipDone = Callable[[str, Path, int, bool], None]
+
+
+def flatten(path: Path) -> None:
+    """The finished (fragmented) recording as a plain MP4 with its index in front: browsers
+    know its duration and seek in it (they guess both badly for a fragmented file). Packets
+    are copied, nothing is encoded; the file is replaced atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with (
+            av.open(str(path)) as src,
+            av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as dst,
+        ):
+            s_in = src.streams.video[0]
+            s_out = dst.add_stream_from_template(s_in)
+            for pkt in src.demux(s_in):
+                if pkt.dts is None:
+                    continue  # the demuxer's flush packet
+                pkt.stream = s_out
+                dst.mux(pkt)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +193,8 @@ class Clip:
         self.done = True
         if self._out is not None:
             self._out.close()
+            if self.path.exists():  # else: the event was deleted meanwhile
+                flatten(self.path)
 
     @property
     def written(self) -> bool:

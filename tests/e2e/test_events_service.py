@@ -10,6 +10,7 @@ import json
 import signal
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,10 @@ def one(svc: ServiceProcess, zone_name: str, pred: Any, timeout: float) -> dict[
 
     assert wait_for(check, timeout, 0.2), (zone_name, events(svc))
     return found[0]
+
+
+def epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def unclipped(event: dict[str, Any]) -> dict[str, Any]:
@@ -247,6 +252,11 @@ async def _event_view_opens(page: CdpPage, svc: ServiceProcess) -> None:
     await page.wait_for("document.getElementById('event-mask').width > 1", 10)
     src = await page.eval("document.getElementById('event-clip').src")
     assert src.endswith(ended["clip_url"]), (src, ended)
+    # The player reads the clip (the page's CSP lets media in; Chromium decodes H.264).
+    await page.wait_for("document.getElementById('event-clip').videoWidth === 768", 20)
+    duration = await page.eval("document.getElementById('event-clip').duration")
+    span = epoch(ended["end"]) - epoch(ended["start"])
+    assert span < duration < span + 3 + 1.5, (duration, span)  # + pre-roll (default 3 s)
     assert not await page.eval("document.getElementById('event-clip-box').hidden")
     status, body, _ = svc.request("GET", ended["clip_url"])
     assert status == 200 and body[4:8] == b"ftyp", status

@@ -115,6 +115,8 @@ def test_clip_spans_pre_roll_to_end_and_lags_by_clear_s(tmp_path: Path, done: li
         rec.close()
     eid, path, nbytes, truncated = done[0]
     assert (eid, truncated, nbytes) == ("ev1", False, path.stat().st_size)
+    data = path.read_bytes()  # a plain MP4, index first (browsers get duration and seeking)
+    assert b"moof" not in data and data.index(b"moov") < data.index(b"mdat")
     ks, dur = frames_of(path)
     # From the keyframe at or before start - pre_roll (frame 10) to the end (frame 70).
     assert len(ks) == 61 and near(ks, range(10, 71)), ks
