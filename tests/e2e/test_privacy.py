@@ -31,6 +31,7 @@ from segstream.models.runtime import Segmenter, prepare
 from segstream.stream.auth import Authenticator, TokenStore, load_secret
 from segstream.stream.config import AppConfig, StreamConfig
 from segstream.stream.datatypes import Rendered
+from segstream.stream.events.clips import ClipRecorder
 from segstream.stream.render.privacy import BLANK_BGR
 from segstream.stream.server import make_app
 from segstream.stream.service import Service
@@ -668,6 +669,15 @@ async def test_event_clips_are_redacted_and_span_pre_roll_to_end_within_the_cap(
         assert not clip_file.exists()
         status, body = await get(door["clip_url"])
         assert status == 404 and "error" in body
+        # record_clips changes live: the recorder leaves the stream's sinks, the reader stays.
+        view, reader = service.streams["priv"].view, service.streams["priv"].source
+        assert sum(isinstance(x, ClipRecorder) for x in view.sinks) == 1
+        async with http.patch(
+            server.make_url("/api/streams/priv"), json={"record_clips": False}
+        ) as r:
+            assert r.status == 200, await r.text()
+        assert not any(isinstance(x, ClipRecorder) for x in view.sinks)
+        assert service.streams["priv"].source is reader
         _, spec = await get("/openapi.json")
         assert (
             "video/mp4"
