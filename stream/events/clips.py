@@ -45,6 +45,7 @@ from segstream.stream.restream.encoder import KEYFRAME_S, TIME_BASE, open_encode
 
 log = logging.getLogger(__name__)
 
+REPORT_DELAY_S = 1.0  # margin for the inference's delay between a frame and its event
 END_WAIT_S = 2.0  # an ended clip finishes without a later frame after this long
 CLOSE_TIMEOUT_S = 5.0
 KEY_SLACK_S = 0.002  # capture times jitter: a frame a hair short of the interval is due too
@@ -247,8 +248,9 @@ class ClipRecorder:
 
     def _age(self, window_s: float) -> float:
         # The pre-roll before a start the rules report up to window_s (the longest for_s)
-        # late, and a keyframe interval: a clip starts at a keyframe at or before.
-        return self.cfg.pre_roll_s + window_s + KEYFRAME_S
+        # late, plus the inference's delay, and a keyframe interval: a clip starts at a
+        # keyframe at or before.
+        return self.cfg.pre_roll_s + window_s + REPORT_DELAY_S + KEYFRAME_S
 
     # -- control (any thread; never blocks on encoding) --------------------------------------
     def start(self) -> None:

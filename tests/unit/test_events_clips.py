@@ -164,7 +164,7 @@ def test_clip_set_follows_the_streams(tmp_path: Path, done: list) -> None:
     a, b = Host(), Host()
     clips.record("s", a, zones)
     rec = a.sinks[0]
-    assert isinstance(rec, ClipRecorder) and rec.ring.max_age_s == 3.0 + 2.0 + 1.0
+    assert isinstance(rec, ClipRecorder) and rec.ring.max_age_s == 3.0 + 2.0 + 1.0 + 1.0
     clips.record("s", a, zones)  # the same stream's zones again: the same recorder
     assert a.sinks == [rec] and rec.wants_frames()
     clips.record("s", b, zones)  # a new stream of that id: a new recorder, the old one stops
