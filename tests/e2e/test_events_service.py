@@ -256,7 +256,7 @@ async def _event_view_opens(page: CdpPage, svc: ServiceProcess) -> None:
     await page.wait_for("document.getElementById('event-clip').videoWidth === 768", 20)
     duration = await page.eval("document.getElementById('event-clip').duration")
     span = epoch(ended["end"]) - epoch(ended["start"])
-    assert span < duration < span + 3 + 1.5, (duration, span)  # + pre-roll (default 3 s)
+    assert span < duration < span + 3 + 2.5, (duration, span)  # + pre-roll (3 s), keyframe, frames
     assert not await page.eval("document.getElementById('event-clip-box').hidden")
     status, body, _ = svc.request("GET", ended["clip_url"])
     assert status == 200 and body[4:8] == b"ftyp", status
