@@ -654,6 +654,14 @@ async def test_event_clips_are_redacted_and_span_pre_roll_to_end_within_the_cap(
         some = dict(sorted(pictures.items())[:: max(1, len(pictures) // 8)])  # 8 or so suffice
         assert check_fill(model, stamped, some, tol=64, far_mean=8, far_p99=64) > 3000
 
+        # Players ask for byte ranges.
+        url = server.make_url(door["clip_url"])
+        async with http.get(url, headers={"Range": "bytes=4-11"}) as r:
+            assert r.status == 206 and await r.read() == mp4[4:12]
+            assert r.headers["Content-Range"] == f"bytes 4-11/{len(mp4)}"
+        async with http.get(url, headers={"Range": f"bytes={len(mp4)}-"}) as r:
+            assert r.status == 416 and "error" in await r.json()
+
         # People are in the whole picture all the time: that event's clip stops at the cap.
         whole = await event("all", lambda e: e["clip_url"])
         assert whole["end"] is None and whole["clip_truncated"] is True
