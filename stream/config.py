@@ -426,6 +426,12 @@ class StreamConfig(_Strict):
         "is measured per frame, with rules that open and close events; applied live.",
     )
 
+    record_clips: bool = Field(
+        False,
+        description="Keep an H.264 MP4 of each event of the zones: from events.clips.pre_roll_s "
+        "before its start to its end (at most events.clips.max_s), as the viewers see it.",
+    )
+
     @field_serializer("zones")
     def _zones_by_alias(self, zones: list[ZoneConfig]) -> list[dict[str, Any]]:
         # `class` (the alias), not `class_name`: the state file and the API round-trip.

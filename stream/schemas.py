@@ -366,6 +366,13 @@ class EventOut(_Out):
     end_reason: Literal["cleared", "stream_removed", "zone_removed", "shutdown", "restart"] | None
     snapshot_url: str = Field(description="The annotated JPEG of the peak frame.")
     mask_url: str = Field(description="The class-mask PNG of the peak frame (value = class id).")
+    clip_url: str | None = Field(
+        None,
+        description="The event's H.264 MP4 (record_clips), once finished; null: none (yet).",
+    )
+    clip_truncated: bool = Field(
+        False, description="The clip stopped at events.clips.max_s before the event's end."
+    )
 
 
 class EventPage(_Out):

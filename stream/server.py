@@ -160,7 +160,7 @@ def content_security_policy(html: bytes) -> str:
     )
     return (
         f"default-src 'none'; script-src 'self'{hashes}; style-src 'self' 'unsafe-inline'; "
-        "img-src 'self' blob: data:; connect-src 'self'; font-src 'self'; "
+        "img-src 'self' blob: data:; media-src 'self'; connect-src 'self'; font-src 'self'; "
         "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     )
 

@@ -49,7 +49,7 @@ OverlayKey = tuple[str, float, tuple[str, ...] | None]
 # A registered sink's own settings are live too: a change replaces that sink alone.
 LIVE_FIELDS = frozenset(
     {"id", "infer_fps", "gate", "output", "alpha", "classes", "privacy", "zones", *SINKS}
-)
+) | {"record_clips"}
 
 
 def default_store(home: Path) -> Path:
@@ -238,6 +238,8 @@ class Service:
         if zones_set is not None:
             zones_set(stream.cfg.id, [z.name for z in zones])
         stream.view.mask_hook = self._on_mask if zones else None
+        record = stream.cfg.record_clips and bool(zones)
+        events.clips.record(stream.cfg.id, stream.view if record else None, zones)
 
     def _on_mask(
         self, stream_id: str, mask: np.ndarray, now: float, snapshot: Callable[[], bytes]
@@ -397,7 +399,7 @@ class Service:
         stream.view.output = scfg.output
         stream.view.set_renderer(renderer)
         stream.view.set_privacy(redactor)
-        if "zones" in changed:
+        if changed & {"zones", "record_clips"}:
             self._set_zones(stream)  # events of a removed zone end with zone_removed
         return stream
 

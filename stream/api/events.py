@@ -39,6 +39,24 @@ async def event_mask(request: web.Request) -> web.Response:
     return await _media(request, "mask", "image/png")
 
 
+async def event_clip(request: web.Request) -> web.Response:
+    data = await backend(request).event_media(request.match_info["id"], "clip")
+    headers = {"Cache-Control": "no-cache", "Accept-Ranges": "bytes"}
+    try:
+        want = request.http_range  # players ask for byte ranges (Safari insists on them)
+    except ValueError:
+        want = slice(None, None)  # a malformed Range is ignored, as RFC 9110 allows
+    if want.start is None and want.stop is None:
+        return web.Response(body=data, content_type="video/mp4", headers=headers)
+    start, stop, _ = want.indices(len(data))
+    if start >= stop:
+        raise error(416, "range not satisfiable", headers={"Content-Range": f"bytes */{len(data)}"})
+    headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+    return web.Response(
+        status=206, body=data[start:stop], content_type="video/mp4", headers=headers
+    )
+
+
 async def delete_event(request: web.Request) -> web.Response:
     await backend(request).delete_event(request.match_info["id"])
     return web.Response(status=204)
@@ -87,6 +105,21 @@ ENDPOINTS = [
         "The class mask of the event's peak frame: 8-bit greyscale PNG, value = class id",
         tag="events",
         responses={200: Body(None, media="image/png"), **_404, **_OFF},
+    ),
+    Endpoint(
+        "GET",
+        "/api/events/{id}/clip.mp4",
+        event_clip,
+        "The event's clip: H.264 MP4 from events.clips.pre_roll_s before the start to the end "
+        "(at most events.clips.max_s), redacted where privacy is on; streams with record_clips",
+        tag="events",
+        responses={
+            200: Body(None, media="video/mp4"),
+            206: Body(None, media="video/mp4", description="The byte range asked for."),
+            416: Body(Error, description="A byte range beyond the clip."),
+            **_404,
+            **_OFF,
+        },
     ),
     Endpoint(
         "DELETE",

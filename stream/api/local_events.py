@@ -81,7 +81,9 @@ def get_event(store: EventStore, event_id: str) -> EventOut:
 
 
 def event_media(store: EventStore, event_id: str, kind: str) -> bytes:
-    _found(store, event_id)
+    ev = _found(store, event_id)
+    if kind == "clip" and ev.clip_bytes is None:  # none, or still being recorded
+        raise error(404, f"event {event_id!r} has no clip (yet)")
     try:
         return store.media_path(event_id, kind).read_bytes()
     except FileNotFoundError:

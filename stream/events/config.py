@@ -135,6 +135,30 @@ def _self_intersection(p: list[Point]) -> tuple[int, int] | None:
     return None
 
 
+class ClipsConfig(_Strict):
+    """Event clips of the streams with `record_clips: true`: H.264 MP4 of the pictures the
+    viewers see (redacted where privacy is on), from pre_roll_s before an event's start to
+    its end, at most max_s long."""
+
+    pre_roll_s: float = Field(3.0, ge=0, le=30, description="Seconds before the start.")
+    max_s: float = Field(
+        60.0, gt=0, le=3600, description="Longest clip; a longer event's clip stops there."
+    )
+    bitrate: int = Field(1500, ge=100, le=100_000, description="kbit/s")
+    encoder: Literal["auto", "libx264", "h264_nvenc"] = Field(
+        "auto", description="As the re-stream's: NVENC where it opens, else libx264."
+    )
+    buffer_frames: int = Field(
+        900, ge=10, le=100_000, description="Encoded frames a stream's pre-roll buffer holds."
+    )
+    buffer_bytes: int = Field(
+        32 << 20, ge=1 << 20, le=1 << 32, description="Bytes a stream's pre-roll buffer holds."
+    )
+    max_open: int = Field(
+        8, ge=1, le=64, description="Clips one stream records at once; more events get none."
+    )
+
+
 class EventsConfig(_Strict):
     database: str | None = Field(
         None,
@@ -156,6 +180,11 @@ class EventsConfig(_Strict):
     )
     update_interval_s: float = Field(
         1.0, gt=0, description="Least time between `update` changes of one event."
+    )
+    clips: ClipsConfig = Field(
+        ClipsConfig(),
+        description="Event clips ({pre_roll_s, max_s, bitrate, encoder, buffer_frames, "
+        "buffer_bytes, max_open}) of the streams with record_clips: true.",
     )
 
     @field_validator("database")

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import sqlalchemy as sa
 
+from segstream.stream.events.clips import ClipSet
 from segstream.stream.events.config import EventsConfig, MqttConfig, WebhookConfig, ZoneConfig
 from segstream.stream.events.delivery import OutboxTarget
 from segstream.stream.events.model import Change, EndReason
@@ -84,6 +85,9 @@ class EventsFeature:
         self.pruner: Pruner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._streams: dict[str, _Stream] = {}
+        # Event clips (record_clips): the service hands each such stream's sinks to it.
+        self.clips = ClipSet(cfg.clips, lambda eid: self.store.media_path(eid, "clip"),
+                             self._clip_done)  # fmt: skip
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -123,6 +127,7 @@ class EventsFeature:
             st = self._streams[sid]
             with st.lock:
                 self._submit(st.rules.close_all(now, "shutdown"))
+        await asyncio.to_thread(self.clips.close)  # their clips finished before the flush
         if self.recorder is not None:
             await asyncio.to_thread(self.recorder.flush, 5.0)
             await self._drain(drain_s)
@@ -180,6 +185,7 @@ class EventsFeature:
                 self.mqtt.set_zones(stream, zones)
 
     def remove_stream(self, stream: str, reason: EndReason = "stream_removed") -> None:
+        self.clips.record(stream, None, ())  # its open clips finish with what they have
         st = self._streams.pop(stream, None)
         if st is None:
             return
@@ -242,6 +248,13 @@ class EventsFeature:
     def _submit(self, changes: list[Change]) -> None:
         if changes and self.recorder is not None:
             self.recorder.submit(changes)
+        self.clips.changes(changes)
+
+    def _clip_done(self, event_id: str, path: Path, nbytes: int, truncated: bool) -> None:
+        if self.recorder is not None:
+            self.recorder.submit_clip(event_id, nbytes, truncated)
+        else:
+            path.unlink(missing_ok=True)
 
     def _take_media(
         self,

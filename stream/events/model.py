@@ -43,6 +43,9 @@ class Event:
     peak_at: float
     end: float | None = None  # the first frame of the quiet period that closed it
     end_reason: EndReason | None = None
+    # The clip, once it is finished (the store's; the rules' events have none).
+    clip_bytes: int | None = None
+    clip_truncated: bool = False
 
     def replace(self, **changes: Any) -> Event:
         return dataclasses.replace(self, **changes)
@@ -61,6 +64,8 @@ class Event:
             "end_reason": self.end_reason,
             "snapshot_url": f"/api/events/{self.id}/snapshot.jpg",
             "mask_url": f"/api/events/{self.id}/mask.png",
+            "clip_url": None if self.clip_bytes is None else f"/api/events/{self.id}/clip.mp4",
+            "clip_truncated": self.clip_truncated,
         }
 
 

@@ -54,6 +54,10 @@ class EventRecorder:
         """`media` runs on the writer thread (encoding off the pipeline's thread)."""
         self._put(("media", (event_id, media)))
 
+    def submit_clip(self, event_id: str, nbytes: int, truncated: bool) -> None:
+        """An event's clip is finished (after the event's own rows: same queue)."""
+        self._put(("clip", (event_id, nbytes, truncated)))
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far is written (tests, shutdown)."""
         done = threading.Event()
@@ -108,6 +112,9 @@ class EventRecorder:
             assert isinstance(arg, tuple)
             event_id, media = arg
             self.store.save_media(event_id, *media())
+        elif kind == "clip":
+            assert isinstance(arg, tuple)
+            self.store.save_clip(*arg)
         elif kind == "flush":
             assert isinstance(arg, threading.Event)
             arg.set()

@@ -21,6 +21,9 @@ events = sa.Table(
     sa.Column("peak_at", sa.Double, nullable=False),
     sa.Column("end_reason", sa.String(16), nullable=True),
     sa.Column("media_bytes", sa.BigInteger, nullable=False, server_default="0"),
+    # The event clip (0002): its MP4's bytes, null while there is none.
+    sa.Column("clip_bytes", sa.BigInteger, nullable=True),
+    sa.Column("clip_truncated", sa.Boolean, nullable=False, server_default=sa.false()),
     # newest first with a keyset cursor on (start, id)
     sa.Index("ix_events_start_id", "start", "id"),
     sa.Index("ix_events_stream_start", "stream", "start"),

@@ -31,7 +31,7 @@ from segstream.stream.events.model import Change, Event
 from segstream.stream.events.schema import cursors, events, outbox
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-MEDIA_KINDS = {"snapshot": ".jpg", "mask": ".png"}
+MEDIA_KINDS = {"snapshot": ".jpg", "mask": ".png", "clip": ".mp4"}
 MAX_PAGE = 1000
 
 
@@ -171,6 +171,10 @@ class EventStore:
             changes.append(Change("end", ev, ev.replace(end=ev.peak_at, end_reason="restart")))
         if changes:
             self.apply(changes, now)
+        for ch in changes:  # a clip cut short by the crash still plays (fragmented MP4)
+            clip = self.media_path(ch.after.id, "clip")
+            if clip.exists():
+                self.save_clip(ch.after.id, clip.stat().st_size, truncated=True)
         return changes
 
     def get(self, event_id: str) -> Event | None:
@@ -225,7 +229,7 @@ class EventStore:
     # -- media -------------------------------------------------------------------------------
 
     def media_path(self, event_id: str, kind: str) -> Path:
-        """Where an event's `snapshot` (JPEG) or `mask` (PNG) is kept."""
+        """Where an event's `snapshot` (JPEG), `mask` (PNG) or `clip` (MP4) is kept."""
         if kind not in MEDIA_KINDS or not event_id.isalnum():
             raise ValueError(f"no media {kind!r} for event {event_id!r}")
         return self.media_dir / f"{event_id}{MEDIA_KINDS[kind]}"
@@ -247,6 +251,20 @@ class EventStore:
             self._remove_media([event_id])
         return bool(n)
 
+    def save_clip(self, event_id: str, nbytes: int, truncated: bool) -> bool:
+        """The event's clip (already at media_path(id, "clip")) is finished: it counts in
+        the retention's bytes and the event's JSON names it. False (and the file removed)
+        when the event is gone meanwhile."""
+        with self.engine.begin() as conn:
+            n = conn.execute(
+                sa.update(events)
+                .where(events.c.id == event_id)
+                .values(clip_bytes=nbytes, clip_truncated=truncated)
+            ).rowcount
+        if not n:
+            self.media_path(event_id, "clip").unlink(missing_ok=True)
+        return bool(n)
+
     def _remove_media(self, ids: Iterable[str]) -> None:
         for eid in ids:
             for kind in MEDIA_KINDS:
@@ -262,11 +280,12 @@ class EventStore:
             old = events.c.end < now - retain_days * 86400
             gone += conn.execute(sa.select(events.c.id).where(old)).scalars().all()
             conn.execute(sa.delete(events).where(old))
-            total = conn.execute(sa.select(sa.func.sum(events.c.media_bytes))).scalar() or 0
+            size = events.c.media_bytes + sa.func.coalesce(events.c.clip_bytes, 0)
+            total = conn.execute(sa.select(sa.func.sum(size))).scalar() or 0
             if total > max_bytes:
                 rows = conn.execute(
-                    sa.select(events.c.id, events.c.media_bytes)
-                    .where(events.c.end.is_not(None), events.c.media_bytes > 0)
+                    sa.select(events.c.id, size)
+                    .where(events.c.end.is_not(None), size > 0)
                     .order_by(events.c.start, events.c.id)
                 ).all()
                 drop = []
@@ -371,6 +390,8 @@ def _event(r: Any) -> Event:
         peak_at=r["peak_at"],
         end=r["end"],
         end_reason=r["end_reason"],
+        clip_bytes=r["clip_bytes"],
+        clip_truncated=bool(r["clip_truncated"]),
     )
 
 

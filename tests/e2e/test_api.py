@@ -491,6 +491,11 @@ def _matrix(vtest: str, bird: bytes, event: str = "") -> dict[str, Case]:
             200,
             lambda r, _: r.ctype == "image/png" and r.body[:4] == b"\x89PNG",
         ),
+        "GET /api/events/{id}/clip.mp4": Case(
+            f"/api/events/{event}/clip.mp4",
+            200,
+            lambda r, _: r.ctype == "video/mp4" and r.body == MP4_HEAD,
+        ),
         "DELETE /api/events/{id}": Case(f"/api/events/{event}", 204, lambda r, _: r.body == b""),
     }
 
@@ -503,7 +508,12 @@ def _stored_event(api: Api, jpeg: bytes) -> str:
     store.apply([Change("new", None, ev)])
     ok, png = cv2.imencode(".png", np.full((8, 8), 15, np.uint8))
     assert ok and store.save_media(ev.id, jpeg, png.tobytes())
+    store.media_path(ev.id, "clip").write_bytes(MP4_HEAD)  # the route serves it as it is
+    assert store.save_clip(ev.id, len(MP4_HEAD), truncated=False)
     return ev.id
+
+
+MP4_HEAD = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
 
 
 ROLE = {"alice": "viewer", "root": "admin"}

@@ -10,6 +10,7 @@ import json
 import signal
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ def serve(tmp_path: Path, broker: Mosquitto, shared_dir: Path) -> ServiceProcess
                 # fill colour shows as it is).
                 "privacy": {"classes": ["person"], "style": "fill", "color": list(MAGENTA)},
                 "alpha": 0.0,
+                "record_clips": True,  # the page's event view gets a clip player
             }
         ],
     }
@@ -114,6 +116,14 @@ def one(svc: ServiceProcess, zone_name: str, pred: Any, timeout: float) -> dict[
 
     assert wait_for(check, timeout, 0.2), (zone_name, events(svc))
     return found[0]
+
+
+def epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def unclipped(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k not in ("clip_url", "clip_truncated")}
 
 
 def patch_zones(svc: ServiceProcess, zones: list[dict[str, Any]]) -> tuple[int, Any]:
@@ -197,16 +207,60 @@ async def _page_shows_zones_and_events(svc: ServiceProcess, chrome: Chromium) ->
                 Math.round(0.5 * c.height) - 1, 1, 1).data; return [...d].join(','); }})()""")
         r, g, b, _ = (int(v) for v in pixel.split(","))
         assert r > 230 and b < 110 and (g > 190 or 70 < g < 110), pixel
+        await _timeline_shows_thumbnails(page)
         await _draw_a_zone(page)
         # Its event opens; the page hears of it over /ws (it does not poll) and lists it.
         await page.eval("document.getElementById('focus-close').click(), true")
         listed = f"{tile}.querySelector('.events').textContent.includes('drawn · person')"
         await page.wait_for(listed, 30)
+        # ... and so does the site timeline, live.
+        await page.wait_for(f"[...{TIMELINE}.querySelectorAll('.tl')].some(e => "
+                            "e.title === 'cam · drawn · person')", 30)  # fmt: skip
+        await _event_view_opens(page, svc)
     assert wait_for(lambda: "drawn" in [z["name"] for z in svc.stream("cam")["zones"]], 10)
     drawn = next(z for z in svc.stream("cam")["zones"] if z["name"] == "drawn")
     assert len(drawn["polygon"]) == 3 and drawn["rules"][0]["class"] == "person", drawn
     xs = sorted(round(p[0], 1) for p in drawn["polygon"])
     assert xs == [0.2, 0.2, 0.6], drawn["polygon"]
+
+
+TIMELINE = "document.getElementById('timeline')"
+
+
+async def _timeline_shows_thumbnails(page: CdpPage) -> None:
+    """The site timeline lists the events of every stream with their snapshot thumbnails."""
+    await page.wait_for(f"+({TIMELINE}.dataset.count || 0) >= 1 && !{TIMELINE}.hidden", 20)
+    loaded = (f"(() => {{ const i = {TIMELINE}.querySelector('.tl img');"
+              " return !!i && i.complete && i.naturalWidth > 0; })()")  # fmt: skip
+    await page.wait_for(loaded, 20)
+    first = await page.eval(f"{TIMELINE}.querySelector('.tl').title")
+    assert first.startswith("cam · door · person"), first
+    assert await page.eval(f"{TIMELINE}.querySelector('.tl img').loading") == "lazy"
+
+
+async def _event_view_opens(page: CdpPage, svc: ServiceProcess) -> None:
+    """Clicking the ended door event opens it: its snapshot, its mask and its clip."""
+    ended = one(svc, "door", lambda e: e["end"] and e["clip_url"], 30)
+    await page.wait_for(
+        f"!!document.querySelector('#timeline .tl[data-event=\"{ended['id']}\"]')", 20
+    )
+    await page.eval(
+        f"document.querySelector('#timeline .tl[data-event=\"{ended['id']}\"]').click(), true"
+    )
+    await page.wait_for("!document.getElementById('event-view').hidden", 10)
+    await page.wait_for("document.getElementById('event-snapshot').naturalWidth > 0", 10)
+    await page.wait_for("document.getElementById('event-mask').width > 1", 10)
+    src = await page.eval("document.getElementById('event-clip').src")
+    assert src.endswith(ended["clip_url"]), (src, ended)
+    # The player reads the clip (the page's CSP lets media in; Chromium decodes H.264).
+    await page.wait_for("document.getElementById('event-clip').videoWidth === 768", 20)
+    duration = await page.eval("document.getElementById('event-clip').duration")
+    span = epoch(ended["end"]) - epoch(ended["start"])
+    assert span < duration < span + 3 + 2.5, (duration, span)  # + pre-roll (3 s), keyframe, frames
+    assert not await page.eval("document.getElementById('event-clip-box').hidden")
+    status, body, _ = svc.request("GET", ended["clip_url"])
+    assert status == 200 and body[4:8] == b"ftyp", status
+    await page.eval("document.getElementById('event-close').click(), true")
 
 
 async def _draw_a_zone(page: CdpPage) -> None:
@@ -274,7 +328,9 @@ def _kill_9_during_an_open_event(svc: ServiceProcess, kept: list[dict[str, Any]]
     assert closed["end_reason"] == "restart" and closed["end"] is not None, closed
     assert closed["start"] == lobby["start"] and closed["peak_coverage"] >= lobby["peak_coverage"]
     after = {e["id"]: e for e in events(svc, "&limit=1000")}
-    assert all(after[e["id"]] == e for e in kept), "events closed before the kill are intact"
+    # (A clip may have been finished since `kept` was read: it only adds clip_url.)
+    assert all(unclipped(after[e["id"]]) == unclipped(e) for e in kept), "intact after the kill"
+    assert all(after[e["id"]]["clip_url"] for e in kept if e["clip_url"])
     # The zones came back from the state file (`class` round-trips) and work again.
     assert [z["name"] for z in svc.stream("cam")["zones"]] == ["lobby"]
     again = one(svc, "lobby", lambda e: e["id"] != lobby["id"] and e["end"] is None, 20)

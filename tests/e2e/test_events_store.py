@@ -70,7 +70,7 @@ def ev(n: int, start: float, stream: str = "cam", zone: str = "floor", cls: str 
 
 def test_migrations_run_from_empty(store: EventStore):
     with store.engine.connect() as conn:
-        assert conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == "0001"
+        assert conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == "0002"
         tables = set(sa.inspect(conn).get_table_names())
     assert {"events", "event_outbox", "event_delivery_cursors", VERSION_TABLE} <= tables
     # opening again is a no-op migration
@@ -153,6 +153,44 @@ def test_retention_by_age_and_by_bytes(store: EventStore):
     assert store.prune(now=10 * day, retain_days=7, max_bytes=400) == 1
     assert store.get(mid1.id) is None and store.get(mid2.id) is not None
     assert store.get(open_.id) is not None
+
+
+def test_clips_count_in_retention_and_go_with_their_event(store: EventStore):
+    a, b = ev(1, 10.0, end=11.0), ev(2, 20.0, end=21.0)
+    store.apply([Change("new", None, e) for e in (a, b)])
+    assert store.get(a.id).to_dict()["clip_url"] is None  # type: ignore[union-attr]
+    for e, size in ((a, 300), (b, 50)):
+        store.media_path(e.id, "clip").write_bytes(b"m" * size)
+        assert store.save_clip(e.id, size, truncated=e is a)
+    got = store.get(a.id)
+    assert got is not None and (got.clip_bytes, got.clip_truncated) == (300, True)
+    assert got.to_dict()["clip_url"] == f"/api/events/{a.id}/clip.mp4"
+    # A later change of the event (its end) keeps the clip.
+    store.apply([Change("end", got, got.replace(end=12.0))])
+    assert store.get(a.id).clip_bytes == 300  # type: ignore[union-attr]
+    # 350 bytes of clips, 100 allowed: the older event goes with its clip file.
+    assert store.prune(now=30.0, retain_days=7, max_bytes=100) == 1
+    assert store.get(a.id) is None and not store.media_path(a.id, "clip").exists()
+    assert store.delete(b.id) and not store.media_path(b.id, "clip").exists()
+    # The event went while its clip was recorded: the finished file goes too.
+    store.media_path(b.id, "clip").write_bytes(b"late")
+    assert not store.save_clip(b.id, 4, truncated=False)
+    assert not store.media_path(b.id, "clip").exists()
+
+
+def test_a_clip_cut_short_by_a_crash_is_kept(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    s = EventStore(url, tmp_path / "media")
+    s.open(now=1.0)
+    e = ev(1, 10.0)
+    s.apply([Change("new", None, e)])
+    s.media_path(e.id, "clip").write_bytes(b"m" * 64)  # recording when the process died
+    s.close()
+    again = EventStore(url, tmp_path / "media")
+    assert [c.after.end_reason for c in again.open(now=20.0)] == ["restart"]
+    got = again.get(e.id)
+    assert got is not None and (got.clip_bytes, got.clip_truncated) == (64, True)
+    again.close()
 
 
 def test_outbox_is_bounded_and_read_per_target(store: EventStore):

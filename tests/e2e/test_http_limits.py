@@ -154,6 +154,7 @@ def test_pages_send_a_strict_csp(service: ServiceProcess, path: str) -> None:
     assert "'unsafe-inline'" not in directives["script-src"]
     assert "'unsafe-eval'" not in directives["script-src"]
     assert directives["connect-src"] == "'self'"
+    assert directives["media-src"] == "'self'"  # the event view's clip player
     assert directives["frame-ancestors"] == "'none'"
     assert _script_hashes(body) <= set(directives["script-src"].split())
     assert "http" not in csp  # no other host

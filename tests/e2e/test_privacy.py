@@ -5,16 +5,19 @@ fail closed (stale masks, failing inference), and the raw view is for an admin a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import av
 import cv2
 import numpy as np
 import pytest
@@ -28,6 +31,7 @@ from segstream.models.runtime import Segmenter, prepare
 from segstream.stream.auth import Authenticator, TokenStore, load_secret
 from segstream.stream.config import AppConfig, StreamConfig
 from segstream.stream.datatypes import Rendered
+from segstream.stream.events.clips import ClipRecorder
 from segstream.stream.render.privacy import BLANK_BGR
 from segstream.stream.server import make_app
 from segstream.stream.service import Service
@@ -563,3 +567,129 @@ async def test_raw_view_is_for_an_admin_with_admin_raw_alone(
         ("alice", "open", k, ev) for k in ("snapshot", "mjpeg") for ev in ("start", "end")
     }
     assert all(e["seconds"] >= 0 for e in lines if e["event"] == "end")
+
+
+DOOR = [[0.75, 0.5], [1.0, 0.5], [1.0, 0.75], [0.75, 0.75]]  # a person: ~1.5-5.5 s of each loop
+WHOLE = [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]  # people all the time
+
+
+def clip_pictures(mp4: bytes, tmp: Path) -> tuple[dict[int, np.ndarray], float, int, float]:
+    """A clip's frames by their stamped number (BGR), its duration, frame count and the time
+    of its last frame."""
+    path = tmp / "clip.mp4"
+    path.write_bytes(mp4)
+    got: dict[int, np.ndarray] = {}
+    count, last = 0, 0.0
+    with av.open(str(path)) as f:
+        duration = float(f.duration or 0) / av.time_base
+        for fr in f.decode(f.streams.video[0]):
+            count += 1
+            last = float(fr.time or 0.0)
+            img = fr.to_ndarray(format="bgr24")
+            code = stamp.read_image(img)
+            if code is not None and not is_blank(img):
+                got[code[0]] = img
+    return got, duration, count, last
+
+
+def epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+async def test_event_clips_are_redacted_and_span_pre_roll_to_end_within_the_cap(
+    model: Segmenter, stamped: Path, tmp_path: Path
+) -> None:
+    rule = {"class": "person", "for_s": 0.3}
+    stream = {
+        "id": "priv",
+        "source": str(stamped),
+        "alpha": 0,
+        "privacy": privacy(zones=[ZONE]),
+        "record_clips": True,
+        "zones": [
+            {"name": "door", "polygon": DOOR, "rules": [{**rule, "above": 0.03, "clear_s": 1}]},
+            {"name": "all", "polygon": WHOLE, "rules": [{**rule, "above": 0.002, "clear_s": 30}]},
+        ],
+    }
+    cfg = config(
+        streams=[stream],
+        events={
+            "database": f"sqlite:///{tmp_path / 'events.db'}",
+            "clips": {"pre_roll_s": 1.0, "max_s": 8.0},
+        },
+    )
+    async with running(model, cfg) as (service, server), aiohttp.ClientSession() as http:
+
+        async def get(path: str) -> tuple[int, Any]:
+            async with http.get(server.make_url(path)) as r:
+                body = await r.read()
+                return r.status, (json.loads(body) if r.content_type.endswith("json") else body)
+
+        async def event(zone: str, pred: Any) -> dict[str, Any]:
+            found: list[dict[str, Any]] = []
+
+            async def check() -> bool:
+                _, page = await get(f"/api/events?stream=priv&zone={zone}")
+                found[:] = [e for e in page["events"] if pred(e)]
+                return bool(found)
+
+            deadline = time.monotonic() + 90
+            while not await check() and time.monotonic() < deadline:
+                await asyncio.sleep(0.25)
+            assert found, zone
+            return found[0]
+
+        # A door event (ended, its clip finished): pre-roll + the event, redacted.
+        door = await event("door", lambda e: e["end"] and e["clip_url"])
+        status, mp4 = await get(door["clip_url"])
+        assert status == 200 and mp4[4:8] == b"ftyp", status
+        pictures, duration, count, _ = clip_pictures(mp4, tmp_path)
+        span = epoch(door["end"]) - epoch(door["start"]) + 1.0
+        # It starts at the keyframe (one a second) at or before start - pre_roll and ends at
+        # the frame at or before the end: within a frame (at the stream's output rate).
+        step = duration / count
+        assert span - step - 0.1 <= duration <= span + 1.0 + 2 * step, (duration, span, door)
+        assert count >= 10 and door["clip_truncated"] is False
+        assert len(pictures) >= 3, len(pictures)
+        some = dict(sorted(pictures.items())[:: max(1, len(pictures) // 8)])  # 8 or so suffice
+        assert check_fill(model, stamped, some, tol=64, far_mean=8, far_p99=64) > 3000
+
+        # Players ask for byte ranges.
+        url = server.make_url(door["clip_url"])
+        async with http.get(url, headers={"Range": "bytes=4-11"}) as r:
+            assert r.status == 206 and await r.read() == mp4[4:12]
+            assert r.headers["Content-Range"] == f"bytes 4-11/{len(mp4)}"
+        async with http.get(url, headers={"Range": f"bytes={len(mp4)}-"}) as r:
+            assert r.status == 416 and "error" in await r.json()
+
+        # People are in the whole picture all the time: that event's clip stops at the cap.
+        whole = await event("all", lambda e: e["clip_url"])
+        assert whole["end"] is None and whole["clip_truncated"] is True
+        status, mp4 = await get(whole["clip_url"])
+        _, _, _, last = clip_pictures(mp4, tmp_path)
+        assert 8.0 - 1.0 <= last < 8.0, last  # the last frame shown starts within the cap
+
+        # No clip: 404 with a JSON error; deleting the event deletes its clip file.
+        status, body = await get(f"/api/events/{'0' * 32}/clip.mp4")
+        assert status == 404 and "error" in body, body
+        clip_file = service.events.store.media_path(door["id"], "clip")  # type: ignore[union-attr]
+        assert clip_file.stat().st_size > 1000
+        async with http.delete(server.make_url(f"/api/events/{door['id']}")) as r:
+            assert r.status == 204
+        assert not clip_file.exists()
+        status, body = await get(door["clip_url"])
+        assert status == 404 and "error" in body
+        # record_clips changes live: the recorder leaves the stream's sinks, the reader stays.
+        view, reader = service.streams["priv"].view, service.streams["priv"].source
+        assert sum(isinstance(x, ClipRecorder) for x in view.sinks) == 1
+        async with http.patch(
+            server.make_url("/api/streams/priv"), json={"record_clips": False}
+        ) as r:
+            assert r.status == 200, await r.text()
+        assert not any(isinstance(x, ClipRecorder) for x in view.sinks)
+        assert service.streams["priv"].source is reader
+        _, spec = await get("/openapi.json")
+        assert (
+            "video/mp4"
+            in spec["paths"]["/api/events/{id}/clip.mp4"]["get"]["responses"]["200"]["content"]
+        )
