@@ -1,6 +1,7 @@
 """MQTT alerts against a real Mosquitto broker started here: availability with its last will,
 the change feed, active states, coverage, Home Assistant discovery (and its re-send and
-removal), and a broker killed while events happen: every message arrives, in order per stream."""
+removal), and a broker killed for 30 s while events happen: every message arrives, in order per
+stream."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -225,14 +227,18 @@ async def test_broker_killed_while_events_happen_loses_nothing(tmp_path):
             assert await until(lambda: len(sub.feed()) == 1, 5)
             b.kill()
             assert await until(lambda: not f.mqtt.connected, 5)
-            # while the broker is down: both streams open, grow and close events
-            t = 2.0
-            for frac in (0.6, 0.0, 0.0, 0.5, 0.9, 0.0, 0.0):
+            # The broker stays down 30 s (the issue's outage) while both streams open, grow
+            # and close events: half of the changes at its start, half 15 s into it.
+            t, down_at = 2.0, time.monotonic()
+            for k, frac in enumerate((0.6, 0.0, 0.0, 0.5, 0.9, 0.0, 0.0)):
+                if k == 3:
+                    await asyncio.sleep(15.0)
                 f.on_mask("cam1", person_mask(frac), now=t)
                 f.on_mask("cam2", person_mask(0.9 - frac), now=t)
                 t += 1.0
             assert f.recorder is not None and f.recorder.flush()
-            await asyncio.sleep(5.0)  # the outage itself: the broker stays down 5 s
+            await asyncio.sleep(max(0.0, 30.0 - (time.monotonic() - down_at)))
+            assert not f.mqtt.connected
             b.start()
             rows = await asyncio.to_thread(f.store.outbox_after, 0, 1000)
             want: dict[str, list[tuple[str, str]]] = {}
