@@ -6,6 +6,9 @@ kill -9 during an open event leaves it closed with `restart` after the next star
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import http.server
 import json
 import signal
 import threading
@@ -42,18 +45,25 @@ def zone(name: str, polygon: list[list[float]], above: float, clear_s: float) ->
 class Feed:
     """Every message of the service's MQTT change feed and availability (paho, a thread)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, client_id: str = "evtest") -> None:
         self.msgs: list[tuple[str, bytes]] = []
+        self.retained: dict[str, bytes] = {}  # topic -> payload of messages sent retained
         self.subscribed = threading.Event()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="evtest")
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
         self.client.on_connect = self._on_connect
-        self.client.on_message = lambda _c, _u, m: self.msgs.append((m.topic, m.payload))
+        self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
     def _on_connect(self, client: paho.Client, *_: Any) -> None:
-        client.subscribe([("segstream/events", 1), ("segstream/available", 1)])
+        topics = ["segstream/events", "segstream/available", "homeassistant/#"]
+        client.subscribe([(t, 1) for t in topics])
         self.subscribed.set()
+
+    def _on_message(self, _c: Any, _u: Any, m: paho.MQTTMessage) -> None:
+        self.msgs.append((m.topic, m.payload))
+        if m.retain:
+            self.retained[m.topic] = m.payload
 
     def changes(self, event_id: str) -> list[str]:
         out = [json.loads(p) for t, p in self.msgs if t == "segstream/events"]
@@ -64,6 +74,44 @@ class Feed:
         self.client.disconnect()
 
 
+class Receiver:
+    """A webhook receiver on a free loopback port (a thread): the bodies whose signature
+    checks out with SECRET; anything else is counted as forged."""
+
+    def __init__(self) -> None:
+        self.changes: list[dict[str, Any]] = []
+        self.forged = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                want = "sha256=" + hmac.new(SECRET, body, hashlib.sha256).hexdigest()
+                if hmac.compare_digest(want, self.headers.get("X-Segstream-Signature", "")):
+                    outer.changes.append(json.loads(body))
+                else:
+                    outer.forged += 1
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def types(self, event_id: str) -> list[str]:
+        return [c["type"] for c in self.changes if c["after"]["id"] == event_id]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+SECRET = b"hook-secret"
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     b = Mosquitto(tmp_path / "mosquitto")
@@ -72,12 +120,18 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     b.stop()
 
 
-def serve(tmp_path: Path, broker: Mosquitto, shared_dir: Path) -> ServiceProcess:
+def serve(tmp_path: Path, broker: Mosquitto, shared_dir: Path, hook: str) -> ServiceProcess:
     cfg = {
         "model": {"name": "mnv2-voc", "backend": "tflite", "workers": 1, "threads": 1},
         "auth": {"tokens_dir": str(tmp_path / "auth")},
         "events": {"database": f"sqlite:///{tmp_path / 'events.db'}"},
-        "mqtt": {"url": broker.url, "client_id": "segstream-test", "reconnect_max_s": 0.5},
+        "mqtt": {
+            "url": broker.url,
+            "client_id": "segstream-test",
+            "reconnect_max_s": 0.5,
+            "homeassistant": True,
+        },
+        "webhooks": [{"url": hook, "secret": SECRET.decode(), "events": ["new", "end"]}],
         "streams": [
             {
                 "id": "cam",
@@ -134,12 +188,12 @@ def patch_zones(svc: ServiceProcess, zones: list[dict[str, Any]]) -> tuple[int, 
 def test_zone_events_end_to_end(
     tmp_path: Path, segstream_home: Path, broker: Mosquitto, shared_dir: Path
 ) -> None:
-    feed = Feed(broker.port)
+    feed, hook = Feed(broker.port), Receiver()
     assert feed.subscribed.wait(10)
-    svc = serve(tmp_path, broker, shared_dir).start()
+    svc = serve(tmp_path, broker, shared_dir, hook.url).start()
     chrome = Chromium(tmp_path / "chrome")
     try:
-        _walk_across_the_door(svc, feed)
+        _walk_across_the_door(svc, broker, feed, hook)
         asyncio.run(_page_shows_zones_and_events(svc, chrome))
         kept = _zones_change_live(svc)
         _kill_9_during_an_open_event(svc, kept)
@@ -147,9 +201,12 @@ def test_zone_events_end_to_end(
         chrome.close()
         svc.stop()
         feed.close()
+        hook.close()
 
 
-def _walk_across_the_door(svc: ServiceProcess, feed: Feed) -> None:
+def _walk_across_the_door(
+    svc: ServiceProcess, broker: Mosquitto, feed: Feed, hook: Receiver
+) -> None:
     ev = one(svc, "door", lambda e: e["end"] is not None, 40)
     assert ev["class"] == "person" and ev["end_reason"] == "cleared", ev
     assert 0.03 < ev["peak_coverage"] <= 1.0 and ev["start"] <= ev["peak_at"] <= ev["end"], ev
@@ -175,6 +232,22 @@ def _walk_across_the_door(svc: ServiceProcess, feed: Feed) -> None:
     types = feed.changes(ev["id"])
     assert types[0] == "new" and types[-1] == "end" and set(types[1:-1]) <= {"update"}, types
     assert ("segstream/available", b"online") in feed.msgs
+    # The signed webhook: the changes it asked for (new, end), once each, signature valid.
+    assert wait_for(lambda: hook.types(ev["id"]) == ["new", "end"], 15), hook.types(ev["id"])
+    assert hook.forged == 0 and hook.changes[-1]["after"]["end_reason"] == "cleared"
+    # Home Assistant discovery, retained (a client subscribing now is sent them): the door's
+    # occupancy sensor and its coverage in %.
+    uid = "homeassistant/{}/segstream_cam_door_person{}/config"
+    topics = [uid.format("sensor", "_coverage"), uid.format("binary_sensor", "")]
+    late = Feed(broker.port, "evtest-late")
+    try:
+        assert wait_for(lambda: all(t in late.retained for t in topics), 10), late.retained
+        sensor, occupancy = (json.loads(late.retained[t]) for t in topics)
+    finally:
+        late.close()
+    assert occupancy["device_class"] == "occupancy", occupancy
+    assert occupancy["state_topic"] == "segstream/cam/door/person/active", occupancy
+    assert (sensor["unit_of_measurement"], sensor["state_class"]) == ("%", "measurement")
     # Metrics.
     assert 0.0 <= svc.metric("segstream_zone_coverage_ratio", **_door()) <= 1.0
     assert svc.metric("segstream_events_total", **_door()) >= 1
