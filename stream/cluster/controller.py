@@ -24,6 +24,7 @@ from typing import Any
 
 from segstream.models.registry import get_spec
 from segstream.stream.cluster import runtime
+from segstream.stream.cluster.events_hub import start_events_hub
 from segstream.stream.cluster.node import fingerprint
 from segstream.stream.cluster.placement import CostModel, Placement, place
 from segstream.stream.cluster.runtime import CONTROLLER_NAME
@@ -544,6 +545,8 @@ def start_controller(
         num_cpus=0,
         resources={"node:__internal_head__": 0.001},
     )
+    # The events hub first: node services forward their events to it from the start.
+    start_events_hub(cfg)
     handle = actor.remote(
         small.model_dump_json(), state_file, secrets.token_urlsafe(32), signing_secret, node_class
     )

@@ -48,6 +48,7 @@ from segstream.stream.schemas import (
     EventOut,
     EventPage,
     EventQuery,
+    EventsHealth,
     Health,
     NodeList,
     NodeStatus,
@@ -132,6 +133,7 @@ class ClusterBackend:
         self.registry = CollectorRegistry(auto_describe=False)  # the gateway's own series
         self.registry.register(_ClusterCollector(client))
         self._http: aiohttp.ClientSession | None = None
+        self._events_hub: Any = None
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -351,25 +353,67 @@ class ClusterBackend:
             5.0,
         )
 
-    # -- events: not gathered from the nodes yet ----------------------------------------------
-    def _no_events(self) -> ApiError:
-        return error(
-            501,
-            "events are not served at the cluster gateway yet: each node keeps its own event "
-            "store, and gathering them here is not implemented (ask a node's /api/events)",
-        )
+    # -- events: the cluster's events hub keeps and serves them ---------------------------
+    async def _hub(self) -> Any:
+        if self._events_hub is None:
+            from segstream.stream.cluster import runtime
+            from segstream.stream.cluster.events_hub import EVENTS_HUB_NAME
+
+            ray = runtime.ray_module()
+            ns = self.cfg.cluster.namespace
+            try:
+                self._events_hub = await asyncio.to_thread(
+                    ray.get_actor, EVENTS_HUB_NAME, namespace=ns
+                )
+            except ValueError:
+                raise error(
+                    503, "the cluster's events hub is not running", headers={"Retry-After": "5"}
+                ) from None
+        return self._events_hub
+
+    async def _events(self, name: str, *args: Any) -> Any:
+        """An event query at the hub, answered as a node answers it (same errors)."""
+        hub = await self._hub()
+        try:
+            ref = hub.query.remote(name, *args)
+            answer = await asyncio.wait_for(asyncio.wrap_future(ref.future()), 30.0)
+        except TimeoutError:
+            raise error(
+                503, "the cluster's events hub did not answer in time", headers={"Retry-After": "2"}
+            ) from None
+        except Exception as e:  # the hub died (Ray restarts it): found again next time
+            self._events_hub = None
+            raise error(
+                503,
+                f"the cluster's events hub is away: {type(e).__name__}",
+                headers={"Retry-After": "2"},
+            ) from None
+        if answer[0] == "error":
+            raise error(answer[1], answer[2])
+        return answer[1]
 
     async def list_events(self, q: EventQuery) -> EventPage:
-        raise self._no_events()
+        page: EventPage = await self._events("list_events", q)
+        return page
 
     async def get_event(self, event_id: str) -> EventOut:
-        raise self._no_events()
+        ev: EventOut = await self._events("get_event", event_id)
+        return ev
 
     async def event_media(self, event_id: str, kind: str) -> bytes:
-        raise self._no_events()
+        return bytes(await self._events("event_media", event_id, kind))
 
     async def delete_event(self, event_id: str) -> None:
-        raise self._no_events()
+        await self._events("delete_event", event_id)
+
+    async def _events_health(self) -> EventsHealth | None:
+        """The hub's events health, if it answers at once (health stays fast)."""
+        with contextlib.suppress(Exception):
+            hub = await self._hub()
+            ref = hub.health.remote()
+            got = await asyncio.wait_for(asyncio.wrap_future(ref.future()), 2.0)
+            return EventsHealth.model_validate(got)
+        return None
 
     # -- system ------------------------------------------------------------------------------
     async def health(self) -> Health:
@@ -377,7 +421,11 @@ class ClusterBackend:
             await self.client.snapshot()
         except ApiError:
             raise error(503, "the cluster controller does not answer") from None
-        return Health(status="ok", uptime_s=round(time.monotonic() - self.started, 1))
+        return Health(
+            status="ok",
+            uptime_s=round(time.monotonic() - self.started, 1),
+            events=await self._events_health(),
+        )
 
     async def ready(self) -> None:
         if not (await self.client.snapshot()).ready:
