@@ -361,6 +361,8 @@ class ClusterBackend:
 
             ray = runtime.ray_module()
             ns = self.cfg.cluster.namespace
+            if not ray.is_initialized():  # never start a Ray of our own to ask
+                raise error(503, "the gateway is not connected to a Ray cluster")
             try:
                 self._events_hub = await asyncio.to_thread(
                     ray.get_actor, EVENTS_HUB_NAME, namespace=ns
