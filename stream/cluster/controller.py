@@ -269,6 +269,7 @@ class ClusterState:
                     node=node,
                     phase=phase,
                     reason=reason,
+                    zones=tuple(z.model_dump(mode="json", by_alias=True) for z in cfg.zones),
                 )
             )
         nodes = [
