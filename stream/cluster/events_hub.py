@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from segstream.stream.events.config import ZoneConfig
 from segstream.stream.events.feature import EventsFeature
 from segstream.stream.events.forward import Batch, Changes, Claim, Media
 from segstream.stream.events.model import Change, Event, new_id
+from segstream.stream.events.observer import DeliveryOutcome
 from segstream.stream.events.recorder import EventRecorder
 from segstream.stream.events.schema import events
 from segstream.stream.events.store import default_url
@@ -53,6 +54,33 @@ QUERIES: dict[str, Callable[..., Any]] = {
     "event_media": local_events.event_media,
     "delete_event": local_events.delete_event,
 }
+
+
+class HubCounts:
+    """The hub's EventsObserver: delivery and outbox figures, which the gateway exposes on
+    its /metrics (the hub actor has no listener of its own). Coverage and events_total are
+    counted on the nodes."""
+
+    def __init__(self) -> None:
+        self.deliveries: dict[tuple[str, str], int] = {}
+        self.outbox = 0
+        self.dropped = 0
+
+    def zone_coverage(self, stream: str, zone: str, coverage: Mapping[str, float]) -> None:
+        pass
+
+    def event_opened(self, stream: str, zone: str, class_name: str) -> None:
+        pass
+
+    def delivery(self, target: str, outcome: DeliveryOutcome) -> None:
+        key = (target, outcome)
+        self.deliveries[key] = self.deliveries.get(key, 0) + 1
+
+    def outbox_size(self, size: int) -> None:
+        self.outbox = size
+
+    def outbox_dropped(self, count: int) -> None:
+        self.dropped += count
 
 
 class HubError(RuntimeError):
@@ -69,8 +97,14 @@ class EventsHub:
         cfg = AppConfig.model_validate_json(cfg_json)
         self.cfg = cfg
         self.instance = new_id()  # nodes claim their streams again when this changes
+        self.counts = HubCounts()
         self.feature = EventsFeature(
-            cfg.events, home=home(), labels=[], mqtt=cfg.mqtt, webhooks=cfg.webhooks
+            cfg.events,
+            home=home(),
+            labels=[],
+            mqtt=cfg.mqtt,
+            webhooks=cfg.webhooks,
+            observer=self.counts,
         )
         self.owner: dict[str, str] = {}  # stream -> node instance that claimed it last
         self.opened_by: dict[str, str] = {}  # event id -> node instance (this run)
@@ -219,12 +253,13 @@ class EventsHub:
         return self.feature.health()
 
     async def stats(self) -> dict[str, Any]:
-        rec = self.feature.recorder
+        """For the gateway's /metrics."""
+        c = self.counts
         return {
-            "instance": self.instance,
+            "deliveries": [[t, o, n] for (t, o), n in sorted(c.deliveries.items())],
+            "outbox_size": c.outbox,
+            "outbox_dropped": c.dropped,
             "batches": self.batches,
-            "streams": len(self.owner),
-            "dropped": rec.dropped if rec else 0,
         }
 
 

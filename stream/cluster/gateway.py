@@ -26,7 +26,7 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from segstream.stream.api.backend import ServiceWork, StreamWork, refused, unknown
 from segstream.stream.api.context import AUTH, BACKEND, STOP, backend
@@ -132,6 +132,8 @@ class ClusterBackend:
         self.started = time.monotonic()
         self.registry = CollectorRegistry(auto_describe=False)  # the gateway's own series
         self.registry.register(_ClusterCollector(client))
+        self.hub_stats: dict[str, Any] | None = None  # the events hub's, at the last scrape
+        self.registry.register(_HubCollector(self))
         self._http: aiohttp.ClientSession | None = None
         self._events_hub: Any = None
 
@@ -436,7 +438,19 @@ class ClusterBackend:
     async def metrics(self) -> bytes:
         with contextlib.suppress(ApiError):
             await self.client.snapshot()
+        self.hub_stats = await self._hub_stats()
         return bytes(generate_latest(self.registry))
+
+    async def _hub_stats(self) -> dict[str, Any] | None:
+        """The events hub's delivery figures, if it answers at once."""
+        if self._events_hub is None and not self.cfg.mqtt and not self.cfg.webhooks:
+            return None  # nothing is delivered: do not look for a hub on every scrape
+        with contextlib.suppress(Exception):
+            hub = await self._hub()
+            ref = hub.stats.remote()
+            got: dict[str, Any] = await asyncio.wait_for(asyncio.wrap_future(ref.future()), 2.0)
+            return got
+        return None
 
     async def close(self) -> None:
         await self.hub.close_all()
@@ -519,6 +533,34 @@ class _ClusterCollector:
             load.add_metric([n.id], n.load)
             count.add_metric([n.id], n.streams)
         yield from (nodes, streams, load, count)
+
+
+class _HubCollector:
+    """The events hub's delivery series (the same names as a single node's), as of the last
+    scrape; none while the hub does not answer."""
+
+    def __init__(self, backend: ClusterBackend) -> None:
+        self.backend = backend
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        st = self.backend.hub_stats
+        if st is None:
+            return
+        sent = CounterMetricFamily(
+            "segstream_event_deliveries",
+            "Event changes sent to an alert target: delivered, failed (retried), rejected.",
+            labels=["target", "outcome"],
+        )
+        for target, outcome, n in st["deliveries"]:
+            sent.add_metric([target, outcome], n)
+        size = GaugeMetricFamily("segstream_event_outbox_size", "Event changes not yet delivered.")
+        size.add_metric([], st["outbox_size"])
+        dropped = CounterMetricFamily(
+            "segstream_event_outbox_dropped",
+            "Undelivered event changes dropped to keep the outbox bounded.",
+        )
+        dropped.add_metric([], st["outbox_dropped"])
+        yield from (sent, size, dropped)
 
 
 CLUSTER_ENDPOINTS = [

@@ -177,6 +177,7 @@ class HubForwarder(EventRecorder):
                     del self._items[i]
                     self._media -= isinstance(it, Media)
                     self.dropped += 1
+                    self.observer.outbox_dropped(1)  # the node's outbox_dropped_total
                     log.warning("events hub away: oldest %s dropped", type(it).__name__)
                     break
             else:

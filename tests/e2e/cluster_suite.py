@@ -402,8 +402,18 @@ def test_events_of_a_zone_are_stored_served_and_published_once_at_the_gateway(
     assert zone and zone["person"] > 0.005, gateway.streams()["s1"]["zones"]
     status, one = gateway.call("GET", "/api/streams/s1")
     assert status == 200 and one["zones"][0]["active"] == ["person"], one["zones"]
+
+    def delivered() -> float:
+        status, text = gateway.call("GET", "/metrics")
+        assert status == 200, text
+        key = 'segstream_event_deliveries_total{outcome="delivered",target="mqtt"} '
+        line = next((ln for ln in text.decode().splitlines() if ln.startswith(key)), "x 0")
+        return float(line.rpartition(" ")[2])
+
+    assert wait_until(lambda: delivered() >= 1, 10), delivered()
     status, health = gateway.call("GET", "/healthz")
-    assert status == 200 and health["events"] == {"status": "ok", "mqtt": "connected"}, health
+    events_health = (health["events"]["status"], health["events"]["mqtt"])
+    assert status == 200 and events_health == ("ok", "connected"), health
 
 
 def test_a_stream_that_fits_nowhere_is_pending(gateway: Gateway, clip: Path) -> None:
@@ -795,7 +805,10 @@ def test_events_kept_one_history_through_the_moves(gateway: Gateway, feed: Feed)
         assert a["end"] <= b["start"], (a, b)
     reasons = [e["end_reason"] for e in ordered[:-1]]
     print(f"s1's events through the moves: {len(got)}; end reasons {reasons}")
-    assert reasons.count("restart") >= 2 and set(reasons) <= {"restart", "stream_removed"}, reasons
+    # s1's node was removed while its event was open (restart); whether the node that joined
+    # took s1 (stream_removed or restart), and whether s1's node had forwarded an event before
+    # it was silenced a moment later, depends on timing: not asserted.
+    assert "restart" in reasons and set(reasons) <= {"restart", "stream_removed"}, reasons
     assert json.loads(feed.last(HA_CONFIG) or b"{}").get("device_class") == "occupancy"
 
     gone = ordered[0]
