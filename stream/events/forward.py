@@ -145,15 +145,19 @@ class HubForwarder(EventRecorder):
 
     # -- from the feature's MQTT relay -------------------------------------------------------
     def claim(self, stream: str, zones: Sequence[ZoneConfig], release: bool = False) -> None:
+        """A stream's zones here (release: it left this node). A stream that never had zones
+        here is not claimed: a cluster without zones makes the hub write nothing."""
         dumped = [z.model_dump(mode="json", by_alias=True) for z in zones]
         with self._cond:
-            if release:
+            had = stream in self.claims
+            if dumped and not release:
+                self.claims[stream] = dumped
+            else:
                 self.claims.pop(stream, None)
                 for key in [k for k in self._coverage if k[0] == stream]:
                     del self._coverage[key]
-            else:
-                self.claims[stream] = dumped
-        self._add(Claim(stream, dumped, release))
+        if dumped or had:
+            self._add(Claim(stream, dumped, release))
 
     def coverage(self, stream: str, zone: str, values: dict[str, float]) -> None:
         with self._cond:

@@ -78,6 +78,9 @@ async def flushed(*nodes: ForwardingEventsFeature) -> None:
 async def test_a_batch_taken_twice_is_one_history_with_media(hub: Hub) -> None:
     hub.twice = True
     a = await node(hub, "A")
+    a.set_stream("plain", [])  # a stream without zones: nothing for the hub
+    await flushed(a)
+    assert hub.batches == []
     a.set_stream("cam", [zone("floor", clear_s=0.5)])
     a.on_mask("cam", person_mask(0.5), now=10.0, snapshot=lambda: b"jpeg10")
     a.on_mask("cam", person_mask(0.7), now=11.5, snapshot=lambda: b"jpeg11")  # update: peak
