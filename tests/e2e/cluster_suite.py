@@ -395,7 +395,8 @@ def test_events_of_a_zone_are_stored_served_and_published_once_at_the_gateway(
     assert [c["type"] for c in published()] == ["new"], published()
     assert wait_until(lambda: feed.last(HA_CONFIG), 20), [t for t, _, _ in feed.msgs]
     assert json.loads(feed.last(HA_CONFIG) or b"{}")["device_class"] == "occupancy"
-    assert feed.last("segstream/s1/floor/person/active") == b"ON"
+    active = "segstream/s1/floor/person/active"
+    assert wait_until(lambda: feed.last(active) == b"ON", 10), feed.last(active)
     assert wait_until(lambda: feed.last("segstream/s1/floor/person"), 20)
 
     zone = wait_until(lambda: gateway.streams()["s1"]["zones"][0]["coverage"], 20)
