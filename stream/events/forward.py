@@ -253,8 +253,9 @@ class HubForwarder(EventRecorder):
 
     def _claim_again(self) -> None:
         """A new hub instance (it restarted): it knows nothing of our streams' zones."""
-        for stream, zones in self.claims.items():
-            self._items.appendleft((-1, Claim(stream, zones)))
+        first = self._items[0][0] if self._items else next(self._seq)
+        for i, (stream, zones) in enumerate(reversed(list(self.claims.items()))):
+            self._items.appendleft((first - 1 - i, Claim(stream, zones)))  # seqs still ascend
 
     @staticmethod
     def _encode(items: list[Item]) -> None:

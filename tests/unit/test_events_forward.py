@@ -18,7 +18,7 @@ from support.events_helpers import LABELS, person_mask, zone
 from segstream.stream.cluster.events_hub import EventsHub
 from segstream.stream.config import AppConfig
 from segstream.stream.events.config import EventsConfig
-from segstream.stream.events.forward import Batch, ForwardingEventsFeature
+from segstream.stream.events.forward import Batch, Claim, ForwardingEventsFeature
 
 
 class Hub:
@@ -28,7 +28,8 @@ class Hub:
         cfg = AppConfig.model_validate(
             {"events": {"database": f"sqlite:///{tmp / 'hub.db'}"}, "streams": []}
         )
-        self.hub = EventsHub(cfg.model_dump_json())
+        self.cfg_json = cfg.model_dump_json()
+        self.hub = EventsHub(self.cfg_json)
         self.loop = asyncio.get_running_loop()
         self.down = False
         self.twice = False
@@ -173,3 +174,18 @@ async def test_a_hub_away_loses_nothing_within_the_bound(hub: Hub) -> None:
     assert [(ty, r) for ty, _, r in hub.feed()[20:]] == [("new", None), ("end", "cleared")] * 3
     await a.close()
     await b.close()
+
+
+async def test_a_restarted_hub_ends_what_was_open_and_gets_the_claims_again(hub: Hub) -> None:
+    a = await node(hub, "A")
+    a.set_stream("cam", [zone("floor")])
+    a.on_mask("cam", person_mask(0.5), now=10.0)
+    await flushed(a)
+    await hub.hub.close()
+    hub.hub = EventsHub(hub.cfg_json)  # Ray restarts the actor: same store, new instance
+    await hub.hub.ready()
+    a.on_mask("cam", person_mask(0.8), now=12.0)  # a peak of the event the hub ended: dropped
+    await flushed(a)
+    assert [(t, r) for t, _, r in hub.feed()] == [("new", None), ("end", "restart")]
+    assert hub.hub.owner == {"cam": "A"} and isinstance(hub.batches[-1].items[0], Claim)
+    await a.close()
