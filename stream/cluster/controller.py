@@ -25,7 +25,7 @@ from typing import Any
 from segstream.models.registry import get_spec
 from segstream.stream.cluster import runtime
 from segstream.stream.cluster.events_hub import start_events_hub
-from segstream.stream.cluster.node import fingerprint
+from segstream.stream.cluster.node import NodeService, fingerprint
 from segstream.stream.cluster.placement import CostModel, Placement, place
 from segstream.stream.cluster.runtime import CONTROLLER_NAME
 from segstream.stream.cluster.snapshot import ChangeResult, ClusterSnapshot, StreamPlacement
@@ -425,7 +425,8 @@ class Controller:
                 continue
             if now - self.lost.get(ray_id, -1e9) < 30.0:
                 continue  # declared lost a moment ago while Ray still lists it
-            handle = runtime.node_actor(self.cfg.cluster.namespace, ray_id, self.node_class)
+            cls = self.node_class or NodeService
+            handle = runtime.node_actor(self.cfg.cluster.namespace, ray_id, cls)
             self.handles[ray_id] = handle
             host = runtime.node_ip(ray_id)
             self.starting[ray_id] = handle.start.remote(

@@ -46,7 +46,6 @@ from segstream.stream.events.schema import events
 from segstream.stream.events.store import default_url
 
 log = logging.getLogger(__name__)
-EVENTS_HUB_NAME = "segstream-events"
 FLUSH_TIMEOUT_S = 20.0
 QUERIES: dict[str, Callable[..., Any]] = {
     "list_events": local_events.list_events,
@@ -286,7 +285,7 @@ def start_events_hub(cfg: AppConfig) -> Any:
     ray = runtime.ray_module()
     small = cfg.model_copy(update={"streams": []})
     actor = ray.remote(EventsHub).options(
-        name=EVENTS_HUB_NAME,
+        name=runtime.EVENTS_HUB_NAME,
         namespace=cfg.cluster.namespace,
         lifetime="detached",
         get_if_exists=True,
@@ -298,21 +297,3 @@ def start_events_hub(cfg: AppConfig) -> Any:
     handle = actor.remote(small.model_dump_json())
     ray.get(handle.ready.remote(), timeout=120)
     return handle
-
-
-def hub_sender(namespace: str, timeout_s: float = 30.0) -> Any:
-    """A node's `Send` (stream.events.forward): a batch to the hub, found by name."""
-    ray = runtime.ray_module()
-    handle: Any = None
-
-    def send(batch: Batch) -> str:
-        nonlocal handle
-        if handle is None:
-            handle = ray.get_actor(EVENTS_HUB_NAME, namespace=namespace)
-        try:
-            return str(ray.get(handle.ingest.remote(batch), timeout=timeout_s))
-        except Exception:
-            handle = None  # looked up again: a restarted hub may be another actor
-            raise
-
-    return send

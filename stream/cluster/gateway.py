@@ -359,7 +359,7 @@ class ClusterBackend:
     async def _hub(self) -> Any:
         if self._events_hub is None:
             from segstream.stream.cluster import runtime
-            from segstream.stream.cluster.events_hub import EVENTS_HUB_NAME
+            from segstream.stream.cluster.runtime import EVENTS_HUB_NAME
 
             ray = runtime.ray_module()
             ns = self.cfg.cluster.namespace

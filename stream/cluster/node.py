@@ -23,7 +23,7 @@ from typing import Any, cast
 from aiohttp import web
 
 from segstream.stream.auth import Authenticator, TokenStore
-from segstream.stream.cluster.events_hub import hub_sender
+from segstream.stream.cluster.runtime import hub_sender
 from segstream.stream.config import AppConfig, ConfigError, StreamConfig
 from segstream.stream.connections import ConnectionGuard, GuardedSite
 from segstream.stream.events.forward import ForwardingEventsFeature, Send
