@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import io
 import itertools
 import json
@@ -26,6 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +212,45 @@ class Feed:
         self.client.disconnect()
 
 
+class Hooks:
+    """A webhook receiver (http.server, a thread of its own): every POST, signature checked."""
+
+    SECRET = "cluster-hook-secret"
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+        hooks = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                want = "sha256=" + hmac.new(hooks.SECRET.encode(), body, "sha256").hexdigest()
+                ok = hmac.compare_digest(self.headers["X-Segstream-Signature"], want)
+                if ok:
+                    hooks.got.append(
+                        json.loads(body) | {"seq": self.headers["X-Segstream-Delivery"]}
+                    )
+                self.send_response(200 if ok else 401)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def changes(self, stream: str) -> list[dict[str, Any]]:
+        return [c for c in list(self.got) if c["after"]["stream"] == stream]
+
+
+@pytest.fixture(scope="module")
+def hooks() -> Iterator[Hooks]:
+    h = Hooks()
+    yield h
+    h.server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     b = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
@@ -233,6 +274,7 @@ def gateway(
     tmp_path_factory: pytest.TempPathFactory,
     broker: Mosquitto,
     feed: Feed,
+    hooks: Hooks,
 ) -> Iterator[Gateway]:
     events_db = tmp_path_factory.mktemp("events") / "events.db"
     cfg = AppConfig.model_validate(
@@ -249,6 +291,7 @@ def gateway(
                 "homeassistant": True,
                 "reconnect_max_s": 0.5,
             },
+            "webhooks": [{"url": hooks.url, "secret": Hooks.SECRET}],
             "streams": [],
         }
     )
@@ -771,12 +814,15 @@ def test_a_silent_node_service_is_killed_and_does_not_come_back(
     assert all(s["node"] == other for s in gateway.streams().values())
 
 
-def test_events_kept_one_history_through_the_moves(gateway: Gateway, feed: Feed) -> None:
+def test_events_kept_one_history_through_the_moves(
+    gateway: Gateway, feed: Feed, hooks: Hooks
+) -> None:
     """s1 lost its node, maybe moved to the node that joined, and lost a silenced one: its
     events form one history. Each event is published once (one `new`, at most one `end`,
     last), the gateway serves exactly the published ones, they never overlap, only the
     newest is open, and those open when their node died ended with `restart`. Home
-    Assistant's entity survived the moves; DELETE removes an event and its media."""
+    Assistant's entity survived the moves; the webhook received the very same changes, once
+    each (signed); DELETE removes an event and its media."""
 
     def settled() -> list[dict[str, Any]] | None:
         got = gateway_events(gateway, "s1")
@@ -811,6 +857,15 @@ def test_events_kept_one_history_through_the_moves(gateway: Gateway, feed: Feed)
     # it was silenced a moment later, depends on timing: not asserted.
     assert "restart" in reasons and set(reasons) <= {"restart", "stream_removed"}, reasons
     assert json.loads(feed.last(HA_CONFIG) or b"{}").get("device_class") == "occupancy"
+
+    def same_on_the_webhook() -> bool:
+        return [{k: c[k] for k in ("type", "after")} for c in hooks.changes("s1")] == [
+            {k: c[k] for k in ("type", "after")} for c in feed.changes("s1")
+        ]
+
+    assert wait_until(same_on_the_webhook, 20), (hooks.changes("s1"), feed.changes("s1"))
+    seqs = [c["seq"] for c in hooks.got]
+    assert len(seqs) == len(set(seqs)), seqs
 
     gone = ordered[0]
     status, _ = gateway.call("DELETE", f"/api/events/{gone['id']}")
