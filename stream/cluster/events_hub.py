@@ -10,9 +10,11 @@ gateways serve the same events. The gateway asks it the event API's queries.
 One history, however streams move:
 - a batch is taken again without harm (a node retries after a lost answer): a `new` for an
   event it has, an `update` that changes nothing, an `end` of an ended event are dropped;
-- a stream is owned by the node that claimed it last: another node's `new` (a node that was
-  silenced and came back before it was killed) is dropped, and so are its coverage and its
-  release (a move must not clear the new node's Home Assistant entities);
+- a stream is owned by the node that claimed it last (by the claim's time: a claim that a
+  node could only send late, after the stream moved on, does not take it back); another
+  node's `new` (a node that was silenced and came back before it was killed) is dropped,
+  and so are its coverage and its release (a move must not clear the new node's Home
+  Assistant entities);
 - when a node claims a stream, the stream's events still open from another node (a node that
   died, or whose own `end` has not arrived yet) end with `restart` at their last known active
   moment (their peak), as after a crash on one node; the old node's late `end` is dropped.
@@ -106,6 +108,7 @@ class EventsHub:
             observer=self.counts,
         )
         self.owner: dict[str, str] = {}  # stream -> node instance that claimed it last
+        self.claimed_at: dict[str, float] = {}  # stream -> when (node's clock) it was claimed
         self.opened_by: dict[str, str] = {}  # event id -> node instance (this run)
         self.pending: dict[str, Event] = {}  # taken, not yet known to be written
         self.batches = 0
@@ -182,7 +185,13 @@ class EventsHub:
                 if mqtt is not None:
                     mqtt.set_zones(claim.stream, [])
             return
+        if claim.at < self.claimed_at.get(claim.stream, 0.0):
+            log.info(
+                "stream %s: a stale claim (sent late by a node that lost it) ignored", claim.stream
+            )
+            return
         self.owner[claim.stream] = node
+        self.claimed_at[claim.stream] = claim.at
         orphans = [
             ev for ev in self._open_events(claim.stream) if self.opened_by.get(ev.id) != node
         ]

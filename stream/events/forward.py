@@ -45,6 +45,7 @@ class Claim:
     stream: str
     zones: list[dict[str, Any]]
     release: bool = False
+    at: float = 0.0  # wall clock of the claim: a stale claim (sent late) loses to a newer one
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class HubForwarder(EventRecorder):
         self.dropped = 0  # changes and media dropped to keep the queue bounded
         self.connected = False
         self.hub: str | None = None  # the hub instance that took our last batch
-        self.claims: dict[str, list[dict[str, Any]]] = {}  # to claim again at a new hub
+        self.claims: dict[str, Claim] = {}  # to claim again at a new hub
         self._items: collections.deque[tuple[int, Item | _Flush]] = collections.deque()
         self._media = 0
         self._coverage: dict[tuple[str, str], dict[str, float]] = {}
@@ -148,16 +149,17 @@ class HubForwarder(EventRecorder):
         """A stream's zones here (release: it left this node). A stream that never had zones
         here is not claimed: a cluster without zones makes the hub write nothing."""
         dumped = [z.model_dump(mode="json", by_alias=True) for z in zones]
+        claim = Claim(stream, dumped, release, time.time())
         with self._cond:
             had = stream in self.claims
             if dumped and not release:
-                self.claims[stream] = dumped
+                self.claims[stream] = claim
             else:
                 self.claims.pop(stream, None)
                 for key in [k for k in self._coverage if k[0] == stream]:
                     del self._coverage[key]
         if dumped or had:
-            self._add(Claim(stream, dumped, release))
+            self._add(claim)
 
     def coverage(self, stream: str, zone: str, values: dict[str, float]) -> None:
         with self._cond:
@@ -254,8 +256,8 @@ class HubForwarder(EventRecorder):
     def _claim_again(self) -> None:
         """A new hub instance (it restarted): it knows nothing of our streams' zones."""
         first = self._items[0][0] if self._items else next(self._seq)
-        for i, (stream, zones) in enumerate(reversed(list(self.claims.items()))):
-            self._items.appendleft((first - 1 - i, Claim(stream, zones)))  # seqs still ascend
+        for i, claim in enumerate(reversed(list(self.claims.values()))):
+            self._items.appendleft((first - 1 - i, claim))  # seqs still ascend
 
     @staticmethod
     def _encode(items: list[Item]) -> None:

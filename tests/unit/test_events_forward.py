@@ -189,3 +189,29 @@ async def test_a_restarted_hub_ends_what_was_open_and_gets_the_claims_again(hub:
     assert [(t, r) for t, _, r in hub.feed()] == [("new", None), ("end", "restart")]
     assert hub.hub.owner == {"cam": "A"} and isinstance(hub.batches[-1].items[0], Claim)
     await a.close()
+
+
+async def test_a_stale_claim_does_not_take_a_stream_back(hub: Hub) -> None:
+    """A claimed `cam` but could not reach the hub; `cam` moved to B meanwhile. A's claim,
+    arriving last, is older than B's: B keeps the stream and its open event."""
+    cut = True
+
+    def a_send(batch: Batch) -> str:
+        if cut:
+            raise ConnectionError("A cut off")
+        return hub.send(batch)
+
+    a = ForwardingEventsFeature(EventsConfig(), labels=LABELS, send=a_send, node="A")
+    await a.start()
+    b = await node(hub, "B")
+    a.set_stream("cam", [zone("floor")])
+    await asyncio.sleep(0.05)
+    b.set_stream("cam", [zone("floor")])
+    b.on_mask("cam", person_mask(0.5), now=10.0)
+    await flushed(b)
+    cut = False
+    await flushed(a)
+    assert hub.hub.owner == {"cam": "B"}
+    assert [(t, r) for t, _, r in hub.feed()] == [("new", None)]
+    await a.close()
+    await b.close()
