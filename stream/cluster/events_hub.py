@@ -130,7 +130,8 @@ class EventsHub:
 
     async def ready(self) -> str:
         """Opens the store when the config uses it (targets, a database) or a store of an
-        earlier run exists; returns the instance id."""
+        earlier run exists; returns the instance id. Every call of the gateway comes here
+        first: an actor that Ray restarted opens again at the first one (or the first batch)."""
         c = self.cfg
         used = c.mqtt or c.webhooks or c.events.database or c.events.media_dir
         if used or _default_store_exists():
@@ -249,6 +250,7 @@ class EventsHub:
     async def query(self, name: str, *args: Any) -> tuple[Any, ...]:
         """An event API query, answered as a node answers it: ("ok", result) or ("error",
         status, message)."""
+        await self.ready()
         try:
             return ("ok", await asyncio.to_thread(self._answer, name, *args))
         except ApiError as e:
@@ -258,10 +260,12 @@ class EventsHub:
         return local_events.guarded(self.feature, QUERIES[name], *args)
 
     async def health(self) -> dict[str, Any]:
+        await self.ready()
         return self.feature.health()
 
     async def stats(self) -> dict[str, Any]:
         """For the gateway's /metrics."""
+        await self.ready()
         c = self.counts
         return {
             "deliveries": [[t, o, n] for (t, o), n in sorted(c.deliveries.items())],

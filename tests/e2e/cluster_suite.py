@@ -61,7 +61,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from segstream.stream.auth import Authenticator, TokenStore  # noqa: E402
 from segstream.stream.cluster.controller import start_controller  # noqa: E402
 from segstream.stream.cluster.gateway import ClusterClient, make_gateway_app  # noqa: E402
-from segstream.stream.cluster.runtime import CONTROLLER_NAME  # noqa: E402
+from segstream.stream.cluster.runtime import CONTROLLER_NAME, EVENTS_HUB_NAME  # noqa: E402
 from segstream.stream.config import AppConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -459,6 +459,47 @@ def test_events_of_a_zone_are_stored_served_and_published_once_at_the_gateway(
     status, health = gateway.call("GET", "/healthz")
     events_health = (health["events"]["status"], health["events"]["mqtt"])
     assert status == 200 and events_health == ("ok", "connected"), health
+
+
+def test_a_restarted_events_hub_ends_the_open_event_once_and_serves_again(
+    gateway: Gateway, feed: Feed
+) -> None:
+    """The events hub dies (Ray restarts it): like a restarted node it ends the open event
+    with `restart`, published once; the node notices the new hub and claims s1 again (Home
+    Assistant discovery sent again); the gateway serves the events again."""
+    hub = ray.get_actor(EVENTS_HUB_NAME, namespace=NAMESPACE)
+    old = ray.get(hub.ready.remote(), timeout=30)
+    (ev,) = [e for e in gateway_events(gateway, "s1") if e["end"] is None]
+    configs = len([p for t, p, _ in list(feed.msgs) if t == HA_CONFIG and p])
+    t0 = time.monotonic()
+    ray.kill(hub, no_restart=False)
+
+    def restarted() -> bool:
+        try:
+            return bool(ray.get(hub.ready.remote(), timeout=5) != old)
+        except Exception:
+            return False
+
+    assert wait_until(restarted, 60)
+
+    def served() -> dict[str, Any] | None:  # 503 while the gateway finds the hub again
+        status, body = gateway.call("GET", f"/api/events/{ev['id']}")
+        return body if status == 200 else None
+
+    ended = wait_until(served, 30)
+    print(f"events hub restarted and serving again in {time.monotonic() - t0:.1f} s")
+    assert ended["end_reason"] == "restart" and ended["end"] == ended["peak_at"], ended
+
+    def changes() -> list[str]:
+        return [c["type"] for c in feed.changes("s1") if c["after"]["id"] == ev["id"]]
+
+    assert wait_until(lambda: changes()[-1:] == ["end"], 20), changes()
+    assert changes().count("end") == 1 and changes()[0] == "new", changes()
+
+    def claimed_again() -> bool:
+        return len([p for t, p, _ in list(feed.msgs) if t == HA_CONFIG and p]) > configs
+
+    assert wait_until(claimed_again, 20), [t for t, _, _ in feed.msgs[-20:]]
 
 
 def test_a_stream_that_fits_nowhere_is_pending(gateway: Gateway, clip: Path) -> None:
