@@ -501,6 +501,15 @@ def test_a_restarted_events_hub_ends_the_open_event_once_and_serves_again(
 
     assert wait_until(claimed_again, 20), [t for t, _, _ in feed.msgs[-20:]]
 
+    # The node's rule still holds the event that the hub ended: the zone removed and added
+    # again starts it afresh (and a new event opens), so that the moves below meet one.
+    status, _ = gateway.call("PATCH", "/api/streams/s1", {"zones": []})
+    assert status == 200 and wait_until(lambda: gateway.streams()["s1"]["zones"] == [], 20)
+    status, _ = gateway.call("PATCH", "/api/streams/s1", {"zones": [ZONE]})
+    assert status == 200
+    fresh = wait_until(lambda: [e for e in gateway_events(gateway, "s1") if e["end"] is None], 30)
+    assert fresh and fresh[0]["id"] != ev["id"], fresh
+
 
 def test_a_stream_that_fits_nowhere_is_pending(gateway: Gateway, clip: Path) -> None:
     """An uncapped stream costs 0.945 of a core: no node (0.38 of its one slot used) has room.
@@ -894,10 +903,11 @@ def test_events_kept_one_history_through_the_moves(
         assert a["end"] <= b["start"], (a, b)
     reasons = [e["end_reason"] for e in ordered[:-1]]
     print(f"s1's events through the moves: {len(got)}; end reasons {reasons}")
-    # s1's node was removed while its event was open (restart); whether the node that joined
-    # took s1 (stream_removed or restart), and whether s1's node had forwarded an event before
-    # it was silenced a moment later, depends on timing: not asserted.
-    assert "restart" in reasons and set(reasons) <= {"restart", "stream_removed"}, reasons
+    # The hub restarted, and s1's node was removed while its event was open: two `restart`s.
+    # Whether the node that joined took s1 (stream_removed or restart), and whether s1's node
+    # had forwarded an event before it was silenced a moment later, depends on timing.
+    assert reasons.count("restart") >= 2, reasons
+    assert set(reasons) <= {"restart", "stream_removed"}, reasons
     assert json.loads(feed.last(HA_CONFIG) or b"{}").get("device_class") == "occupancy"
 
     def same_on_the_webhook() -> bool:
