@@ -47,7 +47,7 @@ class ClusterNodeService(Service):
 
     def __init__(self, cfg: AppConfig, send: Send) -> None:
         super().__init__(cfg)
-        self.send = send
+        self.hub_send = send
         self.instance = new_id()  # the hub tells this node service from a restarted one
 
     async def _start_events(self) -> None:
@@ -60,7 +60,7 @@ class ClusterNodeService(Service):
         self.events = ForwardingEventsFeature(
             self.cfg.events,
             labels=self.segmenter.labels,
-            send=self.send,
+            send=self.hub_send,
             node=self.instance,
             observer=observer,
         )

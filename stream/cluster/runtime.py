@@ -1,6 +1,7 @@
-"""Everything that touches Ray: connecting, the controller and node actors. Ray is imported
-here, lazily, so the base install (no `cluster` extra) never needs it (the controller
-module starts its own actor, stream.cluster.controller.start_controller)."""
+"""Everything that touches Ray: connecting, the controller and node actors, a node's way to
+the events hub. Ray is imported here, lazily, so the base install (no `cluster` extra) never
+needs it (the controller and the events hub modules start their own actors:
+stream.cluster.controller.start_controller, stream.cluster.events_hub.start_events_hub)."""
 
 from __future__ import annotations
 
