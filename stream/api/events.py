@@ -64,8 +64,11 @@ async def delete_event(request: web.Request) -> web.Response:
 
 _404 = {404: Body(Error, description="Unknown event (or no such media yet).")}
 _OFF = {
-    503: Body(Error, description="Events are off: the store is unusable (the reason)."),
-    501: Body(Error, description="A cluster gateway: events are served by the nodes."),
+    503: Body(
+        Error,
+        description="Events are off: the store is unusable (the reason); at a cluster "
+        "gateway also while the cluster's events hub is away (Retry-After).",
+    ),
 }
 
 ENDPOINTS = [

@@ -24,7 +24,8 @@ from typing import Any
 
 from segstream.models.registry import get_spec
 from segstream.stream.cluster import runtime
-from segstream.stream.cluster.node import fingerprint
+from segstream.stream.cluster.events_hub import start_events_hub
+from segstream.stream.cluster.node import NodeService, fingerprint
 from segstream.stream.cluster.placement import CostModel, Placement, place
 from segstream.stream.cluster.runtime import CONTROLLER_NAME
 from segstream.stream.cluster.snapshot import ChangeResult, ClusterSnapshot, StreamPlacement
@@ -268,6 +269,7 @@ class ClusterState:
                     node=node,
                     phase=phase,
                     reason=reason,
+                    zones=tuple(z.model_dump(mode="json", by_alias=True) for z in cfg.zones),
                 )
             )
         nodes = [
@@ -423,7 +425,8 @@ class Controller:
                 continue
             if now - self.lost.get(ray_id, -1e9) < 30.0:
                 continue  # declared lost a moment ago while Ray still lists it
-            handle = runtime.node_actor(self.cfg.cluster.namespace, ray_id, self.node_class)
+            cls = self.node_class or NodeService
+            handle = runtime.node_actor(self.cfg.cluster.namespace, ray_id, cls)
             self.handles[ray_id] = handle
             host = runtime.node_ip(ray_id)
             self.starting[ray_id] = handle.start.remote(
@@ -544,6 +547,8 @@ def start_controller(
         num_cpus=0,
         resources={"node:__internal_head__": 0.001},
     )
+    # The events hub first: node services forward their events to it from the start.
+    start_events_hub(cfg)
     handle = actor.remote(
         small.model_dump_json(), state_file, secrets.token_urlsafe(32), signing_secret, node_class
     )

@@ -26,7 +26,7 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from segstream.stream.api.backend import ServiceWork, StreamWork, refused, unknown
 from segstream.stream.api.context import AUTH, BACKEND, STOP, backend
@@ -48,6 +48,7 @@ from segstream.stream.schemas import (
     EventOut,
     EventPage,
     EventQuery,
+    EventsHealth,
     Health,
     NodeList,
     NodeStatus,
@@ -131,7 +132,10 @@ class ClusterBackend:
         self.started = time.monotonic()
         self.registry = CollectorRegistry(auto_describe=False)  # the gateway's own series
         self.registry.register(_ClusterCollector(client))
+        self.hub_stats: dict[str, Any] | None = None  # the events hub's, at the last scrape
+        self.registry.register(_HubCollector(self))
         self._http: aiohttp.ClientSession | None = None
+        self._events_hub: Any = None
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -351,25 +355,69 @@ class ClusterBackend:
             5.0,
         )
 
-    # -- events: not gathered from the nodes yet ----------------------------------------------
-    def _no_events(self) -> ApiError:
-        return error(
-            501,
-            "events are not served at the cluster gateway yet: each node keeps its own event "
-            "store, and gathering them here is not implemented (ask a node's /api/events)",
-        )
+    # -- events: the cluster's events hub keeps and serves them ---------------------------
+    async def _hub(self) -> Any:
+        if self._events_hub is None:
+            from segstream.stream.cluster import runtime
+            from segstream.stream.cluster.runtime import EVENTS_HUB_NAME
+
+            ray = runtime.ray_module()
+            ns = self.cfg.cluster.namespace
+            if not ray.is_initialized():  # never start a Ray of our own to ask
+                raise error(503, "the gateway is not connected to a Ray cluster")
+            try:
+                self._events_hub = await asyncio.to_thread(
+                    ray.get_actor, EVENTS_HUB_NAME, namespace=ns
+                )
+            except ValueError:
+                raise error(
+                    503, "the cluster's events hub is not running", headers={"Retry-After": "5"}
+                ) from None
+        return self._events_hub
+
+    async def _events(self, name: str, *args: Any) -> Any:
+        """An event query at the hub, answered as a node answers it (same errors)."""
+        hub = await self._hub()
+        try:
+            ref = hub.query.remote(name, *args)
+            answer = await asyncio.wait_for(asyncio.wrap_future(ref.future()), 30.0)
+        except TimeoutError:
+            raise error(
+                503, "the cluster's events hub did not answer in time", headers={"Retry-After": "2"}
+            ) from None
+        except Exception as e:  # the hub died (Ray restarts it): found again next time
+            self._events_hub = None
+            raise error(
+                503,
+                f"the cluster's events hub is away: {type(e).__name__}",
+                headers={"Retry-After": "2"},
+            ) from None
+        if answer[0] == "error":
+            raise error(answer[1], answer[2])
+        return answer[1]
 
     async def list_events(self, q: EventQuery) -> EventPage:
-        raise self._no_events()
+        page: EventPage = await self._events("list_events", q)
+        return page
 
     async def get_event(self, event_id: str) -> EventOut:
-        raise self._no_events()
+        ev: EventOut = await self._events("get_event", event_id)
+        return ev
 
     async def event_media(self, event_id: str, kind: str) -> bytes:
-        raise self._no_events()
+        return bytes(await self._events("event_media", event_id, kind))
 
     async def delete_event(self, event_id: str) -> None:
-        raise self._no_events()
+        await self._events("delete_event", event_id)
+
+    async def _events_health(self) -> EventsHealth | None:
+        """The hub's events health, if it answers at once (health stays fast)."""
+        with contextlib.suppress(Exception):
+            hub = await self._hub()
+            ref = hub.health.remote()
+            got = await asyncio.wait_for(asyncio.wrap_future(ref.future()), 2.0)
+            return EventsHealth.model_validate(got)
+        return None
 
     # -- system ------------------------------------------------------------------------------
     async def health(self) -> Health:
@@ -377,7 +425,11 @@ class ClusterBackend:
             await self.client.snapshot()
         except ApiError:
             raise error(503, "the cluster controller does not answer") from None
-        return Health(status="ok", uptime_s=round(time.monotonic() - self.started, 1))
+        return Health(
+            status="ok",
+            uptime_s=round(time.monotonic() - self.started, 1),
+            events=await self._events_health(),
+        )
 
     async def ready(self) -> None:
         if not (await self.client.snapshot()).ready:
@@ -386,7 +438,19 @@ class ClusterBackend:
     async def metrics(self) -> bytes:
         with contextlib.suppress(ApiError):
             await self.client.snapshot()
+        self.hub_stats = await self._hub_stats()
         return bytes(generate_latest(self.registry))
+
+    async def _hub_stats(self) -> dict[str, Any] | None:
+        """The events hub's delivery figures, if it answers at once."""
+        if self._events_hub is None and not self.cfg.mqtt and not self.cfg.webhooks:
+            return None  # nothing is delivered: do not look for a hub on every scrape
+        with contextlib.suppress(Exception):
+            hub = await self._hub()
+            ref = hub.stats.remote()
+            got: dict[str, Any] = await asyncio.wait_for(asyncio.wrap_future(ref.future()), 2.0)
+            return got
+        return None
 
     async def close(self) -> None:
         await self.hub.close_all()
@@ -469,6 +533,34 @@ class _ClusterCollector:
             load.add_metric([n.id], n.load)
             count.add_metric([n.id], n.streams)
         yield from (nodes, streams, load, count)
+
+
+class _HubCollector:
+    """The events hub's delivery series (the same names as a single node's), as of the last
+    scrape; none while the hub does not answer."""
+
+    def __init__(self, backend: ClusterBackend) -> None:
+        self.backend = backend
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        st = self.backend.hub_stats
+        if st is None:
+            return
+        sent = CounterMetricFamily(
+            "segstream_event_deliveries",
+            "Event changes sent to an alert target: delivered, failed (retried), rejected.",
+            labels=["target", "outcome"],
+        )
+        for target, outcome, n in st["deliveries"]:
+            sent.add_metric([target, outcome], n)
+        size = GaugeMetricFamily("segstream_event_outbox_size", "Event changes not yet delivered.")
+        size.add_metric([], st["outbox_size"])
+        dropped = CounterMetricFamily(
+            "segstream_event_outbox_dropped",
+            "Undelivered event changes dropped to keep the outbox bounded.",
+        )
+        dropped.add_metric([], st["outbox_dropped"])
+        yield from (sent, size, dropped)
 
 
 CLUSTER_ENDPOINTS = [

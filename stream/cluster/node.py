@@ -18,13 +18,17 @@ import hashlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
 from segstream.stream.auth import Authenticator, TokenStore
+from segstream.stream.cluster.runtime import hub_sender
 from segstream.stream.config import AppConfig, ConfigError, StreamConfig
 from segstream.stream.connections import ConnectionGuard, GuardedSite
+from segstream.stream.events.forward import ForwardingEventsFeature, Send
+from segstream.stream.events.model import new_id
+from segstream.stream.events.observer import EventsObserver, NullEventsObserver
 from segstream.stream.server import main_runner, make_app, metrics_app
 from segstream.stream.service import Service
 
@@ -35,6 +39,32 @@ def fingerprint(cfg: StreamConfig) -> str:
     """Identifies a stream's settings: the controller compares what a node runs with what it
     should run by these."""
     return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+
+
+class ClusterNodeService(Service):
+    """The single-node Service, but its events feature forwards to the cluster's events hub
+    (stream.cluster.events_hub): one store, one outbox, one publisher for the cluster."""
+
+    def __init__(self, cfg: AppConfig, send: Send) -> None:
+        super().__init__(cfg)
+        self.hub_send = send
+        self.instance = new_id()  # the hub tells this node service from a restarted one
+
+    async def _start_events(self) -> None:
+        assert self.segmenter is not None
+        observer: EventsObserver = (
+            cast(EventsObserver, self.observer)
+            if hasattr(self.observer, "zone_coverage")
+            else NullEventsObserver()
+        )
+        self.events = ForwardingEventsFeature(
+            self.cfg.events,
+            labels=self.segmenter.labels,
+            send=self.hub_send,
+            node=self.instance,
+            observer=observer,
+        )
+        await self._open_events()  # starts the forwarder (no store, no file here)
 
 
 class NodeService:
@@ -58,9 +88,12 @@ class NodeService:
         node listens. Idempotent (a restarted controller calls it again)."""
         if self.info is not None:
             return self.info
-        cfg = AppConfig.model_validate_json(cfg_json).model_copy(update={"streams": []})
+        # Alerts go out from the events hub only: a node has no MQTT or webhook of its own.
+        cfg = AppConfig.model_validate_json(cfg_json).model_copy(
+            update={"streams": [], "mqtt": None, "webhooks": []}
+        )
         cfg.server.host, cfg.server.port = host, cfg.cluster.node_port
-        service = self.service = Service(cfg)
+        service = self.service = ClusterNodeService(cfg, hub_sender(cfg.cluster.namespace))
         # Nobody holds a token here: the gateway's secret (as the env admin token) and URLs
         # signed with the gateway's key are the only ways in.
         self._tmp = tempfile.TemporaryDirectory(prefix="segstream-node-")

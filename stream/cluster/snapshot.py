@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from segstream.stream.datatypes import NodeState, StreamPhase, StreamState
-from segstream.stream.schemas import NodeStatus, StreamStatus
+from segstream.stream.schemas import NodeStatus, StreamStatus, ZoneStatus
 
 # The state a stream shows while no node reports on it.
 STATE_OF_PHASE = {
@@ -30,14 +30,16 @@ class StreamPlacement:
     node: str | None  # short node id
     phase: StreamPhase
     reason: str | None
+    zones: tuple[dict[str, Any], ...] = ()  # as configured (JSON by alias): name, polygon, rules
 
     @property
     def state(self) -> StreamState:
         return STATE_OF_PHASE[self.phase]
 
     def idle_status(self, reason: str | None = None) -> StreamStatus:
-        """Its status when no node reports on it (yet): its phase is its state."""
-        return StreamStatus.idle(
+        """Its status when no node reports on it (yet): its phase is its state, its zones as
+        configured (no coverage, nothing active)."""
+        st = StreamStatus.idle(
             id=self.id,
             source=self.source,
             reader=self.reader,
@@ -47,6 +49,8 @@ class StreamPlacement:
             reason=reason or self.reason,
             node=self.node,
         )
+        zones = [ZoneStatus.model_validate(z | {"coverage": {}, "active": []}) for z in self.zones]
+        return st.model_copy(update={"zones": zones})
 
 
 @dataclass(frozen=True)

@@ -413,9 +413,10 @@ def _kill_9_during_an_open_event(svc: ServiceProcess, kept: list[dict[str, Any]]
     assert svc.json(f"/api/events/{again['id']}")["end_reason"] == "shutdown"
 
 
-async def test_cluster_gateway_says_events_are_not_served_there(tmp_path: Path) -> None:
-    """This round the gateway does not gather the nodes' events: 501 naming what is missing,
-    never a 5xx of another kind (no Ray needed: the gateway app over a fixed snapshot)."""
+async def test_cluster_gateway_without_its_events_hub_answers_503(tmp_path: Path) -> None:
+    """The gateway serves the events of the cluster's events hub (tests/e2e/cluster_suite.py);
+    without it (here: no Ray connection, the gateway app over a fixed snapshot) every event
+    endpoint answers 503 with the reason as JSON, never a 5xx of another kind."""
     from aiohttp.test_utils import TestClient, TestServer
 
     from segstream.stream.auth import Authenticator, TokenStore
@@ -440,7 +441,7 @@ async def test_cluster_gateway_says_events_are_not_served_there(tmp_path: Path) 
         ):
             r = await gw.request(method, path)
             body = await r.json()
-            assert r.status == 501 and "not served at the cluster gateway" in body["error"], body
+            assert r.status == 503 and "not connected to a Ray cluster" in body["error"], body
     finally:
         await gw.close()
 
