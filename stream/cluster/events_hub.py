@@ -40,7 +40,7 @@ from segstream.stream.cluster import runtime
 from segstream.stream.config import AppConfig
 from segstream.stream.events.config import ZoneConfig
 from segstream.stream.events.feature import EventsFeature
-from segstream.stream.events.forward import Batch, Changes, Claim, Media
+from segstream.stream.events.forward import Batch, Changes, Claim, Clip, Media
 from segstream.stream.events.model import Change, Event, new_id
 from segstream.stream.events.observer import DeliveryOutcome
 from segstream.stream.events.recorder import EventRecorder
@@ -167,6 +167,8 @@ class EventsHub:
                 self._claim(rec, node, item)
             elif isinstance(item, Changes):
                 rec.submit([ch for ch in item.changes if self._take(node, ch)])
+            elif isinstance(item, Clip):
+                self._clip(rec, node, item)
             elif self._media_ok(node, item):
                 rec.submit_media(item.event_id, functools.partial(_pair, item.jpeg, item.png))
         mqtt = self.feature.mqtt
@@ -208,6 +210,17 @@ class EventsHub:
             rec.submit(ends)
         if mqtt is not None:
             mqtt.set_zones(claim.stream, [ZoneConfig.model_validate(z) for z in claim.zones])
+
+    def _clip(self, rec: EventRecorder, node: str, clip: Clip) -> None:
+        """A finished clip of an event this node opened: into the hub's media folder (written
+        whole, then renamed), then named in the store after the event's own rows."""
+        if not clip.data or self.opened_by.get(clip.event_id, node) != node:
+            return
+        path = self.feature.store.media_path(clip.event_id, "clip")
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(clip.data)
+        tmp.replace(path)
+        rec.submit_clip(clip.event_id, len(clip.data), clip.truncated)
 
     def _open_events(self, stream: str) -> list[Event]:
         """The stream's open events: in the store, and taken but maybe not written yet."""

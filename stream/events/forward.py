@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -61,7 +62,18 @@ class Media:
     png: bytes = b""
 
 
-Item = Claim | Changes | Media
+@dataclass
+class Clip:
+    """A finished event clip: the file on the node until it is sent (read then, once), its
+    bytes on the way; the node's file goes once the hub has it (or it is dropped)."""
+
+    event_id: str
+    path: str
+    truncated: bool
+    data: bytes = b""
+
+
+Item = Claim | Changes | Media | Clip
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,9 @@ class HubForwarder(EventRecorder):
     def submit_media(self, event_id: str, media: MediaFn) -> None:
         self._add(Media(event_id, media))
 
+    def submit_clip_file(self, event_id: str, path: Path, truncated: bool) -> None:
+        self._add(Clip(event_id, str(path), truncated))
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far has reached the hub."""
         done = threading.Event()
@@ -169,7 +184,7 @@ class HubForwarder(EventRecorder):
     def _add(self, item: Item) -> None:
         with self._cond:
             self._items.append((next(self._seq), item))
-            if isinstance(item, Media):
+            if isinstance(item, Media | Clip):
                 self._media += 1
             self._bound()
             self._cond.notify()
@@ -179,9 +194,11 @@ class HubForwarder(EventRecorder):
         while len(self._items) > self.max_items or self._media > self.max_media:
             only_media = len(self._items) <= self.max_items
             for i, (_, it) in enumerate(self._items):
-                if isinstance(it, Media) or (isinstance(it, Changes) and not only_media):
+                if isinstance(it, Media | Clip) or (isinstance(it, Changes) and not only_media):
                     del self._items[i]
-                    self._media -= isinstance(it, Media)
+                    self._media -= isinstance(it, Media | Clip)
+                    if isinstance(it, Clip):
+                        Path(it.path).unlink(missing_ok=True)
                     self.dropped += 1
                     self.observer.outbox_dropped(1)  # the node's outbox_dropped_total
                     log.warning("events hub away: oldest %s dropped", type(it).__name__)
@@ -211,7 +228,9 @@ class HubForwarder(EventRecorder):
     def _sent(self, last: int) -> None:
         while self._items and self._items[0][0] <= last:
             _, it = self._items.popleft()
-            self._media -= isinstance(it, Media)
+            self._media -= isinstance(it, Media | Clip)
+            if isinstance(it, Clip):
+                Path(it.path).unlink(missing_ok=True)  # the hub has its copy
 
     def _run(self) -> None:
         delay = RETRY_INITIAL_S
@@ -265,6 +284,11 @@ class HubForwarder(EventRecorder):
             if isinstance(it, Media) and it.make is not None:
                 it.jpeg, it.png = it.make()
                 it.make = None
+            elif isinstance(it, Clip) and not it.data:
+                try:
+                    it.data = Path(it.path).read_bytes()
+                except OSError as e:  # gone (a cleared temp dir): the event keeps no clip
+                    log.warning("event %s: clip unreadable, not forwarded: %s", it.event_id, e)
 
 
 class _HubRelay(MqttTarget):
@@ -299,11 +323,13 @@ class ForwardingEventsFeature(EventsFeature):
         observer: EventsObserver | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        # No store is ever opened here: the feature's store object stays closed.
-        local = cfg.model_copy(update={"database": None, "media_dir": None})
+        # No store is ever opened here: the feature's store object stays closed. Clips are
+        # recorded in a private folder and leave it for the hub (Clip).
+        self.clip_dir = Path(tempfile.mkdtemp(prefix="segstream-node-clips-"))
+        local = cfg.model_copy(update={"database": None, "media_dir": str(self.clip_dir)})
         super().__init__(
             local,
-            home=Path(tempfile.gettempdir()),
+            home=self.clip_dir,
             labels=labels,
             mqtt=None,
             observer=observer,
@@ -317,6 +343,13 @@ class ForwardingEventsFeature(EventsFeature):
     async def start(self) -> None:
         self.forwarder.start()
         self.recorder = self.forwarder
+
+    def _clip_done(self, event_id: str, path: Path, nbytes: int, truncated: bool) -> None:
+        self.forwarder.submit_clip_file(event_id, path, truncated)
+
+    async def close(self, drain_s: float = 2.0) -> None:
+        await super().close(drain_s)  # clips finished and forwarded (the flush) first
+        shutil.rmtree(self.clip_dir, ignore_errors=True)
 
     def health(self) -> dict[str, Any]:
         err = self.forwarder.error

@@ -31,6 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
@@ -413,7 +414,8 @@ def test_events_of_a_zone_are_stored_served_and_published_once_at_the_gateway(
     publishes it once on MQTT, with Home Assistant discovery; the zone's coverage shows in
     the stream's status at the gateway."""
     t0 = time.monotonic()
-    status, body = gateway.call("PATCH", "/api/streams/s1", {"zones": [ZONE]})
+    patch = {"zones": [ZONE], "record_clips": True}  # clips: recorded on the node, kept at the hub
+    status, body = gateway.call("PATCH", "/api/streams/s1", patch)
     assert status == 200 and body["zones"][0]["name"] == "floor", body
     found = wait_until(lambda: gateway_events(gateway, "s1"), 60)
     print(f"an event of s1 at the gateway {time.monotonic() - t0:.1f} s after the PATCH")
@@ -505,6 +507,14 @@ def test_a_restarted_events_hub_ends_the_open_event_once_and_serves_again(
     # again starts it afresh (and a new event opens), so that the moves below meet one.
     status, _ = gateway.call("PATCH", "/api/streams/s1", {"zones": []})
     assert status == 200 and wait_until(lambda: gateway.streams()["s1"]["zones"] == [], 20)
+    # That ended the node's clip of the event: recorded on the node, kept and served at the
+    # gateway (the hub's media folder), H.264 that decodes.
+    with_clip = wait_until(lambda: (served() or {}).get("clip_url"), 30)
+    status, mp4 = gateway.call("GET", with_clip)
+    assert status == 200 and mp4[4:8] == b"ftyp", mp4[:16]
+    with av.open(io.BytesIO(mp4)) as c:
+        frames = sum(1 for _ in c.decode(video=0))
+    assert frames >= 5, frames
     status, _ = gateway.call("PATCH", "/api/streams/s1", {"zones": [ZONE]})
     assert status == 200
     fresh = wait_until(lambda: [e for e in gateway_events(gateway, "s1") if e["end"] is None], 30)

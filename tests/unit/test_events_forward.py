@@ -215,3 +215,38 @@ async def test_a_stale_claim_does_not_take_a_stream_back(hub: Hub) -> None:
     assert [(t, r) for t, _, r in hub.feed()] == [("new", None)]
     await a.close()
     await b.close()
+
+
+async def test_a_finished_clip_moves_to_the_hub_and_leaves_the_node(hub: Hub) -> None:
+    """A clip the node recorded (the ClipSet calls _clip_done) is sent once, stored in the
+    hub's media folder and named in the event; the node's file goes. With the hub away past
+    the node's bound, the oldest clip is dropped and its file removed too."""
+    a = await node(hub, "A")
+    a.set_stream("cam", [zone("floor", clear_s=0.5)])
+    a.on_mask("cam", person_mask(0.5), now=10.0, snapshot=lambda: b"jpeg")
+    a.on_mask("cam", person_mask(0.0), now=11.0)
+    a.on_mask("cam", person_mask(0.0), now=11.6)  # cleared
+    await flushed(a)
+    eid = hub.feed()[0][1]
+    local = a.store.media_path(eid, "clip")
+    local.write_bytes(b"mp4" * 1000)
+    a._clip_done(eid, local, 3000, True)
+    await flushed(a)
+    store = hub.hub.feature.store
+    assert store.media_path(eid, "clip").read_bytes() == b"mp4" * 1000
+    ev = store.get(eid)
+    assert ev is not None and (ev.clip_bytes, ev.clip_truncated) == (3000, True)
+    assert not local.exists()
+    # The hub away, room for one picture or clip: the older clip is dropped, file and all.
+    hub.down, a.forwarder.max_media = True, 1
+    first, second = a.clip_dir / "first.mp4", a.clip_dir / "second.mp4"
+    for p in (first, second):
+        p.write_bytes(b"x")
+        a._clip_done(eid, p, 1, False)
+    assert not first.exists() and second.exists() and a.forwarder.dropped == 1
+    hub.down = False
+    await flushed(a)
+    assert not second.exists()
+    clip_dir = a.clip_dir
+    await a.close()
+    assert not clip_dir.exists()  # the node's private clip folder goes with the feature
