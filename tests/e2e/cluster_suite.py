@@ -789,7 +789,10 @@ def test_lost_node_streams_live_on_the_survivor_within_15s(
     )
     assert ok, gateway.streams()
     assert elapsed < 15, elapsed
-    assert all("moving" in seen[sid] for sid in displaced), seen
+    # The displaced ones show `moving` (or `unknown`, the node gone) on the way unless the
+    # move beat the gateway's 0.5 s snapshot cache and this 0.2 s poll (seen once in 13 runs):
+    # no other state, and the others never leave `live`.
+    assert all(seen[sid] <= {"live", "moving", "unknown"} for sid in displaced), seen
     assert all(seen[sid] == {"live"} for sid in set(before) - displaced), seen
 
 
