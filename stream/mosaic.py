@@ -326,7 +326,7 @@ class Mosaic:
             ids = list(layout.streams)  # at most max_streams: the endpoint checks
         else:  # every stream, as many as a mosaic may tile
             ids = list(self._stream_ids())[: self.cfg.max_streams]
-        cols, rows, (tw, th) = grid(len(ids), layout.cols, layout.width)
+        cols, _, (tw, th) = grid(len(ids), layout.cols, layout.width)
         size = picture_size((tw, th))
         self._place(layout, ids, size)
         states = [self._state_of(sid) for sid in ids]
@@ -342,22 +342,44 @@ class Mosaic:
                 layout.last_ts = now
                 layout.publisher.put(layout.last)
             return
-        pw, ph = size
-        canvas = np.zeros((rows * th, cols * tw, 3), np.uint8)
-        for i, (sid, state) in enumerate(zip(ids, states, strict=True)):
-            r, c = divmod(i, cols)
-            cell = canvas[r * th : (r + 1) * th, c * tw : (c + 1) * tw]
-            placed = layout.placed.get(sid)
-            img = placed[0].tile(size) if placed is not None else None
-            if img is not None:
-                h, w = img.shape[:2]
-                y, x = (ph - h) // 2, (pw - w) // 2
-                cell[y : y + h, x : x + w] = img
-            draw_label(cell, sid, state or "removed")
+        tiles = [layout.placed[s][0].tile(size) if s in layout.placed else None for s in ids]
+
+        def paint(i: int, cell: np.ndarray) -> None:
+            paint_tile(cell, tiles[i], ids[i], states[i] or "removed")
+
+        canvas = compose(len(ids), cols, (tw, th), paint)
         layout.seq += 1
         layout.last = Rendered("mosaic", canvas, layout.seq, now, self.cfg.jpeg_quality)
         layout.seen, layout.last_ts = seen, now
         layout.publisher.put(layout.last)  # encoded here, once, for every viewer
+
+
+def compose(n: int, cols: int, tile: Size, paint: Callable[[int, np.ndarray], None]) -> np.ndarray:
+    """A black canvas of n tiles `cols` wide, each cell painted by paint(i, cell) in place
+    (the node's mosaic and the cluster gateway's share this layout)."""
+    tw, th = tile
+    rows = max(1, math.ceil(n / cols))
+    canvas = np.zeros((rows * th, cols * tw, 3), np.uint8)
+    for i in range(n):
+        paint(i, cell_of(canvas, i, cols, tile))
+    return canvas
+
+
+def cell_of(canvas: np.ndarray, i: int, cols: int, tile: Size) -> np.ndarray:
+    """The i-th tile of a canvas (a view: writing it writes the canvas)."""
+    tw, th = tile
+    r, c = divmod(i, cols)
+    return canvas[r * th : (r + 1) * th, c * tw : (c + 1) * tw]
+
+
+def paint_tile(cell: np.ndarray, img: np.ndarray | None, stream_id: str, state: str) -> None:
+    """A tile: its picture centred above the label (none yet: black), then the label."""
+    if img is not None:
+        pw, ph = picture_size((cell.shape[1], cell.shape[0]))
+        h, w = img.shape[:2]
+        y, x = (ph - h) // 2, (pw - w) // 2
+        cell[y : y + h, x : x + w] = img
+    draw_label(cell, stream_id, state)
 
 
 def draw_label(cell: np.ndarray, stream_id: str, state: str) -> None:

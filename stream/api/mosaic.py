@@ -1,9 +1,11 @@
 """GET /mosaic/mjpeg: several streams tiled into one MJPEG, each tile labelled with its id and
-state (stream.mosaic composes and encodes each layout once for all of its viewers)."""
+state (stream.mosaic composes and encodes each layout once for all of its viewers; at a cluster
+gateway, stream.cluster.gateway_mosaic composes the nodes' tiles the same way)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from aiohttp import web
 
@@ -63,14 +65,23 @@ async def _mosaic(
     except MosaicFull as e:
         raise error(503, str(e), headers={"Retry-After": "10"}) from None
     try:
-        fps = client_fps(q.fps or 0.0, service.cfg.server.max_client_fps)
-        resp = web.StreamResponse(headers=MJPEG_HEADERS)
-        await resp.prepare(request)
-        tune_socket(request)  # a slow client skips frames rather than queueing them
         pub = layout.publisher
         assert isinstance(pub, MjpegSink), "the service makes MJPEG publishers"
-        seq, next_at = 0, 0.0
-        loop = asyncio.get_running_loop()
+        fps = client_fps(q.fps or 0.0, service.cfg.server.max_client_fps)
+        return await serve_mosaic(request, pub, fps)
+    finally:
+        service.mosaic.release(layout)
+
+
+async def serve_mosaic(request: web.Request, pub: MjpegSink, fps: float) -> web.StreamResponse:
+    """A layout's JPEGs to one viewer, at most `fps` (0: as composed); the newest part each
+    time, so a slow viewer skips (the cluster gateway's mosaic serves its layouts this way)."""
+    resp = web.StreamResponse(headers=MJPEG_HEADERS)
+    await resp.prepare(request)
+    tune_socket(request)  # a slow client skips frames rather than queueing them
+    seq, next_at = 0, 0.0
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(ConnectionResetError, ConnectionError):  # the viewer went away
         while not pub.closed:
             item = await pub.next(seq, timeout=1.0)
             if item is None:
@@ -80,10 +91,6 @@ async def _mosaic(
             if fps > 0:
                 next_at = max(next_at + 1.0 / fps, loop.time())
                 await asyncio.sleep(next_at - loop.time())
-    except (ConnectionResetError, ConnectionError):
-        pass  # the viewer went away
-    finally:
-        service.mosaic.release(layout)
     return resp
 
 
@@ -103,8 +110,11 @@ ENDPOINTS = [
                 description="An endless stream of JPEG parts.",
             ),
             404: Body(Error, description="Unknown streams."),
-            501: Body(Error, description="Cluster: the streams run on several nodes (named)."),
-            503: Body(Error, description="Too many distinct layouts watched."),
+            503: Body(
+                Error,
+                description="Too many distinct layouts watched (cluster: or no node "
+                "service is up yet).",
+            ),
         },
     ),
 ]

@@ -30,7 +30,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from segstream.stream.api.backend import ServiceWork, StreamWork, refused, unknown
 from segstream.stream.api.context import AUTH, BACKEND, STOP, backend
-from segstream.stream.api.spec import ApiError, Body, Endpoint, error, openapi, reply
+from segstream.stream.api.media import client_fps
+from segstream.stream.api.mosaic import serve_mosaic
+from segstream.stream.api.spec import ApiError, Body, Endpoint, error, openapi, read_query, reply
 from segstream.stream.auth import Authenticator, load_secret
 from segstream.stream.cluster.gateway_live import (
     MAX_UPSTREAM_MESSAGE,
@@ -38,18 +40,21 @@ from segstream.stream.cluster.gateway_live import (
     GatewayHub,
     GatewayLiveClient,
 )
+from segstream.stream.cluster.gateway_mosaic import GatewayMosaic, Share, Where
 from segstream.stream.cluster.sd import target_groups
 from segstream.stream.cluster.snapshot import ChangeResult, ClusterSnapshot, StreamPlacement
 from segstream.stream.config import AppConfig, StreamConfig
 from segstream.stream.connections import GuardedSite
 from segstream.stream.control import Refused
-from segstream.stream.datatypes import NodeState, StreamPhase
+from segstream.stream.datatypes import NodeState, StreamPhase, StreamState
+from segstream.stream.mosaic import MosaicFull
 from segstream.stream.schemas import (
     EventOut,
     EventPage,
     EventQuery,
     EventsHealth,
     Health,
+    MosaicQuery,
     NodeList,
     NodeStatus,
     SdGroup,
@@ -129,6 +134,7 @@ class ClusterBackend:
     def __init__(self, cfg: AppConfig, client: ClusterClient) -> None:
         self.cfg, self.client = cfg, client
         self.hub = GatewayHub(cfg.page, self.view)
+        self.mosaics = GatewayMosaic(cfg.mosaic, self._mosaic_where, self._node_mosaic)
         self.started = time.monotonic()
         self.registry = CollectorRegistry(auto_describe=False)  # the gateway's own series
         self.registry.register(_ClusterCollector(client))
@@ -232,34 +238,53 @@ class ClusterBackend:
     async def mosaic(
         self, request: web.Request, ids: list[str] | None, work: ServiceWork
     ) -> web.StreamResponse:
-        """The owning node's mosaic, relayed, when every stream asked for runs on one node; a
-        mosaic across nodes is not composed at the gateway (501, naming the nodes)."""
+        """Streams asked for by id that all run on one node: that node's mosaic, relayed (no
+        decoding here). Anything else (every stream, following the set; streams on several
+        nodes, or not placed yet) is composed here from each node's shrunk tiles
+        (stream.cluster.gateway_mosaic), once per layout for all of its viewers."""
         snap = await self.client.snapshot()
-        entries = snap.streams if ids is None else [_known(snap, sid) for sid in ids]
-        placed = [e for e in entries if snap.owner(e) is not None]
-        if ids is not None and len(placed) < len(entries):
-            waiting = [e.id for e in entries if e not in placed]
-            raise error(
-                503,
-                f"streams {waiting} are not running on a node yet",
-                headers={"Retry-After": "2"},
-            )
-        by_node: dict[str, list[str]] = {}
-        for e in placed:
-            assert e.node is not None
-            by_node.setdefault(e.node, []).append(e.id)
-        if len(by_node) > 1:
-            raise error(
-                501,
-                "a mosaic of streams on several nodes is not composed by the cluster "
-                "gateway: ask for the streams of one node (?streams=...); nodes: "
-                + "; ".join(f"{n}: {','.join(ids)}" for n, ids in sorted(by_node.items())),
-                nodes=by_node,
-            )
-        node = snap.node(next(iter(by_node), None))
+        if ids is not None:
+            owners = [snap.owner(_known(snap, sid)) for sid in ids]
+            node = owners[0] if owners else None
+            if node is not None and all(o is not None and o.id == node.id for o in owners):
+                return await self.relay(request, node)
+        q = read_query(request, MosaicQuery)
+        try:
+            layout = self.mosaics.acquire(ids, q.cols, q.width or self.cfg.mosaic.width)
+        except MosaicFull as e:
+            raise error(503, str(e), headers={"Retry-After": "10"}) from None
+        try:
+            fps = client_fps(q.fps or 0.0, self.cfg.server.max_client_fps)
+            return await serve_mosaic(request, layout.publisher, fps)
+        finally:
+            self.mosaics.release(layout)
+
+    async def _mosaic_where(self) -> Where:
+        snap = await self.client.snapshot()
+        up = {n.id for n in snap.nodes if n.state == NodeState.UP}
+        owner = {
+            e.id: e.node
+            for e in snap.streams
+            if e.phase == StreamPhase.PLACED and e.node is not None and e.node in up
+        }
+        state = {
+            e.id: StreamState.STARTING.value if e.id in owner else e.state.value
+            for e in snap.streams
+        }
+        return Where(tuple(e.id for e in snap.streams), owner, state)
+
+    async def _node_mosaic(self, node_id: str, share: Share) -> aiohttp.ClientResponse:
+        """A node's mosaic of its share, as the gateway (the cluster secret)."""
+        snap = self.client.last or await self.client.snapshot()
+        node = snap.node(node_id)
         if node is None:
-            raise error(503, "no stream is running on a node yet", headers={"Retry-After": "2"})
-        return await self.relay(request, node)
+            raise aiohttp.ClientError(f"node {node_id} is gone")
+        return await self.http.get(
+            _node_url(node, "/mosaic/mjpeg"),
+            params=share.query(self.cfg.mosaic.max_fps),
+            headers=self._auth(),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=3.0, sock_read=30.0),
+        )
 
     async def model(self, request: web.Request, work: ServiceWork) -> web.StreamResponse:
         """The least loaded ready node, the next if it fails."""
@@ -454,6 +479,7 @@ class ClusterBackend:
 
     async def close(self) -> None:
         await self.hub.close_all()
+        self.mosaics.close_all()
 
     async def close_http(self) -> None:
         if self._http is not None:

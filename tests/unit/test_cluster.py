@@ -401,14 +401,15 @@ async def test_gateway_relays_the_live_page_and_the_mosaic_of_one_node() -> None
         assert data["loc"] == "focus"
         await ws.close()
 
-        # The mosaic: one node's streams are relayed; across nodes, 501 naming them.
+        # The mosaic: one node's streams are relayed; across nodes it is composed at the
+        # gateway (tests/unit/test_gateway_mosaic.py), from each node's share.
         r = await gw.get("/mosaic/mjpeg", params={"streams": "a2,a1", "fps": "2"})
         assert r.status == 200 and r.headers["Content-Type"].startswith("multipart/")
         body = await r.read()
         assert b"X-Node: nodeA" in body and b"streams=a2" in body
-        r = await gw.get("/mosaic/mjpeg")
-        body = await r.json()
-        assert r.status == 501 and body["nodes"] == {"nodeA": ["a1", "a2"], "nodeB": ["b1"]}
+        r = await gw.get("/mosaic/mjpeg", params={"streams": "a1,b1"})
+        assert r.status == 200 and r.headers["Content-Type"].startswith("multipart/")
+        r.close()
         r = await gw.get("/mosaic/mjpeg", params={"streams": "a1,zz"})
         assert r.status == 404
     finally:
