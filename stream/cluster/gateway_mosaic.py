@@ -246,8 +246,9 @@ class GatewayMosaic:
                 plan_at = now + PLAN_S
             if plan is not None:
                 ids, state = plan
-                feeds = dict(layout.feeds)
-                key = (tuple(ids), tuple(state.items()), tuple((f, f.seq) for f in feeds.values()))
+                # (feed, seq, JPEG) taken together here on the loop, where the feeds write
+                feeds = {n: (f, f.seq, f.jpeg) for n, f in layout.feeds.items()}
+                key = (tuple(ids), tuple(state.items()), tuple(v[:2] for v in feeds.values()))
                 if key != seen or now - last_ts >= 1.0:
                     seen, last_ts = key, now
                     try:
@@ -284,25 +285,25 @@ class GatewayMosaic:
         layout: GatewayLayout,
         ids: list[str],
         state: dict[str, str],
-        feeds: dict[str, NodeFeed],
+        feeds: dict[str, tuple[NodeFeed, int, bytes | None]],
     ) -> None:
         """Thread: decodes each node picture that is new, composes, encodes once."""
         t0 = time.thread_time()
         _, cols, width = layout.key
         c, _, tile = grid(len(ids), cols, width)
         pictures: dict[str, np.ndarray] = {}
-        for node, feed in feeds.items():
+        for node, (feed, seq, jpeg) in feeds.items():
             have = layout.decoded.get(node)
-            if have is not None and have[0] is feed and have[1] == feed.seq:
+            if have is not None and have[0] is feed and have[1] == seq:
                 pictures[node] = have[2]
-            elif (jpeg := feed.jpeg) is not None:
+            elif jpeg is not None:
                 with contextlib.suppress(ValueError):
                     img = simplejpeg.decode_jpeg(jpeg, colorspace="BGR")
-                    layout.decoded[node] = (feed, feed.seq, img)
+                    layout.decoded[node] = (feed, seq, img)
                     pictures[node] = img
         for node in set(layout.decoded) - set(feeds):
             del layout.decoded[node]
-        parts = {node: feed.share for node, feed in feeds.items()}
+        parts = {node: v[0].share for node, v in feeds.items()}
         canvas = compose_from_nodes(ids, c, tile, parts, pictures, state)
         layout.seq += 1
         layout.last = Rendered(
