@@ -36,7 +36,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -206,7 +205,7 @@ def chroot_cmd(root: Root, img: Image, argv: list[str], extra_env: dict[str, str
         *(f"{k}={v}" for k, v in env.items()),
         "/bin/sh",
         "-c",
-        f"cd {shlex.quote(img.workdir)} && exec \"$@\"",
+        f'cd {shlex.quote(img.workdir)} && exec "$@"',
         "--",
         *argv,
     ]
@@ -238,7 +237,8 @@ def build(root: Root, dockerfile: Path, build_args: dict[str, str], timings: dic
             run_no += 1
             t0 = time.monotonic()
             log(f"RUN (Dockerfile line {ins.line}): {ins.args[:120]}...")
-            sh(chroot_cmd(root, img, ["/bin/sh", "-c", ins.args], {}))
+            # No terminal and no input, as in `docker build`.
+            sh(chroot_cmd(root, img, ["/bin/sh", "-c", ins.args], {}), stdin=subprocess.DEVNULL)
             timings[f"RUN #{run_no} (line {ins.line})"] = round(time.monotonic() - t0, 1)
         elif ins.op == "ENTRYPOINT":
             img.entrypoint = json.loads(ins.args)
@@ -330,7 +330,9 @@ def serve_and_check(root: Root, img: Image, shared: Path, timings: dict) -> dict
     log_path = root.path.parent / "serve.log"
     t0 = time.monotonic()
     with log_path.open("w") as logf:
-        proc = subprocess.Popen(wrapped, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            wrapped, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
+        )
     result: dict[str, object] = {"serve_log": str(log_path)}
     try:
         until("the network namespace", lambda: _netns_ready(proc.pid), 30)
@@ -358,12 +360,21 @@ def serve_and_check(root: Root, img: Image, shared: Path, timings: dict) -> dict
 
             def live(sid: str = sid) -> object:
                 status, body = get_json(proc.pid, root, img, f"/api/streams/{sid}")
-                return body if status == 200 and isinstance(body, dict) and body.get("state") == "live" else None
+                return (
+                    body
+                    if status == 200 and isinstance(body, dict) and body.get("state") == "live"
+                    else None
+                )
 
             first = until(f"stream {sid} live", live, 300)
             n0 = frames_of(first)
-            until(f"stream {sid} frames rising", lambda n0=n0, sid=sid: frames_of(
-                get_json(proc.pid, root, img, f"/api/streams/{sid}")[1]) > n0 >= 0, 120)
+            until(
+                f"stream {sid} frames rising",
+                lambda n0=n0, sid=sid: (
+                    frames_of(get_json(proc.pid, root, img, f"/api/streams/{sid}")[1]) > n0 >= 0
+                ),
+                120,
+            )
             timings[f"stream {sid}: live and frames rising"] = round(time.monotonic() - t1, 1)
             result[f"stream {sid}"] = get_json(proc.pid, root, img, f"/api/streams/{sid}")[1]
         status, body = get_json(proc.pid, root, img, "/api/model")
@@ -407,7 +418,9 @@ def mirror_from_apt() -> str:
 
 
 def du(path: Path) -> str:
-    return subprocess.run(["du", "-sh", "-x", str(path)], capture_output=True, text=True).stdout.split()[0]
+    return subprocess.run(
+        ["du", "-sh", "-x", str(path)], capture_output=True, text=True
+    ).stdout.split()[0]
 
 
 def main() -> int:
