@@ -211,7 +211,13 @@ def chroot_cmd(root: Root, img: Image, argv: list[str], extra_env: dict[str, str
     ]
 
 
-def build(root: Root, dockerfile: Path, build_args: dict[str, str], timings: dict) -> Image:
+def build(
+    root: Root,
+    dockerfile: Path,
+    build_args: dict[str, str],
+    build_env: dict[str, str],
+    timings: dict,
+) -> Image:
     img = Image()
     ignore = dockerignore(REPO)
     run_no = 0
@@ -238,7 +244,8 @@ def build(root: Root, dockerfile: Path, build_args: dict[str, str], timings: dic
             t0 = time.monotonic()
             log(f"RUN (Dockerfile line {ins.line}): {ins.args[:120]}...")
             # No terminal and no input, as in `docker build`.
-            sh(chroot_cmd(root, img, ["/bin/sh", "-c", ins.args], {}), stdin=subprocess.DEVNULL)
+            cmd = chroot_cmd(root, img, ["/bin/sh", "-c", ins.args], build_env)
+            sh(cmd, stdin=subprocess.DEVNULL)
             timings[f"RUN #{run_no} (line {ins.line})"] = round(time.monotonic() - t0, 1)
         elif ins.op == "ENTRYPOINT":
             img.entrypoint = json.loads(ins.args)
@@ -431,6 +438,13 @@ def main() -> int:
     p.add_argument("--build-arg", action="append", default=[], metavar="K=V")
     p.add_argument("--shared", type=Path, default=None, help="folder holding the weights")
     p.add_argument("--keep-root", action="store_true", help="leave the root on disk")
+    p.add_argument(
+        "--pip-cert",
+        type=Path,
+        default=os.environ.get("PIP_CERT") or None,
+        help="CA bundle pip must trust during the build, as `docker build` behind a TLS-"
+        "inspecting proxy would be given (default: $PIP_CERT); build steps only",
+    )
     a = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (debootstrap, chroot, mount, unshare)")
@@ -456,7 +470,13 @@ def main() -> int:
         timings["debootstrap"] = round(time.monotonic() - t0, 1)
         report["root_after_debootstrap"] = du(root.path)
         root.mount()
-        img = build(root, REPO / "Dockerfile", build_args, timings)
+        build_env = {}
+        if a.pip_cert:
+            # The build machine's CA bundle (e.g. a proxy's CA), for pip only, during the build.
+            root.host("/etc/ssl").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(a.pip_cert, root.host("/etc/ssl/build-ca.crt"))
+            build_env["PIP_CERT"] = "/etc/ssl/build-ca.crt"
+        img = build(root, REPO / "Dockerfile", build_args, build_env, timings)
         report["root_after_build"] = du(root.path)
         report["python"] = subprocess.run(
             chroot_cmd(root, img, ["python3", "--version"], {}), capture_output=True, text=True
