@@ -36,7 +36,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -312,17 +312,20 @@ def default_streams(root: Root, img: Image) -> list[str]:
     return list(json.loads(out))
 
 
-def frames_of(body: object) -> int:
-    """The first frame counter in a stream's status (its name may vary across versions)."""
+def inferred(metrics: object, stream_id: str) -> float:
+    """segstream_frames_total{outcome="inferred"} of one stream, from /metrics (-1: absent)."""
+    labels = ('outcome="inferred"', f'stream="{stream_id}"')
+    for line in str(metrics).splitlines():
+        if line.startswith("segstream_frames_total{") and all(x in line for x in labels):
+            return float(line.rsplit(" ", 1)[1])
+    return -1.0
 
-    def walk(o: object) -> Iterator[int]:
-        if isinstance(o, dict):
-            for k, v in o.items():
-                if "frame" in k and isinstance(v, int) and not isinstance(v, bool):
-                    yield v
-                yield from walk(v)
 
-    return next(walk(body), -1)
+def progress(ns_pid: int, root: Root, img: Image, sid: str) -> tuple[int, float]:
+    """(frames captured, frames inferred) of a stream: both must rise while it plays."""
+    body = get_json(ns_pid, root, img, f"/api/streams/{sid}")[1]
+    captured = body.get("captured", -1) if isinstance(body, dict) else -1
+    return int(captured), inferred(get_json(ns_pid, root, img, "/metrics")[1], sid)
 
 
 def serve_and_check(root: Root, img: Image, shared: Path, timings: dict) -> dict[str, object]:
@@ -373,15 +376,16 @@ def serve_and_check(root: Root, img: Image, shared: Path, timings: dict) -> dict
                     else None
                 )
 
-            first = until(f"stream {sid} live", live, 300)
-            n0 = frames_of(first)
-            until(
-                f"stream {sid} frames rising",
-                lambda n0=n0, sid=sid: (
-                    frames_of(get_json(proc.pid, root, img, f"/api/streams/{sid}")[1]) > n0 >= 0
-                ),
-                120,
-            )
+            until(f"stream {sid} live", live, 300)
+            c0, i0 = progress(proc.pid, root, img, sid)
+            if c0 < 0 or i0 < 0:
+                raise SystemExit(f"stream {sid}: no captured/inferred counters ({c0}, {i0})")
+
+            def rising(sid: str = sid, c0: int = c0, i0: float = i0) -> bool:
+                c1, i1 = progress(proc.pid, root, img, sid)
+                return c1 > c0 and i1 > i0
+
+            until(f"stream {sid} frames captured and inferred rising", rising, 120)
             timings[f"stream {sid}: live and frames rising"] = round(time.monotonic() - t1, 1)
             result[f"stream {sid}"] = get_json(proc.pid, root, img, f"/api/streams/{sid}")[1]
         status, body = get_json(proc.pid, root, img, "/api/model")
@@ -477,6 +481,7 @@ def main() -> int:
             shutil.copy2(a.pip_cert, root.host("/etc/ssl/build-ca.crt"))
             build_env["PIP_CERT"] = "/etc/ssl/build-ca.crt"
         img = build(root, REPO / "Dockerfile", build_args, build_env, timings)
+        root.host("/etc/ssl/build-ca.crt").unlink(missing_ok=True)  # the build's only
         report["root_after_build"] = du(root.path)
         report["python"] = subprocess.run(
             chroot_cmd(root, img, ["python3", "--version"], {}), capture_output=True, text=True
