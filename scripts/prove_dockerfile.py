@@ -298,6 +298,23 @@ def until(what: str, cond: Callable[[], object], timeout: float) -> object:
     raise SystemExit(f"timed out after {timeout:.0f} s waiting for: {what}")
 
 
+def check_gst(root: Root, img: Image) -> str:
+    """The gst extra's point: GStreamer's RTSP/H.264 elements usable from segstream's reader."""
+    code = (
+        "import sys\n"
+        "from segstream.stream.sources.gstreamer import gst_unavailable, load_gst\n"
+        "why = gst_unavailable()\n"
+        "print(why or 'available: GStreamer ' + load_gst().version_string())\n"
+        "sys.exit(1 if why else 0)\n"
+    )
+    r = subprocess.run(
+        chroot_cmd(root, img, ["python3", "-c", code], {}), capture_output=True, text=True
+    )
+    if r.returncode:
+        raise SystemExit(f"gst reader unavailable in the root: {r.stdout}{r.stderr}")
+    return r.stdout.strip()
+
+
 def default_streams(root: Root, img: Image) -> list[str]:
     code = (
         "import yaml,json;c=yaml.safe_load(open('/app/configs/default.yaml'));"
@@ -486,6 +503,8 @@ def main() -> int:
         report["python"] = subprocess.run(
             chroot_cmd(root, img, ["python3", "--version"], {}), capture_output=True, text=True
         ).stdout.strip()
+        if "gst" in img.args.get("EXTRAS", ""):
+            report["gst_reader"] = check_gst(root, img)
         report |= serve_and_check(root, img, shared, timings)
         report["result"] = "PASS"
     except BaseException as e:
