@@ -304,7 +304,7 @@ def check_gst(root: Root, img: Image) -> str:
         "import sys\n"
         "from segstream.stream.sources.gstreamer import gst_unavailable, load_gst\n"
         "why = gst_unavailable()\n"
-        "print(why or 'available: GStreamer ' + load_gst().version_string())\n"
+        "print(why or 'available: ' + load_gst().version_string())\n"
         "sys.exit(1 if why else 0)\n"
     )
     r = subprocess.run(
