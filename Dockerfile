@@ -8,12 +8,15 @@ ARG EXTRAS="gst"
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 SEGSTREAM_HOME=/var/cache/segstream
 
 # CUDA bases ship no Python; slim Python bases already have it.
+# Debian/Ubuntu package versions differ per base and security updates replace them: unpinned.
+# hadolint ignore=DL3008
 RUN if ! command -v python3 >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv python3-dev \
       && rm -rf /var/lib/apt/lists/*; fi \
  && python3 -m venv /opt/venv
 # GStreamer (RTSP, H.264 via libav) for the gst reader, and what PyGObject builds against
 # (it has no Linux wheels): the same list as scripts/install_system_deps.sh gst.
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends \
       gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-libav \
       gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 \
@@ -27,11 +30,14 @@ COPY models ./models
 COPY stream ./stream
 COPY segstream ./segstream
 COPY configs ./configs
-RUN pip install --upgrade pip && pip install ".${EXTRAS:+[$EXTRAS]}"
+# pip pinned (the version tested). "." is this checkout: its dependencies are declared (lower
+# bounds, the versions tested) in pyproject.toml, which hadolint cannot read.
+# hadolint ignore=DL3013
+RUN pip install --upgrade "pip==26.3" && pip install ".${EXTRAS:+[$EXTRAS]}"
 
 # Weights are not baked in: mount a cache or let the entrypoint fetch them on first start.
 VOLUME /var/cache/segstream
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s \
-  CMD python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)" || exit 1
+  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
 ENTRYPOINT ["/bin/sh", "-c", "segstream fetch && exec segstream serve --config /app/configs/default.yaml --host 0.0.0.0 \"$@\"", "--"]
