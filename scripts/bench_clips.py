@@ -19,7 +19,9 @@ from segstream.stream.events.config import ClipsConfig
 def main() -> int:
     cv2.setNumThreads(1)
     w, h = (int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else "768x576").split("x"))
-    shared = Path(os.environ.get("SEGSTREAM_SHARED", Path(__file__).parents[2] / "shared"))
+    shared = Path(
+        os.environ.get("SEGSTREAM_SHARED", Path(__file__).resolve().parents[2] / "shared")
+    )
     cap = cv2.VideoCapture(str(shared / "data/video/vtest.avi"))
     frames = []
     while len(frames) < 200:
