@@ -214,9 +214,13 @@ class HubForwarder(EventRecorder):
             flush.done.set()
         items: list[Item] = []
         last = -1
+        clips = 0
         for seq, it in self._items:
             if isinstance(it, _Flush) or len(items) >= BATCH_ITEMS:
                 break
+            clips += isinstance(it, Clip)
+            if clips > 1:
+                break  # one clip's bytes (up to max_s of video) in memory at a time
             items.append(it)
             last = seq
         due = self._coverage and time.monotonic() - self._coverage_at >= COVERAGE_INTERVAL_S

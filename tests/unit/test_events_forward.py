@@ -18,7 +18,7 @@ from support.events_helpers import LABELS, person_mask, zone
 from segstream.stream.cluster.events_hub import EventsHub
 from segstream.stream.config import AppConfig
 from segstream.stream.events.config import EventsConfig
-from segstream.stream.events.forward import Batch, Claim, ForwardingEventsFeature
+from segstream.stream.events.forward import Batch, Claim, Clip, ForwardingEventsFeature
 
 
 class Hub:
@@ -247,6 +247,14 @@ async def test_a_finished_clip_moves_to_the_hub_and_leaves_the_node(hub: Hub) ->
     hub.down = False
     await flushed(a)
     assert not second.exists()
+    # Two clips at once travel in two batches: one clip's bytes in memory at a time.
+    hub.batches.clear()
+    for name in ("third", "fourth"):
+        (a.clip_dir / name).write_bytes(b"y")
+        a._clip_done(eid, a.clip_dir / name, 1, False)
+    await flushed(a)
+    per_batch = [n for b in hub.batches if (n := sum(isinstance(it, Clip) for it in b.items))]
+    assert sorted(per_batch) == [1, 1], per_batch
     clip_dir = a.clip_dir
     await a.close()
     assert not clip_dir.exists()  # the node's private clip folder goes with the feature
