@@ -375,13 +375,17 @@ def test_slow_client_gets_newest_frames_and_memory_stays_flat(service: ServicePr
             # malloc's arenas fill for a while): at once when earlier tests ran, <= 40 s alone.
             await asyncio.sleep(2.0)
             readings = [rss_mb(pid)]
+            counts = [(time.monotonic(), fast_count)]
             for _ in range(20):
                 await asyncio.sleep(2.0)
                 readings.append(rss_mb(pid))
+                counts.append((time.monotonic(), fast_count))
                 if len(readings) >= 3 and max(readings[-3:]) - min(readings[-3:]) < 3:
                     break
             rss0 = rss_mb(pid)
             fast_before = fast_count
+            (t_a, n_a), (t_b, n_b) = counts[-3], counts[-1]
+            alone.append((n_b - n_a) / (t_b - t_a))  # the fast client's rate on its own
             skipped0 = service.metric("segstream_page_frames_total", outcome="skipped")
             slow_task = asyncio.create_task(asyncio.to_thread(slow))
             while not slow_task.done():  # what the server holds unsent, all clients
@@ -400,9 +404,11 @@ def test_slow_client_gets_newest_frames_and_memory_stays_flat(service: ServicePr
 
     buffered: list[float] = []
     skipped: list[float] = []
+    alone: list[float] = []
     got, newest, rss0, rss1, fast_rate = asyncio.run(run())
     print(
-        f"slow client: {len(got)} frames in 15 s; fast beside it: {fast_rate}/s; "
+        f"slow client: {len(got)} frames in 15 s; fast beside it: {fast_rate}/s "
+        f"(alone {alone[0]:.0f}/s); "
         f"server RSS {rss0:.0f} -> {rss1:.0f} MB; unsent at most {max(buffered) / 1e3:.0f} kB;"
         f" {skipped[0]:.0f} frames skipped"
     )
@@ -418,7 +424,9 @@ def test_slow_client_gets_newest_frames_and_memory_stays_flat(service: ServicePr
     assert late[0] < 3.0 and late[1] < 5.0, late
     seqs = sorted(seq for _, sid, seq in got if sid == got[-1][1])
     assert any(b - a > 5 for a, b in itertools.pairwise(seqs)), seqs  # it skipped frames
-    assert fast_rate >= 60, fast_rate  # ~32 tiles x 5 fps offered, under load
+    # Not held up by the slow one: as fast as it was alone (~32 tiles x 5 fps offered; what a
+    # loaded host delivers varies, so against its own rate just before).
+    assert fast_rate >= 0.7 * alone[0] and fast_rate >= 20, (fast_rate, alone)
     # Queued, the slow client's frames would pile up at ~2.5 MB/s (~40 MB in 15 s); held newest
     # only, they are one per tile (~32 x 17 kB) plus a socket buffer, for both clients.
     assert max(buffered) < 2.5e6 and skipped[0] > 500, (buffered, skipped)
