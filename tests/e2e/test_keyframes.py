@@ -4,6 +4,7 @@ counts the others `undecoded`, and decodes every frame again when a sink needs t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import av
@@ -143,14 +144,16 @@ def test_a_gop_longer_than_the_stall_timeout_is_not_a_stall(shared_dir: Path) ->
         camera = source("gop-rtsp", server.url("/gop"), "gst")
         for s in (*files.values(), camera):
             s.start()
+        t0 = time.monotonic()
         try:
             for s in files.values():
                 assert wait_for(lambda s=s: s.state is SourceState.STOPPED, 30), s.status()
             got = {r: (s.stats().captured, s.stats().reconnects) for r, s in files.items()}
-            cam = camera.stats()
+            cam, seconds = camera.stats(), time.monotonic() - t0
         finally:
             for s in (*files.values(), camera):
                 s.stop()
     assert got == {"pyav": (3, 0), "gst": (3, 0)}, got
-    # ~7 s of a 10 fps camera: every frame decoded would be ~70, keyframes only 2 or 3.
-    assert (cam.state, cam.reconnects) == (SourceState.LIVE, 0) and 1 <= cam.captured <= 4, cam
+    # ~7 s of a 10 fps camera: every frame decoded would be ~70, keyframes only one in 3 s.
+    assert (cam.state, cam.reconnects) == (SourceState.LIVE, 0), cam
+    assert 1 <= cam.captured <= seconds / 3 + 2, (cam, seconds)
