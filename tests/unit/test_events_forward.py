@@ -249,9 +249,12 @@ async def test_a_finished_clip_moves_to_the_hub_and_leaves_the_node(hub: Hub) ->
     assert not second.exists()
     # Two clips at once travel in two batches: one clip's bytes in memory at a time.
     hub.batches.clear()
+    a.forwarder.max_media = 200  # room for both (at 1 the older would be dropped)
+    hub.down = True  # both queued before anything is sent
     for name in ("third", "fourth"):
         (a.clip_dir / name).write_bytes(b"y")
         a._clip_done(eid, a.clip_dir / name, 1, False)
+    hub.down = False
     await flushed(a)
     per_batch = [n for b in hub.batches if (n := sum(isinstance(it, Clip) for it in b.items))]
     assert sorted(per_batch) == [1, 1], per_batch
