@@ -7,8 +7,10 @@
 #            needs to build PyGObject and pycairo (there are no Linux wheels).
 #   test:    the real peers the tests drive: gst-rtsp-server (via python3-gi), ffmpeg,
 #            headless chromium and a prometheus server; iproute2 and util-linux (ip,
-#            unshare) for the cluster test's network namespace; mosquitto and postgresql
-#            (the events tests start their own broker and database server); nginx (the
+#            unshare) for the cluster test's network namespace; redis-server (the cluster
+#            test's head-failure check keeps Ray's GCS state in a Redis it starts);
+#            mosquitto and postgresql (the events tests start their own broker and
+#            database server); nginx (the
 #            documented TLS reverse proxy, deploy/nginx/, is run in front of a service; the
 #            tests start their own, so a system nginx apt may start is not needed); and
 #            everything of `gst`.
@@ -22,7 +24,7 @@ case "${1:-runtime}" in
   gst) want=("${gst[@]}") ;;
   test) want=(ffmpeg python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp
               gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly chromium prometheus
-              iproute2 util-linux mosquitto postgresql nginx "${gst[@]}") ;;
+              iproute2 util-linux redis-server mosquitto postgresql nginx "${gst[@]}") ;;
   *) echo "usage: $0 runtime|gst|test" >&2; exit 2 ;;
 esac
 missing=()
