@@ -318,10 +318,12 @@ class Controller:
         self.pings: dict[str, tuple[Any, float]] = {}  # ray node id -> (ref, sent at)
         self.syncs: dict[str, Any] = {}  # ray node id -> ObjectRef of sync()
         self.lost: dict[str, float] = {}  # ray node id -> when it was declared lost
+        self.slots: dict[str, float] = {}  # ray node id -> its slots, as discovered
         self.settled = False  # placed at least once (after existing nodes reported)
+        self.ticked = self.awake = time.monotonic()  # the last tick; since when awake
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
-        self._thread.start()
+        for target, name in ((self._run, "controller"), (self._run_discovery, "discovery")):
+            threading.Thread(target=target, name=name, daemon=True).start()
         log.info("controller up: %d stream(s) in the state file", len(self.state.desired))
 
     # -- called by the gateway -----------------------------------------------------------------
@@ -379,19 +381,35 @@ class Controller:
         with self.lock:
             return ChangeResult(snapshot=self.state.snapshot())
 
-    # -- the loop -------------------------------------------------------------------------------
+    # -- the loops ------------------------------------------------------------------------------
+    # Two threads, so that nothing the nodes need waits on Ray's GCS: discovery (listing the
+    # Ray nodes, creating node services) asks the GCS and blocks while the head's GCS is away
+    # (restarting, with its state in Redis); pings, placement and pushes go straight to the
+    # node services' workers, so nodes keep being seen and nothing moves meanwhile.
     def _run(self) -> None:
+        self._loop(self._tick, "tick")
+
+    def _run_discovery(self) -> None:
+        self._loop(self._discover, "discovery")
+
+    def _loop(self, step: Callable[[], None], name: str) -> None:
         while not self._stop.is_set():
             t0 = time.monotonic()
             try:
-                self._tick()
+                step()
             except Exception:
-                log.exception("controller tick failed")
-            self.tick_s = time.monotonic() - t0
+                log.exception("controller %s failed", name)
+            if name == "tick":
+                self.tick_s = time.monotonic() - t0
             self._stop.wait(max(0.0, self.TICK_S - (time.monotonic() - t0)))
 
     def _tick(self) -> None:
-        self._discover()
+        now = time.monotonic()
+        if now - self.ticked > self.cfg.cluster.lost_after_s / 2:
+            # This loop itself stalled (a pause, a starved CPU): the nodes' silence meanwhile
+            # is the controller's, not theirs.
+            self.awake = now
+        self.ticked = now
         self._collect_starts()
         self._ping()
         self._expire()
@@ -404,10 +422,11 @@ class Controller:
             self.state.place()
         self._push()
 
-    def _alive_nodes(self) -> dict[str, float]:
+    def _alive_nodes(self) -> dict[str, tuple[float, str]]:
+        """Ray id -> (slots, address) of every live Ray node: asks the GCS."""
         res = self.cfg.cluster.slots_resource
         return {
-            n["NodeID"]: float(n.get("Resources", {}).get(res, 0.0))
+            n["NodeID"]: (float(n.get("Resources", {}).get(res, 0.0)), str(n["NodeManagerAddress"]))
             for n in self._ray.nodes()
             if n.get("Alive")
         }
@@ -415,35 +434,46 @@ class Controller:
     def _discover(self) -> None:
         alive = self._alive_nodes()
         now = time.monotonic()
-        for ray_id in [n for n in self.state.nodes if n not in alive]:
+        with self.lock:
+            gone = [n for n in self.state.nodes if n not in alive]
+            for ray_id in [n for n in self.starting if n not in alive]:
+                self.starting.pop(ray_id, None)
+                self.handles.pop(ray_id, None)
+            new = {
+                ray_id: slots_host
+                for ray_id, slots_host in alive.items()
+                if slots_host[0] > 0
+                and ray_id not in self.state.nodes
+                and ray_id not in self.starting
+                # declared lost a moment ago while Ray still lists it
+                and now - self.lost.get(ray_id, -1e9) >= 30.0
+            }
+        for ray_id in gone:
             self._lose(ray_id, "its Ray node is gone")
-        for ray_id in [n for n in self.starting if n not in alive]:
-            self.starting.pop(ray_id, None)
-            self.handles.pop(ray_id, None)
-        for ray_id, slots in alive.items():
-            if slots <= 0 or ray_id in self.state.nodes or ray_id in self.starting:
-                continue
-            if now - self.lost.get(ray_id, -1e9) < 30.0:
-                continue  # declared lost a moment ago while Ray still lists it
+        for ray_id, (slots, host) in new.items():
             cls = self.node_class or NodeService
             handle = runtime.node_actor(self.cfg.cluster.namespace, ray_id, cls)
-            self.handles[ray_id] = handle
-            host = runtime.node_ip(ray_id)
-            self.starting[ray_id] = handle.start.remote(
-                self.cfg_json, ray_id, host, self.secret, self.signing_secret
-            )
+            ref = handle.start.remote(self.cfg_json, ray_id, host, self.secret, self.signing_secret)
+            with self.lock:
+                self.handles[ray_id] = handle
+                self.starting[ray_id] = ref
+                self.slots[ray_id] = slots
             log.info("starting the node service on %s (%s slots)", short(ray_id), slots)
 
     def _collect_starts(self) -> None:
-        if not self.starting:
+        with self.lock:
+            starting = dict(self.starting)
+        if not starting:
             return
-        refs = list(self.starting.values())
+        refs = list(starting.values())
         ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
-        alive = self._alive_nodes()
-        for ray_id, ref in list(self.starting.items()):
+        for ray_id, ref in starting.items():
             if ref not in ready:
                 continue
-            del self.starting[ray_id]
+            with self.lock:
+                if self.starting.get(ray_id) is not ref:
+                    continue  # its Ray node went away meanwhile
+                del self.starting[ray_id]
             try:
                 info = self._ray.get(ref)
             except Exception as e:
@@ -452,7 +482,7 @@ class Controller:
                 self.lost[ray_id] = time.monotonic()
                 continue
             rec = NodeRecord(
-                ray_id, info["host"], info["port"], info["metrics_port"], alive.get(ray_id, 0.0)
+                ray_id, info["host"], info["port"], info["metrics_port"], self.slots[ray_id]
             )
             with self.lock:
                 self.state.node_up(rec)
@@ -461,8 +491,9 @@ class Controller:
     def _ping(self) -> None:
         now = time.monotonic()
         for ray_id in list(self.state.nodes):
-            if ray_id not in self.pings and ray_id in self.handles:
-                self.pings[ray_id] = (self.handles[ray_id].ping.remote(), now)
+            handle = self.handles.get(ray_id)
+            if ray_id not in self.pings and handle is not None:
+                self.pings[ray_id] = (handle.ping.remote(), now)
         if not self.pings:
             return
         refs = [r for r, _ in self.pings.values()]
@@ -470,7 +501,7 @@ class Controller:
         for ray_id, (ref, _sent) in list(self.pings.items()):
             if ref not in ready:
                 continue
-            del self.pings[ray_id]
+            self.pings.pop(ray_id, None)  # (or gone already: lost by the discovery thread)
             try:
                 r = self._ray.get(ref)
             except Exception as e:  # the actor died: a new one is started on that node
@@ -483,7 +514,7 @@ class Controller:
         now = time.monotonic()
         limit = self.cfg.cluster.lost_after_s
         for ray_id, rec in list(self.state.nodes.items()):
-            seen = rec.last_seen
+            seen = max(rec.last_seen, self.awake)
             if now - seen > limit:
                 self._lose(ray_id, f"silent for {now - seen:.1f} s")
 

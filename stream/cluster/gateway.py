@@ -34,6 +34,7 @@ from segstream.stream.api.media import client_fps
 from segstream.stream.api.mosaic import serve_mosaic
 from segstream.stream.api.spec import ApiError, Body, Endpoint, error, openapi, read_query, reply
 from segstream.stream.auth import Authenticator, load_secret
+from segstream.stream.cluster import runtime
 from segstream.stream.cluster.gateway_live import (
     MAX_UPSTREAM_MESSAGE,
     ClusterView,
@@ -80,6 +81,8 @@ _PASS_HEADERS = ("Content-Type", "Cache-Control", "Pragma", "X-Accel-Buffering",
 class ClusterClient:
     """The gateway's handle on the controller, with a short-lived cached snapshot."""
 
+    STALE_S = 60.0  # how old a snapshot may be to route viewers while the controller is away
+
     def __init__(self, handle: Any, secret: str, max_age: float = 0.5) -> None:
         self.handle, self.secret, self.max_age = handle, secret, max_age
         self._snap: ClusterSnapshot | None = None
@@ -87,18 +90,39 @@ class ClusterClient:
         self._lock = asyncio.Lock()
 
     async def call(self, method: str, *args: Any, timeout: float = 30.0) -> Any:
-        ref = getattr(self.handle, method).remote(*args)
+        """A controller method's answer. Calls made while Ray restarts the controller wait
+        for it (its tasks are retried); one that does not answer in `timeout`, or a
+        controller Ray reports dead or unreachable, is a 503 with Retry-After."""
         try:
+            ref = getattr(self.handle, method).remote(*args)
             return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
         except TimeoutError:
             raise error(
                 503, "the cluster controller did not answer in time", headers={"Retry-After": "2"}
             ) from None
+        except Exception as e:
+            if not _unavailable(e):
+                raise
+            raise error(
+                503,
+                f"the cluster controller is unavailable ({type(e).__name__})",
+                headers={"Retry-After": "2"},
+            ) from None
 
-    async def snapshot(self, fresh: bool = False) -> ClusterSnapshot:
+    async def snapshot(self, fresh: bool = False, stale_ok: bool = False) -> ClusterSnapshot:
+        """The controller's view, at most max_age old. `stale_ok`: while the controller does
+        not answer, the last one (up to STALE_S old) serves, so viewers of running streams
+        are still routed to their nodes."""
         async with self._lock:
             if fresh or self._snap is None or time.monotonic() - self._at > self.max_age:
-                self.remember(await self.call("snapshot", timeout=10.0))
+                try:
+                    self.remember(await self.call("snapshot", timeout=10.0))
+                except ApiError as e:
+                    last = self._snap
+                    if not stale_ok or last is None or time.monotonic() - self._at > self.STALE_S:
+                        raise
+                    log.warning("controller away (%s): routing on the last snapshot", e)
+                    return last
             assert self._snap is not None
             return self._snap
 
@@ -117,6 +141,15 @@ class ClusterClient:
     @property
     def last(self) -> ClusterSnapshot | None:
         return self._snap
+
+
+def _unavailable(e: Exception) -> bool:
+    """Ray's word that an actor is dead, restarting or unreachable (not an error it raised)."""
+    try:
+        exc = runtime.ray_module().exceptions
+    except RuntimeError:  # no Ray installed: nothing of Ray's could have raised it
+        return False
+    return isinstance(e, exc.RayActorError | exc.RaySystemError | exc.GetTimeoutError)
 
 
 def _node_url(node: NodeStatus, path: str) -> str:
@@ -152,8 +185,10 @@ class ClusterBackend:
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.client.secret}"}
 
-    async def _entry(self, stream_id: str) -> tuple[ClusterSnapshot, StreamPlacement]:
-        snap = await self.client.snapshot()
+    async def _entry(
+        self, stream_id: str, stale_ok: bool = False
+    ) -> tuple[ClusterSnapshot, StreamPlacement]:
+        snap = await self.client.snapshot(stale_ok=stale_ok)
         entry = snap.stream(stream_id)
         if entry is None:
             raise unknown(stream_id)
@@ -221,7 +256,7 @@ class ClusterBackend:
     async def media(
         self, request: web.Request, stream_id: str, work: StreamWork
     ) -> web.StreamResponse:
-        snap, entry = await self._entry(stream_id)
+        snap, entry = await self._entry(stream_id, stale_ok=True)
         node = snap.owner(entry)
         if node is None:
             raise error(
@@ -260,7 +295,7 @@ class ClusterBackend:
             self.mosaics.release(layout)
 
     async def _mosaic_where(self) -> Where:
-        snap = await self.client.snapshot()
+        snap = await self.client.snapshot(stale_ok=True)
         up = {n.id for n in snap.nodes if n.state == NodeState.UP}
         owner = {
             e.id: e.node
@@ -383,7 +418,6 @@ class ClusterBackend:
     # -- events: the cluster's events hub keeps and serves them ---------------------------
     async def _hub(self) -> Any:
         if self._events_hub is None:
-            from segstream.stream.cluster import runtime
             from segstream.stream.cluster.runtime import EVENTS_HUB_NAME
 
             ray = runtime.ray_module()
@@ -637,7 +671,6 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
 async def serve_cluster(cfg: AppConfig, address: str, state_file: Path | None) -> int:
     """Joins the Ray cluster, finds or starts the controller, serves the gateway until
     SIGINT/SIGTERM. The controller and the node services keep running after it stops."""
-    from segstream.stream.cluster import runtime
     from segstream.stream.cluster.controller import start_controller
 
     auth = Authenticator.from_home(tokens_dir(cfg))

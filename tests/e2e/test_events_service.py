@@ -425,7 +425,7 @@ async def test_cluster_gateway_without_its_events_hub_answers_503(tmp_path: Path
     from segstream.stream.config import AppConfig
 
     class Fixed(ClusterClient):
-        async def snapshot(self, fresh: bool = False) -> ClusterSnapshot:
+        async def snapshot(self, fresh: bool = False, stale_ok: bool = False) -> ClusterSnapshot:
             return ClusterSnapshot(version=1, nodes=[], streams=[])
 
     cfg = AppConfig.model_validate({"model": {"name": "mnv2-voc"}, "streams": []})

@@ -88,7 +88,7 @@ def gateway(service: ServiceProcess, viewer: tuple[Path, str]) -> Iterator[str]:
     snap = ClusterSnapshot(version=1, nodes=[node], streams=[])
 
     class Fixed(ClusterClient):
-        async def snapshot(self, fresh: bool = False) -> ClusterSnapshot:
+        async def snapshot(self, fresh: bool = False, stale_ok: bool = False) -> ClusterSnapshot:
             return snap
 
     cfg = AppConfig.model_validate(

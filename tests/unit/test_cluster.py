@@ -345,7 +345,7 @@ async def test_gateway_relays_the_live_page_and_the_mosaic_of_one_node() -> None
     )
 
     class Fixed(ClusterClient):
-        async def snapshot(self, fresh: bool = False) -> ClusterSnapshot:
+        async def snapshot(self, fresh: bool = False, stale_ok: bool = False) -> ClusterSnapshot:
             return snap
 
     cfg = AppConfig.model_validate({"model": {"name": "mnv2-voc"}, "streams": []})
@@ -454,7 +454,7 @@ async def test_gateway_shows_pending_and_unknown_streams() -> None:
     )
 
     class Fixed(ClusterClient):
-        async def snapshot(self, fresh: bool = False) -> ClusterSnapshot:
+        async def snapshot(self, fresh: bool = False, stale_ok: bool = False) -> ClusterSnapshot:
             return snap
 
     cfg = AppConfig.model_validate({"model": {"name": "mnv2-voc"}, "streams": []})
@@ -473,3 +473,43 @@ async def test_gateway_shows_pending_and_unknown_streams() -> None:
         assert r.status == 200 and (await r.json())["state"] == "unknown"
     finally:
         await gw.close()
+
+
+async def test_controller_away_is_a_503_and_viewers_route_on_the_last_snapshot() -> None:
+    """Ray's word that the controller is dead or restarting is a 503 with Retry-After, not a
+    500; while it is away the last snapshot (not too old) still routes viewers, and
+    anything that needs a fresh answer gets the 503."""
+    import concurrent.futures
+
+    ray = pytest.importorskip("ray")
+    from segstream.stream.api.spec import ApiError
+    from segstream.stream.cluster.gateway import ClusterClient
+
+    snap = ClusterSnapshot(version=3, nodes=[], streams=[])
+    answers: list[Any] = [snap]
+
+    class Method:
+        def remote(self, *_: Any) -> Any:
+            answer = answers.pop(0)
+            ref = concurrent.futures.Future()  # what an ObjectRef's .future() gives
+            if isinstance(answer, Exception):
+                ref.set_exception(answer)
+            else:
+                ref.set_result(answer)
+            return type("Ref", (), {"future": lambda _self: ref})()
+
+    client = ClusterClient(type("Handle", (), {"snapshot": Method()})(), "s", max_age=0.0)
+    assert await client.snapshot() is snap
+    answers += [ray.exceptions.ActorDiedError(), ray.exceptions.ActorDiedError()]
+    assert await client.snapshot(stale_ok=True) is snap
+    with pytest.raises(ApiError) as e:
+        await client.snapshot()
+    assert e.value.status == 503 and e.value.headers == {"Retry-After": "2"}, e.value.body
+    assert "ActorDiedError" in e.value.body["error"]
+    client._at -= ClusterClient.STALE_S + 1  # too old to route on
+    answers.append(ray.exceptions.ActorDiedError())
+    with pytest.raises(ApiError):
+        await client.snapshot(stale_ok=True)
+    answers.append(ValueError("a bug in the controller"))  # not Ray's word: stays an error
+    with pytest.raises(ValueError):
+        await client.snapshot()
