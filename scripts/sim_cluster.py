@@ -64,7 +64,7 @@ def shares(st: ClusterState) -> tuple[float, float]:
 
 
 def dry_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
-    cfg = AppConfig.model_validate({"streams": []})
+    cfg = AppConfig.model_validate({"streams": [], "sources": {"max_streams": n_streams}})
     out: dict[str, Any] = {"nodes": n_nodes, "streams": n_streams}
     caps = machines(n_nodes)
     cams = cameras(n_streams)
@@ -128,6 +128,17 @@ def dry_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
         out["snapshot_kib"] = round(len(pickle.dumps(snap)) / 1024, 1)  # as Ray sends it
         out["state_file_kib"] = round((Path(tmp) / "streams.json").stat().st_size / 1024, 1)
 
+        # The controller restarts (its head node did): a new one reads the state file and
+        # adopts what every node reports running, moving nothing.
+        t0 = time.perf_counter()
+        again = ClusterState(cfg, StreamStore(Path(tmp) / "streams.json"))
+        for nid, rec in st.nodes.items():
+            again.node_up(NodeRecord(nid, slots=rec.slots))
+            again.report(nid, dict(rec.running), {}, True, None)
+        again.place()
+        out["restart_adopt_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        out["restart_moved"] = sum(again.assignment.get(s) != n for s, n in st.assignment.items())
+
         # A machine is lost: the most loaded one.
         victim = max(
             st.nodes,
@@ -187,13 +198,27 @@ class StandInNode:
         self.running = {c.id: fingerprint(c) for c in cfgs}
 
 
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    """A Redis for the GCS's tables (fault tolerance), on a free loopback port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    return proc, f"127.0.0.1:{port}"
+
+
 def ray_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
     import ray
     from ray.cluster_utils import Cluster
 
-    from segstream.stream.cluster.controller import start_controller
-
     out: dict[str, Any] = {"ray_nodes": n_nodes, "streams": n_streams}
+    redis, os.environ["RAY_REDIS_ADDRESS"] = start_redis()
     t0 = time.monotonic()
     c = Cluster(
         initialize_head=True,
@@ -203,6 +228,7 @@ def ray_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
             "object_store_memory": 80 * 2**20,
         },
     )
+    del os.environ["RAY_REDIS_ADDRESS"]  # the head's alone
     # Enough room for every stream with a third to spare.
     cams = cameras(n_streams)
     slots = round(1.5 * sum(CostModel().cost(c.infer_fps) for c in cams) / n_nodes)
@@ -216,49 +242,92 @@ def ray_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
     ray.init(address=c.address, namespace="segstream-sim", log_to_driver=False)
     out["cluster_start_s"] = round(time.monotonic() - t0, 1)
     try:
-        cfg = AppConfig.model_validate(
-            {"cluster": {"namespace": "segstream-sim"}, "streams": [c.model_dump() for c in cams]}
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.monotonic()
-            ctl = start_controller(cfg, str(Path(tmp) / "streams.json"), b"k" * 32, StandInNode)
-
-            def placed() -> Any:
-                return ray.get(ctl.snapshot.remote(), timeout=30)
-
-            def all_placed(avoid: str = "") -> Any:
-                snap = placed()
-                ok = snap.nodes and all(
-                    s.phase == "placed" and s.node != avoid for s in snap.streams
-                )
-                return snap if ok else None
-
-            snap = wait(all_placed, 600)
-            out["all_placed_and_acknowledged_s"] = round(time.monotonic() - t0, 2)
-            loads = [n.load for n in snap.nodes]
-            out["load_share_most"], out["load_share_least"] = (
-                round(max(loads), 3),
-                round(min(loads), 3),
-            )
-            stats = ray.get(ctl.stats.remote())
-            out["controller_rss_mib"] = round(stats["rss_bytes"] / 2**20, 1)
-            out["controller_tick_ms"] = round(stats["tick_s"] * 1000, 1)
-            t1 = time.perf_counter()
-            ray.get(ctl.snapshot.remote())
-            out["snapshot_call_ms"] = round((time.perf_counter() - t1) * 1000, 1)
-
-            victim = nodes[0]
-            short = victim.node_id[:12]
-            n_lost = sum(s.node == short for s in snap.streams)
-            t0 = time.monotonic()
-            c.remove_node(victim, allow_graceful=False)
-            wait(lambda: all_placed(avoid=short), 120)
-            out["lost_node_streams"] = n_lost
-            out["lost_node_replaced_s"] = round(time.monotonic() - t0, 2)
-            ray.kill(ctl, no_restart=True)
+        out |= controller_run(c, nodes, cams)
     finally:
         ray.shutdown()
         c.shutdown()
+        redis.terminate()
+    return out
+
+
+def controller_run(c: Any, nodes: list[Any], cams: list[StreamConfig]) -> dict[str, Any]:
+    import ray
+
+    from segstream.stream.cluster.controller import start_controller
+
+    out: dict[str, Any] = {}
+    cfg = AppConfig.model_validate(
+        {
+            "cluster": {"namespace": "segstream-sim"},
+            "sources": {"max_streams": len(cams)},
+            "streams": [cam.model_dump() for cam in cams],
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.monotonic()
+        ctl = start_controller(cfg, str(Path(tmp) / "streams.json"), b"k" * 32, StandInNode)
+
+        def placed() -> Any:
+            return ray.get(ctl.snapshot.remote(), timeout=30)
+
+        def all_placed(avoid: str = "") -> Any:
+            snap = placed()
+            ok = snap.nodes and all(s.phase == "placed" and s.node != avoid for s in snap.streams)
+            return snap if ok else None
+
+        snap = wait(all_placed, 600)
+        out["all_placed_and_acknowledged_s"] = round(time.monotonic() - t0, 2)
+        loads = [n.load for n in snap.nodes]
+        out["load_share_most"], out["load_share_least"] = (
+            round(max(loads), 3),
+            round(min(loads), 3),
+        )
+        stats = ray.get(ctl.stats.remote())
+        out["controller_rss_mib"] = round(stats["rss_bytes"] / 2**20, 1)
+        out["controller_tick_ms"] = round(stats["tick_s"] * 1000, 1)
+        t1 = time.perf_counter()
+        ray.get(ctl.snapshot.remote())
+        out["snapshot_call_ms"] = round((time.perf_counter() - t1) * 1000, 1)
+
+        def where() -> dict[str, str | None]:
+            return {s.id: s.node for s in placed().streams}
+
+        # The head's GCS dies for 10 s and comes back (its tables in Redis).
+        before, started = where(), ray.get(ctl.info.remote())["started"]
+        head = c.head_node
+        t0 = time.monotonic()
+        head.kill_gcs_server()
+        meanwhile = []
+        while time.monotonic() - t0 < 10.0:
+            snap = placed()  # the controller answers: straight to its worker
+            meanwhile.append(sum(s.phase == "placed" for s in snap.streams))
+            time.sleep(0.5)
+        t1 = time.monotonic()
+        head.start_gcs_server()
+        wait(lambda: sum(n["Alive"] for n in ray.nodes()) == len(nodes) + 1, 60)
+        out["gcs_away_s"] = round(t1 - t0, 1)
+        out["gcs_ray_back_after_restart_s"] = round(time.monotonic() - t1, 2)
+        out["gcs_placed_meanwhile_min"] = min(meanwhile)
+        out["gcs_moved"] = sum(where()[k] != v for k, v in before.items())
+        out["gcs_controller_restarted"] = ray.get(ctl.info.remote())["started"] != started
+
+        # The controller dies: Ray restarts it; it reads the state file and adopts what
+        # the nodes run.
+        t0 = time.monotonic()
+        ray.kill(ctl, no_restart=False)
+        wait(lambda: all_placed() and where() == before, 120)
+        out["controller_restart_all_adopted_s"] = round(time.monotonic() - t0, 2)
+        out["controller_restart_moved"] = sum(where()[k] != v for k, v in before.items())
+
+        victim = nodes[0]
+        short = victim.node_id[:12]
+        n_lost = sum(s.node == short for s in snap.streams)
+        t0 = time.monotonic()
+        c.remove_node(victim, allow_graceful=False)
+        wait(lambda: all_placed(avoid=short), 120)
+        out["lost_node_streams"] = n_lost
+        out["lost_node_replaced_s"] = round(time.monotonic() - t0, 2)
+        ray.kill(ctl, no_restart=True)
     return out
 
 
