@@ -111,15 +111,14 @@ def test_the_service_decodes_every_frame_for_smooth_output(
 
 
 def test_keyframes_suffice_only_when_nothing_needs_the_frames_between() -> None:
-    assert keyframes_suffice("segmented", False, 1.0, 1.0)
-    assert keyframes_suffice("segmented", False, 0.5, 2.0)
-    assert keyframes_suffice("segmented", False, 0.5, 0.4996)  # GOP 30 at 15 fps over RTSP
-    assert not keyframes_suffice("segmented", False, 2.0, 1.0)  # more inferences than keyframes
-    assert not keyframes_suffice("segmented", False, 0.55, 0.5)
-    assert not keyframes_suffice("segmented", False, 0.0, 1.0)  # uncapped: every frame
-    assert not keyframes_suffice("smooth", False, 1.0, 1.0)  # draws every frame
-    assert not keyframes_suffice("segmented", True, 1.0, 1.0)  # re-streams every frame
-    assert not keyframes_suffice("segmented", False, 1.0, 0.0)  # keyframe rate not known yet
+    assert keyframes_suffice(False, 1.0, 1.0)
+    assert keyframes_suffice(False, 0.5, 2.0)
+    assert keyframes_suffice(False, 0.5, 0.4996)  # GOP 30 at 15 fps over RTSP
+    assert not keyframes_suffice(False, 2.0, 1.0)  # more inferences than keyframes
+    assert not keyframes_suffice(False, 0.55, 0.5)
+    assert not keyframes_suffice(False, 0.0, 1.0)  # uncapped: every frame
+    assert not keyframes_suffice(True, 1.0, 1.0)  # draws or re-streams every frame
+    assert not keyframes_suffice(False, 1.0, 0.0)  # keyframe rate not known yet
 
 
 def test_a_gop_longer_than_the_stall_timeout_is_not_a_stall(shared_dir: Path) -> None:
