@@ -1,6 +1,7 @@
 """Keyframe-only decoding: a PyAV or GStreamer reader decodes only keyframes while the service
-says that suffices (no smooth output, no re-stream, inference capped at or below the keyframe rate),
-counts the others `undecoded`, and decodes every frame again when a sink needs them."""
+says that suffices (nothing needs every frame, and inference capped at or below the keyframe
+rate, or with gate.still_keyframes a still scene), counts the others `undecoded`, and decodes
+every frame again when a sink needs them or the scene moves."""
 
 from __future__ import annotations
 
