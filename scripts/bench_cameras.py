@@ -21,6 +21,9 @@ count  N cameras (--counts) at --count-fps inferences per camera, an MJPEG viewe
        holds: the largest N that holds. With --moving-every K only cameras 0, K, 2K, ... move
        (and have a viewer); the others show a still frame: the run also needs every still
        camera inferred at least every refresh_s (motion gating, 5 s) during the window.
+       With --still-keyframes the count runs' streams set `gate.still_keyframes` (a still
+       camera decodes its keyframes only): a still camera then needs an inference at least
+       every refresh_s + one keyframe interval (GOP 30 at --fps: 2 s at 15 fps).
 
 Output in --out: results.json and results.md (the tables); the last stdout line is a JSON
 summary. Before each run the harness waits for the machine to be idle and repeats a run in
@@ -53,6 +56,7 @@ from benchlib.service import metric_sum  # noqa: E402
 
 log = bm.log
 GATE_REFRESH_S = 5.0  # the default gate.refresh_s: a still camera is inferred this often
+CAMERA_GOP = 30  # scripts/rtsp_live.py's default --gop: frames between keyframes
 
 
 def thread_groups(pid: int, before: dict[int, float], seconds: float) -> dict[str, float]:
@@ -101,12 +105,15 @@ async def run(
     infer_fps: float,
     viewers: bool,
     seconds: float,
+    still_keyframes: bool = False,
 ) -> dict[str, Any]:
     """One `python -m stream.cli serve` run from `tree`."""
     busy_before = await bm.wait_idle(args.idle_wait)
     port = bm.free_port()
     cfg_path = args.out / f"config-{label}.yaml"
     bm.service_config(cfg_path, args, urls, port, infer_fps=infer_fps, reader=reader)
+    if still_keyframes:
+        set_still_keyframes(cfg_path)
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(tree)}
     log_file = open(args.out / f"service-{label}.log", "w")  # noqa: SIM115
@@ -187,6 +194,7 @@ async def run(
             "streams": n,
             "infer_fps": infer_fps,
             "seconds": round(dt, 1),
+            "still_keyframes": still_keyframes,
             "busy_before": busy_before,
             "cpu_cores": cpu,
             "threads": groups,
@@ -202,6 +210,26 @@ async def run(
         }
     )
     return res
+
+
+def set_still_keyframes(cfg_path: Path) -> None:
+    """Every stream of the service's config: motion gating (the default refresh_s) with
+    keyframe-only decoding while its scene is still."""
+    import yaml
+
+    cfg = yaml.safe_load(cfg_path.read_text())
+    gate = {"mode": "motion", "refresh_s": GATE_REFRESH_S, "still_keyframes": True}
+    for s in cfg["streams"]:
+        s["gate"] = gate
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def still_period_s(args: argparse.Namespace, still_keyframes: bool) -> float:
+    """The longest a still camera may go without an inference: refresh_s, then the first
+    frame the scheduler takes (one period of the cap) or, decoding keyframes only, the next
+    keyframe (one keyframe interval)."""
+    wait = CAMERA_GOP / args.fps if still_keyframes else 1 / args.count_fps
+    return GATE_REFRESH_S + wait
 
 
 def transport(args: argparse.Namespace, url: str, reader: str) -> dict[str, Any]:
@@ -258,9 +286,9 @@ async def run_clean(args: argparse.Namespace, *a: Any, **kw: Any) -> dict[str, A
 
 
 def holds(args: argparse.Namespace, r: dict[str, Any]) -> bool:
-    # A still camera is inferred on the first due frame after each refresh_s: periods of at
-    # most refresh_s + one frame period of the cap; that many whole periods in the window.
-    refreshes = int(r["seconds"] // (GATE_REFRESH_S + 1 / args.count_fps))
+    # A still camera is inferred on the first due frame (keyframe) after each refresh_s:
+    # that many whole periods of still_period_s in the window.
+    refreshes = int(r["seconds"] // still_period_s(args, r.get("still_keyframes", False)))
     still_ok = r["still_inferred_min"] is None or r["still_inferred_min"] >= refreshes
     return (
         still_ok
@@ -339,7 +367,9 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         queue = list(args.counts)
         while queue:
             n = queue.pop(0)
-            label = f"count-{args.count_reader}-{n}"
+            label = f"count-{args.count_reader}-{n}" + (
+                "-stillkeys" if args.still_keyframes else ""
+            )
             log(f"count: {n} cameras at {args.count_fps:g} fps each, {args.count_reader}")
             r = await run_clean(
                 args,
@@ -351,6 +381,7 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 infer_fps=args.count_fps,
                 viewers=True,
                 seconds=args.count_seconds,
+                still_keyframes=args.still_keyframes,
             )
             r["holds"] = holds(args, r)
             res["count"].append(r)
@@ -359,6 +390,7 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 f"{label}: min {r['fps_min_stream']} fps/stream, p50 {r['p50_ms']} p99 "
                 f"{r['p99_ms']} ms, still cameras {r['still_streams']} (fewest inferences "
                 f"{r['still_inferred_min']}, unchanged {r['unchanged']}), "
+                f"undecoded {r['undecoded_share']:.0%}, "
                 f"service {r['cpu_cores']['service']:.2f} cores, "
                 f"machine {r['cpu_cores']['machine']:.2f}: "
                 f"{'holds' if r['holds'] else 'does not hold'}"
@@ -403,6 +435,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "count_fps": args.count_fps,
         "count_reader": args.count_reader,
         "moving_every": args.moving_every,
+        "still_keyframes": args.still_keyframes,
+        "still_period_s": round(still_period_s(args, args.still_keyframes), 2),
         "min_fps": args.min_fps,
         "p99_ms": args.p99_ms,
         "warmup_s": args.warmup,
@@ -410,6 +444,17 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "count_window_s": args.count_seconds,
         "before": str(args.before) if args.before else None,
     }
+
+
+def still_note(s: dict[str, Any]) -> str:
+    """What the count runs asked of the still cameras (settings(), --moving-every > 1)."""
+    if s["moving_every"] <= 1:
+        return ""
+    how = " (gate.still_keyframes: keyframes only while still)" if s["still_keyframes"] else ""
+    return (
+        f" 1 camera in {s['moving_every']} moves; each still one is inferred at least every "
+        f"{s['still_period_s']:g} s{how}."
+    )
 
 
 def fmt(x: Any, nd: int = 0) -> str:
@@ -472,11 +517,12 @@ def markdown(res: dict[str, Any]) -> str:
             f"Count: cameras at {s['count_fps']:g} inferences/s each, reader "
             f"{s['count_reader']}, an MJPEG viewer per camera; holds when every stream "
             f">= {s['min_fps']:g} segmented fps and p99 <= {s['p99_ms']:g} ms (glass to "
-            f"glass); {s['count_window_s']:g} s windows.",
+            f"glass); {s['count_window_s']:g} s windows.{still_note(s)}",
             "",
             "| cameras | fps total | min fps / stream | p50 ms | p95 ms | p99 ms | service "
-            "cores | machine cores | others' CPU | peak RSS MB | holds |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "cores | machine cores | others' CPU | undecoded | fewest still inferences "
+            "| peak RSS MB | holds |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in res["count"]:
             c = r["cpu_cores"]
@@ -484,6 +530,7 @@ def markdown(res: dict[str, Any]) -> str:
                 f"| {r['streams']} | {r['fps_total']:.1f} | {r['fps_min_stream']:.2f} | "
                 f"{fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | "
                 f"{c['service']:.2f} | {c['machine']:.2f} | {c.get('other', 0):.2f} | "
+                f"{r['undecoded_share']:.0%} | {fmt(r['still_inferred_min'])} | "
                 f"{fmt(r['peak_rss_mb'])} | {'yes' if r['holds'] else 'no'} |"
             )
         out += ["", f"Largest count that holds: {fmt(res.get('largest_count'))}."]
@@ -529,6 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="cameras 0, K, 2K, ... move; the others show a still frame (4: 3 of 4 still)",
+    )
+    ap.add_argument(
+        "--still-keyframes",
+        action="store_true",
+        help="count runs: streams set gate.still_keyframes (a still camera decodes keyframes "
+        "only); a still camera then needs an inference every refresh_s + one keyframe interval",
     )
     ap.add_argument("--search", action="store_true", help="grow the count while it holds")
     ap.add_argument("--step", type=int, default=4)

@@ -357,6 +357,15 @@ class GateConfig(_Strict):
     refresh_s: float = Field(
         5.0, gt=0, le=3600, description="Motion: infer at least this often, changed or not."
     )
+    still_keyframes: bool = Field(
+        False,
+        description="Motion: while the scene is still (the gate has judged it unchanged for "
+        "at least one keyframe interval), decode only the camera's keyframes (PyAV and gst "
+        "readers); each keyframe is still checked, refresh_s still holds (within one keyframe "
+        "interval more). Motion is then seen within one keyframe interval, not one frame, "
+        "and every frame is decoded again from the keyframe after it. Never while something "
+        "needs every frame: smooth output, a re-stream, privacy.",
+    )
 
 
 class StreamConfig(_Strict):
@@ -390,7 +399,8 @@ class StreamConfig(_Strict):
         "frame with the newest mask.",
     )
     gate: GateConfig = Field(
-        GateConfig(), description="Motion gating: {mode: motion|off, refresh_s}."
+        GateConfig(),
+        description="Motion gating: {mode: motion|off, refresh_s, still_keyframes}.",
     )
     loop: bool = Field(True, description="Files: start again at the end.")
     realtime: bool = Field(True, description="Files: pace at the file's own frame rate.")

@@ -21,7 +21,9 @@ the scene has not changed and the last inference is younger than `refresh_s`, th
 counted `unchanged` and goes no further: the last mask stands, and the lane waits for its next
 due time. The check runs outside the scheduler's lock, on the model worker that took the
 frame (which would have converted it anyway). Unchanged frames do not count as inferred for
-the rate controller, so the model time they free goes to the streams that move."""
+the rate controller, so the model time they free goes to the streams that move. How long a
+gated stream has been still (`still_since`) lets the service decode its keyframes only
+(`gate.still_keyframes`, see service.keyframes_suffice)."""
 
 from __future__ import annotations
 
@@ -85,18 +87,26 @@ class _Gate:
         self.detector = ChangeDetector()
         self.last_inferred = float("-inf")
         self.detector_seq = 0  # the reference frame's
+        self.changed_ts: float | None = None  # capture time of the last frame judged changed
+        self.still = False  # the last frame checked was unchanged
         self.lock = threading.Lock()
 
     def admit(self, job: Job) -> bool:
         """Whether the job's frame goes to the model (then it becomes the reference). Time is
-        the frames' capture time: refresh_s holds in the camera's time, whatever the delays."""
+        the frames' capture time: refresh_s holds in the camera's time, whatever the delays.
+        A refresh is checked too (about 1 ms, once per refresh_s): the verdict says whether
+        the scene is still (Scheduler.still_since)."""
         now = job.frame.capture_ts
         thumb = self.detector.thumbnail(job.frame.image)
         with self.lock:
             if job.frame.seq <= self.detector_seq:
                 return True  # an older frame than the reference (another worker's): no gate
+            changed = self.detector.check(thumb).changed
+            self.still = not changed
+            if changed:
+                self.changed_ts = now
             stale = now - self.last_inferred >= self.refresh_s
-            if not stale and not self.detector.check(thumb).changed:
+            if not stale and not changed:
                 return False
             self.detector.reference, self.detector_seq = thumb, job.frame.seq
             self.last_inferred = now
@@ -172,6 +182,18 @@ class Scheduler:
             lane = self._lanes.get(stream_id)
             if lane is not None:
                 lane.gate = _Gate(gate_s) if gate_s is not None else None
+
+    def still_since(self, stream_id: str) -> float | None:
+        """Since when (capture time, time.monotonic()) the stream's motion gate has seen no
+        change: the last frame it checked was unchanged, the last change (or the first frame)
+        was then. None: no gate, nothing checked yet, or the last frame checked changed.
+        Not under the scheduler's lock (readers ask, once per frame at most)."""
+        lane = self._lanes.get(stream_id)
+        gate = lane.gate if lane is not None else None
+        if gate is None:
+            return None
+        with gate.lock:
+            return gate.changed_ts if gate.still else None
 
     def cap(self, stream_id: str) -> float:
         lane = self._lanes.get(stream_id)

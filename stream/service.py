@@ -65,15 +65,41 @@ def gate_s(scfg: StreamConfig) -> float | None:
 KEYFRAME_SLACK = 1.02
 
 
-def keyframes_suffice(output: str, restream: bool, infer_cap: float, keyframe_fps: float) -> bool:
-    """Whether a stream may decode keyframes only: nothing draws the frames between
-    inferences (no smooth output, no re-stream) and the scheduler takes no more frames a
-    second than the source has keyframes (a cap of 0 is no cap: every frame may be taken),
-    within KEYFRAME_SLACK: a camera's keyframe intervals jitter by a few milliseconds (GOP 30
-    at 15 fps over RTSP: 0.4996 keyframes a second for a 0.5 fps cap)."""
-    if output == "smooth" or restream:
+def draws_every_frame(cfg: StreamConfig) -> bool:
+    """Whether the render stage draws the stream's frames at the camera's rate, not only its
+    inferred ones: smooth output, or privacy (failing closed, blank frames keep coming)."""
+    return cfg.output == "smooth" or cfg.privacy is not None
+
+
+def needs_every_frame(cfg: StreamConfig) -> bool:
+    """Whether the frames between inferences must be decoded: they are drawn
+    (draws_every_frame) or re-streamed."""
+    return draws_every_frame(cfg) or cfg.restream is not None
+
+
+def keyframes_suffice(
+    every_frame: bool,
+    infer_cap: float,
+    keyframe_fps: float,
+    *,
+    still_keyframes: bool = False,
+    still_s: float | None = None,
+) -> bool:
+    """Whether a stream may decode keyframes only: nothing needs every frame
+    (needs_every_frame) and either
+    - the scheduler takes no more frames a second than the source has keyframes (a cap of 0
+      is no cap: every frame may be taken), within KEYFRAME_SLACK: a camera's keyframe
+      intervals jitter by a few milliseconds (GOP 30 at 15 fps over RTSP: 0.4996 keyframes
+      a second for a 0.5 fps cap); or
+    - the stream opted in (gate.still_keyframes) and its motion gate has seen no change for
+      `still_s` seconds, at least one keyframe interval (as measured). The gate still checks
+      each decoded keyframe; once one shows a change it is inferred, and every frame is
+      decoded again from the next keyframe (a P frame needs the ones before it)."""
+    if every_frame or keyframe_fps <= 0:
         return False
-    return 0 < infer_cap <= keyframe_fps * KEYFRAME_SLACK
+    if 0 < infer_cap <= keyframe_fps * KEYFRAME_SLACK:
+        return True
+    return still_keyframes and still_s is not None and still_s * keyframe_fps >= 1.0
 
 
 def resolve_source(source: str) -> str:
@@ -391,7 +417,7 @@ class Service:
             self._restart_reader(stream)
         elif scfg.infer_fps != old.infer_fps:
             self.scheduler.set_rate(scfg.id, scfg.infer_fps)
-        if scfg.gate != old.gate:
+        if gate_s(scfg) != gate_s(old):  # still_keyframes alone keeps the gate's history
             self.scheduler.set_gate(scfg.id, gate_s(scfg))
         for name, kind in SINKS.items():
             if changed & kind.fields:
@@ -508,17 +534,16 @@ class Service:
     def _source(self, scfg: StreamConfig) -> VideoSource:
         sid = scfg.id
 
-        def smooth() -> bool:  # the current setting: `output` changes live
+        def current() -> StreamConfig:  # settings change live
             s = self.streams.get(sid)
-            return (scfg if s is None else s.cfg).output == "smooth"
+            return scfg if s is None else s.cfg
 
-        def private() -> bool:  # failing closed: blank frames come at the camera's rate
-            s = self.streams.get(sid)
-            return (scfg if s is None else s.cfg).privacy is not None
+        def smooth() -> bool:
+            return current().output == "smooth"
 
         def on_frame(stream_id: str) -> None:
             self.scheduler.notify()
-            if smooth() or private():
+            if draws_every_frame(current()):
                 self.render.wake(stream_id)
 
         def wanted() -> bool:
@@ -528,11 +553,16 @@ class Service:
             return smooth() or self.scheduler.due_soon(sid)
 
         def keyframes_only(keyframe_fps: float) -> bool:
-            s = self.streams.get(sid)
-            cfg = scfg if s is None else s.cfg
-            restream = cfg.restream is not None
-            cap = self.scheduler.cap(sid)
-            return keyframes_suffice(cfg.output, restream, cap, keyframe_fps)
+            cfg = current()
+            # No motion gate (mode off): no verdicts, never still.
+            since = self.scheduler.still_since(sid) if cfg.gate.still_keyframes else None
+            return keyframes_suffice(
+                needs_every_frame(cfg),
+                self.scheduler.cap(sid),
+                keyframe_fps,
+                still_keyframes=cfg.gate.still_keyframes,
+                still_s=None if since is None else time.monotonic() - since,
+            )
 
         return VideoSource(
             scfg,

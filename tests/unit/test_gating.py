@@ -9,12 +9,15 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+import pytest
 
 from segstream.models.labels import VOC_LABELS, voc_palette
+from segstream.stream.config import StreamConfig
 from segstream.stream.datatypes import Frame, Rendered, Result, SourceState
 from segstream.stream.observer import NullObserver, Outcome
 from segstream.stream.render import Renderer, StreamView
 from segstream.stream.scheduler import Scheduler
+from segstream.stream.service import keyframes_suffice, needs_every_frame
 from segstream.stream.sources import FrameSlot
 
 H, W = 180, 320
@@ -107,6 +110,49 @@ def test_gate_off_infers_every_frame_and_a_still_lane_leaves_the_model_to_a_movi
     sched.set_gate("still", None)  # live: off
     still.show(picture(10), ts=10 / 15)
     assert inferred(sched) == [("still", 11)]
+
+
+def test_the_gate_says_since_when_a_stream_is_still() -> None:
+    """still_since: the capture time of the last change (the first frame: no reference), while
+    the last frame checked was unchanged; None right after a change, refreshes included."""
+    sched = Scheduler(max_batch=2, max_wait_s=0.0)
+    cam, ungated = Cam("cam"), Cam("ungated")
+    sched.add(cam, 0.0, gate_s=1.0)
+    sched.add(ungated, 0.0)
+    assert sched.still_since("cam") is None  # nothing checked yet
+    since = []
+    for i in range(40):  # 15 fps: still, a box in frame 20 only, then still (and a refresh)
+        box = 100 if i == 20 else None
+        cam.show(picture(i, box), ts=i / 15)
+        ungated.show(picture(i, box), ts=i / 15)
+        sched.next_batch(timeout_s=0.0)
+        since.append(sched.still_since("cam"))
+    assert since[0] is None  # the first frame is a change
+    assert since[1:20] == [0.0] * 19  # the refresh at frame 15 was unchanged
+    assert since[20:22] == [None, None]  # the box came, then left: changes
+    assert since[22:] == [pytest.approx(21 / 15)] * 18  # still since the box left
+    assert sched.still_since("ungated") is None  # no gate: never still
+
+
+def test_a_still_stream_that_opted_in_decodes_keyframes_only() -> None:
+    """The decision: keyframes only when nothing needs every frame, the stream opted in
+    (gate.still_keyframes) and its gate has seen no change for a keyframe interval, although
+    the scheduler would take more frames than there are keyframes (1.1 a second here)."""
+    kf = 0.5  # GOP 30 at 15 fps: a keyframe every 2 s
+    assert keyframes_suffice(False, 1.1, kf, still_keyframes=True, still_s=2.0)
+    assert keyframes_suffice(False, 0.0, kf, still_keyframes=True, still_s=5.0)  # uncapped
+    assert not keyframes_suffice(True, 1.1, kf, still_keyframes=True, still_s=2.0)
+    assert not keyframes_suffice(False, 1.1, kf, still_keyframes=False, still_s=2.0)
+    assert not keyframes_suffice(False, 1.1, kf, still_keyframes=True, still_s=None)  # moving
+    assert not keyframes_suffice(False, 1.1, kf, still_keyframes=True, still_s=1.9)  # not yet
+    assert not keyframes_suffice(False, 1.1, 0.0, still_keyframes=True, still_s=9.0)  # no rate
+    assert not keyframes_suffice(False, 1.1, kf)  # the cap rule alone: more frames than keys
+    # What needs every frame: drawn (smooth, privacy failing closed) or re-streamed.
+    base = {"id": "cam", "source": "rtsp://cam/1"}
+    assert not needs_every_frame(StreamConfig(**base))
+    assert needs_every_frame(StreamConfig(**base, output="smooth"))
+    assert needs_every_frame(StreamConfig(**base, privacy={"classes": ["person"]}))
+    assert needs_every_frame(StreamConfig(**base, restream="rtsp://127.0.0.1:8554/out"))
 
 
 class Collect:
