@@ -81,14 +81,11 @@ def raycluster() -> dict[str, Any]:
 def test_deploy_has_the_documents_the_docs_promise() -> None:
     kinds = sorted(name.split(":")[1].split("/")[0] for name, _ in DOCS)
     assert kinds == [
-        "Deployment",
-        "NetworkPolicy",
-        "NetworkPolicy",
-        "PersistentVolumeClaim",
-        "PersistentVolumeClaim",
+        *("Deployment", "Deployment"),
+        *("NetworkPolicy",) * 3,
+        *("PersistentVolumeClaim",) * 3,
         "RayCluster",
-        "Service",
-        "Service",
+        *("Service",) * 3,
     ]
 
 
@@ -116,7 +113,7 @@ def test_raycluster_pod_templates_match_the_podtemplate_schema(
 
 def test_strict_validation_rejects_an_unknown_field() -> None:
     """The strict schemas are what catch a misspelt key (the API server would drop it)."""
-    (dep,) = by_kind("Deployment")
+    dep = _named("Deployment", "segstream")
     bad = json.loads(json.dumps(dep))
     bad["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError, match="readinessprobe"):
@@ -208,7 +205,7 @@ def test_gateway_service_and_policy_reach_the_head() -> None:
 
 
 def test_single_node_service_and_policy_reach_the_deployment() -> None:
-    (dep,) = by_kind("Deployment")
+    dep = _named("Deployment", "segstream")
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert _labels_match(dep["spec"]["selector"]["matchLabels"], labels)
     (c,) = dep["spec"]["template"]["spec"]["containers"]
@@ -263,3 +260,42 @@ def test_the_proof_script_follows_every_dockerfile_instruction() -> None:
         if s.op == "ENV":
             env.update(prove.key_values(s.args, env))
     assert env["PATH"].startswith("/opt/venv/bin:/usr/local/sbin:")
+
+
+def _named(kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in by_kind(kind) if d["metadata"]["name"] == name]
+    return doc
+
+
+def test_gcs_fault_tolerance_reaches_a_persistent_redis_only_the_head_reaches() -> None:
+    """The RayCluster's GCS points at the Redis Service, with the password Redis is started
+    with; Redis keeps an append-only file on a volume; only the head pod may reach it; the
+    workers wait for a restarting head longer than Ray's 60 s default."""
+    rc = raycluster()
+    ft = rc["spec"]["gcsFaultToleranceOptions"]
+    host, _, port = ft["redisAddress"].partition(":")
+    service = _named("Service", host)
+    redis = _named("Deployment", "segstream-redis")
+    pod = redis["spec"]["template"]
+    assert _labels_match(service["spec"]["selector"], pod["metadata"]["labels"])
+    assert {p["port"] for p in service["spec"]["ports"]} == {int(port)}
+    (c,) = pod["spec"]["containers"]
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= _ports(c)
+    env = {e["name"]: e.get("valueFrom") for e in c["env"]}
+    assert env["REDIS_PASSWORD"] == ft["redisPassword"]["valueFrom"]
+    command = " ".join(c["args"])
+    assert '--requirepass "$REDIS_PASSWORD"' in command and "--appendonly yes" in command
+    (data,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/data"]
+    (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == data["name"]]
+    _named("PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"])
+    policy = _named("NetworkPolicy", "segstream-redis")
+    assert _labels_match(policy["spec"]["podSelector"]["matchLabels"], pod["metadata"]["labels"])
+    (rule,) = policy["spec"]["ingress"]
+    (source,) = rule["from"]
+    head_labels = {"ray.io/cluster": rc["metadata"]["name"], "ray.io/node-type": "head"}
+    assert source["podSelector"]["matchLabels"] == head_labels
+    assert [p["port"] for p in rule["ports"]] == [int(port)]
+    for g in rc["spec"]["workerGroupSpecs"]:
+        (w,) = g["template"]["spec"]["containers"]
+        wait = {e["name"]: e.get("value") for e in w.get("env", [])}
+        assert int(wait["RAY_gcs_rpc_server_reconnect_timeout_s"]) > 60, g["groupName"]
