@@ -198,19 +198,30 @@ class StandInNode:
         self.running = {c.id: fingerprint(c) for c in cfgs}
 
 
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    """A Redis for the GCS's tables (fault tolerance), on a free loopback port."""
-    import socket
+class Redis:
+    """A Redis for the GCS's tables (fault tolerance) on a free loopback port, with its
+    append-only file in a folder of its own, so that it can be killed and started again."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
-        stdout=subprocess.DEVNULL,
-    )
-    time.sleep(0.5)
-    return proc, f"127.0.0.1:{port}"
+    def __init__(self, folder: str) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.folder = folder
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.folder]
+        args += ["--appendonly", "yes", "--save", ""]
+        self.proc = subprocess.Popen(["redis-server", *args], stdout=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def ray_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
@@ -218,7 +229,9 @@ def ray_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
 
     out: dict[str, Any] = {"ray_nodes": n_nodes, "streams": n_streams}
-    redis, os.environ["RAY_REDIS_ADDRESS"] = start_redis()
+    redis = Redis(tempfile.mkdtemp(prefix="redis"))
+    redis.start()
+    os.environ["RAY_REDIS_ADDRESS"] = redis.address
     t0 = time.monotonic()
     c = Cluster(
         initialize_head=True,
@@ -242,16 +255,19 @@ def ray_run(n_nodes: int, n_streams: int) -> dict[str, Any]:
     ray.init(address=c.address, namespace="segstream-sim", log_to_driver=False)
     out["cluster_start_s"] = round(time.monotonic() - t0, 1)
     try:
-        out |= controller_run(c, nodes, cams)
+        out |= controller_run(c, nodes, cams, redis)
     finally:
         ray.shutdown()
         c.shutdown()
-        redis.terminate()
+        redis.kill()
     return out
 
 
-def controller_run(c: Any, nodes: list[Any], cams: list[StreamConfig]) -> dict[str, Any]:
+def controller_run(
+    c: Any, nodes: list[Any], cams: list[StreamConfig], redis: Redis
+) -> dict[str, Any]:
     import ray
+    from ray._private import ray_constants
 
     from segstream.stream.cluster.controller import start_controller
 
@@ -317,6 +333,26 @@ def controller_run(c: Any, nodes: list[Any], cams: list[StreamConfig]) -> dict[s
         out["gcs_placed_meanwhile_min"] = min(meanwhile)
         out["gcs_moved"] = sum(where()[k] != v for k, v in before.items())
         out["gcs_controller_restarted"] = ray.get(ctl.info.remote())["started"] != started
+
+        # Redis dies for 8 s (the GCS cannot run without it), comes back with its append-only
+        # file, and the GCS is started again.
+        gcs = head.all_processes[ray_constants.PROCESS_TYPE_GCS_SERVER][0].process
+        t0 = time.monotonic()
+        redis.kill()
+        meanwhile = []
+        while time.monotonic() - t0 < 8.0:
+            meanwhile.append(sum(s.phase == "placed" for s in placed().streams))
+            time.sleep(0.5)
+        out["redis_gcs_exited"] = gcs.poll() is not None
+        redis.start()
+        head.kill_gcs_server(check_alive=False)
+        t1 = time.monotonic()
+        head.start_gcs_server()
+        wait(lambda: sum(n["Alive"] for n in ray.nodes()) == len(nodes) + 1, 60)
+        out["redis_away_s"] = round(t1 - t0, 1)
+        out["redis_ray_back_after_gcs_restart_s"] = round(time.monotonic() - t1, 2)
+        out["redis_placed_meanwhile_min"] = min(meanwhile)
+        out["redis_moved"] = sum(where()[k] != v for k, v in before.items())
 
         # The controller dies: Ray restarts it; it reads the state file and adopts what
         # the nodes run.

@@ -299,3 +299,8 @@ def test_gcs_fault_tolerance_reaches_a_persistent_redis_only_the_head_reaches() 
         (w,) = g["template"]["spec"]["containers"]
         wait = {e["name"]: e.get("value") for e in w.get("env", [])}
         assert int(wait["RAY_gcs_rpc_server_reconnect_timeout_s"]) > 60, g["groupName"]
+        # A worker must not be restarted because the head is away (its streams play on).
+        assert "health-check" not in json.dumps(w["livenessProbe"]), w["livenessProbe"]
+    # The head is restarted when its GCS is dead: that is what starts a GCS again.
+    (head,) = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    assert "ray health-check --address 127.0.0.1:6379" in json.dumps(head["livenessProbe"])
