@@ -318,41 +318,39 @@ def controller_run(
         before = wait(settled, 120)
         started = ray.get(ctl.info.remote())["started"]
         head = c.head_node
-        t0 = time.monotonic()
-        head.kill_gcs_server()
-        meanwhile = []
-        while time.monotonic() - t0 < 10.0:
-            snap = placed()  # the controller answers: straight to its worker
-            meanwhile.append(sum(s.phase == "placed" for s in snap.streams))
-            time.sleep(0.5)
-        t1 = time.monotonic()
-        head.start_gcs_server()
-        wait(lambda: sum(n["Alive"] for n in ray.nodes()) == len(nodes) + 1, 60)
-        out["gcs_away_s"] = round(t1 - t0, 1)
-        out["gcs_ray_back_after_restart_s"] = round(time.monotonic() - t1, 2)
-        out["gcs_placed_meanwhile_min"] = min(meanwhile)
-        out["gcs_moved"] = sum(where()[k] != v for k, v in before.items())
+
+        def outage(name: str, away_s: float, kill: Any, restore: Any) -> None:
+            """Something of the head's goes for `away_s`, then the GCS starts again: the
+            streams placed meanwhile (the controller answers straight from its worker), how
+            soon Ray answers, how many streams moved."""
+            t0 = time.monotonic()
+            kill()
+            meanwhile = []
+            while time.monotonic() - t0 < away_s:
+                meanwhile.append(sum(s.phase == "placed" for s in placed().streams))
+                time.sleep(0.5)
+            restore()
+            t1 = time.monotonic()
+            head.start_gcs_server()
+            wait(lambda: sum(n["Alive"] for n in ray.nodes()) == len(nodes) + 1, 60)
+            out[f"{name}_away_s"] = round(t1 - t0, 1)
+            out[f"{name}_ray_back_after_gcs_restart_s"] = round(time.monotonic() - t1, 2)
+            out[f"{name}_placed_meanwhile_min"] = min(meanwhile)
+            out[f"{name}_moved"] = sum(where()[k] != v for k, v in before.items())
+
+        outage("gcs", 10.0, head.kill_gcs_server, lambda: None)
         out["gcs_controller_restarted"] = ray.get(ctl.info.remote())["started"] != started
 
-        # Redis dies for 8 s (the GCS cannot run without it), comes back with its append-only
-        # file, and the GCS is started again.
+        # Redis dies for 8 s (the GCS exits without it), comes back with its append-only file,
+        # and the GCS is started again.
         gcs = head.all_processes[ray_constants.PROCESS_TYPE_GCS_SERVER][0].process
-        t0 = time.monotonic()
-        redis.kill()
-        meanwhile = []
-        while time.monotonic() - t0 < 8.0:
-            meanwhile.append(sum(s.phase == "placed" for s in placed().streams))
-            time.sleep(0.5)
-        out["redis_gcs_exited"] = gcs.poll() is not None
-        redis.start()
-        head.kill_gcs_server(check_alive=False)
-        t1 = time.monotonic()
-        head.start_gcs_server()
-        wait(lambda: sum(n["Alive"] for n in ray.nodes()) == len(nodes) + 1, 60)
-        out["redis_away_s"] = round(t1 - t0, 1)
-        out["redis_ray_back_after_gcs_restart_s"] = round(time.monotonic() - t1, 2)
-        out["redis_placed_meanwhile_min"] = min(meanwhile)
-        out["redis_moved"] = sum(where()[k] != v for k, v in before.items())
+
+        def redis_back() -> None:
+            out["redis_gcs_exited"] = gcs.poll() is not None
+            redis.start()
+            head.kill_gcs_server(check_alive=False)
+
+        outage("redis", 8.0, redis.kill, redis_back)
 
         # The controller dies: Ray restarts it; it reads the state file and adopts what
         # the nodes run.
