@@ -513,3 +513,19 @@ async def test_controller_away_is_a_503_and_viewers_route_on_the_last_snapshot()
     answers.append(ValueError("a bug in the controller"))  # not Ray's word: stays an error
     with pytest.raises(ValueError):
         await client.snapshot()
+
+
+def test_the_simulation_dry_run_runs_and_a_restart_or_a_loss_moves_nothing_else() -> None:
+    """scripts/sim_cluster.py's dry run (the controller's logic at scale), small: it runs
+    against today's config (it broke once on sources.max_streams), and its figures hold."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "scripts/sim_cluster.py"
+    spec = importlib.util.spec_from_file_location("sim_cluster", path)
+    assert spec is not None and spec.loader is not None
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    out = sim.dry_run(10, 300)  # past the default max_streams (256)
+    assert out["unplaced"] == 0 and out["lost_node_streams"] > 0, out
+    assert out["restart_moved"] == 0 and out["moved_besides_lost"] == 0, out
+    assert out["join_moved"] > 0, out
