@@ -43,7 +43,7 @@ from segstream.stream.events.feature import EventsFeature
 from segstream.stream.events.forward import Batch, Changes, Claim, Clip, Media
 from segstream.stream.events.model import Change, Event, new_id
 from segstream.stream.events.observer import DeliveryOutcome
-from segstream.stream.events.recorder import EventRecorder
+from segstream.stream.events.recorder import Recorder
 from segstream.stream.events.schema import events
 from segstream.stream.events.store import default_url
 
@@ -153,7 +153,7 @@ class EventsHub:
         self.batches += 1
         return self.instance
 
-    def _recorder(self) -> EventRecorder:
+    def _recorder(self) -> Recorder:
         rec = self.feature.recorder
         if rec is None:
             raise HubError(f"events are off at the hub: {self.feature.error}")
@@ -180,7 +180,7 @@ class EventsHub:
             raise HubError(rec.error or "the event store is not keeping up")
         self.pending.clear()
 
-    def _claim(self, rec: EventRecorder, node: str, claim: Claim) -> None:
+    def _claim(self, rec: Recorder, node: str, claim: Claim) -> None:
         mqtt = self.feature.mqtt
         if claim.release:
             if self.owner.get(claim.stream) == node:
@@ -211,7 +211,7 @@ class EventsHub:
         if mqtt is not None:
             mqtt.set_zones(claim.stream, [ZoneConfig.model_validate(z) for z in claim.zones])
 
-    def _clip(self, rec: EventRecorder, node: str, clip: Clip) -> None:
+    def _clip(self, rec: Recorder, node: str, clip: Clip) -> None:
         """A finished clip of an event this node opened: into the hub's media folder (written
         whole, then renamed), then named in the store after the event's own rows."""
         if not clip.data or self.opened_by.get(clip.event_id, node) != node:
@@ -220,7 +220,7 @@ class EventsHub:
         tmp = path.with_suffix(".part")
         tmp.write_bytes(clip.data)
         tmp.replace(path)
-        rec.submit_clip(clip.event_id, len(clip.data), clip.truncated)
+        rec.submit_clip(clip.event_id, path, len(clip.data), clip.truncated)
 
     def _open_events(self, stream: str) -> list[Event]:
         """The stream's open events: in the store, and taken but maybe not written yet."""

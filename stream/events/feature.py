@@ -29,7 +29,7 @@ from segstream.stream.events.delivery import OutboxTarget
 from segstream.stream.events.model import Change, EndReason
 from segstream.stream.events.mqtt import MqttTarget
 from segstream.stream.events.observer import EventsObserver, NullEventsObserver
-from segstream.stream.events.recorder import EventRecorder, Pruner
+from segstream.stream.events.recorder import EventRecorder, Pruner, Recorder
 from segstream.stream.events.rules import StreamRules
 from segstream.stream.events.store import (
     EventStore,
@@ -81,7 +81,7 @@ class EventsFeature:
         ]
         if self.mqtt is not None:
             self.targets.insert(0, self.mqtt)
-        self.recorder: EventRecorder | None = None
+        self.recorder: Recorder | None = None
         self.pruner: Pruner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._streams: dict[str, _Stream] = {}
@@ -252,7 +252,7 @@ class EventsFeature:
 
     def _clip_done(self, event_id: str, path: Path, nbytes: int, truncated: bool) -> None:
         if self.recorder is not None:
-            self.recorder.submit_clip(event_id, nbytes, truncated)
+            self.recorder.submit_clip(event_id, path, nbytes, truncated)
         else:
             path.unlink(missing_ok=True)
 

@@ -29,7 +29,7 @@ from segstream.stream.events.feature import EventsFeature
 from segstream.stream.events.model import Change
 from segstream.stream.events.mqtt import MqttTarget
 from segstream.stream.events.observer import EventsObserver
-from segstream.stream.events.recorder import EventRecorder, MediaFn
+from segstream.stream.events.recorder import MediaFn
 
 log = logging.getLogger(__name__)
 RETRY_INITIAL_S, RETRY_MAX_S = 0.2, 5.0
@@ -91,9 +91,9 @@ class _Flush:
     done: threading.Event
 
 
-class HubForwarder(EventRecorder):
-    """The events feature's recorder on a node: the same calls, forwarded to the hub. (It
-    does not start EventRecorder's writer: no store here.)"""
+class HubForwarder:
+    """The events feature's Recorder on a cluster node (stream.events.recorder.Recorder):
+    the same calls, forwarded to the hub."""
 
     def __init__(
         self,
@@ -124,7 +124,7 @@ class HubForwarder(EventRecorder):
             self._sender = threading.Thread(target=self._run, name="events-forward", daemon=True)
             self._sender.start()
 
-    # -- EventRecorder's calls (any thread, never block) -------------------------------------
+    # -- the Recorder's calls (any thread, never block) -------------------------------------
     def submit(self, changes: Sequence[Change]) -> None:
         if changes:
             self._add(Changes(list(changes)))
@@ -135,7 +135,7 @@ class HubForwarder(EventRecorder):
     def submit_media(self, event_id: str, media: MediaFn) -> None:
         self._add(Media(event_id, media))
 
-    def submit_clip_file(self, event_id: str, path: Path, truncated: bool) -> None:
+    def submit_clip(self, event_id: str, path: Path, nbytes: int, truncated: bool) -> None:
         self._add(Clip(event_id, str(path), truncated))
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -153,11 +153,6 @@ class HubForwarder(EventRecorder):
             self._cond.notify()
         if self._sender is not None:
             self._sender.join(timeout)
-
-    def _put(self, job: tuple[str, object]) -> None:
-        """Work the recorder may learn later that a hub does not take yet: dropped, logged."""
-        self.dropped += 1
-        log.warning("events: %r is not forwarded to the cluster's events hub", job[0])
 
     # -- from the feature's MQTT relay -------------------------------------------------------
     def claim(self, stream: str, zones: Sequence[ZoneConfig], release: bool = False) -> None:
@@ -347,9 +342,6 @@ class ForwardingEventsFeature(EventsFeature):
     async def start(self) -> None:
         self.forwarder.start()
         self.recorder = self.forwarder
-
-    def _clip_done(self, event_id: str, path: Path, nbytes: int, truncated: bool) -> None:
-        self.forwarder.submit_clip_file(event_id, path, truncated)
 
     async def close(self, drain_s: float = 2.0) -> None:
         await super().close(drain_s)  # clips finished and forwarded (the flush) first

@@ -12,6 +12,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
 
 import sqlalchemy as sa
 
@@ -25,7 +27,28 @@ MediaFn = Callable[[], tuple[bytes, bytes]]  # -> (annotated JPEG, class-mask PN
 _Job = tuple[str, object]
 
 
+class Recorder(Protocol):
+    """Where the events feature hands its changes, media and finished clips, from any thread
+    and without waiting: the store's writer (EventRecorder) on a single node, the forwarder
+    to the cluster's events hub (stream.events.forward.HubForwarder) on a cluster node."""
+
+    error: str | None  # the last failure, for /healthz
+    dropped: int  # work dropped to stay bounded
+
+    def submit(self, changes: Sequence[Change]) -> None: ...
+
+    def submit_media(self, event_id: str, media: MediaFn) -> None: ...
+
+    def submit_clip(self, event_id: str, path: Path, nbytes: int, truncated: bool) -> None: ...
+
+    def flush(self, timeout: float = 10.0) -> bool: ...
+
+    def close(self, timeout: float = 10.0) -> None: ...
+
+
 class EventRecorder:
+    """The Recorder that writes to the store: one writer thread, a bounded queue."""
+
     def __init__(
         self,
         store: EventStore,
@@ -54,8 +77,9 @@ class EventRecorder:
         """`media` runs on the writer thread (encoding off the pipeline's thread)."""
         self._put(("media", (event_id, media)))
 
-    def submit_clip(self, event_id: str, nbytes: int, truncated: bool) -> None:
-        """An event's clip is finished (after the event's own rows: same queue)."""
+    def submit_clip(self, event_id: str, path: Path, nbytes: int, truncated: bool) -> None:
+        """An event's clip is finished, at `path` in the store's media folder (named in the
+        store after the event's own rows: same queue)."""
         self._put(("clip", (event_id, nbytes, truncated)))
 
     def flush(self, timeout: float = 10.0) -> bool:
