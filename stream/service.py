@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # A viewer's own overlay settings for a stream: mode (overlay | mask | off), alpha, classes.
 OverlayKey = tuple[str, float, tuple[str, ...] | None]
+# The model's labels and the events' metrics -> the events feature (see Service's `events`).
+EventsFactory = Callable[[list[str], EventsObserver], EventsFeature]
 # Settings a running stream takes without touching its reader; any other change restarts it.
 # A registered sink's own settings are live too: a change replaces that sink alone.
 LIVE_FIELDS = frozenset(
@@ -135,10 +137,14 @@ class Service:
         cfg: AppConfig,
         segmenter: Segmenter | None = None,
         observer: Observer | None = None,
+        events: EventsFactory | None = None,
     ) -> None:
         """`segmenter`: a loaded model to use (the caller closes it); None: load the
-        configured one. `observer`: where metrics go; None: Prometheus, in `self.metrics`."""
+        configured one. `observer`: where metrics go; None: Prometheus, in `self.metrics`.
+        `events`: makes the events feature from the model's labels (opened at once); None:
+        this service's own store and alert targets (a cluster node forwards to the hub)."""
         self.cfg = cfg
+        self._events_factory = events
         self.segmenter = segmenter
         # Metrics of this service alone: two services in one process never share series.
         self.metrics: PrometheusObserver | None = None
@@ -220,6 +226,10 @@ class Service:
             if hasattr(self.observer, "zone_coverage")
             else NullEventsObserver()
         )
+        if self._events_factory is not None:
+            self.events = self._events_factory(self.segmenter.labels, ev)
+            await self._open_events()
+            return
         cfg = self.cfg
         self.events = EventsFeature(
             cfg.events,

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
 
@@ -26,9 +26,9 @@ from segstream.stream.auth import Authenticator, TokenStore
 from segstream.stream.cluster.runtime import hub_sender
 from segstream.stream.config import AppConfig, ConfigError, StreamConfig
 from segstream.stream.connections import ConnectionGuard, GuardedSite
-from segstream.stream.events.forward import ForwardingEventsFeature, Send
+from segstream.stream.events.forward import ForwardingEventsFeature
 from segstream.stream.events.model import new_id
-from segstream.stream.events.observer import EventsObserver, NullEventsObserver
+from segstream.stream.events.observer import EventsObserver
 from segstream.stream.server import main_runner, make_app, metrics_app
 from segstream.stream.service import Service
 
@@ -39,32 +39,6 @@ def fingerprint(cfg: StreamConfig) -> str:
     """Identifies a stream's settings: the controller compares what a node runs with what it
     should run by these."""
     return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
-
-
-class ClusterNodeService(Service):
-    """The single-node Service, but its events feature forwards to the cluster's events hub
-    (stream.cluster.events_hub): one store, one outbox, one publisher for the cluster."""
-
-    def __init__(self, cfg: AppConfig, send: Send) -> None:
-        super().__init__(cfg)
-        self.hub_send = send
-        self.instance = new_id()  # the hub tells this node service from a restarted one
-
-    async def _start_events(self) -> None:
-        assert self.segmenter is not None
-        observer: EventsObserver = (
-            cast(EventsObserver, self.observer)
-            if hasattr(self.observer, "zone_coverage")
-            else NullEventsObserver()
-        )
-        self.events = ForwardingEventsFeature(
-            self.cfg.events,
-            labels=self.segmenter.labels,
-            send=self.hub_send,
-            node=self.instance,
-            observer=observer,
-        )
-        await self._open_events()  # starts the forwarder (no store, no file here)
 
 
 class NodeService:
@@ -93,7 +67,17 @@ class NodeService:
             update={"streams": [], "mqtt": None, "webhooks": []}
         )
         cfg.server.host, cfg.server.port = host, cfg.cluster.node_port
-        service = self.service = ClusterNodeService(cfg, hub_sender(cfg.cluster.namespace))
+        send, instance = hub_sender(cfg.cluster.namespace), new_id()
+
+        def events(labels: list[str], observer: EventsObserver) -> ForwardingEventsFeature:
+            # One store, one outbox, one publisher for the cluster: this node's events go to
+            # the events hub (stream.cluster.events_hub); `instance` tells this node service
+            # from a restarted one there.
+            return ForwardingEventsFeature(
+                cfg.events, labels=labels, send=send, node=instance, observer=observer
+            )
+
+        service = self.service = Service(cfg, events=events)
         # Nobody holds a token here: the gateway's secret (as the env admin token) and URLs
         # signed with the gateway's key are the only ways in.
         self._tmp = tempfile.TemporaryDirectory(prefix="segstream-node-")
