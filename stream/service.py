@@ -50,8 +50,9 @@ EventsFactory = Callable[[list[str], EventsObserver], EventsFeature]
 # Settings a running stream takes without touching its reader; any other change restarts it.
 # A registered sink's own settings are live too: a change replaces that sink alone.
 LIVE_FIELDS = frozenset(
-    {"id", "infer_fps", "gate", "output", "alpha", "classes", "privacy", "zones", *SINKS}
-) | {"record_clips"}
+    {"id", "infer_fps", "gate", "output", "alpha", "classes", "privacy", "zones", "record_clips"}
+    | set(SINKS)
+)
 
 
 def default_store(home: Path) -> Path:

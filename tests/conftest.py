@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,3 +62,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if E2E in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Mosquitto broker for the test module (support.events_peers.Mosquitto)."""
+    from support.events_peers import Mosquitto
+
+    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    b.start()
+    yield b
+    b.stop()

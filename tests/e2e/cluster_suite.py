@@ -291,14 +291,6 @@ def hooks() -> Iterator[Hooks]:
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    b.start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture(scope="module")
 def feed(broker: Mosquitto) -> Iterator[Feed]:
     """Subscribed before the cluster publishes anything: it sees every message."""
     f = Feed(broker.port, "cluster-feed")

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +85,6 @@ class Subscriber:
 
     def feed(self) -> list[dict[str, Any]]:
         return [json.loads(p) for p in self.live("segstream/events")]
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    b.start()
-    yield b
-    b.stop()
 
 
 def mqtt(broker: Mosquitto, name: str, **kw: Any) -> MqttConfig:
