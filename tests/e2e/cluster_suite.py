@@ -356,7 +356,7 @@ STREAMS = ["s1", "s2", "s3", "s4"]
 
 
 def test_streams_spread_over_both_worker_nodes(
-    cluster: Cluster, gateway: Gateway, clip: Path
+    cluster: Cluster, gateway: Gateway, clip: Path, wrong_token_driver: Any
 ) -> None:
     t0 = time.monotonic()
 
@@ -573,23 +573,33 @@ def test_a_stream_that_fits_nowhere_is_pending(gateway: Gateway, clip: Path) -> 
     assert status == 204 and set(gateway.streams()) == set(STREAMS)
 
 
-def test_a_wrong_ray_token_is_refused(cluster: Cluster) -> None:
-    """Nothing drives the cluster without its token: a driver with another one is refused
-    with Ray's authentication error (this process, with the token, is a driver)."""
+@pytest.fixture(scope="module")
+def wrong_token_driver(cluster: Cluster) -> Iterator[tuple[subprocess.Popen[str], float]]:
+    """A driver with another token, started with the first test: Ray's driver tries for
+    about 20 s before it gives up, time the tests in between use."""
     code = f"import ray; ray.init(address={cluster.address!r}); print('connected')"
-
-    t0 = time.monotonic()
-    bad = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-c", code],
         env=dict(os.environ, RAY_AUTH_TOKEN="0" * 64),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=120,
     )
-    out = bad.stdout + bad.stderr
+    yield proc, time.monotonic()
+    proc.kill()
+    proc.wait()
+
+
+def test_a_wrong_ray_token_is_refused(
+    wrong_token_driver: tuple[subprocess.Popen[str], float],
+) -> None:
+    """Nothing drives the cluster without its token: a driver with another one is refused
+    with Ray's authentication error (this process, with the token, is a driver)."""
+    proc, t0 = wrong_token_driver
+    out, _ = proc.communicate(timeout=120)
     why = next((ln for ln in reversed(out.splitlines()) if "uthenticat" in ln), "")
     print(f"a driver with a wrong Ray token refused in {time.monotonic() - t0:.1f} s: {why[:160]}")
-    assert bad.returncode != 0 and "connected" not in bad.stdout, out[-3000:]
+    assert proc.returncode != 0 and "connected" not in out.splitlines(), out[-3000:]
     assert "AuthenticationError" in why and "token" in why, out[-3000:]
 
 
