@@ -42,6 +42,14 @@ RAYCLUSTER_SPEC = {
     "gcsFaultToleranceOptions",
     "suspend",
 }
+GCS_FT = {
+    "redisAddress",
+    "redisPassword",
+    "redisUsername",
+    "externalStorageNamespace",
+    "backend",
+    "storage",
+}
 HEAD_GROUP = {"rayStartParams", "template", "serviceType", "headService", "enableIngress"}
 WORKER_GROUP = {
     "groupName",
@@ -273,6 +281,12 @@ def test_gcs_fault_tolerance_reaches_a_persistent_redis_only_the_head_reaches() 
     workers wait for a restarting head longer than Ray's 60 s default."""
     rc = raycluster()
     ft = rc["spec"]["gcsFaultToleranceOptions"]
+    # KubeRay's GcsFaultToleranceOptions (ray.io/v1): redisAddress is required; a credential
+    # is a value or a valueFrom (an EnvVarSource), not both.
+    assert set(ft) <= GCS_FT, set(ft) - GCS_FT
+    assert isinstance(ft["redisAddress"], str) and ft["redisAddress"]
+    for cred in ("redisPassword", "redisUsername"):
+        assert cred not in ft or len(set(ft[cred]) & {"value", "valueFrom"}) == 1, ft[cred]
     host, _, port = ft["redisAddress"].partition(":")
     service = _named("Service", host)
     redis = _named("Deployment", "segstream-redis")
