@@ -213,14 +213,20 @@ class Scheduler:
     def still_since(self, stream_id: str) -> float | None:
         """Since when (capture time, time.monotonic()) the stream's motion gate has seen no
         change: the last frame it checked was unchanged, the last change (or the first frame)
-        was then. None: no gate, nothing checked yet, or the last frame checked changed.
-        Not under the scheduler's lock (readers ask, once per frame at most)."""
+        was then. -inf while it has compared no frame with a reference yet (none seen, or
+        only the first): a stream starts as still, so a still_keyframes stream decodes its
+        keyframes only until its gate sees a change (48 cameras decoding every frame until
+        each was inferred twice left the model no CPU: none was). None: no gate, or the last
+        frame checked changed. Not under the scheduler's lock (readers ask, once per frame at
+        most)."""
         lane = self._lanes.get(stream_id)
         gate = lane.gate if lane is not None else None
         if gate is None:
             return None
         with gate.lock:
-            return gate.changed_ts if gate.still else None
+            if gate.still:
+                return gate.changed_ts
+            return None if gate.moving else float("-inf")
 
     def cap(self, stream_id: str) -> float:
         lane = self._lanes.get(stream_id)

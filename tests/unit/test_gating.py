@@ -200,12 +200,13 @@ def test_under_overload_still_lanes_stay_checked_and_moving_lanes_share_the_mode
 
 def test_the_gate_says_since_when_a_stream_is_still() -> None:
     """still_since: the capture time of the last change (the first frame: no reference), while
-    the last frame checked was unchanged; None right after a change, refreshes included."""
+    the last frame checked was unchanged; None right after a change, refreshes included; -inf
+    (still since ever) before the gate has compared a frame with a reference."""
     sched = Scheduler(max_batch=2, max_wait_s=0.0)
     cam, ungated = Cam("cam"), Cam("ungated")
     sched.add(cam, 0.0, gate_s=1.0)
     sched.add(ungated, 0.0)
-    assert sched.still_since("cam") is None  # nothing checked yet
+    assert sched.still_since("cam") == float("-inf")  # nothing checked yet
     since = []
     for i in range(40):  # 15 fps: still, a box in frame 20 only, then still (and a refresh)
         box = 100 if i == 20 else None
@@ -213,7 +214,7 @@ def test_the_gate_says_since_when_a_stream_is_still() -> None:
         ungated.show(picture(i, box), ts=i / 15)
         sched.next_batch(timeout_s=0.0)
         since.append(sched.still_since("cam"))
-    assert since[0] is None  # the first frame is a change
+    assert since[0] == float("-inf")  # the first frame: nothing to compare it with
     assert since[1:20] == [0.0] * 19  # the refresh at frame 15 was unchanged
     assert since[20:22] == [None, None]  # the box came, then left: changes
     assert since[22:] == [pytest.approx(21 / 15)] * 18  # still since the box left
@@ -227,6 +228,8 @@ def test_a_still_stream_that_opted_in_decodes_keyframes_only() -> None:
     kf = 0.5  # GOP 30 at 15 fps: a keyframe every 2 s
     assert keyframes_suffice(False, 1.1, kf, still_keyframes=True, still_s=2.0)
     assert keyframes_suffice(False, 0.0, kf, still_keyframes=True, still_s=5.0)  # uncapped
+    # No change seen yet (still_since -inf): a stream starts with keyframes only.
+    assert keyframes_suffice(False, 1.1, kf, still_keyframes=True, still_s=float("inf"))
     assert not keyframes_suffice(True, 1.1, kf, still_keyframes=True, still_s=2.0)
     assert not keyframes_suffice(False, 1.1, kf, still_keyframes=False, still_s=2.0)
     assert not keyframes_suffice(False, 1.1, kf, still_keyframes=True, still_s=None)  # moving
