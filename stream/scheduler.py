@@ -1,12 +1,14 @@
 """Scheduler stage: frame skipping (per-stream inference rate caps) and cross-stream batching.
 
 The model worker calls `next_batch()`, which returns the newest due frame of up to `max_batch`
-streams, visiting streams round-robin so none starves. A partial batch waits at most `max_wait`
-for other streams' frames. With `latency_target` set, a controller keeps the p95 end-to-end
-latency under the target: a frame waits for the batch in flight and then for its own, so the
-batch size is the first lever (halved while over target); only at batch 1 are the streams'
-rate caps cut (AIMD, one shared cap: the model is shared fairly). When latency is well under
-the target, rates come back first, then the batch size.
+streams: gate checks first (below), then the lanes that waited the most periods since their
+last frame was taken (round-robin among equals), so none starves and, when the model cannot
+serve every cap, each lane gets the same fraction of what it asks for. A partial batch waits
+at most `max_wait` for other streams' frames. With `latency_target` set, a controller keeps
+the p95 end-to-end latency under the target: a frame waits for the batch in flight and then
+for its own, so the batch size is the first lever (halved while over target); only at batch
+1 are the streams' rate caps cut (AIMD, one shared cap: the model is shared fairly). When
+latency is well under the target, rates come back first, then the batch size.
 
 A capped stream takes the first frame that arrives once it is due (a frame seen before then is
 skipped), so a reader can ask `due_soon(stream)` right after decoding a frame and convert it
@@ -21,8 +23,12 @@ the scene has not changed and the last inference is younger than `refresh_s`, th
 counted `unchanged` and goes no further: the last mask stands, and the lane waits for its next
 due time. The check runs outside the scheduler's lock, on the model worker that took the
 frame (which would have converted it anyway). Unchanged frames do not count as inferred for
-the rate controller, so the model time they free goes to the streams that move. How long a
-gated stream has been still (`still_since`) lets the service decode its keyframes only
+the rate controller, so the model time they free goes to the streams that move. A lane whose
+last check saw no change goes before every inference (its next frame is most likely another
+1 ms check), so under overload still scenes are still checked at their cap; an unchanged
+scene's refresh waits while a lane needing the model is more periods overdue (refresh_s
+being its period), so refreshes take their proportional share, not the whole model. How
+long a gated stream has been still (`still_since`) lets the service decode its keyframes only
 (`gate.still_keyframes`, see service.keyframes_suffice)."""
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ from segstream.stream.sources import FrameSlot
 # due_soon() and the scan that sees the converted frame; the long-run rate stays exact, since
 # the next due time follows from the last one, not from when the frame was taken.
 DUE_EARLY_S = 0.01
+# How many frames a second an uncapped lane counts as asking for when lanes are ordered by
+# how overdue they are (_Lane.urgency): a camera's usual rate.
+UNCAPPED_FPS = 15.0
 
 
 class Schedulable(Protocol):
@@ -67,6 +76,7 @@ class _Lane:
     skipped_seq: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
     gate: _Gate | None = None  # motion gating; None = every taken frame is inferred
+    taken_ts: float = float("-inf")  # when a frame was last taken
 
     def due(self, now: float) -> bool:
         return self.cap_fps <= 0 or now + DUE_EARLY_S >= self.next_due
@@ -76,6 +86,20 @@ class _Lane:
             period = 1.0 / self.cap_fps
             # Keep the long-run rate exact despite arrival jitter, without bursting after a pause.
             self.next_due = max(self.next_due + period, now - period)
+
+    def urgency(self, now: float) -> float:
+        """How many periods the lane has waited since its last frame was taken (inf: none
+        yet). Under overload every lane is due; serving the largest first gives each lane the
+        same share of what it asks for."""
+        return (now - self.taken_ts) * (self.cap_fps if self.cap_fps > 0 else UNCAPPED_FPS)
+
+    def cheap(self) -> bool:
+        """Whether its next frame is most likely only a gate check (about 1 ms, no model):
+        gated, with a reference, and the last frame checked did not change. Such frames go
+        first: behind inferences a still lane would wait for the model like a moving one, and
+        under overload it would then never be checked within refresh_s (every check a
+        refresh inference, no verdict ever still)."""
+        return self.gate is not None and self.gate.detector_seq > 0 and not self.gate.moving
 
 
 class _Gate:
@@ -89,13 +113,15 @@ class _Gate:
         self.detector_seq = 0  # the reference frame's
         self.changed_ts: float | None = None  # capture time of the last frame judged changed
         self.still = False  # the last frame checked was unchanged
+        self.moving = False  # the last frame checked changed against a reference
         self.lock = threading.Lock()
 
-    def admit(self, job: Job) -> bool:
+    def admit(self, job: Job, defer: Callable[[float], bool] = lambda _: False) -> bool:
         """Whether the job's frame goes to the model (then it becomes the reference). Time is
         the frames' capture time: refresh_s holds in the camera's time, whatever the delays.
         A refresh is checked too (about 1 ms, once per refresh_s): the verdict says whether
-        the scene is still (Scheduler.still_since)."""
+        the scene is still (Scheduler.still_since). An unchanged scene's refresh is skipped
+        while `defer(periods overdue)` says other lanes need the model more."""
         now = job.frame.capture_ts
         thumb = self.detector.thumbnail(job.frame.image)
         with self.lock:
@@ -103,10 +129,11 @@ class _Gate:
                 return True  # an older frame than the reference (another worker's): no gate
             changed = self.detector.check(thumb).changed
             self.still = not changed
+            self.moving = changed and self.detector_seq > 0
             if changed:
                 self.changed_ts = now
             stale = now - self.last_inferred >= self.refresh_s
-            if not stale and not changed:
+            if not changed and (not stale or defer((now - self.last_inferred) / self.refresh_s)):
                 return False
             self.detector.reference, self.detector_seq = thumb, job.frame.seq
             self.last_inferred = now
@@ -186,14 +213,20 @@ class Scheduler:
     def still_since(self, stream_id: str) -> float | None:
         """Since when (capture time, time.monotonic()) the stream's motion gate has seen no
         change: the last frame it checked was unchanged, the last change (or the first frame)
-        was then. None: no gate, nothing checked yet, or the last frame checked changed.
-        Not under the scheduler's lock (readers ask, once per frame at most)."""
+        was then. -inf while it has compared no frame with a reference yet (none seen, or
+        only the first): a stream starts as still, so a still_keyframes stream decodes its
+        keyframes only until its gate sees a change (48 cameras decoding every frame until
+        each was inferred twice left the model no CPU: none was). None: no gate, or the last
+        frame checked changed. Not under the scheduler's lock (readers ask, once per frame at
+        most)."""
         lane = self._lanes.get(stream_id)
         gate = lane.gate if lane is not None else None
         if gate is None:
             return None
         with gate.lock:
-            return gate.changed_ts if gate.still else None
+            if gate.still:
+                return gate.changed_ts
+            return None if gate.moving else float("-inf")
 
     def cap(self, stream_id: str) -> float:
         lane = self._lanes.get(stream_id)
@@ -245,12 +278,29 @@ class Scheduler:
     def _admit(self, job: Job) -> bool:
         lane = self._lanes.get(job.stream_id)
         gate = lane.gate if lane is not None else None
-        if gate is None or gate.admit(job):
+        if gate is None or gate.admit(job, lambda periods: self._busier(job.stream_id, periods)):
             return True
         with self._cond:  # no model time used: the rate controller must not count it
             if job.stream_id in self._inferred:
                 self._inferred[job.stream_id] -= 1
         self._observer.frame(job.stream_id, "unchanged")
+        return False
+
+    def _busier(self, stream_id: str, periods: float) -> bool:
+        """Whether another lane needing the model has a due frame waiting and more periods
+        overdue (_Lane.urgency) than a still lane's refresh: then the refresh waits (the mask
+        of an unchanged scene stands), so refreshes get the same share of what they ask for
+        as moving lanes, not the whole model (48 still cameras refreshed every 5 s ask 9.6
+        inferences a second)."""
+        now = time.monotonic()
+        with self._cond:
+            for sid, lane in self._lanes.items():
+                if sid == stream_id or lane.cheap() or not lane.due(now):
+                    continue
+                frame = lane.source.slot.peek()
+                fresh = frame is not None and frame.seq > max(lane.last_seq, lane.skipped_seq)
+                if fresh and lane.urgency(now) > periods:
+                    return True
         return False
 
     def _next_taken(self, until: float | None) -> list[Job]:
@@ -294,6 +344,9 @@ class Scheduler:
                 lane.cap_fps <= 0 or lane.next_due <= horizon
             ):
                 waiting = True
+        # Gate checks first, then the lanes that waited longest for their share (stable:
+        # round-robin order among equals).
+        due.sort(key=lambda ln: (not ln.cheap(), -ln.urgency(now)))
         return due, waiting
 
     def _take(self, lanes: list[_Lane], now: float) -> list[Job]:
@@ -303,6 +356,7 @@ class Scheduler:
             if frame is None:
                 continue
             lane.last_seq = frame.seq
+            lane.taken_ts = now
             lane.advance(now)
             self._inferred[lane.source.id] += 1
             jobs.append(Job(lane.source.id, frame, now))

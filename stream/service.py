@@ -95,7 +95,8 @@ def keyframes_suffice(
       intervals jitter by a few milliseconds (GOP 30 at 15 fps over RTSP: 0.4996 keyframes
       a second for a 0.5 fps cap); or
     - the stream opted in (gate.still_keyframes) and its motion gate has seen no change for
-      `still_s` seconds, at least one keyframe interval (as measured). The gate still checks
+      `still_s` seconds, at least one keyframe interval (as measured), or none at all yet
+      (inf: a stream starts as still, see Scheduler.still_since). The gate still checks
       each decoded keyframe; once one shows a change it is inferred, and every frame is
       decoded again from the next keyframe (a P frame needs the ones before it)."""
     if every_frame or keyframe_fps <= 0:

@@ -11,11 +11,14 @@ import cv2
 import numpy as np
 import pytest
 
+from segstream.models import registry
 from segstream.models.labels import VOC_LABELS, voc_palette
+from segstream.models.runtime import Segmenter
 from segstream.stream.config import StreamConfig
 from segstream.stream.datatypes import Frame, Rendered, Result, SourceState
 from segstream.stream.observer import NullObserver, Outcome
 from segstream.stream.render import Renderer, StreamView
+from segstream.stream.runner import ModelWorker
 from segstream.stream.scheduler import Scheduler
 from segstream.stream.service import keyframes_suffice, needs_every_frame
 from segstream.stream.sources import FrameSlot
@@ -112,14 +115,98 @@ def test_gate_off_infers_every_frame_and_a_still_lane_leaves_the_model_to_a_movi
     assert inferred(sched) == [("still", 11)]
 
 
+class SlowSegmenter(Segmenter):
+    """A stand-in model that takes `seconds` a frame (class 0 everywhere)."""
+
+    backend = "test"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(registry.get_spec("mnv2-voc"), (8, 8), (1,))
+        self.seconds = seconds
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep(self.seconds)
+        return np.zeros(batch.shape[:3], np.uint8)
+
+
+class Events(NullObserver):
+    """When each stream's frames were inferred or judged unchanged (time.monotonic())."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str, Outcome]] = []
+
+    def frame(self, stream_id: str, outcome: Outcome) -> None:
+        self.events.append((time.monotonic(), stream_id, outcome))
+
+    def inferred_once(self, ids: list[str]) -> bool:
+        return {s for _, s, o in list(self.events) if o == "inferred"} >= set(ids)
+
+
+def test_under_overload_still_lanes_stay_checked_and_moving_lanes_share_the_model() -> None:
+    """16 moving and 48 still gated cameras at 15 fps, each capped at 2 inferences a second,
+    refresh_s 1: 80 inferences a second asked of a model that serves 25. A still lane's
+    check needs no model, so each is checked within refresh_s all along; refreshes and moving
+    lanes get the same fraction of what they ask (moving 2/s, a refresh 1/s), evenly across
+    the moving lanes, and frames are skipped, never queued. (Round-robin over 64 lanes took
+    2.6 s, more than refresh_s: each check of a still lane became a refresh inference, no
+    frame was ever unchanged, and moving lanes got a quarter of the model.)"""
+    obs, latencies = Events(), list[float]()
+
+    def on_result(r: Result) -> None:  # glass to mask, moving lanes
+        if r.stream_id.startswith("m"):
+            latencies.append(r.inferred_ts - r.frame.capture_ts)
+
+    sched = Scheduler(max_batch=1, max_wait_s=0.0, observer=obs)
+    moving = [Cam(f"m{i}") for i in range(16)]
+    still = [Cam(f"s{i}") for i in range(48)]
+    for cam in moving + still:
+        sched.add(cam, 2.0, gate_s=1.0)
+    worker = ModelWorker(SlowSegmenter(0.04), sched, on_result, 1, observer=obs)
+    still_pictures = [picture(i) for i in range(4)]  # sensor noise only
+    box_pictures = [picture(i, 10 + 8 * i) for i in range(34)]
+    worker.start()
+    window: list[float] = []
+    k = 0
+    while len(window) < 2:  # the first frames (64 inferences), then a 4 s window
+        now = time.monotonic()
+        if not window and obs.inferred_once([c.id for c in moving + still]):
+            window = [now]
+        elif window and now >= window[0] + 4.0:
+            window.append(now)
+        for j, cam in enumerate(moving):
+            cam.show(box_pictures[(k + j) % len(box_pictures)], now)
+        for j, cam in enumerate(still):
+            cam.show(still_pictures[(k + j) % len(still_pictures)], now)
+        sched.notify()
+        k += 1
+        time.sleep(1 / 15)
+    worker.stop()
+    t0, t1 = window
+    seen = [(t, s, o) for t, s, o in obs.events if t0 <= t <= t1]
+    for cam in still:
+        checks = [t0, *(t for t, s, _ in seen if s == cam.id), t1]
+        gaps = np.diff(checks)
+        assert gaps.max() <= 1.5, (cam.id, gaps)
+        assert sched.still_since(cam.id) is not None  # still: may decode keyframes only
+    inferred = Counter(s for _, s, o in seen if o == "inferred")
+    on_moving = [inferred[c.id] for c in moving]
+    total = sum(inferred.values())
+    assert total >= 60, inferred  # ~100 at 25 a second
+    # Proportional shares: moving lanes ask 32 of the 80 a second.
+    assert sum(on_moving) >= 0.33 * total, (on_moving, total)
+    assert max(on_moving) - min(on_moving) <= 2, on_moving
+    assert max(latencies) < 0.5, max(latencies)
+
+
 def test_the_gate_says_since_when_a_stream_is_still() -> None:
     """still_since: the capture time of the last change (the first frame: no reference), while
-    the last frame checked was unchanged; None right after a change, refreshes included."""
+    the last frame checked was unchanged; None right after a change, refreshes included; -inf
+    (still since ever) before the gate has compared a frame with a reference."""
     sched = Scheduler(max_batch=2, max_wait_s=0.0)
     cam, ungated = Cam("cam"), Cam("ungated")
     sched.add(cam, 0.0, gate_s=1.0)
     sched.add(ungated, 0.0)
-    assert sched.still_since("cam") is None  # nothing checked yet
+    assert sched.still_since("cam") == float("-inf")  # nothing checked yet
     since = []
     for i in range(40):  # 15 fps: still, a box in frame 20 only, then still (and a refresh)
         box = 100 if i == 20 else None
@@ -127,7 +214,7 @@ def test_the_gate_says_since_when_a_stream_is_still() -> None:
         ungated.show(picture(i, box), ts=i / 15)
         sched.next_batch(timeout_s=0.0)
         since.append(sched.still_since("cam"))
-    assert since[0] is None  # the first frame is a change
+    assert since[0] == float("-inf")  # the first frame: nothing to compare it with
     assert since[1:20] == [0.0] * 19  # the refresh at frame 15 was unchanged
     assert since[20:22] == [None, None]  # the box came, then left: changes
     assert since[22:] == [pytest.approx(21 / 15)] * 18  # still since the box left
@@ -141,6 +228,8 @@ def test_a_still_stream_that_opted_in_decodes_keyframes_only() -> None:
     kf = 0.5  # GOP 30 at 15 fps: a keyframe every 2 s
     assert keyframes_suffice(False, 1.1, kf, still_keyframes=True, still_s=2.0)
     assert keyframes_suffice(False, 0.0, kf, still_keyframes=True, still_s=5.0)  # uncapped
+    # No change seen yet (still_since -inf): a stream starts with keyframes only.
+    assert keyframes_suffice(False, 1.1, kf, still_keyframes=True, still_s=float("inf"))
     assert not keyframes_suffice(True, 1.1, kf, still_keyframes=True, still_s=2.0)
     assert not keyframes_suffice(False, 1.1, kf, still_keyframes=False, still_s=2.0)
     assert not keyframes_suffice(False, 1.1, kf, still_keyframes=True, still_s=None)  # moving
