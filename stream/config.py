@@ -362,9 +362,10 @@ class GateConfig(_Strict):
         description="Motion: while the scene is still (the gate has judged it unchanged for "
         "at least one keyframe interval, or has seen no change since the stream started), "
         "decode only the camera's keyframes (PyAV and gst readers); each keyframe is "
-        "checked, refresh_s still holds (within one keyframe interval more). Motion is then seen within one keyframe interval, not one frame, "
-        "and every frame is decoded again from the keyframe after it. Never while something "
-        "needs every frame: smooth output, a re-stream, privacy.",
+        "checked, refresh_s still holds (within one keyframe interval more). Motion is then "
+        "seen within one keyframe interval, not one frame, and every frame is decoded again "
+        "from the keyframe after it. Never while something needs every frame: smooth "
+        "output, a re-stream, privacy.",
     )
 
 
