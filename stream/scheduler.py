@@ -42,7 +42,7 @@ from typing import Protocol
 
 import numpy as np
 
-from segstream.stream.datatypes import Job, SourceState
+from segstream.stream.datatypes import Frame, Job, SourceState
 from segstream.stream.motion import ChangeDetector
 from segstream.stream.observer import NULL_OBSERVER, Observer
 from segstream.stream.sources import FrameSlot
@@ -86,6 +86,12 @@ class _Lane:
             period = 1.0 / self.cap_fps
             # Keep the long-run rate exact despite arrival jitter, without bursting after a pause.
             self.next_due = max(self.next_due + period, now - period)
+
+    def fresh(self) -> Frame | None:
+        """The slot's newest frame if this lane has neither taken nor skipped it yet."""
+        frame = self.source.slot.peek()
+        seen = max(self.last_seq, self.skipped_seq)
+        return frame if frame is not None and frame.seq > seen else None
 
     def urgency(self, now: float) -> float:
         """How many periods the lane has waited since its last frame was taken (inf: none
@@ -297,9 +303,7 @@ class Scheduler:
             for sid, lane in self._lanes.items():
                 if sid == stream_id or lane.cheap() or not lane.due(now):
                     continue
-                frame = lane.source.slot.peek()
-                fresh = frame is not None and frame.seq > max(lane.last_seq, lane.skipped_seq)
-                if fresh and lane.urgency(now) > periods:
+                if lane.fresh() is not None and lane.urgency(now) > periods:
                     return True
         return False
 
@@ -332,12 +336,11 @@ class Scheduler:
         horizon = now + self.max_wait_s
         for k in range(n):
             lane = self._lanes[self._order[(self._rr + k) % n]]
-            frame = lane.source.slot.peek()
             # A frame passed over once stays skipped; the next one gets its chance.
-            fresh = frame is not None and frame.seq > max(lane.last_seq, lane.skipped_seq)
-            if frame is not None and fresh and lane.due(now):
+            frame = lane.fresh()
+            if frame is not None and lane.due(now):
                 due.append(lane)
-            elif frame is not None and fresh:
+            elif frame is not None:
                 lane.skipped_seq = frame.seq
                 lane.source.slot.mark_skipped(frame.seq)  # counts it in metrics
             elif lane.source.state == SourceState.LIVE and (

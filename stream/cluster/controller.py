@@ -399,12 +399,16 @@ class Controller:
                 step()
             except Exception:
                 log.exception("controller %s failed", name)
-            if name == "tick":
-                self.tick_s = time.monotonic() - t0
             self._stop.wait(max(0.0, self.TICK_S - (time.monotonic() - t0)))
 
     def _tick(self) -> None:
         now = time.monotonic()
+        try:
+            self._tick_once(now)
+        finally:
+            self.tick_s = time.monotonic() - now
+
+    def _tick_once(self, now: float) -> None:
         if now - self.ticked > self.cfg.cluster.lost_after_s / 2:
             # This loop itself stalled (a pause, a starved CPU): the nodes' silence meanwhile
             # is the controller's, not theirs.
